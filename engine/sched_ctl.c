@@ -7,7 +7,7 @@
 
 #define CTL_FORGET 0.97     /* weight of the past per step in the cost fit */
 #define CTL_OVER_ALPHA 0.02 /* EWMA step of the over-target rate */
-#define CTL_OVER_GOAL 0.05  /* p95: 5% of steps may exceed the target */
+#define CTL_OVER_GOAL 0.03  /* p95 with headroom: aim at 3% of steps over target */
 #define CTL_MARGIN_MIN 0.3
 #define CTL_MARGIN_MAX 1.0
 #define CTL_WARMUP 4        /* observations before the fit is trusted */
