@@ -333,7 +333,7 @@ int sched_submit(sched *s, const sched_request *req, uint64_t *ret_id, lm_err *e
         return lm_err_set(err, -EAGAIN, "overloaded: %d requests are waiting (max_queue %d)",
                           waiting, s->cfg.max_queue);
     }
-    q->id = ++s->next_id;
+    uint64_t id = q->id = ++s->next_id; /* q may be finished and freed once unlocked */
     q->live_next = s->live;
     if (s->live)
         s->live->live_prev = q;
@@ -342,7 +342,7 @@ int sched_submit(sched *s, const sched_request *req, uint64_t *ret_id, lm_err *e
     pthread_cond_signal(&s->cv);
     pthread_mutex_unlock(&s->mu);
     if (ret_id)
-        *ret_id = q->id;
+        *ret_id = id;
     return 0;
 }
 
