@@ -52,8 +52,8 @@ struct seq {
     int32_t n_prompt, n_tokens, cap; /* cap = n_prompt + max_tokens */
     int32_t n_computed;         /* positions with KV in the cache */
     int32_t *tokens;            /* [cap] prompt then output */
-    int32_t *blocks;            /* [max_blocks] block table */
-    uint64_t *hashes;           /* [max_blocks] chain hash of full block i */
+    int32_t *blocks;            /* [ceil(cap / block_size)] block table */
+    uint64_t *hashes;           /* [ceil(cap / block_size)] chain hash of full block i */
     int32_t n_blocks;
     int32_t n_hashed;           /* full blocks whose hash is in hashes[] */
     int32_t max_tokens;
@@ -295,7 +295,7 @@ int sched_submit(sched *s, const sched_request *req, uint64_t *ret_id, lm_err *e
         return lm_err_prefix(err, "sched_submit");
 
     /* One allocation per request: the struct, then its arrays. */
-    size_t cap = (size_t)total, mb = (size_t)s->max_blocks;
+    size_t cap = (size_t)total, mb = (size_t)need;
     size_t size = sizeof(seq) + mb * sizeof(uint64_t) + cap * sizeof(int32_t) +
                   mb * sizeof(int32_t) + (size_t)req->n_stop_ids * sizeof(int32_t);
     seq *q = calloc(1, size);
@@ -511,7 +511,7 @@ static int32_t plan_step(sched *s, int32_t *ret_tokens)
             q->cached_prompt_tokens = q->n_computed < q->n_prompt ? q->n_computed : q->n_prompt;
         }
         list_remove(&s->waiting, q);
-        list_push_tail(&s->running, q);
+        list_insert_sorted(&s->running, q); /* running stays in id order: tail = newest */
         plan_add(s, &n_plan, &n_tok, q, len);
     }
     *ret_tokens = n_tok;
