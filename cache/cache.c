@@ -1,0 +1,546 @@
+/*
+ * cache.c: the cache front end: configuration, keys and policy, lookups and
+ * stores with their counters, single flight, invalidation (see cache.h).
+ *
+ * Counters are relaxed atomics (read as a snapshot that may be a few
+ * operations apart between fields). The state is an atomic too; the
+ * callback fires only for the thread whose exchange changed it, so a change
+ * is reported once however many threads see it.
+ */
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cache/cache_internal.h"
+#include "cache/sha256.h"
+
+#define FLIGHT_BUCKETS 64
+
+struct cache_flight {
+    struct cache_flight *next;  /* bucket chain, while pending */
+    int refs;                   /* leader + followers holding it (under fl_mu) */
+    int state;                  /* 0 pending, 1 done, 2 failed */
+    uint8_t *val;               /* encoded result when done */
+    size_t n_val;
+    char key[CACHE_KEY_MAX];
+};
+
+struct cache {
+    cache_config cfg;
+    char prefix[CACHE_PREFIX_MAX + 1];
+    cache_url url;
+    cache_backend *be;          /* NULL when off */
+    _Atomic int state;
+    pthread_mutex_t fl_mu;
+    pthread_cond_t fl_cv;       /* CLOCK_MONOTONIC; broadcast on every publish */
+    cache_flight *flights[FLIGHT_BUCKETS];
+    _Atomic uint64_t hits, misses, errors, timeouts, corrupt, unavailable, stores,
+        store_skipped, bypassed, bytes_read, bytes_written, get_ns, get_n, put_ns, put_n,
+        fl_leaders, fl_followers, fl_failed, invalidated, state_changes, evictions;
+};
+
+#define INC(c, f, v) atomic_fetch_add_explicit(&(c)->f, (v), memory_order_relaxed)
+#define LOAD(c, f) atomic_load_explicit(&(c)->f, memory_order_relaxed)
+
+int64_t cache_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+const char *cache_state_name(cache_state s) { return s == CACHE_STATE_OK ? "ok" : "down"; }
+
+const char *cache_backend_name(cache_backend_kind k)
+{
+    switch (k) {
+    case CACHE_BACKEND_OFF: return "off";
+    case CACHE_BACKEND_MEMORY: return "memory";
+    case CACHE_BACKEND_REDIS: return "redis";
+    case CACHE_BACKEND_REDIS_UNIX: return "redis-unix";
+    }
+    return "?";
+}
+
+void cache_config_default(cache_config *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->url = "memory";
+    cfg->prefix = "lightmoe:";
+    cfg->ttl_s = 3600;
+    cfg->max_ttl_s = 86400;
+    cfg->max_value_bytes = 1 << 20;
+    cfg->memory_bytes = 64u << 20;
+    cfg->pool_size = 4;
+    cfg->timeout_ms = 50;
+    cfg->backoff_min_ms = 100;
+    cfg->backoff_max_ms = 5000;
+    cfg->prefix_tokens = 16;
+}
+
+void cache_report_state(cache *c, cache_state s, const char *why)
+{
+    int old = atomic_exchange(&c->state, (int)s);
+    if (old == (int)s)
+        return;
+    INC(c, state_changes, 1);
+    if (c->cfg.on_state)
+        c->cfg.on_state(c->cfg.state_user, s, why);
+}
+
+void cache_count_unavailable(cache *c) { INC(c, unavailable, 1); }
+void cache_count_evictions(cache *c, uint64_t n) { INC(c, evictions, n); }
+
+int cache_create(const cache_config *cfg_in, cache **ret, lm_err *err)
+{
+    cache_config cfg = *cfg_in;
+    if (!cfg.prefix)
+        cfg.prefix = "";
+    if (strlen(cfg.prefix) > CACHE_PREFIX_MAX)
+        return lm_err_set(err, -EINVAL, "cache prefix longer than %d bytes", CACHE_PREFIX_MAX);
+    for (const char *p = cfg.prefix; *p; p++)
+        if ((unsigned char)*p <= ' ' || *p == 0x7f)
+            return lm_err_set(err, -EINVAL, "cache prefix '%s': control or space characters",
+                              cfg.prefix);
+    if (cfg.max_ttl_s && cfg.ttl_s > cfg.max_ttl_s)
+        return lm_err_set(err, -EINVAL, "cache ttl %u s is over max ttl %u s", cfg.ttl_s,
+                          cfg.max_ttl_s);
+    if (cfg.pool_size < 1 || cfg.pool_size > 64)
+        return lm_err_set(err, -EINVAL, "cache pool size %d not in 1..64", cfg.pool_size);
+    if (cfg.timeout_ms < 1 || cfg.backoff_min_ms < 1 || cfg.backoff_max_ms < cfg.backoff_min_ms)
+        return lm_err_set(err, -EINVAL,
+                          "cache timeouts: timeout_ms %d, backoff %d..%d ms must be >= 1 and "
+                          "ordered", cfg.timeout_ms, cfg.backoff_min_ms, cfg.backoff_max_ms);
+    if (cfg.prefix_tokens < 1 || cfg.prefix_tokens > 4096)
+        return lm_err_set(err, -EINVAL, "cache prefix_tokens %d not in 1..4096",
+                          cfg.prefix_tokens);
+    if (cfg.max_value_bytes < 64)
+        return lm_err_set(err, -EINVAL, "cache max value size %zu bytes is too small",
+                          cfg.max_value_bytes);
+    cache *c = calloc(1, sizeof *c);
+    if (!c)
+        return lm_err_set(err, -ENOMEM, "cache: out of memory");
+    int rc = cache_url_parse(cfg.url, &c->url, err);
+    if (rc) {
+        free(c);
+        return rc;
+    }
+    snprintf(c->prefix, sizeof c->prefix, "%s", cfg.prefix);
+    cfg.prefix = c->prefix;
+    cfg.url = NULL; /* not kept: c->url holds the parsed form */
+    c->cfg = cfg;
+    pthread_mutex_init(&c->fl_mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&c->fl_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    switch (c->url.kind) {
+    case CACHE_BACKEND_OFF: rc = 0; break;
+    case CACHE_BACKEND_MEMORY: rc = cache_mem_create(c, &cfg, &c->be, err); break;
+    default: {
+        struct sigaction sa;
+        if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL)
+            signal(SIGPIPE, SIG_IGN);
+        rc = cache_redis_create(c, &cfg, &c->url, &c->be, err);
+    }
+    }
+    if (rc) {
+        pthread_mutex_destroy(&c->fl_mu);
+        pthread_cond_destroy(&c->fl_cv);
+        free(c);
+        return rc;
+    }
+    *ret = c;
+    return 0;
+}
+
+void cache_destroy(cache *c)
+{
+    if (!c)
+        return;
+    if (c->be)
+        c->be->ops->destroy(c->be);
+    pthread_mutex_destroy(&c->fl_mu);
+    pthread_cond_destroy(&c->fl_cv);
+    free(c);
+}
+
+/* ---- keys ------------------------------------------------------------------ */
+
+static void h_u32(sha256_ctx *h, uint32_t v)
+{
+    uint8_t b[4] = {(uint8_t)v, (uint8_t)(v >> 8), (uint8_t)(v >> 16), (uint8_t)(v >> 24)};
+    sha256_update(h, b, 4);
+}
+
+static void h_u64(sha256_ctx *h, uint64_t v)
+{
+    h_u32(h, (uint32_t)v);
+    h_u32(h, (uint32_t)(v >> 32));
+}
+
+/* Floats by bit pattern, with -0 folded into +0 (same behaviour). */
+static void h_f32(sha256_ctx *h, float f)
+{
+    if (f == 0.0f)
+        f = 0.0f;
+    uint32_t v;
+    memcpy(&v, &f, 4);
+    h_u32(h, v);
+}
+
+static void h_bytes(sha256_ctx *h, const void *p, size_t n)
+{
+    h_u64(h, n); /* length prefix: no two field sequences hash alike */
+    sha256_update(h, p, n);
+}
+
+static void h_ids(sha256_ctx *h, const int32_t *ids, int32_t n)
+{
+    h_u32(h, (uint32_t)n);
+    for (int32_t i = 0; i < n; i++)
+        h_u32(h, (uint32_t)ids[i]);
+}
+
+/* M: 16 hex of SHA-256("model\0" fingerprint). */
+static void model_tag(const char *fp, char out[17])
+{
+    sha256_ctx h;
+    uint8_t d[32];
+    sha256_init(&h);
+    sha256_update(&h, "model", 6);
+    sha256_update(&h, fp, strlen(fp));
+    sha256_final(&h, d);
+    sha256_hex(d, 8, out);
+}
+
+/* P: 16 hex of SHA-256 of the first min(N, n) ids. */
+static void prefix_tag(const int32_t *ids, int32_t n, int32_t N, char out[17])
+{
+    sha256_ctx h;
+    uint8_t d[32];
+    sha256_init(&h);
+    h_ids(&h, ids, n < N ? n : N);
+    sha256_final(&h, d);
+    sha256_hex(d, 8, out);
+}
+
+int cache_key_make(const cache *c, const cache_request *r, cache_key *ret, lm_err *err)
+{
+    if (!r || !r->model_fp || !r->sampling)
+        return lm_err_set(err, -EINVAL, "cache key: model fingerprint and sampling are required");
+    if (r->n_prompt < 0 || (r->n_prompt && !r->prompt) || r->n_stop_ids < 0 ||
+        (r->n_stop_ids && !r->stop_ids) || r->n_stop < 0 || (r->n_stop && !r->stop) ||
+        (r->n_extra && !r->extra))
+        return lm_err_set(err, -EINVAL, "cache key: negative count or missing array");
+    if ((unsigned)r->mode > CACHE_MODE_NO_STORE)
+        return lm_err_set(err, -EINVAL, "cache key: unknown mode %d", (int)r->mode);
+    const sample_params *sp = r->sampling;
+    int greedy = sp->temperature == 0.0f;
+    sha256_ctx h;
+    uint8_t d[32];
+    sha256_init(&h);
+    sha256_update(&h, "lightmoe-cache", 15);
+    h_u32(&h, CACHE_FORMAT_VERSION);
+    h_bytes(&h, r->model_fp, strlen(r->model_fp));
+    h_ids(&h, r->prompt, r->n_prompt);
+    h_u32(&h, (uint32_t)r->max_tokens);
+    h_f32(&h, sp->temperature);
+    /* sample.h: greedy ignores the filters and the seed. Penalties still act. */
+    h_u32(&h, greedy ? 0u : (uint32_t)sp->top_k);
+    h_f32(&h, greedy ? 1.0f : sp->top_p);
+    h_f32(&h, greedy ? 0.0f : sp->min_p);
+    h_f32(&h, sp->repetition_penalty);
+    h_f32(&h, sp->presence_penalty);
+    h_f32(&h, sp->frequency_penalty);
+    h_u64(&h, greedy ? 0 : sp->seed);
+    h_u32(&h, (uint32_t)sp->logprobs);
+    h_ids(&h, r->stop_ids, r->n_stop_ids);
+    h_u32(&h, (uint32_t)r->n_stop);
+    for (int32_t i = 0; i < r->n_stop; i++) {
+        if (!r->stop[i])
+            return lm_err_set(err, -EINVAL, "cache key: stop string %d is NULL", i);
+        h_bytes(&h, r->stop[i], strlen(r->stop[i]));
+    }
+    h_u32(&h, r->ignore_eos ? 1u : 0u);
+    h_bytes(&h, r->extra, r->n_extra);
+    sha256_final(&h, d);
+
+    char m[17], p[17], dh[65];
+    model_tag(r->model_fp, m);
+    prefix_tag(r->prompt, r->n_prompt, c->cfg.prefix_tokens, p);
+    sha256_hex(d, 32, dh);
+    cache_key k;
+    memset(&k, 0, sizeof k);
+    int n = snprintf(k.str, sizeof k.str, "%sv%d:%s:%s:%s", c->prefix, CACHE_FORMAT_VERSION, m, p,
+                     dh);
+    k.len = (size_t)n;
+    int deterministic = greedy || r->seed_fixed || c->cfg.cache_nondeterministic;
+    int on = c->be != NULL && deterministic;
+    k.lookup = on && (r->mode == CACHE_MODE_USE || r->mode == CACHE_MODE_NO_STORE);
+    k.store = on && (r->mode == CACHE_MODE_USE || r->mode == CACHE_MODE_REFRESH);
+    uint32_t ttl = r->ttl_s ? r->ttl_s : c->cfg.ttl_s;
+    if (c->cfg.max_ttl_s && (ttl > c->cfg.max_ttl_s || ttl == 0))
+        ttl = c->cfg.max_ttl_s;
+    k.ttl_s = ttl;
+    *ret = k;
+    return 0;
+}
+
+/* ---- get / put ------------------------------------------------------------- */
+
+int cache_get(cache *c, const cache_key *k, int64_t deadline_ns, cache_entry **ret)
+{
+    if (!c || !k || !ret)
+        return -EINVAL;
+    if (!k->lookup || !c->be) {
+        INC(c, bypassed, 1);
+        return 0;
+    }
+    int64_t t0 = cache_now_ns();
+    uint8_t *val = NULL;
+    size_t n = 0;
+    int rc = c->be->ops->get(c->be, k->str, k->len, deadline_ns, &val, &n);
+    if (rc != -EAGAIN) {
+        INC(c, get_ns, (uint64_t)(cache_now_ns() - t0));
+        INC(c, get_n, 1);
+    }
+    if (rc < 0) {
+        if (rc == -EAGAIN) {
+            INC(c, unavailable, 1);
+        } else {
+            INC(c, errors, 1);
+            if (rc == -ETIMEDOUT)
+                INC(c, timeouts, 1);
+        }
+        INC(c, misses, 1);
+        return 0;
+    }
+    if (rc == 0) {
+        INC(c, misses, 1);
+        return 0;
+    }
+    INC(c, bytes_read, n);
+    cache_entry *e = NULL;
+    int drc = n > c->cfg.max_value_bytes ? -EBADMSG : cache_entry_decode(val, n, &e, NULL);
+    free(val);
+    if (drc) {
+        INC(c, corrupt, 1);
+        INC(c, misses, 1);
+        return 0;
+    }
+    INC(c, hits, 1);
+    *ret = e;
+    return 1;
+}
+
+int cache_put(cache *c, const cache_key *k, const cache_entry *e, int64_t deadline_ns)
+{
+    if (!c || !k || !e)
+        return -EINVAL;
+    if (!k->store || !c->be)
+        return -EPERM;
+    uint8_t *val;
+    size_t n;
+    int rc = cache_entry_encode(e, &val, &n);
+    if (rc) {
+        INC(c, store_skipped, 1);
+        return rc;
+    }
+    if (n > c->cfg.max_value_bytes) {
+        free(val);
+        INC(c, store_skipped, 1);
+        return -E2BIG;
+    }
+    int64_t t0 = cache_now_ns();
+    rc = c->be->ops->put(c->be, k->str, k->len, val, n, k->ttl_s, deadline_ns);
+    free(val);
+    if (rc != -EAGAIN) {
+        INC(c, put_ns, (uint64_t)(cache_now_ns() - t0));
+        INC(c, put_n, 1);
+    }
+    if (rc) {
+        INC(c, store_skipped, 1);
+        if (rc == -EAGAIN) {
+            INC(c, unavailable, 1);
+        } else if (rc != -E2BIG) {
+            INC(c, errors, 1);
+            if (rc == -ETIMEDOUT)
+                INC(c, timeouts, 1);
+        }
+        return rc;
+    }
+    INC(c, stores, 1);
+    INC(c, bytes_written, n);
+    return 0;
+}
+
+/* ---- single flight ---------------------------------------------------------- */
+
+static unsigned flight_bucket(const char *key)
+{
+    unsigned h = 2166136261u;
+    for (; *key; key++)
+        h = (h ^ (uint8_t)*key) * 16777619u;
+    return h % FLIGHT_BUCKETS;
+}
+
+int cache_flight_join(cache *c, const cache_key *k, cache_flight **ret)
+{
+    unsigned b = flight_bucket(k->str);
+    pthread_mutex_lock(&c->fl_mu);
+    for (cache_flight *f = c->flights[b]; f; f = f->next) {
+        if (!strcmp(f->key, k->str)) {
+            f->refs++;
+            pthread_mutex_unlock(&c->fl_mu);
+            INC(c, fl_followers, 1);
+            *ret = f;
+            return CACHE_FLIGHT_FOLLOWER;
+        }
+    }
+    cache_flight *f = calloc(1, sizeof *f);
+    if (!f) {
+        pthread_mutex_unlock(&c->fl_mu);
+        return -ENOMEM;
+    }
+    memcpy(f->key, k->str, k->len + 1);
+    f->refs = 1;
+    f->next = c->flights[b];
+    c->flights[b] = f;
+    pthread_mutex_unlock(&c->fl_mu);
+    INC(c, fl_leaders, 1);
+    *ret = f;
+    return CACHE_FLIGHT_LEADER;
+}
+
+/* Drop one reference; under fl_mu. */
+static void flight_unref_locked(cache_flight *f)
+{
+    if (--f->refs == 0) {
+        free(f->val);
+        free(f);
+    }
+}
+
+void cache_flight_publish(cache *c, cache_flight *f, const cache_entry *e)
+{
+    uint8_t *val = NULL;
+    size_t n = 0;
+    if (e && cache_entry_encode(e, &val, &n))
+        val = NULL;
+    pthread_mutex_lock(&c->fl_mu);
+    cache_flight **pp = &c->flights[flight_bucket(f->key)];
+    while (*pp && *pp != f)
+        pp = &(*pp)->next;
+    if (*pp)
+        *pp = f->next;
+    f->val = val;
+    f->n_val = n;
+    f->state = val ? 1 : 2;
+    if (!val)
+        INC(c, fl_failed, 1);
+    pthread_cond_broadcast(&c->fl_cv);
+    flight_unref_locked(f);
+    pthread_mutex_unlock(&c->fl_mu);
+}
+
+int cache_flight_wait(cache *c, cache_flight *f, int64_t deadline_ns, cache_entry **ret)
+{
+    struct timespec ts = {deadline_ns / 1000000000, deadline_ns % 1000000000};
+    int rc = 0;
+    pthread_mutex_lock(&c->fl_mu);
+    while (f->state == 0) {
+        if (deadline_ns) {
+            if (pthread_cond_timedwait(&c->fl_cv, &c->fl_mu, &ts) == ETIMEDOUT &&
+                f->state == 0) {
+                rc = -ETIMEDOUT;
+                break;
+            }
+        } else {
+            pthread_cond_wait(&c->fl_cv, &c->fl_mu);
+        }
+    }
+    if (!rc)
+        rc = f->state == 1 ? cache_entry_decode(f->val, f->n_val, ret, NULL) : -EAGAIN;
+    if (rc == -EBADMSG)
+        rc = -EAGAIN; /* cannot happen (we encoded it); compute rather than fail */
+    flight_unref_locked(f);
+    pthread_mutex_unlock(&c->fl_mu);
+    return rc;
+}
+
+/* ---- invalidation ------------------------------------------------------------ */
+
+typedef struct prefix_match {
+    const int32_t *ids;
+    int32_t n;
+} prefix_match;
+
+static int match_prompt_prefix(void *user, const uint8_t *val, size_t n)
+{
+    const prefix_match *pm = user;
+    int32_t *p, np;
+    if (cache_value_prompt(val, n, &p, &np))
+        return 1; /* undecodable values are garbage anyway: delete */
+    int ok = np >= pm->n && !memcmp(p, pm->ids, (size_t)pm->n * sizeof(int32_t));
+    free(p);
+    return ok;
+}
+
+int cache_invalidate(cache *c, const char *model_fp, const int32_t *prefix, int32_t n_prefix,
+                     int64_t deadline_ns, uint64_t *ret_n, lm_err *err)
+{
+    *ret_n = 0;
+    if (!model_fp || n_prefix < 0 || (n_prefix && !prefix))
+        return lm_err_set(err, -EINVAL, "cache invalidate: bad arguments");
+    if (!c->be)
+        return 0;
+    char m[17], p[17], kp[CACHE_KEY_MAX];
+    model_tag(model_fp, m);
+    int n;
+    if (n_prefix >= c->cfg.prefix_tokens) {
+        prefix_tag(prefix, n_prefix, c->cfg.prefix_tokens, p);
+        n = snprintf(kp, sizeof kp, "%sv%d:%s:%s:", c->prefix, CACHE_FORMAT_VERSION, m, p);
+    } else {
+        n = snprintf(kp, sizeof kp, "%sv%d:%s:", c->prefix, CACHE_FORMAT_VERSION, m);
+    }
+    prefix_match pm = {prefix, n_prefix};
+    int rc = c->be->ops->scan_delete(c->be, kp, (size_t)n, n_prefix ? match_prompt_prefix : NULL,
+                                     &pm, deadline_ns, ret_n, err);
+    INC(c, invalidated, *ret_n);
+    return rc;
+}
+
+void cache_get_stats(cache *c, cache_stats *s)
+{
+    memset(s, 0, sizeof *s);
+    s->state = (cache_state)atomic_load(&c->state);
+    s->kind = c->url.kind;
+    s->hits = LOAD(c, hits);
+    s->misses = LOAD(c, misses);
+    s->errors = LOAD(c, errors);
+    s->timeouts = LOAD(c, timeouts);
+    s->corrupt = LOAD(c, corrupt);
+    s->unavailable = LOAD(c, unavailable);
+    s->stores = LOAD(c, stores);
+    s->store_skipped = LOAD(c, store_skipped);
+    s->bypassed = LOAD(c, bypassed);
+    s->bytes_read = LOAD(c, bytes_read);
+    s->bytes_written = LOAD(c, bytes_written);
+    s->get_ns_sum = LOAD(c, get_ns);
+    s->get_count = LOAD(c, get_n);
+    s->put_ns_sum = LOAD(c, put_ns);
+    s->put_count = LOAD(c, put_n);
+    s->flight_leaders = LOAD(c, fl_leaders);
+    s->flight_followers = LOAD(c, fl_followers);
+    s->flight_failed = LOAD(c, fl_failed);
+    s->invalidated = LOAD(c, invalidated);
+    s->state_changes = LOAD(c, state_changes);
+    s->mem_evictions = LOAD(c, evictions);
+    if (c->be && c->url.kind == CACHE_BACKEND_MEMORY)
+        cache_mem_usage(c->be, &s->mem_bytes, &s->mem_entries);
+}

@@ -1,0 +1,57 @@
+/*
+ * cache_internal.h: what cache.c shares with its backends (cache_mem.c,
+ * cache_redis.c) and helpers (cache_codec.c, cache_url.c). Not a public
+ * contract: only files of cache/ include it.
+ *
+ * Backend return convention: get: 1 found (*val malloc'ed), 0 absent,
+ * negative errno on failure (-ETIMEDOUT: deadline or timeout_ms; -EAGAIN:
+ * skipped at once because the backend is DOWN and backing off; others:
+ * connection or protocol errors). put: 0 or negative errno.
+ */
+#ifndef LIGHTMOE_CACHE_INTERNAL_H
+#define LIGHTMOE_CACHE_INTERNAL_H
+
+#include <stdatomic.h>
+
+#include "cache/cache.h"
+
+typedef struct cache_backend cache_backend;
+
+/* Decide whether a stored value matches an invalidation; 1 = delete. */
+typedef int (*cache_match_fn)(void *user, const uint8_t *val, size_t n);
+
+typedef struct cache_backend_ops {
+    int (*get)(cache_backend *b, const char *key, size_t klen, int64_t deadline_ns, uint8_t **val,
+               size_t *n);
+    int (*put)(cache_backend *b, const char *key, size_t klen, const uint8_t *val, size_t n,
+               uint32_t ttl_s, int64_t deadline_ns);
+    /* Delete keys starting with key_prefix (a literal) for which match says
+     * 1 (match NULL: all). */
+    int (*scan_delete)(cache_backend *b, const char *key_prefix, size_t plen, cache_match_fn match,
+                       void *mu, int64_t deadline_ns, uint64_t *ret_n, lm_err *err);
+    void (*destroy)(cache_backend *b);
+} cache_backend_ops;
+
+struct cache_backend {
+    const cache_backend_ops *ops;
+    cache *owner;
+};
+
+/* Called by a backend when its state changes (cache.c reports it once). */
+void cache_report_state(cache *c, cache_state s, const char *why);
+/* Count a skipped-at-once operation / an eviction (for stats). */
+void cache_count_unavailable(cache *c);
+void cache_count_evictions(cache *c, uint64_t n);
+
+int cache_mem_create(cache *owner, const cache_config *cfg, cache_backend **ret, lm_err *err);
+void cache_mem_usage(cache_backend *b, uint64_t *bytes, uint64_t *entries);
+int cache_redis_create(cache *owner, const cache_config *cfg, const cache_url *url,
+                       cache_backend **ret, lm_err *err);
+
+uint32_t cache_crc32(const uint8_t *p, size_t n);
+
+/* Prompt ids of an encoded value without decoding the rest: for matching
+ * prefixes. Returns 0 and a pointer into a malloc'ed array, or -EBADMSG. */
+int cache_value_prompt(const uint8_t *val, size_t n, int32_t **ret, int32_t *ret_n);
+
+#endif

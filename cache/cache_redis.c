@@ -1,0 +1,555 @@
+/*
+ * cache_redis.c: the Redis backend (hiredis 0.14, blocking contexts).
+ *
+ * Pool: up to pool_size contexts; a context is used by one thread at a time
+ * (hiredis contexts are not thread-safe), taken from the idle list or made
+ * on demand, and returned after the command. Every connect and command is
+ * bounded by min(timeout_ms, time left to the caller's deadline): the
+ * socket timeouts are set before each command (redisSetTimeout), and a new
+ * context is made instead of redisReconnect, which in 0.14 would drop them.
+ * A context whose command failed or timed out is freed (its stream may hold
+ * an unread reply), never reused.
+ *
+ * State: OK until a connect fails, the connection breaks, or two commands
+ * in a row time out on the full timeout_ms (a timeout caused by a caller's
+ * short deadline says nothing about Redis). Then DOWN: idle contexts are
+ * dropped (a generation number retires those in use), every operation
+ * returns -EAGAIN at once, and after backoff_min_ms one caller probes (a
+ * fresh connect + AUTH/SELECT/PING in one round trip); each failed probe
+ * doubles the wait up to backoff_max_ms, a good one returns to OK. A broken
+ * idle context found while OK (Redis restarted between requests) is retried
+ * once on a fresh connection before declaring DOWN.
+ *
+ * Error replies to GET/SET (OOM, READONLY...) are counted by the caller as
+ * errors but leave the state alone: the connection itself is in sync.
+ */
+#include <hiredis/hiredis.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cache/cache_internal.h"
+
+#define POOL_MAX 64
+/* Socket timeouts are rounded up to the kernel's tick (up to 4 ms at
+ * HZ=250): stop that much before the caller's deadline so that it holds. */
+#define DEADLINE_MARGIN_NS 5000000
+
+typedef struct conn {
+    redisContext *ctx;
+    uint64_t gen;
+    int reused;
+} conn;
+
+typedef struct redis_backend {
+    cache_backend base;
+    cache_url url;
+    int pool_size, timeout_ms, backoff_min_ms, backoff_max_ms;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;          /* a context came back; CLOCK_MONOTONIC */
+    conn idle[POOL_MAX];
+    int n_idle, n_open;         /* n_open counts idle, in use and being connected */
+    int down, probing, backoff_ms;
+    int64_t next_try_ns;
+    uint64_t gen;
+    _Atomic int strikes;        /* full-length timeouts in a row */
+} redis_backend;
+
+static struct timeval ns_to_tv(int64_t ns)
+{
+    if (ns < 1000)
+        ns = 1000;
+    struct timeval tv = {(time_t)(ns / 1000000000), (suseconds_t)((ns % 1000000000) / 1000)};
+    return tv;
+}
+
+/* Time allowed for the next step: min(cap, deadline - now); 0 if none left.
+ * *full says whether the cap (not the caller) set it. */
+static int64_t budget_ns(const redis_backend *b, int64_t deadline_ns, int *full)
+{
+    int64_t cap = (int64_t)b->timeout_ms * 1000000;
+    if (!deadline_ns) {
+        *full = 1;
+        return cap;
+    }
+    int64_t left = deadline_ns - cache_now_ns() - DEADLINE_MARGIN_NS;
+    if (left <= 0)
+        return 0;
+    *full = left >= cap;
+    return left < cap ? left : cap;
+}
+
+/* Under mu: enter DOWN (or, for a failed probe, back off further). Returns
+ * 1 if the state changed (the caller reports it after unlocking). */
+static int mark_down_locked(redis_backend *b, int probe)
+{
+    int changed = 0;
+    if (!b->down) {
+        b->down = 1;
+        b->backoff_ms = b->backoff_min_ms;
+        b->gen++;
+        for (int i = 0; i < b->n_idle; i++)
+            redisFree(b->idle[i].ctx);
+        b->n_open -= b->n_idle;
+        b->n_idle = 0;
+        changed = 1;
+    } else if (probe) {
+        b->backoff_ms = b->backoff_ms * 2 > b->backoff_max_ms ? b->backoff_max_ms
+                                                               : b->backoff_ms * 2;
+    }
+    b->next_try_ns = cache_now_ns() + (int64_t)b->backoff_ms * 1000000;
+    return changed;
+}
+
+static void mark_down(redis_backend *b, int probe, const char *why)
+{
+    pthread_mutex_lock(&b->mu);
+    int changed = mark_down_locked(b, probe);
+    pthread_mutex_unlock(&b->mu);
+    if (changed)
+        cache_report_state(b->base.owner, CACHE_STATE_DOWN, why);
+}
+
+/* Drop idle contexts without changing state (they may all be stale). */
+static void flush_idle(redis_backend *b)
+{
+    pthread_mutex_lock(&b->mu);
+    b->gen++;
+    for (int i = 0; i < b->n_idle; i++)
+        redisFree(b->idle[i].ctx);
+    b->n_open -= b->n_idle;
+    b->n_idle = 0;
+    pthread_mutex_unlock(&b->mu);
+}
+
+/* Map a failed hiredis call to an errno (saved_errno read right after it). */
+static int ctx_errno(const redisContext *ctx, int saved_errno)
+{
+    if (ctx->err == REDIS_ERR_IO &&
+        (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK || saved_errno == ETIMEDOUT ||
+         strstr(ctx->errstr, "timed out")))
+        return -ETIMEDOUT;
+    if (ctx->err == REDIS_ERR_EOF)
+        return -ECONNRESET;
+    if (ctx->err == REDIS_ERR_PROTOCOL)
+        return -EPROTO;
+    if (ctx->err == REDIS_ERR_OOM)
+        return -ENOMEM;
+    return -EIO;
+}
+
+/* Connect and hand-shake (AUTH, SELECT, PING pipelined). 0 or -errno, with
+ * a reason in why. */
+static int redis_connect(redis_backend *b, int64_t deadline_ns, redisContext **ret, char *why,
+                         size_t why_n, int *timed_out_full)
+{
+    int full = 0;
+    *timed_out_full = 0;
+    int64_t t = budget_ns(b, deadline_ns, &full);
+    if (!t) {
+        snprintf(why, why_n, "no time left before the deadline");
+        return -EAGAIN;
+    }
+    redisContext *ctx = b->url.kind == CACHE_BACKEND_REDIS_UNIX
+                            ? redisConnectUnixWithTimeout(b->url.path, ns_to_tv(t))
+                            : redisConnectWithTimeout(b->url.host, b->url.port, ns_to_tv(t));
+    int e = errno;
+    if (!ctx) {
+        snprintf(why, why_n, "connect: out of memory");
+        return -ENOMEM;
+    }
+    if (ctx->err) {
+        int rc = ctx_errno(ctx, e);
+        snprintf(why, why_n, "connect to %.150s: %.120s",
+                 b->url.kind == CACHE_BACKEND_REDIS_UNIX ? b->url.path : b->url.host, ctx->errstr);
+        redisFree(ctx);
+        *timed_out_full = rc == -ETIMEDOUT && full;
+        return rc == -ETIMEDOUT ? rc : -ECONNREFUSED;
+    }
+    t = budget_ns(b, deadline_ns, &full);
+    if (!t || redisSetTimeout(ctx, ns_to_tv(t)) != REDIS_OK) {
+        snprintf(why, why_n, "no time left after connecting");
+        redisFree(ctx);
+        return -EAGAIN;
+    }
+    char db[16];
+    snprintf(db, sizeof db, "%d", b->url.db);
+    int n = 0;
+    const char *what[3];
+    if (b->url.password[0]) {
+        const char *argv[3] = {"AUTH", b->url.user, b->url.password};
+        const char **av = b->url.user[0] ? argv : (const char *[]){"AUTH", b->url.password};
+        redisAppendCommandArgv(ctx, b->url.user[0] ? 3 : 2, av, NULL);
+        what[n++] = "AUTH";
+    }
+    if (b->url.db) {
+        const char *argv[2] = {"SELECT", db};
+        redisAppendCommandArgv(ctx, 2, argv, NULL);
+        what[n++] = "SELECT";
+    }
+    const char *ping[1] = {"PING"};
+    redisAppendCommandArgv(ctx, 1, ping, NULL);
+    what[n++] = "PING";
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        redisReply *r = NULL;
+        if (redisGetReply(ctx, (void **)&r) != REDIS_OK) {
+            rc = ctx_errno(ctx, errno);
+            snprintf(why, why_n, "%s: %.200s", what[i], ctx->errstr);
+            *timed_out_full = rc == -ETIMEDOUT && full;
+            break;
+        }
+        if (r->type == REDIS_REPLY_ERROR) {
+            /* Keep reading: the pipeline must be drained... but the context is
+             * discarded anyway, so stop at the first refusal. */
+            snprintf(why, why_n, "%s refused: %.200s", what[i], r->str);
+            rc = -EACCES;
+            freeReplyObject(r);
+            break;
+        }
+        freeReplyObject(r);
+    }
+    if (rc) {
+        redisFree(ctx);
+        return rc;
+    }
+    *ret = ctx;
+    return 0;
+}
+
+/* Take a context. 0 or: -EAGAIN (down and backing off, no time left, pool
+ * busy until the deadline), or a connect failure (state already updated). */
+static int acquire(redis_backend *b, int64_t deadline_ns, conn *out)
+{
+    char why[320];
+    pthread_mutex_lock(&b->mu);
+    for (;;) {
+        int64_t now = cache_now_ns();
+        if (deadline_ns && now >= deadline_ns) {
+            pthread_mutex_unlock(&b->mu);
+            return -EAGAIN;
+        }
+        int probe = 0;
+        if (b->down) {
+            if (now < b->next_try_ns || b->probing) {
+                pthread_mutex_unlock(&b->mu);
+                return -EAGAIN;
+            }
+            probe = b->probing = 1;
+        } else if (b->n_idle) {
+            *out = b->idle[--b->n_idle];
+            out->reused = 1;
+            pthread_mutex_unlock(&b->mu);
+            return 0;
+        } else if (b->n_open >= b->pool_size) {
+            /* Wait for a context to come back, at most until the deadline or
+             * timeout_ms: a busy pool must not stall a request. */
+            int full;
+            int64_t t = budget_ns(b, deadline_ns, &full);
+            int64_t until = now + t;
+            struct timespec ts = {until / 1000000000, until % 1000000000};
+            if (pthread_cond_timedwait(&b->cv, &b->mu, &ts) == ETIMEDOUT && !b->n_idle) {
+                pthread_mutex_unlock(&b->mu);
+                return -EAGAIN;
+            }
+            continue;
+        }
+        b->n_open++;
+        uint64_t gen = b->gen;
+        pthread_mutex_unlock(&b->mu);
+
+        redisContext *ctx = NULL;
+        int tfull = 0;
+        int rc = redis_connect(b, deadline_ns, &ctx, why, sizeof why, &tfull);
+        pthread_mutex_lock(&b->mu);
+        if (probe)
+            b->probing = 0;
+        if (rc) {
+            b->n_open--;
+            int changed = 0;
+            if (rc != -EAGAIN && (rc != -ETIMEDOUT || tfull || probe))
+                changed = mark_down_locked(b, probe);
+            pthread_cond_broadcast(&b->cv);
+            pthread_mutex_unlock(&b->mu);
+            if (changed)
+                cache_report_state(b->base.owner, CACHE_STATE_DOWN, why);
+            return rc;
+        }
+        int up = 0;
+        if (probe) {
+            b->down = 0;
+            b->gen++;
+            gen = b->gen;
+            up = 1;
+        }
+        pthread_mutex_unlock(&b->mu);
+        atomic_store(&b->strikes, 0);
+        if (up)
+            cache_report_state(b->base.owner, CACHE_STATE_OK, "reconnected");
+        out->ctx = ctx;
+        out->gen = gen;
+        out->reused = 0;
+        return 0;
+    }
+}
+
+static void release(redis_backend *b, conn *c, int ok)
+{
+    pthread_mutex_lock(&b->mu);
+    if (ok && c->gen == b->gen && !b->down && b->n_idle < POOL_MAX) {
+        b->idle[b->n_idle++] = *c;
+    } else {
+        redisFree(c->ctx);
+        b->n_open--;
+    }
+    pthread_cond_signal(&b->cv);
+    pthread_mutex_unlock(&b->mu);
+}
+
+/* Run one command; *ret gets the reply (not an error reply: those give
+ * -EREMOTEIO). Handles timeouts, broken connections and the state. */
+static int command(redis_backend *b, int64_t deadline_ns, int argc, const char **argv,
+                   const size_t *lens, redisReply **ret)
+{
+    for (int attempt = 0; attempt < 2; attempt++) {
+        conn c;
+        int rc = acquire(b, deadline_ns, &c);
+        if (rc)
+            return rc;
+        int full = 0;
+        int64_t t = budget_ns(b, deadline_ns, &full);
+        if (!t || redisSetTimeout(c.ctx, ns_to_tv(t)) != REDIS_OK) {
+            release(b, &c, t != 0 ? 0 : 1);
+            return -EAGAIN;
+        }
+        redisReply *r = redisCommandArgv(c.ctx, argc, argv, lens);
+        int e = errno;
+        if (r) {
+            atomic_store(&b->strikes, 0);
+            if (r->type == REDIS_REPLY_ERROR) {
+                freeReplyObject(r);
+                release(b, &c, 1);
+                return -EREMOTEIO;
+            }
+            release(b, &c, 1);
+            *ret = r;
+            return 0;
+        }
+        rc = ctx_errno(c.ctx, e);
+        char why[300];
+        snprintf(why, sizeof why, "%s: %s", argv[0], c.ctx->errstr);
+        int reused = c.reused;
+        release(b, &c, 0);
+        if (rc == -ETIMEDOUT) {
+            if (full && atomic_fetch_add(&b->strikes, 1) + 1 >= 2)
+                mark_down(b, 0, why);
+            return rc;
+        }
+        if (reused && attempt == 0) {
+            flush_idle(b); /* Redis restarted between requests? try a fresh context */
+            continue;
+        }
+        mark_down(b, 0, why);
+        return rc;
+    }
+    return -EIO;
+}
+
+static int rb_get(cache_backend *be, const char *key, size_t klen, int64_t deadline_ns,
+                  uint8_t **val, size_t *n)
+{
+    redis_backend *b = (redis_backend *)be;
+    const char *argv[2] = {"GET", key};
+    size_t lens[2] = {3, klen};
+    redisReply *r;
+    int rc = command(b, deadline_ns, 2, argv, lens, &r);
+    if (rc)
+        return rc;
+    if (r->type == REDIS_REPLY_NIL) {
+        freeReplyObject(r);
+        return 0;
+    }
+    if (r->type != REDIS_REPLY_STRING) {
+        freeReplyObject(r);
+        return -EPROTO;
+    }
+    uint8_t *v = malloc(r->len ? (size_t)r->len : 1);
+    if (!v) {
+        freeReplyObject(r);
+        return -ENOMEM;
+    }
+    memcpy(v, r->str, (size_t)r->len);
+    *val = v;
+    *n = (size_t)r->len;
+    freeReplyObject(r);
+    return 1;
+}
+
+static int rb_put(cache_backend *be, const char *key, size_t klen, const uint8_t *val, size_t n,
+                  uint32_t ttl_s, int64_t deadline_ns)
+{
+    redis_backend *b = (redis_backend *)be;
+    char ttl[16];
+    int tn = snprintf(ttl, sizeof ttl, "%u", ttl_s);
+    /* SET with EX: value and expiry in one command, one round trip. */
+    const char *argv[5] = {"SET", key, (const char *)val, "EX", ttl};
+    size_t lens[5] = {3, klen, n, 2, (size_t)tn};
+    redisReply *r;
+    int rc = command(b, deadline_ns, ttl_s ? 5 : 3, argv, lens, &r);
+    if (rc)
+        return rc;
+    freeReplyObject(r);
+    return 0;
+}
+
+/* Escape a literal for a SCAN MATCH glob and append '*'. */
+static void glob_literal(const char *s, size_t n, char *out)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (strchr("*?[]\\", s[i]))
+            out[o++] = '\\';
+        out[o++] = s[i];
+    }
+    out[o++] = '*';
+    out[o] = '\0';
+}
+
+/* Invalidate: SCAN MATCH the key prefix; with a matcher, pipeline GETs of
+ * each batch and keep the keys it accepts; then one pipelined round of
+ * UNLINKs (non-blocking deletes) per batch. One context for the whole walk,
+ * the caller's deadline (not timeout_ms) bounds each step: admin calls may
+ * walk many keys. */
+static int rb_scan_delete(cache_backend *be, const char *key_prefix, size_t plen,
+                          cache_match_fn match, void *mu, int64_t deadline_ns, uint64_t *ret_n,
+                          lm_err *err)
+{
+    redis_backend *b = (redis_backend *)be;
+    if (!deadline_ns)
+        deadline_ns = cache_now_ns() + 10 * (int64_t)1000000000;
+    conn c;
+    int rc = acquire(b, deadline_ns, &c);
+    if (rc)
+        return lm_err_set(err, rc == -EAGAIN ? -EAGAIN : rc,
+                          "cache invalidate: Redis unavailable (%s)",
+                          rc == -EAGAIN ? "down or deadline passed" : "connect failed");
+    char *pattern = malloc(2 * plen + 2);
+    char cursor[32] = "0";
+    uint64_t deleted = 0;
+    rc = 0;
+    if (!pattern) {
+        release(b, &c, 1);
+        return lm_err_set(err, -ENOMEM, "cache invalidate: out of memory");
+    }
+    glob_literal(key_prefix, plen, pattern);
+    do {
+        int64_t left = deadline_ns - cache_now_ns();
+        if (left <= 0 || redisSetTimeout(c.ctx, ns_to_tv(left)) != REDIS_OK) {
+            rc = lm_err_set(err, -ETIMEDOUT, "cache invalidate: deadline passed after %llu keys",
+                            (unsigned long long)deleted);
+            break;
+        }
+        redisReply *r = redisCommand(c.ctx, "SCAN %s MATCH %s COUNT 1000", cursor, pattern);
+        if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+            r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_ARRAY) {
+            rc = lm_err_set(err, r ? -EPROTO : ctx_errno(c.ctx, errno), "cache invalidate: SCAN: %s",
+                            r && r->type == REDIS_REPLY_ERROR ? r->str
+                            : r                               ? "unexpected reply"
+                                                              : c.ctx->errstr);
+            if (r)
+                freeReplyObject(r);
+            break;
+        }
+        snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
+        redisReply *keys = r->element[1];
+        size_t nk = keys->elements;
+        char *del = calloc(nk ? nk : 1, 1); /* keys to delete */
+        if (!del) {
+            freeReplyObject(r);
+            rc = lm_err_set(err, -ENOMEM, "cache invalidate: out of memory");
+            break;
+        }
+        if (match) {
+            for (size_t i = 0; i < nk; i++) {
+                const char *argv[2] = {"GET", keys->element[i]->str};
+                size_t lens[2] = {3, keys->element[i]->len};
+                redisAppendCommandArgv(c.ctx, 2, argv, lens);
+            }
+            for (size_t i = 0; i < nk && !rc; i++) {
+                redisReply *g;
+                if (redisGetReply(c.ctx, (void **)&g) != REDIS_OK) {
+                    rc = lm_err_set(err, ctx_errno(c.ctx, errno), "cache invalidate: GET: %s",
+                                    c.ctx->errstr);
+                    break;
+                }
+                if (g->type == REDIS_REPLY_STRING)
+                    del[i] = (char)match(mu, (const uint8_t *)g->str, (size_t)g->len);
+                freeReplyObject(g);
+            }
+        } else {
+            memset(del, 1, nk);
+        }
+        size_t n_cmd = 0;
+        for (size_t i = 0; i < nk && !rc; i++) {
+            if (!del[i])
+                continue;
+            const char *argv[2] = {"UNLINK", keys->element[i]->str};
+            size_t lens[2] = {6, keys->element[i]->len};
+            redisAppendCommandArgv(c.ctx, 2, argv, lens);
+            n_cmd++;
+        }
+        for (size_t i = 0; i < n_cmd && !rc; i++) {
+            redisReply *u;
+            if (redisGetReply(c.ctx, (void **)&u) != REDIS_OK) {
+                rc = lm_err_set(err, ctx_errno(c.ctx, errno), "cache invalidate: UNLINK: %s",
+                                c.ctx->errstr);
+                break;
+            }
+            if (u->type == REDIS_REPLY_INTEGER)
+                deleted += (uint64_t)u->integer;
+            freeReplyObject(u);
+        }
+        free(del);
+        freeReplyObject(r);
+    } while (!rc && strcmp(cursor, "0") != 0);
+    free(pattern);
+    release(b, &c, rc == 0);
+    *ret_n = deleted;
+    return rc;
+}
+
+static void rb_destroy(cache_backend *be)
+{
+    redis_backend *b = (redis_backend *)be;
+    for (int i = 0; i < b->n_idle; i++)
+        redisFree(b->idle[i].ctx);
+    pthread_mutex_destroy(&b->mu);
+    pthread_cond_destroy(&b->cv);
+    free(b);
+}
+
+static const cache_backend_ops redis_ops = {rb_get, rb_put, rb_scan_delete, rb_destroy};
+
+int cache_redis_create(cache *owner, const cache_config *cfg, const cache_url *url,
+                       cache_backend **ret, lm_err *err)
+{
+    redis_backend *b = calloc(1, sizeof *b);
+    if (!b)
+        return lm_err_set(err, -ENOMEM, "cache: out of memory");
+    b->base.ops = &redis_ops;
+    b->base.owner = owner;
+    b->url = *url;
+    b->pool_size = cfg->pool_size;
+    b->timeout_ms = cfg->timeout_ms;
+    b->backoff_min_ms = cfg->backoff_min_ms;
+    b->backoff_max_ms = cfg->backoff_max_ms;
+    pthread_mutex_init(&b->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&b->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    *ret = &b->base;
+    return 0;
+}

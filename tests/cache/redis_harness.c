@@ -1,0 +1,187 @@
+/*
+ * redis_harness.c: see redis_harness.h.
+ */
+#include "redis_harness.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <hiredis/hiredis.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t l = sizeof a;
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) || getsockname(fd, (struct sockaddr *)&a, &l)) {
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static int ping(const redis_proc *r)
+{
+    struct timeval tv = {0, 200000};
+    redisContext *c = redisConnectWithTimeout("127.0.0.1", r->port, tv);
+    if (!c || c->err) {
+        if (c)
+            redisFree(c);
+        return -1;
+    }
+    redisReply *rep = r->password[0] ? redisCommand(c, "AUTH %s", r->password) : NULL;
+    if (rep)
+        freeReplyObject(rep);
+    rep = redisCommand(c, "PING");
+    int ok = rep && rep->type == REDIS_REPLY_STATUS;
+    if (rep)
+        freeReplyObject(rep);
+    redisFree(c);
+    return ok ? 0 : -1;
+}
+
+int redis_start(redis_proc *r, int port, const char *password)
+{
+    if (!r->dir[0]) {
+        const char *tmp = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+        snprintf(r->dir, sizeof r->dir, "%s/lmredis.XXXXXX", tmp);
+        if (!mkdtemp(r->dir))
+            return -1;
+        snprintf(r->sock, sizeof r->sock, "%s/redis.sock", r->dir);
+    }
+    snprintf(r->password, sizeof r->password, "%s", password ? password : "");
+    for (int attempt = 0; attempt < 5; attempt++) {
+        r->port = port ? port : free_port();
+        char ps[16];
+        snprintf(ps, sizeof ps, "%d", r->port);
+        pid_t pid = fork();
+        if (pid < 0)
+            return -1;
+        if (pid == 0) {
+            int dn = open("/dev/null", 1);
+            if (dn >= 0) {
+                dup2(dn, 1);
+                dup2(dn, 2);
+            }
+            const char *argv[32];
+            int n = 0;
+            argv[n++] = "redis-server";
+            argv[n++] = "--port"; argv[n++] = ps;
+            argv[n++] = "--bind"; argv[n++] = "127.0.0.1";
+            argv[n++] = "--dir"; argv[n++] = r->dir;
+            argv[n++] = "--save"; argv[n++] = "";
+            argv[n++] = "--appendonly"; argv[n++] = "no";
+            argv[n++] = "--unixsocket"; argv[n++] = r->sock;
+            argv[n++] = "--unixsocketperm"; argv[n++] = "700";
+            argv[n++] = "--enable-debug-command"; argv[n++] = "yes";
+            argv[n++] = "--daemonize"; argv[n++] = "no";
+            if (r->password[0]) {
+                argv[n++] = "--requirepass";
+                argv[n++] = r->password;
+            }
+            argv[n] = NULL;
+            execvp("redis-server", (char *const *)argv);
+            _exit(127);
+        }
+        r->pid = pid;
+        for (int i = 0; i < 100; i++) { /* up to 5 s */
+            if (ping(r) == 0)
+                return 0;
+            int st;
+            if (waitpid(pid, &st, WNOHANG) == pid) {
+                r->pid = 0;
+                break; /* port taken meanwhile? try another */
+            }
+            sleep_ms(50);
+        }
+        if (r->pid) {
+            redis_kill(r);
+            return -1;
+        }
+        if (port)
+            sleep_ms(200); /* same port wanted: the old socket may linger */
+    }
+    return -1;
+}
+
+void redis_kill(redis_proc *r)
+{
+    if (r->pid > 0) {
+        kill(r->pid, SIGCONT);
+        kill(r->pid, SIGKILL);
+        waitpid(r->pid, NULL, 0);
+        r->pid = 0;
+    }
+}
+
+void redis_cleanup(redis_proc *r)
+{
+    redis_kill(r);
+    if (!r->dir[0])
+        return;
+    DIR *d = opendir(r->dir);
+    if (d) {
+        struct dirent *de;
+        while ((de = readdir(d))) {
+            if (de->d_name[0] == '.')
+                continue;
+            char p[600];
+            snprintf(p, sizeof p, "%s/%s", r->dir, de->d_name);
+            unlink(p);
+        }
+        closedir(d);
+    }
+    rmdir(r->dir);
+    r->dir[0] = '\0';
+}
+
+int redis_admin(const redis_proc *r, char *out, size_t n, const char *fmt, ...)
+{
+    struct timeval tv = {2, 0};
+    redisContext *c = redisConnectWithTimeout("127.0.0.1", r->port, tv);
+    if (!c || c->err) {
+        if (c)
+            redisFree(c);
+        return -1;
+    }
+    if (r->password[0]) {
+        redisReply *a = redisCommand(c, "AUTH %s", r->password);
+        if (a)
+            freeReplyObject(a);
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    redisReply *rep = redisvCommand(c, fmt, ap);
+    va_end(ap);
+    int rc = rep && rep->type != REDIS_REPLY_ERROR ? 0 : -1;
+    if (out && n) {
+        out[0] = '\0';
+        if (rep && (rep->type == REDIS_REPLY_STRING || rep->type == REDIS_REPLY_STATUS ||
+                    rep->type == REDIS_REPLY_ERROR))
+            snprintf(out, n, "%s", rep->str);
+        else if (rep && rep->type == REDIS_REPLY_INTEGER)
+            snprintf(out, n, "%lld", rep->integer);
+    }
+    if (rep)
+        freeReplyObject(rep);
+    redisFree(c);
+    return rc;
+}

@@ -1,0 +1,420 @@
+/*
+ * test_cache_redis.c: the Redis backend against real redis-server
+ * processes started by redis_harness.c (free port, temp folder):
+ * hit/miss and modes, TTL expiry, SELECT db, corrupt value -> miss and
+ * overwrite, invalidation (SCAN + pipelined UNLINK), a pool used by 16
+ * threads, Redis killed in the middle of 200 requests (no error reaches the
+ * caller, answers right, one DOWN report), restarted (used again after the
+ * back-off, one OK report), made slow by SIGSTOP and by DEBUG SLEEP (calls
+ * return within their deadline), AUTH with a password and an ACL user
+ * (and a wrong password: misses, DOWN with the reason), the unix socket.
+ */
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+
+#include "redis_harness.h"
+#include "testutil.h"
+
+/* ---- state callback recorder ---- */
+static pthread_mutex_t st_mu = PTHREAD_MUTEX_INITIALIZER;
+static int n_down, n_ok;
+static char last_why[512];
+
+static void on_state(void *user, cache_state s, const char *why)
+{
+    pthread_mutex_lock(&st_mu);
+    if (s == CACHE_STATE_DOWN)
+        n_down++;
+    else
+        n_ok++;
+    snprintf(last_why, sizeof last_why, "%s", why);
+    pthread_mutex_unlock(&st_mu);
+}
+
+static void reset_states(void)
+{
+    pthread_mutex_lock(&st_mu);
+    n_down = n_ok = 0;
+    last_why[0] = 0;
+    pthread_mutex_unlock(&st_mu);
+}
+
+static cache *make(const char *url)
+{
+    cache_config cfg;
+    cache_config_default(&cfg);
+    cfg.url = url;
+    cfg.timeout_ms = 50;
+    cfg.backoff_min_ms = 50;
+    cfg.backoff_max_ms = 400;
+    cfg.prefix_tokens = 4;
+    cfg.on_state = on_state;
+    cache *c;
+    lm_err e;
+    lm_err_clear(&e);
+    CHECK_MSG(cache_create(&cfg, &c, &e) == 0, "%s", e.msg);
+    return c;
+}
+
+static redis_proc R; /* the main server */
+
+static void url_of(const redis_proc *r, char *out, size_t n, const char *auth, int db)
+{
+    snprintf(out, n, "redis://%s127.0.0.1:%d/%d", auth ? auth : "", r->port, db);
+}
+
+static void test_basic(void)
+{
+    char url[256];
+    url_of(&R, url, sizeof url, NULL, 3);
+    cache *c = make(url);
+    treq a;
+    treq_init(&a, "m", 1, 10);
+    CHECK(serve(c, &a, ms_from_now(500)) == 0);
+    CHECK(serve(c, &a, ms_from_now(500)) == 1);
+    char out[256];
+    CHECK(redis_admin(&R, out, sizeof out, "INFO keyspace") == 0 && strstr(out, "db3:keys=1"));
+    treq b = a;
+    b.sp.presence_penalty = 0.5f;
+    CHECK(serve(c, &b, 0) == 0 && serve(c, &b, 0) == 1);
+    b = a;
+    snprintf(b.fp, sizeof b.fp, "m-new");
+    CHECK(serve(c, &b, 0) == 0 && serve(c, &b, 0) == 1);
+    /* modes */
+    treq n = a;
+    n.prompt[0] = 777;
+    n.mode = CACHE_MODE_NO_STORE;
+    CHECK(serve(c, &n, 0) == 0 && serve(c, &n, 0) == 0);
+    n.mode = CACHE_MODE_REFRESH;
+    CHECK(serve(c, &n, 0) == 0);
+    n.mode = CACHE_MODE_NO_STORE;
+    CHECK(serve(c, &n, 0) == 1);
+    n.mode = CACHE_MODE_BYPASS;
+    CHECK(serve(c, &n, 0) == 0);
+    cache_stats s;
+    cache_get_stats(c, &s);
+    CHECK(s.errors == 0 && s.state == CACHE_STATE_OK && s.hits == 4 && s.bytes_written > 0 &&
+          s.get_count > 0 && s.get_ns_sum > 0 && s.kind == CACHE_BACKEND_REDIS);
+    /* TTL: the key carries EX and disappears. */
+    treq t = a;
+    t.prompt[1] = 4242;
+    t.ttl_s = 1;
+    CHECK(serve(c, &t, 0) == 0 && serve(c, &t, 0) == 1);
+    cache_key k;
+    CHECK(treq_key(c, &t, &k) == 0);
+    sleep_ms(1200);
+    CHECK(serve(c, &t, 0) == 0);
+    /* Corrupt value: miss, counted, then overwritten by the store. */
+    treq x = a;
+    x.prompt[2] = 999;
+    CHECK(treq_key(c, &x, &k) == 0);
+    /* The harness' admin connection is on db 0: the scripts SELECT 3 themselves. */
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "%s", k.str);
+    {
+        /* Put a valid value, then flip a byte through SETRANGE on db 3 via EVAL. */
+        tanswer ans;
+        compute(&x, &ans);
+        CHECK(cache_put(c, &k, &ans.e, 0) == 0);
+        CHECK(redis_admin(&R, out, sizeof out,
+                          "EVAL %s 1 %s", "redis.call('SELECT', 3); "
+                          "return redis.call('SETRANGE', KEYS[1], 20, 'XYZ')", cmd) == 0);
+    }
+    cache_get_stats(c, &s);
+    uint64_t corrupt0 = s.corrupt;
+    CHECK(serve(c, &x, 0) == 0); /* corrupt -> miss, recomputed and stored again */
+    cache_get_stats(c, &s);
+    CHECK(s.corrupt == corrupt0 + 1);
+    CHECK(serve(c, &x, 0) == 1);
+    /* Garbage of another shape (not our format at all). */
+    CHECK(redis_admin(&R, out, sizeof out, "EVAL %s 1 %s",
+                      "redis.call('SELECT', 3); return redis.call('SET', KEYS[1], 'hello')",
+                      cmd) == 0);
+    CHECK(serve(c, &x, 0) == 0 && serve(c, &x, 0) == 1);
+    /* Invalidation. */
+    test_invalidate(c);
+    cache_get_stats(c, &s);
+    CHECK(s.errors == 0 && s.invalidated == 6);
+    cache_destroy(c);
+}
+
+/* ---- many threads ---- */
+typedef struct load_arg {
+    cache *c;
+    int id, n;
+    atomic_int *done;
+    int64_t worst_ns;
+    int hits;
+    int deadline_ms;
+} load_arg;
+
+static void *load_thread(void *p)
+{
+    load_arg *la = p;
+    for (int i = 0; i < la->n; i++) {
+        treq t;
+        treq_init(&t, "load", (la->id * 7 + i) % 10, 6); /* 10 distinct prompts: many hits */
+        int64_t t0 = cache_now_ns();
+        int64_t dl = la->deadline_ms ? t0 + (int64_t)la->deadline_ms * 1000000 : 0;
+        la->hits += serve(la->c, &t, dl);
+        int64_t dt = cache_now_ns() - t0;
+        if (dt > la->worst_ns)
+            la->worst_ns = dt;
+        atomic_fetch_add(la->done, 1);
+        sleep_ms(2);
+    }
+    return NULL;
+}
+
+static void run_load(cache *c, int threads, int per, int deadline_ms, atomic_int *done,
+                     load_arg *la, pthread_t *th)
+{
+    for (int i = 0; i < threads; i++) {
+        la[i] = (load_arg){.c = c, .id = i, .n = per, .done = done, .deadline_ms = deadline_ms};
+        pthread_create(&th[i], NULL, load_thread, &la[i]);
+    }
+}
+
+static void test_pool(void)
+{
+    char url[256];
+    url_of(&R, url, sizeof url, NULL, 0);
+    cache *c = make(url);
+    atomic_int done = 0;
+    load_arg la[16];
+    pthread_t th[16];
+    run_load(c, 16, 40, 0, &done, la, th);
+    int hits = 0;
+    for (int i = 0; i < 16; i++) {
+        pthread_join(th[i], NULL);
+        hits += la[i].hits;
+    }
+    cache_stats s;
+    cache_get_stats(c, &s);
+    CHECK_MSG(s.errors == 0 && hits >= 16 * 40 - 10 * 16, "errors %llu hits %d",
+              (unsigned long long)s.errors, hits);
+    cache_destroy(c);
+}
+
+/* Kill in the middle of 200 requests, then restart. */
+static void test_kill_restart(void)
+{
+    char url[256];
+    url_of(&R, url, sizeof url, NULL, 1);
+    cache *c = make(url);
+    reset_states();
+    atomic_int done = 0;
+    load_arg la[4];
+    pthread_t th[4];
+    run_load(c, 4, 50, 300, &done, la, th);
+    while (atomic_load(&done) < 100)
+        sleep_ms(1);
+    redis_kill(&R);
+    int64_t worst = 0;
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL); /* serve() CHECKs every answer */
+        if (la[i].worst_ns > worst)
+            worst = la[i].worst_ns;
+    }
+    CHECK(atomic_load(&done) == 200);
+    cache_stats s;
+    cache_get_stats(c, &s);
+    pthread_mutex_lock(&st_mu);
+    CHECK_MSG(n_down == 1 && n_ok == 0, "down %d ok %d", n_down, n_ok);
+    pthread_mutex_unlock(&st_mu);
+    CHECK(s.state == CACHE_STATE_DOWN && s.errors >= 1 && s.unavailable > 0);
+    CHECK_MSG(worst < 300 * 1000000LL, "a request took %lld ms", (long long)(worst / 1000000));
+    fprintf(stderr, "kill: errors %llu unavailable %llu worst %lld ms, why '%s'\n",
+            (unsigned long long)s.errors, (unsigned long long)s.unavailable,
+            (long long)(worst / 1000000), last_why);
+    /* While down, a lookup returns at once. */
+    treq t;
+    treq_init(&t, "load", 3, 6);
+    int64_t t0 = cache_now_ns();
+    CHECK(serve(c, &t, ms_from_now(300)) == 0);
+    CHECK(cache_now_ns() - t0 < 100 * 1000000LL);
+    /* Restart on the same port: after the back-off it is used again. */
+    CHECK(redis_start(&R, R.port, NULL) == 0);
+    int hit = 0;
+    int64_t until = ms_from_now(5000);
+    while (!hit && cache_now_ns() < until) {
+        hit = serve(c, &t, ms_from_now(300));
+        sleep_ms(20);
+    }
+    CHECK(hit);
+    cache_get_stats(c, &s);
+    pthread_mutex_lock(&st_mu);
+    CHECK_MSG(n_down == 1 && n_ok == 1, "down %d ok %d", n_down, n_ok);
+    pthread_mutex_unlock(&st_mu);
+    CHECK(s.state == CACHE_STATE_OK);
+    cache_destroy(c);
+}
+
+/* Slow Redis: calls return within their deadline (or timeout_ms). */
+static void check_bounded(cache *c, const char *what)
+{
+    int64_t worst = -1000000000;
+    for (int i = 0; i < 20; i++) {
+        treq t;
+        treq_init(&t, "slow", i % 4, 5);
+        cache_key k;
+        CHECK(treq_key(c, &t, &k) == 0);
+        int64_t dl = ms_from_now(i % 2 ? 30 : 80); /* under and over timeout_ms */
+        cache_entry *e = NULL;
+        CHECK(cache_get(c, &k, dl, &e) == 0); /* a miss: Redis cannot answer */
+        int64_t over = cache_now_ns() - dl;
+        if (over > worst)
+            worst = over;
+        tanswer a;
+        compute(&t, &a);
+        dl = ms_from_now(80);
+        cache_put(c, &k, &a.e, dl);
+        over = cache_now_ns() - dl;
+        if (over > worst)
+            worst = over;
+    }
+    /* Each call returns by its deadline; 10 ms slack for scheduling on a busy
+     * 2-core machine (the backend itself stops 5 ms early). */
+    CHECK_MSG(worst < 10 * 1000000LL, "%s: a call returned %lld ms after its deadline", what,
+              (long long)(worst / 1000000));
+    fprintf(stderr, "%s: latest return %.1f ms %s the deadline\n", what,
+            (double)(worst < 0 ? -worst : worst) / 1e6, worst < 0 ? "before" : "after");
+}
+
+static void *debug_sleep(void *p)
+{
+    redis_admin(&R, NULL, 0, "DEBUG SLEEP 1");
+    return NULL;
+}
+
+static void wait_ok(cache *c)
+{
+    treq t;
+    treq_init(&t, "slow", 99, 5);
+    int64_t until = ms_from_now(5000);
+    cache_stats s;
+    do {
+        serve(c, &t, ms_from_now(200));
+        cache_get_stats(c, &s);
+        sleep_ms(20);
+    } while (s.state != CACHE_STATE_OK && cache_now_ns() < until);
+    CHECK(s.state == CACHE_STATE_OK);
+}
+
+static void test_slow(void)
+{
+    char url[256];
+    url_of(&R, url, sizeof url, NULL, 0);
+    cache *c = make(url);
+    reset_states();
+    treq t;
+    treq_init(&t, "slow", 0, 5);
+    CHECK(serve(c, &t, 0) == 0 && serve(c, &t, 0) == 1); /* pool warm */
+    kill(R.pid, SIGSTOP);
+    check_bounded(c, "SIGSTOP");
+    cache_stats s;
+    cache_get_stats(c, &s);
+    CHECK(s.timeouts >= 1 && s.state == CACHE_STATE_DOWN);
+    kill(R.pid, SIGCONT);
+    wait_ok(c);
+    pthread_t th;
+    pthread_create(&th, NULL, debug_sleep, NULL);
+    sleep_ms(100);
+    check_bounded(c, "DEBUG SLEEP");
+    pthread_join(th, NULL);
+    wait_ok(c);
+    pthread_mutex_lock(&st_mu);
+    CHECK_MSG(n_down == 2 && n_ok == 2, "down %d ok %d", n_down, n_ok);
+    pthread_mutex_unlock(&st_mu);
+    cache_destroy(c);
+}
+
+static void test_auth(void)
+{
+    redis_proc A = {0};
+    CHECK(redis_start(&A, 0, "s3cret") == 0);
+    char url[512];
+    /* password */
+    url_of(&A, url, sizeof url, ":s3cret@", 0);
+    cache *c = make(url);
+    treq t;
+    treq_init(&t, "auth", 1, 5);
+    CHECK(serve(c, &t, 0) == 0 && serve(c, &t, 0) == 1);
+    cache_destroy(c);
+    /* wrong password: misses, no error to the caller, DOWN with the reason */
+    reset_states();
+    url_of(&A, url, sizeof url, ":wrong@", 0);
+    c = make(url);
+    CHECK(serve(c, &t, 0) == 0 && serve(c, &t, 0) == 0);
+    pthread_mutex_lock(&st_mu);
+    CHECK_MSG(n_down == 1 && strstr(last_why, "AUTH"), "why '%s'", last_why);
+    pthread_mutex_unlock(&st_mu);
+    cache_destroy(c);
+    /* ACL user limited to the cache's keys */
+    char out[256];
+    CHECK(redis_admin(&A, out, sizeof out,
+                      "ACL SETUSER alice on >alicepw ~lightmoe:* +get +set +scan +unlink +ping "
+                      "+select +auth") == 0);
+    url_of(&A, url, sizeof url, "alice:alicepw@", 0);
+    c = make(url);
+    treq_init(&t, "acl", 1, 5);
+    CHECK(serve(c, &t, 0) == 0 && serve(c, &t, 0) == 1);
+    test_invalidate(c);
+    cache_stats s;
+    cache_get_stats(c, &s);
+    CHECK(s.errors == 0 && s.state == CACHE_STATE_OK);
+    cache_destroy(c);
+    /* unix socket, with password and db */
+    snprintf(url, sizeof url, "unix://%s?db=2&password=s3cret", A.sock);
+    c = make(url);
+    treq_init(&t, "unix", 1, 5);
+    CHECK(serve(c, &t, 0) == 0 && serve(c, &t, 0) == 1);
+    CHECK(redis_admin(&A, out, sizeof out, "INFO keyspace") == 0 && strstr(out, "db2:keys=1"));
+    cache_get_stats(c, &s);
+    CHECK(s.errors == 0 && s.kind == CACHE_BACKEND_REDIS_UNIX);
+    cache_destroy(c);
+    redis_cleanup(&A);
+}
+
+static void test_down_at_start(void)
+{
+    /* Nothing listens: every call is a fast miss; one DOWN report. */
+    redis_proc D = {0};
+    CHECK(redis_start(&D, 0, NULL) == 0);
+    int port = D.port;
+    redis_cleanup(&D);
+    char url[128];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%d", port);
+    reset_states();
+    cache *c = make(url);
+    treq t;
+    treq_init(&t, "down", 1, 5);
+    for (int i = 0; i < 50; i++) {
+        int64_t t0 = cache_now_ns();
+        CHECK(serve(c, &t, ms_from_now(200)) == 0);
+        CHECK(cache_now_ns() - t0 < 60 * 1000000LL);
+    }
+    pthread_mutex_lock(&st_mu);
+    CHECK(n_down == 1 && strstr(last_why, "connect"));
+    pthread_mutex_unlock(&st_mu);
+    uint64_t n;
+    lm_err e;
+    CHECK(cache_invalidate(c, "down", NULL, 0, ms_from_now(100), &n, &e) < 0 &&
+          strstr(e.msg, "unavailable"));
+    cache_destroy(c);
+}
+
+int main(void)
+{
+    CHECK_MSG(redis_start(&R, 0, NULL) == 0, "cannot start redis-server");
+    test_basic();
+    test_pool();
+    test_slow();
+    test_kill_restart();
+    test_auth();
+    test_down_at_start();
+    redis_cleanup(&R);
+    printf("cache redis tests ok\n");
+    return 0;
+}
