@@ -79,6 +79,8 @@ void sha256_init(sha256_ctx *c)
 void sha256_update(sha256_ctx *c, const void *data, size_t n)
 {
     const uint8_t *p = data;
+    if (n == 0)
+        return; /* data may be NULL then */
     c->n_bytes += n;
     if (c->n_buf) {
         size_t take = 64 - c->n_buf < n ? 64 - c->n_buf : n;

@@ -30,8 +30,16 @@ int lm_err_prefix(lm_err *err, const char *fmt, ...)
     va_start(ap, fmt);
     int n = vsnprintf(err->msg, sizeof err->msg, fmt, ap);
     va_end(ap);
-    if (n >= 0 && (size_t)n < sizeof err->msg)
-        snprintf(err->msg + n, sizeof err->msg - (size_t)n, ": %s", old);
+    if (n >= 0 && (size_t)n < sizeof err->msg) {
+        /* Append ": old", truncated; copied by hand because gcc's
+         * -Wformat-truncation (Debug builds) refuses the snprintf form. */
+        size_t at = (size_t)n;
+        const char *parts[2] = {": ", old};
+        for (int p = 0; p < 2; p++)
+            for (const char *c = parts[p]; *c && at + 1 < sizeof err->msg; c++)
+                err->msg[at++] = *c;
+        err->msg[at] = '\0';
+    }
     return err->code;
 }
 
