@@ -168,6 +168,8 @@ static int quant_linear(qctx *c, qfwd_linear *lin, const gptq_hessian *h, const 
         st->worse_linears += e > er;
     }
     st->n_linears++;
+    if (c->o->on_linear)
+        c->o->on_linear(c->o->user, lin->name, r.deq, lin->n, lin->k);
     memcpy(lin->w, r.deq, sizeof(float) * (size_t)lin->n * lin->k);
 
     char name[QFWD_NAME_MAX + 16];

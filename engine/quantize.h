@@ -76,6 +76,10 @@ typedef struct quantize_opts {
     size_t max_shard_bytes;     /* 0: QUANTIZE_DEFAULT_SHARD_BYTES */
     void (*on_progress)(void *user, const quantize_progress *p);
     void (*on_layer)(void *user, const quantize_layer_stats *s);
+    /* Each quantized Linear as it is done: its checkpoint prefix and the
+     * dequantized weight [n][k] the written file decodes to (valid during
+     * the call only). For tests and tools that check the output. */
+    void (*on_linear)(void *user, const char *name, const float *deq, int32_t n, int32_t k);
     void *user;
 } quantize_opts;
 
