@@ -175,8 +175,15 @@ static backend *open_backend(const opts *o, lm_err *err)
         return &sb->base;
     }
 #ifdef HAVE_BACKENDS
+    static model *m; /* loaded once, shared by every run's backend */
+    if (!m && model_load(o->model, NULL, &m, err) < 0)
+        return NULL;
+    backend_options bo;
+    backend_options_default(&bo);
+    bo.threads = o->threads;
+    bo.max_tokens = o->max_budget > 256 ? o->max_budget : 256;
     backend *be = NULL;
-    if (backend_open_dir(o->model, o->threads, &be, err) < 0)
+    if (backend_open(m, &bo, &be, err) < 0)
         return NULL;
     return be;
 #else
