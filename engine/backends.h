@@ -30,4 +30,9 @@ void backend_options_default(backend_options *opt);
 
 int backend_open(const model *m, const backend_options *opt, backend **ret, lm_err *err);
 
+/* Convenience for tools and benchmarks: load the model in DIR (default load
+ * options) and open a CPU backend with `threads` threads (0: all cores)
+ * that owns the model (backend_destroy frees both). */
+int backend_open_dir(const char *dir, int threads, backend **ret, lm_err *err);
+
 #endif
