@@ -46,6 +46,7 @@ struct tokenizer {
     tokenizer_info info;
     char *strings[4];      /* owned copies of bos/eos/pad/unk token strings */
     uint64_t fingerprint;
+    bool byte_runs;        /* the decoder has ByteFallback */
 };
 
 /* ---- loading ------------------------------------------------------------- */
@@ -314,6 +315,7 @@ int tokenizer_load_json(const char *tokenizer_json, size_t len, const char *conf
         if (t->added[i].id > max_id)
             max_id = t->added[i].id;
     t->info.vocab_size = max_id + 1;
+    t->byte_runs = t->decoder && tok_decoder_has_bytefallback(t->decoder);
     t->added_of_id = malloc(((size_t)max_id + 1) * sizeof(*t->added_of_id) + 1);
     if (!t->added_of_id) {
         rc = -ENOMEM;
@@ -374,20 +376,23 @@ static const added_token *added_of(const tokenizer *t, int32_t id)
     return &t->added[t->added_of_id[id]];
 }
 
-const char *tokenizer_id_to_token(const tokenizer *tok, int32_t id)
-{
-    const added_token *a = added_of(tok, id);
-    return a ? a->content : tok_bpe_token(tok->model, id, NULL);
-}
-
+/* An added token with normalized == true reads back as its normalized
+ * content (the Rust library stores it so: "HeLLo" under Lowercase decodes
+ * as "hello"). */
 static const char *token_str(const tokenizer *tok, int32_t id, size_t *len)
 {
     const added_token *a = added_of(tok, id);
     if (a) {
-        *len = a->len;
-        return a->content;
+        *len = a->normalized ? a->norm_len : a->len;
+        return a->normalized ? a->norm : a->content;
     }
     return tok_bpe_token(tok->model, id, len);
+}
+
+const char *tokenizer_id_to_token(const tokenizer *tok, int32_t id)
+{
+    size_t len;
+    return token_str(tok, id, &len);
 }
 
 int32_t tokenizer_token_to_id(const tokenizer *tok, const char *token, size_t len)
@@ -660,6 +665,9 @@ int tokenizer_decode(const tokenizer *tok, const int32_t *ids, size_t n, bool sk
  * ends in U+FFFD (a character whose bytes have not all arrived). Decoding
  * from `prefix` (one emitted step back) keeps the context that decoders use
  * at the start of a text (Metaspace / Strip drop a leading space there).
+ * With ByteFallback, an open run of <0xXX> tokens is held back too: an
+ * invalid run decodes to one U+FFFD per byte, so a later byte can change
+ * how the earlier ones read.
  */
 struct tokenizer_detok {
     const tokenizer *tok;
@@ -707,7 +715,16 @@ static int detok_step(tokenizer_detok *d, bool final, const char **ret_text, siz
         rc = tok_buf_put(&d->out, "", 0);
     if (rc)
         return lm_err_set(err, rc, "tokenizer: out of memory in streaming decode");
-    if (d->b.len > d->a.len && (final || !ends_incomplete(&d->b)) &&
+    bool open_run = false;
+    for (size_t i = d->ids.n; !final && d->tok->byte_runs && i-- > d->read;) {
+        size_t len;
+        const char *s = token_str(d->tok, d->ids.v[i], &len);
+        if (!s || (d->skip && tokenizer_is_special(d->tok, d->ids.v[i])))
+            continue;   /* not decoded: look at the token before */
+        open_run = len == 6 && !memcmp(s, "<0x", 3) && s[5] == '>';
+        break;
+    }
+    if (d->b.len > d->a.len && (final || (!ends_incomplete(&d->b) && !open_run)) &&
         !memcmp(d->a.data, d->b.data, d->a.len)) {
         if ((rc = tok_buf_put(&d->out, d->b.data + d->a.len, d->b.len - d->a.len)))
             return lm_err_set(err, rc, "tokenizer: out of memory in streaming decode");

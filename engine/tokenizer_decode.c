@@ -364,6 +364,16 @@ int tok_decoder_run(const tok_decoder *d, tok_buf *arena, tok_pieces *toks)
     return 0;
 }
 
+bool tok_decoder_has_bytefallback(const tok_decoder *d)
+{
+    if (d->kind == DEC_BYTEFALLBACK)
+        return true;
+    for (size_t i = 0; i < d->n_subs; i++)
+        if (tok_decoder_has_bytefallback(d->subs[i]))
+            return true;
+    return false;
+}
+
 int tok_decoder_token_bytes(const tok_decoder *d, const char *s, size_t len, tok_buf *out)
 {
     /* One token in mid-text: raw bytes, no UTF-8 repair, no start/end rules. */

@@ -197,6 +197,9 @@ int tok_decoder_parse(json_t *j, tok_decoder **ret, lm_err *err);
 void tok_decoder_free(tok_decoder *d);
 /* Run the chain on `toks` (arena strings); result in *toks. */
 int tok_decoder_run(const tok_decoder *d, tok_buf *arena, tok_pieces *toks);
+/* Whether the chain has a ByteFallback step (a run of <0xXX> tokens decodes
+ * as a whole: the streaming detokenizer holds text back while one is open). */
+bool tok_decoder_has_bytefallback(const tok_decoder *d);
 /* Raw bytes of one token in mid-text position (tokenizer_token_bytes). */
 int tok_decoder_token_bytes(const tok_decoder *d, const char *s, size_t len, tok_buf *out);
 

@@ -400,6 +400,49 @@ int tok_cp_to_byte(int32_t cp)
 
 /* ---- patterns ------------------------------------------------------------ */
 
+/*
+ * The Rust library's regexes are Oniguruma's, whose Unicode \w is Letter,
+ * Mark, Decimal_Number and Connector_Punctuation; PCRE2 (10.42) with UCP
+ * takes letters, all numbers and '_'. Spell \w / \W out so both agree
+ * (e.g. "e\u0301" stays one word, "\u2460" is not a word character).
+ */
+#define WORD_SET "\\p{L}\\p{M}\\p{Nd}\\p{Pc}"
+static int rewrite_word_class(const char *p, size_t len, tok_buf *out)
+{
+    bool in_class = false;
+    int rc = 0;
+    for (size_t i = 0; i < len && !rc; i++) {
+        char c = p[i];
+        if (c == '\\' && i + 1 < len) {
+            char e = p[++i];
+            if (e == 'w')
+                rc = tok_buf_put(out, in_class ? WORD_SET : "[" WORD_SET "]",
+                                 in_class ? strlen(WORD_SET) : strlen(WORD_SET) + 2);
+            else if (e == 'W' && !in_class)
+                rc = tok_buf_put(out, "[^" WORD_SET "]", strlen(WORD_SET) + 3);
+            else
+                rc = tok_buf_putc(out, c) || tok_buf_putc(out, e) ? -ENOMEM : 0;
+            continue;
+        }
+        if (c == '[' && !in_class) {
+            in_class = true;
+            rc = tok_buf_putc(out, c);
+            /* a ']' right after '[' or '[^' is a literal member */
+            if (!rc && i + 1 < len && p[i + 1] == '^')
+                rc = tok_buf_putc(out, p[++i]);
+            if (!rc && i + 1 < len && p[i + 1] == ']')
+                rc = tok_buf_putc(out, p[++i]);
+            continue;
+        }
+        if (c == ']' && in_class)
+            in_class = false;
+        rc = tok_buf_putc(out, c);
+    }
+    if (!rc && !out->data)
+        rc = tok_buf_put(out, "", 0);
+    return rc;
+}
+
 int tok_regex_parse(tok_regex *re, json_t *pattern, const char *what, lm_err *err)
 {
     memset(re, 0, sizeof(*re));
@@ -418,8 +461,12 @@ int tok_regex_parse(tok_regex *re, json_t *pattern, const char *what, lm_err *er
                           what);
     int code;
     PCRE2_SIZE at;
-    re->code = pcre2_compile((PCRE2_SPTR)json_string_value(r), json_string_length(r),
-                             PCRE2_UTF | PCRE2_UCP, &code, &at, NULL);
+    tok_buf pat = {0};
+    if (rewrite_word_class(json_string_value(r), json_string_length(r), &pat))
+        return -ENOMEM;
+    re->code = pcre2_compile((PCRE2_SPTR)pat.data, pat.len, PCRE2_UTF | PCRE2_UCP, &code, &at,
+                             NULL);
+    tok_buf_free(&pat);
     if (!re->code) {
         PCRE2_UCHAR msg[160];
         pcre2_get_error_message(code, msg, sizeof(msg));
