@@ -379,6 +379,18 @@ int cache_put(cache *c, const cache_key *k, const cache_entry *e, int64_t deadli
     return 0;
 }
 
+int cache_delete(cache *c, const cache_key *k, int64_t deadline_ns, lm_err *err)
+{
+    if (!c->be)
+        return 0;
+    int rc = c->be->ops->del(c->be, k->str, k->len, deadline_ns);
+    if (rc < 0)
+        return lm_err_set(err, rc, "cache delete: backend %s (%s)",
+                          rc == -EAGAIN ? "unavailable" : "failed", cache_backend_name(c->url.kind));
+    INC(c, invalidated, (uint64_t)rc);
+    return rc;
+}
+
 /* ---- single flight ---------------------------------------------------------- */
 
 static unsigned flight_bucket(const char *key)

@@ -213,6 +213,10 @@ int cache_get(cache *c, const cache_key *k, int64_t deadline_ns, cache_entry **r
  * the backend failed (already counted; callers ignore it: fail open). */
 int cache_put(cache *c, const cache_key *k, const cache_entry *e, int64_t deadline_ns);
 
+/* Delete the entry of k (whatever its policy says). 1 deleted, 0 absent,
+ * negative errno when the backend failed (returned, unlike lookups). */
+int cache_delete(cache *c, const cache_key *k, int64_t deadline_ns, lm_err *err);
+
 /* ---- single flight ------------------------------------------------------ */
 
 typedef struct cache_flight cache_flight;

@@ -25,6 +25,8 @@ typedef struct cache_backend_ops {
                size_t *n);
     int (*put)(cache_backend *b, const char *key, size_t klen, const uint8_t *val, size_t n,
                uint32_t ttl_s, int64_t deadline_ns);
+    /* 1 deleted, 0 absent, negative errno. */
+    int (*del)(cache_backend *b, const char *key, size_t klen, int64_t deadline_ns);
     /* Delete keys starting with key_prefix (a literal) for which match says
      * 1 (match NULL: all). */
     int (*scan_delete)(cache_backend *b, const char *key_prefix, size_t plen, cache_match_fn match,

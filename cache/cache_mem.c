@@ -188,6 +188,20 @@ static int mem_put(cache_backend *b, const char *key, size_t klen, const uint8_t
     return 0;
 }
 
+static int mem_del(cache_backend *b, const char *key, size_t klen, int64_t deadline_ns)
+{
+    mem_backend *m = (mem_backend *)b;
+    uint64_t h = fnv1a(key, klen);
+    shard *s = &m->sh[h % SHARDS];
+    pthread_mutex_lock(&s->mu);
+    mnode **pp = find_slot(s, key, klen, h);
+    int found = *pp != NULL;
+    if (found)
+        remove_node(s, pp);
+    pthread_mutex_unlock(&s->mu);
+    return found;
+}
+
 static int mem_scan_delete(cache_backend *b, const char *key_prefix, size_t plen,
                            cache_match_fn match, void *mu, int64_t deadline_ns, uint64_t *ret_n,
                            lm_err *err)
@@ -240,7 +254,7 @@ void cache_mem_usage(cache_backend *b, uint64_t *bytes, uint64_t *entries)
     *entries = en;
 }
 
-static const cache_backend_ops mem_ops = {mem_get, mem_put, mem_scan_delete, mem_destroy};
+static const cache_backend_ops mem_ops = {mem_get, mem_put, mem_del, mem_scan_delete, mem_destroy};
 
 int cache_mem_create(cache *owner, const cache_config *cfg, cache_backend **ret, lm_err *err)
 {

@@ -403,6 +403,20 @@ static int rb_put(cache_backend *be, const char *key, size_t klen, const uint8_t
     return 0;
 }
 
+static int rb_del(cache_backend *be, const char *key, size_t klen, int64_t deadline_ns)
+{
+    redis_backend *b = (redis_backend *)be;
+    const char *argv[2] = {"UNLINK", key};
+    size_t lens[2] = {6, klen};
+    redisReply *r;
+    int rc = command(b, deadline_ns, 2, argv, lens, &r);
+    if (rc)
+        return rc;
+    rc = r->type == REDIS_REPLY_INTEGER && r->integer > 0;
+    freeReplyObject(r);
+    return rc;
+}
+
 /* Escape a literal for a SCAN MATCH glob and append '*'. */
 static void glob_literal(const char *s, size_t n, char *out)
 {
@@ -529,7 +543,7 @@ static void rb_destroy(cache_backend *be)
     free(b);
 }
 
-static const cache_backend_ops redis_ops = {rb_get, rb_put, rb_scan_delete, rb_destroy};
+static const cache_backend_ops redis_ops = {rb_get, rb_put, rb_del, rb_scan_delete, rb_destroy};
 
 int cache_redis_create(cache *owner, const cache_config *cfg, const cache_url *url,
                        cache_backend **ret, lm_err *err)

@@ -135,7 +135,7 @@ static void test_basic(void)
     /* Invalidation. */
     test_invalidate(c);
     cache_get_stats(c, &s);
-    CHECK(s.errors == 0 && s.invalidated == 6);
+    CHECK(s.errors == 0 && s.invalidated == 7);
     cache_destroy(c);
 }
 

@@ -156,6 +156,12 @@ static inline void test_invalidate(cache *c)
     CHECK(cache_invalidate(c, "inv-m", NULL, 0, ms_from_now(2000), &n, &e) == 0 && n == 2);
     CHECK(serve(c, &o, 0) == 1);
     CHECK(cache_invalidate(c, "inv-other", NULL, 0, ms_from_now(2000), &n, &e) == 0 && n == 1);
+    /* One entry by its key. */
+    cache_key k;
+    CHECK(serve(c, &a, 0) == 0 && serve(c, &b, 0) == 0 && treq_key(c, &a, &k) == 0);
+    CHECK(cache_delete(c, &k, ms_from_now(2000), &e) == 1);
+    CHECK(cache_delete(c, &k, ms_from_now(2000), &e) == 0);
+    CHECK(serve(c, &b, 0) == 1 && serve(c, &a, 0) == 0);
 }
 
 #endif
