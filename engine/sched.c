@@ -10,17 +10,17 @@
  * order), and finishes requests: releases their blocks, unlinks them from
  * `live` under the lock, sends FINISHED, frees them.
  *
- * A step: (1) drop cancelled and expired requests; (2) plan: every running
- * sequence, oldest first, gets its next piece: 1 token when decoding,
- * min(rest of prompt, prefill_chunk, budget left) when prefilling; if its
- * blocks cannot be had, the newest running sequence is preempted (blocks
- * released, back to waiting, to be recomputed from prompt + output so far)
- * until they can; then waiting requests are admitted while the batch
- * limit, the budget and the blocks allow, after taking what they can from
- * the prefix cache; (3) one backend forward; (4) for each sequence at the
- * end of its known tokens, sample, deliver the token, check the stops;
- * (5) register newly full blocks in the prefix cache; (6) feed the step
- * time to the controller.
+ * A step: (1) drop cancelled and expired requests; (2) plan, within the
+ * controller's token budget and batch limit: first every decoding
+ * sequence, oldest first, gets its one token (if its blocks cannot be had,
+ * the newest running sequence is preempted: blocks released, back to
+ * waiting, to be recomputed from prompt + output so far); then prefilling
+ * sequences get min(rest, prefill_chunk, budget left) tokens; then waiting
+ * requests are admitted while the batch limit, the budget and the blocks
+ * allow, after taking what they can from the prefix cache; (3) one backend
+ * forward; (4) register newly full blocks in the prefix cache; (5) for
+ * each sequence at the end of its known tokens, sample, deliver the token,
+ * check the stops; (6) feed the step time to the controller.
  *
  * Sequence state is (tokens[0..n_tokens), n_computed): positions whose KV
  * is in the cache. n_computed == n_tokens - 1 is "decoding"; less is
@@ -59,6 +59,7 @@ struct seq {
     int32_t max_tokens;
     int32_t cached_prompt_tokens;
     int admitted_once;
+    uint64_t plan_step;         /* step number it was last planned in */
     sample_params sp;
     sample_rng rng;
     int32_t *stop_ids;
@@ -95,6 +96,7 @@ struct sched {
 
     /* Engine-thread state. */
     seq_list waiting, running;
+    uint64_t step_no;
     sched_stats st;             /* the engine thread's counters */
     /* Step arrays, sized at create (no allocation in the step loop). */
     seq **plan;                 /* [max_running] sequences in this step */
@@ -458,27 +460,64 @@ static int32_t plan_step(sched *s, int32_t *ret_tokens)
     int32_t chunk_max = s->cfg.prefill_chunk;
     int32_t n_plan = 0, n_tok = 0;
 
-    /* Running sequences, oldest first. */
+    uint64_t step = ++s->step_no;
+
+    /* Pass 1: decoding sequences, oldest first, one token each. Decodes
+     * go before prefill chunks so that a long prompt never makes running
+     * sequences skip a step (their inter-token latency is what the
+     * controller's target bounds). A decoder that needs a block it cannot
+     * have preempts the newest running sequence (the tail: in this pass
+     * every planned sequence is older than q) until it can. */
     for (seq *q = s->running.head, *next; q && n_tok < budget; q = next) {
         next = q->next;
+        if (q->n_tokens - q->n_computed != 1)
+            continue;
+        int preempted_self = 0;
+        while (grow_blocks(s, q, q->n_computed + 1) < 0) {
+            seq *victim = s->running.tail;
+            preempt(s, victim);
+            if (victim == q) {
+                preempted_self = 1;
+                break;
+            }
+        }
+        if (preempted_self)
+            break; /* q was the newest: nothing runs after it */
+        next = q->next; /* the tail may have gone */
+        q->plan_step = step;
+        plan_add(s, &n_plan, &n_tok, q, 1);
+    }
+
+    /* Pass 2: prefilling running sequences (new prompts in pieces, resumed
+     * ones), oldest first, with what budget is left. A piece shrinks to the
+     * blocks there are; when not even one token fits, the newest running
+     * sequence is preempted, unless it was planned in pass 1 (then q waits
+     * for decoders to finish: they hold the blocks and make progress). */
+    int32_t bs = s->cfg.block_size;
+    for (seq *q = s->running.head, *next; q && n_tok < budget; q = next) {
+        next = q->next;
+        if (q->plan_step == step)
+            continue;
         int32_t len = q->n_tokens - q->n_computed;
         if (len > chunk_max)
             len = chunk_max;
         if (len > budget - n_tok)
             len = budget - n_tok;
-        int preempted_self = 0;
-        while (grow_blocks(s, q, q->n_computed + len) < 0) {
+        int32_t room = (q->n_blocks + kvcache_available(s->kv)) * bs - q->n_computed;
+        while (room < 1) {
             seq *victim = s->running.tail;
-            if (victim == q) {
-                preempt(s, q);
-                preempted_self = 1;
+            if (victim == q || victim->plan_step == step)
                 break;
-            }
             preempt(s, victim);
+            room = (q->n_blocks + kvcache_available(s->kv)) * bs - q->n_computed;
         }
-        if (preempted_self)
-            break; /* q was the newest: nothing runs after it */
-        next = q->next; /* the tail may have gone */
+        next = q->next;
+        if (room < 1)
+            continue;
+        if (len > room)
+            len = room;
+        grow_blocks(s, q, q->n_computed + len);
+        q->plan_step = step;
         plan_add(s, &n_plan, &n_tok, q, len);
     }
 

@@ -555,13 +555,13 @@ static void test_trace(void)
     fake_backend *fb = fake_backend_create(VOCAB, CTX, 150, 8);
     sched_config cfg;
     base_config(&cfg);
-    cfg.kv_bytes = (size_t)90 * 4 * 1024; /* 90 blocks = 360 tokens */
+    cfg.kv_bytes = (size_t)50 * 4 * 1024; /* 50 blocks = 200 tokens */
     cfg.max_running = 10;
     cfg.max_queue = 1000;
     cfg.max_step_tokens = 48;
     cfg.min_step_tokens = 4;
     cfg.prefill_chunk = 12;
-    cfg.target_itl_ms = 2.0;
+    cfg.target_itl_ms = 0.4; /* below the cost of a full step: the budget moves */
     int32_t eos = 5;
     cfg.eos_ids = &eos;
     cfg.n_eos_ids = 1;
