@@ -161,6 +161,27 @@ def main():
         out.append(entry(f"ignore_merges_{str(im).lower()}", tok,
                          ["hello world", "hellohello", "hello"]))
 
+    # Llama-3 style: Split with the Llama-3 regex, ByteLevel without regex, ignore_merges
+    llama3_re = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    pre = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(llama3_re), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok = trained({"ignore_merges": True}, pre=pre, decoder=decoders.ByteLevel(),
+                  post=processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                     special_tokens=[("<|begin_of_text|>", 0)]),
+                  specials=["<|begin_of_text|>", "<|eot_id|>"],
+                  trainer_kwargs={"initial_alphabet": pre_tokenizers.ByteLevel.alphabet()})
+    out.append(entry("llama3_style", tok, TEXTS + ["1234567 numbers", "<|eot_id|>x<|eot_id|>",
+                                                   "HELLO'S WORLD'LL"]))
+
+    # decoder Strip at both ends after Replace + Fuse
+    tok = trained(unk, pre=pre_tokenizers.Metaspace(), specials=["[UNK]"],
+                  decoder=decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(),
+                                             decoders.Strip(" ", 2, 1)]))
+    # (not "" or " ": the Rust Strip decoder panics when stripping empties a token)
+    out.append(entry("decoder_strip_both", tok, [t for t in TEXTS if t.strip()]))
+
     # byte_fallback with the SentencePiece decoder chain
     vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
     for c in "▁abcdehlorw":
