@@ -43,6 +43,7 @@ struct tokenizer {
     size_t n_added;
     int32_t *added_of_id;  /* [vocab_size] index into added, -1 */
     match_set raw, norm;
+    tok_strmap added_map;  /* content -> id (first token of a content wins) */
     tokenizer_info info;
     char *strings[4];      /* owned copies of bos/eos/pad/unk token strings */
     uint64_t fingerprint;
@@ -73,6 +74,7 @@ void tokenizer_free(tokenizer *tok)
     free(tok->added_of_id);
     match_set_free(&tok->raw);
     match_set_free(&tok->norm);
+    tok_strmap_free(&tok->added_map);
     for (int i = 0; i < 4; i++)
         free(tok->strings[i]);
     free(tok);
@@ -323,9 +325,14 @@ int tokenizer_load_json(const char *tokenizer_json, size_t len, const char *conf
     }
     for (int32_t i = 0; i <= max_id; i++)
         t->added_of_id[i] = -1;
-    for (size_t i = 0; i < t->n_added; i++)
-        if (t->added_of_id[t->added[i].id] < 0)
-            t->added_of_id[t->added[i].id] = (int32_t)i;
+    for (size_t i = 0; i < t->n_added; i++) {
+        const added_token *a = &t->added[i];
+        if (t->added_of_id[a->id] < 0)
+            t->added_of_id[a->id] = (int32_t)i;
+        if (tok_strmap_get(&t->added_map, a->content, a->len) < 0 &&
+            (rc = tok_strmap_set(&t->added_map, a->content, a->len, a->id)))
+            goto out;
+    }
     if ((rc = build_set(t, &t->raw, false)) || (rc = build_set(t, &t->norm, true)))
         goto out;
     if ((rc = parse_config(t, config_json, config_len, err)))
@@ -397,10 +404,8 @@ const char *tokenizer_id_to_token(const tokenizer *tok, int32_t id)
 
 int32_t tokenizer_token_to_id(const tokenizer *tok, const char *token, size_t len)
 {
-    for (size_t i = 0; i < tok->n_added; i++)
-        if (tok->added[i].len == len && !memcmp(tok->added[i].content, token, len))
-            return tok->added[i].id;
-    return tok_bpe_lookup(tok->model, token, len);
+    int32_t id = tok_strmap_get(&tok->added_map, token, len);
+    return id >= 0 ? id : tok_bpe_lookup(tok->model, token, len);
 }
 
 bool tokenizer_is_special(const tokenizer *tok, int32_t id)
