@@ -101,7 +101,7 @@ struct sched {
     /* Step arrays, sized at create (no allocation in the step loop). */
     seq **plan;                 /* [max_running] sequences in this step */
     int32_t *plan_len;          /* [max_running] tokens of each piece */
-    int32_t *b_tokens;          /* [max_step_tokens] */
+    int32_t *b_tokens;          /* [max_step_tokens + max_running] */
     int32_t *b_seq_start;       /* [max_running + 1] */
     int32_t *b_start_pos;       /* [max_running] */
     int32_t *b_block_table;     /* [max_running][max_blocks] */
@@ -454,7 +454,7 @@ static void plan_add(sched *s, int32_t *n_plan, int32_t *n_tok, seq *q, int32_t 
 }
 
 /* Choose this step's pieces. Returns the number of pieces. */
-static int32_t plan_step(sched *s, int32_t *ret_tokens)
+static int32_t plan_step(sched *s, int32_t *ret_tokens, int *ret_decoding)
 {
     int32_t budget = s->ctl.budget, limit = s->ctl.limit;
     int32_t chunk_max = s->cfg.prefill_chunk;
@@ -462,13 +462,16 @@ static int32_t plan_step(sched *s, int32_t *ret_tokens)
 
     uint64_t step = ++s->step_no;
 
-    /* Pass 1: decoding sequences, oldest first, one token each. Decodes
-     * go before prefill chunks so that a long prompt never makes running
-     * sequences skip a step (their inter-token latency is what the
-     * controller's target bounds). A decoder that needs a block it cannot
-     * have preempts the newest running sequence (the tail: in this pass
-     * every planned sequence is older than q) until it can. */
-    for (seq *q = s->running.head, *next; q && n_tok < budget; q = next) {
+    /* Pass 1: decoding sequences, oldest first, one token each, all of
+     * them even when the controller has just cut the budget below their
+     * number: skipping a decoder would double its inter-token latency, the
+     * very thing the budget is cut to protect (the batch limit brings the
+     * count down as sequences finish). Decodes go before prefill chunks so
+     * that a long prompt never makes a running sequence skip a step. A
+     * decoder that needs a block it cannot have preempts the newest running
+     * sequence (the tail: in this pass every planned sequence is older
+     * than q) until it can. */
+    for (seq *q = s->running.head, *next; q; q = next) {
         next = q->next;
         if (q->n_tokens - q->n_computed != 1)
             continue;
@@ -487,6 +490,11 @@ static int32_t plan_step(sched *s, int32_t *ret_tokens)
         q->plan_step = step;
         plan_add(s, &n_plan, &n_tok, q, 1);
     }
+    /* With no sequence decoding, nobody's inter-token latency is at stake:
+     * prefill at the full size (time to first token is all that counts). */
+    *ret_decoding = n_plan > 0;
+    if (n_plan == 0)
+        budget = s->cfg.max_step_tokens;
 
     /* Pass 2: prefilling running sequences (new prompts in pieces, resumed
      * ones), oldest first, with what budget is left. A piece shrinks to the
@@ -590,10 +598,10 @@ static void reap_cancelled(sched *s)
 }
 
 /* Run one step over the planned pieces. Returns the tokens forwarded. */
-static int32_t run_step(sched *s)
+static int32_t run_step(sched *s, int *ret_decoding)
 {
     int32_t n_tok = 0;
-    int32_t n_plan = plan_step(s, &n_tok);
+    int32_t n_plan = plan_step(s, &n_tok, ret_decoding);
     if (n_plan == 0)
         return 0;
 
@@ -716,10 +724,11 @@ static void *engine_main(void *arg)
 
         int64_t t0 = now_ns();
         reap_cancelled(s);
-        int32_t n_tok = run_step(s);
+        int decoding = 0;
+        int32_t n_tok = run_step(s, &decoding);
         double ms = (double)(now_ns() - t0) / 1e6;
         if (n_tok > 0)
-            sched_ctl_observe(&s->ctl, n_tok, ms);
+            sched_ctl_observe(&s->ctl, n_tok, ms, decoding);
         publish_stats(s, n_tok > 0 ? ms : -1);
         if (s->cfg.on_tick)
             s->cfg.on_tick(s->cfg.tick_user);
@@ -823,7 +832,8 @@ int sched_create(backend *be, const sched_config *cfg, sched **ret, lm_err *err)
     }
     s->plan = calloc(mr, sizeof *s->plan);
     s->plan_len = calloc(mr, sizeof *s->plan_len);
-    s->b_tokens = calloc((size_t)cfg->max_step_tokens, sizeof *s->b_tokens);
+    /* Decoders may exceed the budget by up to max_running (see plan_step). */
+    s->b_tokens = calloc((size_t)cfg->max_step_tokens + mr, sizeof *s->b_tokens);
     s->b_seq_start = calloc(mr + 1, sizeof *s->b_seq_start);
     s->b_start_pos = calloc(mr, sizeof *s->b_start_pos);
     s->b_block_table = calloc(mr * (size_t)s->max_blocks, sizeof *s->b_block_table);

@@ -45,11 +45,23 @@ void sched_ctl_init(sched_ctl *c, double target_ms, int32_t min_tokens, int32_t 
     c->limit = c->budget < max_seqs ? c->budget : max_seqs;
 }
 
-void sched_ctl_observe(sched_ctl *c, int32_t tokens, double step_ms)
+void sched_ctl_observe(sched_ctl *c, int32_t tokens, double step_ms, int decoding)
 {
     if (c->target_ms == 0 || tokens <= 0 || !(step_ms >= 0))
         return;
+    c->n_steps++;
+    if (c->n_steps == 1)
+        return; /* the first forward pays one-time costs (page faults, thread start) */
     double x = tokens, y = step_ms;
+    /* A step far slower than predicted is most likely the machine, not the
+     * step size (another process, a page fault): it still counts against
+     * the target below, but the fit only sees it clipped to twice the
+     * prediction, so one hiccup does not halve the budget for 30 steps. */
+    if (c->n_obs >= CTL_WARMUP) {
+        double pred = c->a + c->b * x;
+        if (y > 2 * pred + 1)
+            y = 2 * pred + 1;
+    }
     c->sw = CTL_FORGET * c->sw + 1;
     c->sx = CTL_FORGET * c->sx + x;
     c->sy = CTL_FORGET * c->sy + y;
@@ -78,12 +90,14 @@ void sched_ctl_observe(sched_ctl *c, int32_t tokens, double step_ms)
     if (!(c->b > 1e-6))
         c->b = 1e-6;
 
-    double over = step_ms > c->target_ms;
-    c->over_ewma += CTL_OVER_ALPHA * (over - c->over_ewma);
-    if (c->over_ewma > CTL_OVER_GOAL)
-        c->margin *= over ? 0.95 : 1.0; /* back off on each miss while too many */
-    else
-        c->margin += 0.005;
+    if (decoding) {
+        double over = step_ms > c->target_ms; /* the real time, not the clipped one */
+        c->over_ewma += CTL_OVER_ALPHA * (over - c->over_ewma);
+        if (c->over_ewma > CTL_OVER_GOAL)
+            c->margin *= over ? 0.95 : 1.0; /* back off on each miss while too many */
+        else
+            c->margin += 0.005;
+    }
     if (c->margin < CTL_MARGIN_MIN)
         c->margin = CTL_MARGIN_MIN;
     if (c->margin > CTL_MARGIN_MAX)

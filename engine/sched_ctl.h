@@ -19,9 +19,11 @@
  *     [min_tokens, max_tokens]; the batch limit is min(max_seqs, budget)
  *     so that a step of pure decodes always fits.
  *  3. margin closes the loop on the p95 itself: an EWMA of "step took
- *     longer than target" (about the last 50 steps) is kept near 5%; above
- *     it, margin shrinks by 5% (multiplicative decrease), below it margin
- *     grows by 0.005 (additive increase), within [0.3, 1].
+ *     longer than target" (about the last 50 steps) is kept under 3%: above
+ *     3%, every over-target step cuts margin by 5% (multiplicative
+ *     decrease), below it margin grows by 0.005 a step (additive
+ *     increase), within [0.3, 1]. Only steps in which some sequence was
+ *     decoding count (a prefill-only step delays no token).
  * With target_ms == 0 the controller is off: budget = max_tokens,
  * limit = max_seqs, always.
  *
@@ -41,7 +43,7 @@ typedef struct sched_ctl {
     double a, b;                        /* fitted step_ms = a + b * tokens */
     double margin;                      /* fraction of target aimed at */
     double over_ewma;                   /* EWMA of (step_ms > target) */
-    int64_t n_obs;
+    int64_t n_obs, n_steps;
     int32_t budget, limit;              /* current outputs */
 } sched_ctl;
 
@@ -49,7 +51,10 @@ void sched_ctl_init(sched_ctl *c, double target_ms, int32_t min_tokens, int32_t 
                     int32_t max_seqs);
 
 /* Record one step: it forwarded `tokens` tokens and took step_ms; updates
- * budget and limit. Steps of 0 tokens are ignored. */
-void sched_ctl_observe(sched_ctl *c, int32_t tokens, double step_ms);
+ * budget and limit. `decoding` says whether any sequence in it was
+ * decoding: steps of prefill only (run at full size, since no one's
+ * inter-token latency is at stake) feed the cost fit but not the
+ * over-target rate. Steps of 0 tokens are ignored. */
+void sched_ctl_observe(sched_ctl *c, int32_t tokens, double step_ms, int decoding);
 
 #endif

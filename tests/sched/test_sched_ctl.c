@@ -41,7 +41,7 @@ static double simulate(sched_ctl *c, int n, int tail, double a, double b, double
         double ms = (a + b * tok) * (1 + noise * (2 * uniform() - 1));
         if (uniform() < 0.01)
             ms *= 1.5; /* rare hiccup (another process) */
-        sched_ctl_observe(c, tok, ms);
+        sched_ctl_observe(c, tok, ms, 1);
         if (i >= n - tail) {
             t[i - (n - tail)] = ms;
             sum_budget += tok;
@@ -61,7 +61,7 @@ int main(void)
     /* Off: fixed. */
     sched_ctl_init(&c, 0, 8, 512, 64);
     CHECK(c.budget == 512 && c.limit == 64, "off: budget %d limit %d", c.budget, c.limit);
-    sched_ctl_observe(&c, 512, 1000);
+    sched_ctl_observe(&c, 512, 1000, 1);
     CHECK(c.budget == 512 && c.limit == 64, "off mode adapted: %d %d", c.budget, c.limit);
 
     /* a = 4 ms, b = 0.05 ms/token, target 20 ms: best budget ~ 320. */
