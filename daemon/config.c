@@ -40,6 +40,11 @@ static const config_key config_table[] = {
     {"model", CT_STR, OFF(model), 0, 0, NULL, 0, "",
      "folder of the model (config.json, *.safetensors, tokenizer.json)"},
     {"device", CT_ENUM, OFF(device), 0, 0, "cpu|cuda", 0, "cpu", "compute backend"},
+    {"quantize_int4", CT_BOOL, OFF(quantize_int4), 0, 0, NULL, 0, "no",
+     "quantize 16-bit checkpoints to INT4 at load (round to nearest; GPTQ checkpoints are "
+     "INT4 already)"},
+    {"threads", CT_INT, OFF(threads), 0, 1024, NULL, 0, "0",
+     "CPU backend threads; 0 = every core"},
     {"listen", CT_STR, OFF(listen), 0, 0, NULL, 0, "127.0.0.1:50051",
      "gRPC address: HOST:PORT, [V6]:PORT or unix:/PATH (port 0 picks a free one)"},
     {"metrics_listen", CT_STR, OFF(metrics_listen), 0, 0, NULL, 0, "127.0.0.1:9464",
@@ -181,7 +186,7 @@ static int set_key(daemon_config *cfg, const config_key *k, const char *value, c
     return -EINVAL;
 }
 
-void config_defaults(daemon_config *cfg)
+void dconf_defaults(daemon_config *cfg)
 {
     char err[256];
     memset(cfg, 0, sizeof *cfg);
@@ -190,7 +195,7 @@ void config_defaults(daemon_config *cfg)
             abort(); /* a bad default is a bug in the table */
 }
 
-int config_set(daemon_config *cfg, const char *key, const char *value, const char *where,
+int dconf_set(daemon_config *cfg, const char *key, const char *value, const char *where,
                char *errbuf, size_t errlen)
 {
     const config_key *k = find_key(key);
@@ -212,7 +217,7 @@ static char *trim(char *s)
     return s;
 }
 
-int config_load_file(daemon_config *cfg, const char *path, char *errbuf, size_t errlen)
+int dconf_load_file(daemon_config *cfg, const char *path, char *errbuf, size_t errlen)
 {
     FILE *f = fopen(path, "r");
     if (!f) {
@@ -244,7 +249,7 @@ int config_load_file(daemon_config *cfg, const char *path, char *errbuf, size_t 
             val[vn - 1] = 0;
             val++;
         }
-        if ((rc = config_set(cfg, key, val, where, errbuf, errlen)))
+        if ((rc = dconf_set(cfg, key, val, where, errbuf, errlen)))
             break;
     }
     fclose(f);
@@ -258,7 +263,7 @@ static int check_readable(const char *key, const char *path, char *errbuf, size_
     return 0;
 }
 
-int config_validate(const daemon_config *cfg, char *errbuf, size_t errlen)
+int dconf_validate(const daemon_config *cfg, char *errbuf, size_t errlen)
 {
     int rc;
     if (!cfg->model[0])
@@ -314,7 +319,7 @@ static void format_value(const daemon_config *cfg, const config_key *k, char *bu
     }
 }
 
-int config_apply_reload(daemon_config *live, const daemon_config *fresh)
+int dconf_apply_reload(daemon_config *live, const daemon_config *fresh)
 {
     int changed = 0;
     for (size_t i = 0; i < N_KEYS; i++) {
@@ -336,7 +341,7 @@ int config_apply_reload(daemon_config *live, const daemon_config *fresh)
     return changed;
 }
 
-void config_dump(const daemon_config *cfg, FILE *f)
+void dconf_dump(const daemon_config *cfg, FILE *f)
 {
     char v[CONFIG_STR_MAX];
     for (size_t i = 0; i < N_KEYS; i++) {
@@ -345,7 +350,7 @@ void config_dump(const daemon_config *cfg, FILE *f)
     }
 }
 
-void config_usage(FILE *f)
+void dconf_usage(FILE *f)
 {
     for (size_t i = 0; i < N_KEYS; i++) {
         const config_key *k = &config_table[i];

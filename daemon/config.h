@@ -9,7 +9,7 @@
  * in config_table[] (config.c), which is the one list of keys.
  *
  * Reload (SIGHUP): the file is read again into a fresh struct, the same
- * flags are applied on top, and config_apply_reload copies the keys marked
+ * flags are applied on top, and dconf_apply_reload copies the keys marked
  * reloadable; any other key that changed is logged and left as it was.
  *
  * The struct is plain data (fixed arrays), so copying it is a struct
@@ -30,6 +30,8 @@ typedef struct daemon_config {
     /* model and device */
     char model[CONFIG_STR_MAX];
     char device[16];
+    int quantize_int4;
+    int64_t threads;
     /* network */
     char listen[CONFIG_STR_MAX];
     char metrics_listen[CONFIG_STR_MAX];
@@ -63,29 +65,29 @@ typedef struct daemon_config {
 } daemon_config;
 
 /* Fill with the built-in defaults. */
-void config_defaults(daemon_config *cfg);
+void dconf_defaults(daemon_config *cfg);
 
 /* Set one key from text. `where` ("FILE:LINE" or "--flag") prefixes the
  * message written into errbuf on failure. Returns 0 or -EINVAL/-ENOENT. */
-int config_set(daemon_config *cfg, const char *key, const char *value, const char *where,
+int dconf_set(daemon_config *cfg, const char *key, const char *value, const char *where,
                char *errbuf, size_t errlen);
 
 /* Read a key = value file. -ENOENT if it does not exist (message says so). */
-int config_load_file(daemon_config *cfg, const char *path, char *errbuf, size_t errlen);
+int dconf_load_file(daemon_config *cfg, const char *path, char *errbuf, size_t errlen);
 
 /* Checks across keys and on the files named (readable TLS files, a model
  * folder with config.json, a token file with at least one token). */
-int config_validate(const daemon_config *cfg, char *errbuf, size_t errlen);
+int dconf_validate(const daemon_config *cfg, char *errbuf, size_t errlen);
 
 /* Copy the reloadable keys of `fresh` into `live`; log (warn) each other
  * key that differs and keep its live value; log (info) each change made.
  * Returns the number of keys changed. */
-int config_apply_reload(daemon_config *live, const daemon_config *fresh);
+int dconf_apply_reload(daemon_config *live, const daemon_config *fresh);
 
 /* Print every key with its value, one "key = value" line (for --check-config). */
-void config_dump(const daemon_config *cfg, FILE *f);
+void dconf_dump(const daemon_config *cfg, FILE *f);
 
 /* Write the list of keys with their help lines (for --help). */
-void config_usage(FILE *f);
+void dconf_usage(FILE *f);
 
 #endif

@@ -56,7 +56,7 @@ static void usage(FILE *f)
             "The configuration file (default %s, key = value) is read first;\n"
             "flags override it. Every key is also a flag:\n\n",
             CONFIG_DEFAULT_PATH);
-    config_usage(f);
+    dconf_usage(f);
     fprintf(f, "\n  --config FILE              configuration file\n"
                "  --check-config             validate the configuration, print it and exit\n"
                "  --help, --version\n\n"
@@ -66,9 +66,9 @@ static void usage(FILE *f)
 /* Build the configuration from the file and the flags. */
 static int build_config(daemon_config *cfg, char *err, size_t n)
 {
-    config_defaults(cfg);
+    dconf_defaults(cfg);
     if (config_path) {
-        int rc = config_load_file(cfg, config_path, err, n);
+        int rc = dconf_load_file(cfg, config_path, err, n);
         if (rc == -ENOENT && !config_path_given)
             rc = 0; /* the default file is optional */
         if (rc)
@@ -77,7 +77,7 @@ static int build_config(daemon_config *cfg, char *err, size_t n)
     for (int i = 0; i < n_overrides; i++) {
         char where[128];
         snprintf(where, sizeof where, "--%s", overrides[i].key);
-        int rc = config_set(cfg, overrides[i].key, overrides[i].value, where, err, n);
+        int rc = dconf_set(cfg, overrides[i].key, overrides[i].value, where, err, n);
         if (rc)
             return rc;
     }
@@ -176,11 +176,11 @@ static void reload(app *a)
     char err[1024];
     int rc = build_config(&fresh, err, sizeof err);
     if (!rc)
-        rc = config_validate(&fresh, err, sizeof err);
+        rc = dconf_validate(&fresh, err, sizeof err);
     if (rc) {
         log_error("reload failed, keeping the running configuration: %s", err);
     } else {
-        config_apply_reload(&a->cfg, &fresh);
+        dconf_apply_reload(&a->cfg, &fresh);
         log_level lvl;
         if (!log_parse_level(a->cfg.log_level, &lvl))
             log_set_level(lvl);
@@ -263,13 +263,13 @@ int main(int argc, char **argv)
     char err[1024];
     int rc = build_config(&A.cfg, err, sizeof err);
     if (!rc)
-        rc = config_validate(&A.cfg, err, sizeof err);
+        rc = dconf_validate(&A.cfg, err, sizeof err);
     if (rc) {
         fprintf(stderr, "lightmoed: configuration error: %s\n", err);
         return 1;
     }
     if (check_only) {
-        config_dump(&A.cfg, stdout);
+        dconf_dump(&A.cfg, stdout);
         fprintf(stderr, "lightmoed: configuration OK\n");
         return 0;
     }

@@ -16,7 +16,7 @@ int runner_load(const struct daemon_config *cfg, runner_progress_fn progress, vo
 }
 int runner_warmup(runner *m, lm_err *err) { return -ENOSYS; }
 int runner_render(runner *m, const runner_msg *msgs, int32_t n, char **ret_text, lm_err *err) { return -ENOSYS; }
-int runner_tokenize(runner *m, const char *text, int32_t **ret_ids, int32_t *ret_n, lm_err *err) { return -ENOSYS; }
+int runner_prepare(runner *m, const char *p, const runner_msg *msgs, int32_t n, int32_t **ret_ids, int32_t *ret_n, lm_err *err) { return -ENOSYS; }
 int runner_generate(runner *m, const runner_gen *g, uint64_t *ret_id, lm_err *err) { return -ENOSYS; }
 void runner_cancel(runner *m, uint64_t id) {}
 void runner_get_info(runner *m, runner_info *ret) { memset(ret, 0, sizeof *ret); }

@@ -76,9 +76,13 @@ int runner_warmup(runner *m, lm_err *err);
 /* Render chat messages with the model's template and the generation
  * prompt. *ret_text is malloc'ed. -EINVAL names the bad message. */
 int runner_render(runner *m, const runner_msg *msgs, int32_t n, char **ret_text, lm_err *err);
-/* Encode text as `lightmoe generate` does (special tokens as the tokenizer
- * config says). *ret_ids is malloc'ed. */
-int runner_tokenize(runner *m, const char *text, int32_t **ret_ids, int32_t *ret_n, lm_err *err);
+/* The prompt token ids of a request, exactly as generation will use them:
+ * a plain prompt encoded with the tokenizer's special tokens, or messages
+ * rendered with the chat template (plus the generation prompt) and
+ * encoded without them (engine/gen.h). *ret_ids is malloc'ed. -EINVAL
+ * with a message for a bad prompt (bad UTF-8, template error, ...). */
+int runner_prepare(runner *m, const char *prompt, const runner_msg *msgs, int32_t n,
+                   int32_t **ret_ids, int32_t *ret_n, lm_err *err);
 /* Start a generation: 0 and an id, -EAGAIN (queue full), -EINVAL, -ESHUTDOWN. */
 int runner_generate(runner *m, const runner_gen *g, uint64_t *ret_id, lm_err *err);
 void runner_cancel(runner *m, uint64_t id);

@@ -356,18 +356,10 @@ static st_code prompt_ids(serve *s, runner *m, const serve_request *r, const dae
                           int32_t **ret_ids, int32_t *ret_n, char *msg, size_t n)
 {
     lm_err err = {0};
-    char *rendered = NULL;
-    const char *text = r->prompt;
-    if (r->n_messages > 0) {
-        if (runner_render(m, r->messages, r->n_messages, &rendered, &err))
-            return fail(ST_INVALID_ARGUMENT, msg, n, "chat template: %s", err.msg);
-        text = rendered;
-    }
-    int rc = runner_tokenize(m, text, ret_ids, ret_n, &err);
-    free(rendered);
+    int rc = runner_prepare(m, r->n_messages ? NULL : r->prompt, r->messages, r->n_messages,
+                            ret_ids, ret_n, &err);
     if (rc)
-        return fail(rc == -EINVAL ? ST_INVALID_ARGUMENT : ST_INTERNAL, msg, n, "tokenizer: %s",
-                    err.msg);
+        return fail(rc == -EINVAL ? ST_INVALID_ARGUMENT : ST_INTERNAL, msg, n, "%s", err.msg);
     int32_t ctx = s->info.context_length;
     int64_t lim = cfg->max_prompt_tokens ? cfg->max_prompt_tokens : ctx;
     if (*ret_n == 0) {
@@ -617,9 +609,9 @@ st_code serve_tokenize(serve *s, const char *text, const runner_msg *msgs, int32
         if (!rendered)
             return fail(ST_RESOURCE_EXHAUSTED, msg, msglen, "out of memory");
     }
-    if (runner_tokenize(m, rendered, ret_ids, ret_n, &err)) {
+    if (runner_prepare(m, n_msgs ? NULL : rendered, msgs, n_msgs, ret_ids, ret_n, &err)) {
         free(rendered);
-        return fail(ST_INVALID_ARGUMENT, msg, msglen, "tokenizer: %s", err.msg);
+        return fail(ST_INVALID_ARGUMENT, msg, msglen, "%s", err.msg);
     }
     *ret_rendered = rendered;
     return ST_OK;
