@@ -93,6 +93,8 @@ static const config_key config_table[] = {
      "TESTS ONLY: SIGUSR1 stalls the engine loop, SIGUSR2 resumes it"},
     {"debug_load_delay_ms", CT_INT, OFF(debug_load_delay_ms), 0, 600000, NULL, 0, "0",
      "TESTS ONLY (needs debug_hooks): stay in the loading state this long"},
+    {"debug_step_delay_ms", CT_INT, OFF(debug_step_delay_ms), 0, 10000, NULL, 0, "0",
+     "TESTS ONLY (needs debug_hooks): sleep this long after every engine step"},
 };
 #define N_KEYS (sizeof config_table / sizeof config_table[0])
 
@@ -294,8 +296,9 @@ int dconf_validate(const daemon_config *cfg, char *errbuf, size_t errlen)
     if (cfg->default_max_tokens > cfg->max_tokens_limit)
         return fail(errbuf, errlen, "default_max_tokens (%" PRId64 ") exceeds max_tokens_limit (%"
                     PRId64 ")", cfg->default_max_tokens, cfg->max_tokens_limit);
-    if (cfg->debug_load_delay_ms && !cfg->debug_hooks)
-        return fail(errbuf, errlen, "debug_load_delay_ms: needs debug_hooks = yes");
+    if ((cfg->debug_load_delay_ms || cfg->debug_step_delay_ms) && !cfg->debug_hooks)
+        return fail(errbuf, errlen, "debug_load_delay_ms, debug_step_delay_ms: need debug_hooks "
+                    "= yes");
     return 0;
 }
 

@@ -62,6 +62,7 @@ typedef struct daemon_config {
     /* test hooks */
     int debug_hooks;
     int64_t debug_load_delay_ms;
+    int64_t debug_step_delay_ms;
 } daemon_config;
 
 /* Fill with the built-in defaults. */

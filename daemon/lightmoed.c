@@ -45,6 +45,7 @@ static int n_overrides;
 
 static _Atomic int stall_engine;    /* debug hook */
 static int debug_hooks;
+static int64_t step_delay_ms;       /* debug hook */
 
 static void usage(FILE *f)
 {
@@ -95,6 +96,10 @@ static void engine_tick(void *user)
         nanosleep(&ts, NULL);
     }
     notify_watchdog_tick();
+    if (step_delay_ms > 0) {
+        struct timespec ts = {step_delay_ms / 1000, (step_delay_ms % 1000) * 1000000};
+        nanosleep(&ts, NULL);
+    }
 }
 
 /* ---- loading (loader thread) ----------------------------------------------------- */
@@ -105,6 +110,7 @@ typedef struct loader {
     int rc;
     char err[LM_ERR_MSG_MAX];
     _Atomic int done;
+    _Atomic int stop;               /* SIGTERM came while loading */
 } loader;
 
 static void on_progress(void *user, const char *what, int step, int n_steps)
@@ -125,9 +131,15 @@ static void *load_thread(void *arg)
     lm_err err = {0};
     if (l->cfg.debug_load_delay_ms > 0) {
         on_progress(NULL, "debug_load_delay_ms", 0, 0);
-        struct timespec ts = {l->cfg.debug_load_delay_ms / 1000,
-                              (l->cfg.debug_load_delay_ms % 1000) * 1000000};
-        nanosleep(&ts, NULL);
+        for (int64_t t = 0; t < l->cfg.debug_load_delay_ms && !atomic_load(&l->stop); t += 20) {
+            struct timespec ts = {0, 20 * 1000000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    if (atomic_load(&l->stop)) { /* SIGTERM while loading: do not load at all */
+        l->m = NULL;
+        atomic_store(&l->done, 1);
+        return NULL;
     }
     l->rc = runner_load(&l->cfg, on_progress, NULL, engine_tick, NULL, &l->m, &err);
     if (l->rc == 0) {
@@ -279,6 +291,7 @@ int main(int argc, char **argv)
     log_parse_level(A.cfg.log_level, &lvl);
     log_set_level(lvl);
     debug_hooks = A.cfg.debug_hooks;
+    step_delay_ms = A.cfg.debug_step_delay_ms;
 
     /* Signals are taken synchronously by this thread only: block them
      * before any thread starts so every thread inherits the mask. */
@@ -344,6 +357,7 @@ int main(int argc, char **argv)
                 notify_status("draining: %d request(s) in progress", serve_active(A.sv));
                 serve_set_draining(A.sv);
                 rpc_begin_drain(A.rpc);
+                atomic_store(&L.stop, 1);
             }
         } else if (sig == SIGHUP) {
             if (loaded && !stopping)

@@ -1,0 +1,57 @@
+"""64 concurrent streaming clients all complete with the outputs each gets
+alone (greedy, so batching must not change a single token), mixed with
+unary calls on shared channels."""
+import threading
+import time
+
+import lmtest
+from lmtest import Api, Daemon
+
+A = lmtest.parse_args()
+
+
+def test_64_streams():
+    with Daemon("conc", ["--max-batch", "32", "--rpc-threads", "2"]) as d:
+        prompts = [f"Client {i} says: the experts route token {i * 7 % 13}" for i in range(64)]
+        max_tokens = [8 + (i % 5) * 4 for i in range(64)]
+        api = Api(d.channel())
+        # Reference: each request alone, unary.
+        alone = [api.complete(prompt=p, max_tokens=m, temperature=0)
+                 for p, m in zip(prompts, max_tokens)]
+        channels = [d.channel() for _ in range(8)]   # 8 connections, 8 streams each
+        out = [None] * 64
+        errors = []
+        go = threading.Event()
+
+        def client(i):
+            try:
+                go.wait()
+                a = Api(channels[i % 8])
+                text, ids, last = a.generate_all(prompt=prompts[i], max_tokens=max_tokens[i],
+                                                 temperature=0, request_id=f"c{i}")
+                out[i] = (text, ids, last)
+            except Exception as e:  # noqa
+                errors.append((i, repr(e)))
+
+        ts = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+        for t in ts:
+            t.start()
+        go.set()
+        for t in ts:
+            t.join(timeout=lmtest.WAIT * 3)
+        assert not errors, errors
+        for i in range(64):
+            text, ids, last = out[i]
+            assert ids == list(alone[i].token_ids), (i, ids, list(alone[i].token_ids))
+            assert text == alone[i].text, i
+            assert last.finish_reason == alone[i].finish_reason
+            assert last.usage.completion_tokens == len(ids)
+        m = d.metrics()
+        assert 'lightmoe_requests_total{method="Generate",code="OK"} 64' in m, m
+        # Batches of more than one sequence did happen.
+        big = [l for l in m.splitlines() if l.startswith('lightmoe_batch_size_bucket{le="1"}')]
+        count = [l for l in m.splitlines() if l.startswith("lightmoe_batch_size_count")]
+        assert big and count and float(count[0].split()[-1]) > float(big[0].split()[-1]), m
+
+
+lmtest.run_tests([test_64_streams])
