@@ -12,8 +12,11 @@
  *             computed by the `tokenizers` library, see gen_components.py)
  * long        100k-character inputs (time printed, never asserted)
  * api         lookups, special ids, fingerprint, token bytes, bad input
+ * threads     one tokenizer encoding/decoding from 4 threads at once gives
+ *             the single-threaded results
  */
 #include <jansson.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -153,8 +156,40 @@ static void detok_check(const tokenizer *tok, const int32_t *ids, size_t n, bool
     tokenizer_detok_free(d);
 }
 
-static int test_detok(const char *fixtures)
+/* Every hand-written tokenizer of components.json (Metaspace, Strip,
+ * BPEDecoder, ByteFallback, no decoder, ...) on random ids. */
+static void detok_components(const char *data)
 {
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/components.json", data);
+    json_error_t je;
+    json_t *doc = json_load_file(path, 0, &je);
+    CHECK(doc != NULL, "%s: %s", path, je.text);
+    json_t *tests = json_object_get(doc, "tests");
+    for (size_t t = 0; t < json_array_size(tests); t++) {
+        json_t *e = json_array_get(tests, t);
+        char *tj = json_dumps(json_object_get(e, "tokenizer"), JSON_COMPACT);
+        tokenizer *tok = NULL;
+        lm_err err = {0};
+        CHECK(tokenizer_load_json(tj, strlen(tj), NULL, 0, &tok, &err) == 0, "%s", err.msg);
+        free(tj);
+        if (!tok)
+            continue;
+        int32_t ids[24];
+        for (int iter = 0; iter < 100; iter++) {
+            size_t n = rnd() % 24;
+            for (size_t i = 0; i < n; i++)
+                ids[i] = (int32_t)(rnd() % (uint32_t)tokenizer_vocab_size(tok));
+            detok_check(tok, ids, n, iter % 2);
+        }
+        tokenizer_free(tok);
+    }
+    json_decref(doc);
+}
+
+static int test_detok(const char *fixtures, const char *data)
+{
+    detok_components(data);
     const char *names[2] = {"qwen2moe-tiny", "mixtral-tiny"};
     for (int f = 0; f < 2; f++) {
         tokenizer *tok = load_fixture(fixtures, names[f]);
@@ -487,6 +522,68 @@ static int test_api(const char *fixtures)
     return failures;
 }
 
+typedef struct thread_job {
+    const tokenizer *tok;
+    json_t *cases;
+    int bad;
+} thread_job;
+
+static void *thread_main(void *arg)
+{
+    thread_job *j = arg;
+    lm_err err = {0};
+    for (int rep = 0; rep < 20; rep++)
+        for (size_t c = 0; c < json_array_size(j->cases); c++) {
+            json_t *k = json_array_get(j->cases, c);
+            json_t *text = json_object_get(k, "text"), *want = json_object_get(k, "ids");
+            int32_t *ids = NULL;
+            size_t n = 0;
+            if (tokenizer_encode(j->tok, json_string_value(text), json_string_length(text), true,
+                                 &ids, &n, &err)) {
+                j->bad++;
+                continue;
+            }
+            bool same = n == json_array_size(want);
+            for (size_t i = 0; same && i < n; i++)
+                same = json_integer_value(json_array_get(want, i)) == ids[i];
+            char *out = NULL;
+            if (tokenizer_decode(j->tok, ids, n, false, &out, NULL, &err) ||
+                strcmp(out, json_string_value(json_object_get(k, "decoded"))))
+                same = false;
+            j->bad += !same;
+            free(out);
+            free(ids);
+        }
+    return NULL;
+}
+
+static int test_threads(const char *fixtures)
+{
+    const char *names[2] = {"qwen2moe-tiny", "mixtral-tiny"};
+    for (int f = 0; f < 2; f++) {
+        tokenizer *tok = load_fixture(fixtures, names[f]);
+        char path[4096];
+        snprintf(path, sizeof(path), "%s/%s/tokenizer_cases.json", fixtures, names[f]);
+        json_error_t je;
+        json_t *doc = json_load_file(path, 0, &je);
+        CHECK(doc != NULL, "%s: %s", path, je.text);
+        thread_job jobs[4];
+        pthread_t th[4];
+        for (int i = 0; i < 4; i++) {
+            jobs[i] = (thread_job){tok, json_object_get(doc, "cases"), 0};
+            CHECK(pthread_create(&th[i], NULL, thread_main, &jobs[i]) == 0, "pthread_create");
+        }
+        for (int i = 0; i < 4; i++) {
+            pthread_join(th[i], NULL);
+            CHECK(jobs[i].bad == 0, "%s: thread %d saw %d wrong results", names[f], i,
+                  jobs[i].bad);
+        }
+        json_decref(doc);
+        tokenizer_free(tok);
+    }
+    return failures;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 4) {
@@ -498,13 +595,15 @@ int main(int argc, char **argv)
     if (!strcmp(t, "roundtrip"))
         rc = test_roundtrip(argv[2]);
     else if (!strcmp(t, "detok"))
-        rc = test_detok(argv[2]);
+        rc = test_detok(argv[2], argv[3]);
     else if (!strcmp(t, "malformed"))
         rc = test_malformed();
     else if (!strcmp(t, "components"))
         rc = test_components(argv[3]);
     else if (!strcmp(t, "long"))
         rc = test_long(argv[2]);
+    else if (!strcmp(t, "threads"))
+        rc = test_threads(argv[2]);
     else if (!strcmp(t, "api"))
         rc = test_api(argv[2]);
     else {
