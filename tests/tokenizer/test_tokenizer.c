@@ -195,7 +195,7 @@ static int test_detok(const char *fixtures, const char *data)
         tokenizer *tok = load_fixture(fixtures, names[f]);
         int32_t vocab = tokenizer_vocab_size(tok);
         int32_t ids[48];
-        for (int iter = 0; iter < 1500; iter++) {
+        for (int iter = 0; iter < 600; iter++) {
             size_t n = rnd() % 48;
             for (size_t i = 0; i < n; i++)
                 ids[i] = (int32_t)(rnd() % (uint32_t)vocab);
@@ -204,7 +204,7 @@ static int test_detok(const char *fixtures, const char *data)
         /* and on real text: the encoding of random strings */
         char text[40 * 4 + 1];
         lm_err err = {0};
-        for (int iter = 0; iter < 500; iter++) {
+        for (int iter = 0; iter < 300; iter++) {
             size_t len = random_text(text, 40);
             int32_t *enc = NULL;
             size_t n = 0;
