@@ -7,15 +7,18 @@
  *
  * --check compares against what transformers produced (format in
  * shared/fixtures/README.md): every `cases` entry's ids (add_special_tokens
- * on) and decoded text (skip_special_tokens off), and every `chat` entry's
- * ids (the rendered prompt encoded without adding special tokens, as
- * apply_chat_template does). Each mismatch is printed; exit 0 iff none.
+ * on) and decoded text (skip_special_tokens off), and every `chat` entry:
+ * its messages rendered with the model's chat template (engine/chat.h,
+ * add_generation_prompt on) must give `rendered` exactly, and the rendered
+ * prompt encoded without adding special tokens (apply_chat_template's
+ * tokenization) must give `ids`. Each mismatch is printed; exit 0 iff none.
  */
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/chat.h"
 #include "engine/tokenizer.h"
 #include "tools/cmd.h"
 
@@ -70,7 +73,7 @@ static int compare_ids(const char *what, size_t idx, const char *text, const int
     return 1;
 }
 
-static int check(const tokenizer *tok, const char *path)
+static int check(const tokenizer *tok, const char *model, const char *path)
 {
     json_error_t je;
     json_t *root = json_load_file(path, 0, &je);
@@ -130,14 +133,43 @@ static int check(const tokenizer *tok, const char *path)
         }
         n_checked++;
     }
+    chat_template *ct = NULL;
+    if (json_array_size(chat)) {
+        const tokenizer_info *info = tokenizer_get_info(tok);
+        if (chat_template_load(model, NULL, info->bos_token, info->eos_token, &ct, &err)) {
+            printf("ERROR chat template: %s\n", err.msg);
+            bad++;
+        }
+    }
     for (size_t i = 0; i < json_array_size(chat); i++) {
         json_t *c = json_array_get(chat, i);
         json_t *rendered = json_object_get(c, "rendered"), *ids = json_object_get(c, "ids");
-        if (!json_is_string(rendered) || !json_is_array(ids)) {
-            fprintf(stderr, "lightmoe tokenize: %s: chat[%zu] lacks rendered/ids\n", path, i);
+        json_t *messages = json_object_get(c, "messages");
+        if (!json_is_string(rendered) || !json_is_array(ids) || !json_is_array(messages)) {
+            fprintf(stderr, "lightmoe tokenize: %s: chat[%zu] lacks messages/rendered/ids\n",
+                    path, i);
             bad++;
             continue;
         }
+        if (ct) {
+            char *mj = json_dumps(messages, JSON_COMPACT), *text = NULL;
+            size_t tlen = 0;
+            if (!mj || chat_render_json(ct, mj, NULL, 1, NULL, &text, &tlen, &err)) {
+                printf("ERROR chat[%zu] render: %s\n", i, mj ? err.msg : "out of memory");
+                bad++;
+            } else if (tlen != json_string_length(rendered) ||
+                       memcmp(text, json_string_value(rendered), tlen)) {
+                printf("MISMATCH chat[%zu] rendered:\n  want ", i);
+                print_quoted(stdout, json_string_value(rendered), json_string_length(rendered));
+                printf("\n  got  ");
+                print_quoted(stdout, text, tlen);
+                printf("\n");
+                bad++;
+            }
+            free(text);
+            free(mj);
+        }
+        /* ids of the expected rendering (a render mismatch is reported above) */
         int32_t *got = NULL;
         size_t n = 0;
         if (tokenizer_encode(tok, json_string_value(rendered), json_string_length(rendered), false,
@@ -151,6 +183,7 @@ static int check(const tokenizer *tok, const char *path)
         n_checked++;
     }
     printf("%s: %d checked, %d mismatches\n", path, n_checked, bad);
+    chat_template_free(ct);
     json_decref(root);
     return bad ? 1 : 0;
 }
@@ -194,7 +227,7 @@ static int cmd_tokenize(int argc, char **argv)
     }
     int rc = 0;
     if (check_path) {
-        rc = check(tok, check_path);
+        rc = check(tok, model, check_path);
     } else if (text) {
         int32_t *ids = NULL;
         size_t n = 0;
