@@ -71,6 +71,10 @@ static int fake_kv_copy(backend *b, int32_t src, int32_t dst, lm_err *err)
 static int fake_forward(backend *b, const backend_batch *bt, lm_err *err)
 {
     fake_backend *fb = (fake_backend *)b;
+    while (atomic_load(&fb->gate_closed)) {
+        struct timespec ts = {0, 200000};
+        nanosleep(&ts, NULL);
+    }
     if (fb->fail_forwards > 0) {
         fb->fail_forwards--;
         return lm_err_set(err, -EIO, "fake backend: injected failure");

@@ -18,6 +18,7 @@
 #ifndef TESTS_SCHED_FAKE_BACKEND_H
 #define TESTS_SCHED_FAKE_BACKEND_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 #include "engine/backend.h"
@@ -38,6 +39,7 @@ typedef struct fake_backend {
     int32_t protocol_errors;
     char first_error[256];
     int fail_forwards;          /* > 0: the next forwards fail with -EIO */
+    atomic_int gate_closed;     /* while set, forward waits (lets a test queue work) */
 } fake_backend;
 
 /* vocab >= 2, max_context >= 1. Returns NULL on out of memory. */

@@ -327,8 +327,13 @@ static void test_preempt(void)
             q[i].sampling.seed = 99;
             q[i].sampling.repetition_penalty = i == 2 ? 1.3f : 1;
         }
+        /* The first request's first step waits at the gate until all are
+         * queued, so that they run together whatever the timing. */
+        atomic_store(&fb->gate_closed, 1);
         for (int i = 0; i < N; i++)
             CHECK(sched_submit(s, &q[i], &r[i].id, NULL) == 0, "submit");
+        h_sleep_ms(5);
+        atomic_store(&fb->gate_closed, 0);
         CHECK(h_wait_finished(N, 20), "not finished");
         for (int i = 0; i < N; i++)
             check_output(fb, &r[i], &q[i], "preempted");
