@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/gptq.h"
 #include "engine/half.h"
 
 /* ---- checkpoint ------------------------------------------------------- */
@@ -141,6 +142,39 @@ int qfwd_tensor_float(const qfwd_model *m, const char *name, int64_t numel, floa
 
 /* ---- layer loading ---------------------------------------------------- */
 
+/* Dequantize a GPTQ v1 Linear (qweight/qzeros/scales/g_idx) to float. */
+static int load_gptq(const qfwd_model *m, const char *prefix, int32_t n, int32_t k, float **ret,
+                     lm_err *err)
+{
+    char name[QFWD_NAME_MAX + 16];
+    const safetensors_tensor *t[4];
+    const char *sfx[4] = {"qweight", "qzeros", "scales", "g_idx"};
+    for (int i = 0; i < 4; i++) {
+        snprintf(name, sizeof name, "%s.%s", prefix, sfx[i]);
+        t[i] = qfwd_model_find(m, name);
+        if (!t[i] && i < 3)
+            return lm_err_set(err, -EINVAL, "GPTQ tensor '%s' missing", name);
+    }
+    int32_t group = m->cfg.quant.group_size > 0 ? m->cfg.quant.group_size : k;
+    int32_t ng = k / group;
+    if (k % group || n % 8 || k % 8 || t[0]->dtype != ST_I32 || t[0]->numel != (int64_t)k / 8 * n ||
+        t[1]->dtype != ST_I32 || t[1]->numel != (int64_t)ng * (n / 8) || t[2]->dtype != ST_F16 ||
+        t[2]->numel != (int64_t)ng * n || (t[3] && (t[3]->dtype != ST_I32 || t[3]->numel != k)))
+        return lm_err_set(err, -EINVAL, "'%s': GPTQ tensors do not match a %dx%d Linear with "
+                          "group %d", prefix, n, k, group);
+    float *w = malloc(sizeof(float) * (size_t)n * k);
+    if (!w)
+        return lm_err_set(err, -ENOMEM, "out of memory for '%s'", prefix);
+    int rc = gptq_unpack(t[0]->data, t[1]->data, t[2]->data, t[3] ? t[3]->data : NULL, n, k,
+                         group, w, err);
+    if (rc) {
+        free(w);
+        return lm_err_prefix(err, "%s", prefix);
+    }
+    *ret = w;
+    return 0;
+}
+
 static int load_linear(const qfwd_model *m, const char *prefix, int32_t n, int32_t k,
                        qfwd_linear *l, lm_err *err)
 {
@@ -152,15 +186,21 @@ static int load_linear(const qfwd_model *m, const char *prefix, int32_t n, int32
     l->k = k;
     snprintf(name, sizeof name, "%s.weight", prefix);
     const safetensors_tensor *t = qfwd_model_find(m, name);
+    int rc;
     if (!t) {
         snprintf(name, sizeof name, "%s.qweight", prefix);
-        if (qfwd_model_find(m, name))
-            return lm_err_set(err, -EINVAL,
-                              "'%s' is already quantized (%s present): quantize needs a 16-bit "
-                              "checkpoint", prefix, name);
+        if (qfwd_model_find(m, name)) {
+            if (!m->allow_gptq)
+                return lm_err_set(err, -EINVAL,
+                                  "'%s' is already quantized (%s present): quantize needs a "
+                                  "16-bit checkpoint", prefix, name);
+            rc = load_gptq(m, prefix, n, k, &l->w, err);
+            goto bias;
+        }
         snprintf(name, sizeof name, "%s.weight", prefix);
     }
-    int rc = qfwd_tensor_float(m, name, (int64_t)n * k, &l->w, err);
+    rc = qfwd_tensor_float(m, name, (int64_t)n * k, &l->w, err);
+bias:
     if (rc)
         return rc;
     snprintf(name, sizeof name, "%s.bias", prefix);

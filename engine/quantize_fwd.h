@@ -34,12 +34,15 @@
 
 typedef struct qfwd_model {
     model_config cfg;
+    int allow_gptq;             /* decode GPTQ Linears to float (reference use);
+                                 * 0: an already quantized Linear is an error */
     int n_files;
     safetensors_file **files;
 } qfwd_model;
 
 /* Open DIR: config.json and model.safetensors or the shards listed in
- * model.safetensors.index.json. */
+ * model.safetensors.index.json. allow_gptq starts 0; set it after opening
+ * to run a GPTQ checkpoint on its dequantized weights. */
 int qfwd_model_open(const char *dir, qfwd_model *ret, lm_err *err);
 void qfwd_model_close(qfwd_model *m);
 /* The tensor named `name` in any shard, NULL when absent. */
