@@ -38,7 +38,7 @@ typedef struct qu_record {
     int32_t *rows, *cols;
 } qu_record;
 
-static void qu_on_linear(void *user, const char *name, const float *deq, int32_t n, int32_t k)
+static inline void qu_on_linear(void *user, const char *name, const float *deq, int32_t n, int32_t k)
 {
     qu_record *r = user;
     r->names = realloc(r->names, sizeof(char *) * (size_t)(r->n + 1));
@@ -53,7 +53,7 @@ static void qu_on_linear(void *user, const char *name, const float *deq, int32_t
     r->n++;
 }
 
-static void qu_record_free(qu_record *r)
+static inline void qu_record_free(qu_record *r)
 {
     for (int i = 0; i < r->n; i++) {
         free(r->names[i]);
@@ -67,7 +67,7 @@ static void qu_record_free(qu_record *r)
 }
 
 /* Index of the record whose "<name>.weight" is `tensor`, or -1. */
-static int qu_record_find(const qu_record *r, const char *tensor)
+static inline int qu_record_find(const qu_record *r, const char *tensor)
 {
     for (int i = 0; i < r->n; i++) {
         size_t l = strlen(r->names[i]);
@@ -77,7 +77,7 @@ static int qu_record_find(const qu_record *r, const char *tensor)
     return -1;
 }
 
-static int qu_copy_file(const char *src, const char *dst)
+static inline int qu_copy_file(const char *src, const char *dst)
 {
     FILE *in = fopen(src, "rb"), *out = in ? fopen(dst, "wb") : NULL;
     char buf[65536];
@@ -96,7 +96,7 @@ static int qu_copy_file(const char *src, const char *dst)
 
 /* out_dir <- the source checkpoint in float32 with every recorded Linear
  * replaced by its reported (dequantized) weight. */
-static int qu_write_dequant(const char *src_dir, const qu_record *rec, const char *out_dir)
+static inline int qu_write_dequant(const char *src_dir, const qu_record *rec, const char *out_dir)
 {
     qfwd_model m;
     lm_err err = {0};
@@ -146,7 +146,7 @@ static int qu_write_dequant(const char *src_dir, const qu_record *rec, const cha
 }
 
 /* Logits [n_seq*len][vocab] of the checkpoint in dir (float32 forward). */
-static float *qu_logits(const char *dir, const int32_t *tok, int32_t n_seq, int32_t len)
+static inline float *qu_logits(const char *dir, const int32_t *tok, int32_t n_seq, int32_t len)
 {
     qfwd_model m;
     lm_err err = {0};
@@ -178,7 +178,7 @@ static float *qu_logits(const char *dir, const int32_t *tok, int32_t n_seq, int3
 }
 
 /* Mean over rows of KL(softmax(p) || softmax(q)). */
-static double qu_mean_kl(const float *p, const float *q, int64_t rows, int32_t vocab)
+static inline double qu_mean_kl(const float *p, const float *q, int64_t rows, int32_t vocab)
 {
     double sum = 0;
     for (int64_t r = 0; r < rows; r++) {
@@ -203,7 +203,7 @@ static double qu_mean_kl(const float *p, const float *q, int64_t rows, int32_t v
 }
 
 static uint64_t qu_rng = 88172645463325252ull;
-static int32_t qu_rand_below(int32_t n)
+static inline int32_t qu_rand_below(int32_t n)
 {
     qu_rng ^= qu_rng << 13;
     qu_rng ^= qu_rng >> 7;

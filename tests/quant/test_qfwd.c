@@ -3,6 +3,8 @@
  * what transformers computes: full-model logits over each fixture's
  * reference prompts (prompt + greedy tokens, teacher-forced) against
  * reference.safetensors, max |diff| relative to the row's max |logit|.
+ * The GPTQ fixture (written by another tool) is decoded with the README
+ * layout and must match its transformers reference the same way.
  * Also: a two-sequence batch gives each sequence the logits it gets alone
  * (causality and per-sequence positions).
  */
@@ -42,6 +44,7 @@ static float *full_logits(const qfwd_model *m, const int32_t *tok, int32_t n_seq
 
 static void check_fixture(const char *fix, const char *name)
 {
+    int gptq = strstr(name, "gptq") != NULL;
     char dir[4096], ref[4200];
     snprintf(dir, sizeof dir, "%s/%s", fix, name);
     snprintf(ref, sizeof ref, "%s/reference.safetensors", dir);
@@ -53,6 +56,7 @@ static void check_fixture(const char *fix, const char *name)
         failures++;
         return;
     }
+    m.allow_gptq = gptq; /* decode with the README layout */
     int32_t *seqs[8] = {0};
     int32_t lens[8] = {0};
     int np = 0;
@@ -120,6 +124,9 @@ int main(int argc, char **argv)
     check_fixture(fix, "qwen2moe-tiny");
     check_fixture(fix, "mixtral-tiny");
     check_fixture(fix, "trained-moe");
+    /* a GPTQ file written by another tool, decoded by gptq_unpack: same
+     * logits as transformers computes from it */
+    check_fixture(fix, "qwen2moe-tiny-gptq");
     /* a GPTQ checkpoint is refused with a clear message */
     char dir[4096];
     snprintf(dir, sizeof dir, "%s/qwen2moe-tiny-gptq", fix);
