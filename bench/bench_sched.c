@@ -14,7 +14,8 @@
  * batch limit min(max_running, N), controller off).
  *
  * Backends: --model DIR (a hub folder, e.g. from `lightmoe synth`) on the
- * CPU backend when it is built in; or --sim A,B: a simulated device that
+ * CPU backend (the model is loaded once; each run opens a fresh backend,
+ * whose KV cache is sized for that run); or --sim A,B: a simulated device that
  * sleeps A + B * tokens milliseconds per step (for looking at the
  * controller alone; its numbers are not engine performance).
  *
@@ -29,10 +30,8 @@
 
 #include "engine/sched.h"
 
-#if __has_include("engine/backends.h")
 #include "engine/backends.h"
-#define HAVE_BACKENDS 1
-#endif
+#include "engine/model.h"
 
 /* ---- simulated device ---------------------------------------------------- */
 
@@ -174,7 +173,6 @@ static backend *open_backend(const opts *o, lm_err *err)
         sb->vocab = 1000;
         return &sb->base;
     }
-#ifdef HAVE_BACKENDS
     static model *m; /* loaded once, shared by every run's backend */
     if (!m && model_load(o->model, NULL, &m, err) < 0)
         return NULL;
@@ -186,10 +184,6 @@ static backend *open_backend(const opts *o, lm_err *err)
     if (backend_open(m, &bo, &be, err) < 0)
         return NULL;
     return be;
-#else
-    lm_err_set(err, -ENOSYS, "this build has no CPU backend (engine/backends.h); use --sim");
-    return NULL;
-#endif
 }
 
 /* One run at one rate and one mode; prints a table row. */
