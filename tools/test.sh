@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 jobs=${LIGHTMOE_TEST_JOBS:-$(nproc)}
 fast=0
 [ "${1:-}" = "--fast" ] && fast=1
+# --package (or CI=true): also build the .deb, install it with dpkg, run it,
+# remove and purge it (needs root; changes the system).
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
@@ -19,6 +21,10 @@ export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 echo "== release build (build/)"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j"$(nproc)"
+if [ "${CI:-}" = true ] || [ "${1:-}" = --package ]; then
+  echo "== package: build, lintian, install, check-config, remove, purge"
+  tools/test-package.sh build
+fi
 (cd build && ctest --output-on-failure -j"$jobs")
 
 if [ $fast = 0 ]; then
