@@ -14,6 +14,10 @@
 
 #include <errno.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define LM_ERR_MSG_MAX 512
 
 typedef struct lm_err {
@@ -33,4 +37,7 @@ int lm_err_prefix(lm_err *err, const char *fmt, ...) __attribute__((format(print
 /* Reset err to "no error". */
 void lm_err_clear(lm_err *err);
 
+#ifdef __cplusplus
+}
+#endif
 #endif

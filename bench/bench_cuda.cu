@@ -1,0 +1,434 @@
+/*
+ * bench_cuda.cu: CUDA backend benchmarks for docs/PERF.md.
+ *
+ *   bench_cuda [ceil] [kernels] [decode] [prefill] [--model qwen3|qwen15|both]
+ *
+ *   ceil     the card's ceilings measured in this run: device-to-device copy
+ *            bandwidth (bytes read + written) and the cuBLAS fp16 matrix rate
+ *   kernels  each INT4 kernel against cuBLAS fp16 at the model's shapes and
+ *            1..512 rows; the prefill alternative "dequantise to fp16 then
+ *            cuBLAS" measured beside the mma kernel
+ *   decode   one decode step of the whole model (random weights of the real
+ *            shape, made on the GPU) at batch 1..128, context 512 per
+ *            sequence; the roofline floor counts attention weights, the
+ *            experts actually routed (counted on the GPU), shared experts,
+ *            router, lm_head and the KV read
+ *   prefill  one prompt of 512, 2048, 8192 tokens -> first logits (TTFT of
+ *            the forward pass: host upload + all layers + logits back)
+ *
+ * Timing: warm-up, then the median of repeated runs; weights of kernel
+ * benchmarks rotate over copies larger than L2 so that no run reads cache.
+ */
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "engine/cuda_int4_gemm.cuh"
+#include "engine/cuda_model.h"
+#include "engine/cuda_synth.h"
+
+#define CK(x) \
+    do { \
+        cudaError_t e_ = (x); \
+        if (e_ != cudaSuccess) { \
+            fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
+            exit(1); \
+        } \
+    } while (0)
+#define OK(x) \
+    do { \
+        lm_err e_ = {0, ""}; \
+        if ((x) != 0) { \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, e_.msg); \
+            exit(1); \
+        } \
+    } while (0)
+#define ERRP (&e_)
+
+static double g_bw = 0; /* measured copy bandwidth, bytes/s */
+
+static double median(std::vector<double> v)
+{
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+static double now_s()
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+__global__ void k_fill(uint32_t *p, size_t n, uint32_t seed)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t x = (uint32_t)i * 2654435761u ^ seed;
+        x ^= x >> 15;
+        x *= 0x2c1b3c6dU;
+        x ^= x >> 12;
+        p[i] = x;
+    }
+}
+/* random fp16 in [-1, 1) */
+__global__ void k_fill_h(__half *p, size_t n, uint32_t seed)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t x = (uint32_t)i * 2654435761u ^ seed;
+        x ^= x >> 15;
+        x *= 0x2c1b3c6dU;
+        x ^= x >> 12;
+        p[i] = __float2half((float)(x >> 8) * (2.0f / 16777216.0f) - 1.0f);
+    }
+}
+__global__ void k_dequant(const uint8_t *qs, const __half *sc, const uint8_t *z, int n, int k, int g,
+                          __half *w)
+{
+    const size_t total = (size_t)n * k;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / k, j = i % k;
+        const uint8_t b = qs[r * (k / 2) + j / 2];
+        const int q = (j & 1) ? b >> 4 : b & 15;
+        const size_t gi = r * (k / g) + j / g;
+        w[i] = __float2half(__half2float(sc[gi]) * (float)(q - z[gi]));
+    }
+}
+
+static void bench_ceilings()
+{
+    const size_t bytes = (size_t)2 << 30;
+    void *a, *b;
+    CK(cudaMalloc(&a, bytes));
+    CK(cudaMalloc(&b, bytes));
+    k_fill<<<4096, 256>>>((uint32_t *)a, bytes / 4, 1);
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    std::vector<double> t;
+    for (int i = 0; i < 12; i++) {
+        cudaEventRecord(e0);
+        cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
+        cudaEventRecord(e1);
+        cudaEventSynchronize(e1);
+        float ms;
+        cudaEventElapsedTime(&ms, e0, e1);
+        if (i >= 2)
+            t.push_back(ms * 1e-3);
+    }
+    g_bw = 2.0 * bytes / median(t);
+    printf("ceiling copy bandwidth (read+write, 2 GiB D2D, median of 10): %.0f GB/s\n", g_bw / 1e9);
+    CK(cudaFree(b));
+    /* cuBLAS fp16 GEMM, 8192^3, random data */
+    const int N = 8192;
+    __half *A = (__half *)a, *B = A + (size_t)N * N, *C;
+    CK(cudaMalloc(&C, (size_t)N * N * 2));
+    k_fill_h<<<4096, 256>>>(A, (size_t)2 * N * N, 7);
+    cublasHandle_t h;
+    cublasCreate(&h);
+    const float one = 1, zero = 0;
+    t.clear();
+    for (int i = 0; i < 8; i++) {
+        cudaEventRecord(e0);
+        cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, N, N, &one, A, CUDA_R_16F, N, B, CUDA_R_16F, N,
+                     &zero, C, CUDA_R_16F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        cudaEventRecord(e1);
+        cudaEventSynchronize(e1);
+        float ms;
+        cudaEventElapsedTime(&ms, e0, e1);
+        if (i >= 2)
+            t.push_back(ms * 1e-3);
+    }
+    printf("ceiling cuBLAS fp16 GEMM 8192^3 (fp32 accumulate): %.0f TFLOP/s\n",
+           2.0 * N * N * N / median(t) / 1e12);
+    CK(cudaDeviceSynchronize());
+    cublasDestroy(h);
+    cudaFree(a);
+    cudaFree(C);
+}
+
+/* One dense shape: INT4 (auto/gemv/mma) vs cuBLAS fp16 vs dequant + cuBLAS. */
+static void bench_shape(cublasHandle_t h, const char *name, int n, int k, int g)
+{
+    const size_t qb = (size_t)n * k / 2, gc = (size_t)n * (k / g);
+    const size_t l2 = 50u << 20;
+    const int copies = (int)std::min<size_t>(64, std::max<size_t>(4, (4 * l2) / (qb + 3 * gc) + 1));
+    const int copies16 = (int)std::min<size_t>(32, std::max<size_t>(3, (4 * l2) / ((size_t)n * k * 2) + 1));
+    std::vector<cu_int4_weights> ws(copies);
+    for (auto &w : ws) {
+        uint8_t *qs, *z;
+        __half *sc;
+        CK(cudaMalloc(&qs, qb));
+        CK(cudaMalloc(&sc, gc * 2));
+        CK(cudaMalloc(&z, gc));
+        k_fill<<<1024, 256>>>((uint32_t *)qs, qb / 4, 3);
+        k_fill_h<<<1024, 256>>>(sc, gc, 5);
+        CK(cudaMemset(z, 8, gc));
+        w = {n, k, g, 1, qs, sc, z};
+    }
+    std::vector<__half *> w16(copies16);
+    for (auto &p : w16) {
+        CK(cudaMalloc(&p, (size_t)n * k * 2));
+        k_fill_h<<<1024, 256>>>(p, (size_t)n * k, 9);
+    }
+    const int Mmax = 8192;
+    __half *x, *wdq;
+    float *y;
+    CK(cudaMalloc(&x, (size_t)Mmax * k * 2));
+    CK(cudaMalloc(&y, (size_t)Mmax * n * 4));
+    CK(cudaMalloc(&wdq, (size_t)n * k * 2));
+    k_fill_h<<<1024, 256>>>(x, (size_t)Mmax * k, 11);
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    const float one = 1, zero = 0;
+    auto time_it = [&](auto fn) {
+        std::vector<double> t;
+        for (int i = 0; i < 30; i++) {
+            cudaEventRecord(e0);
+            fn(i);
+            cudaEventRecord(e1);
+            cudaEventSynchronize(e1);
+            float ms;
+            cudaEventElapsedTime(&ms, e0, e1);
+            if (i >= 5)
+                t.push_back(ms * 1e-3);
+        }
+        CK(cudaGetLastError());
+        return median(t);
+    };
+    const double bytes4 = (double)(qb + 3 * gc);
+    for (int M : {1, 8, 32, 128, 512, 2048}) {
+        cu_gemm_rows r;
+        memset(&r, 0, sizeof(r));
+        r.n_rows = M;
+        double ti[3];
+        for (int p = 0; p < 3; p++) {
+            if (p == 1 && M > 64) { ti[p] = 0; continue; } /* gemv re-reads weights per 8 rows */
+            ti[p] = time_it([&](int i) {
+                lm_err e;
+                cu_int4_matmul(&ws[i % copies], &r, x, k, y, n, CU_OUT_F32, (cu_gemm_path)p, 0, &e);
+            });
+        }
+        const double tc = time_it([&](int i) {
+            cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, M, k, &one, w16[i % copies16], CUDA_R_16F, k,
+                         x, CUDA_R_16F, k, &zero, y, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
+                         CUBLAS_GEMM_DEFAULT);
+        });
+        double tdq = 0;
+        if (M >= 128)
+            tdq = time_it([&](int i) {
+                const cu_int4_weights &w = ws[i % copies];
+                k_dequant<<<2048, 256>>>(w.qs, w.scales, w.zeros, n, k, g, wdq);
+                cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, M, k, &one, wdq, CUDA_R_16F, k, x,
+                             CUDA_R_16F, k, &zero, y, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
+                             CUBLAS_GEMM_DEFAULT);
+            });
+        printf("kernel %-14s n=%5d k=%5d M=%4d | int4 auto %8.1f us (%5.0f GB/s, %4.0f%% bw) gemv %8.1f mma %8.1f | "
+               "cublas fp16 %8.1f us | dequant+cublas %8.1f | speed-up vs fp16 %.2fx\n",
+               name, n, k, M, ti[0] * 1e6, bytes4 / ti[0] / 1e9, 100 * bytes4 / ti[0] / g_bw,
+               ti[1] * 1e6, ti[2] * 1e6, tc * 1e6, tdq * 1e6, tc / ti[0]);
+    }
+    for (auto &w : ws) {
+        cudaFree((void *)w.qs);
+        cudaFree((void *)w.scales);
+        cudaFree((void *)w.zeros);
+    }
+    for (auto p : w16)
+        cudaFree(p);
+    cudaFree(x);
+    cudaFree(y);
+    cudaFree(wdq);
+}
+
+static void bench_kernels(const cu_synth_config *c)
+{
+    cublasHandle_t h;
+    cublasCreate(&h);
+    const int H = c->hidden, hd = c->head_dim;
+    printf("== INT4 kernels vs cuBLAS fp16, %s shapes (group %d)\n", c->name, c->group);
+    bench_shape(h, "qkv", (c->nq + 2 * c->nkv) * hd, H, c->group);
+    bench_shape(h, "o_proj", H, c->nq * hd, c->group);
+    bench_shape(h, "expert gate_up", 2 * c->moe_inter, H, c->group);
+    bench_shape(h, "expert down", H, c->moe_inter, c->group);
+    if (c->shared_inter)
+        bench_shape(h, "shared gate_up", 2 * c->shared_inter, H, c->group);
+    cublasDestroy(h);
+}
+
+struct step_batch {
+    std::vector<int32_t> tokens, seq_start, start_pos, bt, rows;
+    std::vector<float> logits;
+    backend_batch b;
+};
+
+static void make_batch(step_batch &s, int n_seqs, int tokens_per_seq, int pos0, int max_blocks,
+                       int n_logits_per_seq, int vocab)
+{
+    s.tokens.clear();
+    s.seq_start = {0};
+    s.start_pos.clear();
+    s.bt.clear();
+    s.rows.clear();
+    for (int q = 0; q < n_seqs; q++) {
+        for (int t = 0; t < tokens_per_seq; t++)
+            s.tokens.push_back((q * 7919 + t * 104729 + pos0) % vocab);
+        s.seq_start.push_back((int)s.tokens.size());
+        s.start_pos.push_back(pos0);
+        for (int j = 0; j < max_blocks; j++)
+            s.bt.push_back(q * max_blocks + j);
+        for (int j = 0; j < n_logits_per_seq; j++)
+            s.rows.push_back((int)s.tokens.size() - 1 - j);
+    }
+    s.logits.resize(s.rows.size() * (size_t)vocab);
+    s.b.n_seqs = n_seqs;
+    s.b.n_tokens = (int)s.tokens.size();
+    s.b.tokens = s.tokens.data();
+    s.b.seq_start = s.seq_start.data();
+    s.b.start_pos = s.start_pos.data();
+    s.b.block_table = s.bt.data();
+    s.b.max_blocks = max_blocks;
+    s.b.n_logits = (int)s.rows.size();
+    s.b.logit_rows = s.rows.data();
+    s.b.logits = s.logits.data();
+}
+
+static size_t model_bytes(const cu_model *m, size_t *attn, size_t *expert, size_t *shared,
+                          size_t *router, size_t *head)
+{
+    *attn = *expert = *shared = *router = 0;
+    for (int l = 0; l < m->n_layers; l++) {
+        const cu_layer *L = &m->layers[l];
+        *attn += cu_linear_bytes(&L->qkv) + cu_linear_bytes(&L->o);
+        *expert = (cu_linear_bytes(&L->gate_up) + cu_linear_bytes(&L->down)) / m->n_experts;
+        *shared += cu_linear_bytes(&L->sh_gate_up) + cu_linear_bytes(&L->sh_down);
+        *router += (size_t)(m->n_experts + m->has_shared) * m->hidden * 4;
+    }
+    *head = cu_linear_bytes(&m->lm_head);
+    return 0;
+}
+
+static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int path)
+{
+    cu_model *m;
+    double t0 = now_s();
+    OK(cu_synth_create(c, 1, &m, ERRP));
+    size_t attn, expert, shared, router, head;
+    model_bytes(m, &attn, &expert, &shared, &router, &head);
+    printf("== %s (random weights made on the GPU in %.1f s): attention %.2f GB, one expert %.2f MB, "
+           "shared %.2f GB, router %.3f GB, lm_head %.2f GB (fp16)\n",
+           c->name, now_s() - t0, attn / 1e9, expert / 1e6, shared / 1e9, router / 1e9, head / 1e9);
+    cu_options o = {8192, 256, path, 0, 0};
+    cu_state *s;
+    OK(cu_state_create(m, &o, &s, ERRP));
+    const int bs = 16, ctx = 512, max_blocks = 8192 / bs + 1;
+    const int nb = 128 * max_blocks;
+    size_t fr = cu_state_free_bytes(s);
+    const size_t kvb = cu_state_kv_bytes_per_token(s);
+    int n_blocks = (int)std::min<size_t>(nb, (size_t)(fr * 0.8) / (kvb * bs));
+    OK(cu_state_kv_init(s, bs, n_blocks, ERRP));
+    OK(cu_state_count_experts(s, 1, ERRP));
+    printf("kv: %d blocks of %d tokens (%.1f GB), %zu bytes per token\n", n_blocks, bs,
+           (double)n_blocks * bs * kvb / 1e9, kvb);
+    step_batch sb;
+    if (decode) {
+        for (int B : {1, 8, 32, 64, 128}) {
+            const int mb = (ctx + 1 + bs - 1) / bs + 1;
+            if ((size_t)B * mb > (size_t)n_blocks)
+                break;
+            make_batch(sb, B, 1, ctx, mb, 1, m->vocab);
+            for (int i = 0; i < 3; i++)
+                OK(cu_forward(s, &sb.b, ERRP));
+            cu_state_read_experts(s);
+            std::vector<double> t;
+            const int reps = 20;
+            for (int i = 0; i < reps; i++) {
+                CK(cudaDeviceSynchronize());
+                double a = now_s();
+                OK(cu_forward(s, &sb.b, ERRP));
+                t.push_back(now_s() - a);
+            }
+            const double active = (double)cu_state_read_experts(s) / reps;
+            const double bytes = attn + active * expert + shared + router + head +
+                                 (double)B * (ctx + 1) * kvb;
+            const double floor_s = bytes / g_bw, ts = median(t);
+            printf("decode %-18s batch %4d ctx %d: %7.3f ms/step %8.0f tok/s | routed experts/step %.0f "
+                   "| bytes %.2f GB floor %.3f ms -> %.0f%% of roofline\n",
+                   c->name, B, ctx, ts * 1e3, B / ts, active, bytes / 1e9, floor_s * 1e3,
+                   100 * floor_s / ts);
+        }
+    }
+    if (prefill) {
+        for (int T : {512, 2048, 8192}) {
+            const int mb = T / bs + 1;
+            make_batch(sb, 1, T, 0, mb, 1, m->vocab);
+            OK(cu_forward(s, &sb.b, ERRP));
+            cu_state_read_experts(s);
+            std::vector<double> t;
+            for (int i = 0; i < 5; i++) {
+                CK(cudaDeviceSynchronize());
+                double a = now_s();
+                OK(cu_forward(s, &sb.b, ERRP));
+                t.push_back(now_s() - a);
+            }
+            const double active = (double)cu_state_read_experts(s) / 5;
+            const double ts = median(t);
+            /* matrix work: 2 flops per weight per token over the active weights,
+             * attention 4 * T^2/2 * hd * nq per layer */
+            const double aw = (double)m->n_layers * (((m->nq + 2 * m->nkv) * m->head_dim + m->nq * m->head_dim) * (double)m->hidden +
+                                                     (double)c->top_k * 3 * c->moe_inter * m->hidden +
+                                                     3.0 * c->shared_inter * m->hidden);
+            const double fl = 2 * aw * T + (double)m->n_layers * 2.0 * T * T * m->head_dim * m->nq;
+            printf("prefill %-18s %5d tokens: %8.2f ms (TTFT of the forward) %8.0f tok/s | %.1f TFLOP/s "
+                   "of matrix work | routed experts %.0f\n",
+                   c->name, T, ts * 1e3, T / ts, fl / ts / 1e12, active);
+        }
+    }
+    cu_state_destroy(s);
+    cu_synth_free(m);
+}
+
+int main(int argc, char **argv)
+{
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+        printf("SKIP: no CUDA device\n");
+        return 77;
+    }
+    cudaDeviceProp p;
+    cudaGetDeviceProperties(&p, 0);
+    printf("device: %s, %d SMs, %.0f MB L2, %.1f GB\n", p.name, p.multiProcessorCount,
+           p.l2CacheSize / 1e6, p.totalGlobalMem / 1e9);
+    bool ceil_ = false, kern = false, dec = false, pre = false;
+    int which = 3, path = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "ceil")) ceil_ = true;
+        else if (!strcmp(argv[i], "kernels")) kern = true;
+        else if (!strcmp(argv[i], "decode")) dec = true;
+        else if (!strcmp(argv[i], "prefill")) pre = true;
+        else if (!strcmp(argv[i], "--path") && i + 1 < argc) path = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--model") && i + 1 < argc) {
+            ++i;
+            which = !strcmp(argv[i], "qwen3") ? 1 : !strcmp(argv[i], "qwen15") ? 2 : 3;
+        }
+    }
+    if (!ceil_ && !kern && !dec && !pre)
+        ceil_ = kern = dec = pre = true;
+    bench_ceilings(); /* always: every figure is relative to this run's ceiling */
+    (void)ceil_;
+    const cu_synth_config *cs[] = {&cu_synth_qwen3_30b_a3b, &cu_synth_qwen15_moe_a27b};
+    for (int i = 0; i < 2; i++) {
+        if (!(which & (1 << i)))
+            continue;
+        if (kern)
+            bench_kernels(cs[i]);
+        if (dec || pre)
+            bench_model(cs[i], dec, pre, path);
+    }
+    return 0;
+}

@@ -1,0 +1,240 @@
+/*
+ * cuda_attn.cu: paged attention, decode and prefill (see cuda_attn.cuh).
+ *
+ * Block = (query tile, KV head, context split), 4 warps. Rows of the tile
+ * (token r / G, head r % G) are dealt to warps round-robin: warp w owns
+ * rows w, w+4, ... (RW rows). Per 32-position step: K and V of the step go
+ * to shared memory (K rows padded by 2 halves so that lane p reading row p
+ * hits bank p), lane p scores position p for the warp's rows, the warp
+ * updates each row's running max / sum (online softmax), then multiplies
+ * the probabilities (broadcast by shuffle) with V; lane l owns output
+ * dimensions 2l + 64j, j < hd/64.
+ */
+#include "engine/cuda_attn.cuh"
+#include "engine/cuda_common.cuh"
+
+namespace {
+
+constexpr int P = 32;
+
+template <int RW, int HDP> constexpr int attn_smem()
+{
+    return 4 * RW * 64 * HDP * 4 + 2 * P * (64 * HDP + 2) * 2;
+}
+
+template <int RW, int HDP>
+__global__ void __launch_bounds__(128)
+    k_attn(cu_attn_shape s, const float *__restrict__ q, const __half *__restrict__ kc,
+           const __half *__restrict__ vc, cu_attn_batch b, float *__restrict__ part)
+{
+    constexpr int HD = 64 * HDP, KS = HD + 2;
+    extern __shared__ __align__(16) uint8_t smem[];
+    float *q_s = reinterpret_cast<float *>(smem);                      /* [4 RW][HD] */
+    __half *k_s = reinterpret_cast<__half *>(smem + 4 * RW * HD * 4);  /* [P][KS] */
+    __half *v_s = k_s + P * KS;                                        /* [P][KS] */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int kvh = blockIdx.y, split = blockIdx.z;
+    const int2 td = b.tiles[blockIdx.x];
+    const int t0 = td.x, tcount = td.y;
+    const int G = s.nq / s.nkv, R = tcount * G;
+    const int seq = b.tok_seq[t0];
+    const int ctx = b.tok_pos[t0 + tcount - 1] + 1;
+    const int nt = (ctx + P - 1) / P, per = (nt + b.nsplit - 1) / b.nsplit;
+    const int p_begin = split * per * P, p_end = min(ctx, (split + 1) * per * P);
+    const float scale = rsqrtf((float)HD);
+
+    for (int idx = tid; idx < 4 * RW * HD; idx += 128) {
+        const int r = idx / HD, d = idx % HD;
+        float v = 0.f;
+        if (r < R)
+            v = q[((size_t)(t0 + r / G) * s.nq + kvh * G + r % G) * HD + d] * scale;
+        q_s[idx] = v;
+    }
+    int rpos[RW];
+    float m[RW], l[RW];
+    float2 o[RW][HDP];
+#pragma unroll
+    for (int i = 0; i < RW; i++) {
+        const int r = warp + 4 * i;
+        rpos[i] = r < R ? b.tok_pos[t0 + r / G] : -1;
+        m[i] = -INFINITY;
+        l[i] = 0.f;
+#pragma unroll
+        for (int j = 0; j < HDP; j++)
+            o[i][j] = make_float2(0.f, 0.f);
+    }
+
+    for (int p0 = p_begin; p0 < p_end; p0 += P) {
+        __syncthreads(); /* q_s written / previous K,V consumed */
+        for (int idx = tid; idx < P * HD / 8; idx += 128) {
+            const int p = idx / (HD / 8), piece = idx % (HD / 8), pp = p0 + p;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (pp < p_end) {
+                const int blk = b.block_table[(size_t)seq * b.max_blocks + pp / b.block_size];
+                const size_t off = (((size_t)blk * b.block_size + pp % b.block_size) * s.nkv + kvh) * HD + piece * 8;
+                kv = *reinterpret_cast<const uint4 *>(kc + off);
+                vv = *reinterpret_cast<const uint4 *>(vc + off);
+            }
+            uint32_t *kd = reinterpret_cast<uint32_t *>(k_s + p * KS + piece * 8);
+            uint32_t *vd = reinterpret_cast<uint32_t *>(v_s + p * KS + piece * 8);
+            kd[0] = kv.x; kd[1] = kv.y; kd[2] = kv.z; kd[3] = kv.w;
+            vd[0] = vv.x; vd[1] = vv.y; vd[2] = vv.z; vd[3] = vv.w;
+        }
+        __syncthreads();
+
+        float sc[RW];
+#pragma unroll
+        for (int i = 0; i < RW; i++)
+            sc[i] = 0.f;
+        const half2 *kr = reinterpret_cast<const half2 *>(k_s + lane * KS);
+#pragma unroll 4
+        for (int d2 = 0; d2 < HD / 2; d2++) {
+            const float2 kf = __half22float2(kr[d2]);
+#pragma unroll
+            for (int i = 0; i < RW; i++) {
+                const float2 qf = reinterpret_cast<const float2 *>(q_s + (warp + 4 * i) * HD)[d2];
+                sc[i] += qf.x * kf.x + qf.y * kf.y;
+            }
+        }
+        const int pp = p0 + lane;
+        float pr[RW];
+#pragma unroll
+        for (int i = 0; i < RW; i++) {
+            const bool ok = pp < p_end && pp <= rpos[i];
+            const float v = ok ? sc[i] : -INFINITY;
+            const float mn = fmaxf(m[i], warp_max(v));
+            float alpha = 1.f;
+            if (mn == -INFINITY) {
+                pr[i] = 0.f;
+            } else {
+                pr[i] = ok ? __expf(v - mn) : 0.f;
+                alpha = __expf(m[i] - mn); /* 0 when m was -inf */
+            }
+            l[i] = l[i] * alpha + warp_sum(pr[i]);
+            m[i] = mn;
+#pragma unroll
+            for (int j = 0; j < HDP; j++) {
+                o[i][j].x *= alpha;
+                o[i][j].y *= alpha;
+            }
+        }
+#pragma unroll 4
+        for (int p = 0; p < P; p++) {
+            float2 vf[HDP];
+#pragma unroll
+            for (int j = 0; j < HDP; j++)
+                vf[j] = __half22float2(reinterpret_cast<const half2 *>(v_s + p * KS)[lane + 32 * j]);
+#pragma unroll
+            for (int i = 0; i < RW; i++) {
+                const float w = __shfl_sync(0xffffffffu, pr[i], p);
+#pragma unroll
+                for (int j = 0; j < HDP; j++) {
+                    o[i][j].x += w * vf[j].x;
+                    o[i][j].y += w * vf[j].y;
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < RW; i++) {
+        const int r = warp + 4 * i;
+        if (r >= R)
+            continue;
+        const size_t row = (size_t)(t0 + r / G) * s.nq + kvh * G + r % G;
+        float *dst = part + (row * b.nsplit + split) * (HD + 2);
+#pragma unroll
+        for (int j = 0; j < HDP; j++)
+            reinterpret_cast<float2 *>(dst)[lane + 32 * j] = o[i][j];
+        if (lane == 0) {
+            dst[HD] = m[i];
+            dst[HD + 1] = l[i];
+        }
+    }
+}
+
+__global__ void k_attn_merge(int hd, int nsplit, const float *__restrict__ part,
+                             __half *__restrict__ out)
+{
+    const size_t row = blockIdx.x; /* token * nq + head */
+    const float *p = part + row * nsplit * (hd + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++)
+        M = fmaxf(M, p[s * (hd + 2) + hd]);
+    float L = 0.f;
+    for (int s = 0; s < nsplit; s++) {
+        const float ms = p[s * (hd + 2) + hd];
+        L += ms == -INFINITY ? 0.f : __expf(ms - M) * p[s * (hd + 2) + hd + 1];
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < nsplit; s++) {
+            const float ms = p[s * (hd + 2) + hd];
+            if (ms != -INFINITY)
+                acc += __expf(ms - M) * p[s * (hd + 2) + d];
+        }
+        out[row * hd + d] = __float2half(acc / L);
+    }
+}
+
+template <int RW, int HDP>
+int launch_attn(const cu_attn_shape *s, const float *q, const __half *kc, const __half *vc,
+                const cu_attn_batch *b, float *part, cudaStream_t st, lm_err *err)
+{
+    constexpr int smem = attn_smem<RW, HDP>();
+    CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    dim3 grid(b->n_tiles, s->nkv, b->nsplit);
+    k_attn<RW, HDP><<<grid, 128, smem, st>>>(*s, q, kc, vc, *b, part);
+    CUDA_LAUNCH_CHECK(err, "attention launch");
+    return 0;
+}
+
+template <int HDP>
+int pick_rw(int rw, const cu_attn_shape *s, const float *q, const __half *kc, const __half *vc,
+            const cu_attn_batch *b, float *part, cudaStream_t st, lm_err *err)
+{
+    if (rw <= 1) return launch_attn<1, HDP>(s, q, kc, vc, b, part, st, err);
+    if (rw <= 2) return launch_attn<2, HDP>(s, q, kc, vc, b, part, st, err);
+    if (rw <= 4) return launch_attn<4, HDP>(s, q, kc, vc, b, part, st, err);
+    if (rw <= 8) return launch_attn<8, HDP>(s, q, kc, vc, b, part, st, err);
+    return launch_attn<16, HDP>(s, q, kc, vc, b, part, st, err);
+}
+
+} // namespace
+
+extern "C" size_t cu_attn_scratch_floats(const cu_attn_shape *s, int n_tiles, int bq, int nsplit)
+{
+    return (size_t)n_tiles * bq * s->nq * nsplit * (s->hd + 2);
+}
+
+extern "C" int cu_attn(const cu_attn_shape *s, const float *q, const __half *kc, const __half *vc,
+                       const cu_attn_batch *b, float *part, __half *out, cudaStream_t st,
+                       lm_err *err)
+{
+    if (s->hd != 64 && s->hd != 128 && s->hd != 256)
+        return lm_err_set(err, -EINVAL, "attention: head_dim %d not in {64,128,256}", s->hd);
+    if (s->nkv <= 0 || s->nq % s->nkv)
+        return lm_err_set(err, -EINVAL, "attention: %d query heads not a multiple of %d KV heads",
+                          s->nq, s->nkv);
+    const int R = b->bq * (s->nq / s->nkv);
+    if (R > 64 || b->nsplit < 1)
+        return lm_err_set(err, -EINVAL, "attention: tile of %d rows (max 64), %d splits", R,
+                          b->nsplit);
+    if (b->n_tiles <= 0)
+        return 0;
+    const int rw = (R + 3) / 4;
+    int rc;
+    if (s->hd == 64)
+        rc = pick_rw<1>(rw, s, q, kc, vc, b, part, st, err);
+    else if (s->hd == 128)
+        rc = pick_rw<2>(rw, s, q, kc, vc, b, part, st, err);
+    else
+        rc = pick_rw<4>(rw, s, q, kc, vc, b, part, st, err);
+    if (rc)
+        return rc;
+    /* every query row of every tile: rows are token * nq + head, dense in T */
+    k_attn_merge<<<b->T * s->nq, 64, 0, st>>>(s->hd, b->nsplit, part, out);
+    CUDA_LAUNCH_CHECK(err, "attention merge launch");
+    return 0;
+}

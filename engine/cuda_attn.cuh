@@ -1,0 +1,61 @@
+/*
+ * cuda_attn.cuh: attention over the paged KV cache, and the batch layout
+ * the attention kernels share with cuda_rope (qkv post-processing).
+ *
+ * KV cache of one layer: K and V each fp16 [n_blocks][block_size][nkv][hd];
+ * token at position p of a sequence lives in block block_table[seq][p / bs],
+ * slot p % bs (engine/backend.h). The new tokens' K/V are written by
+ * cu_qkv_post before attention reads them.
+ *
+ * Attention (cu_attn): a block takes one "tile" of up to bq consecutive
+ * query tokens of one sequence and one KV head (so G = nq/nkv query heads
+ * share every K/V load: GQA), streams the context 32 positions at a time
+ * through shared memory with an online softmax (no T x T matrix, FlashAttention
+ * style), causal per query row. The context may be split over nsplit blocks
+ * (flash-decoding: long contexts at small batch keep every SM busy); a
+ * second kernel merges the splits' (max, sum, unnormalised output).
+ * Supported: hd in {64, 128, 256}, bq * G <= 64.
+ */
+#ifndef LIGHTMOE_CUDA_ATTN_CUH
+#define LIGHTMOE_CUDA_ATTN_CUH
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "engine/err.h"
+
+typedef struct cu_attn_batch {
+    int32_t T;                  /* query tokens */
+    const int32_t *tok_seq;     /* [T] piece of each token (row of block_table) */
+    const int32_t *tok_pos;     /* [T] position of each token */
+    const int32_t *block_table; /* [n_seqs][max_blocks] */
+    int32_t max_blocks;
+    int32_t block_size;
+    const int2 *tiles;          /* [n_tiles] (first token, count <= bq), same piece */
+    int32_t n_tiles;
+    int32_t bq;
+    int32_t nsplit;             /* context splits per tile (>= 1) */
+} cu_attn_batch;
+
+typedef struct cu_attn_shape {
+    int32_t nq, nkv, hd;
+} cu_attn_shape;
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Floats of split scratch cu_attn needs for this batch. */
+size_t cu_attn_scratch_floats(const cu_attn_shape *s, int n_tiles, int bq, int nsplit);
+
+/* out[t][h*hd + d] (fp16) = softmax(q k^T / sqrt(hd)) v for each query
+ * token t, head h; q fp32 [T][nq][hd]; part: scratch of
+ * cu_attn_scratch_floats floats. */
+int cu_attn(const cu_attn_shape *s, const float *q, const __half *kc, const __half *vc,
+            const cu_attn_batch *b, float *part, __half *out, cudaStream_t st, lm_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

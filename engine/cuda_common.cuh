@@ -1,0 +1,118 @@
+/*
+ * cuda_common.cuh: helpers shared by the CUDA kernels of the engine.
+ *
+ * Error checking for launchers (they return negative errno + lm_err text,
+ * never exit), fp16 conversions, and the few inline-PTX wrappers the
+ * portable (sm_80+) path uses: mma.sync m16n8k16 with fp32 accumulators and
+ * cp.async 16-byte copies into shared memory. Nothing here is Hopper-only,
+ * so every kernel built on it runs on sm_80/86/89/90a alike.
+ *
+ * Threads: device code only, plus host-side macros for launchers.
+ */
+#ifndef LIGHTMOE_CUDA_COMMON_CUH
+#define LIGHTMOE_CUDA_COMMON_CUH
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "engine/err.h"
+
+/* Turn a CUDA error into a negative errno with a message naming where. */
+static inline int cuda_err(lm_err *err, cudaError_t e, const char *what)
+{
+    if (e == cudaSuccess)
+        return 0;
+    int code = (e == cudaErrorMemoryAllocation) ? -ENOMEM : -EIO;
+    return lm_err_set(err, code, "cuda: %s: %s", what, cudaGetErrorString(e));
+}
+
+/* Check the last launch (configuration errors surface here at once;
+ * faults inside the kernel surface at the next synchronisation). */
+#define CUDA_LAUNCH_CHECK(err, what) \
+    do { \
+        cudaError_t e_ = cudaGetLastError(); \
+        if (e_ != cudaSuccess) \
+            return cuda_err((err), e_, (what)); \
+    } while (0)
+
+#define CUDA_TRY(err, call) \
+    do { \
+        cudaError_t e_ = (call); \
+        if (e_ != cudaSuccess) \
+            return cuda_err((err), e_, #call); \
+    } while (0)
+
+static inline int cuda_div_up(int a, int b) { return (a + b - 1) / b; }
+
+#ifdef __CUDACC__
+
+__device__ __forceinline__ float cu_silu(float x) { return x / (1.0f + __expf(-x)); }
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Four pairs of fp16 values from 8 packed nibbles w (k0 in bits 0..3, k1
+ * in 4..7, ...): pair i holds (k_i, k_{i+4}) as (q - zero) * scale. The
+ * 0x6400 trick makes 1024 + q exactly in fp16; subtracting 1024 + zero
+ * (exact) gives q - zero exactly, then one rounding for the scale. */
+__device__ __forceinline__ void int4_dequant8(uint32_t w, half2 zz, half2 ss, half2 out[4])
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        uint32_t t = ((w >> (4 * i)) & 0x000F000Fu) | 0x64006400u;
+        half2 h = *reinterpret_cast<half2 *>(&t);
+        out[i] = __hmul2(__hsub2(h, zz), ss);
+    }
+}
+
+/* 1024 + zero in both halves, for int4_dequant8. */
+__device__ __forceinline__ half2 int4_zero2(int z)
+{
+    return __half2half2(__int2half_rn(1024 + z));
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel)
+{
+    uint32_t r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
+/* D = A B + D, m16n8k16, fp16 inputs, fp32 accumulators. */
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* 16-byte global -> shared copy; when !pred the destination is zero-filled
+ * and nothing is read (src must still be a valid address). */
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool pred)
+{
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    int sz = pred ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(sz));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+#endif /* __CUDACC__ */
+#endif

@@ -1,0 +1,636 @@
+/*
+ * cuda_forward.cu: the forward pass of a cu_model on one GPU (see
+ * cuda_model.h): state allocation, batch upload, the layer loop, logits.
+ *
+ * Everything a step touches is allocated in cu_state_create / kv_init for
+ * max_tokens; a step validates the batch on the host, uploads its small
+ * description (tokens, positions, attention tiles, block table) through
+ * pinned memory in one stream, and launches. INT4 layers never leave the
+ * GPU; 16-bit expert layers (bf16/fp16 checkpoints run as they are) read
+ * the per-expert counts back once per layer to call cuBLAS per expert.
+ */
+#include <cublas_v2.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/cuda_attn.cuh"
+#include "engine/cuda_common.cuh"
+#include "engine/cuda_int4_gemm.cuh"
+#include "engine/cuda_model.h"
+#include "engine/cuda_moe.cuh"
+#include "engine/cuda_norm.cuh"
+#include "engine/cuda_rope.cuh"
+
+struct cu_state {
+    const cu_model *m;
+    cu_options o;
+    cudaStream_t st;
+    cublasHandle_t blas;
+    int sms;
+    int Tm;                 /* max tokens per step */
+    int split_budget;       /* max T * nsplit */
+    /* activations [Tm][...] */
+    float *x, *xnf, *qkv, *q, *part, *rlog, *topk_w, *sg, *y, *ys, *tmp, *logits, *inv_freq;
+    __half *xn, *att, *h, *hs, *xg, *hg, *fn;
+    int32_t *topk_ids;
+    cu_moe_plan plan;
+    int32_t *d_active;      /* benchmark counter of routed (layer, expert) pairs, or NULL */
+    /* batch description: device and pinned host copies */
+    int32_t *d_tok, *d_seq, *d_pos, *d_rows, *d_bt;
+    int2 *d_tiles;
+    int32_t *h_tok, *h_seq, *h_pos, *h_rows, *h_bt, *h_off;
+    int2 *h_tiles;
+    int bt_cap;
+    /* KV cache */
+    int bs, n_blocks;
+    __half *kv;
+    size_t kv_layer_elems;  /* elements of one layer's K (= V) */
+};
+
+static int state_alloc(void **p, size_t bytes, lm_err *err, const char *what)
+{
+    if (bytes == 0)
+        bytes = 16;
+    cudaError_t e = cudaMalloc(p, bytes);
+    if (e != cudaSuccess)
+        return lm_err_set(err, -ENOMEM, "cuda: allocating %zu bytes for %s: %s", bytes, what,
+                          cudaGetErrorString(e));
+    return 0;
+}
+#define ALLOC(ptr, n, what) \
+    do { \
+        int rc_ = state_alloc((void **)&(ptr), (size_t)(n) * sizeof(*(ptr)), err, what); \
+        if (rc_) { \
+            cu_state_destroy(s); \
+            return rc_; \
+        } \
+    } while (0)
+
+static int blas_err(lm_err *err, cublasStatus_t b, const char *what)
+{
+    if (b == CUBLAS_STATUS_SUCCESS)
+        return 0;
+    return lm_err_set(err, -EIO, "cublas: %s: status %d", what, (int)b);
+}
+
+extern "C" void cu_state_destroy(cu_state *s)
+{
+    if (!s)
+        return;
+    if (s->st)
+        cudaStreamSynchronize(s->st);
+    void *dev[] = {s->x, s->xnf, s->qkv, s->q, s->part, s->rlog, s->topk_w, s->sg, s->y, s->ys,
+                   s->tmp, s->logits, s->inv_freq, s->xn, s->att, s->h, s->hs, s->xg, s->hg,
+                   s->fn, s->topk_ids, s->plan.offsets, s->plan.ent_token, s->plan.ent_expert,
+                   s->plan.ent_weight, s->plan.pos, s->plan.items, s->plan.n_items, s->d_tok,
+                   s->d_seq, s->d_pos, s->d_rows, s->d_bt, s->d_tiles, s->kv, s->d_active};
+    for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
+        if (dev[i])
+            cudaFree(dev[i]);
+    void *host[] = {s->h_tok, s->h_seq, s->h_pos, s->h_rows, s->h_bt, s->h_off, s->h_tiles};
+    for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
+        if (host[i])
+            cudaFreeHost(host[i]);
+    if (s->blas)
+        cublasDestroy(s->blas);
+    if (s->st)
+        cudaStreamDestroy(s->st);
+    free(s);
+}
+
+static int host_alloc(void **p, size_t bytes, lm_err *err)
+{
+    cudaError_t e = cudaMallocHost(p, bytes ? bytes : 16);
+    return e == cudaSuccess ? 0 : cuda_err(err, e, "pinned host allocation");
+}
+
+extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state **ret,
+                               lm_err *err)
+{
+    cu_state *s = (cu_state *)calloc(1, sizeof(*s));
+    if (!s)
+        return lm_err_set(err, -ENOMEM, "cuda: out of host memory");
+    s->m = m;
+    if (o)
+        s->o = *o;
+    if (s->o.max_tokens <= 0)
+        s->o.max_tokens = 2048;
+    const int Tm = s->Tm = s->o.max_tokens;
+    if (s->o.max_logits <= 0 || s->o.max_logits > Tm)
+        s->o.max_logits = Tm;
+    /* the fp32 scratch of 16-bit SiLU products is needed only with 16-bit MLPs */
+    int f16_mlp = 0;
+    for (int l = 0; l < m->n_layers; l++)
+        f16_mlp |= m->layers[l].gate_up.kind == CU_W_F16 || m->layers[l].sh_gate_up.kind == CU_W_F16;
+    const int H = m->hidden, hd = m->head_dim, nq = m->nq, nkv = m->nkv;
+    const int k = m->top_k > 0 ? m->top_k : 1, E = m->n_experts > 0 ? m->n_experts : 1;
+    const int I = m->inter_max;
+    const int nqkv = (nq + 2 * nkv) * hd;
+    int dev = 0;
+    cudaError_t ce = cudaGetDevice(&dev);
+    if (ce == cudaSuccess)
+        ce = cudaDeviceGetAttribute(&s->sms, cudaDevAttrMultiProcessorCount, dev);
+    if (ce != cudaSuccess) {
+        free(s);
+        return cuda_err(err, ce, "device query");
+    }
+    if (cudaStreamCreateWithFlags(&s->st, cudaStreamNonBlocking) != cudaSuccess) {
+        cu_state_destroy(s);
+        return lm_err_set(err, -EIO, "cuda: cannot create a stream");
+    }
+    if (cublasCreate(&s->blas) != CUBLAS_STATUS_SUCCESS) {
+        cu_state_destroy(s);
+        return lm_err_set(err, -EIO, "cublas: cannot create a handle");
+    }
+    cublasSetStream(s->blas, s->st);
+    s->split_budget = Tm > 1024 ? Tm : 1024;
+
+    ALLOC(s->x, (size_t)Tm * H, "residual stream");
+    ALLOC(s->xn, (size_t)Tm * H, "normed activations");
+    ALLOC(s->xnf, (size_t)Tm * H, "normed activations (fp32)");
+    ALLOC(s->qkv, (size_t)Tm * nqkv, "qkv");
+    ALLOC(s->q, (size_t)Tm * nq * hd, "queries");
+    ALLOC(s->att, (size_t)Tm * nq * hd, "attention output");
+    ALLOC(s->part, (size_t)s->split_budget * nq * (hd + 2), "attention splits");
+    ALLOC(s->rlog, (size_t)Tm * (E + 1), "router logits");
+    ALLOC(s->topk_ids, (size_t)Tm * k, "top-k ids");
+    ALLOC(s->topk_w, (size_t)Tm * k, "top-k weights");
+    ALLOC(s->sg, (size_t)Tm, "shared gates");
+    ALLOC(s->plan.offsets, E + 1, "expert offsets");
+    ALLOC(s->plan.ent_token, (size_t)Tm * k, "entries");
+    ALLOC(s->plan.ent_expert, (size_t)Tm * k, "entries");
+    ALLOC(s->plan.ent_weight, (size_t)Tm * k, "entries");
+    ALLOC(s->plan.pos, (size_t)Tm * k, "entries");
+    ALLOC(s->plan.items, (size_t)Tm * k + E, "work items");
+    ALLOC(s->plan.n_items, 1, "work items");
+    ALLOC(s->h, (size_t)Tm * k * I, "expert hidden");
+    ALLOC(s->hg, (size_t)Tm * k * I, "expert hidden (gathered)");
+    ALLOC(s->y, (size_t)Tm * k * H, "expert outputs");
+    ALLOC(s->hs, (size_t)Tm * I, "shared hidden");
+    ALLOC(s->ys, (size_t)Tm * H, "shared output");
+    ALLOC(s->xg, (size_t)Tm * k * (H > nq * hd ? H : nq * hd), "gathered inputs");
+    ALLOC(s->tmp, f16_mlp ? (size_t)Tm * k * 2 * I : 1, "16-bit product scratch");
+    ALLOC(s->fn, (size_t)Tm * H, "final norm");
+    ALLOC(s->logits, (size_t)s->o.max_logits * m->vocab, "logits");
+    ALLOC(s->inv_freq, hd / 2, "rope frequencies");
+    ALLOC(s->d_tok, Tm, "batch");
+    ALLOC(s->d_seq, Tm, "batch");
+    ALLOC(s->d_pos, Tm, "batch");
+    ALLOC(s->d_rows, Tm, "batch");
+    ALLOC(s->d_tiles, Tm, "batch");
+    int rc = 0;
+    if ((rc = host_alloc((void **)&s->h_tok, Tm * 4, err)) || (rc = host_alloc((void **)&s->h_seq, Tm * 4, err)) ||
+        (rc = host_alloc((void **)&s->h_pos, Tm * 4, err)) || (rc = host_alloc((void **)&s->h_rows, Tm * 4, err)) ||
+        (rc = host_alloc((void **)&s->h_tiles, Tm * 8, err)) ||
+        (rc = host_alloc((void **)&s->h_off, (E + 1) * 4, err))) {
+        cu_state_destroy(s);
+        return rc;
+    }
+    float *f = (float *)malloc(sizeof(float) * (hd / 2));
+    if (!f) {
+        cu_state_destroy(s);
+        return lm_err_set(err, -ENOMEM, "cuda: out of host memory");
+    }
+    /* transformers: 1 / theta ** (arange(0, hd, 2) / hd) in float32 */
+    for (int i = 0; i < hd / 2; i++)
+        f[i] = (float)(1.0 / pow((double)m->rope_theta, (double)(2 * i) / (double)hd));
+    ce = cudaMemcpy(s->inv_freq, f, sizeof(float) * (hd / 2), cudaMemcpyHostToDevice);
+    free(f);
+    if (ce != cudaSuccess) {
+        rc = cuda_err(err, ce, "rope upload");
+        cu_state_destroy(s);
+        return rc;
+    }
+    *ret = s;
+    return 0;
+}
+
+extern "C" int cu_state_kv_init(cu_state *s, int32_t block_size, int32_t n_blocks, lm_err *err)
+{
+    const cu_model *m = s->m;
+    if (s->kv)
+        return lm_err_set(err, -EALREADY, "cuda: KV cache already allocated");
+    if (block_size <= 0 || n_blocks <= 0)
+        return lm_err_set(err, -EINVAL, "cuda: KV cache of %d blocks of %d tokens", n_blocks,
+                          block_size);
+    s->bs = block_size;
+    s->n_blocks = n_blocks;
+    s->kv_layer_elems = (size_t)n_blocks * block_size * m->nkv * m->head_dim;
+    const size_t bytes = s->kv_layer_elems * 2 * m->n_layers * sizeof(__half);
+    cudaError_t e = cudaMalloc((void **)&s->kv, bytes);
+    if (e != cudaSuccess) {
+        s->kv = NULL;
+        return lm_err_set(err, -ENOMEM, "cuda: KV cache of %zu bytes (%d blocks of %d tokens): %s",
+                          bytes, n_blocks, block_size, cudaGetErrorString(e));
+    }
+    /* zeroed so that a slot read before it is written holds numbers, not NaN */
+    CUDA_TRY(err, cudaMemset(s->kv, 0, bytes));
+    const int max_blocks = (m->max_ctx + block_size - 1) / block_size + 1;
+    const int seqs = s->Tm < 1024 ? s->Tm : 1024;
+    s->bt_cap = seqs * max_blocks;
+    int rc = state_alloc((void **)&s->d_bt, (size_t)s->bt_cap * 4, err, "block tables");
+    if (rc)
+        return rc;
+    return host_alloc((void **)&s->h_bt, (size_t)s->bt_cap * 4, err);
+}
+
+extern "C" int cu_state_kv_copy(cu_state *s, int32_t src, int32_t dst, lm_err *err)
+{
+    if (!s->kv)
+        return lm_err_set(err, -EINVAL, "cuda: KV cache not allocated");
+    if (src < 0 || dst < 0 || src >= s->n_blocks || dst >= s->n_blocks)
+        return lm_err_set(err, -EINVAL, "cuda: KV copy %d -> %d outside %d blocks", src, dst,
+                          s->n_blocks);
+    const size_t blk = (size_t)s->bs * s->m->nkv * s->m->head_dim;
+    for (int l = 0; l < 2 * s->m->n_layers; l++) {
+        __half *base = s->kv + (size_t)l * s->kv_layer_elems;
+        CUDA_TRY(err, cudaMemcpyAsync(base + dst * blk, base + src * blk, blk * sizeof(__half),
+                                      cudaMemcpyDeviceToDevice, s->st));
+    }
+    return 0;
+}
+
+extern "C" size_t cu_state_kv_bytes_per_token(const cu_state *s)
+{
+    return (size_t)s->m->n_layers * 2 * s->m->nkv * s->m->head_dim * sizeof(__half);
+}
+
+extern "C" size_t cu_state_free_bytes(const cu_state *s)
+{
+    size_t fr = 0, tot = 0;
+    (void)s;
+    if (cudaMemGetInfo(&fr, &tot) != cudaSuccess)
+        return 0;
+    return fr;
+}
+
+/* ---- products ------------------------------------------------------------ */
+
+__global__ void k_silu_pairs(const float *__restrict__ t, int n2, int rows, __half *__restrict__ h,
+                             int ldh)
+{
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int half = n2 / 2;
+    if (idx >= (size_t)rows * half)
+        return;
+    const size_t r = idx / half, j = idx % half;
+    const float g = t[r * n2 + 2 * j], u = t[r * n2 + 2 * j + 1];
+    h[r * ldh + j] = __float2half(cu_silu(g) * u);
+}
+
+static cu_int4_weights int4_of(const cu_linear *L, int e)
+{
+    cu_int4_weights w;
+    w.n = L->n;
+    w.k = L->k;
+    w.group = L->group;
+    w.n_experts = L->n_experts;
+    const size_t G = (size_t)L->n * (L->k / L->group);
+    w.qs = L->qs + (size_t)e * L->n * (L->k / 2);
+    w.scales = (const __half *)L->scales + (size_t)e * G;
+    w.zeros = L->zeros + (size_t)e * G;
+    return w;
+}
+
+/* out (fp32 [T][ldo], or fp16 [T][ldo] for SILU) = W a, W of expert e. */
+static int gemm_f16(cu_state *s, const cu_linear *L, int e, int T, const __half *a, int lda,
+                    void *out, int ldo, cu_out_mode mode, lm_err *err)
+{
+    if (T <= 0)
+        return 0;
+    const float one = 1.f, zero = 0.f;
+    const __half *W = (const __half *)L->w16 + (size_t)e * L->n * L->k;
+    float *dst = mode == CU_OUT_SILU_F16 ? s->tmp : (float *)out;
+    const int ldd = mode == CU_OUT_SILU_F16 ? L->n : ldo;
+    cublasStatus_t b = cublasGemmEx(s->blas, CUBLAS_OP_T, CUBLAS_OP_N, L->n, T, L->k, &one, W,
+                                    CUDA_R_16F, L->k, a, CUDA_R_16F, lda,
+                                    mode == CU_OUT_F32_ACC ? &one : &zero, dst, CUDA_R_32F, ldd,
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (b != CUBLAS_STATUS_SUCCESS)
+        return blas_err(err, b, "16-bit product");
+    if (mode == CU_OUT_SILU_F16) {
+        const size_t n = (size_t)T * (L->n / 2);
+        k_silu_pairs<<<(unsigned)((n + 255) / 256), 256, 0, s->st>>>(s->tmp, L->n, T, (__half *)out, ldo);
+        CUDA_LAUNCH_CHECK(err, "silu launch");
+    }
+    return 0;
+}
+
+/* A dense (one-expert) layer over T rows of a. */
+static int linear(cu_state *s, const cu_linear *L, int T, const __half *a, int lda, void *out,
+                  int ldo, cu_out_mode mode, lm_err *err)
+{
+    if (L->kind == CU_W_F16)
+        return gemm_f16(s, L, 0, T, a, lda, out, ldo, mode, err);
+    if (L->kind != CU_W_INT4)
+        return lm_err_set(err, -EINVAL, "cuda: linear layer has no weights");
+    if (L->perm) {
+        int rc = cu_gather_rows(a, lda, NULL, T, L->k, L->perm, NULL, s->xg, s->st, err);
+        if (rc)
+            return rc;
+        a = s->xg;
+        lda = L->k;
+    }
+    cu_int4_weights w = int4_of(L, 0);
+    cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
+    r.n_rows = T;
+    return cu_int4_matmul(&w, &r, a, lda, out, ldo, mode, (cu_gemm_path)s->o.path, s->st, err);
+}
+
+/* ---- one MoE block -------------------------------------------------------- */
+
+__global__ void k_count_active(const int32_t *off, int E, int32_t *counter)
+{
+    int c = 0;
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        c += off[e + 1] > off[e];
+    atomicAdd(counter, c);
+}
+
+extern "C" int cu_state_count_experts(cu_state *s, int on, lm_err *err)
+{
+    if (on && !s->d_active) {
+        CUDA_TRY(err, cudaMalloc((void **)&s->d_active, 4));
+        CUDA_TRY(err, cudaMemset(s->d_active, 0, 4));
+    }
+    if (!on && s->d_active) {
+        cudaFree(s->d_active);
+        s->d_active = NULL;
+    }
+    return 0;
+}
+
+extern "C" long cu_state_read_experts(cu_state *s)
+{
+    int32_t v = 0;
+    if (!s->d_active)
+        return 0;
+    cudaStreamSynchronize(s->st);
+    cudaMemcpy(&v, s->d_active, 4, cudaMemcpyDeviceToHost);
+    cudaMemset(s->d_active, 0, 4);
+    return v;
+}
+
+static int moe_block(cu_state *s, const cu_layer *L, int T, lm_err *err)
+{
+    const cu_model *m = s->m;
+    const int H = m->hidden, E = m->n_experts, k = m->top_k, n = T * k;
+    const int I = L->down.k;
+    const int er = E + (m->has_shared ? 1 : 0);
+    const float one = 1.f, zero = 0.f;
+    int rc;
+    cublasStatus_t b = cublasSgemm(s->blas, CUBLAS_OP_T, CUBLAS_OP_N, er, T, H, &one, L->router,
+                                   H, s->xnf, H, &zero, s->rlog, er);
+    if (b != CUBLAS_STATUS_SUCCESS)
+        return blas_err(err, b, "router product");
+    if ((rc = cu_moe_route(s->rlog, er, T, E, k, m->renorm, m->has_shared, s->topk_ids,
+                           s->topk_w, s->sg, s->st, err)))
+        return rc;
+    const int avg = (n + E - 1) / E;
+    int tile = cu_int4_tile_for(T, avg, (cu_gemm_path)s->o.path);
+    if ((rc = cu_moe_group(s->topk_ids, s->topk_w, T, k, E, tile, &s->plan, s->st, err)))
+        return rc;
+    if (s->d_active) {
+        k_count_active<<<1, 128, 0, s->st>>>(s->plan.offsets, E, s->d_active);
+        CUDA_LAUNCH_CHECK(err, "expert count launch");
+    }
+
+    if (L->gate_up.kind == CU_W_INT4) {
+        cu_gemm_rows r;
+        r.n_rows = n;
+        r.offsets = s->plan.offsets;
+        r.items = s->plan.items;
+        r.n_items = s->plan.n_items;
+        r.max_items = cu_moe_max_items(n, E, tile);
+        r.tile = tile;
+        r.a_rows = s->plan.ent_token;
+        r.row_scale = NULL;
+        const __half *a = s->xn;
+        int lda = H;
+        if (L->gate_up.perm) {
+            if ((rc = cu_gather_rows(s->xn, H, s->plan.ent_token, n, H, L->gate_up.perm,
+                                     s->plan.ent_expert, s->xg, s->st, err)))
+                return rc;
+            a = s->xg;
+            r.a_rows = NULL;
+        }
+        cu_int4_weights w = int4_of(&L->gate_up, 0);
+        if ((rc = cu_int4_matmul(&w, &r, a, lda, s->h, I, CU_OUT_SILU_F16, (cu_gemm_path)s->o.path,
+                                 s->st, err)))
+            return rc;
+        const __half *hin = s->h;
+        r.a_rows = NULL;
+        if (L->down.perm) {
+            if ((rc = cu_gather_rows(s->h, I, NULL, n, I, L->down.perm, s->plan.ent_expert, s->hg,
+                                     s->st, err)))
+                return rc;
+            hin = s->hg;
+        }
+        w = int4_of(&L->down, 0);
+        if ((rc = cu_int4_matmul(&w, &r, hin, I, s->y, H, CU_OUT_F32, (cu_gemm_path)s->o.path,
+                                 s->st, err)))
+            return rc;
+    } else {
+        /* 16-bit experts: per-expert cuBLAS calls need the counts on the host. */
+        CUDA_TRY(err, cudaMemcpyAsync(s->h_off, s->plan.offsets, (E + 1) * sizeof(int32_t),
+                                      cudaMemcpyDeviceToHost, s->st));
+        CUDA_TRY(err, cudaStreamSynchronize(s->st));
+        if ((rc = cu_gather_rows(s->xn, H, s->plan.ent_token, n, H, NULL, NULL, s->xg, s->st, err)))
+            return rc;
+        for (int e = 0; e < E; e++) {
+            const int o0 = s->h_off[e], c = s->h_off[e + 1] - o0;
+            if (c <= 0)
+                continue;
+            if ((rc = gemm_f16(s, &L->gate_up, e, c, s->xg + (size_t)o0 * H, H, s->h + (size_t)o0 * I,
+                               I, CU_OUT_SILU_F16, err)))
+                return rc;
+            if ((rc = gemm_f16(s, &L->down, e, c, s->h + (size_t)o0 * I, I, s->y + (size_t)o0 * H,
+                               H, CU_OUT_F32, err)))
+                return rc;
+        }
+    }
+    if (L->sh_gate_up.kind != CU_W_NONE) {
+        const int sI = L->sh_down.k;
+        if ((rc = linear(s, &L->sh_gate_up, T, s->xn, H, s->hs, sI, CU_OUT_SILU_F16, err)))
+            return rc;
+        if ((rc = linear(s, &L->sh_down, T, s->hs, sI, s->ys, H, CU_OUT_F32, err)))
+            return rc;
+    }
+    return cu_moe_combine(s->x, H, T, k, s->y, s->plan.pos, s->plan.ent_weight,
+                          L->sh_gate_up.kind != CU_W_NONE ? s->ys : NULL, s->sg, s->st, err);
+}
+
+/* ---- the step -------------------------------------------------------------- */
+
+static int upload_batch(cu_state *s, const backend_batch *bt, cu_attn_batch *ab, lm_err *err)
+{
+    const cu_model *m = s->m;
+    const int T = bt->n_tokens;
+    if (!s->kv)
+        return lm_err_set(err, -EINVAL, "cuda: forward before kv_init");
+    if (T <= 0 || T > s->Tm)
+        return lm_err_set(err, -EINVAL, "cuda: batch of %d tokens (max %d)", T, s->Tm);
+    if (bt->n_seqs <= 0 || bt->n_seqs > T || bt->seq_start[0] != 0 ||
+        bt->seq_start[bt->n_seqs] != T)
+        return lm_err_set(err, -EINVAL, "cuda: batch of %d pieces does not cover %d tokens",
+                          bt->n_seqs, T);
+    if ((size_t)bt->n_seqs * bt->max_blocks > (size_t)s->bt_cap)
+        return lm_err_set(err, -EINVAL, "cuda: block table %d x %d exceeds capacity %d",
+                          bt->n_seqs, bt->max_blocks, s->bt_cap);
+    if (bt->n_logits < 0 || bt->n_logits > T || bt->n_logits > s->o.max_logits)
+        return lm_err_set(err, -EINVAL, "cuda: %d logit rows for %d tokens (max %d)",
+                          bt->n_logits, T, s->o.max_logits);
+    const int G = m->nq / m->nkv;
+    int decode = 1;
+    for (int q = 0; q < bt->n_seqs; q++)
+        if (bt->seq_start[q + 1] - bt->seq_start[q] != 1)
+            decode = 0;
+    const int bq = decode ? 1 : (64 / G > 0 ? 64 / G : 1);
+    int n_tiles = 0, max_ctx = 1;
+    for (int q = 0; q < bt->n_seqs; q++) {
+        const int a = bt->seq_start[q], b = bt->seq_start[q + 1];
+        if (b <= a)
+            return lm_err_set(err, -EINVAL, "cuda: piece %d is empty", q);
+        const int p0 = bt->start_pos[q], end = p0 + (b - a);
+        if (p0 < 0 || end > m->max_ctx)
+            return lm_err_set(err, -EINVAL, "cuda: piece %d positions [%d, %d) outside context %d",
+                              q, p0, end, m->max_ctx);
+        if ((end + s->bs - 1) / s->bs > bt->max_blocks)
+            return lm_err_set(err, -EINVAL, "cuda: piece %d needs %d blocks, table has %d", q,
+                              (end + s->bs - 1) / s->bs, bt->max_blocks);
+        for (int j = 0; j < (end + s->bs - 1) / s->bs; j++) {
+            const int blk = bt->block_table[(size_t)q * bt->max_blocks + j];
+            if (blk < 0 || blk >= s->n_blocks)
+                return lm_err_set(err, -EINVAL, "cuda: piece %d block %d = %d outside %d blocks", q,
+                                  j, blk, s->n_blocks);
+        }
+        if (end > max_ctx)
+            max_ctx = end;
+        for (int t = a; t < b; t++) {
+            if (bt->tokens[t] < 0 || bt->tokens[t] >= m->vocab)
+                return lm_err_set(err, -EINVAL, "cuda: token %d = %d outside vocabulary %d", t,
+                                  bt->tokens[t], m->vocab);
+            s->h_seq[t] = q;
+            s->h_pos[t] = p0 + (t - a);
+            s->h_tok[t] = bt->tokens[t];
+        }
+        for (int t = a; t < b; t += bq)
+            s->h_tiles[n_tiles++] = make_int2(t, (b - t) < bq ? (b - t) : bq);
+    }
+    for (int i = 0; i < bt->n_logits; i++) {
+        if (bt->logit_rows[i] < 0 || bt->logit_rows[i] >= T)
+            return lm_err_set(err, -EINVAL, "cuda: logit row %d = %d outside %d tokens", i,
+                              bt->logit_rows[i], T);
+        s->h_rows[i] = bt->logit_rows[i];
+    }
+    const size_t btn = (size_t)bt->n_seqs * bt->max_blocks;
+    memcpy(s->h_bt, bt->block_table, btn * 4);
+    CUDA_TRY(err, cudaMemcpyAsync(s->d_tok, s->h_tok, T * 4, cudaMemcpyHostToDevice, s->st));
+    CUDA_TRY(err, cudaMemcpyAsync(s->d_seq, s->h_seq, T * 4, cudaMemcpyHostToDevice, s->st));
+    CUDA_TRY(err, cudaMemcpyAsync(s->d_pos, s->h_pos, T * 4, cudaMemcpyHostToDevice, s->st));
+    CUDA_TRY(err, cudaMemcpyAsync(s->d_tiles, s->h_tiles, n_tiles * 8, cudaMemcpyHostToDevice, s->st));
+    CUDA_TRY(err, cudaMemcpyAsync(s->d_bt, s->h_bt, btn * 4, cudaMemcpyHostToDevice, s->st));
+    if (bt->n_logits > 0)
+        CUDA_TRY(err, cudaMemcpyAsync(s->d_rows, s->h_rows, bt->n_logits * 4,
+                                      cudaMemcpyHostToDevice, s->st));
+    /* flash-decoding split: enough blocks for two waves, 64+ positions each */
+    int nsplit = 1;
+    const int blocks = n_tiles * m->nkv;
+    if (blocks < 2 * s->sms) {
+        nsplit = (2 * s->sms + blocks - 1) / blocks;
+        const int by_len = (max_ctx + 63) / 64;
+        if (nsplit > by_len)
+            nsplit = by_len;
+        if (nsplit > 32)
+            nsplit = 32;
+    }
+    if (nsplit > s->split_budget / T)
+        nsplit = s->split_budget / T;
+    if (nsplit < 1)
+        nsplit = 1;
+    ab->T = T;
+    ab->tok_seq = s->d_seq;
+    ab->tok_pos = s->d_pos;
+    ab->block_table = s->d_bt;
+    ab->max_blocks = bt->max_blocks;
+    ab->block_size = s->bs;
+    ab->tiles = s->d_tiles;
+    ab->n_tiles = n_tiles;
+    ab->bq = bq;
+    ab->nsplit = nsplit;
+    return 0;
+}
+
+static int forward_layers(cu_state *s, const backend_batch *bt, lm_err *err)
+{
+    const cu_model *m = s->m;
+    cu_attn_batch ab;
+    int rc = upload_batch(s, bt, &ab, err);
+    if (rc)
+        return rc;
+    const int T = bt->n_tokens, H = m->hidden;
+    const cu_attn_shape shape = {m->nq, m->nkv, m->head_dim};
+    const int nqkv = (m->nq + 2 * m->nkv) * m->head_dim, nqd = m->nq * m->head_dim;
+    if ((rc = cu_embed((const __half *)m->embed, H, s->d_tok, T, s->x, s->st, err)))
+        return rc;
+    for (int l = 0; l < m->n_layers; l++) {
+        const cu_layer *L = &m->layers[l];
+        __half *kc = s->kv + (size_t)(2 * l) * s->kv_layer_elems;
+        __half *vc = s->kv + (size_t)(2 * l + 1) * s->kv_layer_elems;
+        if ((rc = cu_rmsnorm(s->x, H, NULL, T, L->attn_norm, m->eps, s->xn, NULL, s->st, err)))
+            return rc;
+        if ((rc = linear(s, &L->qkv, T, s->xn, H, s->qkv, nqkv, CU_OUT_F32, err)))
+            return rc;
+        cu_qkv_params qp = {L->qkv_bias, L->q_norm, L->k_norm, m->eps, s->inv_freq};
+        if ((rc = cu_qkv_post(&shape, s->qkv, &qp, &ab, kc, vc, s->q, s->st, err)))
+            return rc;
+        if ((rc = cu_attn(&shape, s->q, kc, vc, &ab, s->part, s->att, s->st, err)))
+            return rc;
+        if ((rc = linear(s, &L->o, T, s->att, nqd, s->x, H, CU_OUT_F32_ACC, err)))
+            return rc;
+        if ((rc = cu_rmsnorm(s->x, H, NULL, T, L->mlp_norm, m->eps, s->xn, L->moe ? s->xnf : NULL,
+                             s->st, err)))
+            return rc;
+        if (L->moe) {
+            if ((rc = moe_block(s, L, T, err)))
+                return lm_err_prefix(err, "layer %d", l);
+        } else {
+            const int I = L->down.k;
+            if ((rc = linear(s, &L->gate_up, T, s->xn, H, s->h, I, CU_OUT_SILU_F16, err)))
+                return rc;
+            if ((rc = linear(s, &L->down, T, s->h, I, s->x, H, CU_OUT_F32_ACC, err)))
+                return rc;
+        }
+    }
+    if (bt->n_logits > 0) {
+        if ((rc = cu_rmsnorm(s->x, H, s->d_rows, bt->n_logits, m->final_norm, m->eps, s->fn, NULL,
+                             s->st, err)))
+            return rc;
+        if ((rc = linear(s, &m->lm_head, bt->n_logits, s->fn, H, s->logits, m->vocab, CU_OUT_F32,
+                         err)))
+            return rc;
+    }
+    return 0;
+}
+
+extern "C" int cu_forward_device(cu_state *s, const backend_batch *bt, lm_err *err)
+{
+    return forward_layers(s, bt, err);
+}
+
+extern "C" int cu_forward(cu_state *s, const backend_batch *bt, lm_err *err)
+{
+    int rc = forward_layers(s, bt, err);
+    if (rc) {
+        cudaStreamSynchronize(s->st);
+        return rc;
+    }
+    if (bt->n_logits > 0)
+        CUDA_TRY(err, cudaMemcpyAsync(bt->logits, s->logits,
+                                      (size_t)bt->n_logits * s->m->vocab * sizeof(float),
+                                      cudaMemcpyDeviceToHost, s->st));
+    CUDA_TRY(err, cudaStreamSynchronize(s->st));
+    return 0;
+}

@@ -1,0 +1,122 @@
+/*
+ * cuda_int4_gemm.cuh: INT4 x fp16 matrix products on the GPU, dense and
+ * grouped by expert, in the engine's INT4 layout (engine/int4.h).
+ *
+ * Y[i][n] = sum_k W_e[n][k] * A[a_row(i)][k] for every "entry" i of a list
+ * grouped by expert e. A dense layer is the special case of one expert and
+ * the identity list. Two kernels compute the same function:
+ *   - gemv (cuda_int4_gemv.cu): few rows per expert (decode); one team of
+ *     lanes per 4 weight rows, 16-byte weight loads, dequantisation in
+ *     registers, A reused across the 4 rows;
+ *   - mma (cuda_int4_mma.cu): many rows (prefill, large batches); tiles of
+ *     BM rows x 128 outputs, cp.async 3-stage pipeline, weights dequantised
+ *     from shared memory straight into mma.sync m16n8k16 B fragments.
+ * cu_int4_matmul picks one from the row count known on the host.
+ *
+ * Act-order (perm) is applied by the caller (cu_gather_rows) before the
+ * product: the kernels read A in packed-column order.
+ *
+ * Numerics: a weight is dequantised as (q - zero) * scale in fp16 (one
+ * rounding, relative 2^-11), products accumulate in fp32 (mma) or in fp16
+ * over 8 inputs then fp32 (gemv). Expected relative error of a row against
+ * an fp64 reference: ~1e-3 (tests/cuda bound it at 1e-2 of the row norm).
+ *
+ * Work lists (grouped case, built on the GPU by cuda_moe): offsets[E+1]
+ * delimit each expert's entries; items[y] = (expert, first entry) of the
+ * y-th tile of `tile` entries; *n_items tiles exist, max_items bound the
+ * grid so that the launch does not depend on data (CUDA-graph friendly).
+ */
+#ifndef LIGHTMOE_CUDA_INT4_GEMM_CUH
+#define LIGHTMOE_CUDA_INT4_GEMM_CUH
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "engine/err.h"
+
+/* E experts of identical shape stored back to back (E = 1 for dense). */
+typedef struct cu_int4_weights {
+    int32_t n, k, group, n_experts;
+    const uint8_t *qs;      /* [E][n][k/2] */
+    const __half *scales;   /* [E][n][k/group] */
+    const uint8_t *zeros;   /* [E][n][k/group] */
+} cu_int4_weights;
+
+/* Which rows of A each expert multiplies, and where results go. */
+typedef struct cu_gemm_rows {
+    int32_t n_rows;          /* dense: rows of A and Y; grouped: entries */
+    const int32_t *offsets;  /* [E+1] or NULL (dense) */
+    const int2 *items;       /* [max_items] (expert, first entry) or NULL */
+    const int32_t *n_items;  /* device count of items */
+    int32_t max_items;
+    int32_t tile;            /* entries per item the list was built for */
+    const int32_t *a_rows;   /* [entries] row of A for entry i, NULL = i */
+    const float *row_scale;  /* [entries] multiplier of Y row i, or NULL */
+} cu_gemm_rows;
+
+typedef enum cu_out_mode {
+    CU_OUT_F32 = 0,      /* Y[i][n] = v (float)            */
+    CU_OUT_F32_ACC = 1,  /* Y[i][n] += v (float)           */
+    CU_OUT_SILU_F16 = 2, /* rows (2j, 2j+1) = (gate, up): Y[i][j] = silu(g) * u (half) */
+} cu_out_mode;
+
+typedef enum cu_gemm_path {
+    CU_GEMM_AUTO = 0,
+    CU_GEMM_GEMV = 1,
+    CU_GEMM_MMA = 2,
+} cu_gemm_path;
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The entries-per-tile a call with at most `max_rows_per_expert` rows per
+ * expert and `avg_rows` rows per expert on average will use; the grouping
+ * kernel builds its item list for this tile. */
+int cu_int4_tile_for(int max_rows_per_expert, int avg_rows, cu_gemm_path path);
+
+/* Y = W A over the list; out is float* or __half* by mode, row stride ldo
+ * elements. A is fp16 [rows][lda], lda % 8 == 0. Asynchronous on stream. */
+int cu_int4_matmul(const cu_int4_weights *w, const cu_gemm_rows *rows, const __half *a, int lda,
+                   void *out, int ldo, cu_out_mode mode, cu_gemm_path path,
+                   cudaStream_t stream, lm_err *err);
+
+/* Launchers of the two kernels (tile must match rows->tile when grouped). */
+int cu_int4_gemv(const cu_int4_weights *w, const cu_gemm_rows *rows, const __half *a, int lda,
+                 void *out, int ldo, cu_out_mode mode, int tile, cudaStream_t stream, lm_err *err);
+int cu_int4_mma(const cu_int4_weights *w, const cu_gemm_rows *rows, const __half *a, int lda,
+                void *out, int ldo, cu_out_mode mode, int tile, cudaStream_t stream, lm_err *err);
+
+/* out[i][j] = x[rows[i]][perm ? perm[e(i)][j] : j] as fp16: gathers and
+ * permutes A for act-order layers (e(i) = ent_expert[i], or 0 if NULL). */
+int cu_gather_rows(const __half *x, int ldx, const int32_t *rows, int n_rows, int k,
+                   const int32_t *perm, const int32_t *ent_expert, __half *out,
+                   cudaStream_t stream, lm_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#ifdef __CUDACC__
+/* Block y of a launch -> (expert, first entry, end entry); false if the
+ * block has no work (grouped lists shorter than the grid). */
+__device__ __forceinline__ bool cu_item_lookup(const cu_gemm_rows &r, int y, int tile, int *e,
+                                               int *start, int *end)
+{
+    if (!r.items) {
+        *e = 0;
+        *start = y * tile;
+        *end = min(r.n_rows, *start + tile);
+        return *start < r.n_rows;
+    }
+    if (y >= *r.n_items)
+        return false;
+    int2 it = r.items[y];
+    *e = it.x;
+    *start = it.y;
+    *end = min(r.offsets[it.x + 1], it.y + tile);
+    return true;
+}
+#endif
+#endif

@@ -1,0 +1,243 @@
+/*
+ * cuda_int4_gemv.cu: the decode-path INT4 product (few rows per expert),
+ * the path chooser cu_int4_matmul, and the act-order gather.
+ *
+ * Layout of the work: a "team" of TPR lanes (8, 16 or 32, chosen so that a
+ * row's K/32 chunks keep the team busy) owns 4 consecutive weight rows; a
+ * lane loads one 16-byte chunk (32 nibbles, one group) of each of the 4
+ * rows per step, so 4 independent 16-byte loads are in flight per lane,
+ * and the 32 matching A values of each token (4 x 16 bytes, L1-resident)
+ * are reused for the 4 rows. Up to MT tokens share each dequantised
+ * weight. Partial sums are reduced across the team with shuffles; the
+ * 4 rows of a team make 2 (gate, up) pairs, so SiLU(gate) * up is fused.
+ * A block is 128 threads; grid = (row blocks, work items).
+ */
+#include "engine/cuda_common.cuh"
+#include "engine/cuda_int4_gemm.cuh"
+
+namespace {
+
+template <int MT, int TPR, int MODE>
+__global__ void __launch_bounds__(128)
+    k_int4_gemv(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
+                void *__restrict__ out, int ldo)
+{
+    int e, start, end;
+    if (!cu_item_lookup(r, blockIdx.y, MT, &e, &start, &end))
+        return; /* uniform over the block */
+    const int team = threadIdx.x / TPR, tl = threadIdx.x % TPR;
+    const int row0 = (blockIdx.x * (128 / TPR) + team) * 4;
+    const int n = w.n, K = w.k, G = w.k / w.group;
+    const int C = K / 32;
+    const size_t rowbytes = (size_t)K / 2;
+    const uint8_t *qs = w.qs + (size_t)e * n * rowbytes;
+    const __half *sc = w.scales + (size_t)e * n * G;
+    const uint8_t *zp = w.zeros + (size_t)e * n * G;
+    const int cnt = end - start;
+
+    const __half *arow[MT];
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        int i = start + (m < cnt ? m : 0);
+        int ar = r.a_rows ? r.a_rows[i] : i;
+        arow[m] = a + (size_t)ar * lda;
+    }
+    int rr[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        rr[j] = min(row0 + j, n - 1); /* clamped: tail rows compute garbage, never stored */
+
+    float acc[4][MT];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+            acc[j][m] = 0.f;
+
+    for (int c = tl; c < C; c += TPR) {
+        uint4 wv[4];
+        half2 s2[4], z2[4];
+        const int grp = (c * 32) / w.group;
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            wv[j] = __ldg(reinterpret_cast<const uint4 *>(qs + (size_t)rr[j] * rowbytes) + c);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            s2[j] = __half2half2(sc[(size_t)rr[j] * G + grp]);
+            z2[j] = int4_zero2(zp[(size_t)rr[j] * G + grp]);
+        }
+#pragma unroll
+        for (int q = 0; q < 4; q++) { /* 8 inputs k = c*32 + 8q .. +7 */
+            half2 wd[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const uint32_t word = (q == 0) ? wv[j].x : (q == 1) ? wv[j].y : (q == 2) ? wv[j].z : wv[j].w;
+                int4_dequant8(word, z2[j], s2[j], wd[j]);
+            }
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                if (m < cnt) {
+                    uint4 xv = __ldg(reinterpret_cast<const uint4 *>(arow[m] + c * 32 + q * 8));
+                    uint32_t xp[4];
+                    xp[0] = prmt(xv.x, xv.z, 0x5410); /* (x0, x4) */
+                    xp[1] = prmt(xv.x, xv.z, 0x7632); /* (x1, x5) */
+                    xp[2] = prmt(xv.y, xv.w, 0x5410); /* (x2, x6) */
+                    xp[3] = prmt(xv.y, xv.w, 0x7632); /* (x3, x7) */
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        half2 h = __hmul2(wd[j][0], *reinterpret_cast<half2 *>(&xp[0]));
+#pragma unroll
+                        for (int i = 1; i < 4; i++)
+                            h = __hfma2(wd[j][i], *reinterpret_cast<half2 *>(&xp[i]), h);
+                        float2 f = __half22float2(h);
+                        acc[j][m] += f.x + f.y;
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            float v = acc[j][m];
+#pragma unroll
+            for (int o = TPR / 2; o > 0; o >>= 1)
+                v += __shfl_xor_sync(0xffffffffu, v, o, TPR);
+            acc[j][m] = v;
+        }
+    if (tl != 0)
+        return;
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        if (m >= cnt)
+            break;
+        const int i = start + m;
+        const float rs = r.row_scale ? r.row_scale[i] : 1.f;
+        if (MODE == CU_OUT_SILU_F16) {
+            __half *o = static_cast<__half *>(out) + (size_t)i * ldo;
+#pragma unroll
+            for (int j = 0; j < 4; j += 2)
+                if (row0 + j + 1 < n)
+                    o[(row0 + j) / 2] = __float2half(cu_silu(acc[j][m]) * acc[j + 1][m] * rs);
+        } else {
+            float *o = static_cast<float *>(out) + (size_t)i * ldo;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (row0 + j < n) {
+                    if (MODE == CU_OUT_F32_ACC)
+                        o[row0 + j] += acc[j][m] * rs;
+                    else
+                        o[row0 + j] = acc[j][m] * rs;
+                }
+        }
+    }
+}
+
+template <int MT, int TPR>
+int launch_gemv_mode(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a, int lda,
+                     void *out, int ldo, cu_out_mode mode, cudaStream_t st)
+{
+    const int rows_per_block = (128 / TPR) * 4;
+    const int gy = r->items ? r->max_items : cuda_div_up(r->n_rows, MT);
+    dim3 grid(cuda_div_up(w->n, rows_per_block), gy);
+    if (gy == 0)
+        return 0;
+    switch (mode) {
+    case CU_OUT_F32: k_int4_gemv<MT, TPR, CU_OUT_F32><<<grid, 128, 0, st>>>(*w, *r, a, lda, out, ldo); break;
+    case CU_OUT_F32_ACC: k_int4_gemv<MT, TPR, CU_OUT_F32_ACC><<<grid, 128, 0, st>>>(*w, *r, a, lda, out, ldo); break;
+    case CU_OUT_SILU_F16: k_int4_gemv<MT, TPR, CU_OUT_SILU_F16><<<grid, 128, 0, st>>>(*w, *r, a, lda, out, ldo); break;
+    }
+    return 0;
+}
+
+template <int MT>
+int launch_gemv_tpr(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a, int lda,
+                    void *out, int ldo, cu_out_mode mode, cudaStream_t st)
+{
+    const int chunks = w->k / 32;
+    if (chunks >= 32)
+        return launch_gemv_mode<MT, 32>(w, r, a, lda, out, ldo, mode, st);
+    if (chunks >= 16)
+        return launch_gemv_mode<MT, 16>(w, r, a, lda, out, ldo, mode, st);
+    return launch_gemv_mode<MT, 8>(w, r, a, lda, out, ldo, mode, st);
+}
+
+__global__ void k_gather_rows(const __half *__restrict__ x, int ldx, const int32_t *__restrict__ rows,
+                              int k, const int32_t *__restrict__ perm,
+                              const int32_t *__restrict__ ent_expert, __half *__restrict__ out)
+{
+    const int i = blockIdx.x;
+    const int src = rows ? rows[i] : i;
+    const int32_t *p = perm ? perm + (size_t)(ent_expert ? ent_expert[i] : 0) * k : nullptr;
+    for (int j = threadIdx.x; j < k; j += blockDim.x)
+        out[(size_t)i * k + j] = x[(size_t)src * ldx + (p ? p[j] : j)];
+}
+
+} // namespace
+
+static int check_args(const cu_int4_weights *w, int lda, cu_out_mode mode, lm_err *err)
+{
+    if (w->k % 32 || w->group % 32 || w->k % w->group || w->n <= 0)
+        return lm_err_set(err, -EINVAL, "int4 matmul: bad shape n=%d k=%d group=%d", w->n, w->k,
+                          w->group);
+    if (lda % 8)
+        return lm_err_set(err, -EINVAL, "int4 matmul: lda %d not a multiple of 8", lda);
+    if (mode == CU_OUT_SILU_F16 && w->n % 2)
+        return lm_err_set(err, -EINVAL, "int4 matmul: fused SiLU needs an even row count");
+    return 0;
+}
+
+extern "C" int cu_int4_gemv(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a,
+                            int lda, void *out, int ldo, cu_out_mode mode, int tile,
+                            cudaStream_t st, lm_err *err)
+{
+    int rc = check_args(w, lda, mode, err);
+    if (rc)
+        return rc;
+    switch (tile) {
+    case 1: rc = launch_gemv_tpr<1>(w, r, a, lda, out, ldo, mode, st); break;
+    case 2: rc = launch_gemv_tpr<2>(w, r, a, lda, out, ldo, mode, st); break;
+    case 4: rc = launch_gemv_tpr<4>(w, r, a, lda, out, ldo, mode, st); break;
+    case 8: rc = launch_gemv_tpr<8>(w, r, a, lda, out, ldo, mode, st); break;
+    default: return lm_err_set(err, -EINVAL, "int4 gemv: tile %d not in {1,2,4,8}", tile);
+    }
+    CUDA_LAUNCH_CHECK(err, "int4 gemv launch");
+    return rc;
+}
+
+extern "C" int cu_int4_tile_for(int max_rows, int avg_rows, cu_gemm_path path)
+{
+    if (path == CU_GEMM_GEMV || (path == CU_GEMM_AUTO && max_rows <= 8)) {
+        int t = 1;
+        while (t < max_rows && t < 8)
+            t *= 2;
+        return t;
+    }
+    if (avg_rows <= 16)
+        return 16;
+    if (avg_rows <= 32)
+        return 32;
+    return 64;
+}
+
+extern "C" int cu_int4_matmul(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a,
+                              int lda, void *out, int ldo, cu_out_mode mode, cu_gemm_path path,
+                              cudaStream_t st, lm_err *err)
+{
+    int tile = r->items ? r->tile : cu_int4_tile_for(r->n_rows, r->n_rows, path);
+    if (tile <= 8)
+        return cu_int4_gemv(w, r, a, lda, out, ldo, mode, tile, st, err);
+    return cu_int4_mma(w, r, a, lda, out, ldo, mode, tile, st, err);
+}
+
+extern "C" int cu_gather_rows(const __half *x, int ldx, const int32_t *rows, int n_rows, int k,
+                              const int32_t *perm, const int32_t *ent_expert, __half *out,
+                              cudaStream_t st, lm_err *err)
+{
+    if (n_rows <= 0)
+        return 0;
+    k_gather_rows<<<n_rows, 256, 0, st>>>(x, ldx, rows, k, perm, ent_expert, out);
+    CUDA_LAUNCH_CHECK(err, "gather rows launch");
+    return 0;
+}

@@ -1,0 +1,233 @@
+/*
+ * cuda_int4_mma.cu: the many-row INT4 product on the tensor cores
+ * (mma.sync m16n8k16, fp16 x fp16 -> fp32), portable to sm_80 and later.
+ *
+ * Block tile: BM = 16*MTILES rows of A (tokens) x 128 weight rows, K in
+ * steps of 64; 4 warps, warp w owns weight rows [32w, 32w+32) of the tile
+ * (4 n8 tiles) for all BM tokens, so each weight is dequantised once per
+ * block. A (fp16) and the packed weights travel global -> shared with
+ * cp.async through a 3-stage ring.
+ *
+ * The fragment trick that lets the int4.h layout feed mma directly: a dot
+ * product does not care in which order k is summed, as long as A and B use
+ * the same order. Lane (g = lane/4, c = lane%4) takes the 32-bit word of
+ * weight row g holding k = 8c..8c+7 of a 32-wide chunk; the 0x6400 trick
+ * turns it into the pairs (k0,k4) (k1,k5) (k2,k6) (k3,k7), used as the B
+ * registers of two mma instructions, and the lane's A registers are the
+ * same pairs of its 8 contiguous activations, rearranged with prmt.
+ *
+ * Shared rows are padded (A 192 bytes per 64 halves, B 48 bytes per 32
+ * bytes) so that the fragment reads of a warp hit distinct banks.
+ */
+#include "engine/cuda_common.cuh"
+#include "engine/cuda_int4_gemm.cuh"
+
+namespace {
+
+constexpr int BN = 128, BK = 64, STAGES = 3;
+constexpr int A_STRIDE = 192; /* bytes per A row in shared memory */
+constexpr int B_STRIDE = 48;  /* bytes per weight row in shared memory */
+
+template <int MTILES> constexpr int smem_bytes()
+{
+    return STAGES * (16 * MTILES * A_STRIDE + BN * B_STRIDE);
+}
+
+template <int MTILES, int MODE>
+__global__ void __launch_bounds__(128)
+    k_int4_mma(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
+               void *__restrict__ out, int ldo)
+{
+    constexpr int BM = 16 * MTILES;
+    extern __shared__ __align__(16) uint8_t smem[];
+    uint8_t *sA = smem;
+    uint8_t *sB = smem + STAGES * BM * A_STRIDE;
+    __shared__ int s_arow[BM];
+
+    int e, start, end;
+    if (!cu_item_lookup(r, blockIdx.y, BM, &e, &start, &end))
+        return;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int n0 = blockIdx.x * BN;
+    const int N = w.n, K = w.k, G = w.k / w.group;
+    const size_t rowbytes = (size_t)K / 2;
+    const uint8_t *qs = w.qs + (size_t)e * N * rowbytes;
+    const __half *sc = w.scales + (size_t)e * N * G;
+    const uint8_t *zp = w.zeros + (size_t)e * N * G;
+    const int cnt = end - start;
+
+    for (int i = tid; i < BM; i += 128)
+        s_arow[i] = i < cnt ? (r.a_rows ? r.a_rows[start + i] : start + i) : -1;
+    __syncthreads();
+
+    const int ktiles = (K + BK - 1) / BK;
+    auto load_stage = [&](int stage, int kt) {
+        uint8_t *da = sA + stage * BM * A_STRIDE;
+        for (int i = tid; i < BM * 8; i += 128) {
+            const int row = i >> 3, piece = i & 7, kcol = kt * BK + piece * 8;
+            const int ar = s_arow[row];
+            const bool ok = ar >= 0 && kcol < K;
+            const __half *src = ok ? a + (size_t)ar * lda + kcol : a;
+            cp_async16(da + row * A_STRIDE + piece * 16, src, ok);
+        }
+        uint8_t *db = sB + stage * BN * B_STRIDE;
+        for (int i = tid; i < BN * 2; i += 128) {
+            const int row = i >> 1, piece = i & 1, kcol = kt * BK + piece * 32;
+            const bool ok = (n0 + row) < N && kcol < K;
+            const uint8_t *src = ok ? qs + (size_t)(n0 + row) * rowbytes + kcol / 2 : qs;
+            cp_async16(db + row * B_STRIDE + piece * 16, src, ok);
+        }
+    };
+
+    float acc[MTILES][4][4];
+#pragma unroll
+    for (int mi = 0; mi < MTILES; mi++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++)
+                acc[mi][j][q] = 0.f;
+
+    int nrow[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        nrow[j] = min(n0 + warp * 32 + j * 8 + g, N - 1);
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < ktiles)
+            load_stage(s, s);
+        cp_async_commit();
+    }
+
+    for (int kt = 0; kt < ktiles; kt++) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (kt + STAGES - 1 < ktiles)
+            load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+        cp_async_commit();
+
+        const int stage = kt % STAGES;
+        const uint8_t *ta = sA + stage * BM * A_STRIDE;
+        const uint8_t *tb = sB + stage * BN * B_STRIDE;
+#pragma unroll
+        for (int ch = 0; ch < 2; ch++) {
+            const int kc = kt * BK + ch * 32;
+            if (kc >= K)
+                break;
+            const int grp = kc / w.group;
+            half2 bq[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const uint32_t word = *reinterpret_cast<const uint32_t *>(
+                    tb + (warp * 32 + j * 8 + g) * B_STRIDE + ch * 16 + c * 4);
+                const half2 s2 = __half2half2(sc[(size_t)nrow[j] * G + grp]);
+                const half2 z2 = int4_zero2(zp[(size_t)nrow[j] * G + grp]);
+                int4_dequant8(word, z2, s2, bq[j]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < MTILES; mi++) {
+                const uint4 ra = *reinterpret_cast<const uint4 *>(ta + (mi * 16 + g) * A_STRIDE + ch * 64 + c * 16);
+                const uint4 rb = *reinterpret_cast<const uint4 *>(ta + (mi * 16 + g + 8) * A_STRIDE + ch * 64 + c * 16);
+                uint32_t a0[4], a1[4];
+                a0[0] = prmt(ra.x, ra.z, 0x5410);
+                a0[1] = prmt(rb.x, rb.z, 0x5410);
+                a0[2] = prmt(ra.x, ra.z, 0x7632);
+                a0[3] = prmt(rb.x, rb.z, 0x7632);
+                a1[0] = prmt(ra.y, ra.w, 0x5410);
+                a1[1] = prmt(rb.y, rb.w, 0x5410);
+                a1[2] = prmt(ra.y, ra.w, 0x7632);
+                a1[3] = prmt(rb.y, rb.w, 0x7632);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    mma_16816(acc[mi][j], a0, *reinterpret_cast<uint32_t *>(&bq[j][0]),
+                              *reinterpret_cast<uint32_t *>(&bq[j][1]));
+                    mma_16816(acc[mi][j], a1, *reinterpret_cast<uint32_t *>(&bq[j][2]),
+                              *reinterpret_cast<uint32_t *>(&bq[j][3]));
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    /* Epilogue: c0,c1 = (row g, cols 2c, 2c+1); c2,c3 = (row g+8, same cols). */
+#pragma unroll
+    for (int mi = 0; mi < MTILES; mi++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int m = mi * 16 + g + h * 8;
+            if (m >= cnt)
+                continue;
+            const int i = start + m;
+            const float rs = r.row_scale ? r.row_scale[i] : 1.f;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int n = n0 + warp * 32 + j * 8 + 2 * c;
+                const float v0 = acc[mi][j][2 * h] * rs, v1 = acc[mi][j][2 * h + 1];
+                if (n >= N)
+                    continue;
+                if (MODE == CU_OUT_SILU_F16) {
+                    __half *o = static_cast<__half *>(out) + (size_t)i * ldo;
+                    o[n / 2] = __float2half(cu_silu(acc[mi][j][2 * h]) * v1 * rs);
+                } else {
+                    float *o = static_cast<float *>(out) + (size_t)i * ldo;
+                    if (MODE == CU_OUT_F32_ACC) {
+                        o[n] += v0;
+                        if (n + 1 < N)
+                            o[n + 1] += v1 * rs;
+                    } else {
+                        o[n] = v0;
+                        if (n + 1 < N)
+                            o[n + 1] = v1 * rs;
+                    }
+                }
+            }
+        }
+}
+
+template <int MTILES>
+int launch_mma(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a, int lda,
+               void *out, int ldo, cu_out_mode mode, cudaStream_t st, lm_err *err)
+{
+    constexpr int smem = smem_bytes<MTILES>();
+    const int gy = r->items ? r->max_items : cuda_div_up(r->n_rows, 16 * MTILES);
+    if (gy == 0)
+        return 0;
+    dim3 grid(cuda_div_up(w->n, BN), gy);
+    switch (mode) {
+#define LAUNCH(M) \
+    case M: \
+        CUDA_TRY(err, cudaFuncSetAttribute(k_int4_mma<MTILES, M>, \
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem)); \
+        k_int4_mma<MTILES, M><<<grid, 128, smem, st>>>(*w, *r, a, lda, out, ldo); \
+        break;
+        LAUNCH(CU_OUT_F32)
+        LAUNCH(CU_OUT_F32_ACC)
+        LAUNCH(CU_OUT_SILU_F16)
+#undef LAUNCH
+    }
+    CUDA_LAUNCH_CHECK(err, "int4 mma launch");
+    return 0;
+}
+
+} // namespace
+
+extern "C" int cu_int4_mma(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a,
+                           int lda, void *out, int ldo, cu_out_mode mode, int tile,
+                           cudaStream_t st, lm_err *err)
+{
+    if (w->k % 32 || w->group % 32 || w->k % w->group || w->n <= 0)
+        return lm_err_set(err, -EINVAL, "int4 mma: bad shape n=%d k=%d group=%d", w->n, w->k,
+                          w->group);
+    if (lda % 8)
+        return lm_err_set(err, -EINVAL, "int4 mma: lda %d not a multiple of 8", lda);
+    if (mode == CU_OUT_SILU_F16 && w->n % 2)
+        return lm_err_set(err, -EINVAL, "int4 mma: fused SiLU needs an even row count");
+    switch (tile) {
+    case 16: return launch_mma<1>(w, r, a, lda, out, ldo, mode, st, err);
+    case 32: return launch_mma<2>(w, r, a, lda, out, ldo, mode, st, err);
+    case 64: return launch_mma<4>(w, r, a, lda, out, ldo, mode, st, err);
+    default: return lm_err_set(err, -EINVAL, "int4 mma: tile %d not in {16,32,64}", tile);
+    }
+}

@@ -1,0 +1,60 @@
+/*
+ * cuda_moe.cuh: Mixture-of-Experts routing, grouping and combining on the
+ * GPU, so that a MoE block needs no host round trip.
+ *
+ *   route:   router logits [T][ldl] (fp32; column E, if has_shared, is the
+ *            shared-expert gate logit) -> softmax over E, top-k, optional
+ *            renormalisation of the k weights, sigmoid of the shared gate.
+ *            Equal to mixtral's "top-k logits then softmax" when renorm.
+ *   group:   the T*k (token, slot) entries sorted by expert: offsets[E+1],
+ *            entry token, entry expert, entry weight, pos[t*k+j] = entry
+ *            of slot j of token t, and the work items of `tile` entries
+ *            that cu_int4_matmul walks (at most max_items, see
+ *            cu_moe_max_items). One block; order inside an expert may vary
+ *            between runs, results do not (every row is computed alone).
+ *   combine: resid[t] += sum_j w[e] y[e] over the entries e = pos[t*k+j]
+ *            of token t (+ sg[t] * ys[t]); the sum is taken in slot order,
+ *            so it is deterministic.
+ *
+ * Limits: E <= 1024, k <= 32.
+ */
+#ifndef LIGHTMOE_CUDA_MOE_CUH
+#define LIGHTMOE_CUDA_MOE_CUH
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "engine/err.h"
+
+typedef struct cu_moe_plan {
+    int32_t *offsets;    /* [E+1] */
+    int32_t *ent_token;  /* [T*k] */
+    int32_t *ent_expert; /* [T*k] */
+    float *ent_weight;   /* [T*k] */
+    int32_t *pos;        /* [T*k] */
+    int2 *items;         /* [max_items] */
+    int32_t *n_items;    /* [1] */
+    int32_t *topk_ids;   /* [T*k] scratch */
+    float *topk_w;       /* [T*k] scratch */
+} cu_moe_plan;
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Upper bound of the number of work items for T*k entries, E experts. */
+int cu_moe_max_items(int n_entries, int n_experts, int tile);
+
+int cu_moe_route(const float *logits, int ldl, int T, int E, int k, int renorm, int has_shared,
+                 int32_t *topk_ids, float *topk_w, float *shared_gate, cudaStream_t st,
+                 lm_err *err);
+int cu_moe_group(const int32_t *topk_ids, const float *topk_w, int T, int k, int E, int tile,
+                 const cu_moe_plan *plan, cudaStream_t st, lm_err *err);
+int cu_moe_combine(float *resid, int H, int T, int k, const float *y, const int32_t *pos,
+                   const float *ent_weight, const float *ys, const float *sg, cudaStream_t st,
+                   lm_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

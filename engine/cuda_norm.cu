@@ -1,0 +1,70 @@
+/*
+ * cuda_norm.cu: embedding gather and RMSNorm (see cuda_norm.cuh). One
+ * block of 256 threads per row; the sum of squares is reduced in fp32.
+ */
+#include "engine/cuda_common.cuh"
+#include "engine/cuda_norm.cuh"
+
+namespace {
+
+__global__ void k_embed(const __half *__restrict__ emb, int H, const int32_t *__restrict__ tok,
+                        float *__restrict__ x)
+{
+    const int t = blockIdx.x;
+    const __half *src = emb + (size_t)tok[t] * H;
+    for (int h = threadIdx.x; h < H; h += blockDim.x)
+        x[(size_t)t * H + h] = __half2float(src[h]);
+}
+
+__global__ void k_rmsnorm(const float *__restrict__ x, int H, const int32_t *__restrict__ rows,
+                          const float *__restrict__ w, float eps, __half *__restrict__ oh,
+                          float *__restrict__ of)
+{
+    __shared__ float s_part[32];
+    const int i = blockIdx.x;
+    const float *xr = x + (size_t)(rows ? rows[i] : i) * H;
+    float ss = 0.f;
+    for (int h = threadIdx.x; h < H; h += blockDim.x)
+        ss += xr[h] * xr[h];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0)
+        s_part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < blockDim.x / 32 ? s_part[threadIdx.x] : 0.f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0)
+            s_part[0] = v;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(s_part[0] / (float)H + eps);
+    for (int h = threadIdx.x; h < H; h += blockDim.x) {
+        const float v = w[h] * (xr[h] * inv);
+        if (oh)
+            oh[(size_t)i * H + h] = __float2half(v);
+        if (of)
+            of[(size_t)i * H + h] = v;
+    }
+}
+
+} // namespace
+
+extern "C" int cu_embed(const __half *emb, int H, const int32_t *tokens, int T, float *x,
+                        cudaStream_t st, lm_err *err)
+{
+    if (T <= 0)
+        return 0;
+    k_embed<<<T, 256, 0, st>>>(emb, H, tokens, x);
+    CUDA_LAUNCH_CHECK(err, "embed launch");
+    return 0;
+}
+
+extern "C" int cu_rmsnorm(const float *x, int H, const int32_t *rows, int n, const float *w,
+                          float eps, __half *out_h, float *out_f, cudaStream_t st, lm_err *err)
+{
+    if (n <= 0)
+        return 0;
+    k_rmsnorm<<<n, 256, 0, st>>>(x, H, rows, w, eps, out_h, out_f);
+    CUDA_LAUNCH_CHECK(err, "rmsnorm launch");
+    return 0;
+}

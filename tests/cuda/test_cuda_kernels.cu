@@ -1,0 +1,811 @@
+/*
+ * test_cuda_kernels.cu: every CUDA kernel of the engine against a plain CPU
+ * twin (double accumulation), on random inputs of awkward sizes.
+ *
+ *   test_cuda_kernels int4|moe|norm|attn|forward
+ *
+ * Each check prints its observed error and bound; any failure exits 1. With
+ * no usable GPU the program prints why and exits 77 (ctest SKIP).
+ *
+ * Error measure: rel = ||gpu - ref||_2 / ||ref||_2, over the whole output
+ * and per row (row bound 1e-2, as `verify --device cuda` uses).
+ */
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "engine/cuda_attn.cuh"
+#include "engine/cuda_int4_gemm.cuh"
+#include "engine/cuda_model.h"
+#include "engine/cuda_moe.cuh"
+#include "engine/cuda_norm.cuh"
+#include "engine/cuda_rope.cuh"
+#include "engine/cuda_synth.h"
+
+using std::vector;
+
+static int g_fail = 0;
+static uint64_t g_rng = 88172645463325252ULL;
+static uint32_t rnd() { g_rng ^= g_rng << 13; g_rng ^= g_rng >> 7; g_rng ^= g_rng << 17; return (uint32_t)g_rng; }
+static float urand() { return (float)(rnd() >> 8) * (2.0f / 16777216.0f) - 1.0f; } /* [-1,1) */
+static float h2f(uint16_t b) { __half_raw r; r.x = b; return __half2float(__half(r)); }
+static uint16_t f2h(float f) { __half h = __float2half(f); return ((__half_raw)h).x; }
+static float round16(float f) { return h2f(f2h(f)); }
+
+#define CK(x) \
+    do { \
+        cudaError_t e_ = (x); \
+        if (e_ != cudaSuccess) { \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+            exit(1); \
+        } \
+    } while (0)
+#define OK(x) \
+    do { \
+        lm_err e_ = {0, ""}; \
+        int rc_ = (x); \
+        if (rc_ == 0) \
+            rc_ = cudaDeviceSynchronize() == cudaSuccess ? 0 : -EIO; \
+        if (rc_) { \
+            fprintf(stderr, "%s:%d: %s failed: %d %s\n", __FILE__, __LINE__, #x, rc_, e_.msg); \
+            exit(1); \
+        } \
+    } while (0)
+#define ERRP (&e_)
+
+template <class T> static T *dev(const vector<T> &h)
+{
+    T *d;
+    CK(cudaMalloc(&d, h.size() * sizeof(T) + 16));
+    CK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+template <class T> static vector<T> host(const T *d, size_t n)
+{
+    vector<T> h(n);
+    CK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+/* Compare rows x cols; NaN anywhere (e.g. an unwritten poisoned output) fails. */
+static void compare(const char *what, const float *got, const double *ref, int rows, int cols,
+                    double bound)
+{
+    double num = 0, den = 0, worst_row = 0;
+    int bad_nan = 0;
+    for (int r = 0; r < rows; r++) {
+        double rn = 0, rd = 0;
+        for (int c = 0; c < cols; c++) {
+            const double g = got[(size_t)r * cols + c], f = ref[(size_t)r * cols + c];
+            if (!isfinite(g))
+                bad_nan++;
+            rn += (g - f) * (g - f);
+            rd += f * f;
+        }
+        num += rn;
+        den += rd;
+        const double rr = sqrt(rn) / (sqrt(rd) + 1e-30);
+        if (rd > 0 && rr > worst_row)
+            worst_row = rr;
+    }
+    const double rel = sqrt(num) / (sqrt(den) + 1e-30);
+    const bool pass = !bad_nan && rel <= bound && worst_row <= 1e-2;
+    printf("%-4s %-58s rel %.2e (bound %.0e) worst row %.2e%s\n", pass ? "ok" : "FAIL", what, rel,
+           bound, worst_row, bad_nan ? " NON-FINITE" : "");
+    if (!pass)
+        g_fail = 1;
+}
+
+/* ---- INT4 products ------------------------------------------------------------- */
+
+struct qmat {
+    int n, k, g, E;
+    vector<uint8_t> qs, z;
+    vector<uint16_t> sc;
+    vector<int32_t> perm; /* [E][k] or empty */
+    float w(int e, int r, int j) const /* packed column j */
+    {
+        const uint8_t b = qs[((size_t)e * n + r) * (k / 2) + j / 2];
+        const int q = (j & 1) ? b >> 4 : b & 15;
+        const size_t gi = ((size_t)e * n + r) * (k / g) + j / g;
+        return h2f(sc[gi]) * (float)(q - z[gi]);
+    }
+};
+
+static qmat make_qmat(int n, int k, int g, int E, bool perm)
+{
+    qmat m{n, k, g, E, {}, {}, {}, {}};
+    m.qs.resize((size_t)E * n * k / 2);
+    for (auto &b : m.qs)
+        b = (uint8_t)rnd();
+    const size_t gc = (size_t)E * n * (k / g);
+    m.z.resize(gc);
+    m.sc.resize(gc);
+    for (size_t i = 0; i < gc; i++) {
+        m.z[i] = (uint8_t)(rnd() % 16);
+        m.sc[i] = f2h((1.0f + 0.5f * urand()) / (4.6f * sqrtf((float)k)));
+    }
+    if (perm) {
+        /* act-order: a permutation whose groups are contiguous after it */
+        m.perm.resize((size_t)E * k);
+        for (int e = 0; e < E; e++) {
+            vector<int32_t> p(k);
+            for (int j = 0; j < k; j++)
+                p[j] = j;
+            for (int j = k - 1; j > 0; j--)
+                std::swap(p[j], p[rnd() % (j + 1)]);
+            std::copy(p.begin(), p.end(), m.perm.begin() + (size_t)e * k);
+        }
+    }
+    return m;
+}
+
+struct dq {
+    cu_int4_weights w;
+    int32_t *perm;
+};
+static dq upload(const qmat &m)
+{
+    dq d;
+    d.w.n = m.n;
+    d.w.k = m.k;
+    d.w.group = m.g;
+    d.w.n_experts = m.E;
+    d.w.qs = dev(m.qs);
+    d.w.scales = (const __half *)dev(m.sc);
+    d.w.zeros = dev(m.z);
+    d.perm = m.perm.empty() ? nullptr : dev(m.perm);
+    return d;
+}
+static void release(dq &d)
+{
+    cudaFree((void *)d.w.qs);
+    cudaFree((void *)d.w.scales);
+    cudaFree((void *)d.w.zeros);
+    cudaFree(d.perm);
+}
+
+/* ref[i][n] of expert e(i) for A row a(i) (x values already fp16-rounded). */
+static void ref_int4(const qmat &m, const vector<float> &x, int lda, int rows,
+                     const vector<int> &arow, const vector<int> &ent_e, cu_out_mode mode,
+                     const vector<double> &acc_init, vector<double> &out)
+{
+    const int cols = mode == CU_OUT_SILU_F16 ? m.n / 2 : m.n;
+    out.assign((size_t)rows * cols, 0);
+    vector<double> y(m.n);
+    for (int i = 0; i < rows; i++) {
+        const int e = ent_e.empty() ? 0 : ent_e[i];
+        const float *xr = &x[(size_t)arow[i] * lda];
+        for (int r = 0; r < m.n; r++) {
+            double s = 0;
+            for (int j = 0; j < m.k; j++)
+                s += (double)m.w(e, r, j) * xr[m.perm.empty() ? j : m.perm[(size_t)e * m.k + j]];
+            y[r] = s;
+        }
+        for (int c = 0; c < cols; c++) {
+            if (mode == CU_OUT_SILU_F16) {
+                const double g = y[2 * c], u = y[2 * c + 1];
+                out[(size_t)i * cols + c] = g / (1 + exp(-g)) * u;
+            } else {
+                out[(size_t)i * cols + c] = y[c] + (mode == CU_OUT_F32_ACC ? acc_init[(size_t)i * cols + c] : 0);
+            }
+        }
+    }
+}
+
+static vector<float> rand_act(size_t n, float amp)
+{
+    vector<float> x(n);
+    for (auto &v : x)
+        v = round16(amp * urand());
+    return x;
+}
+static __half *dev_half(const vector<float> &x)
+{
+    vector<uint16_t> h(x.size());
+    for (size_t i = 0; i < x.size(); i++)
+        h[i] = f2h(x[i]);
+    return (__half *)dev(h);
+}
+
+static void run_dense(int n, int k, int g, int T, bool perm, cu_gemm_path path, cu_out_mode mode)
+{
+    qmat m = make_qmat(n, k, g, 1, perm);
+    dq d = upload(m);
+    vector<float> x = rand_act((size_t)T * k, 2.0f);
+    __half *dx = dev_half(x);
+    const int cols = mode == CU_OUT_SILU_F16 ? n / 2 : n;
+    vector<double> init((size_t)T * cols);
+    vector<float> initf(init.size());
+    for (size_t i = 0; i < init.size(); i++)
+        init[i] = initf[i] = urand();
+    void *out;
+    CK(cudaMalloc(&out, (size_t)T * cols * 4));
+    if (mode == CU_OUT_F32_ACC)
+        CK(cudaMemcpy(out, initf.data(), initf.size() * 4, cudaMemcpyHostToDevice));
+    else
+        CK(cudaMemset(out, 0xff, (size_t)T * cols * 4)); /* NaN poison */
+    const __half *a = dx;
+    __half *xg = nullptr;
+    if (perm) {
+        CK(cudaMalloc(&xg, (size_t)T * k * 2));
+        OK(cu_gather_rows(dx, k, nullptr, T, k, d.perm, nullptr, xg, 0, ERRP));
+        a = xg;
+    }
+    cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
+    r.n_rows = T;
+    OK(cu_int4_matmul(&d.w, &r, a, k, out, cols, mode, path, 0, ERRP));
+    vector<float> got((size_t)T * cols);
+    if (mode == CU_OUT_SILU_F16) {
+        vector<uint16_t> hb = host((const uint16_t *)out, (size_t)T * cols);
+        for (size_t i = 0; i < got.size(); i++)
+            got[i] = h2f(hb[i]);
+    } else {
+        got = host((const float *)out, got.size());
+    }
+    vector<int> arow(T);
+    for (int i = 0; i < T; i++)
+        arow[i] = i;
+    vector<double> ref;
+    ref_int4(m, x, k, T, arow, {}, mode, init, ref);
+    char what[160];
+    snprintf(what, sizeof what, "int4 %s n=%d k=%d g=%d T=%d%s %s",
+             path == CU_GEMM_GEMV ? "gemv" : "mma", n, k, g, T, perm ? " perm" : "",
+             mode == CU_OUT_SILU_F16 ? "silu" : mode == CU_OUT_F32_ACC ? "acc" : "f32");
+    compare(what, got.data(), ref.data(), T, cols, 5e-3);
+    cudaFree(out);
+    cudaFree(dx);
+    cudaFree(xg);
+    release(d);
+}
+
+struct plan_dev {
+    cu_moe_plan p;
+    int32_t *ids;
+    float *w;
+};
+static plan_dev make_plan(int T, int k, int E)
+{
+    plan_dev d;
+    CK(cudaMalloc(&d.p.offsets, (E + 1) * 4));
+    CK(cudaMalloc(&d.p.ent_token, T * k * 4));
+    CK(cudaMalloc(&d.p.ent_expert, T * k * 4));
+    CK(cudaMalloc(&d.p.ent_weight, T * k * 4));
+    CK(cudaMalloc(&d.p.pos, T * k * 4));
+    CK(cudaMalloc(&d.p.items, (T * k + E) * 8));
+    CK(cudaMalloc(&d.p.n_items, 4));
+    d.p.topk_ids = nullptr;
+    d.p.topk_w = nullptr;
+    return d;
+}
+static void free_plan(plan_dev &d)
+{
+    void *p[] = {d.p.offsets, d.p.ent_token, d.p.ent_expert, d.p.ent_weight, d.p.pos, d.p.items, d.p.n_items};
+    for (void *x : p)
+        cudaFree(x);
+}
+
+/* Grouped gate_up (SiLU) then down, then combine, against the CPU. */
+static void run_grouped(int H, int I, int g, int E, int k, int T, cu_gemm_path path)
+{
+    qmat gu = make_qmat(2 * I, H, g, E, false), dn = make_qmat(H, I, g, E, false);
+    dq dgu = upload(gu), ddn = upload(dn);
+    vector<float> x = rand_act((size_t)T * H, 2.0f);
+    __half *dx = dev_half(x);
+    vector<int32_t> ids((size_t)T * k);
+    vector<float> wts((size_t)T * k);
+    for (int t = 0; t < T; t++) {
+        vector<int> p(E);
+        for (int e = 0; e < E; e++)
+            p[e] = e;
+        for (int j = 0; j < k; j++) {
+            std::swap(p[j], p[j + rnd() % (E - j)]);
+            ids[t * k + j] = p[j];
+            wts[t * k + j] = 0.5f + 0.5f * urand();
+        }
+    }
+    plan_dev pd = make_plan(T, k, E);
+    int32_t *dids = dev(ids);
+    float *dw = dev(wts);
+    const int tile = cu_int4_tile_for(T, (T * k + E - 1) / E, path);
+    OK(cu_moe_group(dids, dw, T, k, E, tile, &pd.p, 0, ERRP));
+    cu_gemm_rows r;
+    r.n_rows = T * k;
+    r.offsets = pd.p.offsets;
+    r.items = pd.p.items;
+    r.n_items = pd.p.n_items;
+    r.max_items = cu_moe_max_items(T * k, E, tile);
+    r.tile = tile;
+    r.a_rows = pd.p.ent_token;
+    r.row_scale = nullptr;
+    __half *h;
+    float *y, *resid;
+    CK(cudaMalloc(&h, (size_t)T * k * I * 2));
+    CK(cudaMalloc(&y, (size_t)T * k * H * 4));
+    CK(cudaMemset(y, 0xff, (size_t)T * k * H * 4));
+    OK(cu_int4_matmul(&dgu.w, &r, dx, H, h, I, CU_OUT_SILU_F16, path, 0, ERRP));
+    r.a_rows = nullptr;
+    OK(cu_int4_matmul(&ddn.w, &r, h, I, y, H, CU_OUT_F32, path, 0, ERRP));
+    vector<float> resid0 = rand_act((size_t)T * H, 1.0f);
+    resid = dev(resid0);
+    OK(cu_moe_combine(resid, H, T, k, y, pd.p.pos, pd.p.ent_weight, nullptr, nullptr, 0, ERRP));
+
+    vector<int32_t> et = host(pd.p.ent_token, T * k), ee = host(pd.p.ent_expert, T * k),
+                    pos = host(pd.p.pos, T * k), off = host(pd.p.offsets, E + 1);
+    /* the plan itself: entries sorted by expert, pos inverse of the scatter */
+    bool plan_ok = off[E] == T * k;
+    for (int i = 0; i < T * k && plan_ok; i++) {
+        plan_ok &= et[pos[i]] == i / k && ee[pos[i]] == ids[i];
+        plan_ok &= pos[i] >= off[ids[i]] && pos[i] < off[ids[i] + 1];
+    }
+    printf("%-4s moe plan T=%d k=%d E=%d tile=%d\n", plan_ok ? "ok" : "FAIL", T, k, E, tile);
+    if (!plan_ok)
+        g_fail = 1;
+
+    vector<uint16_t> hb = host((const uint16_t *)h, (size_t)T * k * I);
+    vector<float> hgot(hb.size());
+    for (size_t i = 0; i < hb.size(); i++)
+        hgot[i] = h2f(hb[i]);
+    vector<int> arow(et.begin(), et.end()), ent(ee.begin(), ee.end());
+    vector<double> href, yref;
+    ref_int4(gu, x, H, T * k, arow, ent, CU_OUT_SILU_F16, {}, href);
+    char what[160];
+    snprintf(what, sizeof what, "grouped %s gate_up+silu H=%d I=%d E=%d k=%d T=%d",
+             path == CU_GEMM_GEMV ? "gemv" : "mma", H, I, E, k, T);
+    compare(what, hgot.data(), href.data(), T * k, I, 5e-3);
+    /* down from the GPU's h (so each stage is checked alone) */
+    vector<int> ident(T * k);
+    for (int i = 0; i < T * k; i++)
+        ident[i] = i;
+    ref_int4(dn, hgot, I, T * k, ident, ent, CU_OUT_F32, {}, yref);
+    vector<float> ygot = host(y, (size_t)T * k * H);
+    snprintf(what, sizeof what, "grouped %s down H=%d I=%d E=%d k=%d T=%d",
+             path == CU_GEMM_GEMV ? "gemv" : "mma", H, I, E, k, T);
+    compare(what, ygot.data(), yref.data(), T * k, H, 5e-3);
+    vector<double> cref((size_t)T * H);
+    for (int t = 0; t < T; t++)
+        for (int c = 0; c < H; c++) {
+            double v = resid0[(size_t)t * H + c];
+            for (int j = 0; j < k; j++)
+                v += (double)wts[t * k + j] * ygot[(size_t)pos[t * k + j] * H + c];
+            cref[(size_t)t * H + c] = v;
+        }
+    vector<float> cgot = host(resid, (size_t)T * H);
+    snprintf(what, sizeof what, "moe combine T=%d", T);
+    compare(what, cgot.data(), cref.data(), T, H, 1e-6);
+    cudaFree(h);
+    cudaFree(y);
+    cudaFree(resid);
+    cudaFree(dx);
+    cudaFree(dids);
+    cudaFree(dw);
+    free_plan(pd);
+    release(dgu);
+    release(ddn);
+}
+
+static void test_int4()
+{
+    const int Ts[] = {1, 3, 17, 64, 300};
+    struct { int n, k, g; } shapes[] = {{96, 160, 32}, {300, 288, 96}, {1000, 2080, 32}, {2048, 768, 128}};
+    for (auto s : shapes)
+        for (int T : Ts)
+            for (int p = 1; p <= 2; p++)
+                run_dense(s.n, s.k, s.g, T, false, (cu_gemm_path)p, CU_OUT_F32);
+    for (int T : {1, 17, 300})
+        for (int p = 1; p <= 2; p++) {
+            run_dense(300, 288, 32, T, true, (cu_gemm_path)p, CU_OUT_F32);
+            run_dense(322, 160, 32, T, false, (cu_gemm_path)p, CU_OUT_SILU_F16);
+            run_dense(130, 1024, 128, T, false, (cu_gemm_path)p, CU_OUT_F32_ACC);
+        }
+    for (int T : Ts)
+        for (int p = 1; p <= 2; p++)
+            run_grouped(256, 160, 32, 6, 2, T, (cu_gemm_path)p);
+    run_grouped(512, 192, 64, 16, 4, 64, CU_GEMM_AUTO);
+    run_grouped(512, 192, 64, 16, 4, 8, CU_GEMM_AUTO);
+}
+
+/* ---- MoE routing ------------------------------------------------------------------ */
+
+static void test_moe()
+{
+    for (int renorm = 0; renorm <= 1; renorm++)
+        for (int T : {1, 3, 17, 300}) {
+            const int E = renorm ? 60 : 128, k = renorm ? 4 : 8, ld = E + 1;
+            vector<float> lg((size_t)T * ld);
+            for (auto &v : lg)
+                v = 3.0f * urand();
+            float *dl = dev(lg), *dw, *dsg;
+            int32_t *di;
+            CK(cudaMalloc(&di, T * k * 4));
+            CK(cudaMalloc(&dw, T * k * 4));
+            CK(cudaMalloc(&dsg, T * 4));
+            OK(cu_moe_route(dl, ld, T, E, k, renorm, 1, di, dw, dsg, 0, ERRP));
+            vector<int32_t> ids = host(di, T * k);
+            vector<float> w = host(dw, T * k), sg = host(dsg, T);
+            bool ok = true;
+            double werr = 0;
+            for (int t = 0; t < T; t++) {
+                const float *l = &lg[(size_t)t * ld];
+                vector<int> order(E);
+                for (int e = 0; e < E; e++)
+                    order[e] = e;
+                std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return l[a] > l[b]; });
+                double mx = l[order[0]], sum = 0, ksum = 0;
+                for (int e = 0; e < E; e++)
+                    sum += exp(l[e] - mx);
+                for (int j = 0; j < k; j++)
+                    ksum += exp(l[order[j]] - mx) / sum;
+                for (int j = 0; j < k; j++) {
+                    ok &= ids[t * k + j] == order[j];
+                    double p = exp(l[order[j]] - mx) / sum;
+                    if (renorm)
+                        p /= ksum;
+                    werr = std::max(werr, fabs(p - w[t * k + j]) / p);
+                }
+                werr = std::max(werr, fabs(1.0 / (1.0 + exp(-(double)l[E])) - (double)sg[t]));
+            }
+            ok &= werr < 1e-5;
+            printf("%-4s moe route T=%d E=%d k=%d renorm=%d (weights max rel err %.1e)\n",
+                   ok ? "ok" : "FAIL", T, E, k, renorm, werr);
+            if (!ok)
+                g_fail = 1;
+            cudaFree(dl);
+            cudaFree(di);
+            cudaFree(dw);
+            cudaFree(dsg);
+        }
+}
+
+/* ---- RMSNorm, embedding ---------------------------------------------------------- */
+
+static void test_norm()
+{
+    for (int H : {256, 2048, 2080}) {
+        const int T = 17, n = 5;
+        vector<float> x((size_t)T * H), w(H);
+        for (auto &v : x)
+            v = 4.0f * urand();
+        for (auto &v : w)
+            v = 1.0f + 0.3f * urand();
+        vector<int32_t> rows = {16, 0, 3, 3, 9};
+        float *dx = dev(x), *dwt = dev(w), *of;
+        int32_t *dr = dev(rows);
+        __half *oh;
+        CK(cudaMalloc(&of, (size_t)n * H * 4));
+        CK(cudaMalloc(&oh, (size_t)n * H * 2));
+        OK(cu_rmsnorm(dx, H, dr, n, dwt, 1e-6f, oh, of, 0, ERRP));
+        vector<double> ref((size_t)n * H);
+        for (int i = 0; i < n; i++) {
+            const float *xr = &x[(size_t)rows[i] * H];
+            double ss = 0;
+            for (int c = 0; c < H; c++)
+                ss += (double)xr[c] * xr[c];
+            const double inv = 1 / sqrt(ss / H + 1e-6);
+            for (int c = 0; c < H; c++)
+                ref[(size_t)i * H + c] = w[c] * xr[c] * inv;
+        }
+        vector<float> gf = host(of, (size_t)n * H);
+        vector<uint16_t> gh = host((const uint16_t *)oh, (size_t)n * H);
+        vector<float> ghf(gh.size());
+        for (size_t i = 0; i < gh.size(); i++)
+            ghf[i] = h2f(gh[i]);
+        char what[128];
+        snprintf(what, sizeof what, "rmsnorm fp32 H=%d rows=%d", H, n);
+        compare(what, gf.data(), ref.data(), n, H, 1e-6);
+        snprintf(what, sizeof what, "rmsnorm fp16 H=%d rows=%d", H, n);
+        compare(what, ghf.data(), ref.data(), n, H, 1e-3);
+        /* embedding gather */
+        const int V = 37;
+        vector<float> emb = rand_act((size_t)V * H, 1.0f);
+        __half *de = dev_half(emb);
+        vector<int32_t> tok = {36, 0, 5, 5, 17};
+        int32_t *dt = dev(tok);
+        OK(cu_embed(de, H, dt, n, of, 0, ERRP));
+        vector<double> eref((size_t)n * H);
+        for (int i = 0; i < n; i++)
+            for (int c = 0; c < H; c++)
+                eref[(size_t)i * H + c] = emb[(size_t)tok[i] * H + c];
+        gf = host(of, (size_t)n * H);
+        snprintf(what, sizeof what, "embed H=%d", H);
+        compare(what, gf.data(), eref.data(), n, H, 0);
+        cudaFree(dx); cudaFree(dwt); cudaFree(of); cudaFree(oh); cudaFree(dr); cudaFree(de); cudaFree(dt);
+    }
+}
+
+/* ---- q/k/v post-processing and paged attention --------------------------------------- */
+
+static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const vector<int> &len,
+                     int force_split)
+{
+    const int bs = 16, nb = 0;
+    (void)nb;
+    const int nseq = (int)len.size(), G = nq / nkv, nh = nq + 2 * nkv;
+    int T = 0, maxctx = 0;
+    vector<int> start(nseq + 1, 0);
+    for (int s = 0; s < nseq; s++) {
+        start[s + 1] = start[s] + len[s];
+        maxctx = std::max(maxctx, prior[s] + len[s]);
+    }
+    T = start[nseq];
+    const int max_blocks = (maxctx + bs - 1) / bs;
+    const int n_blocks = nseq * max_blocks + 3;
+    /* block table: a random permutation of the blocks */
+    vector<int32_t> perm(n_blocks);
+    for (int i = 0; i < n_blocks; i++)
+        perm[i] = i;
+    for (int i = n_blocks - 1; i > 0; i--)
+        std::swap(perm[i], perm[rnd() % (i + 1)]);
+    vector<int32_t> bt((size_t)nseq * max_blocks);
+    for (size_t i = 0; i < bt.size(); i++)
+        bt[i] = perm[i];
+    const size_t slot_elems = (size_t)nkv * hd;
+    vector<uint16_t> kc((size_t)n_blocks * bs * slot_elems, f2h(0.f)), vc(kc.size(), f2h(0.f));
+    auto slot = [&](int s, int p) { return (size_t)bt[(size_t)s * max_blocks + p / bs] * bs + p % bs; };
+    for (int s = 0; s < nseq; s++)
+        for (int p = 0; p < prior[s]; p++)
+            for (size_t i = 0; i < slot_elems; i++) {
+                kc[slot(s, p) * slot_elems + i] = f2h(urand());
+                vc[slot(s, p) * slot_elems + i] = f2h(urand());
+            }
+    vector<float> qkv((size_t)T * nh * hd), bias((size_t)nh * hd), qn(hd), kn(hd), invf(hd / 2);
+    for (auto &v : qkv) v = 2.0f * urand();
+    for (auto &v : bias) v = 0.2f * urand();
+    for (auto &v : qn) v = 1.0f + 0.2f * urand();
+    for (auto &v : kn) v = 1.0f + 0.2f * urand();
+    for (int i = 0; i < hd / 2; i++)
+        invf[i] = (float)(1.0 / pow(10000.0, 2.0 * i / hd));
+    vector<int32_t> tseq(T), tpos(T);
+    for (int s = 0; s < nseq; s++)
+        for (int t = start[s]; t < start[s + 1]; t++) {
+            tseq[t] = s;
+            tpos[t] = prior[s] + t - start[s];
+        }
+    bool decode = true;
+    for (int l : len)
+        decode &= l == 1;
+    const int bq = decode ? 1 : std::max(1, 64 / G);
+    vector<int2> tiles;
+    for (int s = 0; s < nseq; s++)
+        for (int t = start[s]; t < start[s + 1]; t += bq)
+            tiles.push_back(make_int2(t, std::min(bq, start[s + 1] - t)));
+    cu_attn_batch b;
+    b.T = T;
+    b.tok_seq = dev(tseq);
+    b.tok_pos = dev(tpos);
+    b.block_table = dev(bt);
+    b.max_blocks = max_blocks;
+    b.block_size = bs;
+    b.tiles = dev(tiles);
+    b.n_tiles = (int)tiles.size();
+    b.bq = bq;
+    b.nsplit = force_split;
+    cu_attn_shape sh = {nq, nkv, hd};
+    uint16_t *dk = dev(kc), *dv = dev(vc);
+    float *dqkv = dev(qkv), *dq, *part;
+    CK(cudaMalloc(&dq, (size_t)T * nq * hd * 4));
+    CK(cudaMemset(dq, 0xff, (size_t)T * nq * hd * 4));
+    cu_qkv_params qp = {dev(bias), dev(qn), dev(kn), 1e-6f, dev(invf)};
+    OK(cu_qkv_post(&sh, dqkv, &qp, &b, (__half *)dk, (__half *)dv, dq, 0, ERRP));
+    /* CPU twin of the post-processing */
+    vector<double> qref((size_t)T * nq * hd);
+    for (int t = 0; t < T; t++)
+        for (int hh = 0; hh < nh; hh++) {
+            vector<double> v(hd);
+            for (int i = 0; i < hd; i++)
+                v[i] = (double)qkv[((size_t)t * nh + hh) * hd + i] + bias[hh * hd + i];
+            if (hh < nq + nkv) {
+                const vector<float> &nw = hh < nq ? qn : kn;
+                double ss = 0;
+                for (double x : v) ss += x * x;
+                const double inv = 1 / sqrt(ss / hd + 1e-6);
+                for (int i = 0; i < hd; i++) v[i] = nw[i] * v[i] * inv;
+                vector<double> o(hd);
+                for (int i = 0; i < hd / 2; i++) {
+                    const double a = (double)(float)((float)tpos[t] * invf[i]);
+                    o[i] = v[i] * cos(a) - v[i + hd / 2] * sin(a);
+                    o[i + hd / 2] = v[i + hd / 2] * cos(a) + v[i] * sin(a);
+                }
+                v = o;
+            }
+            if (hh < nq) {
+                for (int i = 0; i < hd; i++) qref[((size_t)t * nq + hh) * hd + i] = v[i];
+            } else {
+                vector<uint16_t> &c = hh < nq + nkv ? kc : vc;
+                const int kh = hh < nq + nkv ? hh - nq : hh - nq - nkv;
+                for (int i = 0; i < hd; i++)
+                    c[(slot(tseq[t], tpos[t]) * nkv + kh) * hd + i] = f2h((float)v[i]);
+            }
+        }
+    char what[160];
+    snprintf(what, sizeof what, "qkv post (bias, qk-norm, rope) nq=%d nkv=%d hd=%d T=%d", nq, nkv, hd, T);
+    vector<float> qgot = host(dq, (size_t)T * nq * hd);
+    compare(what, qgot.data(), qref.data(), T * nq, hd, 1e-5);
+    vector<uint16_t> kg = host(dk, kc.size()), vg = host(dv, vc.size());
+    size_t kv_bad = 0;
+    for (size_t i = 0; i < kc.size(); i++)
+        kv_bad += fabsf(h2f(kg[i]) - h2f(kc[i])) > 2e-3f * (1 + fabsf(h2f(kc[i]))) ||
+                  fabsf(h2f(vg[i]) - h2f(vc[i])) > 2e-3f * (1 + fabsf(h2f(vc[i])));
+    printf("%-4s kv cache slots written (%zu mismatches)\n", kv_bad ? "FAIL" : "ok", kv_bad);
+    if (kv_bad)
+        g_fail = 1;
+
+    /* attention */
+    const float *dqin = dq;
+    vector<float> qin = qgot;
+    CK(cudaMalloc(&part, cu_attn_scratch_floats(&sh, b.n_tiles, bq, b.nsplit) * 4));
+    __half *out;
+    CK(cudaMalloc(&out, (size_t)T * nq * hd * 2));
+    CK(cudaMemset(out, 0xff, (size_t)T * nq * hd * 2));
+    OK(cu_attn(&sh, dqin, (__half *)dk, (__half *)dv, &b, part, out, 0, ERRP));
+    vector<double> aref((size_t)T * nq * hd, 0);
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < nq; h++) {
+            const int kh = h / G, ctx = tpos[t] + 1;
+            vector<double> sc(ctx);
+            double mx = -1e300;
+            for (int p = 0; p < ctx; p++) {
+                double s = 0;
+                const size_t ko = (slot(tseq[t], p) * nkv + kh) * hd;
+                for (int i = 0; i < hd; i++)
+                    s += (double)qin[((size_t)t * nq + h) * hd + i] * h2f(kg[ko + i]);
+                sc[p] = s / sqrt((double)hd);
+                mx = std::max(mx, sc[p]);
+            }
+            double den = 0;
+            for (int p = 0; p < ctx; p++) den += (sc[p] = exp(sc[p] - mx));
+            for (int p = 0; p < ctx; p++) {
+                const size_t vo = (slot(tseq[t], p) * nkv + kh) * hd;
+                for (int i = 0; i < hd; i++)
+                    aref[((size_t)t * nq + h) * hd + i] += sc[p] / den * h2f(vg[vo + i]);
+            }
+        }
+    vector<uint16_t> ao = host((const uint16_t *)out, (size_t)T * nq * hd);
+    vector<float> agot(ao.size());
+    for (size_t i = 0; i < ao.size(); i++)
+        agot[i] = h2f(ao[i]);
+    snprintf(what, sizeof what, "attention nq=%d nkv=%d hd=%d T=%d ctx<=%d bq=%d split=%d", nq, nkv,
+             hd, T, maxctx, bq, force_split);
+    compare(what, agot.data(), aref.data(), T * nq, hd, 3e-3);
+    cudaFree(out); cudaFree(part); cudaFree(dq); cudaFree(dqkv); cudaFree(dk); cudaFree(dv);
+    cudaFree((void *)b.tok_seq); cudaFree((void *)b.tok_pos); cudaFree((void *)b.block_table);
+    cudaFree((void *)b.tiles);
+    cudaFree((void *)qp.bias); cudaFree((void *)qp.q_norm); cudaFree((void *)qp.k_norm); cudaFree((void *)qp.inv_freq);
+}
+
+static void test_attn()
+{
+    const vector<int> prior = {0, 5, 40, 0, 100}, len = {1, 3, 17, 64, 300};
+    for (int split : {1, 3})
+        run_attn(8, 2, 64, prior, len, split);
+    run_attn(4, 4, 128, prior, len, 1);
+    run_attn(32, 4, 128, {7, 0}, {17, 33}, 2);
+    /* decode: one token per sequence, long contexts, flash-decoding splits */
+    for (int split : {1, 8, 32}) {
+        run_attn(32, 4, 128, {1000, 2500, 0, 63}, {1, 1, 1, 1}, split);
+        run_attn(16, 16, 128, {1000, 31}, {1, 1}, split);
+    }
+    run_attn(4, 1, 64, {300, 0, 17}, {1, 1, 1}, 4);
+    run_attn(8, 2, 256, {40, 3}, {5, 1}, 2);
+}
+
+/* ---- whole forward: batched == unbatched, paths agree ---------------------------------- */
+
+struct fwd_run {
+    cu_state *s;
+    int bs, max_blocks;
+};
+
+static vector<float> run_seqs(cu_state *s, const cu_model *m, const vector<vector<int>> &toks,
+                              const vector<int> &prior, const vector<int> &blk0, int max_blocks)
+{
+    backend_batch b;
+    vector<int32_t> tokens, seq_start = {0}, start_pos, bt, rows;
+    for (size_t q = 0; q < toks.size(); q++) {
+        for (int t : toks[q])
+            tokens.push_back(t);
+        seq_start.push_back((int)tokens.size());
+        start_pos.push_back(prior[q]);
+        for (int j = 0; j < max_blocks; j++)
+            bt.push_back(blk0[q] + j);
+    }
+    for (size_t i = 0; i < tokens.size(); i++)
+        rows.push_back((int)i);
+    vector<float> logits(rows.size() * (size_t)m->vocab);
+    b.n_seqs = (int)toks.size();
+    b.n_tokens = (int)tokens.size();
+    b.tokens = tokens.data();
+    b.seq_start = seq_start.data();
+    b.start_pos = start_pos.data();
+    b.block_table = bt.data();
+    b.max_blocks = max_blocks;
+    b.n_logits = (int)rows.size();
+    b.logit_rows = rows.data();
+    b.logits = logits.data();
+    OK(cu_forward(s, &b, ERRP));
+    return logits;
+}
+
+static void test_forward()
+{
+    for (int int4 = 0; int4 <= 1; int4++) {
+        cu_synth_config c = {"tiny", 2, 256, 4, 2, 64, 512, 512, 8, 2, 0, 160, 384, 32, 1, 1, int4, 10000.f};
+        cu_model *m;
+        OK(cu_synth_create(&c, 7, &m, ERRP));
+        const int bs = 16, max_blocks = 8;
+        const vector<vector<int>> prompts = {{5, 9, 200, 3, 3}, vector<int>(17, 11), vector<int>(64, 0)};
+        vector<vector<int>> pr = prompts;
+        for (auto &p : pr)
+            for (size_t i = 0; i < p.size(); i++)
+                p[i] = (p[i] + 31 * (int)i) % 512;
+        vector<vector<float>> alone[3], batched[3];
+        for (int path = 0; path <= 2; path++) {
+            cu_options o = {256, 0, path, 0, 0};
+            cu_state *s;
+            OK(cu_state_create(m, &o, &s, ERRP));
+            OK(cu_state_kv_init(s, bs, 64, ERRP));
+            /* each alone (blocks 0.., 8.., 16..), then all together (blocks 32.., 40.., 48..) */
+            for (int q = 0; q < 3; q++)
+                alone[path].push_back(run_seqs(s, m, {pr[q]}, {0}, {q * 8}, max_blocks));
+            vector<float> all = run_seqs(s, m, pr, {0, 0, 0}, {32, 40, 48}, max_blocks);
+            size_t off = 0;
+            for (int q = 0; q < 3; q++) {
+                const size_t n = pr[q].size() * (size_t)m->vocab;
+                batched[path].push_back(vector<float>(all.begin() + off, all.begin() + off + n));
+                off += n;
+            }
+            /* one decode step: alone vs together */
+            for (int q = 0; q < 3; q++)
+                alone[path].push_back(run_seqs(s, m, {{q + 1}}, {(int)pr[q].size()}, {q * 8}, max_blocks));
+            all = run_seqs(s, m, {{1}, {2}, {3}}, {(int)pr[0].size(), (int)pr[1].size(), (int)pr[2].size()},
+                           {32, 40, 48}, max_blocks);
+            for (int q = 0; q < 3; q++)
+                batched[path].push_back(vector<float>(all.begin() + q * m->vocab, all.begin() + (q + 1) * m->vocab));
+            cu_state_destroy(s);
+        }
+        const char *pn[] = {"auto", "gemv", "mma"};
+        for (int path = 0; path <= 2; path++)
+            for (size_t i = 0; i < alone[path].size(); i++) {
+                vector<double> ref(alone[path][i].begin(), alone[path][i].end());
+                const int rows = (int)(ref.size() / m->vocab);
+                char what[128];
+                snprintf(what, sizeof what, "forward %s %s batched==alone piece %zu (%d rows)",
+                         int4 ? "int4" : "fp16", pn[path], i, rows);
+                compare(what, batched[path][i].data(), ref.data(), rows, m->vocab, 1e-2);
+                if (path > 0) {
+                    vector<double> r0(alone[0][i].begin(), alone[0][i].end());
+                    snprintf(what, sizeof what, "forward %s path %s == auto piece %zu", int4 ? "int4" : "fp16",
+                             pn[path], i);
+                    compare(what, alone[path][i].data(), r0.data(), rows, m->vocab, 1e-2);
+                }
+            }
+        cu_synth_free(m);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        printf("SKIP: no CUDA device (%s); GPU tests run on the GPU machine\n",
+               e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+        return 77;
+    }
+    const char *what = argc > 1 ? argv[1] : "all";
+    const bool all = !strcmp(what, "all");
+    if (all || !strcmp(what, "int4")) test_int4();
+    if (all || !strcmp(what, "moe")) test_moe();
+    if (all || !strcmp(what, "norm")) test_norm();
+    if (all || !strcmp(what, "attn")) test_attn();
+    if (all || !strcmp(what, "forward")) test_forward();
+    printf("%s\n", g_fail ? "FAILED" : "all passed");
+    return g_fail;
+}
