@@ -155,6 +155,12 @@ typedef struct cache_key {
     uint32_t ttl_s;             /* effective TTL, 0 = none */
 } cache_key;
 
+/* One streamed piece of an answer: text bytes and the tokens that made them. */
+typedef struct cache_chunk {
+    uint32_t text_len;
+    int32_t n_tokens;
+} cache_chunk;
+
 /* A generation result. Entries from the cache own their arrays (one block,
  * cache_entry_free); entries the caller builds for cache_put are borrowed. */
 typedef struct cache_entry {
@@ -168,6 +174,9 @@ typedef struct cache_entry {
     int32_t prompt_tokens;      /* usage */
     int32_t completion_tokens;
     const sample_result *logprobs; /* [n_tokens] or NULL */
+    const cache_chunk *chunks;  /* [n_chunks] how the answer was streamed, or NULL; the
+                                   pieces add up to text_len and n_tokens exactly */
+    int32_t n_chunks;
 } cache_entry;
 
 typedef struct cache_stats {

@@ -9,9 +9,11 @@
  *              varint n_prompt, then n_prompt varint ids
  *              varint n_tokens, then n_tokens varint ids
  *              varint text_len, then text_len bytes
- *              u8 flags (bit 0: logprobs present; other bits must be 0)
+ *              u8 flags (bit 0: logprobs present, bit 1: chunks present; others 0)
  *              if logprobs, per generated token: f32 LE logprob, u8 n_top
  *                (<= SAMPLE_MAX_LOGPROBS), n_top x (varint id, f32 LE logprob)
+ *              if chunks: varint n_chunks, n_chunks x (varint text_len, varint
+ *                n_tokens), adding up exactly to text_len and n_tokens
  * Varints are unsigned LEB128 of at most 5 bytes and must fit in int32 (ids
  * and counts are never negative). Every count is checked against the bytes
  * left before anything is allocated, and the value must end exactly after
@@ -143,7 +145,26 @@ int cache_entry_encode(const cache_entry *e, uint8_t **ret, size_t *ret_n)
         w_varint(&w, (uint32_t)e->tokens[i]);
     w_varint(&w, (uint32_t)e->text_len);
     w_bytes(&w, e->text, e->text_len);
-    uint8_t flags = e->logprobs ? 1 : 0;
+    if (e->n_chunks < 0 || (e->n_chunks && !e->chunks)) {
+        free(w.p);
+        return -EINVAL;
+    }
+    if (e->n_chunks) {
+        uint64_t tl = 0, nt = 0;
+        for (int32_t i = 0; i < e->n_chunks; i++) {
+            if (e->chunks[i].n_tokens < 0 || e->chunks[i].text_len > INT32_MAX) {
+                free(w.p);
+                return -EINVAL;
+            }
+            tl += e->chunks[i].text_len;
+            nt += (uint64_t)e->chunks[i].n_tokens;
+        }
+        if (tl != e->text_len || nt != (uint64_t)e->n_tokens) {
+            free(w.p);
+            return -EINVAL;
+        }
+    }
+    uint8_t flags = (e->logprobs ? 1 : 0) | (e->n_chunks ? 2 : 0);
     w_bytes(&w, &flags, 1);
     if (e->logprobs) {
         for (int32_t i = 0; i < e->n_tokens; i++) {
@@ -163,6 +184,13 @@ int cache_entry_encode(const cache_entry *e, uint8_t **ret, size_t *ret_n)
                 w_varint(&w, (uint32_t)r->top_ids[j]);
                 w_f32(&w, r->top_logprobs[j]);
             }
+        }
+    }
+    if (e->n_chunks) {
+        w_varint(&w, (uint32_t)e->n_chunks);
+        for (int32_t i = 0; i < e->n_chunks; i++) {
+            w_varint(&w, e->chunks[i].text_len);
+            w_varint(&w, (uint32_t)e->chunks[i].n_tokens);
         }
     }
     if (w.oom || w.n > UINT32_MAX) {
@@ -260,13 +288,13 @@ static int check_header(rbuf *r, lm_err *err)
 /* One pass over the body. With out == NULL it only validates and returns
  * the sizes; with out it fills the arrays that follow *out. */
 typedef struct sizes {
-    int32_t n_prompt, n_tokens;
+    int32_t n_prompt, n_tokens, n_chunks;
     size_t text_len;
     int has_lp;
 } sizes;
 
 static int parse_body(rbuf *r, sizes *sz, cache_entry *out, int32_t *prompt, int32_t *tokens,
-                      char *text, sample_result *lp)
+                      char *text, sample_result *lp, cache_chunk *chunks)
 {
     int32_t finish = r_varint(r, "finish");
     int32_t pt = r_varint(r, "prompt_tokens");
@@ -293,7 +321,7 @@ static int parse_body(rbuf *r, sizes *sz, cache_entry *out, int32_t *prompt, int
         r_take(r, (size_t)tl, "text", &tb);
     const uint8_t *fl = NULL;
     r_take(r, 1, "flags", &fl);
-    if (!r->bad && (*fl & ~1u))
+    if (!r->bad && (*fl & ~3u))
         r->bad = "unknown flags";
     int has_lp = !r->bad && (*fl & 1);
     for (int32_t i = 0; has_lp && !r->bad && i < nt; i++) {
@@ -322,6 +350,27 @@ static int parse_body(rbuf *r, sizes *sz, cache_entry *out, int32_t *prompt, int
             }
         }
     }
+    int32_t nc = 0;
+    if (!r->bad && (*fl & 2)) {
+        nc = r_varint(r, "n_chunks");
+        if (nc >= 0 && (size_t)nc > (r->n - r->off) / 2 && !r->bad)
+            r->bad = "n_chunks larger than the value";
+        if (nc == 0 && !r->bad)
+            r->bad = "chunk flag with no chunks";
+        int64_t sum_t = 0, sum_n = 0;
+        for (int32_t i = 0; !r->bad && i < nc; i++) {
+            int32_t l = r_varint(r, "chunk text_len");
+            int32_t k = r_varint(r, "chunk n_tokens");
+            sum_t += l;
+            sum_n += k;
+            if (chunks) {
+                chunks[i].text_len = (uint32_t)l;
+                chunks[i].n_tokens = k;
+            }
+        }
+        if (!r->bad && (sum_t != tl || sum_n != nt))
+            r->bad = "chunks that do not add up to the text and tokens";
+    }
     if (!r->bad && r->off != r->n)
         r->bad = "trailing bytes after the body";
     if (r->bad)
@@ -330,6 +379,7 @@ static int parse_body(rbuf *r, sizes *sz, cache_entry *out, int32_t *prompt, int
     sz->n_tokens = nt;
     sz->text_len = (size_t)tl;
     sz->has_lp = has_lp;
+    sz->n_chunks = nc;
     if (out) {
         out->finish = finish;
         out->prompt_tokens = pt;
@@ -351,13 +401,14 @@ int cache_entry_decode(const uint8_t *buf, size_t n, cache_entry **ret, lm_err *
     if (rc)
         return rc;
     sizes sz;
-    if (parse_body(&r, &sz, NULL, NULL, NULL, NULL, NULL))
+    if (parse_body(&r, &sz, NULL, NULL, NULL, NULL, NULL, NULL))
         return lm_err_set(err, -EBADMSG, "cache value: bad %s at byte %zu", r.bad, r.off);
     size_t o_lp = align8(sizeof(cache_entry));
     size_t o_prompt = o_lp + (sz.has_lp ? (size_t)sz.n_tokens * sizeof(sample_result) : 0);
     size_t o_tok = align8(o_prompt + (size_t)sz.n_prompt * sizeof(int32_t));
     size_t o_text = align8(o_tok + (size_t)sz.n_tokens * sizeof(int32_t));
-    size_t total = o_text + sz.text_len + 1;
+    size_t o_chunks = align8(o_text + sz.text_len + 1);
+    size_t total = o_chunks + (size_t)sz.n_chunks * sizeof(cache_chunk);
     uint8_t *blk = malloc(total);
     if (!blk)
         return lm_err_set(err, -ENOMEM, "cache value: out of memory (%zu bytes)", total);
@@ -369,7 +420,10 @@ int cache_entry_decode(const uint8_t *buf, size_t n, cache_entry **ret, lm_err *
     sample_result *lp = sz.has_lp ? (sample_result *)(blk + o_lp) : NULL;
     r.off = HDR;
     r.bad = NULL;
-    parse_body(&r, &sz, e, prompt, tokens, text, lp); /* cannot fail: same bytes */
+    cache_chunk *chunks = sz.n_chunks ? (cache_chunk *)(blk + o_chunks) : NULL;
+    parse_body(&r, &sz, e, prompt, tokens, text, lp, chunks); /* cannot fail: same bytes */
+    e->chunks = chunks;
+    e->n_chunks = sz.n_chunks;
     e->prompt = prompt;
     e->n_prompt = sz.n_prompt;
     e->tokens = tokens;

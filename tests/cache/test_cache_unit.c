@@ -45,9 +45,10 @@ static void test_codec(void)
             lp[i].top_logprobs[j] = -1.0f - (float)j;
         }
     }
+    cache_chunk ch[2] = {{6, 2}, {2, 1}};
     cache_entry e = {.text = "héllo\0x", .text_len = 8, .tokens = toks, .n_tokens = 3,
                      .prompt = prompt, .n_prompt = 5, .finish = 1, .prompt_tokens = 5,
-                     .completion_tokens = 3, .logprobs = lp};
+                     .completion_tokens = 3, .logprobs = lp, .chunks = ch, .n_chunks = 2};
     uint8_t *v;
     size_t n;
     CHECK(cache_entry_encode(&e, &v, &n) == 0);
@@ -60,7 +61,17 @@ static void test_codec(void)
     CHECK(d->finish == 1 && d->prompt_tokens == 5 && d->completion_tokens == 3);
     CHECK(d->logprobs && d->logprobs[2].n_top == 2 && d->logprobs[2].top_ids[1] == 1001 &&
           d->logprobs[2].top_logprobs[1] == -2.0f && d->logprobs[1].logprob == -0.5f);
+    CHECK(d->n_chunks == 2 && d->chunks[0].text_len == 6 && d->chunks[1].n_tokens == 1);
     cache_entry_free(d);
+    /* Chunks must add up. */
+    {
+        cache_chunk bad_ch[2] = {{6, 2}, {3, 1}};
+        cache_entry eb2 = e;
+        eb2.chunks = bad_ch;
+        uint8_t *vb;
+        size_t nb;
+        CHECK(cache_entry_encode(&eb2, &vb, &nb) == -EINVAL);
+    }
     /* Every truncation and every single-bit flip must be refused. */
     for (size_t k = 0; k < n; k++) {
         CHECK(cache_entry_decode(v, k, &d, &err) == -EBADMSG);
@@ -86,7 +97,8 @@ static void test_codec(void)
     /* Without logprobs, empty text. */
     cache_entry e0 = {.text = "", .tokens = toks, .n_tokens = 3};
     CHECK(cache_entry_encode(&e0, &v, &n) == 0);
-    CHECK(cache_entry_decode(v, n, &d, &err) == 0 && d->logprobs == NULL && d->text_len == 0);
+    CHECK(cache_entry_decode(v, n, &d, &err) == 0 && d->logprobs == NULL && d->text_len == 0 &&
+          d->chunks == NULL && d->n_chunks == 0);
     cache_entry_free(d);
     free(v);
 }
