@@ -5,7 +5,9 @@
  * (hiredis contexts are not thread-safe), taken from the idle list or made
  * on demand, and returned after the command. Every connect and command is
  * bounded by min(timeout_ms, time left to the caller's deadline): the
- * socket timeouts are set before each command (redisSetTimeout), and a new
+ * socket timeouts are set before each command (redisSetTimeout; skipped
+ * when the context already has that value, the common case of a caller
+ * with a far deadline), and a new
  * context is made instead of redisReconnect, which in 0.14 would drop them.
  * A context whose command failed or timed out is freed (its stream may hold
  * an unread reply), never reused.
@@ -40,6 +42,7 @@ typedef struct conn {
     redisContext *ctx;
     uint64_t gen;
     int reused;
+    int64_t tmo_ns;             /* socket timeout now set (skip the syscalls when equal) */
 } conn;
 
 typedef struct redis_backend {
@@ -290,6 +293,7 @@ static int acquire(redis_backend *b, int64_t deadline_ns, conn *out)
         out->ctx = ctx;
         out->gen = gen;
         out->reused = 0;
+        out->tmo_ns = 0; /* the handshake's timeout: set again before the first command */
         return 0;
     }
 }
@@ -319,9 +323,16 @@ static int command(redis_backend *b, int64_t deadline_ns, int argc, const char *
             return rc;
         int full = 0;
         int64_t t = budget_ns(b, deadline_ns, &full);
-        if (!t || redisSetTimeout(c.ctx, ns_to_tv(t)) != REDIS_OK) {
-            release(b, &c, t != 0 ? 0 : 1);
+        if (!t) {
+            release(b, &c, 1);
             return -EAGAIN;
+        }
+        if (t != c.tmo_ns) {
+            if (redisSetTimeout(c.ctx, ns_to_tv(t)) != REDIS_OK) {
+                release(b, &c, 0);
+                return -EAGAIN;
+            }
+            c.tmo_ns = t;
         }
         redisReply *r = redisCommandArgv(c.ctx, argc, argv, lens);
         int e = errno;
@@ -528,6 +539,7 @@ static int rb_scan_delete(cache_backend *be, const char *key_prefix, size_t plen
         freeReplyObject(r);
     } while (!rc && strcmp(cursor, "0") != 0);
     free(pattern);
+    c.tmo_ns = -1; /* timeouts were changed above */
     release(b, &c, rc == 0);
     *ret_n = deleted;
     return rc;

@@ -1,0 +1,324 @@
+"""The exact-answer cache through the real lightmoed (issue 6).
+
+In-process cache (the default): the second identical greedy request is a
+hit (cached = true, same text and ids) and does no engine work (the
+scheduler's counters in /metrics do not move); Generate replays a hit as the
+same chunks; other parameters, sampled requests and the cache modes behave
+as documented; InvalidateCache drops entries.
+
+Redis (real redis-server on a free port): hits; Redis killed in the middle
+of 200 requests -> every request succeeds with the right answer, health
+stays SERVING, one log line for the change; Redis restarted -> hits again;
+Redis paused (SIGSTOP) -> requests still meet their deadlines from the
+engine.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "daemon"))
+import grpc  # noqa: E402
+
+import lmtest  # noqa: E402
+from lmtest import Api, Daemon, expect_error  # noqa: E402
+
+A = lmtest.parse_args()
+pb = lmtest.pb
+
+ENGINE_COUNTERS = ("lightmoe_engine_steps_total", "lightmoe_generated_tokens_total")
+
+
+def greedy(prompt, **kw):
+    kw.setdefault("max_tokens", 8)
+    return dict(prompt=prompt, temperature=0.0, **kw)
+
+
+def engine_work(d):
+    return tuple(d.metric(n) for n in ENGINE_COUNTERS)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+class Redis:
+    """A redis-server in a temp folder, on a fixed port (so it can restart)."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="lmredis-", dir=A.workdir)
+        self.port = free_port()
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self):
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+def test_memory_hit_no_engine_work():
+    with Daemon("mem") as d:
+        api = Api(d.channel())
+        first = api.complete(**greedy("The capital of France is"))
+        assert not first.cached
+        assert first.finish_reason in ("stop", "length")
+        before = engine_work(d)
+        second = api.complete(**greedy("The capital of France is"))
+        assert second.cached, "second identical greedy request was not a hit"
+        assert second.text == first.text and list(second.token_ids) == list(first.token_ids)
+        assert second.finish_reason == first.finish_reason
+        assert second.usage.completion_tokens == first.usage.completion_tokens
+        assert engine_work(d) == before, "a hit made the engine work"
+        assert d.metric("lightmoe_cache_hits_total") >= 1
+        # Generate: a hit streams the same chunks as the original stream.
+        chunks1 = [r for r in api.generate(**greedy("Once upon a time", max_tokens=12))]
+        chunks2 = [r for r in api.generate(**greedy("Once upon a time", max_tokens=12))]
+        assert not any(r.cached for r in chunks1)
+        assert chunks2[-1].cached
+        assert [r.text for r in chunks2] == [r.text for r in chunks1], (
+            [r.text for r in chunks1], [r.text for r in chunks2])
+        assert [list(r.token_ids) for r in chunks2] == [list(r.token_ids) for r in chunks1]
+        assert chunks2[-1].finish_reason == chunks1[-1].finish_reason
+        # Unary answer of a streamed generation: same text.
+        u = api.complete(**greedy("Once upon a time", max_tokens=12))
+        assert u.cached and u.text == "".join(r.text for r in chunks1)
+
+
+def test_parameters_and_policy():
+    with Daemon("policy") as d:
+        api = Api(d.channel())
+        p = "Parameters never share"
+        assert not api.complete(**greedy(p)).cached
+        assert api.complete(**greedy(p)).cached
+        assert not api.complete(**greedy(p, max_tokens=7)).cached
+        assert not api.complete(**greedy(p, repetition_penalty=1.3)).cached
+        assert not api.complete(**greedy(p, stop=["\n"])).cached
+        # Sampled without a seed: never cached. With a seed: cached.
+        assert not api.complete(prompt=p, max_tokens=8).cached
+        assert not api.complete(prompt=p, max_tokens=8).cached
+        s1 = api.complete(prompt=p, max_tokens=8, temperature=0.9, seed=7)
+        s2 = api.complete(prompt=p, max_tokens=8, temperature=0.9, seed=7)
+        assert not s1.cached and s2.cached and s1.text == s2.text
+        assert not api.complete(prompt=p, max_tokens=8, temperature=0.9, seed=8).cached
+        # Modes.
+        q = "Modes of the cache"
+        assert not api.complete(**greedy(q, cache_mode=pb.CACHE_MODE_BYPASS)).cached
+        assert not api.complete(**greedy(q, cache_mode=pb.CACHE_MODE_NO_STORE)).cached
+        assert not api.complete(**greedy(q)).cached  # nothing was stored so far
+        assert api.complete(**greedy(q, cache_mode=pb.CACHE_MODE_NO_STORE)).cached
+        before = engine_work(d)
+        assert not api.complete(**greedy(q, cache_mode=pb.CACHE_MODE_REFRESH)).cached
+        assert engine_work(d) != before, "refresh must recompute"
+        assert not api.complete(**greedy(q, cache_mode=pb.CACHE_MODE_BYPASS)).cached
+        assert api.complete(**greedy(q)).cached
+        # Chat messages are cached by their rendered tokens.
+        m = [pb.ChatMessage(role="user", content="hello there")]
+        assert not api.complete(messages=m, temperature=0.0, max_tokens=6).cached
+        assert api.complete(messages=m, temperature=0.0, max_tokens=6).cached
+
+
+def test_invalidate():
+    with Daemon("inval") as d:
+        api = Api(d.channel())
+        for p in ("alpha one", "alpha two", "beta"):
+            api.complete(**greedy(p))
+            assert api.complete(**greedy(p)).cached
+        r = api._inval(pb.InvalidateCacheRequest(request=pb.GenerateRequest(**greedy("beta"))),
+                       timeout=30)
+        assert r.removed == 1
+        assert not api.complete(**greedy("beta")).cached
+        assert api.complete(**greedy("alpha one")).cached
+        # By prompt prefix (token ids of "alpha").
+        ids = list(api.tokenize(text="alpha one").token_ids)
+        pre = list(api.tokenize(text="alpha two").token_ids)
+        n = 0
+        while n < min(len(ids), len(pre)) and ids[n] == pre[n]:
+            n += 1
+        assert n >= 1
+        common = ids[:n]
+        r = api._inval(pb.InvalidateCacheRequest(prefix_token_ids=common), timeout=30)
+        assert r.removed == 2, r
+        assert not api.complete(**greedy("alpha one")).cached
+        assert api.complete(**greedy("beta")).cached
+        r = api._inval(pb.InvalidateCacheRequest(all=True), timeout=30)
+        assert r.removed == 2, r  # beta and alpha one (stored again above)
+        assert not api.complete(**greedy("beta")).cached
+
+
+def redis_daemon(name, r, *extra):
+    return Daemon(name, ["--cache-url", r.url, "--cache-timeout-ms", "50", *extra])
+
+
+def test_redis_hit():
+    r = Redis()
+    try:
+        with redis_daemon("redis_hit", r) as d:
+            api = Api(d.channel())
+            a = api.complete(**greedy("Redis stores this"))
+            before = engine_work(d)
+            b = api.complete(**greedy("Redis stores this"))
+            assert b.cached and b.text == a.text and engine_work(d) == before
+        # A second daemon on the same model and Redis: hits at once.
+        with redis_daemon("redis_hit2", r) as d:
+            b = Api(d.channel()).complete(**greedy("Redis stores this"))
+            assert b.cached and b.text == a.text
+    finally:
+        r.close()
+
+
+PROMPTS = [f"Question number {i} about the weather" for i in range(10)]
+
+
+def reference_answers(api):
+    return {p: api.complete(**greedy(p, cache_mode=pb.CACHE_MODE_BYPASS)).text for p in PROMPTS}
+
+
+def load(api, n_threads, per_thread, ref, errors, hits, on_progress=None):
+    done = [0]
+    lock = threading.Lock()
+
+    def worker(t):
+        for i in range(per_thread):
+            p = PROMPTS[(t * 7 + i) % len(PROMPTS)]
+            try:
+                resp = api.complete(timeout=120, **greedy(p))
+                if resp.text != ref[p]:
+                    errors.append(f"wrong answer for {p!r}: {resp.text!r} != {ref[p]!r}")
+                if resp.cached:
+                    with lock:
+                        hits[0] += 1
+            except grpc.RpcError as e:
+                errors.append(f"{e.code()}: {e.details()}")
+            with lock:
+                done[0] += 1
+                if on_progress:
+                    on_progress(done[0])
+
+    th = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join()
+
+
+def test_redis_killed_and_restarted():
+    r = Redis()
+    try:
+        with redis_daemon("redis_kill", r, "--log-level", "info") as d:
+            api = Api(d.channel())
+            ref = reference_answers(api)
+            errors, hits = [], [0]
+            killed = threading.Event()
+
+            def progress(n):
+                if n == 100 and not killed.is_set():
+                    r.kill()
+                    killed.set()
+
+            load(api, 8, 25, ref, errors, hits, progress)
+            assert killed.is_set()
+            assert not errors, errors[:5]
+            assert api.check().status == lmtest.SERVING
+            log = d.text()
+            assert log.count("cache: backend unavailable") == 1, log[-3000:]
+            # Restart: after the back-off, answers come from Redis again.
+            r.start()
+            deadline = time.time() + 30
+            cached = False
+            while time.time() < deadline and not cached:
+                api.complete(**greedy(PROMPTS[0]))
+                cached = api.complete(**greedy(PROMPTS[0])).cached
+                time.sleep(0.1)
+            assert cached, "Redis was not used again after its restart"
+            d.wait_log(r"cache: backend available again", timeout=5)
+            assert d.text().count("cache: backend unavailable") == 1
+    finally:
+        r.close()
+
+
+def test_redis_slow():
+    r = Redis()
+    try:
+        with redis_daemon("redis_slow", r) as d:
+            api = Api(d.channel())
+            ref = reference_answers(api)
+            t0 = time.time()
+            api.complete(**greedy(PROMPTS[1], cache_mode=pb.CACHE_MODE_BYPASS))
+            engine_s = time.time() - t0
+            os.kill(r.proc.pid, signal.SIGSTOP)
+            try:
+                # Deadline: the engine's time plus a margin far below Redis' pause.
+                budget = max(2.0, 4 * engine_s + 1.0)
+                for p in PROMPTS[:5]:
+                    t0 = time.time()
+                    resp = api.complete(timeout=budget, **greedy(p))
+                    assert resp.text == ref[p] and not resp.cached
+                    assert time.time() - t0 < budget
+                assert api.check().status == lmtest.SERVING
+            finally:
+                os.kill(r.proc.pid, signal.SIGCONT)
+            assert d.metric("lightmoe_cache_errors_total") >= 1
+    finally:
+        r.close()
+
+
+def test_redis_down_at_start():
+    port = free_port()
+    with Daemon("redis_down", ["--cache-url", f"redis://127.0.0.1:{port}/0"]) as d:
+        api = Api(d.channel())
+        a = api.complete(**greedy("No Redis here"))
+        b = api.complete(**greedy("No Redis here"))
+        assert not a.cached and not b.cached and a.text == b.text
+        assert api.check().status == lmtest.SERVING
+        d.wait_log("cache: backend unavailable", timeout=5)
+
+
+def test_bad_cache_url():
+    for bad, want in (("redis://h:0", "port"), ("memcached://x", "expected")):
+        p = subprocess.run([A.lightmoed, "--model", A.model, "--cache-url", bad, "--check-config",
+                            "--config", os.path.join(A.workdir, "empty.conf")],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0 and want in p.stderr, (p.returncode, p.stderr)
+
+
+if __name__ == "__main__":
+    open(os.path.join(A.workdir, "empty.conf"), "w").close()
+    lmtest.run_tests([test_bad_cache_url, test_memory_hit_no_engine_work,
+                      test_parameters_and_policy, test_invalidate, test_redis_hit,
+                      test_redis_killed_and_restarted, test_redis_slow, test_redis_down_at_start])
