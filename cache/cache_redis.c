@@ -4,13 +4,16 @@
  * Pool: up to pool_size contexts; a context is used by one thread at a time
  * (hiredis contexts are not thread-safe), taken from the idle list or made
  * on demand, and returned after the command. Every connect and command is
- * bounded by min(timeout_ms, time left to the caller's deadline): the
- * socket timeouts are set before each command (redisSetTimeout; skipped
- * when the context already has that value, the common case of a caller
- * with a far deadline), and a new
- * context is made instead of redisReconnect, which in 0.14 would drop them.
- * A context whose command failed or timed out is freed (its stream may hold
- * an unread reply), never reused.
+ * bounded by min(timeout_ms, time left to the caller's deadline). Socket
+ * timeouts (SO_RCVTIMEO) are rounded to the kernel tick and overshoot by
+ * 4-12 ms (measured on the CI machine), so replies are not read with a
+ * blocking read: the command is appended and flushed, then the reply is
+ * parsed from what ppoll(2) (high-resolution timer) says is readable, until
+ * the bound (redisGetReplyFromReader + redisBufferRead). The socket timeouts
+ * are still set to timeout_ms once per context, as a safety net for writes,
+ * and set again on every new context: redisReconnect is never used (in 0.14
+ * it drops them). A context whose command failed or timed out is freed (its
+ * stream may hold an unread reply), never reused.
  *
  * State: OK until a connect fails, the connection breaks, or two commands
  * in a row time out on the full timeout_ms (a timeout caused by a caller's
@@ -26,6 +29,7 @@
  * errors but leave the state alone: the connection itself is in sync.
  */
 #include <hiredis/hiredis.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,15 +38,14 @@
 #include "cache/cache_internal.h"
 
 #define POOL_MAX 64
-/* Socket timeouts are rounded up to the kernel's tick (up to 4 ms at
- * HZ=250): stop that much before the caller's deadline so that it holds. */
-#define DEADLINE_MARGIN_NS 5000000
+/* Stop this much before the caller's deadline: the caller still has to
+ * return through its own code, and a wake-up is never exact. */
+#define DEADLINE_MARGIN_NS 1000000
 
 typedef struct conn {
     redisContext *ctx;
     uint64_t gen;
     int reused;
-    int64_t tmo_ns;             /* socket timeout now set (skip the syscalls when equal) */
 } conn;
 
 typedef struct redis_backend {
@@ -142,6 +145,57 @@ static int ctx_errno(const redisContext *ctx, int saved_errno)
     return -EIO;
 }
 
+/* Flush the output buffer by until_ns. */
+static int tx_flush(redisContext *ctx, int64_t until_ns)
+{
+    int done = 0;
+    while (!done) {
+        int64_t left = until_ns - cache_now_ns();
+        if (left <= 0)
+            return -ETIMEDOUT;
+        struct pollfd p = {ctx->fd, POLLOUT, 0};
+        struct timespec ts = {(time_t)(left / 1000000000), (long)(left % 1000000000)};
+        int k = ppoll(&p, 1, &ts, NULL);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0)
+            return -errno;
+        if (k == 0)
+            return -ETIMEDOUT;
+        if (redisBufferWrite(ctx, &done) != REDIS_OK)
+            return ctx_errno(ctx, errno);
+    }
+    return 0;
+}
+
+/* Read one reply by until_ns (reading only what ppoll says is there). */
+static int rx_reply(redisContext *ctx, int64_t until_ns, redisReply **ret)
+{
+    for (;;) {
+        void *r = NULL;
+        if (redisGetReplyFromReader(ctx, &r) != REDIS_OK)
+            return ctx_errno(ctx, errno);
+        if (r) {
+            *ret = r;
+            return 0;
+        }
+        int64_t left = until_ns - cache_now_ns();
+        if (left <= 0)
+            return -ETIMEDOUT;
+        struct pollfd p = {ctx->fd, POLLIN, 0};
+        struct timespec ts = {(time_t)(left / 1000000000), (long)(left % 1000000000)};
+        int k = ppoll(&p, 1, &ts, NULL);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0)
+            return -errno;
+        if (k == 0)
+            return -ETIMEDOUT;
+        if (redisBufferRead(ctx) != REDIS_OK)
+            return ctx_errno(ctx, errno);
+    }
+}
+
 /* Connect and hand-shake (AUTH, SELECT, PING pipelined). 0 or -errno, with
  * a reason in why. */
 static int redis_connect(redis_backend *b, int64_t deadline_ns, redisContext **ret, char *why,
@@ -170,12 +224,15 @@ static int redis_connect(redis_backend *b, int64_t deadline_ns, redisContext **r
         *timed_out_full = rc == -ETIMEDOUT && full;
         return rc == -ETIMEDOUT ? rc : -ECONNREFUSED;
     }
+    /* Safety net for blocking writes; reads are bounded by ppoll below. */
+    redisSetTimeout(ctx, ns_to_tv((int64_t)b->timeout_ms * 1000000));
     t = budget_ns(b, deadline_ns, &full);
-    if (!t || redisSetTimeout(ctx, ns_to_tv(t)) != REDIS_OK) {
+    if (!t) {
         snprintf(why, why_n, "no time left after connecting");
         redisFree(ctx);
         return -EAGAIN;
     }
+    int64_t until = cache_now_ns() + t;
     char db[16];
     snprintf(db, sizeof db, "%d", b->url.db);
     int n = 0;
@@ -194,18 +251,22 @@ static int redis_connect(redis_backend *b, int64_t deadline_ns, redisContext **r
     const char *ping[1] = {"PING"};
     redisAppendCommandArgv(ctx, 1, ping, NULL);
     what[n++] = "PING";
-    int rc = 0;
-    for (int i = 0; i < n; i++) {
+    int rc = tx_flush(ctx, until);
+    if (rc) {
+        snprintf(why, why_n, "sending %s: %s", what[0], rc == -ETIMEDOUT ? "timed out" : ctx->errstr);
+        *timed_out_full = rc == -ETIMEDOUT && full;
+    }
+    for (int i = 0; !rc && i < n; i++) {
         redisReply *r = NULL;
-        if (redisGetReply(ctx, (void **)&r) != REDIS_OK) {
-            rc = ctx_errno(ctx, errno);
-            snprintf(why, why_n, "%s: %.200s", what[i], ctx->errstr);
+        rc = rx_reply(ctx, until, &r);
+        if (rc) {
+            snprintf(why, why_n, "%s: %.200s", what[i],
+                     rc == -ETIMEDOUT ? "no reply in time" : ctx->errstr);
             *timed_out_full = rc == -ETIMEDOUT && full;
             break;
         }
         if (r->type == REDIS_REPLY_ERROR) {
-            /* Keep reading: the pipeline must be drained... but the context is
-             * discarded anyway, so stop at the first refusal. */
+            /* The context is discarded: no need to drain the pipeline. */
             snprintf(why, why_n, "%s refused: %.200s", what[i], r->str);
             rc = -EACCES;
             freeReplyObject(r);
@@ -293,7 +354,6 @@ static int acquire(redis_backend *b, int64_t deadline_ns, conn *out)
         out->ctx = ctx;
         out->gen = gen;
         out->reused = 0;
-        out->tmo_ns = 0; /* the handshake's timeout: set again before the first command */
         return 0;
     }
 }
@@ -327,16 +387,14 @@ static int command(redis_backend *b, int64_t deadline_ns, int argc, const char *
             release(b, &c, 1);
             return -EAGAIN;
         }
-        if (t != c.tmo_ns) {
-            if (redisSetTimeout(c.ctx, ns_to_tv(t)) != REDIS_OK) {
-                release(b, &c, 0);
-                return -EAGAIN;
-            }
-            c.tmo_ns = t;
-        }
-        redisReply *r = redisCommandArgv(c.ctx, argc, argv, lens);
-        int e = errno;
-        if (r) {
+        int64_t until = cache_now_ns() + t;
+        redisReply *r = NULL;
+        rc = redisAppendCommandArgv(c.ctx, argc, argv, lens) == REDIS_OK ? 0 : -ENOMEM;
+        if (!rc)
+            rc = tx_flush(c.ctx, until);
+        if (!rc)
+            rc = rx_reply(c.ctx, until, &r);
+        if (!rc) {
             atomic_store(&b->strikes, 0);
             if (r->type == REDIS_REPLY_ERROR) {
                 freeReplyObject(r);
@@ -347,9 +405,9 @@ static int command(redis_backend *b, int64_t deadline_ns, int argc, const char *
             *ret = r;
             return 0;
         }
-        rc = ctx_errno(c.ctx, e);
         char why[300];
-        snprintf(why, sizeof why, "%s: %s", argv[0], c.ctx->errstr);
+        snprintf(why, sizeof why, "%s: %s", argv[0],
+                 rc == -ETIMEDOUT ? "no reply in time" : c.ctx->errstr);
         int reused = c.reused;
         release(b, &c, 0);
         if (rc == -ETIMEDOUT) {
@@ -539,7 +597,8 @@ static int rb_scan_delete(cache_backend *be, const char *key_prefix, size_t plen
         freeReplyObject(r);
     } while (!rc && strcmp(cursor, "0") != 0);
     free(pattern);
-    c.tmo_ns = -1; /* timeouts were changed above */
+    if (redisSetTimeout(c.ctx, ns_to_tv((int64_t)b->timeout_ms * 1000000)) != REDIS_OK)
+        rc = rc ? rc : -EIO; /* back to the safety net; else do not reuse it */
     release(b, &c, rc == 0);
     *ret_n = deleted;
     return rc;

@@ -13,6 +13,8 @@
 #include <signal.h>
 #include <stdatomic.h>
 
+#include <hiredis/hiredis.h>
+
 #include "redis_harness.h"
 #include "testutil.h"
 
@@ -40,22 +42,24 @@ static void reset_states(void)
     pthread_mutex_unlock(&st_mu);
 }
 
-static cache *make(const char *url)
+static cache *make_ex(const char *url, int timeout_ms, int report)
 {
     cache_config cfg;
     cache_config_default(&cfg);
     cfg.url = url;
-    cfg.timeout_ms = 50;
+    cfg.timeout_ms = timeout_ms;
     cfg.backoff_min_ms = 50;
     cfg.backoff_max_ms = 400;
     cfg.prefix_tokens = 4;
-    cfg.on_state = on_state;
+    cfg.on_state = report ? on_state : NULL;
     cache *c;
     lm_err e;
     lm_err_clear(&e);
     CHECK_MSG(cache_create(&cfg, &c, &e) == 0, "%s", e.msg);
     return c;
 }
+
+static cache *make(const char *url) { return make_ex(url, 50, 1); }
 
 static redis_proc R; /* the main server */
 
@@ -180,7 +184,7 @@ static void test_pool(void)
 {
     char url[256];
     url_of(&R, url, sizeof url, NULL, 0);
-    cache *c = make(url);
+    cache *c = make_ex(url, 2000, 1); /* correctness of the pool, not its speed */
     atomic_int done = 0;
     load_arg la[16];
     pthread_t th[16];
@@ -252,39 +256,87 @@ static void test_kill_restart(void)
 }
 
 /* Slow Redis: calls return within their deadline (or timeout_ms). */
-static void check_bounded(cache *c, const char *what)
+/* Each call on a stalled Redis must return by its deadline. The machine
+ * running the tests may be loaded (2 cores, many jobs, ASan), so a thread
+ * is sometimes scheduled tens of ms late: the test asks that the median
+ * call that waited for Redis on a 30 ms deadline return by deadline + 5 ms
+ * (the backend aims 1 ms early; waiting for timeout_ms = 50 ms instead
+ * would put the median 20 ms late) and that no call be more than 1 s late (a
+ * backend that waited for the Redis stall itself would be). */
+static int cmp_i64(const void *a, const void *b)
 {
-    int64_t worst = -1000000000;
-    for (int i = 0; i < 20; i++) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static void check_bounded(const char *url, cache *c, const char *what)
+{
+    int64_t over_w[64];
+    int waited = 0, late = 0;
+    for (int i = 0; i < 16; i++) {
+        /* Fresh caches (each connects anew, so each really waits), then the
+         * shared one (which goes DOWN and then fails at once). */
+        cache *fc = i < 8 ? make_ex(url, 50, 0) : c;
         treq t;
         treq_init(&t, "slow", i % 4, 5);
         cache_key k;
-        CHECK(treq_key(c, &t, &k) == 0);
-        int64_t dl = ms_from_now(i % 2 ? 30 : 80); /* under and over timeout_ms */
-        cache_entry *e = NULL;
-        CHECK(cache_get(c, &k, dl, &e) == 0); /* a miss: Redis cannot answer */
-        int64_t over = cache_now_ns() - dl;
-        if (over > worst)
-            worst = over;
-        tanswer a;
-        compute(&t, &a);
-        dl = ms_from_now(80);
-        cache_put(c, &k, &a.e, dl);
-        over = cache_now_ns() - dl;
-        if (over > worst)
-            worst = over;
+        CHECK(treq_key(fc, &t, &k) == 0);
+        for (int op = 0; op < 2; op++) {
+            int64_t t0 = cache_now_ns();
+            /* 30 ms: under timeout_ms, the deadline bounds it (first on a fresh
+             * cache: a full 50 ms timeout turns the backend DOWN) */
+            int short_dl = fc != c ? op == 0 : (i + op) % 2;
+            int64_t dl = t0 + (int64_t)(short_dl ? 30 : 80) * 1000000;
+            if (op == 0) {
+                cache_entry *e = NULL;
+                CHECK(cache_get(fc, &k, dl, &e) == 0); /* a miss: Redis cannot answer */
+            } else {
+                tanswer a;
+                compute(&t, &a);
+                cache_put(fc, &k, &a.e, dl);
+            }
+            int64_t end = cache_now_ns(), over = end - dl;
+            late += over > 0;
+            if (short_dl && end - t0 > 5000000)
+                over_w[waited++] = over;
+            CHECK_MSG(over < 1000000000LL, "%s: a call returned %lld ms after its deadline",
+                      what, (long long)(over / 1000000));
+        }
+        if (fc != c)
+            cache_destroy(fc);
     }
-    /* Each call returns by its deadline; 10 ms slack for scheduling on a busy
-     * 2-core machine (the backend itself stops 5 ms early). */
-    CHECK_MSG(worst < 10 * 1000000LL, "%s: a call returned %lld ms after its deadline", what,
-              (long long)(worst / 1000000));
-    fprintf(stderr, "%s: latest return %.1f ms %s the deadline\n", what,
-            (double)(worst < 0 ? -worst : worst) / 1e6, worst < 0 ? "before" : "after");
+    CHECK_MSG(waited >= 8, "%s: only %d short-deadline calls waited for Redis", what, waited);
+    qsort(over_w, (size_t)waited, sizeof *over_w, cmp_i64);
+    int64_t med = over_w[waited / 2], worst = over_w[waited - 1];
+    fprintf(stderr, "%s: %d 30-ms calls waited; median %.1f ms, worst %.1f ms relative to the deadline;"
+            " %d of 32 late\n", what, waited, (double)med / 1e6, (double)worst / 1e6, late);
+    CHECK_MSG(med <= 5000000, "%s: the median call returned %.1f ms after its deadline", what,
+              (double)med / 1e6);
+}
+
+/* 1 if Redis answers PING within ms. */
+static int redis_responsive(const redis_proc *r, int ms)
+{
+    struct timeval tv = {0, 200000};
+    redisContext *c = redisConnectWithTimeout("127.0.0.1", r->port, tv);
+    if (!c || c->err) {
+        if (c)
+            redisFree(c);
+        return 0;
+    }
+    struct timeval t2 = {0, ms * 1000};
+    redisSetTimeout(c, t2);
+    redisReply *rep = redisCommand(c, "PING");
+    int ok = rep != NULL;
+    if (rep)
+        freeReplyObject(rep);
+    redisFree(c);
+    return ok;
 }
 
 static void *debug_sleep(void *p)
 {
-    redis_admin(&R, NULL, 0, "DEBUG SLEEP 1");
+    redis_admin(&R, NULL, 0, "DEBUG SLEEP 3");
     return NULL;
 }
 
@@ -312,16 +364,20 @@ static void test_slow(void)
     treq_init(&t, "slow", 0, 5);
     CHECK(serve(c, &t, 0) == 0 && serve(c, &t, 0) == 1); /* pool warm */
     kill(R.pid, SIGSTOP);
-    check_bounded(c, "SIGSTOP");
+    check_bounded(url, c, "SIGSTOP");
     cache_stats s;
     cache_get_stats(c, &s);
     CHECK(s.timeouts >= 1 && s.state == CACHE_STATE_DOWN);
     kill(R.pid, SIGCONT);
     wait_ok(c);
+    /* Stores sent while Redis was stopped ran when it resumed: start empty. */
+    CHECK(redis_admin(&R, NULL, 0, "FLUSHALL") == 0);
     pthread_t th;
     pthread_create(&th, NULL, debug_sleep, NULL);
-    sleep_ms(100);
-    check_bounded(c, "DEBUG SLEEP");
+    int64_t until = ms_from_now(5000);
+    while (redis_responsive(&R, 30) && cache_now_ns() < until)
+        sleep_ms(5); /* until DEBUG SLEEP has begun */
+    check_bounded(url, c, "DEBUG SLEEP");
     pthread_join(th, NULL);
     wait_ok(c);
     pthread_mutex_lock(&st_mu);
