@@ -18,6 +18,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cache/cache.h"
 #include "daemon/log.h"
 
 typedef enum ctype_ { CT_STR, CT_INT, CT_DOUBLE, CT_BOOL, CT_ENUM } ctype_;
@@ -79,16 +80,22 @@ static const config_key config_table[] = {
      "on SIGTERM, time running streams get to finish before they are cancelled"},
     {"log_level", CT_ENUM, OFF(log_level), 0, 0, "error|warn|info|debug", 1, "info",
      "least severe level written to stderr"},
-    {"cache", CT_ENUM, OFF(cache), 0, 0, "off|memory|redis", 0, "off",
-     "exact-answer cache: off, in-process (memory) or Redis"},
-    {"cache_redis", CT_STR, OFF(cache_redis), 0, 0, NULL, 0, "127.0.0.1:6379",
-     "Redis address HOST:PORT or unix:/PATH (cache = redis)"},
-    {"cache_ttl_seconds", CT_INT, OFF(cache_ttl_seconds), 1, 1e9, NULL, 1, "3600",
+    {"cache_url", CT_STR, OFF(cache_url), 0, 0, NULL, 0, "memory",
+     "exact-answer cache: memory (in-process LRU), off, redis://[USER:PASS@]HOST:PORT/DB or "
+     "unix:///PATH[?db=N&user=U&password=P]"},
+    {"cache_prefix", CT_STR, OFF(cache_prefix), 0, 0, NULL, 0, "lightmoe:",
+     "prefix of every cache key (several deployments can share one Redis)"},
+    {"cache_ttl_seconds", CT_INT, OFF(cache_ttl_seconds), 1, 1e9, NULL, 0, "3600",
      "default lifetime of a cached answer"},
-    {"cache_max_mb", CT_INT, OFF(cache_max_mb), 1, 1 << 20, NULL, 1, "256",
-     "size bound of the in-process cache"},
-    {"cache_timeout_ms", CT_INT, OFF(cache_timeout_ms), 1, 60000, NULL, 1, "50",
-     "longest wait for the cache before answering from the model"},
+    {"cache_max_ttl_seconds", CT_INT, OFF(cache_max_ttl_seconds), 1, 1e9, NULL, 0, "86400",
+     "cap on the lifetime a request may ask for (cache_ttl_seconds)"},
+    {"cache_max_value_bytes", CT_INT, OFF(cache_max_value_bytes), 64, 1 << 30, NULL, 0,
+     "1048576", "answers larger than this (encoded) are not stored"},
+    {"cache_max_mb", CT_INT, OFF(cache_max_mb), 1, 1 << 20, NULL, 0, "256",
+     "size bound of the in-process cache (cache_url = memory)"},
+    {"cache_timeout_ms", CT_INT, OFF(cache_timeout_ms), 1, 60000, NULL, 0, "50",
+     "longest wait for one Redis operation (also bounded by the request's deadline) before "
+     "answering from the model"},
     {"debug_hooks", CT_BOOL, OFF(debug_hooks), 0, 0, NULL, 0, "no",
      "TESTS ONLY: SIGUSR1 stalls the engine loop, SIGUSR2 resumes it"},
     {"debug_load_delay_ms", CT_INT, OFF(debug_load_delay_ms), 0, 600000, NULL, 0, "0",
@@ -296,6 +303,14 @@ int dconf_validate(const daemon_config *cfg, char *errbuf, size_t errlen)
     if (cfg->default_max_tokens > cfg->max_tokens_limit)
         return fail(errbuf, errlen, "default_max_tokens (%" PRId64 ") exceeds max_tokens_limit (%"
                     PRId64 ")", cfg->default_max_tokens, cfg->max_tokens_limit);
+    cache_url cu;
+    lm_err cerr = {0};
+    if (cache_url_parse(cfg->cache_url, &cu, &cerr))
+        return fail(errbuf, errlen, "cache_url: %s", cerr.msg);
+    if (cfg->cache_ttl_seconds > cfg->cache_max_ttl_seconds)
+        return fail(errbuf, errlen, "cache_ttl_seconds (%" PRId64 ") exceeds "
+                    "cache_max_ttl_seconds (%" PRId64 ")", cfg->cache_ttl_seconds,
+                    cfg->cache_max_ttl_seconds);
     if ((cfg->debug_load_delay_ms || cfg->debug_step_delay_ms) && !cfg->debug_hooks)
         return fail(errbuf, errlen, "debug_load_delay_ms, debug_step_delay_ms: need debug_hooks "
                     "= yes");

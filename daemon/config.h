@@ -54,9 +54,11 @@ typedef struct daemon_config {
     double drain_grace_seconds;
     char log_level[16];
     /* exact-answer cache (used by the cache module) */
-    char cache[16];
-    char cache_redis[CONFIG_STR_MAX];
+    char cache_url[CONFIG_STR_MAX];
+    char cache_prefix[128];
     int64_t cache_ttl_seconds;
+    int64_t cache_max_ttl_seconds;
+    int64_t cache_max_value_bytes;
     int64_t cache_max_mb;
     int64_t cache_timeout_ms;
     /* test hooks */

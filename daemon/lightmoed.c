@@ -24,6 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "daemon/cache_hooks.h"
 #include "daemon/config.h"
 #include "daemon/log.h"
 #include "daemon/metrics.h"
@@ -311,6 +312,12 @@ int main(int argc, char **argv)
 
     if (serve_create(&A.cfg, &A.sv)) {
         log_error("out of memory");
+        return 1;
+    }
+    /* The cache never connects here: a Redis that is down does not delay the start. */
+    if ((rc = cache_hooks_install(A.sv, &A.cfg, err, sizeof err))) {
+        log_error("%s", err);
+        serve_destroy(A.sv);
         return 1;
     }
     int port = 0;

@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "daemon/cache_hooks.h"
 #include "daemon/status.h"
 
 static const char *const method_names[] = {"Generate", "Complete", "Tokenize", "GetModelInfo",
@@ -216,6 +217,11 @@ static char *render(size_t *ret_len)
                 atomic_load(&cache_misses));
     put_counter(&b, "lightmoe_cache_stores_total", "Answers stored in the exact-answer cache",
                 atomic_load(&cache_stores));
+    char *cache_text = cache_hooks_metrics_text(); /* backend state, errors, bytes, latency */
+    if (cache_text) {
+        put(&b, "%s", cache_text);
+        free(cache_text);
+    }
     metrics_gauges g;
     memset(&g, 0, sizeof g);
     if (gauge_fn)

@@ -269,6 +269,7 @@ static void fill_request(rpc_call *c, gen_call *g, const Lightmoe__V1__GenerateR
     r->sampling.presence_penalty = OPT(presence_penalty, PRESENCE_PENALTY, 0.0f);
     r->sampling.frequency_penalty = OPT(frequency_penalty, FREQUENCY_PENALTY, 0.0f);
     r->sampling.seed = OPT(seed, SEED, random_seed(c));
+    r->has_seed = q->_seed_case == LIGHTMOE__V1__GENERATE_REQUEST___SEED_SEED;
 #undef OPT
     r->sampling.logprobs = q->logprobs;
     r->stop = (const char *const *)q->stop;
@@ -405,11 +406,19 @@ static void invalidate_cache(rpc_call *c)
     char msg[1024];
     int64_t removed = 0;
     st_code code;
-    if (q->all) {
+    if ((q->all != 0) + (q->request != NULL) + (q->n_prefix_token_ids > 0) > 1) {
+        code = ST_INVALID_ARGUMENT;
+        snprintf(msg, sizeof msg,
+                 "set one of `all`, `request` or `prefix_token_ids`, not several");
+    } else if (q->all) {
         code = serve_invalidate(rpc_serve(c->srv), 1, NULL, &removed, msg, sizeof msg);
+    } else if (q->n_prefix_token_ids > 0) {
+        code = serve_invalidate_prefix(rpc_serve(c->srv), q->prefix_token_ids,
+                                       (int32_t)q->n_prefix_token_ids, &removed, msg, sizeof msg);
     } else if (!q->request) {
         code = ST_INVALID_ARGUMENT;
-        snprintf(msg, sizeof msg, "set `all` or give the `request` whose answer to drop");
+        snprintf(msg, sizeof msg,
+                 "set `all`, give the `request` whose answer to drop, or `prefix_token_ids`");
     } else {
         gen_call g = {0};
         serve_request r;

@@ -39,6 +39,9 @@ typedef struct job {
     size_t text_len, text_cap;
     int32_t *ids;
     int32_t n_ids, ids_cap;
+    serve_chunk *chunks;            /* how the kept answer was streamed (for cache replays) */
+    int32_t n_chunks, chunks_cap;
+    int looked_up;                  /* the cache was asked and missed: tell it when we end */
     int64_t first_ns, last_ns;
     _Atomic int refs;               /* engine + submitter, see serve_generate */
     int finished;                   /* on_final called (guarded by serve.mu) */
@@ -151,6 +154,7 @@ static void job_free(job *j)
     free(j->prompt_ids);
     free(j->text);
     free(j->ids);
+    free(j->chunks);
     free(j);
 }
 
@@ -204,6 +208,34 @@ static void job_keep(job *j, const char *text, size_t len, const int32_t *ids, i
     }
     memcpy(j->ids + j->n_ids, ids, (size_t)n * sizeof *ids);
     j->n_ids += n;
+    if (len == 0 && n == 0)
+        return;
+    if (j->n_chunks == j->chunks_cap) {
+        int32_t cap = j->chunks_cap ? j->chunks_cap * 2 : 32;
+        serve_chunk *c = realloc(j->chunks, (size_t)cap * sizeof *c);
+        if (!c) {
+            j->store = 0;
+            return;
+        }
+        j->chunks = c;
+        j->chunks_cap = cap;
+    }
+    j->chunks[j->n_chunks++] = (serve_chunk){(uint32_t)len, n};
+}
+
+/* The cache's single flight waits for this request: say it ended. */
+static void job_tell_cache(job *j)
+{
+    if (!j->looked_up)
+        return;
+    serve *s = j->s;
+    pthread_mutex_lock(&s->mu);
+    serve_cache_hooks h = s->hooks;
+    int has = s->has_hooks;
+    pthread_mutex_unlock(&s->mu);
+    if (has && h.finish)
+        h.finish(h.user, j->req);
+    j->looked_up = 0;
 }
 
 static void on_engine_delta(void *user, const char *text, size_t len, const int32_t *ids,
@@ -268,7 +300,8 @@ static void on_engine_finish(void *user, const runner_finish *f)
                 serve_cache_key key = {s->info.id, j->prompt_ids, j->n_prompt, j->max_tokens,
                                        j->req};
                 serve_answer ans = {j->text ? j->text : "", j->text_len, j->ids, j->n_ids,
-                                    fin.finish_reason, f->prompt_tokens, f->completion_tokens};
+                                    fin.finish_reason, f->prompt_tokens, f->completion_tokens,
+                                    j->chunks, j->n_chunks, NULL};
                 h.store(h.user, &key, &ans, ttl);
                 metrics_count_cache_store();
             }
@@ -296,6 +329,7 @@ static void on_engine_finish(void *user, const runner_finish *f)
         log_msg(LL_ERROR, j->req->request_id, "%s", msg);
         break;
     }
+    job_tell_cache(j);
     job_remove(j);
     j->sink.on_final(j->user, &fin);
     job_unref(j);
@@ -444,6 +478,7 @@ st_code serve_generate(serve *s, const serve_request *req, const serve_sink *sin
             log_msg(LL_WARN, req->request_id, "cache lookup failed (%d): answering from the model",
                     hit);
         metrics_count_cache(hit > 0);
+        j->looked_up = hit <= 0;
         if (hit > 0) {
             /* Answer at once; the sink learns it was cached. */
             pthread_mutex_lock(&s->mu);
@@ -452,15 +487,26 @@ st_code serve_generate(serve *s, const serve_request *req, const serve_sink *sin
                 s->jobs->prev = j;
             s->jobs = j;
             pthread_mutex_unlock(&s->mu);
-            serve_delta d = {ans.text, ans.len, ans.token_ids, ans.n_tokens, NULL};
             int64_t t = now_ns();
             serve_final fin = {ST_OK, NULL, ans.finish_reason, ans.prompt_tokens,
                                ans.completion_tokens, 0,
                                (double)(t - req->arrival_ns) * 1e-9,
                                (double)(t - req->arrival_ns) * 1e-9, 1};
             *ret_job = id;
-            if (ans.len || ans.n_tokens)
+            /* Replay the answer as the chunks it was streamed in. */
+            size_t off = 0;
+            int32_t tok = 0;
+            for (int32_t i = 0; i < ans.n_chunks; i++) {
+                serve_delta d = {ans.text + off, ans.chunks[i].len, ans.token_ids + tok,
+                                 ans.chunks[i].n_tokens, NULL};
                 sink->on_delta(user, &d);
+                off += ans.chunks[i].len;
+                tok += ans.chunks[i].n_tokens;
+            }
+            if (ans.n_chunks == 0 && (ans.len || ans.n_tokens)) {
+                serve_delta d = {ans.text, ans.len, ans.token_ids, ans.n_tokens, NULL};
+                sink->on_delta(user, &d);
+            }
             job_remove(j);
             sink->on_final(user, &fin);
             if (hooks.release)
@@ -509,6 +555,7 @@ st_code serve_generate(serve *s, const serve_request *req, const serve_sink *sin
     if (j->next)
         j->next->prev = j->prev;
     pthread_mutex_unlock(&s->mu);
+    job_tell_cache(j);
     if (rc == -EAGAIN)
         code = fail(ST_RESOURCE_EXHAUSTED, msg, msglen,
                     "server overloaded: the engine queue is full (max_queue = %lld): retry with "
@@ -639,7 +686,7 @@ st_code serve_invalidate(serve *s, int all, const serve_request *req, int64_t *r
     pthread_mutex_unlock(&s->mu);
     if (!has || !h.invalidate)
         return fail(ST_FAILED_PRECONDITION, msg, msglen,
-                    "the exact-answer cache is off (cache = off): nothing to invalidate");
+                    "the exact-answer cache is off (cache_url = off): nothing to invalidate");
     int64_t n;
     if (all) {
         n = h.invalidate(h.user, NULL, msg, msglen);
@@ -652,6 +699,8 @@ st_code serve_invalidate(serve *s, int all, const serve_request *req, int64_t *r
         if (c)
             return c;
         int32_t mt = req->has_max_tokens ? req->max_tokens : (int32_t)cfg.default_max_tokens;
+        if (n_ids + mt > s->info.context_length)
+            mt = s->info.context_length - n_ids; /* as serve_generate resolves it */
         serve_cache_key key = {s->info.id, ids, n_ids, mt, req};
         n = h.invalidate(h.user, &key, msg, msglen);
         free(ids);
@@ -659,5 +708,31 @@ st_code serve_invalidate(serve *s, int all, const serve_request *req, int64_t *r
     if (n < 0)
         return ST_UNAVAILABLE;
     *ret_removed = n;
+    return ST_OK;
+}
+
+st_code serve_invalidate_prefix(serve *s, const int32_t *ids, int32_t n, int64_t *ret_removed,
+                                char *msg, size_t msglen)
+{
+    if (!get_model(s, msg, msglen))
+        return ST_UNAVAILABLE;
+    pthread_mutex_lock(&s->mu);
+    serve_cache_hooks h = s->hooks;
+    int has = s->has_hooks;
+    pthread_mutex_unlock(&s->mu);
+    if (!has || !h.invalidate_prefix)
+        return fail(ST_FAILED_PRECONDITION, msg, msglen,
+                    "the exact-answer cache is off (cache_url = off): nothing to invalidate");
+    if (n < 1)
+        return fail(ST_INVALID_ARGUMENT, msg, msglen, "prefix_token_ids is empty");
+    for (int32_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= s->info.vocab_size)
+            return fail(ST_INVALID_ARGUMENT, msg, msglen,
+                        "prefix_token_ids[%d] = %d is not a token id (vocabulary %d)", i, ids[i],
+                        s->info.vocab_size);
+    int64_t r = h.invalidate_prefix(h.user, ids, n, msg, msglen);
+    if (r < 0)
+        return ST_UNAVAILABLE;
+    *ret_removed = r;
     return ST_OK;
 }

@@ -57,6 +57,7 @@ typedef struct serve_request {
     int64_t arrival_ns;             /* CLOCK_MONOTONIC */
     serve_cache_mode cache_mode;
     uint32_t cache_ttl_seconds;     /* 0 = cache_ttl_seconds of the config */
+    int has_seed;                   /* the caller chose the seed (sampling is reproducible) */
 } serve_request;
 
 typedef struct serve_delta {
@@ -93,6 +94,12 @@ typedef struct serve_cache_key {
     const serve_request *req;       /* sampling, stop, logprobs, ... */
 } serve_cache_key;
 
+/* One streamed piece of an answer (so that a hit replays the same chunks). */
+typedef struct serve_chunk {
+    uint32_t len;                   /* text bytes */
+    int32_t n_tokens;
+} serve_chunk;
+
 typedef struct serve_answer {
     const char *text;
     size_t len;
@@ -100,6 +107,9 @@ typedef struct serve_answer {
     int32_t n_tokens;
     const char *finish_reason;      /* "stop" or "length" */
     int32_t prompt_tokens, completion_tokens;
+    const serve_chunk *chunks;      /* [n_chunks] adding up to len and n_tokens; NULL: one piece */
+    int32_t n_chunks;
+    void *priv;                     /* the hook's (lookup -> release) */
 } serve_answer;
 
 typedef struct serve_cache_hooks {
@@ -119,6 +129,14 @@ typedef struct serve_cache_hooks {
     /* SIGHUP: the cache_* keys that may change. */
     void (*reconfigure)(void *user, const daemon_config *cfg);
     void (*destroy)(void *user);
+    /* Called once when a request that was looked up and missed ends (after
+     * store, if any; also when it ends without an answer): the single-flight
+     * leader's followers stop waiting. May be NULL. Any thread, must not block. */
+    void (*finish)(void *user, const serve_request *req);
+    /* Drop every entry whose prompt starts with ids[0..n). Entries removed
+     * or a negative errno with msg filled. May be NULL. */
+    int64_t (*invalidate_prefix)(void *user, const int32_t *ids, int32_t n, char *msg,
+                                 size_t msglen);
 } serve_cache_hooks;
 
 /* ---- lifecycle ---------------------------------------------------------- */
@@ -158,5 +176,8 @@ st_code serve_tokenize(serve *s, const char *text, const runner_msg *msgs, int32
 st_code serve_model_info(serve *s, runner_info *ret, char *msg, size_t msglen);
 st_code serve_invalidate(serve *s, int all, const serve_request *req, int64_t *ret_removed,
                          char *msg, size_t msglen);
+/* Drop every cached answer whose prompt starts with ids[0..n). */
+st_code serve_invalidate_prefix(serve *s, const int32_t *ids, int32_t n, int64_t *ret_removed,
+                                char *msg, size_t msglen);
 
 #endif
