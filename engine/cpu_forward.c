@@ -377,6 +377,8 @@ static int chunk_logits(cpu_forward *f, const backend_batch *b, int32_t t0, int3
         int rc = comm_all_gather(f->opt.comm, f->llog, f->lgather, (size_t)n * (size_t)S, err);
         if (rc)
             return rc;
+        if (f->opt.comm->rank != 0) /* every rank has the rows; rank 0 writes them out */
+            continue;
         for (int32_t r = 0; r < R; r++) {
             int32_t v0 = r * S, vn = V - v0 < S ? V - v0 : S;
             for (int32_t j = 0; vn > 0 && j < n; j++)
