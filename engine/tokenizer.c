@@ -604,6 +604,9 @@ int tokenizer_encode(const tokenizer *tok, const char *text, size_t len, bool ad
 done:
     if (rc == -ENOMEM)
         lm_err_set(err, rc, "tokenizer: out of memory encoding %zu bytes", len);
+    else if (rc == -ERANGE)
+        lm_err_set(err, rc, "tokenizer: a pre-tokenizer/normalizer regex hit a PCRE2 match "
+                   "limit on this %zu-byte input", len);
     tok_buf_free(&arena);
     tok_buf_free(&tmp);
     tok_pieces_free(&a);
@@ -654,7 +657,9 @@ int tokenizer_decode(const tokenizer *tok, const int32_t *ids, size_t n, bool sk
     int rc = decode_into(tok, ids, n, skip_special_tokens, &res);
     if (rc) {
         tok_buf_free(&res);
-        return lm_err_set(err, rc, "tokenizer: out of memory decoding %zu ids", n);
+        return lm_err_set(err, rc, rc == -ERANGE ? "tokenizer: a decoder regex hit a PCRE2 "
+                          "match limit decoding %zu ids" : "tokenizer: out of memory decoding "
+                          "%zu ids", n);
     }
     *ret_text = res.data;
     if (ret_len)
@@ -719,7 +724,7 @@ static int detok_step(tokenizer_detok *d, bool final, const char **ret_text, siz
     if (!rc)
         rc = tok_buf_put(&d->out, "", 0);
     if (rc)
-        return lm_err_set(err, rc, "tokenizer: out of memory in streaming decode");
+        return lm_err_set(err, rc, "tokenizer: streaming decode failed (%s)", strerror(-rc));
     bool open_run = false;
     for (size_t i = d->ids.n; !final && d->tok->byte_runs && i-- > d->read;) {
         size_t len;

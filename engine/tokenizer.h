@@ -16,7 +16,13 @@
  * tokenizer_decode maps ids back to vocabulary strings and runs the decoder
  * chain (ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace, ...).
  * A component type this code does not know is refused at load with its
- * name: never a silent approximation.
+ * name: never a silent approximation. Known and refused: models other than
+ * BPE (WordPiece, Unigram, WordLevel), BPE dropout, the Precompiled and
+ * BertNormalizer normalizers, UnicodeScripts / CharDelimiterSplit
+ * pre-tokenizers, WordPiece / CTC decoders. tokenizer_config.json's
+ * add_bos_token / add_eos_token are reported (tokenizer_info), not applied:
+ * the post-processor of tokenizer.json decides, as in transformers 5 for
+ * the fixtures' models. Offsets are not computed.
  *
  * Ownership: a tokenizer is immutable after tokenizer_load and owned by the
  * caller (tokenizer_free). Strings it returns (tokens, info) live as long as
@@ -75,7 +81,8 @@ int tokenizer_decode(const tokenizer *tok, const int32_t *ids, size_t n, bool sk
                      char **ret_text, size_t *ret_len, lm_err *err);
 
 /* The vocabulary string of id ("Ġhello", "<0x0A>", "<|im_end|>"), NULL if
- * the id is unknown. */
+ * the id is unknown. An added token with normalized == true reads back as
+ * its normalized content (as in the Rust library). */
 const char *tokenizer_id_to_token(const tokenizer *tok, int32_t id);
 
 /* The id of a vocabulary or added-token string such as "<|im_end|>"; -1 if
@@ -101,7 +108,11 @@ uint64_t tokenizer_fingerprint(const tokenizer *tok);
  * get the text they add. A chunk is never a broken UTF-8 sequence (bytes
  * that may still complete a character are held back), and the
  * concatenation of every chunk plus tokenizer_detok_finish equals
- * tokenizer_decode of all pushed ids.
+ * tokenizer_decode of all pushed ids (same skip_special_tokens). Text is
+ * held back while it ends in U+FFFD (bytes of a character still to come)
+ * and, with a ByteFallback decoder, while a run of <0xXX> tokens is open.
+ * Each push decodes only the last few tokens (cost independent of the
+ * stream's length while text flows).
  */
 typedef struct tokenizer_detok tokenizer_detok;
 

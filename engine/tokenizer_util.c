@@ -512,8 +512,12 @@ int tok_regex_find(const tok_regex *re, const char *s, size_t len, tok_spans *ou
         size_t at = 0;
         while (at <= len) {
             int rc = pcre2_match(re->code, (PCRE2_SPTR)s, len, at, PCRE2_NO_UTF_CHECK, md, NULL);
-            if (rc < 0)
-                break;   /* no match (errors such as match limits also end the scan) */
+            if (rc == PCRE2_ERROR_NOMATCH)
+                break;
+            if (rc < 0) {   /* a match or depth limit: refuse rather than split wrongly */
+                pcre2_match_data_free(md);
+                return -ERANGE;
+            }
             PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
             size_t st = ov[0], en = ov[1];
             if (st != prev && tok_spans_push(out, prev, st, false))
