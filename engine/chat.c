@@ -17,7 +17,7 @@
 
 struct chat_template {
     jinja_template *jt;
-    char *bos, *eos;            /* NULL when the model has none */
+    char *bos, *eos; /* NULL when the model has none */
     char source[512];
 };
 
@@ -27,8 +27,7 @@ struct chat_template {
 static int read_text(const char *path, char **ret, size_t *ret_len, lm_err *err)
 {
     FILE *f = fopen(path, "rb");
-    if (!f)
-        return lm_err_set(err, -errno, "%s: %s", path, strerror(errno));
+    if (!f) return lm_err_set(err, -errno, "%s: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
         fclose(f);
@@ -58,12 +57,11 @@ static int file_exists(const char *path)
     return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
-static int build(const char *src, size_t len, const char *source, const char *bos,
-                 const char *eos, chat_template **ret, lm_err *err)
+static int build(const char *src, size_t len, const char *source, const char *bos, const char *eos,
+                 chat_template **ret, lm_err *err)
 {
     chat_template *t = calloc(1, sizeof *t);
-    if (!t)
-        return lm_err_set(err, -ENOMEM, "chat template: out of memory");
+    if (!t) return lm_err_set(err, -ENOMEM, "chat template: out of memory");
     snprintf(t->source, sizeof t->source, "%s", source);
     int rc = jinja_compile(src, len, source, &t->jt, err);
     if (rc == 0 && bos && !(t->bos = strdup(bos)))
@@ -84,8 +82,7 @@ static int template_from_config(const char *path, char **ret_src, lm_err *err)
     json_error_t jerr;
     /* INT_AS_REAL: model_max_length is often 1e30, past int64 */
     json_t *root = json_load_file(path, JSON_DECODE_INT_AS_REAL, &jerr);
-    if (!root)
-        return lm_err_set(err, -EINVAL, "%s:%d: %s", path, jerr.line, jerr.text);
+    if (!root) return lm_err_set(err, -EINVAL, "%s:%d: %s", path, jerr.line, jerr.text);
     int rc = 0;
     json_t *ct = json_object_get(root, "chat_template");
     const char *src = NULL;
@@ -107,8 +104,7 @@ static int template_from_config(const char *path, char **ret_src, lm_err *err)
                                 path, i);
                 break;
             }
-            if (strcmp(name, "default") == 0)
-                src = tmpl;
+            if (strcmp(name, "default") == 0) src = tmpl;
             size_t l = strlen(names);
             snprintf(names + l, sizeof names - l, "%s'%s'", l ? ", " : "", name);
         }
@@ -119,8 +115,7 @@ static int template_from_config(const char *path, char **ret_src, lm_err *err)
     } else {
         rc = lm_err_set(err, -EINVAL, "%s: chat_template must be a string or a list", path);
     }
-    if (src && !(*ret_src = strdup(src)))
-        rc = lm_err_set(err, -ENOMEM, "%s: out of memory", path);
+    if (src && !(*ret_src = strdup(src))) rc = lm_err_set(err, -ENOMEM, "%s: out of memory", path);
     json_decref(root);
     return rc;
 }
@@ -135,17 +130,14 @@ int chat_template_load(const char *dir, const char *override_path, const char *b
     int rc;
     if (override_path && *override_path) {
         rc = read_text(override_path, &src, &len, err);
-        if (rc)
-            return lm_err_prefix(err, "chat template override");
+        if (rc) return lm_err_prefix(err, "chat template override");
         snprintf(path, sizeof path, "%s", override_path);
     } else {
-        if (!dir)
-            return lm_err_set(err, -EINVAL, "chat_template_load: no model folder");
+        if (!dir) return lm_err_set(err, -EINVAL, "chat_template_load: no model folder");
         snprintf(path, sizeof path, "%s/chat_template.jinja", dir);
         if (file_exists(path)) {
             rc = read_text(path, &src, &len, err);
-            if (rc)
-                return rc;
+            if (rc) return rc;
         } else {
             snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
             rc = file_exists(path) ? template_from_config(path, &src, err) : -ENOENT;
@@ -155,8 +147,7 @@ int chat_template_load(const char *dir, const char *override_path, const char *b
                                   "\"chat_template\" in tokenizer_config.json); give one with "
                                   "the chat template option",
                                   dir);
-            if (rc)
-                return rc;
+            if (rc) return rc;
             len = strlen(src);
         }
     }
@@ -169,22 +160,23 @@ int chat_template_from_string(const char *source, const char *bos_token, const c
                               chat_template **ret, lm_err *err)
 {
     *ret = NULL;
-    if (!source)
-        return lm_err_set(err, -EINVAL, "chat_template_from_string: no source");
+    if (!source) return lm_err_set(err, -EINVAL, "chat_template_from_string: no source");
     return build(source, strlen(source), "chat_template", bos_token, eos_token, ret, err);
 }
 
 void chat_template_free(chat_template *t)
 {
-    if (!t)
-        return;
+    if (!t) return;
     jinja_free(t->jt);
     free(t->bos);
     free(t->eos);
     free(t);
 }
 
-const char *chat_template_source(const chat_template *t) { return t ? t->source : ""; }
+const char *chat_template_source(const chat_template *t)
+{
+    return t ? t->source : "";
+}
 
 /* Render with messages (an array, stolen) and tools (stolen, may be NULL). */
 static int render_vars(const chat_template *t, json_t *messages, json_t *tools,
@@ -196,19 +188,23 @@ static int render_vars(const chat_template *t, json_t *messages, json_t *tools,
     json_object_set_new(vars, "tools", tools ? tools : json_null());
     json_object_set_new(vars, "documents", json_null());
     json_object_set_new(vars, "add_generation_prompt", json_boolean(add_generation_prompt));
-    if (t->bos)
-        json_object_set_new(vars, "bos_token", json_string(t->bos));
-    if (t->eos)
-        json_object_set_new(vars, "eos_token", json_string(t->eos));
+    if (t->bos) json_object_set_new(vars, "bos_token", json_string(t->bos));
+    if (t->eos) json_object_set_new(vars, "eos_token", json_string(t->eos));
     if (extra_json && *extra_json) {
         json_error_t jerr;
         json_t *extra = json_loads(extra_json, 0, &jerr);
         if (!extra || !json_is_object(extra)) {
+            int rc = extra ? lm_err_set(err, -EINVAL,
+                                        "chat template variables: not a JSON object (got a "
+                                        "JSON %s)",
+                                        json_is_array(extra) ? "array" : "scalar")
+                           : lm_err_set(err, -EINVAL,
+                                        "chat template variables: not a JSON object (%s at "
+                                        "column %d)",
+                                        jerr.text, jerr.column);
             json_decref(extra);
             json_decref(vars);
-            return lm_err_set(err, -EINVAL,
-                              "chat template variables: not a JSON object (%s at column %d)",
-                              extra ? "not an object" : jerr.text, extra ? 0 : jerr.column);
+            return rc;
         }
         json_object_update(vars, extra);
         json_decref(extra);
@@ -219,12 +215,11 @@ static int render_vars(const chat_template *t, json_t *messages, json_t *tools,
 }
 
 int chat_render(const chat_template *t, const chat_message *messages, int32_t n,
-                int add_generation_prompt, const char *extra_json, char **ret_text,
-                size_t *ret_len, lm_err *err)
+                int add_generation_prompt, const char *extra_json, char **ret_text, size_t *ret_len,
+                lm_err *err)
 {
     *ret_text = NULL;
-    if (!t)
-        return lm_err_set(err, -EINVAL, "chat_render: no template");
+    if (!t) return lm_err_set(err, -EINVAL, "chat_render: no template");
     if (n < 0 || (n > 0 && !messages))
         return lm_err_set(err, -EINVAL, "chat_render: bad message list");
     json_t *arr = json_array();
@@ -282,8 +277,7 @@ int chat_role_known(const char *role)
 {
     static const char *const roles[] = {"system", "user", "assistant", "tool", NULL};
     for (int i = 0; role && roles[i]; i++)
-        if (strcmp(role, roles[i]) == 0)
-            return 1;
+        if (strcmp(role, roles[i]) == 0) return 1;
     return 0;
 }
 
@@ -310,8 +304,7 @@ static int utf8_valid(const char *s)
         }
         p++;
         for (int k = 0; k < n; k++, p++) {
-            if ((*p & 0xC0) != 0x80)
-                return 0;
+            if ((*p & 0xC0) != 0x80) return 0;
             cp = (cp << 6) | (*p & 0x3F);
         }
         if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) ||
@@ -323,14 +316,11 @@ static int utf8_valid(const char *s)
 
 int chat_check_messages(const chat_message *messages, int32_t n, lm_err *err)
 {
-    if (n <= 0 || !messages)
-        return lm_err_set(err, -EINVAL, "no chat messages");
+    if (n <= 0 || !messages) return lm_err_set(err, -EINVAL, "no chat messages");
     for (int32_t i = 0; i < n; i++) {
         const chat_message *m = &messages[i];
-        if (!m->role || !*m->role)
-            return lm_err_set(err, -EINVAL, "message %d: no role", i);
-        if (!m->content)
-            return lm_err_set(err, -EINVAL, "message %d: no content", i);
+        if (!m->role || !*m->role) return lm_err_set(err, -EINVAL, "message %d: no role", i);
+        if (!m->content) return lm_err_set(err, -EINVAL, "message %d: no content", i);
         if (!utf8_valid(m->role) || !utf8_valid(m->content))
             return lm_err_set(err, -EINVAL, "message %d: not valid UTF-8", i);
         if (!chat_role_known(m->role))

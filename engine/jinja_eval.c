@@ -41,8 +41,7 @@ static void scope_set(jctx *c, const jnode *at, jscope *s, const char *name, jva
     if (s->n == s->cap) {
         int32_t cap = s->cap ? s->cap * 2 : 8;
         jvar *nv = jalloc(c, at, sizeof(jvar) * (size_t)cap);
-        if (s->n)
-            memcpy(nv, s->vars, sizeof(jvar) * (size_t)s->n);
+        if (s->n) memcpy(nv, s->vars, sizeof(jvar) * (size_t)s->n);
         s->vars = nv;
         s->cap = cap;
     }
@@ -55,8 +54,7 @@ static jval lookup(jctx *c, const char *name)
 {
     for (jscope *s = c->scope; s; s = s->parent)
         for (int32_t i = s->n - 1; i >= 0; i--)
-            if (strcmp(s->vars[i].name, name) == 0)
-                return s->vars[i].v;
+            if (strcmp(s->vars[i].name, name) == 0) return s->vars[i].v;
     if (jbuiltin_has_global(name)) {
         jval f = {.t = JV_FUNC};
         f.u.fn.name = name;
@@ -74,8 +72,7 @@ void jcount_step(jctx *c, const jnode *at)
 
 _Noreturn static void fail_undef(jctx *c, const jnode *at, jval v)
 {
-    if (v.u.undef_name)
-        jfail(c, at, "'%s' is undefined", v.u.undef_name);
+    if (v.u.undef_name) jfail(c, at, "'%s' is undefined", v.u.undef_name);
     jfail(c, at, "use of an undefined value");
 }
 
@@ -84,8 +81,10 @@ _Noreturn static void fail_undef(jctx *c, const jnode *at, jval v)
 jlist *jiter_list(jctx *c, const jnode *at, jval v)
 {
     switch (v.t) {
-    case JV_LIST: return v.u.l;
-    case JV_UNDEF: return jlist_new(c, at, 0);
+    case JV_LIST:
+        return v.u.l;
+    case JV_UNDEF:
+        return jlist_new(c, at, 0);
     case JV_DICT:
     case JV_NS: {
         jlist *l = jlist_new(c, at, v.u.d->n);
@@ -105,7 +104,8 @@ jlist *jiter_list(jctx *c, const jnode *at, jval v)
         }
         return l;
     }
-    default: jfail(c, at, "'%s' object is not iterable", jv_type_name(v));
+    default:
+        jfail(c, at, "'%s' object is not iterable", jv_type_name(v));
     }
 }
 
@@ -114,29 +114,25 @@ jlist *jiter_list(jctx *c, const jnode *at, jval v)
 jval jeval_getitem(jctx *c, const jnode *at, jval obj, jval key)
 {
     switch (obj.t) {
-    case JV_UNDEF: fail_undef(c, at, obj);
+    case JV_UNDEF:
+        fail_undef(c, at, obj);
     case JV_DICT:
     case JV_NS: {
         jval *v = jdict_get(obj.u.d, key);
-        if (v)
-            return *v;
+        if (v) return *v;
         break;
     }
     case JV_LIST:
     case JV_STR: {
-        if (key.t != JV_INT && key.t != JV_BOOL)
-            break;
+        if (key.t != JV_INT && key.t != JV_BOOL) break;
         int64_t i = key.t == JV_INT ? key.u.i : key.u.b;
         if (obj.t == JV_LIST) {
             int64_t n = obj.u.l->n;
-            if (i < 0)
-                i += n;
-            if (i >= 0 && i < n)
-                return obj.u.l->v[i];
+            if (i < 0) i += n;
+            if (i >= 0 && i < n) return obj.u.l->v[i];
         } else {
             int64_t n = (int64_t)jutf8_len(obj.u.s.p, obj.u.s.n);
-            if (i < 0)
-                i += n;
+            if (i < 0) i += n;
             if (i >= 0 && i < n) {
                 size_t o = jutf8_offset(obj.u.s.p, obj.u.s.n, (size_t)i);
                 size_t e = jutf8_offset(obj.u.s.p, obj.u.s.n, (size_t)i + 1);
@@ -173,11 +169,9 @@ jval jeval_getitem(jctx *c, const jnode *at, jval obj, jval key)
 static int64_t slice_arg(jctx *c, const jnode *at, const jnode *n, int *present)
 {
     *present = 0;
-    if (!n)
-        return 0;
+    if (!n) return 0;
     jval v = jeval(c, n);
-    if (v.t == JV_NONE)
-        return 0;
+    if (v.t == JV_NONE) return 0;
     if (v.t != JV_INT && v.t != JV_BOOL)
         jfail(c, at, "slice indices must be integers or None, not %s", jv_type_name(v));
     *present = 1;
@@ -192,8 +186,7 @@ static int64_t slice_adjust(int64_t n, int has_start, int64_t *start, int has_st
         *start = step < 0 ? n - 1 : 0;
     } else if (*start < 0) {
         *start += n;
-        if (*start < 0)
-            *start = step < 0 ? -1 : 0;
+        if (*start < 0) *start = step < 0 ? -1 : 0;
     } else if (*start >= n) {
         *start = step < 0 ? n - 1 : n;
     }
@@ -201,13 +194,11 @@ static int64_t slice_adjust(int64_t n, int has_start, int64_t *start, int has_st
         *stop = step < 0 ? -1 : n;
     } else if (*stop < 0) {
         *stop += n;
-        if (*stop < 0)
-            *stop = step < 0 ? -1 : 0;
+        if (*stop < 0) *stop = step < 0 ? -1 : 0;
     } else if (*stop >= n) {
         *stop = step < 0 ? n - 1 : n;
     }
-    if (step < 0)
-        return *stop < *start ? (*start - *stop - 1) / (-step) + 1 : 0;
+    if (step < 0) return *stop < *start ? (*start - *stop - 1) / (-step) + 1 : 0;
     return *start < *stop ? (*stop - *start - 1) / step + 1 : 0;
 }
 
@@ -218,12 +209,9 @@ static jval eval_slice(jctx *c, const jnode *n)
     int64_t start = slice_arg(c, n, n->b, &hs);
     int64_t stop = slice_arg(c, n, n->c, &he);
     int64_t step = slice_arg(c, n, n->d, &hp);
-    if (!hp)
-        step = 1;
-    if (step == 0)
-        jfail(c, n, "slice step cannot be zero");
-    if (obj.t == JV_UNDEF)
-        fail_undef(c, n, obj);
+    if (!hp) step = 1;
+    if (step == 0) jfail(c, n, "slice step cannot be zero");
+    if (obj.t == JV_UNDEF) fail_undef(c, n, obj);
     if (obj.t == JV_LIST) {
         int64_t cnt = slice_adjust(obj.u.l->n, hs, &start, he, &stop, step);
         jlist *l = jlist_new(c, n, (int32_t)cnt);
@@ -242,12 +230,10 @@ static jval eval_slice(jctx *c, const jnode *n)
         size_t *off = jalloc(c, n, sizeof(size_t) * (size_t)(ncp + 1));
         int64_t k = 0;
         for (size_t i = 0; i < len; i++)
-            if (((unsigned char)p[i] & 0xC0) != 0x80)
-                off[k++] = i;
+            if (((unsigned char)p[i] & 0xC0) != 0x80) off[k++] = i;
         off[ncp] = len;
         int64_t cnt = slice_adjust(ncp, hs, &start, he, &stop, step);
-        if (step == 1)
-            return jv_str(p + off[start], cnt ? off[start + cnt] - off[start] : 0);
+        if (step == 1) return jv_str(p + off[start], cnt ? off[start + cnt] - off[start] : 0);
         jbuf b = {0};
         for (int64_t j = 0, i = start; j < cnt; j++, i += step)
             jbuf_put(c, n, &b, p + off[i], off[i + 1] - off[i]);
@@ -258,31 +244,44 @@ static jval eval_slice(jctx *c, const jnode *n)
 
 /* ---- operators ---------------------------------------------------------------- */
 
-static int is_num(jval v) { return v.t == JV_INT || v.t == JV_FLOAT || v.t == JV_BOOL; }
+static int is_num(jval v)
+{
+    return v.t == JV_INT || v.t == JV_FLOAT || v.t == JV_BOOL;
+}
 static double num_f(jval v)
 {
     return v.t == JV_FLOAT ? v.u.f : v.t == JV_INT ? (double)v.u.i : (double)v.u.b;
 }
-static int64_t num_i(jval v) { return v.t == JV_INT ? v.u.i : (int64_t)v.u.b; }
+static int64_t num_i(jval v)
+{
+    return v.t == JV_INT ? v.u.i : (int64_t)v.u.b;
+}
 
 static const char *op_name(int op)
 {
     switch (op) {
-    case JOP_ADD: return "+";
-    case JOP_SUB: return "-";
-    case JOP_MUL: return "*";
-    case JOP_DIV: return "/";
-    case JOP_FLOORDIV: return "//";
-    case JOP_MOD: return "%";
-    case JOP_POW: return "**";
-    default: return "?";
+    case JOP_ADD:
+        return "+";
+    case JOP_SUB:
+        return "-";
+    case JOP_MUL:
+        return "*";
+    case JOP_DIV:
+        return "/";
+    case JOP_FLOORDIV:
+        return "//";
+    case JOP_MOD:
+        return "%";
+    case JOP_POW:
+        return "**";
+    default:
+        return "?";
     }
 }
 
 static jval repeat(jctx *c, const jnode *at, jval seq, int64_t times)
 {
-    if (times < 0)
-        times = 0;
+    if (times < 0) times = 0;
     if (seq.t == JV_STR) {
         if (seq.u.s.n && (uint64_t)times > c->lim.max_output / seq.u.s.n)
             jfail(c, at, "string repetition of %lld copies is too large", (long long)times);
@@ -313,54 +312,40 @@ static jval binop(jctx *c, const jnode *at, int op, jval a, jval b)
         jv_str_into(c, at, &buf, b);
         return jv_str(buf.p ? buf.p : "", buf.n);
     }
-    if (a.t == JV_UNDEF)
-        fail_undef(c, at, a);
-    if (b.t == JV_UNDEF)
-        fail_undef(c, at, b);
+    if (a.t == JV_UNDEF) fail_undef(c, at, a);
+    if (b.t == JV_UNDEF) fail_undef(c, at, b);
     if (is_num(a) && is_num(b)) {
         int fl = a.t == JV_FLOAT || b.t == JV_FLOAT;
         int64_t x = num_i(a), y = num_i(b), r;
         double fx = num_f(a), fy = num_f(b);
         switch (op) {
         case JOP_ADD:
-            if (fl)
-                return jv_float(fx + fy);
-            if (__builtin_add_overflow(x, y, &r))
-                jfail(c, at, "integer overflow in +");
+            if (fl) return jv_float(fx + fy);
+            if (__builtin_add_overflow(x, y, &r)) jfail(c, at, "integer overflow in +");
             return jv_int(r);
         case JOP_SUB:
-            if (fl)
-                return jv_float(fx - fy);
-            if (__builtin_sub_overflow(x, y, &r))
-                jfail(c, at, "integer overflow in -");
+            if (fl) return jv_float(fx - fy);
+            if (__builtin_sub_overflow(x, y, &r)) jfail(c, at, "integer overflow in -");
             return jv_int(r);
         case JOP_MUL:
-            if (fl)
-                return jv_float(fx * fy);
-            if (__builtin_mul_overflow(x, y, &r))
-                jfail(c, at, "integer overflow in *");
+            if (fl) return jv_float(fx * fy);
+            if (__builtin_mul_overflow(x, y, &r)) jfail(c, at, "integer overflow in *");
             return jv_int(r);
         case JOP_DIV:
-            if (fy == 0.0)
-                jfail(c, at, "division by zero");
+            if (fy == 0.0) jfail(c, at, "division by zero");
             return jv_float(fx / fy);
         case JOP_FLOORDIV:
         case JOP_MOD:
             if (fl) {
-                if (fy == 0.0)
-                    jfail(c, at, "float division by zero");
+                if (fy == 0.0) jfail(c, at, "float division by zero");
                 double q = floor(fx / fy);
-                if (op == JOP_FLOORDIV)
-                    return jv_float(q);
+                if (op == JOP_FLOORDIV) return jv_float(q);
                 double m = fmod(fx, fy);
-                if (m != 0.0 && ((m < 0) != (fy < 0)))
-                    m += fy;
+                if (m != 0.0 && ((m < 0) != (fy < 0))) m += fy;
                 return jv_float(m);
             }
-            if (y == 0)
-                jfail(c, at, "integer division or modulo by zero");
-            if (x == INT64_MIN && y == -1)
-                jfail(c, at, "integer overflow in %s", op_name(op));
+            if (y == 0) jfail(c, at, "integer division or modulo by zero");
+            if (x == INT64_MIN && y == -1) jfail(c, at, "integer overflow in %s", op_name(op));
             {
                 int64_t q = x / y, m = x % y;
                 if (m != 0 && ((m < 0) != (y < 0))) {
@@ -403,8 +388,8 @@ static jval binop(jctx *c, const jnode *at, int op, jval a, jval b)
         return repeat(c, at, b, num_i(a));
     if (op == JOP_MOD && a.t == JV_STR)
         jfail(c, at, "printf-style string formatting ('%%') is not supported; use ~ or format");
-    jfail(c, at, "unsupported operand type(s) for %s: '%s' and '%s'", op_name(op),
-          jv_type_name(a), jv_type_name(b));
+    jfail(c, at, "unsupported operand type(s) for %s: '%s' and '%s'", op_name(op), jv_type_name(a),
+          jv_type_name(b));
 }
 
 static int contains(jctx *c, const jnode *at, jval container, jval item)
@@ -414,17 +399,17 @@ static int contains(jctx *c, const jnode *at, jval container, jval item)
         if (item.t != JV_STR)
             jfail(c, at, "'in <string>' requires string as left operand, not %s",
                   jv_type_name(item));
-        if (item.u.s.n == 0)
-            return 1;
+        if (item.u.s.n == 0) return 1;
         return memmem(container.u.s.p, container.u.s.n, item.u.s.p, item.u.s.n) != NULL;
     case JV_LIST:
         for (int32_t i = 0; i < container.u.l->n; i++)
-            if (jv_equal(container.u.l->v[i], item))
-                return 1;
+            if (jv_equal(container.u.l->v[i], item)) return 1;
         return 0;
     case JV_DICT:
-    case JV_NS: return jdict_get(container.u.d, item) != NULL;
-    case JV_UNDEF: return 0;
+    case JV_NS:
+        return jdict_get(container.u.d, item) != NULL;
+    case JV_UNDEF:
+        return 0;
     default:
         jfail(c, at, "argument of type '%s' is not iterable", jv_type_name(container));
     }
@@ -433,14 +418,22 @@ static int contains(jctx *c, const jnode *at, jval container, jval item)
 static int compare_op(jctx *c, const jnode *at, int op, jval a, jval b)
 {
     switch (op) {
-    case JOP_EQ: return jv_equal(a, b);
-    case JOP_NE: return !jv_equal(a, b);
-    case JOP_LT: return jv_compare(c, at, a, b) < 0;
-    case JOP_LE: return jv_compare(c, at, a, b) <= 0;
-    case JOP_GT: return jv_compare(c, at, a, b) > 0;
-    case JOP_GE: return jv_compare(c, at, a, b) >= 0;
-    case JOP_IN: return contains(c, at, b, a);
-    case JOP_NOTIN: return !contains(c, at, b, a);
+    case JOP_EQ:
+        return jv_equal(a, b);
+    case JOP_NE:
+        return !jv_equal(a, b);
+    case JOP_LT:
+        return jv_compare(c, at, a, b) < 0;
+    case JOP_LE:
+        return jv_compare(c, at, a, b) <= 0;
+    case JOP_GT:
+        return jv_compare(c, at, a, b) > 0;
+    case JOP_GE:
+        return jv_compare(c, at, a, b) >= 0;
+    case JOP_IN:
+        return contains(c, at, b, a);
+    case JOP_NOTIN:
+        return !contains(c, at, b, a);
     }
     return 0;
 }
@@ -496,8 +489,7 @@ jval jcall_macro(jctx *c, const jnode *at, const jnode *m, jval *args, int32_t n
         }
         for (int32_t k = 0; k < n_kw; k++)
             if (strcmp(kw_names[k], m->names[i]) == 0) {
-                if (found)
-                    jfail(c, at, "macro '%s' got argument '%s' twice", m->name, m->names[i]);
+                if (found) jfail(c, at, "macro '%s' got argument '%s' twice", m->name, m->names[i]);
                 v = kw[k];
                 found = 1;
             }
@@ -511,8 +503,7 @@ jval jcall_macro(jctx *c, const jnode *at, const jnode *m, jval *args, int32_t n
         int known = 0;
         for (int32_t i = 0; i < m->n_names; i++)
             known |= strcmp(kw_names[k], m->names[i]) == 0;
-        if (!known)
-            jfail(c, at, "macro '%s' has no parameter '%s'", m->name, kw_names[k]);
+        if (!known) jfail(c, at, "macro '%s' has no parameter '%s'", m->name, kw_names[k]);
     }
     jbuf out = {0};
     c->scope = s;
@@ -532,10 +523,14 @@ static jval eval_call(jctx *c, const jnode *n)
     call_args a = eval_args(c, n);
     switch (f.t) {
     case JV_FUNC:
-    case JV_METHOD: return jbuiltin_call(c, n, f, a.pos, a.n, a.kw_names, a.kw, a.n_kw);
-    case JV_MACRO: return jcall_macro(c, n, f.u.macro, a.pos, a.n, a.kw_names, a.kw, a.n_kw);
-    case JV_UNDEF: fail_undef(c, n, f);
-    default: jfail(c, n, "'%s' object is not callable", jv_type_name(f));
+    case JV_METHOD:
+        return jbuiltin_call(c, n, f, a.pos, a.n, a.kw_names, a.kw, a.n_kw);
+    case JV_MACRO:
+        return jcall_macro(c, n, f.u.macro, a.pos, a.n, a.kw_names, a.kw, a.n_kw);
+    case JV_UNDEF:
+        fail_undef(c, n, f);
+    default:
+        jfail(c, n, "'%s' object is not callable", jv_type_name(f));
     }
 }
 
@@ -567,15 +562,16 @@ static jval make_list(jctx *c, const jnode *n, int tuple)
 jval jeval(jctx *c, const jnode *n)
 {
     switch (n->kind) {
-    case JN_LIT: return n->lit;
-    case JN_NAME: return lookup(c, n->name);
+    case JN_LIT:
+        return n->lit;
+    case JN_NAME:
+        return lookup(c, n->name);
     case JN_ATTR: {
         jval obj = jeval(c, n->a);
         if (n->name[0] == '_')
             jfail(c, n, "access to attribute '%s' of a %s is not allowed", n->name,
                   jv_type_name(obj));
-        if (obj.t == JV_UNDEF)
-            fail_undef(c, n, obj);
+        if (obj.t == JV_UNDEF) fail_undef(c, n, obj);
         return jbuiltin_getattr(c, n, obj, n->name);
     }
     case JN_ITEM: {
@@ -583,9 +579,12 @@ jval jeval(jctx *c, const jnode *n)
         jval key = jeval(c, n->b);
         return jeval_getitem(c, n, obj, key);
     }
-    case JN_SLICE: return eval_slice(c, n);
-    case JN_CALL: return eval_call(c, n);
-    case JN_FILTER: return eval_filter(c, n, NULL);
+    case JN_SLICE:
+        return eval_slice(c, n);
+    case JN_CALL:
+        return eval_call(c, n);
+    case JN_FILTER:
+        return eval_filter(c, n, NULL);
     case JN_TEST: {
         jval v = jeval(c, n->a);
         call_args a = eval_args(c, n);
@@ -594,19 +593,17 @@ jval jeval(jctx *c, const jnode *n)
     }
     case JN_UNARY: {
         jval v = jeval(c, n->a);
-        if (v.t == JV_UNDEF)
-            fail_undef(c, n, v);
-        if (v.t == JV_FLOAT)
-            return jv_float(n->op == '-' ? -v.u.f : v.u.f);
+        if (v.t == JV_UNDEF) fail_undef(c, n, v);
+        if (v.t == JV_FLOAT) return jv_float(n->op == '-' ? -v.u.f : v.u.f);
         if (v.t == JV_INT || v.t == JV_BOOL) {
             int64_t i = num_i(v);
-            if (n->op == '-' && i == INT64_MIN)
-                jfail(c, n, "integer overflow in unary -");
+            if (n->op == '-' && i == INT64_MIN) jfail(c, n, "integer overflow in unary -");
             return jv_int(n->op == '-' ? -i : i);
         }
         jfail(c, n, "bad operand type for unary %c: '%s'", n->op, jv_type_name(v));
     }
-    case JN_NOT: return jv_bool(!jv_truthy(jeval(c, n->a)));
+    case JN_NOT:
+        return jv_bool(!jv_truthy(jeval(c, n->a)));
     case JN_BINARY: {
         jval a = jeval(c, n->a);
         jval b = jeval(c, n->b);
@@ -624,48 +621,46 @@ jval jeval(jctx *c, const jnode *n)
         jval left = jeval(c, n->a);
         for (int32_t i = 0; i < n->n_args; i++) {
             jval right = jeval(c, n->args[i]);
-            if (!compare_op(c, n, n->ops[i], left, right))
-                return jv_bool(0);
+            if (!compare_op(c, n, n->ops[i], left, right)) return jv_bool(0);
             left = right;
         }
         return jv_bool(1);
     }
     case JN_COND:
-        if (jv_truthy(jeval(c, n->a)))
-            return jeval(c, n->b);
+        if (jv_truthy(jeval(c, n->a))) return jeval(c, n->b);
         return n->c ? jeval(c, n->c) : jv_undef(NULL);
-    case JN_LIST: return make_list(c, n, 0);
-    case JN_TUPLE: return make_list(c, n, 1);
+    case JN_LIST:
+        return make_list(c, n, 0);
+    case JN_TUPLE:
+        return make_list(c, n, 1);
     case JN_DICT: {
         jdict *d = jdict_new(c, n, n->n_args / 2);
         for (int32_t i = 0; i + 1 < n->n_args; i += 2) {
             jval k = jeval(c, n->args[i]);
-            if (k.t == JV_LIST && !k.u.l->is_tuple)
-                jfail(c, n, "unhashable type: 'list'");
-            if (k.t == JV_DICT || k.t == JV_NS)
-                jfail(c, n, "unhashable type: 'dict'");
+            if (k.t == JV_LIST && !k.u.l->is_tuple) jfail(c, n, "unhashable type: 'list'");
+            if (k.t == JV_DICT || k.t == JV_NS) jfail(c, n, "unhashable type: 'dict'");
             jdict_set(c, n, d, k, jeval(c, n->args[i + 1]));
         }
         jval r = {.t = JV_DICT};
         r.u.d = d;
         return r;
     }
-    default: jfail(c, n, "internal error: statement node %d in an expression", (int)n->kind);
+    default:
+        jfail(c, n, "internal error: statement node %d in an expression", (int)n->kind);
     }
 }
 
 /* ---- statements -------------------------------------------------------------------- */
 
-static void assign_targets(jctx *c, const jnode *at, jscope *s, const char *const *names,
-                           int32_t n, jval v)
+static void assign_targets(jctx *c, const jnode *at, jscope *s, const char *const *names, int32_t n,
+                           jval v)
 {
     if (n == 1) {
         scope_set(c, at, s, names[0], v);
         return;
     }
     jlist *l = jiter_list(c, at, v);
-    if (l->n != n)
-        jfail(c, at, "cannot unpack %d values into %d names", l->n, n);
+    if (l->n != n) jfail(c, at, "cannot unpack %d values into %d names", l->n, n);
     for (int32_t i = 0; i < n; i++)
         scope_set(c, at, s, names[i], l->v[i]);
 }
@@ -673,7 +668,10 @@ static void assign_targets(jctx *c, const jnode *at, jscope *s, const char *cons
 /* One scope serves every iteration: emptied at the start of each, which is
  * jinja2's rule (a `set` in the body is seen neither after the loop nor by
  * the next iteration) without allocating per iteration. */
-static void scope_reset(jscope *s) { s->n = 0; }
+static void scope_reset(jscope *s)
+{
+    s->n = 0;
+}
 
 static void exec_for(jctx *c, const jnode *n)
 {
@@ -688,8 +686,7 @@ static void exec_for(jctx *c, const jnode *n)
         if (f.t == JV_FUNC && strcmp(f.u.fn.name, "range") == 0) {
             jval args[3];
             int32_t na = n->a->n_args;
-            if (na < 1 || na > 3)
-                jfail(c, n->a, "range expected 1 to 3 arguments, got %d", na);
+            if (na < 1 || na > 3) jfail(c, n->a, "range expected 1 to 3 arguments, got %d", na);
             for (int32_t i = 0; i < na; i++)
                 args[i] = jeval(c, n->a->args[i]);
             int64_t count;
@@ -708,8 +705,7 @@ static void exec_for(jctx *c, const jnode *n)
                 jcount_step(c, n);
                 scope_reset(s);
                 assign_targets(c, n, s, n->names, n->n_names, items->v[i]);
-                if (jv_truthy(jeval(c, n->b)))
-                    kept->v[kept->n++] = items->v[i];
+                if (jv_truthy(jeval(c, n->b))) kept->v[kept->n++] = items->v[i];
             }
             c->scope = saved;
             items = kept;
@@ -734,26 +730,32 @@ static void exec_for(jctx *c, const jnode *n)
         c->loop_ctl = 0;
     }
     c->scope = saved;
-    if (lp->n == 0 && n->d)
-        exec_body(c, n->d);
+    if (lp->n == 0 && n->d) exec_body(c, n->d);
 }
 
 static void exec_stmt(jctx *c, const jnode *n)
 {
     switch (n->kind) {
-    case JN_TEXT: jbuf_put(c, n, c->out, n->lit.u.s.p, n->lit.u.s.n); return;
-    case JN_OUTPUT: jv_str_into(c, n, c->out, jeval(c, n->a)); return;
-    case JN_BODY: exec_body(c, n); return;
+    case JN_TEXT:
+        jbuf_put(c, n, c->out, n->lit.u.s.p, n->lit.u.s.n);
+        return;
+    case JN_OUTPUT:
+        jv_str_into(c, n, c->out, jeval(c, n->a));
+        return;
+    case JN_BODY:
+        exec_body(c, n);
+        return;
     case JN_IF:
         for (int32_t i = 0; i + 1 < n->n_args; i += 2)
             if (jv_truthy(jeval(c, n->args[i]))) {
                 exec_body(c, n->args[i + 1]);
                 return;
             }
-        if (n->c)
-            exec_body(c, n->c);
+        if (n->c) exec_body(c, n->c);
         return;
-    case JN_FOR: exec_for(c, n); return;
+    case JN_FOR:
+        exec_for(c, n);
+        return;
     case JN_SET: {
         jval v = jeval(c, n->b);
         if (n->a) {
@@ -774,8 +776,7 @@ static void exec_stmt(jctx *c, const jnode *n)
         exec_body(c, n->c);
         c->out = saved;
         jval v = jv_str(buf.p ? buf.p : "", buf.n);
-        if (n->b)
-            v = eval_filter(c, n->b, &v);
+        if (n->b) v = eval_filter(c, n->b, &v);
         scope_set(c, n, c->scope, n->names[0], v);
         return;
     }
@@ -795,9 +796,14 @@ static void exec_stmt(jctx *c, const jnode *n)
         scope_set(c, n, c->scope, n->name, m);
         return;
     }
-    case JN_BREAK: c->loop_ctl = 1; return;
-    case JN_CONTINUE: c->loop_ctl = 2; return;
-    default: jfail(c, n, "internal error: expression node %d as a statement", (int)n->kind);
+    case JN_BREAK:
+        c->loop_ctl = 1;
+        return;
+    case JN_CONTINUE:
+        c->loop_ctl = 2;
+        return;
+    default:
+        jfail(c, n, "internal error: expression node %d as a statement", (int)n->kind);
     }
 }
 
@@ -817,15 +823,12 @@ void jinja_limits_default(jinja_limits *lim)
     lim->max_depth = 64;
 }
 
-int jinja_compile(const char *src, size_t len, const char *name, jinja_template **ret,
-                  lm_err *err)
+int jinja_compile(const char *src, size_t len, const char *name, jinja_template **ret, lm_err *err)
 {
     *ret = NULL;
-    if (!src)
-        return lm_err_set(err, -EINVAL, "jinja_compile: no template source");
+    if (!src) return lm_err_set(err, -EINVAL, "jinja_compile: no template source");
     jinja_template *t = calloc(1, sizeof *t);
-    if (!t)
-        return lm_err_set(err, -ENOMEM, "jinja_compile: out of memory");
+    if (!t) return lm_err_set(err, -ENOMEM, "jinja_compile: out of memory");
     snprintf(t->name, sizeof t->name, "%s", name ? name : "template");
     t->arena.limit = 64u << 20;
     int rc = jinja_parse(t, src, len, err);
@@ -839,8 +842,7 @@ int jinja_compile(const char *src, size_t len, const char *name, jinja_template 
 
 void jinja_free(jinja_template *t)
 {
-    if (!t)
-        return;
+    if (!t) return;
     jarena_free(&t->arena);
     free(t);
 }
@@ -849,15 +851,12 @@ int jinja_render(const jinja_template *t, const json_t *vars, const jinja_limits
                  char **ret_text, size_t *ret_len, lm_err *err)
 {
     *ret_text = NULL;
-    if (ret_len)
-        *ret_len = 0;
-    if (!t)
-        return lm_err_set(err, -EINVAL, "jinja_render: no template");
+    if (ret_len) *ret_len = 0;
+    if (!t) return lm_err_set(err, -EINVAL, "jinja_render: no template");
     if (vars && !json_is_object(vars))
         return lm_err_set(err, -EINVAL, "jinja_render: variables must be a JSON object");
     jctx *c = calloc(1, sizeof *c);
-    if (!c)
-        return lm_err_set(err, -ENOMEM, "jinja_render: out of memory");
+    if (!c) return lm_err_set(err, -ENOMEM, "jinja_render: out of memory");
     if (lim)
         c->lim = *lim;
     else
@@ -890,12 +889,10 @@ int jinja_render(const jinja_template *t, const json_t *vars, const jinja_limits
     if (!text) {
         rc = lm_err_set(err, -ENOMEM, "jinja_render: out of memory");
     } else {
-        if (out.n)
-            memcpy(text, out.p, out.n);
+        if (out.n) memcpy(text, out.p, out.n);
         text[out.n] = 0;
         *ret_text = text;
-        if (ret_len)
-            *ret_len = out.n;
+        if (ret_len) *ret_len = out.n;
     }
     jarena_free(&c->arena);
     free(c);

@@ -39,14 +39,12 @@ struct jchunk {
 void *jarena_alloc(jarena *a, size_t n)
 {
     n = (n + 15) & ~(size_t)15;
-    if (a->limit && a->used + n > a->limit)
-        return NULL;
+    if (a->limit && a->used + n > a->limit) return NULL;
     jchunk *h = a->head;
     if (!h || h->cap - h->used < n) {
         size_t cap = n > 60000 ? n : 65536 - sizeof(jchunk);
         jchunk *nc = malloc(sizeof(jchunk) + cap);
-        if (!nc)
-            return NULL;
+        if (!nc) return NULL;
         nc->cap = cap;
         nc->used = 0;
         /* a big one-off block goes behind the current chunk so that the
@@ -97,7 +95,7 @@ typedef enum ttype {
 typedef struct tok {
     ttype t;
     int line, col;
-    const char *p;              /* text, name, op or decoded string */
+    const char *p; /* text, name, op or decoded string */
     size_t n;
     int64_t i;
     double f;
@@ -108,15 +106,15 @@ typedef struct pstate {
     jmp_buf fail;
     lm_err *err;
     const char *name;
-    const char *src;            /* normalised source */
+    const char *src; /* normalised source */
     size_t len;
     /* incremental line/column tracking for the lexer */
     size_t lc_off;
     int lc_line, lc_col;
     tok *toks;
     int32_t n_toks, cap_toks;
-    int32_t pos;                /* parser position */
-    int depth;                  /* expression nesting */
+    int32_t pos; /* parser position */
+    int depth;   /* expression nesting */
 } pstate;
 
 _Noreturn static void pfail(pstate *ps, int line, int col, const char *fmt, ...)
@@ -168,8 +166,7 @@ static tok *push_tok(pstate *ps, ttype t, size_t off)
     if (ps->n_toks == ps->cap_toks) {
         int32_t cap = ps->cap_toks ? ps->cap_toks * 2 : 256;
         tok *nt = palloc(ps, sizeof(tok) * (size_t)cap);
-        if (ps->n_toks)
-            memcpy(nt, ps->toks, sizeof(tok) * (size_t)ps->n_toks);
+        if (ps->n_toks) memcpy(nt, ps->toks, sizeof(tok) * (size_t)ps->n_toks);
         ps->toks = nt;
         ps->cap_toks = cap;
     }
@@ -188,8 +185,14 @@ static int is_name_start(char ch)
 {
     return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || ch == '_';
 }
-static int is_digit(char ch) { return ch >= '0' && ch <= '9'; }
-static int is_name_char(char ch) { return is_name_start(ch) || is_digit(ch); }
+static int is_digit(char ch)
+{
+    return ch >= '0' && ch <= '9';
+}
+static int is_name_char(char ch)
+{
+    return is_name_start(ch) || is_digit(ch);
+}
 
 static void put_utf8(char *out, size_t *n, uint32_t cp)
 {
@@ -212,12 +215,9 @@ static void put_utf8(char *out, size_t *n, uint32_t cp)
 
 static int hexval(char ch)
 {
-    if (ch >= '0' && ch <= '9')
-        return ch - '0';
-    if (ch >= 'a' && ch <= 'f')
-        return ch - 'a' + 10;
-    if (ch >= 'A' && ch <= 'F')
-        return ch - 'A' + 10;
+    if (ch >= '0' && ch <= '9') return ch - '0';
+    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
     return -1;
 }
 
@@ -229,13 +229,11 @@ static size_t lex_string(pstate *ps, size_t i)
     size_t start = i;
     size_t j = i + 1;
     while (j < ps->len && ps->src[j] != q) {
-        if (ps->src[j] == '\\' && j + 1 < ps->len)
-            j++;
+        if (ps->src[j] == '\\' && j + 1 < ps->len) j++;
         j++;
     }
     tok *k = push_tok(ps, T_STR, start);
-    if (j >= ps->len)
-        pfail(ps, k->line, k->col, "unterminated string literal");
+    if (j >= ps->len) pfail(ps, k->line, k->col, "unterminated string literal");
     char *out = palloc(ps, j - start + 1);
     size_t n = 0;
     for (size_t x = start + 1; x < j; x++) {
@@ -247,20 +245,47 @@ static size_t lex_string(pstate *ps, size_t i)
         char e = ps->src[++x];
         int digits = 0;
         switch (e) {
-        case 'n': out[n++] = '\n'; break;
-        case 't': out[n++] = '\t'; break;
-        case 'r': out[n++] = '\r'; break;
-        case '\\': out[n++] = '\\'; break;
-        case '\'': out[n++] = '\''; break;
-        case '"': out[n++] = '"'; break;
-        case 'a': out[n++] = '\a'; break;
-        case 'b': out[n++] = '\b'; break;
-        case 'f': out[n++] = '\f'; break;
-        case 'v': out[n++] = '\v'; break;
-        case '\n': break; /* line continuation */
-        case 'x': digits = 2; break;
-        case 'u': digits = 4; break;
-        case 'U': digits = 8; break;
+        case 'n':
+            out[n++] = '\n';
+            break;
+        case 't':
+            out[n++] = '\t';
+            break;
+        case 'r':
+            out[n++] = '\r';
+            break;
+        case '\\':
+            out[n++] = '\\';
+            break;
+        case '\'':
+            out[n++] = '\'';
+            break;
+        case '"':
+            out[n++] = '"';
+            break;
+        case 'a':
+            out[n++] = '\a';
+            break;
+        case 'b':
+            out[n++] = '\b';
+            break;
+        case 'f':
+            out[n++] = '\f';
+            break;
+        case 'v':
+            out[n++] = '\v';
+            break;
+        case '\n':
+            break; /* line continuation */
+        case 'x':
+            digits = 2;
+            break;
+        case 'u':
+            digits = 4;
+            break;
+        case 'U':
+            digits = 8;
+            break;
         default:
             if (e >= '0' && e <= '7') {
                 uint32_t v = 0;
@@ -281,8 +306,7 @@ static size_t lex_string(pstate *ps, size_t i)
             uint32_t v = 0;
             for (int d = 0; d < digits; d++) {
                 int h = x + 1 + (size_t)d < j ? hexval(ps->src[x + 1 + (size_t)d]) : -1;
-                if (h < 0)
-                    pfail(ps, k->line, k->col, "bad \\%c escape in string literal", e);
+                if (h < 0) pfail(ps, k->line, k->col, "bad \\%c escape in string literal", e);
                 v = v * 16 + (uint32_t)h;
             }
             if (v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF))
@@ -350,8 +374,7 @@ static size_t lex_tag(pstate *ps, size_t i, int is_block, int begin_line, int be
             }
             if (j < ps->len && (ps->src[j] == 'e' || ps->src[j] == 'E')) {
                 size_t e = j + 1;
-                if (e < ps->len && (ps->src[e] == '+' || ps->src[e] == '-'))
-                    e++;
+                if (e < ps->len && (ps->src[e] == '+' || ps->src[e] == '-')) e++;
                 if (e < ps->len && is_digit(ps->src[e])) {
                     is_float = 1;
                     j = e;
@@ -362,8 +385,7 @@ static size_t lex_tag(pstate *ps, size_t i, int is_block, int begin_line, int be
             char buf[64];
             size_t bn = 0;
             for (size_t x = i; x < j && bn < sizeof buf - 1; x++)
-                if (ps->src[x] != '_')
-                    buf[bn++] = ps->src[x];
+                if (ps->src[x] != '_') buf[bn++] = ps->src[x];
             buf[bn] = 0;
             tok *k = push_tok(ps, is_float ? T_FLOAT : T_INT, i);
             if (is_float) {
@@ -371,8 +393,7 @@ static size_t lex_tag(pstate *ps, size_t i, int is_block, int begin_line, int be
             } else {
                 errno = 0;
                 k->i = strtoll(buf, NULL, 10);
-                if (errno)
-                    pfail(ps, k->line, k->col, "integer literal %s is too large", buf);
+                if (errno) pfail(ps, k->line, k->col, "integer literal %s is too large", buf);
             }
             i = j;
             continue;
@@ -390,10 +411,8 @@ static size_t lex_tag(pstate *ps, size_t i, int is_block, int begin_line, int be
         static const char *two[] = {"//", "**", "==", "!=", "<=", ">="};
         size_t m = 0;
         for (size_t x = 0; x < sizeof two / sizeof two[0]; x++)
-            if (rest >= 2 && s[0] == two[x][0] && s[1] == two[x][1])
-                m = 2;
-        if (!m && strchr("+-*/%~<>=()[]{},.:|;", ch))
-            m = 1;
+            if (rest >= 2 && s[0] == two[x][0] && s[1] == two[x][1]) m = 2;
+        if (!m && strchr("+-*/%~<>=()[]{},.:|;", ch)) m = 1;
         if (!m) {
             int line, col;
             where(ps, i, &line, &col);
@@ -428,8 +447,7 @@ static size_t lex_tag(pstate *ps, size_t i, int is_block, int begin_line, int be
 
 static void emit_text(pstate *ps, size_t off, const char *p, size_t n)
 {
-    if (n == 0)
-        return;
+    if (n == 0) return;
     tok *k = push_tok(ps, T_TEXT, off);
     k->p = p;
     k->n = n;
@@ -453,32 +471,27 @@ static size_t lex_raw(pstate *ps, size_t k, size_t after_begin, size_t *ret_off,
         strip_after = 1;
         i++;
     }
-    if (ps->len - i < 2 || ps->src[i] != '%' || ps->src[i + 1] != '}')
-        return 0;
+    if (ps->len - i < 2 || ps->src[i] != '%' || ps->src[i + 1] != '}') return 0;
     i += 2;
     if (strip_after)
         while (i < ps->len && is_ws(ps->src[i]))
             i++;
     /* find {% endraw %} */
     for (size_t j = i; j + 1 < ps->len; j++) {
-        if (ps->src[j] != '{' || ps->src[j + 1] != '%')
-            continue;
+        if (ps->src[j] != '{' || ps->src[j + 1] != '%') continue;
         size_t x = j + 2;
         int strip_before = 0;
         if (x < ps->len && (ps->src[x] == '-' || ps->src[x] == '+'))
             strip_before = ps->src[x++] == '-';
         while (x < ps->len && is_ws(ps->src[x]))
             x++;
-        if (ps->len - x < 6 || memcmp(ps->src + x, "endraw", 6) != 0)
-            continue;
+        if (ps->len - x < 6 || memcmp(ps->src + x, "endraw", 6) != 0) continue;
         x += 6;
         while (x < ps->len && is_ws(ps->src[x]))
             x++;
         int sign = 0;
-        if (x < ps->len && (ps->src[x] == '-' || ps->src[x] == '+'))
-            sign = ps->src[x++];
-        if (ps->len - x < 2 || ps->src[x] != '%' || ps->src[x + 1] != '}')
-            continue;
+        if (x < ps->len && (ps->src[x] == '-' || ps->src[x] == '+')) sign = ps->src[x++];
+        if (ps->len - x < 2 || ps->src[x] != '%' || ps->src[x + 1] != '}') continue;
         x += 2;
         size_t n = j - i;
         if (strip_before)
@@ -528,10 +541,8 @@ static void lex(pstate *ps)
             if (l > 0 || line_starting) {
                 int all_ws = 1;
                 for (size_t x = l; x < tlen; x++)
-                    if (!is_ws(ps->src[pos + x]))
-                        all_ws = 0;
-                if (all_ws)
-                    tlen = l;
+                    if (!is_ws(ps->src[pos + x])) all_ws = 0;
+                if (all_ws) tlen = l;
             }
         }
         if (kind == '%') {
@@ -572,7 +583,10 @@ static void lex(pstate *ps)
 
 /* ---- parser helpers ------------------------------------------------------- */
 
-static tok *cur(pstate *ps) { return &ps->toks[ps->pos]; }
+static tok *cur(pstate *ps)
+{
+    return &ps->toks[ps->pos];
+}
 static tok *peek(pstate *ps, int ahead)
 {
     int32_t p = ps->pos + ahead;
@@ -590,15 +604,24 @@ static int is_name(tok *k, const char *name)
 static const char *tok_desc(tok *k, char *buf, size_t cap)
 {
     switch (k->t) {
-    case T_EOF: return "end of template";
-    case T_TEXT: return "template text";
-    case T_VBEGIN: return "'{{'";
-    case T_VEND: return "'}}'";
-    case T_BBEGIN: return "'{%'";
-    case T_BEND: return "'%}'";
-    case T_STR: return "a string";
-    case T_INT: return "an integer";
-    case T_FLOAT: return "a number";
+    case T_EOF:
+        return "end of template";
+    case T_TEXT:
+        return "template text";
+    case T_VBEGIN:
+        return "'{{'";
+    case T_VEND:
+        return "'}}'";
+    case T_BBEGIN:
+        return "'{%'";
+    case T_BEND:
+        return "'%}'";
+    case T_STR:
+        return "a string";
+    case T_INT:
+        return "an integer";
+    case T_FLOAT:
+        return "a number";
     default:
         snprintf(buf, cap, "'%.*s'", (int)(k->n > 40 ? 40 : k->n), k->p);
         return buf;
@@ -624,8 +647,7 @@ static void expect_op(pstate *ps, const char *op)
 
 static void expect_t(pstate *ps, ttype t, const char *what)
 {
-    if (cur(ps)->t != t)
-        unexpected(ps, what);
+    if (cur(ps)->t != t) unexpected(ps, what);
     ps->pos++;
 }
 
@@ -638,8 +660,7 @@ static const char *tok_name(pstate *ps, tok *k)
 
 static const char *expect_name(pstate *ps, const char *what)
 {
-    if (cur(ps)->t != T_NAME)
-        unexpected(ps, what);
+    if (cur(ps)->t != T_NAME) unexpected(ps, what);
     return tok_name(ps, &ps->toks[ps->pos++]);
 }
 
@@ -690,8 +711,7 @@ static int is_keyword_stop(tok *k)
 {
     static const char *kw[] = {"else", "or", "and", "if", "in", "not", "is"};
     for (size_t i = 0; i < sizeof kw / sizeof kw[0]; i++)
-        if (is_name(k, kw[i]))
-            return 1;
+        if (is_name(k, kw[i])) return 1;
     return 0;
 }
 
@@ -713,8 +733,7 @@ static void parse_call_args(pstate *ps, jnode *n)
                       "positional argument after keyword argument");
             nvec_push(ps, &pos, parse_expr(ps), NULL);
         }
-        if (!is_op(cur(ps), ","))
-            break;
+        if (!is_op(cur(ps), ",")) break;
         ps->pos++;
     }
     expect_op(ps, ")");
@@ -729,13 +748,11 @@ static jnode *parse_filter(pstate *ps, jnode *target)
 {
     tok *at = cur(ps);
     const char *name = expect_name(ps, "a filter name");
-    if (!jbuiltin_has_filter(name))
-        pfail(ps, at->line, at->col, "no filter named '%s'", name);
+    if (!jbuiltin_has_filter(name)) pfail(ps, at->line, at->col, "no filter named '%s'", name);
     jnode *f = node(ps, JN_FILTER, at);
     f->name = name;
     f->a = target;
-    if (is_op(cur(ps), "("))
-        parse_call_args(ps, f);
+    if (is_op(cur(ps), "(")) parse_call_args(ps, f);
     return f;
 }
 
@@ -748,8 +765,7 @@ static jnode *parse_test(pstate *ps, jnode *target)
         ps->pos++;
     }
     const char *name = expect_name(ps, "a test name");
-    if (!jbuiltin_has_test(name))
-        pfail(ps, at->line, at->col, "no test named '%s'", name);
+    if (!jbuiltin_has_test(name)) pfail(ps, at->line, at->col, "no test named '%s'", name);
     jnode *t = node(ps, JN_TEST, at);
     t->name = name;
     t->a = target;
@@ -795,8 +811,7 @@ static jnode *parse_subscript(pstate *ps, jnode *obj, tok *at)
 {
     /* after '[' */
     jnode *start = NULL, *stop = NULL, *step = NULL;
-    if (!is_op(cur(ps), ":"))
-        start = parse_expr(ps);
+    if (!is_op(cur(ps), ":")) start = parse_expr(ps);
     if (is_op(cur(ps), "]")) {
         ps->pos++;
         jnode *n = node(ps, JN_ITEM, at);
@@ -805,12 +820,10 @@ static jnode *parse_subscript(pstate *ps, jnode *obj, tok *at)
         return n;
     }
     expect_op(ps, ":");
-    if (!is_op(cur(ps), ":") && !is_op(cur(ps), "]"))
-        stop = parse_expr(ps);
+    if (!is_op(cur(ps), ":") && !is_op(cur(ps), "]")) stop = parse_expr(ps);
     if (is_op(cur(ps), ":")) {
         ps->pos++;
-        if (!is_op(cur(ps), "]"))
-            step = parse_expr(ps);
+        if (!is_op(cur(ps), "]")) step = parse_expr(ps);
     }
     expect_op(ps, "]");
     jnode *n = node(ps, JN_SLICE, at);
@@ -862,8 +875,7 @@ static jnode *parse_postfix(pstate *ps, jnode *n)
 static jnode *parse_primary(pstate *ps)
 {
     tok *k = cur(ps);
-    if (++ps->depth > 200)
-        pfail(ps, k->line, k->col, "expression nested too deeply");
+    if (++ps->depth > 200) pfail(ps, k->line, k->col, "expression nested too deeply");
     jnode *n;
     if (k->t == T_NAME) {
         ps->pos++;
@@ -913,8 +925,7 @@ static jnode *parse_primary(pstate *ps)
                 nvec_push(ps, &items, first, NULL);
                 while (is_op(cur(ps), ",")) {
                     ps->pos++;
-                    if (is_op(cur(ps), ")"))
-                        break;
+                    if (is_op(cur(ps), ")")) break;
                     nvec_push(ps, &items, parse_expr(ps), NULL);
                 }
                 n = node(ps, JN_TUPLE, k);
@@ -930,8 +941,7 @@ static jnode *parse_primary(pstate *ps)
         nvec items = {0};
         while (!is_op(cur(ps), "]")) {
             nvec_push(ps, &items, parse_expr(ps), NULL);
-            if (!is_op(cur(ps), ","))
-                break;
+            if (!is_op(cur(ps), ",")) break;
             ps->pos++;
         }
         expect_op(ps, "]");
@@ -945,8 +955,7 @@ static jnode *parse_primary(pstate *ps)
             nvec_push(ps, &items, parse_expr(ps), NULL);
             expect_op(ps, ":");
             nvec_push(ps, &items, parse_expr(ps), NULL);
-            if (!is_op(cur(ps), ","))
-                break;
+            if (!is_op(cur(ps), ",")) break;
             ps->pos++;
         }
         expect_op(ps, "}");
@@ -966,8 +975,7 @@ static jnode *parse_unary(pstate *ps, int with_filter)
     jnode *n;
     if (is_op(k, "-") || is_op(k, "+")) {
         ps->pos++;
-        if (++ps->depth > 200)
-            pfail(ps, k->line, k->col, "expression nested too deeply");
+        if (++ps->depth > 200) pfail(ps, k->line, k->col, "expression nested too deeply");
         n = node(ps, JN_UNARY, k);
         n->op = k->p[0];
         n->a = parse_unary(ps, 0);
@@ -975,8 +983,7 @@ static jnode *parse_unary(pstate *ps, int with_filter)
     } else {
         n = parse_postfix(ps, parse_primary(ps));
     }
-    if (with_filter)
-        n = parse_filter_expr(ps, n);
+    if (with_filter) n = parse_filter_expr(ps, n);
     return n;
 }
 
@@ -1004,10 +1011,12 @@ static jnode *parse_math2(pstate *ps)
     jnode *n = parse_pow(ps);
     for (;;) {
         tok *k = cur(ps);
-        int op = is_op(k, "*") ? JOP_MUL : is_op(k, "/") ? JOP_DIV
-                 : is_op(k, "//") ? JOP_FLOORDIV : is_op(k, "%") ? JOP_MOD : 0;
-        if (!op)
-            return n;
+        int op = is_op(k, "*")    ? JOP_MUL
+                 : is_op(k, "/")  ? JOP_DIV
+                 : is_op(k, "//") ? JOP_FLOORDIV
+                 : is_op(k, "%")  ? JOP_MOD
+                                  : 0;
+        if (!op) return n;
         ps->pos++;
         n = binary(ps, k, op, n, parse_pow(ps));
     }
@@ -1029,8 +1038,7 @@ static jnode *parse_math1(pstate *ps)
     for (;;) {
         tok *k = cur(ps);
         int op = is_op(k, "+") ? JOP_ADD : is_op(k, "-") ? JOP_SUB : 0;
-        if (!op)
-            return n;
+        if (!op) return n;
         ps->pos++;
         n = binary(ps, k, op, n, parse_concat(ps));
     }
@@ -1063,16 +1071,13 @@ static jnode *parse_compare(pstate *ps)
             op = JOP_NOTIN;
             ps->pos++;
         }
-        if (!op)
-            break;
-        if (rhs.n == 64)
-            pfail(ps, k->line, k->col, "comparison chain too long");
+        if (!op) break;
+        if (rhs.n == 64) pfail(ps, k->line, k->col, "comparison chain too long");
         ps->pos++;
         ops[rhs.n] = op;
         nvec_push(ps, &rhs, parse_math1(ps), NULL);
     }
-    if (!rhs.n)
-        return first;
+    if (!rhs.n) return first;
     jnode *n = node(ps, JN_COMPARE, at);
     n->a = first;
     n->args = rhs.v;
@@ -1087,8 +1092,7 @@ static jnode *parse_not(pstate *ps)
     tok *k = cur(ps);
     if (is_name(k, "not")) {
         ps->pos++;
-        if (++ps->depth > 200)
-            pfail(ps, k->line, k->col, "expression nested too deeply");
+        if (++ps->depth > 200) pfail(ps, k->line, k->col, "expression nested too deeply");
         jnode *n = node(ps, JN_NOT, k);
         n->a = parse_not(ps);
         ps->depth--;
@@ -1145,14 +1149,12 @@ static jnode *parse_tuple_expr(pstate *ps)
 {
     tok *at = cur(ps);
     jnode *first = parse_expr(ps);
-    if (!is_op(cur(ps), ","))
-        return first;
+    if (!is_op(cur(ps), ",")) return first;
     nvec items = {0};
     nvec_push(ps, &items, first, NULL);
     while (is_op(cur(ps), ",")) {
         ps->pos++;
-        if (cur(ps)->t == T_VEND || cur(ps)->t == T_BEND)
-            break;
+        if (cur(ps)->t == T_VEND || cur(ps)->t == T_BEND) break;
         nvec_push(ps, &items, parse_expr(ps), NULL);
     }
     jnode *n = node(ps, JN_TUPLE, at);
@@ -1165,7 +1167,10 @@ static jnode *parse_tuple_expr(pstate *ps)
 
 static jnode *parse_body(pstate *ps, const char *const *ends, int n_ends, const char **ret_end);
 
-static void expect_bend(pstate *ps) { expect_t(ps, T_BEND, "'%}'"); }
+static void expect_bend(pstate *ps)
+{
+    expect_t(ps, T_BEND, "'%}'");
+}
 
 static jnode *parse_if(pstate *ps, tok *at)
 {
@@ -1179,8 +1184,7 @@ static jnode *parse_if(pstate *ps, tok *at)
         jnode *body = parse_body(ps, ends, 3, &end);
         nvec_push(ps, &parts, cond, NULL);
         nvec_push(ps, &parts, body, NULL);
-        if (strcmp(end, "elif") == 0)
-            continue;
+        if (strcmp(end, "elif") == 0) continue;
         if (strcmp(end, "else") == 0) {
             expect_bend(ps);
             static const char *const endif[] = {"endif"};
@@ -1205,16 +1209,13 @@ static jnode *parse_for(pstate *ps, tok *at)
     }
     for (;;) {
         nvec_push(ps, &targets, NULL, expect_name(ps, "a loop variable name"));
-        if (!is_op(cur(ps), ","))
-            break;
+        if (!is_op(cur(ps), ",")) break;
         ps->pos++;
     }
-    if (paren)
-        expect_op(ps, ")");
+    if (paren) expect_op(ps, ")");
     n->names = targets.names;
     n->n_names = targets.n;
-    if (!is_name(cur(ps), "in"))
-        unexpected(ps, "'in'");
+    if (!is_name(cur(ps), "in")) unexpected(ps, "'in'");
     ps->pos++;
     /* the iterable has no conditional expression: `if` filters the loop */
     n->a = parse_or(ps);
@@ -1290,8 +1291,7 @@ static jnode *parse_set(pstate *ps, tok *at)
         expect_bend(ps);
         return n;
     }
-    if (targets.n != 1)
-        unexpected(ps, "'='");
+    if (targets.n != 1) unexpected(ps, "'='");
     n->kind = JN_SETBLOCK;
     if (is_op(cur(ps), "|")) {
         ps->pos++;
@@ -1324,8 +1324,7 @@ static jnode *parse_macro(pstate *ps, tok *at)
             pfail(ps, pk->line, pk->col, "parameter '%s' without default after one with", p);
         }
         nvec_push(ps, &params, def, p);
-        if (!is_op(cur(ps), ","))
-            break;
+        if (!is_op(cur(ps), ",")) break;
         ps->pos++;
     }
     expect_op(ps, ")");
@@ -1343,17 +1342,12 @@ static jnode *parse_macro(pstate *ps, tok *at)
 static jnode *parse_statement(pstate *ps)
 {
     tok *at = cur(ps);
-    if (at->t != T_NAME)
-        unexpected(ps, "a statement name");
+    if (at->t != T_NAME) unexpected(ps, "a statement name");
     ps->pos++;
-    if (is_name(at, "if"))
-        return parse_if(ps, at);
-    if (is_name(at, "for"))
-        return parse_for(ps, at);
-    if (is_name(at, "set"))
-        return parse_set(ps, at);
-    if (is_name(at, "macro"))
-        return parse_macro(ps, at);
+    if (is_name(at, "if")) return parse_if(ps, at);
+    if (is_name(at, "for")) return parse_for(ps, at);
+    if (is_name(at, "set")) return parse_set(ps, at);
+    if (is_name(at, "macro")) return parse_macro(ps, at);
     if (is_name(at, "break") || is_name(at, "continue")) {
         jnode *n = node(ps, is_name(at, "break") ? JN_BREAK : JN_CONTINUE, at);
         expect_bend(ps);
@@ -1378,16 +1372,15 @@ static jnode *parse_statement(pstate *ps)
         expect_bend(ps);
         return n;
     }
-    static const char *const refused[] = {"include", "import", "from", "extends", "block",
-                                          "call", "with", "autoescape", "do"};
+    static const char *const refused[] = {"include", "import", "from",       "extends", "block",
+                                          "call",    "with",   "autoescape", "do"};
     for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++)
         if (is_name(at, refused[i]))
             pfail(ps, at->line, at->col,
                   "statement '%s' is not supported (templates may not load other templates or "
                   "run code)",
                   refused[i]);
-    pfail(ps, at->line, at->col, "unknown statement '%.*s'", (int)(at->n > 40 ? 40 : at->n),
-          at->p);
+    pfail(ps, at->line, at->col, "unknown statement '%.*s'", (int)(at->n > 40 ? 40 : at->n), at->p);
 }
 
 static jnode *parse_body(pstate *ps, const char *const *ends, int n_ends, const char **ret_end)
@@ -1395,13 +1388,11 @@ static jnode *parse_body(pstate *ps, const char *const *ends, int n_ends, const 
     tok *start = cur(ps);
     jnode *body = node(ps, JN_BODY, start);
     nvec items = {0};
-    if (++ps->depth > 200)
-        pfail(ps, start->line, start->col, "statements nested too deeply");
+    if (++ps->depth > 200) pfail(ps, start->line, start->col, "statements nested too deeply");
     for (;;) {
         tok *k = cur(ps);
         if (k->t == T_EOF) {
-            if (n_ends == 0)
-                break;
+            if (n_ends == 0) break;
             pfail(ps, k->line, k->col, "unexpected end of template: missing {%% %s %%}",
                   ends[n_ends - 1]);
         }
@@ -1420,16 +1411,15 @@ static jnode *parse_body(pstate *ps, const char *const *ends, int n_ends, const 
             tok *nk = peek(ps, 1);
             int found = -1;
             for (int i = 0; i < n_ends; i++)
-                if (is_name(nk, ends[i]))
-                    found = i;
+                if (is_name(nk, ends[i])) found = i;
             if (found >= 0) {
                 ps->pos += 2;
                 *ret_end = ends[found];
                 break;
             }
-            static const char *const stray[] = {"endif", "endfor", "else", "elif", "endset",
-                                                "endmacro", "endfilter", "endgeneration",
-                                                "endraw"};
+            static const char *const stray[] = {"endif",     "endfor",        "else",
+                                                "elif",      "endset",        "endmacro",
+                                                "endfilter", "endgeneration", "endraw"};
             for (size_t i = 0; i < sizeof stray / sizeof stray[0]; i++)
                 if (is_name(nk, stray[i]))
                     pfail(ps, nk->line, nk->col, "unexpected {%% %s %%}%s%s", stray[i],
@@ -1455,22 +1445,19 @@ int jinja_parse(jinja_template *t, const char *src, size_t len, lm_err *err)
     ps.err = err;
     ps.name = t->name;
     ps.lc_line = ps.lc_col = 1;
-    if (setjmp(ps.fail))
-        return err && err->code ? err->code : -EINVAL;
+    if (setjmp(ps.fail)) return err && err->code ? err->code : -EINVAL;
     /* normalise newlines, drop one trailing newline */
     char *s = palloc(&ps, len + 1);
     size_t n = 0;
     for (size_t i = 0; i < len; i++) {
         if (src[i] == '\r') {
             s[n++] = '\n';
-            if (i + 1 < len && src[i + 1] == '\n')
-                i++;
+            if (i + 1 < len && src[i + 1] == '\n') i++;
         } else {
             s[n++] = src[i];
         }
     }
-    if (n > 0 && s[n - 1] == '\n')
-        n--;
+    if (n > 0 && s[n - 1] == '\n') n--;
     ps.src = s;
     ps.len = n;
     lex(&ps);

@@ -32,8 +32,7 @@ _Noreturn void jfail(jctx *c, const jnode *at, const char *fmt, ...)
 void *jalloc(jctx *c, const jnode *at, size_t n)
 {
     void *p = jarena_alloc(&c->arena, n ? n : 1);
-    if (!p)
-        jfail(c, at, "template used more than %zu bytes of memory", c->lim.max_memory);
+    if (!p) jfail(c, at, "template used more than %zu bytes of memory", c->lim.max_memory);
     return p;
 }
 
@@ -45,7 +44,10 @@ jval jv_undef(const char *name)
     v.u.undef_name = name;
     return v;
 }
-jval jv_none(void) { return (jval){.t = JV_NONE}; }
+jval jv_none(void)
+{
+    return (jval){.t = JV_NONE};
+}
 jval jv_bool(int b)
 {
     jval v = {.t = JV_BOOL};
@@ -71,12 +73,14 @@ jval jv_str(const char *p, size_t n)
     v.u.s.n = n;
     return v;
 }
-jval jv_cstr(const char *p) { return jv_str(p, strlen(p)); }
+jval jv_cstr(const char *p)
+{
+    return jv_str(p, strlen(p));
+}
 jval jv_strdup(jctx *c, const jnode *at, const char *p, size_t n)
 {
     char *s = jalloc(c, at, n + 1);
-    if (n)
-        memcpy(s, p, n);
+    if (n) memcpy(s, p, n);
     s[n] = 0;
     return jv_str(s, n);
 }
@@ -95,12 +99,10 @@ jlist *jlist_new(jctx *c, const jnode *at, int32_t cap)
 void jlist_push(jctx *c, const jnode *at, jlist *l, jval v)
 {
     if (l->n == l->cap) {
-        if (l->cap > (1 << 28))
-            jfail(c, at, "list too long");
+        if (l->cap > (1 << 28)) jfail(c, at, "list too long");
         int32_t cap = l->cap ? l->cap * 2 : 4;
         jval *nv = jalloc(c, at, sizeof(jval) * (size_t)cap);
-        if (l->n)
-            memcpy(nv, l->v, sizeof(jval) * (size_t)l->n);
+        if (l->n) memcpy(nv, l->v, sizeof(jval) * (size_t)l->n);
         l->v = nv;
         l->cap = cap;
     }
@@ -122,8 +124,7 @@ jdict *jdict_new(jctx *c, const jnode *at, int32_t cap)
 jval *jdict_get(jdict *d, jval k)
 {
     for (int32_t i = 0; i < d->n; i++)
-        if (jv_equal(d->k[i], k))
-            return &d->v[i];
+        if (jv_equal(d->k[i], k)) return &d->v[i];
     return NULL;
 }
 
@@ -165,19 +166,32 @@ void jdict_set(jctx *c, const jnode *at, jdict *d, jval k, jval v)
 const char *jv_type_name(jval v)
 {
     switch (v.t) {
-    case JV_UNDEF: return "Undefined";
-    case JV_NONE: return "NoneType";
-    case JV_BOOL: return "bool";
-    case JV_INT: return "int";
-    case JV_FLOAT: return "float";
-    case JV_STR: return "str";
-    case JV_LIST: return v.u.l->is_tuple ? "tuple" : "list";
-    case JV_DICT: return "dict";
-    case JV_NS: return "Namespace";
-    case JV_LOOP: return "LoopContext";
-    case JV_FUNC: return "function";
-    case JV_METHOD: return "method";
-    case JV_MACRO: return "Macro";
+    case JV_UNDEF:
+        return "Undefined";
+    case JV_NONE:
+        return "NoneType";
+    case JV_BOOL:
+        return "bool";
+    case JV_INT:
+        return "int";
+    case JV_FLOAT:
+        return "float";
+    case JV_STR:
+        return "str";
+    case JV_LIST:
+        return v.u.l->is_tuple ? "tuple" : "list";
+    case JV_DICT:
+        return "dict";
+    case JV_NS:
+        return "Namespace";
+    case JV_LOOP:
+        return "LoopContext";
+    case JV_FUNC:
+        return "function";
+    case JV_METHOD:
+        return "method";
+    case JV_MACRO:
+        return "Macro";
     }
     return "?";
 }
@@ -186,29 +200,42 @@ int jv_truthy(jval v)
 {
     switch (v.t) {
     case JV_UNDEF:
-    case JV_NONE: return 0;
-    case JV_BOOL: return v.u.b;
-    case JV_INT: return v.u.i != 0;
-    case JV_FLOAT: return v.u.f != 0.0;
-    case JV_STR: return v.u.s.n != 0;
-    case JV_LIST: return v.u.l->n != 0;
-    case JV_DICT: return v.u.d->n != 0;
-    default: return 1;
+    case JV_NONE:
+        return 0;
+    case JV_BOOL:
+        return v.u.b;
+    case JV_INT:
+        return v.u.i != 0;
+    case JV_FLOAT:
+        return v.u.f != 0.0;
+    case JV_STR:
+        return v.u.s.n != 0;
+    case JV_LIST:
+        return v.u.l->n != 0;
+    case JV_DICT:
+        return v.u.d->n != 0;
+    default:
+        return 1;
     }
 }
 
-static int is_num(jval v) { return v.t == JV_INT || v.t == JV_FLOAT || v.t == JV_BOOL; }
+static int is_num(jval v)
+{
+    return v.t == JV_INT || v.t == JV_FLOAT || v.t == JV_BOOL;
+}
 static double num_f(jval v)
 {
     return v.t == JV_FLOAT ? v.u.f : v.t == JV_INT ? (double)v.u.i : (double)v.u.b;
 }
-static int64_t num_i(jval v) { return v.t == JV_INT ? v.u.i : (int64_t)v.u.b; }
+static int64_t num_i(jval v)
+{
+    return v.t == JV_INT ? v.u.i : (int64_t)v.u.b;
+}
 
 int jv_equal(jval a, jval b)
 {
     if (is_num(a) && is_num(b)) {
-        if (a.t == JV_FLOAT || b.t == JV_FLOAT)
-            return num_f(a) == num_f(b);
+        if (a.t == JV_FLOAT || b.t == JV_FLOAT) return num_f(a) == num_f(b);
         return num_i(a) == num_i(b);
     }
     if (a.t != b.t) {
@@ -217,32 +244,33 @@ int jv_equal(jval a, jval b)
     }
     switch (a.t) {
     case JV_UNDEF:
-    case JV_NONE: return 1;
-    case JV_STR: return a.u.s.n == b.u.s.n && memcmp(a.u.s.p, b.u.s.p, a.u.s.n) == 0;
+    case JV_NONE:
+        return 1;
+    case JV_STR:
+        return a.u.s.n == b.u.s.n && memcmp(a.u.s.p, b.u.s.p, a.u.s.n) == 0;
     case JV_LIST:
-        if (a.u.l->is_tuple != b.u.l->is_tuple || a.u.l->n != b.u.l->n)
-            return 0;
+        if (a.u.l->is_tuple != b.u.l->is_tuple || a.u.l->n != b.u.l->n) return 0;
         for (int32_t i = 0; i < a.u.l->n; i++)
-            if (!jv_equal(a.u.l->v[i], b.u.l->v[i]))
-                return 0;
+            if (!jv_equal(a.u.l->v[i], b.u.l->v[i])) return 0;
         return 1;
     case JV_DICT:
     case JV_NS:
-        if (a.t == JV_NS)
-            return a.u.d == b.u.d;
-        if (a.u.d->n != b.u.d->n)
-            return 0;
+        if (a.t == JV_NS) return a.u.d == b.u.d;
+        if (a.u.d->n != b.u.d->n) return 0;
         for (int32_t i = 0; i < a.u.d->n; i++) {
             jval *o = jdict_get(b.u.d, a.u.d->k[i]);
-            if (!o || !jv_equal(a.u.d->v[i], *o))
-                return 0;
+            if (!o || !jv_equal(a.u.d->v[i], *o)) return 0;
         }
         return 1;
-    case JV_LOOP: return a.u.loop == b.u.loop;
-    case JV_MACRO: return a.u.macro == b.u.macro;
+    case JV_LOOP:
+        return a.u.loop == b.u.loop;
+    case JV_MACRO:
+        return a.u.macro == b.u.macro;
     case JV_FUNC:
-    case JV_METHOD: return a.u.fn.name == b.u.fn.name && a.u.fn.self == b.u.fn.self;
-    default: return 0;
+    case JV_METHOD:
+        return a.u.fn.name == b.u.fn.name && a.u.fn.self == b.u.fn.self;
+    default:
+        return 0;
     }
 }
 
@@ -260,15 +288,13 @@ int jv_compare(jctx *c, const jnode *at, jval a, jval b)
         /* UTF-8 byte order is code point order */
         size_t n = a.u.s.n < b.u.s.n ? a.u.s.n : b.u.s.n;
         int r = memcmp(a.u.s.p, b.u.s.p, n);
-        if (r)
-            return r < 0 ? -1 : 1;
+        if (r) return r < 0 ? -1 : 1;
         return a.u.s.n < b.u.s.n ? -1 : a.u.s.n > b.u.s.n ? 1 : 0;
     }
     if (a.t == JV_LIST && b.t == JV_LIST && a.u.l->is_tuple == b.u.l->is_tuple) {
         int32_t n = a.u.l->n < b.u.l->n ? a.u.l->n : b.u.l->n;
         for (int32_t i = 0; i < n; i++) {
-            if (jv_equal(a.u.l->v[i], b.u.l->v[i]))
-                continue;
+            if (jv_equal(a.u.l->v[i], b.u.l->v[i])) continue;
             return jv_compare(c, at, a.u.l->v[i], b.u.l->v[i]);
         }
         return a.u.l->n < b.u.l->n ? -1 : a.u.l->n > b.u.l->n ? 1 : 0;
@@ -309,12 +335,18 @@ jval jv_from_json(jctx *c, const json_t *j)
         v.u.l = l;
         return v;
     }
-    case JSON_STRING: return jv_strdup(c, NULL, json_string_value(j), json_string_length(j));
-    case JSON_INTEGER: return jv_int((int64_t)json_integer_value(j));
-    case JSON_REAL: return jv_float(json_real_value(j));
-    case JSON_TRUE: return jv_bool(1);
-    case JSON_FALSE: return jv_bool(0);
-    default: return jv_none();
+    case JSON_STRING:
+        return jv_strdup(c, NULL, json_string_value(j), json_string_length(j));
+    case JSON_INTEGER:
+        return jv_int((int64_t)json_integer_value(j));
+    case JSON_REAL:
+        return jv_float(json_real_value(j));
+    case JSON_TRUE:
+        return jv_bool(1);
+    case JSON_FALSE:
+        return jv_bool(0);
+    default:
+        return jv_none();
     }
 }
 
@@ -322,8 +354,7 @@ jval jv_from_json(jctx *c, const json_t *j)
 
 void jbuf_put(jctx *c, const jnode *at, jbuf *b, const char *p, size_t n)
 {
-    if (n == 0)
-        return;
+    if (n == 0) return;
     if (b == c->out && c->out_total + n > c->lim.max_output)
         jfail(c, at, "rendered text exceeds the limit of %zu bytes", c->lim.max_output);
     if (b->n + n > b->cap) {
@@ -331,18 +362,19 @@ void jbuf_put(jctx *c, const jnode *at, jbuf *b, const char *p, size_t n)
         while (cap < b->n + n)
             cap *= 2;
         char *np = jalloc(c, at, cap);
-        if (b->n)
-            memcpy(np, b->p, b->n);
+        if (b->n) memcpy(np, b->p, b->n);
         b->p = np;
         b->cap = cap;
     }
     memcpy(b->p + b->n, p, n);
     b->n += n;
-    if (b == c->out)
-        c->out_total += n;
+    if (b == c->out) c->out_total += n;
 }
 
-void jbuf_putc(jctx *c, const jnode *at, jbuf *b, char ch) { jbuf_put(c, at, b, &ch, 1); }
+void jbuf_putc(jctx *c, const jnode *at, jbuf *b, char ch)
+{
+    jbuf_put(c, at, b, &ch, 1);
+}
 
 static void jbuf_puts(jctx *c, const jnode *at, jbuf *b, const char *s)
 {
@@ -363,8 +395,7 @@ void jfloat_repr(double f, char *buf, size_t cap)
     char tmp[40];
     for (int prec = 1; prec <= 17; prec++) {
         snprintf(tmp, sizeof tmp, "%.*e", prec - 1, f);
-        if (strtod(tmp, NULL) == f)
-            break;
+        if (strtod(tmp, NULL) == f) break;
     }
     /* tmp = d.ddde[+-]XX ; Python uses positional notation for 1e-4 <= |f| < 1e16 */
     char *e = strchr(tmp, 'e');
@@ -373,15 +404,13 @@ void jfloat_repr(double f, char *buf, size_t cap)
     size_t nd = 0;
     int neg = tmp[0] == '-';
     for (char *p = tmp + neg; p < e; p++)
-        if (*p != '.')
-            digits[nd++] = *p;
+        if (*p != '.') digits[nd++] = *p;
     while (nd > 1 && digits[nd - 1] == '0')
         nd--;
     digits[nd] = 0;
     size_t o = 0;
     char out[64];
-    if (neg)
-        out[o++] = '-';
+    if (neg) out[o++] = '-';
     if (exp10 >= -4 && exp10 < 16) {
         if (exp10 < 0) {
             out[o++] = '0';
@@ -446,41 +475,43 @@ void jv_repr_into(jctx *c, const jnode *at, jbuf *b, jval v)
 {
     char num[64];
     switch (v.t) {
-    case JV_STR: put_repr_str(c, at, b, v.u.s.p, v.u.s.n); return;
+    case JV_STR:
+        put_repr_str(c, at, b, v.u.s.p, v.u.s.n);
+        return;
     case JV_LIST: {
         jlist *l = v.u.l;
         jbuf_putc(c, at, b, l->is_tuple ? '(' : '[');
         for (int32_t i = 0; i < l->n; i++) {
-            if (i)
-                jbuf_puts(c, at, b, ", ");
+            if (i) jbuf_puts(c, at, b, ", ");
             jv_repr_into(c, at, b, l->v[i]);
         }
-        if (l->is_tuple && l->n == 1)
-            jbuf_putc(c, at, b, ',');
+        if (l->is_tuple && l->n == 1) jbuf_putc(c, at, b, ',');
         jbuf_putc(c, at, b, l->is_tuple ? ')' : ']');
         return;
     }
     case JV_DICT:
     case JV_NS: {
         jdict *d = v.u.d;
-        if (v.t == JV_NS)
-            jbuf_puts(c, at, b, "<Namespace ");
+        if (v.t == JV_NS) jbuf_puts(c, at, b, "<Namespace ");
         jbuf_putc(c, at, b, '{');
         for (int32_t i = 0; i < d->n; i++) {
-            if (i)
-                jbuf_puts(c, at, b, ", ");
+            if (i) jbuf_puts(c, at, b, ", ");
             jv_repr_into(c, at, b, d->k[i]);
             jbuf_puts(c, at, b, ": ");
             jv_repr_into(c, at, b, d->v[i]);
         }
         jbuf_putc(c, at, b, '}');
-        if (v.t == JV_NS)
-            jbuf_putc(c, at, b, '>');
+        if (v.t == JV_NS) jbuf_putc(c, at, b, '>');
         return;
     }
-    case JV_UNDEF: return; /* str(Undefined) is "" */
-    case JV_NONE: jbuf_puts(c, at, b, "None"); return;
-    case JV_BOOL: jbuf_puts(c, at, b, v.u.b ? "True" : "False"); return;
+    case JV_UNDEF:
+        return; /* str(Undefined) is "" */
+    case JV_NONE:
+        jbuf_puts(c, at, b, "None");
+        return;
+    case JV_BOOL:
+        jbuf_puts(c, at, b, v.u.b ? "True" : "False");
+        return;
     case JV_INT:
         snprintf(num, sizeof num, "%lld", (long long)v.u.i);
         jbuf_puts(c, at, b, num);
@@ -506,8 +537,7 @@ void jv_str_into(jctx *c, const jnode *at, jbuf *b, jval v)
 
 jval jv_to_str(jctx *c, const jnode *at, jval v)
 {
-    if (v.t == JV_STR)
-        return v;
+    if (v.t == JV_STR) return v;
     jbuf b = {0};
     jv_str_into(c, at, &b, v);
     return jv_str(b.p ? b.p : "", b.n);
@@ -549,14 +579,29 @@ static void put_json_str(jctx *c, const jnode *at, jbuf *b, const char *p, size_
         uint32_t cp = utf8_next(p, n, &i);
         char esc[16];
         switch (cp) {
-        case '"': jbuf_puts(c, at, b, "\\\""); continue;
-        case '\\': jbuf_puts(c, at, b, "\\\\"); continue;
-        case '\n': jbuf_puts(c, at, b, "\\n"); continue;
-        case '\r': jbuf_puts(c, at, b, "\\r"); continue;
-        case '\t': jbuf_puts(c, at, b, "\\t"); continue;
-        case '\b': jbuf_puts(c, at, b, "\\b"); continue;
-        case '\f': jbuf_puts(c, at, b, "\\f"); continue;
-        default: break;
+        case '"':
+            jbuf_puts(c, at, b, "\\\"");
+            continue;
+        case '\\':
+            jbuf_puts(c, at, b, "\\\\");
+            continue;
+        case '\n':
+            jbuf_puts(c, at, b, "\\n");
+            continue;
+        case '\r':
+            jbuf_puts(c, at, b, "\\r");
+            continue;
+        case '\t':
+            jbuf_puts(c, at, b, "\\t");
+            continue;
+        case '\b':
+            jbuf_puts(c, at, b, "\\b");
+            continue;
+        case '\f':
+            jbuf_puts(c, at, b, "\\f");
+            continue;
+        default:
+            break;
         }
         if (cp < 0x20 || (ensure_ascii && cp > 0x7e)) {
             if (cp >= 0x10000) {
@@ -586,8 +631,7 @@ static int cmp_keys(const void *a, const void *b)
     const jval *x = *(const jval *const *)a, *y = *(const jval *const *)b;
     size_t n = x->u.s.n < y->u.s.n ? x->u.s.n : y->u.s.n;
     int r = memcmp(x->u.s.p, y->u.s.p, n);
-    if (r)
-        return r;
+    if (r) return r;
     return x->u.s.n < y->u.s.n ? -1 : x->u.s.n > y->u.s.n;
 }
 
@@ -595,11 +639,14 @@ void jv_json_into(jctx *c, const jnode *at, jbuf *b, jval v, int ensure_ascii, i
                   const char *item_sep, const char *key_sep, int sort_keys, int level)
 {
     char num[64];
-    if (level > 200)
-        jfail(c, at, "tojson: value nested too deeply");
+    if (level > 200) jfail(c, at, "tojson: value nested too deeply");
     switch (v.t) {
-    case JV_NONE: jbuf_puts(c, at, b, "null"); return;
-    case JV_BOOL: jbuf_puts(c, at, b, v.u.b ? "true" : "false"); return;
+    case JV_NONE:
+        jbuf_puts(c, at, b, "null");
+        return;
+    case JV_BOOL:
+        jbuf_puts(c, at, b, v.u.b ? "true" : "false");
+        return;
     case JV_INT:
         snprintf(num, sizeof num, "%lld", (long long)v.u.i);
         jbuf_puts(c, at, b, num);
@@ -613,7 +660,9 @@ void jv_json_into(jctx *c, const jnode *at, jbuf *b, jval v, int ensure_ascii, i
             jfloat_repr(v.u.f, num, sizeof num);
         jbuf_puts(c, at, b, num);
         return;
-    case JV_STR: put_json_str(c, at, b, v.u.s.p, v.u.s.n, ensure_ascii); return;
+    case JV_STR:
+        put_json_str(c, at, b, v.u.s.p, v.u.s.n, ensure_ascii);
+        return;
     case JV_LIST: {
         jlist *l = v.u.l;
         if (l->n == 0) {
@@ -622,15 +671,12 @@ void jv_json_into(jctx *c, const jnode *at, jbuf *b, jval v, int ensure_ascii, i
         }
         jbuf_putc(c, at, b, '[');
         for (int32_t i = 0; i < l->n; i++) {
-            if (i)
-                jbuf_puts(c, at, b, item_sep);
-            if (indent >= 0)
-                put_newline_indent(c, at, b, indent, level + 1);
+            if (i) jbuf_puts(c, at, b, item_sep);
+            if (indent >= 0) put_newline_indent(c, at, b, indent, level + 1);
             jv_json_into(c, at, b, l->v[i], ensure_ascii, indent, item_sep, key_sep, sort_keys,
                          level + 1);
         }
-        if (indent >= 0)
-            put_newline_indent(c, at, b, indent, level);
+        if (indent >= 0) put_newline_indent(c, at, b, indent, level);
         jbuf_putc(c, at, b, ']');
         return;
     }
@@ -657,28 +703,25 @@ void jv_json_into(jctx *c, const jnode *at, jbuf *b, jval v, int ensure_ascii, i
             keys[i] = k;
             order[i] = &keys[i];
         }
-        if (sort_keys)
-            qsort(order, (size_t)d->n, sizeof(jval *), cmp_keys);
+        if (sort_keys) qsort(order, (size_t)d->n, sizeof(jval *), cmp_keys);
         jbuf_putc(c, at, b, '{');
         for (int32_t i = 0; i < d->n; i++) {
             int32_t idx = (int32_t)(order[i] - keys);
-            if (i)
-                jbuf_puts(c, at, b, item_sep);
-            if (indent >= 0)
-                put_newline_indent(c, at, b, indent, level + 1);
+            if (i) jbuf_puts(c, at, b, item_sep);
+            if (indent >= 0) put_newline_indent(c, at, b, indent, level + 1);
             put_json_str(c, at, b, keys[idx].u.s.p, keys[idx].u.s.n, ensure_ascii);
             jbuf_puts(c, at, b, key_sep);
             jv_json_into(c, at, b, d->v[idx], ensure_ascii, indent, item_sep, key_sep, sort_keys,
                          level + 1);
         }
-        if (indent >= 0)
-            put_newline_indent(c, at, b, indent, level);
+        if (indent >= 0) put_newline_indent(c, at, b, indent, level);
         jbuf_putc(c, at, b, '}');
         return;
     }
     case JV_UNDEF:
         jfail(c, at, "tojson: '%s' is undefined", v.u.undef_name ? v.u.undef_name : "value");
-    default: jfail(c, at, "tojson: object of type %s is not JSON serializable", jv_type_name(v));
+    default:
+        jfail(c, at, "tojson: object of type %s is not JSON serializable", jv_type_name(v));
     }
 }
 
@@ -688,8 +731,7 @@ size_t jutf8_len(const char *p, size_t n)
 {
     size_t k = 0;
     for (size_t i = 0; i < n; i++)
-        if (((unsigned char)p[i] & 0xC0) != 0x80)
-            k++;
+        if (((unsigned char)p[i] & 0xC0) != 0x80) k++;
     return k;
 }
 
@@ -698,8 +740,7 @@ size_t jutf8_offset(const char *p, size_t n, size_t idx)
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
         if (((unsigned char)p[i] & 0xC0) != 0x80) {
-            if (k == idx)
-                return i;
+            if (k == idx) return i;
             k++;
         }
     }

@@ -21,22 +21,21 @@
 #include "engine/chat.h"
 
 static int failures;
-#define CHECK(cond, ...)                                                        \
-    do {                                                                        \
-        if (!(cond)) {                                                          \
-            fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                       \
-            fprintf(stderr, "\n");                                              \
-            failures++;                                                         \
-        }                                                                       \
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond);               \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fprintf(stderr, "\n");                                                                 \
+            failures++;                                                                            \
+        }                                                                                          \
     } while (0)
 
 /* tokenizer_config.json special token: "str" or {"content": "str"} */
 static const char *special(json_t *cfg, const char *key)
 {
     json_t *v = json_object_get(cfg, key);
-    if (json_is_object(v))
-        v = json_object_get(v, "content");
+    if (json_is_object(v)) v = json_object_get(v, "content");
     return json_string_value(v);
 }
 
@@ -44,24 +43,21 @@ static void test_fixtures(const char *fixtures)
 {
     DIR *d = opendir(fixtures);
     CHECK(d != NULL, "cannot open fixtures folder %s", fixtures);
-    if (!d)
-        return;
+    if (!d) return;
     struct dirent *e;
     int n_cases = 0, n_dirs = 0;
     while ((e = readdir(d))) {
-        if (e->d_name[0] == '.')
-            continue;
+        if (e->d_name[0] == '.') continue;
         char dir[1024], path[1100];
         snprintf(dir, sizeof dir, "%s/%s", fixtures, e->d_name);
         snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
         json_t *cfg = json_load_file(path, JSON_DECODE_INT_AS_REAL, NULL);
-        if (!cfg)
-            continue;
+        if (!cfg) continue;
         n_dirs++;
         chat_template *t = NULL;
         lm_err err = {0};
-        int rc = chat_template_load(dir, NULL, special(cfg, "bos_token"),
-                                    special(cfg, "eos_token"), &t, &err);
+        int rc = chat_template_load(dir, NULL, special(cfg, "bos_token"), special(cfg, "eos_token"),
+                                    &t, &err);
         CHECK(rc == 0, "%s: %s", dir, err.msg);
         snprintf(path, sizeof path, "%s/tokenizer_cases.json", dir);
         json_t *cases = json_load_file(path, 0, NULL);
@@ -86,8 +82,9 @@ static void test_fixtures(const char *fixtures)
             char *out = NULL;
             rc = t ? chat_render(t, m, n, 1, NULL, &out, NULL, &err) : -1;
             const char *want = json_string_value(json_object_get(c, "rendered"));
-            CHECK(rc == 0 && strcmp(out, want) == 0, "%s chat case %zu: rc %d %s\n got  %s\n want %s",
-                  e->d_name, i, rc, err.msg, out ? out : "", want);
+            CHECK(rc == 0 && strcmp(out, want) == 0,
+                  "%s chat case %zu: rc %d %s\n got  %s\n want %s", e->d_name, i, rc, err.msg,
+                  out ? out : "", want);
             n_cases++;
             free(out);
         }
@@ -122,19 +119,18 @@ static char *render1(chat_template *t, const char *user)
     chat_message m = {"user", user};
     char *out = NULL;
     lm_err err = {0};
-    if (chat_render(t, &m, 1, 1, NULL, &out, NULL, &err))
-        fprintf(stderr, "render: %s\n", err.msg);
+    if (chat_render(t, &m, 1, 1, NULL, &out, NULL, &err)) fprintf(stderr, "render: %s\n", err.msg);
     return out;
 }
 
-static void expect_load(const char *dir, const char *override, const char *want_out,
-                        int want_rc, const char *want_msg)
+static void expect_load(const char *dir, const char *override, const char *want_out, int want_rc,
+                        const char *want_msg)
 {
     chat_template *t = NULL;
     lm_err err = {0};
     int rc = chat_template_load(dir, override, "<s>", "</s>", &t, &err);
-    CHECK(rc == want_rc, "load %s (override %s): rc %d (%s), want %d", dir, override ? override : "-",
-          rc, err.msg, want_rc);
+    CHECK(rc == want_rc, "load %s (override %s): rc %d (%s), want %d", dir,
+          override ? override : "-", rc, err.msg, want_rc);
     if (want_msg)
         CHECK(strstr(err.msg, want_msg) != NULL, "load message \"%s\" lacks \"%s\"", err.msg,
               want_msg);
@@ -201,8 +197,7 @@ static json_t *expected_case(json_t *root, const char *name)
     json_t *c;
     json_array_foreach(json_object_get(root, "cases"), i, c)
     {
-        if (strcmp(json_string_value(json_object_get(c, "name")), name) == 0)
-            return c;
+        if (strcmp(json_string_value(json_object_get(c, "name")), name) == 0) return c;
     }
     return NULL;
 }
@@ -211,36 +206,32 @@ static void test_published(void)
 {
     json_t *root = json_load_file(JINJA_TEST_DIR "/expected.json", 0, NULL);
     CHECK(root != NULL, "expected.json");
-    if (!root)
-        return;
+    if (!root) return;
     struct {
         const char *name, *file, *bos, *eos, *extra;
     } cases[] = {
         {"qwen3/think-last/enable_thinking=False", "Qwen-Qwen3-0.6B.jinja", NULL, "<|im_end|>",
          "{\"enable_thinking\": false}"},
         {"qwen3/think-history/default", "Qwen-Qwen3-0.6B.jinja", NULL, "<|im_end|>", NULL},
-        {"qwen3/reasoning-field/enable_thinking=True", "Qwen-Qwen3-0.6B.jinja", NULL,
-         "<|im_end|>", "{\"enable_thinking\": true}"},
+        {"qwen3/reasoning-field/enable_thinking=True", "Qwen-Qwen3-0.6B.jinja", NULL, "<|im_end|>",
+         "{\"enable_thinking\": true}"},
         {"qwen2.5/tools", "Qwen-Qwen2.5-7B-Instruct.jinja", NULL, "<|im_end|>", NULL},
         {"llama3.3/tools", "meta-llama-Llama-3.3-70B-Instruct.jinja", "<|begin_of_text|>",
          "<|eot_id|>", NULL},
         {"mistral-nemo/tools2", "mistralai-Mistral-Nemo-Instruct-2407.jinja", "<s>", "</s>", NULL},
-        {"mixtral/system/agp=1", "mistralai-Mixtral-8x7B-Instruct-v0.1.jinja", "<s>", "</s>",
-         NULL},
+        {"mixtral/system/agp=1", "mistralai-Mixtral-8x7B-Instruct-v0.1.jinja", "<s>", "</s>", NULL},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         json_t *c = expected_case(root, cases[i].name);
         CHECK(c != NULL, "expected.json has no case %s", cases[i].name);
-        if (!c)
-            continue;
+        if (!c) continue;
         char path[1024];
         snprintf(path, sizeof path, "%s/templates/%s", JINJA_TEST_DIR, cases[i].file);
         chat_template *t = NULL;
         lm_err err = {0};
         int rc = chat_template_load(NULL, path, cases[i].bos, cases[i].eos, &t, &err);
         CHECK(rc == 0, "%s: %s", path, err.msg);
-        if (rc)
-            continue;
+        if (rc) continue;
         json_t *vars = json_object_get(c, "vars");
         char *msgs = json_dumps(json_object_get(vars, "messages"), 0);
         json_t *tools = json_object_get(vars, "tools");
@@ -258,7 +249,8 @@ static void test_published(void)
     /* the template's own error (Mixtral refuses two user turns in a row) */
     chat_template *t = NULL;
     lm_err err = {0};
-    CHECK(chat_template_load(NULL, JINJA_TEST_DIR "/templates/mistralai-Mixtral-8x7B-Instruct-v0.1.jinja",
+    CHECK(chat_template_load(NULL,
+                             JINJA_TEST_DIR "/templates/mistralai-Mixtral-8x7B-Instruct-v0.1.jinja",
                              "<s>", "</s>", &t, &err) == 0,
           "mixtral: %s", err.msg);
     chat_message two[2] = {{"user", "a"}, {"user", "b"}};

@@ -17,21 +17,20 @@
 #include "engine/jinja.h"
 
 static int failures;
-#define CHECK(cond, ...)                                                        \
-    do {                                                                        \
-        if (!(cond)) {                                                          \
-            fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                       \
-            fprintf(stderr, "\n");                                              \
-            failures++;                                                         \
-        }                                                                       \
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond);               \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fprintf(stderr, "\n");                                                                 \
+            failures++;                                                                            \
+        }                                                                                          \
     } while (0)
 
 static char *read_file(const char *path, size_t *ret_len)
 {
     FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
+    if (!f) return NULL;
     fseek(f, 0, SEEK_END);
     long n = ftell(f);
     fseek(f, 0, SEEK_SET);
@@ -39,8 +38,7 @@ static char *read_file(const char *path, size_t *ret_len)
     size_t got = fread(buf, 1, (size_t)n, f);
     fclose(f);
     buf[got] = 0;
-    if (ret_len)
-        *ret_len = got;
+    if (ret_len) *ret_len = got;
     return buf;
 }
 
@@ -60,8 +58,7 @@ static void test_expected(void)
     json_error_t jerr;
     json_t *root = json_load_file(JINJA_TEST_DIR "/expected.json", 0, &jerr);
     CHECK(root != NULL, "expected.json: %s", jerr.text);
-    if (!root)
-        return;
+    if (!root) return;
     json_t *cases = json_object_get(root, "cases");
     size_t i;
     json_t *cs;
@@ -77,8 +74,7 @@ static void test_expected(void)
             snprintf(path, sizeof path, "%s/templates/%s", JINJA_TEST_DIR, file);
             src = read_file(path, &len);
             CHECK(src != NULL, "%s: cannot read %s", name, path);
-            if (!src)
-                continue;
+            if (!src) continue;
         } else {
             src = strdup(json_string_value(json_object_get(cs, "template")));
             len = strlen(src);
@@ -98,8 +94,7 @@ static void test_expected(void)
                 if (rc == 0) {
                     int same = out_len == strlen(want) && memcmp(out, want, out_len) == 0;
                     CHECK(same, "%s: rendering differs from jinja2", name);
-                    if (!same)
-                        show_diff(name, out, want);
+                    if (!same) show_diff(name, out, want);
                     n_ok += same;
                 }
             } else {
@@ -125,8 +120,7 @@ static int render(const char *src, const char *vars_json, const jinja_limits *li
     jinja_template *t = NULL;
     *out = NULL;
     int rc = jinja_compile(src, strlen(src), "t", &t, err);
-    if (rc)
-        return rc;
+    if (rc) return rc;
     json_t *vars = vars_json ? json_loads(vars_json, 0, NULL) : NULL;
     rc = jinja_render(t, vars, lim, out, NULL, err);
     json_decref(vars);
@@ -263,8 +257,7 @@ static void test_malformed(void)
     char *out = NULL;
     json_t *arr = json_array();
     CHECK(jinja_compile("x", 1, "x", &t, &err) == 0, "compile x");
-    CHECK(jinja_render(t, arr, NULL, &out, NULL, &err) == -EINVAL &&
-              strstr(err.msg, "JSON object"),
+    CHECK(jinja_render(t, arr, NULL, &out, NULL, &err) == -EINVAL && strstr(err.msg, "JSON object"),
           "non-object vars accepted: %s", err.msg);
     json_decref(arr);
     jinja_free(t);
