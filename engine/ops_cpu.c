@@ -3,8 +3,10 @@
  *
  * Matmul structure: work is split over output rows in chunks; a thread
  * computes a tile of up to 4 output rows x 2 token rows at a time with one
- * 8-lane accumulator per (row, token), walking k in order. INT4 weights are
- * dequantised in registers (w = scale * (q - zero), the int4.h formula);
+ * 8-lane accumulator per (row, token), walking k in order (for INT4 in
+ * blocks of 16 columns: the even ones, then the odd ones, the order the
+ * nibbles unpack in; x is rearranged to match once per call). INT4 weights
+ * are dequantised in registers (w = scale * (q - zero), the int4.h formula);
  * when there are more than 2 token rows, the tile's 4 weight rows are first
  * dequantised into the thread's scratch (the same float values) and reused
  * for every token pair. Either way every output is the same sequence of
@@ -265,7 +267,7 @@ void op_embed(float *out, const linear *table, const int32_t *tokens, int32_t n_
 
 size_t op_linear_scratch(const linear *W, int32_t m)
 {
-    return (W->kind == LINEAR_INT4 && W->q.perm) ? (size_t)m * (size_t)W->k : 0;
+    return W->kind == LINEAR_INT4 ? (size_t)m * (size_t)W->k : 0;
 }
 
 /* The int4.h dequantisation of one element, the definition everything follows. */
@@ -342,15 +344,17 @@ static inline __m256 load_dense8(st_dtype dt, const void *w, size_t off)
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* 8 dequantised weights of packed columns j..j+7 (j % 8 == 0). */
-static inline __m256 int4_w8(const uint8_t *qrow, int32_t j, __m256 scale, __m256 zero)
+/* 16 dequantised weights of packed columns j..j+15 (j % 16 == 0), split as
+ * the even columns j, j+2, .., j+14 (*we) and the odd ones (*wo): one byte
+ * holds an even column in its low nibble and the next odd one in its high
+ * nibble. x is pre-arranged the same way (see op_linear). */
+static inline void int4_w16(const uint8_t *qrow, int32_t j, __m256 scale, __m256 zero, __m256 *we,
+                            __m256 *wo)
 {
-    uint32_t word;
-    memcpy(&word, qrow + j / 2, 4);
-    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    __m256i v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), sh),
-                                 _mm256_set1_epi32(15));
-    return _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(v), zero));
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qrow + j / 2)));
+    __m256i lo = _mm256_and_si256(b, _mm256_set1_epi32(15)), hi = _mm256_srli_epi32(b, 4);
+    *we = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(lo), zero));
+    *wo = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(hi), zero));
 }
 
 /* Finish one output: lane sum, dense k tail, bias. */
@@ -391,7 +395,7 @@ static inline __attribute__((always_inline)) void dense_tile(const lin_ctx *c, s
                 lin_finish(W, acc[i][t], r0 + i, x0 + (size_t)t * (size_t)c->ldx);
 }
 
-/* INT4 tile, dequantising in registers. */
+/* INT4 tile, dequantising in registers; x is in the arranged order. */
 static inline __attribute__((always_inline)) void int4_tile(const lin_ctx *c, int32_t r0, int NR,
                                                             int32_t t0, int NT)
 {
@@ -409,14 +413,19 @@ static inline __attribute__((always_inline)) void int4_tile(const lin_ctx *c, in
             sc[i] = _mm256_set1_ps(fp16_to_float(q->scales[gi]));
             ze[i] = _mm256_set1_ps((float)q->zeros[gi]);
         }
-        for (int32_t j = g * q->group; j < (g + 1) * q->group; j += 8) {
-            __m256 xv[2];
-            for (int t = 0; t < NT; t++)
-                xv[t] = _mm256_loadu_ps(x0 + (size_t)t * (size_t)c->ldx + (size_t)j);
+        for (int32_t j = g * q->group; j < (g + 1) * q->group; j += 16) {
+            __m256 xe[2], xo[2];
+            for (int t = 0; t < NT; t++) {
+                xe[t] = _mm256_loadu_ps(x0 + (size_t)t * (size_t)c->ldx + (size_t)j);
+                xo[t] = _mm256_loadu_ps(x0 + (size_t)t * (size_t)c->ldx + (size_t)j + 8);
+            }
             for (int i = 0; i < NR; i++) {
-                __m256 w = int4_w8(q->qs + (size_t)(r0 + i) * (size_t)kb, j, sc[i], ze[i]);
-                for (int t = 0; t < NT; t++)
-                    acc[i][t] = _mm256_fmadd_ps(w, xv[t], acc[i][t]);
+                __m256 we, wo;
+                int4_w16(q->qs + (size_t)(r0 + i) * (size_t)kb, j, sc[i], ze[i], &we, &wo);
+                for (int t = 0; t < NT; t++) {
+                    acc[i][t] = _mm256_fmadd_ps(we, xe[t], acc[i][t]);
+                    acc[i][t] = _mm256_fmadd_ps(wo, xo[t], acc[i][t]);
+                }
             }
         }
     }
@@ -426,7 +435,8 @@ static inline __attribute__((always_inline)) void int4_tile(const lin_ctx *c, in
                 lin_finish(c->W, acc[i][t], r0 + i, NULL);
 }
 
-/* Dequantise rows r0..r0+NR-1 into wbuf[NR][k] (same values as int4_w8). */
+/* Dequantise rows r0..r0+NR-1 into wbuf[NR][k] in the arranged order (the
+ * same float values as int4_w16, so wbuf_tile repeats int4_tile exactly). */
 static void int4_decode_rows(const int4_matrix *q, int32_t r0, int NR, float *wbuf)
 {
     int32_t ng = q->k / q->group, kb = q->k / 2;
@@ -437,8 +447,12 @@ static void int4_decode_rows(const int4_matrix *q, int32_t r0, int NR, float *wb
             size_t gi = (size_t)(r0 + i) * (size_t)ng + (size_t)g;
             __m256 sc = _mm256_set1_ps(fp16_to_float(q->scales[gi]));
             __m256 ze = _mm256_set1_ps((float)q->zeros[gi]);
-            for (int32_t j = g * q->group; j < (g + 1) * q->group; j += 8)
-                _mm256_storeu_ps(dst + j, int4_w8(qrow, j, sc, ze));
+            for (int32_t j = g * q->group; j < (g + 1) * q->group; j += 16) {
+                __m256 we, wo;
+                int4_w16(qrow, j, sc, ze, &we, &wo);
+                _mm256_storeu_ps(dst + j, we);
+                _mm256_storeu_ps(dst + j + 8, wo);
+            }
         }
     }
 }
@@ -523,6 +537,24 @@ void op_linear(cpu_pool *p, const linear *W, const float *x, int32_t ldx, int32_
     if (m <= 0)
         return;
     lin_ctx c = {.p = p, .W = W, .x = x, .ldx = ldx, .m = m, .y = y, .ldy = ldy};
+#if OPS_AVX2
+    if (W->kind == LINEAR_INT4 && !p->portable) {
+        /* per 16 packed columns: the 8 even ones, then the 8 odd ones (int4_w16),
+         * with act-order's permutation folded in */
+        const int32_t *perm = W->q.perm;
+        for (int32_t t = 0; t < m; t++) {
+            const float *xr = x + (size_t)t * (size_t)ldx;
+            float *d = scratch + (size_t)t * (size_t)W->k;
+            for (int32_t j = 0; j < W->k; j += 16)
+                for (int32_t i = 0; i < 8; i++) {
+                    d[j + i] = xr[perm ? perm[j + 2 * i] : j + 2 * i];
+                    d[j + 8 + i] = xr[perm ? perm[j + 2 * i + 1] : j + 2 * i + 1];
+                }
+        }
+        c.x = scratch;
+        c.ldx = W->k;
+    } else
+#endif
     if (W->kind == LINEAR_INT4 && W->q.perm) {
         /* act-order: gather x into packed-column order once */
         for (int32_t t = 0; t < m; t++)

@@ -80,7 +80,8 @@ void op_embed(float *out, const linear *table, const int32_t *tokens, int32_t n_
  * weights are computed from the packed layout (int4.h) per group g as
  * scale_g * sum_{k in g} (q - zero) * x[perm[k]], never materialising a
  * dequantised matrix. x rows have stride ldx, y rows stride ldy (floats).
- * `scratch` must hold op_linear_scratch(W, m) floats (0: may be NULL). */
+ * `scratch` must hold op_linear_scratch(W, m) floats (m * K for INT4; 0 for
+ * dense weights, when it may be NULL). */
 size_t op_linear_scratch(const linear *W, int32_t m);
 void op_linear(cpu_pool *p, const linear *W, const float *x, int32_t ldx, int32_t m, float *y,
                int32_t ldy, float *scratch);
