@@ -13,10 +13,40 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+/* Servers still running when the test exits (a failed CHECK calls exit):
+ * killed by an atexit handler so that no redis-server outlives its test. */
+static pid_t live[16];
+
+static void kill_live(void)
+{
+    for (int i = 0; i < 16; i++)
+        if (live[i] > 0) {
+            kill(live[i], SIGCONT);
+            kill(live[i], SIGKILL);
+            waitpid(live[i], NULL, 0);
+            live[i] = 0;
+        }
+}
+
+static void track(pid_t pid, int add)
+{
+    static int registered;
+    if (!registered) {
+        atexit(kill_live);
+        registered = 1;
+    }
+    for (int i = 0; i < 16; i++)
+        if (add ? live[i] == 0 : live[i] == pid) {
+            live[i] = add ? pid : 0;
+            return;
+        }
+}
 
 static int free_port(void)
 {
@@ -76,6 +106,7 @@ int redis_start(redis_proc *r, int port, const char *password)
         if (pid < 0)
             return -1;
         if (pid == 0) {
+            prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive a killed test */
             int dn = open("/dev/null", 1);
             if (dn >= 0) {
                 dup2(dn, 1);
@@ -102,11 +133,13 @@ int redis_start(redis_proc *r, int port, const char *password)
             _exit(127);
         }
         r->pid = pid;
+        track(pid, 1);
         for (int i = 0; i < 100; i++) { /* up to 5 s */
             if (ping(r) == 0)
                 return 0;
             int st;
             if (waitpid(pid, &st, WNOHANG) == pid) {
+                track(pid, 0);
                 r->pid = 0;
                 break; /* port taken meanwhile? try another */
             }
@@ -128,6 +161,7 @@ void redis_kill(redis_proc *r)
         kill(r->pid, SIGCONT);
         kill(r->pid, SIGKILL);
         waitpid(r->pid, NULL, 0);
+        track(r->pid, 0);
         r->pid = 0;
     }
 }

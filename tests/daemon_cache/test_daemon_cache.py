@@ -60,6 +60,12 @@ def free_port():
     return p
 
 
+def _die_with_parent():
+    # PR_SET_PDEATHSIG = 1: a redis-server never outlives a killed test.
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
 class Redis:
     """A redis-server in a temp folder, on a fixed port (so it can restart)."""
 
@@ -73,7 +79,8 @@ class Redis:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
              "--save", "", "--appendonly", "no", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent)
         deadline = time.time() + 10
         while time.time() < deadline:
             try:
