@@ -226,7 +226,7 @@ static int parse_config(tokenizer *t, const char *cfg_json, size_t cfg_len, lm_e
 {
     tokenizer_info *in = &t->info;
     in->bos_id = in->eos_id = in->pad_id = in->unk_id = -1;
-    in->add_bos_token = in->add_eos_token = -1;
+    in->add_bos_token = in->add_eos_token = in->clean_up_tokenization_spaces = -1;
     if (!cfg_json)
         return 0;
     json_error_t je;
@@ -256,6 +256,8 @@ static int parse_config(tokenizer *t, const char *cfg_json, size_t cfg_len, lm_e
         in->add_bos_token = json_is_true(v);
     if (json_is_boolean(v = json_object_get(cfg, "add_eos_token")))
         in->add_eos_token = json_is_true(v);
+    if (json_is_boolean(v = json_object_get(cfg, "clean_up_tokenization_spaces")))
+        in->clean_up_tokenization_spaces = json_is_true(v);
     json_decref(cfg);
     return rc;
 }
@@ -664,6 +666,39 @@ int tokenizer_decode(const tokenizer *tok, const int32_t *ids, size_t n, bool sk
     *ret_text = res.data;
     if (ret_len)
         *ret_len = res.len;
+    return 0;
+}
+
+int tokenizer_clean_up_spaces(const char *text, size_t len, char **ret_text, size_t *ret_len,
+                              lm_err *err)
+{
+    /* the replacements of transformers' clean_up_tokenization, applied one
+     * after the other over the whole text, in this order */
+    static const char *const from[] = {" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's",
+                                       " 've", " 're"};
+    static const char *const to[] = {".", "?", "!", ",", "'", "n't", "'m", "'s", "'ve", "'re"};
+    tok_buf a = {0}, b = {0};
+    int rc = tok_buf_put(&a, text, len);
+    for (size_t r = 0; r < sizeof(from) / sizeof(from[0]) && !rc; r++) {
+        tok_regex lit = {.literal = (char *)from[r], .literal_len = strlen(from[r])};
+        tok_spans sp = {0};
+        b.len = 0;
+        rc = tok_regex_replace(&lit, a.data, a.len, to[r], strlen(to[r]), &b, &sp);
+        if (!rc && !b.data)
+            rc = tok_buf_put(&b, "", 0);
+        tok_spans_free(&sp);
+        tok_buf t = a;
+        a = b;
+        b = t;
+    }
+    tok_buf_free(&b);
+    if (rc) {
+        tok_buf_free(&a);
+        return lm_err_set(err, rc, "tokenizer: out of memory cleaning up %zu bytes", len);
+    }
+    *ret_text = a.data;
+    if (ret_len)
+        *ret_len = a.len;
     return 0;
 }
 

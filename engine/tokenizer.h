@@ -52,6 +52,7 @@ typedef struct tokenizer_info {
     int add_bos_token;          /* tokenizer_config.json value: 1, 0, or -1 if absent */
     int add_eos_token;          /* same */
     int32_t vocab_size;         /* max id over vocabulary and added tokens, + 1 */
+    int clean_up_tokenization_spaces;   /* tokenizer_config.json: 1, 0, or -1 if absent */
 } tokenizer_info;
 
 /* Load DIR/tokenizer.json and (if present) DIR/tokenizer_config.json.
@@ -79,6 +80,14 @@ int tokenizer_encode(const tokenizer *tok, const char *text, size_t len, bool ad
  * result is always valid UTF-8. */
 int tokenizer_decode(const tokenizer *tok, const int32_t *ids, size_t n, bool skip_special_tokens,
                      char **ret_text, size_t *ret_len, lm_err *err);
+
+/* transformers' clean_up_tokenization (" ." -> ".", " n't" -> "n't", ...),
+ * which its decode() applies when tokenizer_config.json sets
+ * clean_up_tokenization_spaces. tokenizer_decode never applies it (it is
+ * lossy: "a != b" becomes "a!= b"); callers that must reproduce
+ * transformers' decode exactly do. *ret_text is malloc'ed, NUL-terminated. */
+int tokenizer_clean_up_spaces(const char *text, size_t len, char **ret_text, size_t *ret_len,
+                              lm_err *err);
 
 /* The vocabulary string of id ("Ġhello", "<0x0A>", "<|im_end|>"), NULL if
  * the id is unknown. An added token with normalized == true reads back as

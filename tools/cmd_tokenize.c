@@ -116,7 +116,13 @@ static int check(const tokenizer *tok, const char *model, const char *path)
                 want[k] = (int32_t)json_integer_value(json_array_get(ids, k));
             char *out = NULL;
             size_t olen = 0;
-            if (!want || tokenizer_decode(tok, want, wn, false, &out, &olen, &err)) {
+            int rc = !want ? -ENOMEM : tokenizer_decode(tok, want, wn, false, &out, &olen, &err);
+            if (!rc && tokenizer_get_info(tok)->clean_up_tokenization_spaces == 1) {
+                char *raw = out;   /* transformers' decode cleans up when configured to */
+                rc = tokenizer_clean_up_spaces(raw, olen, &out, &olen, &err);
+                free(raw);
+            }
+            if (rc) {
                 printf("ERROR cases[%zu] decode: %s\n", i, err.msg);
                 bad++;
             } else if (olen != json_string_length(dec) ||

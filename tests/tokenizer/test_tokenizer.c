@@ -516,6 +516,28 @@ static int test_api(const char *fixtures)
     free(ids);
     CHECK(tokenizer_encode(m, "", 0, false, &ids, &n, &err) == 0 && n == 0, "empty, no special");
     free(ids);
+    /* transformers' clean_up_tokenization, expected output from its Python code */
+    const char *raw = "a , b . c ? d ! e ' f don 't I 'm it 's we 've they 're x n't  .";
+    const char *want = "a, b. c? d! e'f don 't I'm it's we've they're xn't .";
+    char *clean = NULL;
+    size_t clen = 0;
+    CHECK(tokenizer_clean_up_spaces(raw, strlen(raw), &clean, &clen, &err) == 0 &&
+              !strcmp(clean, want) && clen == strlen(want),
+          "clean up gave \"%s\"", clean);
+    free(clean);
+    CHECK(qi->clean_up_tokenization_spaces == -1, "qwen clean_up absent");
+    const char *tj = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}";
+    const char *cj = "{\"clean_up_tokenization_spaces\": true, \"add_bos_token\": false, "
+                     "\"bos_token\": {\"content\": \"a\", \"lstrip\": false}}";
+    tokenizer *c = NULL;
+    CHECK(tokenizer_load_json(tj, strlen(tj), cj, strlen(cj), &c, &err) == 0, "%s", err.msg);
+    if (c) {
+        const tokenizer_info *ci = tokenizer_get_info(c);
+        CHECK(ci->clean_up_tokenization_spaces == 1 && ci->add_bos_token == 0 &&
+                  ci->bos_id == 0 && !strcmp(ci->bos_token, "a"),
+              "config flags");
+    }
+    tokenizer_free(c);
     tokenizer_free(q);
     tokenizer_free(q2);
     tokenizer_free(m);
