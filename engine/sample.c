@@ -6,18 +6,23 @@
  * piece 64-byte aligned):
  *   counts  int32 [vocab]  occurrences of each id in `output`
  *   seen    uint8 [vocab]  id occurs in prompt or output
+ *   e       float [vocab]  exp(logit - max logit): unnormalised probabilities
  *   cand    int32 [vocab]  candidate ids for the filters
- *   prob    float [vocab]  candidate probabilities, parallel to cand
+ *   prob    float [vocab]  their e values, parallel to cand
  * counts/seen are cleared by sample_pick itself (only when a penalty is
  * on), so the caller's scratch needs no initialisation and may be shared
  * by any number of requests on one thread.
  *
- * Filters run on a candidate list sorted by probability descending (ties:
- * lower id first, so results never depend on the sort's stability). top_p
- * without top_k first drops every token with p < (1 - top_p) / vocab: those
- * tokens together hold less than 1 - top_p of the mass, so the nucleus lies
- * entirely in what remains and the sort only sees a handful of ids for
- * peaked distributions.
+ * Cost: one pass for the maximum, one vectorisable exp pass (a Cephes-style
+ * expf, ~1 ulp) for the log-sum-exp that every result's logprob needs, and
+ * for sampling O(vocab) expected more: top_k is a quickselect, top_p a
+ * quickselect-like partition that stops at the smallest set holding top_p
+ * of the mass, min_p a compaction. Nothing is sorted: a draw walks the
+ * candidates in the order the (deterministic) selection left them, so the
+ * same seed and logits always give the same token.
+ *
+ * Ties: candidates are ordered by probability, then by lower id, so the
+ * sets top_k/top_p keep are defined exactly even among equal logits.
  */
 #include "engine/sample.h"
 
@@ -122,13 +127,14 @@ size_t sample_scratch_bytes(int32_t vocab)
 {
     if (vocab <= 0) return 0;
     size_t v = (size_t)vocab;
-    return align64(v * sizeof(int32_t)) + align64(v) + align64(v * sizeof(int32_t)) +
-           align64(v * sizeof(float)) + 64;
+    return align64(v * sizeof(int32_t)) + align64(v) + align64(v * sizeof(float)) +
+           align64(v * sizeof(int32_t)) + align64(v * sizeof(float)) + 64;
 }
 
 typedef struct scratch_view {
     int32_t *counts;
     uint8_t *seen;
+    float *e;
     int32_t *cand;
     float *prob;
 } scratch_view;
@@ -142,6 +148,8 @@ static scratch_view scratch_carve(void *scratch, int32_t vocab)
     p += align64(v * sizeof(int32_t));
     sv.seen = (uint8_t *)p;
     p += align64(v);
+    sv.e = (float *)p;
+    p += align64(v * sizeof(float));
     sv.cand = (int32_t *)p;
     p += align64(v * sizeof(int32_t));
     sv.prob = (float *)p;
@@ -196,91 +204,121 @@ static void apply_penalties(float *logits, int32_t p_vocab, const sample_params 
 
 /* ---- helpers ------------------------------------------------------------ */
 
-/* Candidate order: probability descending, then id ascending. */
-static void cand_sort(int32_t *cand, float *prob, int32_t n);
+/* exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6
+ * polynomial, ~1 ulp); below -87 the result is 0, so masked (-inf) logits
+ * get probability exactly 0. Branch-free so that loops over it vectorise. */
+static inline float exp_le0(float x)
+{
+    float xc = x < -87.0f ? -87.0f : x;
+    float fi = floorf(xc * 1.44269504088896341f + 0.5f);
+    float r = xc - fi * 0.693359375f + fi * 2.12194440e-4f;
+    float q = 1.9875691500e-4f;
+    q = q * r + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    float y = q * r * r + r + 1.0f;
+    union {
+        float f;
+        int32_t i;
+    } sc;
+    sc.i = ((int32_t)fi + 127) << 23;
+    return x < -87.0f ? 0.0f : y * sc.f;
+}
 
-static int cand_before(float pa, int32_t ia, float pb, int32_t ib)
+/* e[t] = exp(logits[t] - mx); returns the sum (8 partial sums, in double). */
+static double exp_pass(const float *logits, float mx, int32_t vocab, float *e)
+{
+    for (int32_t t = 0; t < vocab; t++)
+        e[t] = exp_le0(logits[t] - mx);
+    double part[8] = {0};
+    int32_t t = 0;
+    for (; t + 8 <= vocab; t += 8)
+        for (int k = 0; k < 8; k++)
+            part[k] += e[t + k];
+    double sum = 0.0;
+    for (; t < vocab; t++)
+        sum += e[t];
+    for (int k = 0; k < 8; k++)
+        sum += part[k];
+    return sum;
+}
+
+/* Candidate order: probability descending, then id ascending. */
+static inline int cand_before(float pa, int32_t ia, float pb, int32_t ib)
 {
     return pa > pb || (pa == pb && ia < ib);
 }
 
-/* Quickselect: rearrange so the k best (cand_before order) are first. */
+static inline void cand_swap(int32_t *cand, float *prob, int32_t i, int32_t j)
+{
+    float tp = prob[i];
+    prob[i] = prob[j];
+    prob[j] = tp;
+    int32_t ti = cand[i];
+    cand[i] = cand[j];
+    cand[j] = ti;
+}
+
+/* Lomuto partition of [lo, hi) around the median of three: returns m with
+ * [lo, m) before the pivot, the pivot at m, (m, hi) after it. */
+static int32_t cand_partition(int32_t *cand, float *prob, int32_t lo, int32_t hi)
+{
+    int32_t mid = lo + (hi - lo) / 2, last = hi - 1;
+    /* median of three into `last` */
+    if (cand_before(prob[mid], cand[mid], prob[lo], cand[lo])) cand_swap(cand, prob, mid, lo);
+    if (cand_before(prob[last], cand[last], prob[lo], cand[lo])) cand_swap(cand, prob, last, lo);
+    if (cand_before(prob[mid], cand[mid], prob[last], cand[last])) cand_swap(cand, prob, mid, last);
+    float pp = prob[last];
+    int32_t pi = cand[last];
+    int32_t m = lo;
+    for (int32_t i = lo; i < last; i++)
+        if (cand_before(prob[i], cand[i], pp, pi)) cand_swap(cand, prob, i, m++);
+    cand_swap(cand, prob, m, last);
+    return m;
+}
+
+/* Rearrange so that the k best candidates come first (any order). */
 static void cand_select(int32_t *cand, float *prob, int32_t n, int32_t k)
 {
-    int32_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        int32_t mid = lo + (hi - lo) / 2;
-        float pp = prob[mid];
-        int32_t pi = cand[mid];
-        int32_t i = lo, j = hi;
-        while (i <= j) {
-            while (cand_before(prob[i], cand[i], pp, pi))
-                i++;
-            while (cand_before(pp, pi, prob[j], cand[j]))
-                j--;
-            if (i <= j) {
-                float tp = prob[i];
-                prob[i] = prob[j];
-                prob[j] = tp;
-                int32_t ti = cand[i];
-                cand[i] = cand[j];
-                cand[j] = ti;
-                i++;
-                j--;
-            }
-        }
-        if (k - 1 <= j)
-            hi = j;
-        else if (k - 1 >= i)
-            lo = i;
+    int32_t lo = 0, hi = n;
+    while (hi - lo > 1) {
+        int32_t m = cand_partition(cand, prob, lo, hi);
+        if (m == k || m + 1 == k) return;
+        if (m > k)
+            hi = m;
         else
-            break;
+            lo = m + 1;
     }
 }
 
-/* Heap sort (no allocation, O(n log n) worst case, deterministic). */
-static void sift_down(int32_t *cand, float *prob, int32_t root, int32_t n)
+/*
+ * Nucleus: rearrange so that the smallest best-first prefix whose mass
+ * reaches `target` comes first (any order within it); returns its length.
+ * Expected O(n): each round keeps only the side where the boundary lies.
+ */
+static int32_t cand_nucleus(int32_t *cand, float *prob, int32_t n, double target)
 {
-    for (;;) {
-        int32_t child = 2 * root + 1;
-        if (child >= n) return;
-        /* heap property: a parent comes before (is better than) its children */
-        if (child + 1 < n &&
-            cand_before(prob[child + 1], cand[child + 1], prob[child], cand[child]))
-            child++;
-        if (!cand_before(prob[child], cand[child], prob[root], cand[root])) return;
-        float tp = prob[root];
-        prob[root] = prob[child];
-        prob[child] = tp;
-        int32_t ti = cand[root];
-        cand[root] = cand[child];
-        cand[child] = ti;
-        root = child;
+    int32_t lo = 0, hi = n;
+    double acc = 0.0; /* mass of [0, lo), all in the nucleus */
+    while (hi - lo > 1) {
+        int32_t m = cand_partition(cand, prob, lo, hi);
+        double upper = 0.0;
+        for (int32_t i = lo; i < m; i++)
+            upper += prob[i];
+        if (acc + upper >= target) {
+            hi = m; /* the boundary is before the pivot */
+        } else if (acc + upper + prob[m] >= target) {
+            return m + 1;
+        } else {
+            acc += upper + prob[m];
+            lo = m + 1;
+        }
     }
-}
-
-static void cand_sort(int32_t *cand, float *prob, int32_t n)
-{
-    /* heap sort with the best at the root leaves the array worst first */
-    for (int32_t i = n / 2 - 1; i >= 0; i--)
-        sift_down(cand, prob, i, n);
-    for (int32_t end = n - 1; end > 0; end--) {
-        float tp = prob[0];
-        prob[0] = prob[end];
-        prob[end] = tp;
-        int32_t ti = cand[0];
-        cand[0] = cand[end];
-        cand[end] = ti;
-        sift_down(cand, prob, 0, end);
-    }
-    for (int32_t i = 0, j = n - 1; i < j; i++, j--) {
-        float tp = prob[i];
-        prob[i] = prob[j];
-        prob[j] = tp;
-        int32_t ti = cand[i];
-        cand[i] = cand[j];
-        cand[j] = ti;
-    }
+    /* one item left in [lo, hi): it completes the nucleus, or the target
+     * was not reachable (rounding): keep everything */
+    return hi > lo ? lo + 1 : n;
 }
 
 /* Top-n log-probabilities over the full distribution (insertion into a
@@ -328,96 +366,94 @@ int sample_pick(float *logits, int32_t vocab, const sample_params *p, sample_rng
     scratch_view sv = scratch_carve(scratch, vocab);
     apply_penalties(logits, vocab, p, prompt, n_prompt, output, n_output, &sv);
 
-    /* max and validity; NaN or +inf is a backend bug reported as an error */
+    /* max and validity (branch-free so it vectorises); NaN or +inf is a
+     * backend bug reported as an error */
     float mx = -INFINITY;
-    int32_t arg = -1;
+    int bad = 0;
     for (int32_t t = 0; t < vocab; t++) {
         float l = logits[t];
-        if (isnan(l) || l == INFINITY)
-            return lm_err_set(err, -EINVAL, "sample_pick: logit of token %d is %g", t, (double)l);
-        if (l > mx) {
-            mx = l;
-            arg = t;
-        }
+        bad |= (l != l) | (l == INFINITY);
+        mx = l > mx ? l : mx;
     }
-    if (arg < 0) return lm_err_set(err, -EINVAL, "sample_pick: every logit is -inf");
+    if (bad)
+        for (int32_t t = 0; t < vocab; t++)
+            if (isnan(logits[t]) || logits[t] == INFINITY)
+                return lm_err_set(err, -EINVAL, "sample_pick: logit of token %d is %g", t,
+                                  (double)logits[t]);
+    if (mx == -INFINITY) return lm_err_set(err, -EINVAL, "sample_pick: every logit is -inf");
+    int32_t arg = 0; /* first maximum: lowest id on ties */
+    while (logits[arg] != mx)
+        arg++;
 
     if (p->temperature > 0.0f && p->temperature != 1.0f) {
         float inv = 1.0f / p->temperature;
         for (int32_t t = 0; t < vocab; t++)
             logits[t] *= inv;
-        mx *= inv;
+        mx = logits[arg];
     }
-    /* log-sum-exp of the (penalised, tempered) distribution */
-    double sum = 0.0;
-    for (int32_t t = 0; t < vocab; t++)
-        sum += exp((double)logits[t] - (double)mx);
+    /* e = exp(logits - max) (e[arg] = 1) and the log-sum-exp */
+    double sum = exp_pass(logits, mx, vocab, sv.e);
     double lse = (double)mx + log(sum);
 
     memset(ret, 0, sizeof *ret);
-    int32_t tok;
-    if (p->temperature == 0.0f) {
-        tok = arg; /* first maximum: lowest id on ties */
-    } else {
-        /* candidates with their probabilities under the full softmax */
-        int32_t n = 0;
-        double thr = 0.0;
-        if (p->top_k == 0 && p->top_p < 1.0f) thr = (1.0 - (double)p->top_p) / (double)vocab;
-        for (int32_t t = 0; t < vocab; t++) {
-            double pr = exp((double)logits[t] - lse);
-            if (pr > 0.0 && pr >= thr) {
-                sv.cand[n] = t;
-                sv.prob[n] = (float)pr;
-                n++;
-            }
-        }
-        if (n == 0) { /* every probability underflowed but the max: keep it */
-            sv.cand[0] = arg;
-            sv.prob[0] = 1.0f;
-            n = 1;
-        }
+    int32_t tok = arg; /* temperature 0: first maximum, i.e. lowest id on ties */
+    if (p->temperature > 0.0f) {
         int filtering = p->top_k > 0 || p->top_p < 1.0f || p->min_p > 0.0f;
-        if (filtering) {
+        if (!filtering) {
+            /* plain draw over the whole vocabulary, in id order */
+            double u = sample_rng_uniform(rng) * sum, cum = 0.0;
+            tok = -1;
+            for (int32_t t = 0; t < vocab && tok < 0; t++) {
+                cum += sv.e[t];
+                if (u < cum && sv.e[t] > 0.0f) tok = t;
+            }
+            if (tok < 0) tok = arg; /* u landed in rounding slack: the mode */
+        } else {
+            /* candidates; with top_p alone, tokens with p < (1 - top_p) / vocab
+             * together hold less than 1 - top_p and cannot be in the nucleus */
+            float thr = 0.0f;
+            if (p->top_k == 0 && p->top_p < 1.0f)
+                thr = (float)((1.0 - (double)p->top_p) / (double)vocab * sum);
+            int32_t n = 0;
+            for (int32_t t = 0; t < vocab; t++)
+                if (sv.e[t] > 0.0f && sv.e[t] >= thr) {
+                    sv.cand[n] = t;
+                    sv.prob[n] = sv.e[t];
+                    n++;
+                }
             if (p->top_k > 0 && p->top_k < n) {
                 cand_select(sv.cand, sv.prob, n, p->top_k);
                 n = p->top_k;
             }
-            cand_sort(sv.cand, sv.prob, n);
             if (p->top_p < 1.0f) {
-                /* nucleus over the mass left after top_k (renormalised) */
+                /* nucleus of the mass left after top_k (renormalised) */
                 double mass = 0.0;
                 for (int32_t i = 0; i < n; i++)
                     mass += sv.prob[i];
-                double cum = 0.0, target = (double)p->top_p * mass;
-                int32_t keep = n;
-                for (int32_t i = 0; i < n; i++) {
-                    cum += sv.prob[i];
-                    if (cum >= target) {
-                        keep = i + 1;
-                        break;
-                    }
-                }
-                n = keep;
+                n = cand_nucleus(sv.cand, sv.prob, n, (double)p->top_p * mass);
             }
             if (p->min_p > 0.0f) {
-                float floor_p = p->min_p * sv.prob[0];
-                int32_t keep = 1;
-                while (keep < n && sv.prob[keep] >= floor_p)
-                    keep++;
-                n = keep;
+                /* p >= min_p * p_max, i.e. e >= min_p (e of the mode is 1) */
+                int32_t k = 0;
+                for (int32_t i = 0; i < n; i++)
+                    if (sv.prob[i] >= p->min_p) {
+                        sv.cand[k] = sv.cand[i];
+                        sv.prob[k] = sv.prob[i];
+                        k++;
+                    }
+                n = k;
             }
-        }
-        double mass = 0.0;
-        for (int32_t i = 0; i < n; i++)
-            mass += sv.prob[i];
-        double u = sample_rng_uniform(rng) * mass;
-        tok = sv.cand[n - 1];
-        double cum = 0.0;
-        for (int32_t i = 0; i < n; i++) {
-            cum += sv.prob[i];
-            if (u < cum) {
-                tok = sv.cand[i];
-                break;
+            double mass = 0.0;
+            for (int32_t i = 0; i < n; i++)
+                mass += sv.prob[i];
+            double u = sample_rng_uniform(rng) * mass, cum = 0.0;
+            tok = n > 0 ? sv.cand[n - 1] : arg;
+            for (int32_t i = 0; i < n; i++) {
+                cum += sv.prob[i];
+                if (u < cum) {
+                    tok = sv.cand[i];
+                    break;
+                }
             }
         }
     }

@@ -410,6 +410,39 @@ static void test_large_vocab_top_p(void)
     for (int i = 0; i < V; i++)
         if (probs[i] < cutoff * 0.999999) outside += counts[i];
     CHECK(outside == 0, "large vocab top_p: %ld draws outside the nucleus", outside);
+    /* top_k over the large vocabulary: only the k most probable */
+    p.top_p = 1.0f;
+    p.top_k = 100;
+    double kth = sorted[99];
+    CHECK(draw_many(probs, V, &p, 22, 1500, counts) == 0, "draws");
+    outside = 0;
+    for (int i = 0; i < V; i++)
+        if (probs[i] < kth * 0.999999) outside += counts[i];
+    CHECK(outside == 0, "large vocab top_k: %ld draws outside the top 100", outside);
+
+    /* a flat distribution: the nucleus is most of the vocabulary */
+    s = 0;
+    for (int i = 0; i < V; i++)
+        s += probs[i] = 1.0 + 0.5 * sample_rng_uniform(&g);
+    for (int i = 0; i < V; i++)
+        probs[i] /= s;
+    memcpy(sorted, probs, sizeof(double) * V);
+    qsort(sorted, V, sizeof(double), cmp_desc);
+    cum = 0;
+    for (int i = 0; i < V; i++) {
+        cum += sorted[i];
+        if (cum >= 0.5) {
+            cutoff = sorted[i];
+            break;
+        }
+    }
+    p.top_k = 0;
+    p.top_p = 0.5f;
+    CHECK(draw_many(probs, V, &p, 23, 1500, counts) == 0, "draws");
+    outside = 0;
+    for (int i = 0; i < V; i++)
+        if (probs[i] < cutoff * 0.9999) outside += counts[i];
+    CHECK(outside == 0, "flat top_p: %ld draws outside the nucleus", outside);
     free(probs);
     free(sorted);
     free(counts);
