@@ -21,6 +21,8 @@
 
 #include "engine/half.h"
 
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "GPTQ words are little-endian");
+
 struct model_storage {
     safetensors_file **files;
     size_t n_files;
@@ -310,8 +312,17 @@ static int load_gptq(loader *L, const char *prefix, int32_t n, int32_t k, linear
     uint8_t *qs = (uint8_t *)l->q.qs;
     uint16_t *scales = (uint16_t *)l->q.scales;
     uint8_t *zeros = (uint8_t *)l->q.zeros;
-    for (int32_t j = 0; j < k; j++) {
-        int32_t src = perm ? perm[j] : j; /* input index of packed column j */
+    if (!perm) {
+        /* GPTQ packs inputs 8k..8k+7 of output r low nibble first into one
+         * little-endian word: its 4 bytes are exactly bytes 4k..4k+3 of
+         * int4.h row r (even column low nibble, odd column high nibble). */
+        for (int32_t kb = 0; kb < k / 8; kb++)
+            for (int32_t r = 0; r < n; r++)
+                memcpy(qs + (size_t)r * (size_t)(k / 2) + (size_t)kb * 4,
+                       (const uint8_t *)qw->data + ((size_t)kb * (size_t)n + (size_t)r) * 4, 4);
+    }
+    for (int32_t j = 0; perm && j < k; j++) {
+        int32_t src = perm[j]; /* input index of packed column j */
         for (int32_t r = 0; r < n; r++) {
             uint32_t word = rd32(qw->data, (size_t)(src / 8) * (size_t)n + (size_t)r);
             uint8_t q = (uint8_t)((word >> (4 * (src % 8))) & 15u);
