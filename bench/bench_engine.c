@@ -131,6 +131,7 @@ int main(int argc, char **argv)
                         "[--prefill T] [--bw-mb MB]\n");
         return 2;
     }
+    setvbuf(stdout, NULL, _IOLBF, 0); /* progress lines appear as they are measured */
     double bw = bandwidth(threads, bw_mb);
     printf("memory read bandwidth (%d threads, %zu MB): %.2f GB/s\n", threads, bw_mb, bw);
     lm_err err = {0};
