@@ -207,6 +207,48 @@ void lmc_close(lmc *c)
     grpc_shutdown();
 }
 
+/* Field 1 (text) of a serialized GenerateResponse, read from the wire:
+ * protobuf-c hands strings over as C strings, which would cut the text at
+ * a U+0000 the model may well produce. The last occurrence wins. */
+static void wire_text(const uint8_t *p, size_t n, const uint8_t **ret, size_t *ret_len)
+{
+    size_t i = 0;
+    *ret = NULL;
+    *ret_len = 0;
+    while (i < n) {
+        uint64_t key = 0, v = 0;
+        for (int sh = 0; i < n && sh < 64; sh += 7) {
+            key |= (uint64_t)(p[i] & 0x7f) << sh;
+            if (!(p[i++] & 0x80))
+                break;
+        }
+        switch (key & 7) {
+        case 0:
+            while (i < n && (p[i++] & 0x80)) {
+            }
+            break;
+        case 1: i += 8; break;
+        case 5: i += 4; break;
+        case 2:
+            for (int sh = 0; i < n && sh < 64; sh += 7) {
+                v |= (uint64_t)(p[i] & 0x7f) << sh;
+                if (!(p[i++] & 0x80))
+                    break;
+            }
+            if (v > n - i)
+                return;
+            if ((key >> 3) == 1) {
+                *ret = p + i;
+                *ret_len = (size_t)v;
+            }
+            i += (size_t)v;
+            break;
+        default:
+            return;
+        }
+    }
+}
+
 static int wait_tag(lmc *c, void *tag)
 {
     grpc_event ev = grpc_completion_queue_pluck(c->cq, tag, gpr_inf_future(GPR_CLOCK_REALTIME),
@@ -232,7 +274,7 @@ int lmc_generate(lmc *c, const lmc_options *o, const char *prompt, const char *c
     q.prompt = (char *)(prompt ? prompt : "");
     q.n_messages = (size_t)n_messages;
     q.messages = msgp;
-    if (o->max_tokens > 0) {
+    if (o->max_tokens != 0) {
         q._max_tokens_case = LIGHTMOE__V1__GENERATE_REQUEST___MAX_TOKENS_MAX_TOKENS;
         q.max_tokens = o->max_tokens;
     }
@@ -318,11 +360,14 @@ int lmc_generate(lmc *c, const lmc_options *o, const char *prompt, const char *c
         grpc_byte_buffer_destroy(resp);
         Lightmoe__V1__GenerateResponse *r = lightmoe__v1__generate_response__unpack(
             NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
+        const uint8_t *text;
+        size_t text_len;
+        wire_text(GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all), &text, &text_len);
+        if (r && text_len && on_delta)
+            on_delta(user, (const char *)text, text_len);
         grpc_slice_unref(all);
         if (!r)
             break;
-        if (r->text && r->text[0] && on_delta)
-            on_delta(user, r->text, strlen(r->text));
         if (r->finish_reason && r->finish_reason[0])
             snprintf(ret->finish_reason, sizeof ret->finish_reason, "%s", r->finish_reason);
         if (r->usage) {

@@ -28,7 +28,7 @@ typedef struct lmc_options {
     double timeout_s;           /* per call; 0 = none */
     int stream;                 /* 1: Generate (streaming), 0: Complete */
     /* request */
-    int32_t max_tokens;         /* 0: server default */
+    int32_t max_tokens;         /* 0: server default (others are sent as they are) */
     float temperature;          /* < 0: server default */
     float top_p;                /* < 0: server default */
     int32_t top_k;              /* < 0: server default */

@@ -403,14 +403,10 @@ static void close_done(rpc_tag *t, int ok)
     pthread_mutex_unlock(&c->mu);
     if (cancelled) {
         log_msg(LL_INFO, c->request_id, "client cancelled the call or its deadline passed");
+        /* Every handler answers on_cancel with rpc_finish, so the outcome
+         * is logged and counted once, in log_done. */
         if (c->on_cancel)
             c->on_cancel(c);
-        /* Record the outcome even if no status will be sent. */
-        pthread_mutex_lock(&c->mu);
-        int counted = c->status_queued;
-        pthread_mutex_unlock(&c->mu);
-        if (!counted)
-            metrics_count_request(c->m ? c->m->name : "unknown", GRPC_STATUS_CANCELLED);
     }
     rpc_call_unref(c);
 }
@@ -657,18 +653,19 @@ int rpc_start(const daemon_config *cfg, serve *sv, rpc_server **ret, int *ret_po
     }
     grpc_init();
 
-    grpc_arg args[3];
+    /* HTTP/2's per-connection stream limit (GRPC_ARG_MAX_CONCURRENT_STREAMS)
+     * is left at gRPC's default on purpose: over it, clients queue their
+     * calls silently until the deadline; max_concurrent_streams is enforced
+     * by serve instead, which answers RESOURCE_EXHAUSTED at once. */
+    grpc_arg args[2];
     memset(args, 0, sizeof args);
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
     args[0].value.integer = (int)cfg->max_message_bytes;
     args[1].type = GRPC_ARG_INTEGER;
-    args[1].key = (char *)GRPC_ARG_MAX_CONCURRENT_STREAMS;
-    args[1].value.integer = (int)cfg->max_concurrent_streams;
-    args[2].type = GRPC_ARG_INTEGER;
-    args[2].key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
-    args[2].value.integer = -1;
-    grpc_channel_args ca = {3, args};
+    args[1].key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+    args[1].value.integer = -1;
+    grpc_channel_args ca = {2, args};
     r->server = grpc_server_create(&ca, NULL);
     r->cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(r->server, r->cq, NULL);
@@ -806,11 +803,23 @@ void rpc_destroy(rpc_server *r)
 {
     if (!r)
         return;
-    /* Calls may still hold references (an engine job finishing): wait for them. */
+    /* Calls may still hold references (an engine job finishing): wait for
+     * them, but not forever: a call that never ends is a bug, and exiting
+     * with it (gRPC left as it is) beats hanging the stop. */
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 30;
     pthread_mutex_lock(&r->mu);
-    while (r->n_calls > 0)
-        pthread_cond_wait(&r->cond, &r->mu);
+    int rc = 0;
+    while (r->n_calls > 0 && rc == 0)
+        rc = pthread_cond_timedwait(&r->cond, &r->mu, &until);
+    int left = r->n_calls;
     pthread_mutex_unlock(&r->mu);
+    if (left > 0) {
+        log_error("BUG: %d call(s) still referenced 30s after shutdown; exiting without "
+                  "freeing the gRPC server", left);
+        return;
+    }
     grpc_server_destroy(r->server);
     grpc_completion_queue_shutdown(r->cq);
     for (int i = 0; i < r->n_threads; i++)

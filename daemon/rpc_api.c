@@ -54,6 +54,36 @@ static int grow(void **p, size_t elem, int32_t *cap, int32_t need)
     return 0;
 }
 
+/* Serialize msg (whose field 1, text, is left empty) and append field 1
+ * with the exact bytes text[0..len). Fields may come in any order on the
+ * wire and the last value of a scalar field wins, so every parser reads the
+ * text back whole, NUL bytes included. */
+static grpc_byte_buffer *pack_with_text(const ProtobufCMessage *msg, const char *text, size_t len)
+{
+    size_t n = protobuf_c_message_get_packed_size(msg);
+    grpc_slice s = grpc_slice_malloc(n + (len ? 11 + len : 0));
+    uint8_t *p = GRPC_SLICE_START_PTR(s);
+    protobuf_c_message_pack(msg, p);
+    if (len) {
+        p[n++] = (1 << 3) | 2; /* field 1, length-delimited */
+        size_t v = len;
+        do {
+            p[n] = (uint8_t)(v & 0x7f);
+            v >>= 7;
+            if (v)
+                p[n] |= 0x80;
+            n++;
+        } while (v);
+        memcpy(p + n, text, len);
+        n += len;
+    }
+    grpc_slice sub = grpc_slice_sub(s, 0, n);
+    grpc_slice_unref(s);
+    grpc_byte_buffer *b = grpc_raw_byte_buffer_create(&sub, 1);
+    grpc_slice_unref(sub);
+    return b;
+}
+
 static grpc_byte_buffer *gen_produce(rpc_call *c)
 {
     gen_call *g = c->state;
@@ -66,9 +96,9 @@ static grpc_byte_buffer *gen_produce(rpc_call *c)
     Lightmoe__V1__GenerateResponse r = LIGHTMOE__V1__GENERATE_RESPONSE__INIT;
     Lightmoe__V1__Usage u = LIGHTMOE__V1__USAGE__INIT;
     Lightmoe__V1__Timing t = LIGHTMOE__V1__TIMING__INIT;
-    if (g->text)
-        g->text[g->len] = 0;
-    r.text = g->text ? g->text : "";
+    /* text goes in by hand (pack_with_text): it may hold U+0000, which a
+     * protobuf-c string (a C string) would cut. */
+    r.text = "";
     r.n_token_ids = (size_t)g->n_ids;
     r.token_ids = g->ids;
     r.request_id = c->request_id;
@@ -113,7 +143,7 @@ static grpc_byte_buffer *gen_produce(rpc_call *c)
         r.cached = g->fin.cached;
         g->final_sent = 1;
     }
-    grpc_byte_buffer *b = rpc_pack(&r.base);
+    grpc_byte_buffer *b = pack_with_text(&r.base, g->text, g->len);
     free(tl);
     free(tlp);
     free(top);

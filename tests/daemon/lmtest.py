@@ -59,13 +59,14 @@ class Daemon:
     for the bound ports and the ready line."""
 
     def __init__(self, name, extra=(), env=None, ready=True, model=None, listen="127.0.0.1:0",
-                 metrics=True, config=None):
+                 metrics=True, config=None, log_level="debug"):
         self.name = name
         self.log_path = os.path.join(ARGS.workdir, f"{name}.log")
         args = [ARGS.lightmoed, "--model", model or ARGS.model, "--listen", listen,
                 "--metrics-listen", "127.0.0.1:0" if metrics else "",
-                "--config", config or os.path.join(ARGS.workdir, "empty.conf"),
-                "--log-level", "debug", "--threads", "2"]
+                "--config", config or os.path.join(ARGS.workdir, "empty.conf"), "--threads", "2"]
+        if log_level:
+            args += ["--log-level", log_level]
         if not config:
             open(os.path.join(ARGS.workdir, "empty.conf"), "w").close()
         args += list(extra)

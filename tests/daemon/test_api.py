@@ -108,18 +108,43 @@ def test_invalid_argument():
     expect_error(lambda: api.complete(prompt="a", stop=[""]), IA, "stop[0]")
     expect_error(lambda: api.complete(prompt="a", stop=["s"] * 17), IA, "stop strings")
     # Prompt past the context (4096 tokens) and past max_prompt_tokens (2000 here).
-    long_prompt = " hello" * 5000
-    expect_error(lambda: api.complete(prompt=long_prompt), IA, "context length")
-    expect_error(lambda: api.complete(prompt=" hello" * 2500), IA, "max_prompt_tokens")
+    k = units_for(4100)
+    expect_error(lambda: api.complete(prompt=UNIT * k), IA, "context length")
+    k = units_for(2001)
+    expect_error(lambda: api.complete(prompt=UNIT * k), IA, "max_prompt_tokens")
     expect_error(lambda: list(api.generate(prompt="")), IA, "empty request")
 
 
+UNIT = " hello"
+
+
+def n_tokens(k):
+    return len(api.tokenize(text=UNIT * k).token_ids)
+
+
+def units_for(n):
+    """Smallest k with n_tokens(k) >= n (token counts grow with k)."""
+    lo, hi = 1, 1
+    while n_tokens(hi) < n:
+        hi *= 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if n_tokens(mid) >= n:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def test_edges_of_limits():
-    # max_tokens exactly at the limit is accepted; max_prompt_tokens exactly too.
-    n = len(api.tokenize(text=" hello" * 1999).token_ids)
+    # A prompt of at most max_prompt_tokens (2000) is accepted, one unit more is not.
+    k = units_for(2001) - 1
+    n = n_tokens(k)
     assert n <= 2000
-    r = api.complete(prompt=" hello" * 1999, max_tokens=1, temperature=0)
+    r = api.complete(prompt=UNIT * k, max_tokens=1, temperature=0)
     assert r.usage.prompt_tokens == n
+    expect_error(lambda: api.complete(prompt=UNIT * (k + 1), max_tokens=1),
+                 grpc.StatusCode.INVALID_ARGUMENT, "max_prompt_tokens")
     r = api.complete(prompt="a", max_tokens=64, temperature=0)   # = max_tokens_limit
     assert r.usage.completion_tokens <= 64
 

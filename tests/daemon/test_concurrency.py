@@ -43,7 +43,7 @@ def test_64_streams():
         for i in range(64):
             text, ids, last = out[i]
             assert ids == list(alone[i].token_ids), (i, ids, list(alone[i].token_ids))
-            assert text == alone[i].text, i
+            assert text == alone[i].text, (i, text, alone[i].text)
             assert last.finish_reason == alone[i].finish_reason
             assert last.usage.completion_tokens == len(ids)
         m = d.metrics()
