@@ -75,7 +75,8 @@ static const config_key config_table[] = {
     {"max_batch", CT_INT, OFF(max_batch), 1, 4096, NULL, 0, "64",
      "sequences decoded together in one step"},
     {"kv_cache_mb", CT_INT, OFF(kv_cache_mb), 0, 1 << 24, NULL, 0, "0",
-     "KV cache size in MiB; 0 = 90% of the device memory left after the weights"},
+     "KV cache size in MiB; 0 = cuda: 90% of the GPU memory left after the weights, "
+     "cpu: 1024"},
     {"drain_grace_seconds", CT_DOUBLE, OFF(drain_grace_seconds), 0, 3600, NULL, 1, "30",
      "on SIGTERM, time running streams get to finish before they are cancelled"},
     {"log_level", CT_ENUM, OFF(log_level), 0, 0, "error|warn|info|debug", 1, "info",

@@ -438,7 +438,13 @@ int main(int argc, char **argv)
         }
     }
 
-    /* Shutdown: the port closes, then the engine stops, then the rest. */
+    /* Shutdown: the port closes, then the engine stops, then the rest. A
+     * further TERM/INT/HUP changes nothing now: ignore them, so that one
+     * still pending cannot end the process half-way should a library
+     * unblock signals while it shuts down (seen under ASan). */
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGINT, SIG_IGN);
+    signal(SIGHUP, SIG_IGN);
     if (!loaded) {
         pthread_join(lt, NULL);
         atomic_store(&A.m, L.m);
@@ -446,12 +452,15 @@ int main(int argc, char **argv)
     notify_status("stopping");
     rpc_begin_drain(A.rpc);
     serve_set_draining(A.sv);
+    log_info("shutdown: closing the gRPC port");
     rpc_shutdown(A.rpc, 2.0);
+    log_info("shutdown: stopping the engine");
     serve_attach_model(A.sv, NULL);
     runner *m = atomic_load(&A.m);
     atomic_store(&A.m, NULL);
     metrics_stop();
     runner_destroy(m);
+    log_info("shutdown: releasing gRPC");
     rpc_destroy(A.rpc);
     serve_destroy(A.sv);
     log_info("stopped");

@@ -167,15 +167,16 @@ static void gen_on_delta(void *user, const serve_delta *d)
             g->cap = nc;
         }
     }
-    if (g->len + d->len + 1 <= g->cap) {
+    if (d->len && g->len + d->len + 1 <= g->cap) {
         memcpy(g->text + g->len, d->text, d->len);
         g->len += d->len;
     }
-    if (!grow((void **)&g->ids, sizeof *g->ids, &g->ids_cap, g->n_ids + d->n_tokens)) {
+    if (d->n_tokens > 0 &&
+        !grow((void **)&g->ids, sizeof *g->ids, &g->ids_cap, g->n_ids + d->n_tokens)) {
         memcpy(g->ids + g->n_ids, d->token_ids, (size_t)d->n_tokens * sizeof *g->ids);
         g->n_ids += d->n_tokens;
     }
-    if (d->logprobs &&
+    if (d->logprobs && d->n_tokens > 0 &&
         !grow((void **)&g->lps, sizeof *g->lps, &g->lps_cap, g->n_lps + d->n_tokens)) {
         memcpy(g->lps + g->n_lps, d->logprobs, (size_t)d->n_tokens * sizeof *g->lps);
         g->n_lps += d->n_tokens;

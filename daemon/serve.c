@@ -183,6 +183,8 @@ static void job_remove(job *j)
 
 static void job_keep(job *j, const char *text, size_t len, const int32_t *ids, int32_t n)
 {
+    if (len == 0 && n == 0)
+        return;
     if (j->text_len + len + 1 > j->text_cap) {
         size_t cap = (j->text_cap ? j->text_cap * 2 : 256) + len;
         char *t = realloc(j->text, cap);
@@ -193,7 +195,8 @@ static void job_keep(job *j, const char *text, size_t len, const int32_t *ids, i
         j->text = t;
         j->text_cap = cap;
     }
-    memcpy(j->text + j->text_len, text, len);
+    if (len)
+        memcpy(j->text + j->text_len, text, len);
     j->text_len += len;
     j->text[j->text_len] = 0;
     if (j->n_ids + n > j->ids_cap) {
@@ -206,7 +209,8 @@ static void job_keep(job *j, const char *text, size_t len, const int32_t *ids, i
         j->ids = p;
         j->ids_cap = cap;
     }
-    memcpy(j->ids + j->n_ids, ids, (size_t)n * sizeof *ids);
+    if (n > 0)
+        memcpy(j->ids + j->n_ids, ids, (size_t)n * sizeof *ids);
     j->n_ids += n;
     if (len == 0 && n == 0)
         return;

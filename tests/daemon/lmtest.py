@@ -64,7 +64,8 @@ class Daemon:
         self.log_path = os.path.join(ARGS.workdir, f"{name}.log")
         args = [ARGS.lightmoed, "--model", model or ARGS.model, "--listen", listen,
                 "--metrics-listen", "127.0.0.1:0" if metrics else "",
-                "--config", config or os.path.join(ARGS.workdir, "empty.conf"), "--threads", "2"]
+                "--config", config or os.path.join(ARGS.workdir, "empty.conf"), "--threads", "2",
+                "--kv-cache-mb", "64"]
         if log_level:
             args += ["--log-level", log_level]
         if not config:
@@ -150,6 +151,14 @@ class Daemon:
         try:
             rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            # Show where it hangs before killing it.
+            try:
+                bt = subprocess.run(["gdb", "-p", str(self.proc.pid), "-batch", "-ex",
+                                     "thread apply all bt 15"], capture_output=True, text=True,
+                                    timeout=120).stdout
+                sys.stderr.write(f"--- lightmoed threads (hung at stop) ---\n{bt}\n")
+            except Exception:
+                pass
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"lightmoed did not exit after SIGTERM:\n{self.text()[-4000:]}")
