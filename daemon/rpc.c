@@ -272,9 +272,10 @@ static void pump_locked(rpc_call *c)
             buf = c->produce(c);
         }
     }
-    /* produce returns everything pending in one message, so once the queue
-     * is empty the status can travel with this message. */
-    int with_status = c->status_queued && (c->broken || !c->out_head);
+    /* The status travels with the last message: when nothing is queued and
+     * produce has nothing more. */
+    int with_status = c->status_queued &&
+                      (c->broken || (!c->out_head && !(c->has_more && c->has_more(c))));
     if (!buf && !with_status)
         return;
     grpc_op ops[3];

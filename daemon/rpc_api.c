@@ -4,10 +4,14 @@
  * code meets the request path).
  *
  * Generate and Complete share one handler. Deltas from the engine thread
- * are appended to the call's pending text under the call's lock; the send
- * machinery (rpc.c) asks `produce` for the next message whenever no send is
- * in flight, so a slow client gets fewer, larger deltas instead of an
- * unbounded queue. Complete produces its one message at the end.
+ * are appended to the call's pending output under the call's lock, with
+ * their boundaries; the send machinery (rpc.c) asks `produce` for the next
+ * message whenever no send is in flight (one SEND_MESSAGE at a time is the
+ * flow control). Generate sends one message per delta, so the chunks a
+ * client sees do not depend on its speed (and a cache hit replays the
+ * chunks of the original answer), then one last message with
+ * finish_reason, usage and timing; what waits is bounded by max_tokens.
+ * Complete produces its one message at the end.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +38,11 @@ typedef struct gen_call {
     int32_t n_ids, ids_cap;
     sample_result *lps;
     int32_t n_lps, lps_cap;
+    struct piece {
+        size_t text_end;                    /* cumulative ends in text/ids/lps */
+        int32_t ids_end, lps_end;
+    } *pieces;
+    int32_t n_pieces, pieces_cap;
     int final_set, final_sent;
     serve_final fin;
     char fin_msg[1024];
@@ -84,33 +93,29 @@ static grpc_byte_buffer *pack_with_text(const ProtobufCMessage *msg, const char 
     return b;
 }
 
-static grpc_byte_buffer *gen_produce(rpc_call *c)
+/* One message from the first text_len bytes, n_ids ids and n_lps logprobs
+ * of the pending output (removed from it), with the final fields if `fin`. */
+static grpc_byte_buffer *take_message(rpc_call *c, gen_call *g, size_t text_len, int32_t n_ids,
+                                      int32_t n_lps, int fin)
 {
-    gen_call *g = c->state;
-    int has_pending = g->len > 0 || g->n_ids > 0;
-    int send_final = g->final_set && !g->final_sent && g->fin.code == ST_OK;
-    if (g->final_sent || (!send_final && !(g->streaming && has_pending)))
-        return NULL;
-    if (!g->streaming && !send_final)
-        return NULL;
     Lightmoe__V1__GenerateResponse r = LIGHTMOE__V1__GENERATE_RESPONSE__INIT;
     Lightmoe__V1__Usage u = LIGHTMOE__V1__USAGE__INIT;
     Lightmoe__V1__Timing t = LIGHTMOE__V1__TIMING__INIT;
     /* text goes in by hand (pack_with_text): it may hold U+0000, which a
      * protobuf-c string (a C string) would cut. */
     r.text = "";
-    r.n_token_ids = (size_t)g->n_ids;
+    r.n_token_ids = (size_t)n_ids;
     r.token_ids = g->ids;
     r.request_id = c->request_id;
     Lightmoe__V1__TokenLogprob *tl = NULL, **tlp = NULL;
     Lightmoe__V1__TopLogprob *top = NULL, **topp = NULL;
-    if (g->n_lps > 0) {
-        tl = calloc((size_t)g->n_lps, sizeof *tl);
-        tlp = calloc((size_t)g->n_lps, sizeof *tlp);
-        top = calloc((size_t)g->n_lps * SAMPLE_MAX_LOGPROBS, sizeof *top);
-        topp = calloc((size_t)g->n_lps * SAMPLE_MAX_LOGPROBS, sizeof *topp);
+    if (n_lps > 0) {
+        tl = calloc((size_t)n_lps, sizeof *tl);
+        tlp = calloc((size_t)n_lps, sizeof *tlp);
+        top = calloc((size_t)n_lps * SAMPLE_MAX_LOGPROBS, sizeof *top);
+        topp = calloc((size_t)n_lps * SAMPLE_MAX_LOGPROBS, sizeof *topp);
         if (tl && tlp && top && topp) {
-            for (int32_t i = 0; i < g->n_lps; i++) {
+            for (int32_t i = 0; i < n_lps; i++) {
                 const sample_result *s = &g->lps[i];
                 lightmoe__v1__token_logprob__init(&tl[i]);
                 tl[i].token_id = s->token;
@@ -127,11 +132,11 @@ static grpc_byte_buffer *gen_produce(rpc_call *c)
                 tl[i].top = &topp[i * SAMPLE_MAX_LOGPROBS];
                 tlp[i] = &tl[i];
             }
-            r.n_logprobs = (size_t)g->n_lps;
+            r.n_logprobs = (size_t)n_lps;
             r.logprobs = tlp;
         }
     }
-    if (send_final) {
+    if (fin) {
         r.finish_reason = (char *)g->fin.finish_reason;
         u.prompt_tokens = g->fin.prompt_tokens;
         u.completion_tokens = g->fin.completion_tokens;
@@ -143,15 +148,59 @@ static grpc_byte_buffer *gen_produce(rpc_call *c)
         r.cached = g->fin.cached;
         g->final_sent = 1;
     }
-    grpc_byte_buffer *b = pack_with_text(&r.base, g->text, g->len);
+    grpc_byte_buffer *b = pack_with_text(&r.base, g->text, text_len);
     free(tl);
     free(tlp);
     free(top);
     free(topp);
-    g->len = 0;
-    g->n_ids = 0;
-    g->n_lps = 0;
+    /* Drop what was sent (pieces are few per send: the shift is cheap). */
+    if (text_len < g->len)
+        memmove(g->text, g->text + text_len, g->len - text_len);
+    g->len -= text_len;
+    if (n_ids < g->n_ids)
+        memmove(g->ids, g->ids + n_ids, (size_t)(g->n_ids - n_ids) * sizeof *g->ids);
+    g->n_ids -= n_ids;
+    if (n_lps < g->n_lps)
+        memmove(g->lps, g->lps + n_lps, (size_t)(g->n_lps - n_lps) * sizeof *g->lps);
+    g->n_lps -= n_lps;
     return b;
+}
+
+/* Under c->mu (rpc.c): the next message, or NULL when none is ready. */
+static grpc_byte_buffer *gen_produce(rpc_call *c)
+{
+    gen_call *g = c->state;
+    int final_ok = g->final_set && !g->final_sent && g->fin.code == ST_OK;
+    if (g->final_sent)
+        return NULL;
+    if (!g->streaming) /* Complete: everything at once, at the end */
+        return final_ok ? take_message(c, g, g->len, g->n_ids, g->n_lps, 1) : NULL;
+    if (g->n_pieces > 0) {
+        struct piece p = g->pieces[0];
+        memmove(g->pieces, g->pieces + 1, (size_t)(g->n_pieces - 1) * sizeof *g->pieces);
+        g->n_pieces--;
+        for (int32_t i = 0; i < g->n_pieces; i++) {
+            g->pieces[i].text_end -= p.text_end;
+            g->pieces[i].ids_end -= p.ids_end;
+            g->pieces[i].lps_end -= p.lps_end;
+        }
+        return take_message(c, g, p.text_end, p.ids_end, p.lps_end, 0);
+    }
+    /* The final fields always travel in a message of their own (empty text):
+     * whether the last delta was already sent when the request finished is
+     * a matter of timing, and the shape of a stream should not be. */
+    return final_ok ? take_message(c, g, 0, 0, 0, 1) : NULL;
+}
+
+/* Under c->mu: does produce hold more messages? (The status waits for them.) */
+static int gen_has_more(rpc_call *c)
+{
+    gen_call *g = c->state;
+    if (g->final_sent)
+        return 0;
+    if (!g->streaming)
+        return g->final_set && g->fin.code == ST_OK;
+    return g->n_pieces > 0 || (g->final_set && g->fin.code == ST_OK);
 }
 
 static void gen_on_delta(void *user, const serve_delta *d)
@@ -181,6 +230,9 @@ static void gen_on_delta(void *user, const serve_delta *d)
         memcpy(g->lps + g->n_lps, d->logprobs, (size_t)d->n_tokens * sizeof *g->lps);
         g->n_lps += d->n_tokens;
     }
+    if (g->streaming &&
+        !grow((void **)&g->pieces, sizeof *g->pieces, &g->pieces_cap, g->n_pieces + 1))
+        g->pieces[g->n_pieces++] = (struct piece){g->len, g->n_ids, g->n_lps};
     pthread_mutex_unlock(&c->mu);
     if (g->streaming)
         rpc_kick(c);
@@ -238,6 +290,7 @@ static void gen_cleanup(rpc_call *c)
     free(g->text);
     free(g->ids);
     free(g->lps);
+    free(g->pieces);
     free(g);
 }
 
@@ -336,6 +389,7 @@ static void generate_common(rpc_call *c, int streaming)
     }
     fill_request(c, g, q, &g->sreq);
     c->produce = gen_produce;
+    c->has_more = gen_has_more;
     c->on_cancel = gen_on_cancel;
     serve_sink sink = {gen_on_delta, gen_on_final};
     char msg[1024];

@@ -8,7 +8,8 @@
  *     the engine job when one runs; freed (and the grpc_call unref'd) at 0;
  *   - an outgoing queue: messages are sent one batch at a time (the core
  *     allows one SEND_MESSAGE in flight; waiting for it is the flow
- *     control); the status goes with the last message or alone;
+ *     control), first the queued ones, then what `produce` makes; the
+ *     status goes with the last message (has_more says when) or alone;
  *   - RECV_CLOSE_ON_SERVER started at once: its completion with
  *     cancelled = 1 (client cancel, deadline, broken connection) calls the
  *     handler's on_cancel, which stops the work.
@@ -67,6 +68,7 @@ struct rpc_call {
     /* Handler hooks. */
     void (*on_cancel)(rpc_call *c);                 /* client went away */
     grpc_byte_buffer *(*produce)(rpc_call *c);      /* next message, under mu */
+    int (*has_more)(rpc_call *c);                   /* produce has more, under mu */
     void (*on_recv)(rpc_call *c, grpc_byte_buffer *msg); /* NULL msg: half-close */
     void (*cleanup)(rpc_call *c);                   /* at the last unref */
     void *state;

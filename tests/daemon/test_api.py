@@ -176,7 +176,8 @@ def test_cancel_mid_stream():
     # A second daemon whose engine sleeps 50 ms after every step (debug
     # hook): 300 tokens take 15 s or more, so the stream is certainly
     # mid-way when it is cancelled, however loaded the machine is.
-    with Daemon("cancel", ["--debug-hooks", "yes", "--debug-step-delay-ms", "50"]) as d:
+    with Daemon("cancel", ["--cache-url", "off", "--debug-hooks", "yes",
+                           "--debug-step-delay-ms", "50"]) as d:
         capi = Api(d.channel())
         it = capi.generate(prompt=PROMPTS[0], max_tokens=300, temperature=0,
                            request_id="cancel-me")
@@ -249,7 +250,9 @@ def test_interop_cases():
 
 def main():
     global D, api
-    with Daemon("api", ["--max-tokens-limit", "64", "--default-max-tokens", "16",
+    # The answer cache is off here: these tests are about the engine path
+    # (tests/daemon_cache covers the cache).
+    with Daemon("api", ["--cache-url", "off", "--max-tokens-limit", "64", "--default-max-tokens", "16",
                         "--max-prompt-tokens", "2000", "--max-concurrent-streams", "4",
                         "--debug-hooks", "yes"]) as d:
         D = d

@@ -11,7 +11,8 @@ A = lmtest.parse_args()
 
 
 def test_64_streams():
-    with Daemon("conc", ["--max-batch", "32", "--rpc-threads", "2"]) as d:
+    # The answer cache is off: the 64 streams must run in the engine, batched.
+    with Daemon("conc", ["--max-batch", "32", "--rpc-threads", "2", "--cache-url", "off"]) as d:
         prompts = [f"Client {i} says: the experts route token {i * 7 % 13}" for i in range(64)]
         max_tokens = [8 + (i % 5) * 4 for i in range(64)]
         api = Api(d.channel())
