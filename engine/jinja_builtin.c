@@ -562,14 +562,92 @@ int jbuiltin_test(jctx *c, const jnode *at, const char *name, jval v, jval *a, i
     jfail(c, at, "no test named '%s'", name);
 }
 
+/* Python's printf-style `fmt % args` for %s %r %d %i %f %x %% (optionally
+ * with a width and, for %f, a precision): what chat templates use. */
+jval jbuiltin_percent(jctx *c, const jnode *at, jval fmt, jval *args, int32_t n)
+{
+    jbuf b = {0};
+    int32_t next = 0;
+    const char *p = fmt.u.s.p;
+    size_t len = fmt.u.s.n;
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] != '%') {
+            jbuf_putc(c, at, &b, p[i]);
+            continue;
+        }
+        if (++i >= len) jfail(c, at, "format: incomplete format");
+        if (p[i] == '%') {
+            jbuf_putc(c, at, &b, '%');
+            continue;
+        }
+        int left = 0, width = 0, prec = -1;
+        if (p[i] == '-') {
+            left = 1;
+            i++;
+        }
+        while (i < len && p[i] >= '0' && p[i] <= '9' && width < 1000)
+            width = width * 10 + (p[i++] - '0');
+        if (i < len && p[i] == '.') {
+            prec = 0;
+            i++;
+            while (i < len && p[i] >= '0' && p[i] <= '9' && prec < 100)
+                prec = prec * 10 + (p[i++] - '0');
+        }
+        if (i >= len) jfail(c, at, "format: incomplete format");
+        if (next >= n) jfail(c, at, "format: not enough arguments for format string");
+        jval v = args[next++];
+        jbuf piece = {0};
+        char num[128];
+        switch (p[i]) {
+        case 's':
+            jv_str_into(c, at, &piece, v);
+            break;
+        case 'r':
+            jv_repr_into(c, at, &piece, v);
+            break;
+        case 'd':
+        case 'i':
+        case 'x':
+            if (v.t != JV_INT && v.t != JV_BOOL && v.t != JV_FLOAT)
+                jfail(c, at, "format: %%%c needs a number, not %s", p[i], jv_type_name(v));
+            snprintf(num, sizeof num, p[i] == 'x' ? "%llx" : "%lld",
+                     (long long)(v.t == JV_FLOAT ? (int64_t)v.u.f
+                                 : v.t == JV_INT ? v.u.i
+                                                 : v.u.b));
+            jbuf_put(c, at, &piece, num, strlen(num));
+            break;
+        case 'f':
+            if (v.t != JV_INT && v.t != JV_BOOL && v.t != JV_FLOAT)
+                jfail(c, at, "format: %%f needs a number, not %s", jv_type_name(v));
+            snprintf(num, sizeof num, "%.*f", prec < 0 ? 6 : prec,
+                     v.t == JV_FLOAT ? v.u.f
+                     : v.t == JV_INT ? (double)v.u.i
+                                     : (double)v.u.b);
+            jbuf_put(c, at, &piece, num, strlen(num));
+            break;
+        default:
+            jfail(c, at, "format: unsupported conversion '%%%c'", p[i]);
+        }
+        size_t w = jutf8_len(piece.p ? piece.p : "", piece.n);
+        for (size_t k = w; !left && k < (size_t)width; k++)
+            jbuf_putc(c, at, &b, ' ');
+        jbuf_put(c, at, &b, piece.p, piece.n);
+        for (size_t k = w; left && k < (size_t)width; k++)
+            jbuf_putc(c, at, &b, ' ');
+    }
+    if (next < n) jfail(c, at, "format: not all arguments converted during string formatting");
+    return jv_str(b.p ? b.p : "", b.n);
+}
+
 /* ---- filters -------------------------------------------------------------------- */
 
 static const char *const FILTERS[] = {
-    "abs",     "attr",    "capitalize", "count",  "d",      "default",    "dictsort",  "e",
-    "escape",  "first",   "float",      "indent", "int",    "items",      "join",      "last",
-    "length",  "list",    "lower",      "map",    "max",    "min",        "reject",    "rejectattr",
-    "replace", "reverse", "round",      "safe",   "select", "selectattr", "sort",      "string",
-    "sum",     "title",   "tojson",     "trim",   "unique", "upper",      "wordcount", NULL};
+    "abs",    "attr",   "capitalize", "count",      "d",         "default", "dictsort",
+    "e",      "escape", "first",      "float",      "format",    "indent",  "int",
+    "items",  "join",   "last",       "length",     "list",      "lower",   "map",
+    "max",    "min",    "reject",     "rejectattr", "replace",   "reverse", "round",
+    "safe",   "select", "selectattr", "sort",       "string",    "sum",     "title",
+    "tojson", "trim",   "unique",     "upper",      "wordcount", NULL};
 
 int jbuiltin_has_filter(const char *name)
 {
@@ -969,6 +1047,7 @@ jval jbuiltin_filter(jctx *c, const jnode *at, const char *name, jval v, jval *p
         return jv_float(x / m);
     }
     if (IS("indent")) return filter_indent(c, at, jv_to_str(c, at, v), &a);
+    if (IS("format")) return jbuiltin_percent(c, at, need_str(c, at, v, "format"), a.pos, a.n);
     if (IS("wordcount")) {
         jval w = str_split(c, at, jv_to_str(c, at, v), jv_none(), -1, 0);
         return jv_int(w.u.l->n);

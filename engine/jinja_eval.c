@@ -386,8 +386,12 @@ static jval binop(jctx *c, const jnode *at, int op, jval a, jval b)
         return repeat(c, at, a, num_i(b));
     if (op == JOP_MUL && (b.t == JV_STR || b.t == JV_LIST) && (a.t == JV_INT || a.t == JV_BOOL))
         return repeat(c, at, b, num_i(a));
-    if (op == JOP_MOD && a.t == JV_STR)
-        jfail(c, at, "printf-style string formatting ('%%') is not supported; use ~ or format");
+    if (op == JOP_MOD && a.t == JV_STR) {
+        /* 'fmt' % x or 'fmt' % (x, y) */
+        if (b.t == JV_LIST && b.u.l->is_tuple)
+            return jbuiltin_percent(c, at, a, b.u.l->v, b.u.l->n);
+        return jbuiltin_percent(c, at, a, &b, 1);
+    }
     jfail(c, at, "unsupported operand type(s) for %s: '%s' and '%s'", op_name(op), jv_type_name(a),
           jv_type_name(b));
 }

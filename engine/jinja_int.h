@@ -259,6 +259,8 @@ int jbuiltin_has_global(const char *name);
 jval jbuiltin_filter(jctx *c, const jnode *at, const char *name, jval v, jval *args, int32_t n,
                      const char **kw_names, jval *kw, int32_t n_kw);
 int jbuiltin_test(jctx *c, const jnode *at, const char *name, jval v, jval *args, int32_t n);
+/* Python's `fmt % args` (the format filter and the % operator on strings) */
+jval jbuiltin_percent(jctx *c, const jnode *at, jval fmt, jval *args, int32_t n);
 /* range(args): start, step and count, failing past the limits */
 void jbuiltin_range(jctx *c, const jnode *at, const jval *args, int32_t n, int64_t *ret_start,
                     int64_t *ret_step, int64_t *ret_count);

@@ -213,6 +213,8 @@ FEATURES = [
                    "i{% endif %}\n{% raw %}{{ raw }}{% endraw %}\n  {{ 'v' }}\n", {}),
     ("whitespace2", "{% for m in l %}\n  - {{ m }}\n{% endfor %}\n{%- for m in l -%}\n"
                     "  [{{ m }}]\n{%- endfor %}\nend\n", {"l": ["x", "y"]}),
+    ("percent-format", "{{ '%s-%d|%5s|%-4s|%.2f|%r|%%'|format('a', 3, 'x', 'y', 2.5, 'q') }} "
+                       "{{ 'x=%s' % 5 }} {{ '%s+%s' % (1, 'b') }} {{ '%x' % 255 }}", {}),
     ("filterblock", "{% filter upper %}abc {{ 'd' }}{% endfilter %}", {}),
     ("dictmethods", "{{ d.get('a') }} {{ d.get('zz') }} {{ d.get('zz', 'dflt') }} "
                     "{{ d.keys()|list }} {{ d.values()|list }} {{ d['b'] }} {{ d.b.c }} "

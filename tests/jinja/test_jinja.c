@@ -10,6 +10,7 @@
  *     recursion and output must end in a clean error.
  *  3. malformed templates: a clear error with line:column at compile time.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -263,11 +264,69 @@ static void test_malformed(void)
     jinja_free(t);
 }
 
+/* One compiled template rendered by 4 threads at once gives the same text
+ * every time (each render has its own arena; the AST is read-only). */
+typedef struct par {
+    const jinja_template *t;
+    json_t *vars;
+    const char *want;
+    int bad;
+} par;
+
+static void *par_run(void *arg)
+{
+    par *p = arg;
+    for (int i = 0; i < 50; i++) {
+        char *out = NULL;
+        lm_err err = {0};
+        if (jinja_render(p->t, p->vars, NULL, &out, NULL, &err) != 0 || strcmp(out, p->want) != 0)
+            p->bad++;
+        free(out);
+    }
+    return NULL;
+}
+
+static void test_threads(void)
+{
+    json_t *root = json_load_file(JINJA_TEST_DIR "/expected.json", 0, NULL);
+    json_t *cs = NULL;
+    size_t i;
+    json_t *c;
+    json_array_foreach(json_object_get(root, "cases"), i, c)
+    {
+        if (strcmp(json_string_value(json_object_get(c, "name")), "qwen3/think-history/default") ==
+            0)
+            cs = c;
+    }
+    CHECK(cs != NULL, "no qwen3 case for the thread test");
+    size_t len;
+    char *src = read_file(JINJA_TEST_DIR "/templates/Qwen-Qwen3-0.6B.jinja", &len);
+    jinja_template *t = NULL;
+    lm_err err = {0};
+    if (cs && src && jinja_compile(src, len, "qwen3", &t, &err) == 0) {
+        par p[4];
+        pthread_t th[4];
+        for (int k = 0; k < 4; k++) {
+            p[k] = (par){t, json_object_get(cs, "vars"),
+                         json_string_value(json_object_get(cs, "expected")), 0};
+            pthread_create(&th[k], NULL, par_run, &p[k]);
+        }
+        for (int k = 0; k < 4; k++) {
+            pthread_join(th[k], NULL);
+            CHECK(p[k].bad == 0, "thread %d: %d of 50 renders wrong", k, p[k].bad);
+        }
+    }
+    jinja_free(t);
+    free(src);
+    json_decref(root);
+}
+
 int main(void)
 {
     test_expected();
     test_sandbox();
     test_malformed();
+    test_threads();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
