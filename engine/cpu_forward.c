@@ -57,13 +57,12 @@ int backend_batch_check(const backend_batch *b, int32_t vocab, int32_t block_siz
         int32_t len = b->seq_start[s + 1] - b->seq_start[s];
         if (len < 1)
             return lm_err_set(err, -EINVAL, "forward: piece %d is empty or seq_start decreases", s);
-        if (b->start_pos[s] < 0 ||
-            (int64_t)b->start_pos[s] + len > (int64_t)b->max_blocks * block_size)
+        int64_t cap = (int64_t)(b->max_blocks < n_blocks ? b->max_blocks : n_blocks) * block_size;
+        if (b->start_pos[s] < 0 || (int64_t)b->start_pos[s] + len > cap)
             return lm_err_set(err, -EINVAL,
-                              "forward: piece %d positions [%d, %d) exceed its block table (%d "
-                              "blocks of %d)",
-                              s, b->start_pos[s], b->start_pos[s] + len, b->max_blocks,
-                              block_size);
+                              "forward: piece %d positions [%d, %d) exceed its block table or "
+                              "the cache (%lld token slots)",
+                              s, b->start_pos[s], b->start_pos[s] + len, (long long)cap);
         int32_t nb = (b->start_pos[s] + len + block_size - 1) / block_size;
         for (int32_t j = 0; j < nb; j++) {
             int32_t id = b->block_table[(size_t)s * (size_t)b->max_blocks + (size_t)j];

@@ -264,6 +264,9 @@ static void test_forward(const char *arch, int gptq)
     toks[2] = 5;
     bt[1] = 99;
     CHECK_ERR(backend_forward(be, &b, &err), err, -EINVAL, "block_table[1] = 99");
+    bt[1] = 1;
+    sp[0] = 30; /* 36 positions do not fit 8 blocks of 4 */
+    CHECK_ERR(backend_forward(be, &b, &err), err, -EINVAL, "positions [30, 36) exceed");
     free(lg);
     backend_destroy(be);
     model_free(m);
