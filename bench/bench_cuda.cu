@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "engine/backend_cuda.h"
 #include "engine/cuda_int4_gemm.cuh"
 #include "engine/cuda_model.h"
 #include "engine/cuda_synth.h"
@@ -97,6 +98,15 @@ __global__ void k_dequant(const uint8_t *qs, const __half *sc, const uint8_t *z,
         const int q = (j & 1) ? b >> 4 : b & 15;
         const size_t gi = r * (k / g) + j / g;
         w[i] = __float2half(__half2float(sc[gi]) * (float)(q - z[gi]));
+    }
+}
+
+/* Keeps the GPU busy while the host queues the launches to be timed, so that
+ * events measure GPU time and not the host's launch latency. */
+__global__ void k_spin(long long cycles)
+{
+    const long long t0 = clock64();
+    while (clock64() - t0 < cycles) {
     }
 }
 
@@ -187,17 +197,22 @@ static void bench_shape(cublasHandle_t h, const char *name, int n, int k, int g)
     cudaEventCreate(&e0);
     cudaEventCreate(&e1);
     const float one = 1, zero = 0;
+    /* GPU time per call: 10 back-to-back calls queued behind a spinning
+     * kernel, median over 9 such groups after one warm-up group */
     auto time_it = [&](auto fn) {
         std::vector<double> t;
-        for (int i = 0; i < 30; i++) {
+        int it = 0;
+        for (int rep = 0; rep < 10; rep++) {
+            k_spin<<<1, 1>>>(200000);
             cudaEventRecord(e0);
-            fn(i);
+            for (int i = 0; i < 10; i++)
+                fn(it++);
             cudaEventRecord(e1);
             cudaEventSynchronize(e1);
             float ms;
             cudaEventElapsedTime(&ms, e0, e1);
-            if (i >= 5)
-                t.push_back(ms * 1e-3);
+            if (rep >= 1)
+                t.push_back(ms * 1e-3 / 10);
         }
         CK(cudaGetLastError());
         return median(t);
@@ -313,19 +328,29 @@ static size_t model_bytes(const cu_model *m, size_t *attn, size_t *expert, size_
     return 0;
 }
 
-static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int path)
+/* m/s given: a model loaded from a checkpoint through the backend; else
+ * random weights of c's shape made on the GPU. */
+static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int path,
+                        const cu_model *given_m = nullptr, cu_state *given_s = nullptr)
 {
-    cu_model *m;
+    cu_model *synth = nullptr;
+    const cu_model *m = given_m;
     double t0 = now_s();
-    OK(cu_synth_create(c, 1, &m, ERRP));
+    if (!m) {
+        OK(cu_synth_create(c, 1, &synth, ERRP));
+        m = synth;
+    }
     size_t attn, expert, shared, router, head;
     model_bytes(m, &attn, &expert, &shared, &router, &head);
-    printf("== %s (random weights made on the GPU in %.1f s): attention %.2f GB, one expert %.2f MB, "
+    printf("== %s (%s): attention %.2f GB, one expert %.2f MB, "
            "shared %.2f GB, router %.3f GB, lm_head %.2f GB (fp16)\n",
-           c->name, now_s() - t0, attn / 1e9, expert / 1e6, shared / 1e9, router / 1e9, head / 1e9);
-    cu_options o = {8192, 256, path, 0, 0};
-    cu_state *s;
-    OK(cu_state_create(m, &o, &s, ERRP));
+           c->name, given_m ? "checkpoint loaded through backend_cuda" : "random weights made on the GPU",
+           attn / 1e9, expert / 1e6, shared / 1e9, router / 1e9, head / 1e9);
+    (void)t0;
+    cu_options o = {8192, 256, path, 0, 1}; /* decode steps as CUDA graphs */
+    cu_state *s = given_s;
+    if (!s)
+        OK(cu_state_create(m, &o, &s, ERRP));
     const int bs = 16, ctx = 512, max_blocks = 8192 / bs + 1;
     const int nb = 128 * max_blocks;
     size_t fr = cu_state_free_bytes(s);
@@ -354,6 +379,13 @@ static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int
                 t.push_back(now_s() - a);
             }
             const double active = (double)cu_state_read_experts(s) / reps;
+            /* one more step with every launch group timed (no graph) */
+            char prof[1024];
+            OK(cu_state_profile(s, 1, ERRP));
+            OK(cu_forward(s, &sb.b, ERRP));
+            cu_state_profile_report(s, prof, sizeof prof);
+            OK(cu_state_profile(s, 0, ERRP));
+            cu_state_read_experts(s);
             const double bytes = attn + active * expert + shared + router + head +
                                  (double)B * (ctx + 1) * kvb;
             const double floor_s = bytes / g_bw, ts = median(t);
@@ -361,6 +393,7 @@ static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int
                    "| bytes %.2f GB floor %.3f ms -> %.0f%% of roofline\n",
                    c->name, B, ctx, ts * 1e3, B / ts, active, bytes / 1e9, floor_s * 1e3,
                    100 * floor_s / ts);
+            printf("  breakdown (events, no graph): %s\n", prof);
         }
     }
     if (prefill) {
@@ -378,6 +411,11 @@ static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int
             }
             const double active = (double)cu_state_read_experts(s) / 5;
             const double ts = median(t);
+            char prof[1024];
+            OK(cu_state_profile(s, 1, ERRP));
+            OK(cu_forward(s, &sb.b, ERRP));
+            cu_state_profile_report(s, prof, sizeof prof);
+            OK(cu_state_profile(s, 0, ERRP));
             /* matrix work: 2 flops per weight per token over the active weights,
              * attention 4 * T^2/2 * hd * nq per layer */
             const double aw = (double)m->n_layers * (((m->nq + 2 * m->nkv) * m->head_dim + m->nq * m->head_dim) * (double)m->hidden +
@@ -387,10 +425,12 @@ static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int
             printf("prefill %-18s %5d tokens: %8.2f ms (TTFT of the forward) %8.0f tok/s | %.1f TFLOP/s "
                    "of matrix work | routed experts %.0f\n",
                    c->name, T, ts * 1e3, T / ts, fl / ts / 1e12, active);
+            printf("  breakdown: %s\n", prof);
         }
     }
-    cu_state_destroy(s);
-    cu_synth_free(m);
+    if (!given_s)
+        cu_state_destroy(s);
+    cu_synth_free(synth);
 }
 
 int main(int argc, char **argv)
@@ -406,12 +446,14 @@ int main(int argc, char **argv)
            p.l2CacheSize / 1e6, p.totalGlobalMem / 1e9);
     bool ceil_ = false, kern = false, dec = false, pre = false;
     int which = 3, path = 0;
+    const char *dir = nullptr;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "ceil")) ceil_ = true;
         else if (!strcmp(argv[i], "kernels")) kern = true;
         else if (!strcmp(argv[i], "decode")) dec = true;
         else if (!strcmp(argv[i], "prefill")) pre = true;
         else if (!strcmp(argv[i], "--path") && i + 1 < argc) path = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--dir") && i + 1 < argc) dir = argv[++i];
         else if (!strcmp(argv[i], "--model") && i + 1 < argc) {
             ++i;
             which = !strcmp(argv[i], "qwen3") ? 1 : !strcmp(argv[i], "qwen15") ? 2 : 3;
@@ -421,6 +463,30 @@ int main(int argc, char **argv)
         ceil_ = kern = dec = pre = true;
     bench_ceilings(); /* always: every figure is relative to this run's ceiling */
     (void)ceil_;
+    if (dir) { /* a checkpoint (e.g. from `lightmoe synth`) through model_load + backend_cuda */
+        double t0 = now_s();
+        model *mm = nullptr;
+        OK(model_load(dir, nullptr, &mm, ERRP));
+        const double tl = now_s() - t0;
+        backend_options bo;
+        memset(&bo, 0, sizeof bo);
+        bo.device = "cuda";
+        bo.tp = 1;
+        bo.max_tokens = 8192;
+        backend *be = nullptr;
+        t0 = now_s();
+        OK(backend_cuda_create(mm, &bo, &be, ERRP));
+        printf("checkpoint %s: model_load %.1f s, upload to the GPU %.1f s\n", dir, tl, now_s() - t0);
+        cu_synth_config c = *(which == 2 ? &cu_synth_qwen15_moe_a27b : &cu_synth_qwen3_30b_a3b);
+        c.name = dir;
+        c.top_k = mm->cfg.top_k;
+        c.moe_inter = mm->cfg.moe_intermediate;
+        c.shared_inter = mm->cfg.shared_intermediate;
+        bench_model(&c, dec || !pre, pre || !dec, path, backend_cuda_model(be), backend_cuda_state(be));
+        backend_destroy(be);
+        model_free(mm);
+        return 0;
+    }
     const cu_synth_config *cs[] = {&cu_synth_qwen3_30b_a3b, &cu_synth_qwen15_moe_a27b};
     for (int i = 0; i < 2; i++) {
         if (!(which & (1 << i)))

@@ -66,7 +66,9 @@ int up_flush(uploader *u, lm_err *err)
     return 0;
 }
 
-/* Room for `bytes` (<= STAGE_BYTES) contiguous with device address dst. */
+/* Room for `bytes` (<= STAGE_BYTES) at device address dst, appended to the
+ * pending copy when contiguous. Callers flush at the end of every device
+ * allocation: one cudaMemcpy must not span two allocations. */
 int up_reserve(uploader *u, uint8_t *dst, size_t bytes, uint8_t **ret, lm_err *err)
 {
     if (u->used && (u->dst + u->used != dst || u->used + bytes > STAGE_BYTES)) {
@@ -231,6 +233,9 @@ int upload_fused(cuda_backend *b, uploader *u, const fused *f, const char *what,
                 return rc;
             memcpy(buf, src + (size_t)row * rb, rb);
         }
+        /* never merge two allocations into one copy, even if they happen to be adjacent */
+        if ((rc = up_flush(u, err)))
+            return rc;
     }
     if (l0->q.perm) {
         uint8_t *pm;
@@ -526,9 +531,14 @@ extern "C" int backend_cuda_create(const model *mm, const backend_options *o, ba
         cu_options co;
         memset(&co, 0, sizeof(co));
         co.max_tokens = o && o->max_tokens > 0 ? o->max_tokens : 256;
+        /* logits rows: all tokens, but at most ~1 GB of them (large vocabularies) */
+        const long cap = (1l << 30) / ((long)b->m.vocab * 4);
+        co.max_logits = co.max_tokens < cap ? co.max_tokens : (cap > 256 ? (int)cap : 256);
         co.portable = o ? o->force_portable : 0;
         const char *p = getenv("LIGHTMOE_CUDA_PATH");
         co.path = p && !strcmp(p, "gemv") ? 1 : p && !strcmp(p, "mma") ? 2 : 0;
+        const char *g = getenv("LIGHTMOE_CUDA_GRAPHS");
+        co.graphs = !(g && !strcmp(g, "0"));
         rc = cu_state_create(&b->m, &co, &b->s, err);
     }
     if (rc) {
@@ -537,4 +547,14 @@ extern "C" int backend_cuda_create(const model *mm, const backend_options *o, ba
     }
     *ret = &b->base;
     return 0;
+}
+
+extern "C" struct cu_state *backend_cuda_state(backend *bb)
+{
+    return bb && bb->ops == &cuda_ops ? ((cuda_backend *)bb)->s : NULL;
+}
+
+extern "C" const struct cu_model *backend_cuda_model(backend *bb)
+{
+    return bb && bb->ops == &cuda_ops ? &((cuda_backend *)bb)->m : NULL;
 }

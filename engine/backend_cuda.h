@@ -13,7 +13,8 @@
  * Options used: devices[0] (default 0), max_tokens (default 256),
  * force_portable (reported in the name; every kernel is the portable
  * mma.sync/cp.async code today). tp > 1 is refused (engine/backend_tp).
- * Environment LIGHTMOE_CUDA_PATH=gemv|mma forces one INT4 kernel (tests).
+ * Environment LIGHTMOE_CUDA_PATH=gemv|mma forces one INT4 kernel (tests);
+ * LIGHTMOE_CUDA_GRAPHS=0 turns decode-step CUDA graphs off (they are on).
  */
 #ifndef LIGHTMOE_BACKEND_CUDA_H
 #define LIGHTMOE_BACKEND_CUDA_H
@@ -25,6 +26,13 @@ extern "C" {
 #endif
 
 int backend_cuda_create(const model *m, const backend_options *o, backend **ret, lm_err *err);
+
+/* For benchmarks: the device model and step state of a CUDA backend (NULL
+ * if b is not one). */
+struct cu_state;
+struct cu_model;
+struct cu_state *backend_cuda_state(backend *b);
+const struct cu_model *backend_cuda_model(backend *b);
 
 #ifdef __cplusplus
 }

@@ -154,27 +154,28 @@ __global__ void __launch_bounds__(128)
     }
 }
 
-__global__ void k_attn_merge(int hd, int nsplit, const float *__restrict__ part,
+/* One warp per (token, head) row: lane s < nsplit holds split s's (max,
+ * sum); the output dimensions are spread over the lanes. */
+__global__ void k_attn_merge(int hd, int nsplit, int rows, const float *__restrict__ part,
                              __half *__restrict__ out)
 {
-    const size_t row = blockIdx.x; /* token * nq + head */
-    const float *p = part + row * nsplit * (hd + 2);
-    float M = -INFINITY;
-    for (int s = 0; s < nsplit; s++)
-        M = fmaxf(M, p[s * (hd + 2) + hd]);
-    float L = 0.f;
-    for (int s = 0; s < nsplit; s++) {
-        const float ms = p[s * (hd + 2) + hd];
-        L += ms == -INFINITY ? 0.f : __expf(ms - M) * p[s * (hd + 2) + hd + 1];
-    }
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (row >= rows)
+        return;
+    const float *p = part + (size_t)row * nsplit * (hd + 2);
+    const float ms = lane < nsplit ? p[lane * (hd + 2) + hd] : -INFINITY;
+    const float M = warp_max(ms);
+    const float w = ms == -INFINITY ? 0.f : __expf(ms - M);
+    const float L = warp_sum(lane < nsplit ? w * p[lane * (hd + 2) + hd + 1] : 0.f);
+    const float inv = 1.f / L;
+    for (int d = lane; d < hd; d += 32) {
         float acc = 0.f;
+#pragma unroll 4
         for (int s = 0; s < nsplit; s++) {
-            const float ms = p[s * (hd + 2) + hd];
-            if (ms != -INFINITY)
-                acc += __expf(ms - M) * p[s * (hd + 2) + d];
+            const float ws = __shfl_sync(0xffffffffu, w, s);
+            acc += ws * p[s * (hd + 2) + d];
         }
-        out[row * hd + d] = __float2half(acc / L);
+        out[(size_t)row * hd + d] = __float2half(acc * inv);
     }
 }
 
@@ -234,7 +235,10 @@ extern "C" int cu_attn(const cu_attn_shape *s, const float *q, const __half *kc,
     if (rc)
         return rc;
     /* every query row of every tile: rows are token * nq + head, dense in T */
-    k_attn_merge<<<b->T * s->nq, 64, 0, st>>>(s->hd, b->nsplit, part, out);
+    if (b->nsplit > 32)
+        return lm_err_set(err, -EINVAL, "attention: %d splits (max 32)", b->nsplit);
+    const int rows = b->T * s->nq;
+    k_attn_merge<<<cuda_div_up(rows, 4), 128, 0, st>>>(s->hd, b->nsplit, rows, part, out);
     CUDA_LAUNCH_CHECK(err, "attention merge launch");
     return 0;
 }

@@ -11,6 +11,7 @@
  */
 #include <cublas_v2.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -21,6 +22,14 @@
 #include "engine/cuda_moe.cuh"
 #include "engine/cuda_norm.cuh"
 #include "engine/cuda_rope.cuh"
+
+enum { PROF_MAX = 4096 };
+static const char *const prof_names[] = {"embed+norm", "qkv", "rope+kv", "attention", "o_proj",
+                                         "router", "route+group", "experts gate_up",
+                                         "experts down", "shared expert", "combine(+norm)",
+                                         "dense mlp", "lm_head"};
+enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_ROUTER, P_GROUP, P_GATEUP, P_DOWN, P_SHARED,
+       P_COMBINE, P_DENSE, P_HEAD, P_NCAT };
 
 struct cu_state {
     const cu_model *m;
@@ -41,9 +50,22 @@ struct cu_state {
     int2 *d_tiles;
     int32_t *h_tok, *h_seq, *h_pos, *h_rows, *h_bt, *h_off;
     int2 *h_tiles;
-    int bt_cap;
+    int bt_cap, bt_stride;   /* block table rows on the device: fixed stride per step */
+    /* CUDA graphs of decode steps, keyed by (tokens, logit rows, table stride) */
+    struct graph_entry {
+        int T, n_logits, stride;
+        cudaGraphExec_t exec;
+    } graphs[32];
+    int n_graphs;
+    int graph_ok;           /* every MoE layer INT4: a step needs no host round trip */
+    void *blas_ws;
+    /* per-operation timing (benchmarks): events around each launch group */
+    int prof_on, prof_n;
+    cudaEvent_t *prof_ev;   /* [2 * PROF_MAX] */
+    int *prof_cat;          /* [PROF_MAX] */
+    double prof_ms[16];
     /* KV cache */
-    int bs, n_blocks;
+    int bs, n_blocks, bt_stride_max;
     __half *kv;
     size_t kv_layer_elems;  /* elements of one layer's K (= V) */
 };
@@ -92,6 +114,16 @@ extern "C" void cu_state_destroy(cu_state *s)
     for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
         if (host[i])
             cudaFreeHost(host[i]);
+    for (int i = 0; i < s->n_graphs; i++)
+        cudaGraphExecDestroy(s->graphs[i].exec);
+    if (s->prof_ev) {
+        for (int i = 0; i < 2 * PROF_MAX; i++)
+            cudaEventDestroy(s->prof_ev[i]);
+        free(s->prof_ev);
+        free(s->prof_cat);
+    }
+    if (s->blas_ws)
+        cudaFree(s->blas_ws);
     if (s->blas)
         cublasDestroy(s->blas);
     if (s->st)
@@ -144,6 +176,16 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
         return lm_err_set(err, -EIO, "cublas: cannot create a handle");
     }
     cublasSetStream(s->blas, s->st);
+    /* a fixed cuBLAS workspace: no allocation inside a step, graph capture safe */
+    if (cudaMalloc(&s->blas_ws, 32u << 20) != cudaSuccess ||
+        cublasSetWorkspace(s->blas, s->blas_ws, 32u << 20) != CUBLAS_STATUS_SUCCESS) {
+        cu_state_destroy(s);
+        return lm_err_set(err, -ENOMEM, "cublas: cannot set a 32 MB workspace");
+    }
+    s->graph_ok = 1;
+    for (int l = 0; l < m->n_layers; l++)
+        if (m->layers[l].moe && m->layers[l].gate_up.kind != CU_W_INT4)
+            s->graph_ok = 0;
     s->split_budget = Tm > 1024 ? Tm : 1024;
 
     ALLOC(s->x, (size_t)Tm * H, "residual stream");
@@ -229,6 +271,7 @@ extern "C" int cu_state_kv_init(cu_state *s, int32_t block_size, int32_t n_block
     const int max_blocks = (m->max_ctx + block_size - 1) / block_size + 1;
     const int seqs = s->Tm < 1024 ? s->Tm : 1024;
     s->bt_cap = seqs * max_blocks;
+    s->bt_stride_max = max_blocks;
     int rc = state_alloc((void **)&s->d_bt, (size_t)s->bt_cap * 4, err, "block tables");
     if (rc)
         return rc;
@@ -373,7 +416,11 @@ extern "C" long cu_state_read_experts(cu_state *s)
     return v;
 }
 
-static int moe_block(cu_state *s, const cu_layer *L, int T, lm_err *err)
+static void prof_mark(cu_state *s, int cat);
+
+/* The MoE block; if next_norm, the combine also writes rmsnorm(x) * next_norm
+ * into s->xn (the next layer's attention input). */
+static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_norm, lm_err *err)
 {
     const cu_model *m = s->m;
     const int H = m->hidden, E = m->n_experts, k = m->top_k, n = T * k;
@@ -381,21 +428,34 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, lm_err *err)
     const int er = E + (m->has_shared ? 1 : 0);
     const float one = 1.f, zero = 0.f;
     int rc;
-    cublasStatus_t b = cublasSgemm(s->blas, CUBLAS_OP_T, CUBLAS_OP_N, er, T, H, &one, L->router,
-                                   H, s->xnf, H, &zero, s->rlog, er);
-    if (b != CUBLAS_STATUS_SUCCESS)
-        return blas_err(err, b, "router product");
-    if ((rc = cu_moe_route(s->rlog, er, T, E, k, m->renorm, m->has_shared, s->topk_ids,
-                           s->topk_w, s->sg, s->st, err)))
-        return rc;
+    if (T <= 16 && H % 4 == 0) {
+        if ((rc = cu_router_logits(s->xnf, T, H, L->router, er, s->rlog, s->st, err)))
+            return rc;
+    } else {
+        cublasStatus_t b = cublasSgemm(s->blas, CUBLAS_OP_T, CUBLAS_OP_N, er, T, H, &one,
+                                       L->router, H, s->xnf, H, &zero, s->rlog, er);
+        if (b != CUBLAS_STATUS_SUCCESS)
+            return blas_err(err, b, "router product");
+    }
+    prof_mark(s, P_ROUTER);
     const int avg = (n + E - 1) / E;
     int tile = cu_int4_tile_for(T, avg, (cu_gemm_path)s->o.path);
-    if ((rc = cu_moe_group(s->topk_ids, s->topk_w, T, k, E, tile, &s->plan, s->st, err)))
-        return rc;
+    if (T <= 64) { /* one launch: routing and grouping in a single block */
+        if ((rc = cu_moe_route_group(s->rlog, er, T, E, k, m->renorm, m->has_shared, tile,
+                                     s->topk_ids, s->topk_w, s->sg, &s->plan, s->st, err)))
+            return rc;
+    } else {
+        if ((rc = cu_moe_route(s->rlog, er, T, E, k, m->renorm, m->has_shared, s->topk_ids,
+                               s->topk_w, s->sg, s->st, err)))
+            return rc;
+        if ((rc = cu_moe_group(s->topk_ids, s->topk_w, T, k, E, tile, &s->plan, s->st, err)))
+            return rc;
+    }
     if (s->d_active) {
         k_count_active<<<1, 128, 0, s->st>>>(s->plan.offsets, E, s->d_active);
         CUDA_LAUNCH_CHECK(err, "expert count launch");
     }
+    prof_mark(s, P_GROUP);
 
     if (L->gate_up.kind == CU_W_INT4) {
         cu_gemm_rows r;
@@ -428,10 +488,12 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, lm_err *err)
                 return rc;
             hin = s->hg;
         }
+        prof_mark(s, P_GATEUP);
         w = int4_of(&L->down, 0);
         if ((rc = cu_int4_matmul(&w, &r, hin, I, s->y, H, CU_OUT_F32, (cu_gemm_path)s->o.path,
                                  s->st, err)))
             return rc;
+        prof_mark(s, P_DOWN);
     } else {
         /* 16-bit experts: per-expert cuBLAS calls need the counts on the host. */
         CUDA_TRY(err, cudaMemcpyAsync(s->h_off, s->plan.offsets, (E + 1) * sizeof(int32_t),
@@ -457,14 +519,19 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, lm_err *err)
             return rc;
         if ((rc = linear(s, &L->sh_down, T, s->hs, sI, s->ys, H, CU_OUT_F32, err)))
             return rc;
+        prof_mark(s, P_SHARED);
     }
-    return cu_moe_combine(s->x, H, T, k, s->y, s->plan.pos, s->plan.ent_weight,
-                          L->sh_gate_up.kind != CU_W_NONE ? s->ys : NULL, s->sg, s->st, err);
+    rc = cu_moe_combine_norm(s->x, H, T, k, s->y, s->plan.pos, s->plan.ent_weight,
+                             L->sh_gate_up.kind != CU_W_NONE ? s->ys : NULL, s->sg, next_norm,
+                             m->eps, s->xn, s->st, err);
+    prof_mark(s, P_COMBINE);
+    return rc;
 }
 
 /* ---- the step -------------------------------------------------------------- */
 
-static int upload_batch(cu_state *s, const backend_batch *bt, cu_attn_batch *ab, lm_err *err)
+static int upload_batch(cu_state *s, const backend_batch *bt, cu_attn_batch *ab, int *ret_decode,
+                        lm_err *err)
 {
     const cu_model *m = s->m;
     const int T = bt->n_tokens;
@@ -476,9 +543,9 @@ static int upload_batch(cu_state *s, const backend_batch *bt, cu_attn_batch *ab,
         bt->seq_start[bt->n_seqs] != T)
         return lm_err_set(err, -EINVAL, "cuda: batch of %d pieces does not cover %d tokens",
                           bt->n_seqs, T);
-    if ((size_t)bt->n_seqs * bt->max_blocks > (size_t)s->bt_cap)
-        return lm_err_set(err, -EINVAL, "cuda: block table %d x %d exceeds capacity %d",
-                          bt->n_seqs, bt->max_blocks, s->bt_cap);
+    if (bt->n_seqs > s->bt_cap / s->bt_stride_max)
+        return lm_err_set(err, -EINVAL, "cuda: %d sequences in one step (max %d)", bt->n_seqs,
+                          s->bt_cap / s->bt_stride_max);
     if (bt->n_logits < 0 || bt->n_logits > T || bt->n_logits > s->o.max_logits)
         return lm_err_set(err, -EINVAL, "cuda: %d logit rows for %d tokens (max %d)",
                           bt->n_logits, T, s->o.max_logits);
@@ -525,8 +592,20 @@ static int upload_batch(cu_state *s, const backend_batch *bt, cu_attn_batch *ab,
                               bt->logit_rows[i], T);
         s->h_rows[i] = bt->logit_rows[i];
     }
-    const size_t btn = (size_t)bt->n_seqs * bt->max_blocks;
-    memcpy(s->h_bt, bt->block_table, btn * 4);
+    /* block table rows at a stride that depends only on the longest piece
+     * (a power of two), so that decode graphs can be reused across steps */
+    int need = (max_ctx + s->bs - 1) / s->bs, stride = 16;
+    while (stride < need)
+        stride *= 2;
+    if (stride > s->bt_stride_max)
+        stride = s->bt_stride_max;
+    s->bt_stride = stride;
+    for (int q = 0; q < bt->n_seqs; q++) {
+        const int nbq = (bt->start_pos[q] + bt->seq_start[q + 1] - bt->seq_start[q] + s->bs - 1) / s->bs;
+        memcpy(s->h_bt + (size_t)q * stride, bt->block_table + (size_t)q * bt->max_blocks,
+               (size_t)nbq * 4);
+    }
+    const size_t btn = (size_t)bt->n_seqs * stride;
     CUDA_TRY(err, cudaMemcpyAsync(s->d_tok, s->h_tok, T * 4, cudaMemcpyHostToDevice, s->st));
     CUDA_TRY(err, cudaMemcpyAsync(s->d_seq, s->h_seq, T * 4, cudaMemcpyHostToDevice, s->st));
     CUDA_TRY(err, cudaMemcpyAsync(s->d_pos, s->h_pos, T * 4, cudaMemcpyHostToDevice, s->st));
@@ -540,7 +619,10 @@ static int upload_batch(cu_state *s, const backend_batch *bt, cu_attn_batch *ab,
     const int blocks = n_tiles * m->nkv;
     if (blocks < 2 * s->sms) {
         nsplit = (2 * s->sms + blocks - 1) / blocks;
-        const int by_len = (max_ctx + 63) / 64;
+        /* prefill: no split shorter than 64 positions; decode: a function of the
+         * token count and table stride alone (graphs; the stride bounds the
+         * context), splits past the context are empty */
+        const int by_len = decode ? (stride * s->bs + 127) / 128 : (max_ctx + 63) / 64;
         if (nsplit > by_len)
             nsplit = by_len;
         if (nsplit > 32)
@@ -554,64 +636,181 @@ static int upload_batch(cu_state *s, const backend_batch *bt, cu_attn_batch *ab,
     ab->tok_seq = s->d_seq;
     ab->tok_pos = s->d_pos;
     ab->block_table = s->d_bt;
-    ab->max_blocks = bt->max_blocks;
+    ab->max_blocks = stride;
     ab->block_size = s->bs;
     ab->tiles = s->d_tiles;
     ab->n_tiles = n_tiles;
     ab->bq = bq;
     ab->nsplit = nsplit;
+    *ret_decode = decode;
     return 0;
 }
 
-static int forward_layers(cu_state *s, const backend_batch *bt, lm_err *err)
+/* ---- profiling ---------------------------------------------------------------- */
+
+static void prof_mark(cu_state *s, int cat)
+{
+    if (!s->prof_on || s->prof_n >= PROF_MAX)
+        return;
+    cudaEventRecord(s->prof_ev[2 * s->prof_n + 1], s->st);
+    s->prof_cat[s->prof_n] = cat;
+    s->prof_n++;
+    if (s->prof_n < PROF_MAX)
+        cudaEventRecord(s->prof_ev[2 * s->prof_n], s->st);
+}
+
+extern "C" int cu_state_profile(cu_state *s, int on, lm_err *err)
+{
+    if (on && !s->prof_ev) {
+        s->prof_ev = (cudaEvent_t *)calloc(2 * PROF_MAX, sizeof(cudaEvent_t));
+        s->prof_cat = (int *)calloc(PROF_MAX, sizeof(int));
+        if (!s->prof_ev || !s->prof_cat)
+            return lm_err_set(err, -ENOMEM, "cuda: out of host memory");
+        for (int i = 0; i < 2 * PROF_MAX; i++)
+            CUDA_TRY(err, cudaEventCreate(&s->prof_ev[i]));
+    }
+    s->prof_on = on;
+    memset(s->prof_ms, 0, sizeof(s->prof_ms));
+    return 0;
+}
+
+static void prof_collect(cu_state *s)
+{
+    if (!s->prof_on)
+        return;
+    cudaStreamSynchronize(s->st);
+    for (int i = 0; i < s->prof_n; i++) {
+        float ms = 0;
+        if (cudaEventElapsedTime(&ms, s->prof_ev[2 * i], s->prof_ev[2 * i + 1]) == cudaSuccess)
+            s->prof_ms[s->prof_cat[i]] += ms;
+    }
+    s->prof_n = 0;
+}
+
+extern "C" int cu_state_profile_report(cu_state *s, char *buf, size_t size)
+{
+    size_t at = 0;
+    double tot = 0;
+    for (int c = 0; c < P_NCAT; c++)
+        tot += s->prof_ms[c];
+    for (int c = 0; c < P_NCAT && at < size; c++)
+        if (s->prof_ms[c] > 0)
+            at += snprintf(buf + at, size - at, "%s%s %.3f ms (%.0f%%)", at ? ", " : "",
+                           prof_names[c], s->prof_ms[c], 100 * s->prof_ms[c] / (tot > 0 ? tot : 1));
+    memset(s->prof_ms, 0, sizeof(s->prof_ms));
+    return 0;
+}
+
+/* ---- the step ------------------------------------------------------------------- */
+
+/* Every launch of one step; depends on the batch only through ab (fixed
+ * device buffers) and T / n_logits, so it can be captured in a graph. */
+static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logits, lm_err *err)
 {
     const cu_model *m = s->m;
-    cu_attn_batch ab;
-    int rc = upload_batch(s, bt, &ab, err);
-    if (rc)
-        return rc;
-    const int T = bt->n_tokens, H = m->hidden;
+    int rc;
+    const int H = m->hidden;
     const cu_attn_shape shape = {m->nq, m->nkv, m->head_dim};
     const int nqkv = (m->nq + 2 * m->nkv) * m->head_dim, nqd = m->nq * m->head_dim;
+    if (s->prof_on && s->prof_n < PROF_MAX)
+        cudaEventRecord(s->prof_ev[2 * s->prof_n], s->st);
     if ((rc = cu_embed((const __half *)m->embed, H, s->d_tok, T, s->x, s->st, err)))
         return rc;
+    int normed = 0; /* s->xn already holds this layer's attention input */
     for (int l = 0; l < m->n_layers; l++) {
         const cu_layer *L = &m->layers[l];
         __half *kc = s->kv + (size_t)(2 * l) * s->kv_layer_elems;
         __half *vc = s->kv + (size_t)(2 * l + 1) * s->kv_layer_elems;
-        if ((rc = cu_rmsnorm(s->x, H, NULL, T, L->attn_norm, m->eps, s->xn, NULL, s->st, err)))
+        if (!normed &&
+            (rc = cu_rmsnorm(s->x, H, NULL, T, L->attn_norm, m->eps, s->xn, NULL, s->st, err)))
             return rc;
+        prof_mark(s, P_NORM);
         if ((rc = linear(s, &L->qkv, T, s->xn, H, s->qkv, nqkv, CU_OUT_F32, err)))
             return rc;
+        prof_mark(s, P_QKV);
         cu_qkv_params qp = {L->qkv_bias, L->q_norm, L->k_norm, m->eps, s->inv_freq};
-        if ((rc = cu_qkv_post(&shape, s->qkv, &qp, &ab, kc, vc, s->q, s->st, err)))
+        if ((rc = cu_qkv_post(&shape, s->qkv, &qp, ab, kc, vc, s->q, s->st, err)))
             return rc;
-        if ((rc = cu_attn(&shape, s->q, kc, vc, &ab, s->part, s->att, s->st, err)))
+        prof_mark(s, P_ROPE);
+        if ((rc = cu_attn(&shape, s->q, kc, vc, ab, s->part, s->att, s->st, err)))
             return rc;
+        prof_mark(s, P_ATTN);
         if ((rc = linear(s, &L->o, T, s->att, nqd, s->x, H, CU_OUT_F32_ACC, err)))
             return rc;
+        prof_mark(s, P_O);
         if ((rc = cu_rmsnorm(s->x, H, NULL, T, L->mlp_norm, m->eps, s->xn, L->moe ? s->xnf : NULL,
                              s->st, err)))
             return rc;
+        prof_mark(s, P_NORM);
+        normed = 0;
         if (L->moe) {
-            if ((rc = moe_block(s, L, T, err)))
+            const float *next = l + 1 < m->n_layers ? m->layers[l + 1].attn_norm : NULL;
+            if ((rc = moe_block(s, L, T, next, err)))
                 return lm_err_prefix(err, "layer %d", l);
+            normed = next != NULL;
         } else {
             const int I = L->down.k;
             if ((rc = linear(s, &L->gate_up, T, s->xn, H, s->h, I, CU_OUT_SILU_F16, err)))
                 return rc;
             if ((rc = linear(s, &L->down, T, s->h, I, s->x, H, CU_OUT_F32_ACC, err)))
                 return rc;
+            prof_mark(s, P_DENSE);
         }
     }
-    if (bt->n_logits > 0) {
-        if ((rc = cu_rmsnorm(s->x, H, s->d_rows, bt->n_logits, m->final_norm, m->eps, s->fn, NULL,
+    if (n_logits > 0) {
+        if ((rc = cu_rmsnorm(s->x, H, s->d_rows, n_logits, m->final_norm, m->eps, s->fn, NULL,
                              s->st, err)))
             return rc;
-        if ((rc = linear(s, &m->lm_head, bt->n_logits, s->fn, H, s->logits, m->vocab, CU_OUT_F32,
+        if ((rc = linear(s, &m->lm_head, n_logits, s->fn, H, s->logits, m->vocab, CU_OUT_F32,
                          err)))
             return rc;
+        prof_mark(s, P_HEAD);
     }
+    return 0;
+}
+
+static int forward_layers(cu_state *s, const backend_batch *bt, lm_err *err)
+{
+    cu_attn_batch ab;
+    int decode = 0;
+    int rc = upload_batch(s, bt, &ab, &decode, err);
+    if (rc)
+        return rc;
+    const int T = bt->n_tokens, nl = bt->n_logits;
+    if (!(s->o.graphs && s->graph_ok && decode && !s->prof_on)) {
+        rc = launch_layers(s, &ab, T, nl, err);
+        prof_collect(s);
+        return rc;
+    }
+    for (int i = 0; i < s->n_graphs; i++)
+        if (s->graphs[i].T == T && s->graphs[i].n_logits == nl && s->graphs[i].stride == ab.max_blocks)
+            return cuda_err(err, cudaGraphLaunch(s->graphs[i].exec, s->st), "graph launch");
+    /* first step of this shape: run it, then capture it for the next ones */
+    if ((rc = launch_layers(s, &ab, T, nl, err)))
+        return rc;
+    if (s->n_graphs == (int)(sizeof(s->graphs) / sizeof(s->graphs[0])))
+        return 0;
+    cudaGraph_t g = NULL;
+    cudaGraphExec_t ge = NULL;
+    CUDA_TRY(err, cudaStreamBeginCapture(s->st, cudaStreamCaptureModeRelaxed));
+    rc = launch_layers(s, &ab, T, nl, err);
+    cudaError_t e = cudaStreamEndCapture(s->st, &g);
+    if (rc) {
+        if (g)
+            cudaGraphDestroy(g);
+        return rc;
+    }
+    if (e == cudaSuccess)
+        e = cudaGraphInstantiate(&ge, g, 0);
+    if (g)
+        cudaGraphDestroy(g);
+    if (e != cudaSuccess)
+        return cuda_err(err, e, "graph capture of a decode step");
+    s->graphs[s->n_graphs].T = T;
+    s->graphs[s->n_graphs].n_logits = nl;
+    s->graphs[s->n_graphs].stride = ab.max_blocks;
+    s->graphs[s->n_graphs].exec = ge;
+    s->n_graphs++;
     return 0;
 }
 

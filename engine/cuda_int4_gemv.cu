@@ -54,9 +54,9 @@ __global__ void __launch_bounds__(128)
         for (int m = 0; m < MT; m++)
             acc[j][m] = 0.f;
 
-    for (int c = tl; c < C; c += TPR) {
-        uint4 wv[4];
-        half2 s2[4], z2[4];
+    /* Two chunks per step, both chunks' loads issued before either is used:
+     * 8 independent 16-byte weight loads in flight per lane. */
+    auto load = [&](int c, uint4 wv[4], half2 s2[4], half2 z2[4]) {
         const int grp = (c * 32) / w.group;
 #pragma unroll
         for (int j = 0; j < 4; j++)
@@ -66,6 +66,8 @@ __global__ void __launch_bounds__(128)
             s2[j] = __half2half2(sc[(size_t)rr[j] * G + grp]);
             z2[j] = int4_zero2(zp[(size_t)rr[j] * G + grp]);
         }
+    };
+    auto compute = [&](int c, const uint4 wv[4], const half2 s2[4], const half2 z2[4]) {
 #pragma unroll
         for (int q = 0; q < 4; q++) { /* 8 inputs k = c*32 + 8q .. +7 */
             half2 wd[4][4];
@@ -95,6 +97,17 @@ __global__ void __launch_bounds__(128)
                 }
             }
         }
+    };
+    for (int c = tl; c < C; c += 2 * TPR) {
+        uint4 wa[4], wb[4];
+        half2 sa[4], za[4], sb[4], zb[4];
+        const bool two = c + TPR < C;
+        load(c, wa, sa, za);
+        if (two)
+            load(c + TPR, wb, sb, zb);
+        compute(c, wa, sa, za);
+        if (two)
+            compute(c + TPR, wb, sb, zb);
     }
 #pragma unroll
     for (int j = 0; j < 4; j++)

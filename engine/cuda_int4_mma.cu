@@ -16,6 +16,10 @@
  * registers of two mma instructions, and the lane's A registers are the
  * same pairs of its 8 contiguous activations, rearranged with prmt.
  *
+ * When the grid would leave SMs idle (few rows, narrow matrices) K is split
+ * over grid.z and the partial sums are added with atomics (fp32 outputs
+ * only): results then vary in the last bits from run to run.
+ *
  * Shared rows are padded (A 192 bytes per 64 halves, B 48 bytes per 32
  * bytes) so that the fragment reads of a warp hit distinct banks.
  */
@@ -61,7 +65,14 @@ __global__ void __launch_bounds__(128)
         s_arow[i] = i < cnt ? (r.a_rows ? r.a_rows[start + i] : start + i) : -1;
     __syncthreads();
 
-    const int ktiles = (K + BK - 1) / BK;
+    /* split-K (grid.z > 1): this block takes k-tiles [kt0, kt0 + nkt) and adds
+     * its partial sums into the output with atomics */
+    const int ktiles_all = (K + BK - 1) / BK;
+    const int per = (ktiles_all + gridDim.z - 1) / gridDim.z;
+    const int kt0 = blockIdx.z * per;
+    const int ktiles = min(per, ktiles_all - kt0);
+    if (ktiles <= 0)
+        return;
     auto load_stage = [&](int stage, int kt) {
         uint8_t *da = sA + stage * BM * A_STRIDE;
         for (int i = tid; i < BM * 8; i += 128) {
@@ -93,11 +104,27 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int j = 0; j < 4; j++)
         nrow[j] = min(n0 + warp * 32 + j * 8 + g, N - 1);
+    /* scales and zeros of the lane's 4 rows for both 32-chunks of a k-tile,
+     * loaded one k-tile ahead so that their latency hides behind the mma work */
+    auto load_sz = [&](int kt, half2 s2[2][4], half2 z2[2][4]) {
+#pragma unroll
+        for (int ch = 0; ch < 2; ch++) {
+            const int kc = min(kt * BK + ch * 32, K - 32);
+            const int grp = kc / w.group;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                s2[ch][j] = __half2half2(sc[(size_t)nrow[j] * G + grp]);
+                z2[ch][j] = int4_zero2(zp[(size_t)nrow[j] * G + grp]);
+            }
+        }
+    };
+    half2 cs[2][4], cz[2][4];
+    load_sz(kt0, cs, cz);
 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
         if (s < ktiles)
-            load_stage(s, s);
+            load_stage(s, kt0 + s);
         cp_async_commit();
     }
 
@@ -105,26 +132,26 @@ __global__ void __launch_bounds__(128)
         cp_async_wait<STAGES - 2>();
         __syncthreads();
         if (kt + STAGES - 1 < ktiles)
-            load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+            load_stage((kt + STAGES - 1) % STAGES, kt0 + kt + STAGES - 1);
         cp_async_commit();
 
+        half2 ns[2][4], nz[2][4];
+        if (kt + 1 < ktiles)
+            load_sz(kt0 + kt + 1, ns, nz);
         const int stage = kt % STAGES;
         const uint8_t *ta = sA + stage * BM * A_STRIDE;
         const uint8_t *tb = sB + stage * BN * B_STRIDE;
 #pragma unroll
         for (int ch = 0; ch < 2; ch++) {
-            const int kc = kt * BK + ch * 32;
+            const int kc = (kt0 + kt) * BK + ch * 32;
             if (kc >= K)
                 break;
-            const int grp = kc / w.group;
             half2 bq[4][4];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const uint32_t word = *reinterpret_cast<const uint32_t *>(
                     tb + (warp * 32 + j * 8 + g) * B_STRIDE + ch * 16 + c * 4);
-                const half2 s2 = __half2half2(sc[(size_t)nrow[j] * G + grp]);
-                const half2 z2 = int4_zero2(zp[(size_t)nrow[j] * G + grp]);
-                int4_dequant8(word, z2, s2, bq[j]);
+                int4_dequant8(word, cz[ch][j], cs[ch][j], bq[j]);
             }
 #pragma unroll
             for (int mi = 0; mi < MTILES; mi++) {
@@ -148,6 +175,13 @@ __global__ void __launch_bounds__(128)
                 }
             }
         }
+#pragma unroll
+        for (int ch = 0; ch < 2; ch++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                cs[ch][j] = ns[ch][j];
+                cz[ch][j] = nz[ch][j];
+            }
     }
     cp_async_wait<0>();
 
@@ -172,7 +206,11 @@ __global__ void __launch_bounds__(128)
                     o[n / 2] = __float2half(cu_silu(acc[mi][j][2 * h]) * v1 * rs);
                 } else {
                     float *o = static_cast<float *>(out) + (size_t)i * ldo;
-                    if (MODE == CU_OUT_F32_ACC) {
+                    if (gridDim.z > 1) { /* split-K: partial sums meet in the output */
+                        atomicAdd(o + n, v0);
+                        if (n + 1 < N)
+                            atomicAdd(o + n + 1, v1 * rs);
+                    } else if (MODE == CU_OUT_F32_ACC) {
                         o[n] += v0;
                         if (n + 1 < N)
                             o[n + 1] += v1 * rs;
@@ -195,6 +233,23 @@ int launch_mma(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a,
     if (gy == 0)
         return 0;
     dim3 grid(cuda_div_up(w->n, BN), gy);
+    /* few blocks (small row counts, narrow matrices): split K so that every SM
+     * has work; not for the fused SiLU (it needs whole sums) */
+    static int sms = 0;
+    if (!sms && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess)
+        sms = 132;
+    const int ktiles = (w->k + BK - 1) / BK;
+    int splits = 1;
+    if (mode != CU_OUT_SILU_F16 && (int)(grid.x * grid.y) < sms) {
+        splits = (2 * sms) / (int)(grid.x * grid.y);
+        if (splits > ktiles / 4)
+            splits = ktiles / 4;
+        if (splits < 1)
+            splits = 1;
+    }
+    grid.z = splits;
+    if (splits > 1 && mode == CU_OUT_F32) /* the partial sums add into zeros */
+        CUDA_TRY(err, cudaMemset2DAsync(out, (size_t)ldo * 4, 0, (size_t)w->n * 4, r->n_rows, st));
     switch (mode) {
 #define LAUNCH(M) \
     case M: \

@@ -76,7 +76,8 @@ typedef struct cu_options {
     int32_t max_logits;   /* most logit rows in one forward (default max_tokens) */
     int32_t path;         /* 0 auto, 1 force the gemv kernel, 2 force the mma kernel */
     int32_t portable;     /* 1: never use Hopper-only code (there is none yet: same kernels) */
-    int32_t graphs;       /* 1: capture decode steps in CUDA graphs (INT4 models) */
+    int32_t graphs;       /* 1: replay decode steps (one token per piece) as CUDA graphs,
+                           * captured per (tokens, logit rows, table stride); INT4 experts */
 } cu_options;
 
 typedef struct cu_state cu_state;
@@ -93,6 +94,10 @@ size_t cu_state_kv_bytes_per_token(const cu_state *s);
  * the MoE layers of the steps run since the last read. */
 int cu_state_count_experts(cu_state *s, int on, lm_err *err);
 long cu_state_read_experts(cu_state *s);
+/* Benchmarks: time every launch group with events (disables graphs);
+ * report writes "op ms (share), ..." of the steps since the last report. */
+int cu_state_profile(cu_state *s, int on, lm_err *err);
+int cu_state_profile_report(cu_state *s, char *buf, size_t size);
 size_t cu_state_free_bytes(const cu_state *s);
 void cu_state_destroy(cu_state *s);
 

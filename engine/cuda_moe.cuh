@@ -21,6 +21,7 @@
 #ifndef LIGHTMOE_CUDA_MOE_CUH
 #define LIGHTMOE_CUDA_MOE_CUH
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -53,6 +54,20 @@ int cu_moe_group(const int32_t *topk_ids, const float *topk_w, int T, int k, int
 int cu_moe_combine(float *resid, int H, int T, int k, const float *y, const int32_t *pos,
                    const float *ent_weight, const float *ys, const float *sg, cudaStream_t st,
                    lm_err *err);
+
+/* combine, then (if norm_w) xn[t] = rmsnorm(resid[t]) * norm_w as fp16:
+ * the next layer's input norm fused into the same pass. */
+int cu_moe_combine_norm(float *resid, int H, int T, int k, const float *y, const int32_t *pos,
+                        const float *ent_weight, const float *ys, const float *sg,
+                        const float *norm_w, float eps, __half *xn, cudaStream_t st, lm_err *err);
+/* out[t][r] = x[t] . w[r] for T <= 16 tokens (fp32), H % 4 == 0. */
+int cu_router_logits(const float *x, int T, int H, const float *w, int rows, float *out,
+                     cudaStream_t st, lm_err *err);
+/* route + group in one single-block launch (small T). */
+int cu_moe_route_group(const float *logits, int ldl, int T, int E, int k, int renorm,
+                       int has_shared, int tile, int32_t *topk_ids, float *topk_w,
+                       float *shared_gate, const cu_moe_plan *plan, cudaStream_t st,
+                       lm_err *err);
 
 #ifdef __cplusplus
 }

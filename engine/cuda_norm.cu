@@ -64,7 +64,7 @@ extern "C" int cu_rmsnorm(const float *x, int H, const int32_t *rows, int n, con
 {
     if (n <= 0)
         return 0;
-    k_rmsnorm<<<n, 256, 0, st>>>(x, H, rows, w, eps, out_h, out_f);
+    k_rmsnorm<<<n, H >= 2048 ? 1024 : 256, 0, st>>>(x, H, rows, w, eps, out_h, out_f);
     CUDA_LAUNCH_CHECK(err, "rmsnorm launch");
     return 0;
 }

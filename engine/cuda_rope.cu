@@ -1,6 +1,8 @@
 /*
- * cuda_rope.cu: q/k/v post-processing (see cuda_rope.cuh). One block per
- * token, one warp per head; lane i handles the rotary pairs (i, i + hd/2).
+ * cuda_rope.cu: q/k/v post-processing (see cuda_rope.cuh). Grid (token,
+ * group of 4 heads), one warp per head; lane i handles the rotary pairs
+ * (i, i + hd/2). Many small blocks rather than one per token: at decode
+ * sizes the latency of one head's chain is the cost, not the work.
  */
 #include "engine/cuda_common.cuh"
 #include "engine/cuda_rope.cuh"
@@ -12,12 +14,13 @@ __global__ void k_qkv_post(cu_attn_shape s, const float *__restrict__ qkv, cu_qk
                            float *__restrict__ q_out)
 {
     const int t = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    /* block y takes heads [4y, 4y + 4): one head per warp, all heads in parallel */
     const int hd = s.hd, half = hd / 2, nh = s.nq + 2 * s.nkv;
     const int pos = b.tok_pos[t], seq = b.tok_seq[t];
     const int blk = b.block_table[(size_t)seq * b.max_blocks + pos / b.block_size];
     const size_t slot = (size_t)blk * b.block_size + pos % b.block_size;
     const float *row = qkv + (size_t)t * nh * hd;
-    for (int hh = warp; hh < nh; hh += blockDim.x / 32) {
+    for (int hh = blockIdx.y * 4 + warp; hh < nh && hh < (int)(blockIdx.y + 1) * 4; hh += 4) {
         float x1[4], x2[4];
         const int np = half / 32 > 0 ? half / 32 : 1;
         float ss = 0.f;
@@ -83,7 +86,8 @@ extern "C" int cu_qkv_post(const cu_attn_shape *s, const float *qkv, const cu_qk
         return lm_err_set(err, -EINVAL, "qkv post: head_dim %d unsupported (even, <= 256)", s->hd);
     if (b->T <= 0)
         return 0;
-    k_qkv_post<<<b->T, 128, 0, st>>>(*s, qkv, *p, *b, kc, vc, q_out);
+    dim3 grid(b->T, cuda_div_up(s->nq + 2 * s->nkv, 4));
+    k_qkv_post<<<grid, 128, 0, st>>>(*s, qkv, *p, *b, kc, vc, q_out);
     CUDA_LAUNCH_CHECK(err, "qkv post launch");
     return 0;
 }

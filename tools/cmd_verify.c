@@ -366,7 +366,7 @@ static int verify_main(int argc, char **argv)
     for (int i = 0; i < np; i++) {
         prompt *p = &P[i];
         double mx = 0, rel = 0, rel2 = 0, rel2b = 0;
-        int top1_bad = 0, same_rows = 1;
+        int top1_bad = 0, same_rows = 1, shown = 0;
         size_t rows = (size_t)(p->T + p->N);
         double *row_err = calloc(rows, sizeof(double)), *margin = calloc(rows, sizeof(double));
         for (size_t r = 0; r < rows; r++) {
@@ -402,6 +402,10 @@ static int verify_main(int argc, char **argv)
                 margin[r] = t1 - t2;
             if (t1 - t2 > 2 * rmx && argmax(p->got + r * V, V) != argmax(p->ref + r * V, V))
                 top1_bad++;
+            if (row_tol >= 0 && !quiet && !(r2 <= row_tol) && shown < 8) { /* say which rows */
+                printf("  p%d row %zu: row rel-L2 %.3g max|dlogit| %.3g\n", i, r, r2, rmx);
+                shown++;
+            }
         }
         int32_t match = 0;
         while (match < p->N && p->dec[match] == p->greedy[match])

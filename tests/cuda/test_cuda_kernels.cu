@@ -747,7 +747,7 @@ static void test_forward()
                 p[i] = (p[i] + 31 * (int)i) % 512;
         vector<vector<float>> alone[3], batched[3];
         for (int path = 0; path <= 2; path++) {
-            cu_options o = {256, 0, path, 0, 0};
+            cu_options o = {256, 0, path, 0, path == 0}; /* auto path: decode graphs on */
             cu_state *s;
             OK(cu_state_create(m, &o, &s, ERRP));
             OK(cu_state_kv_init(s, bs, 64, ERRP));
@@ -768,6 +768,19 @@ static void test_forward()
                            {32, 40, 48}, max_blocks);
             for (int q = 0; q < 3; q++)
                 batched[path].push_back(vector<float>(all.begin() + q * m->vocab, all.begin() + (q + 1) * m->vocab));
+            /* the same decode step again: a graph replay (auto path) must give the same */
+            for (int rep = 0; rep < 2; rep++) {
+                vector<float> again = run_seqs(s, m, {{1}, {2}, {3}},
+                                               {(int)pr[0].size(), (int)pr[1].size(), (int)pr[2].size()},
+                                               {32, 40, 48}, max_blocks);
+                vector<double> r0(all.begin(), all.end());
+                char what[128];
+                snprintf(what, sizeof what, "forward %s %s decode step replayed (%s)",
+                         int4 ? "int4" : "fp16", path == 0 ? "auto" : path == 1 ? "gemv" : "mma",
+                         path == 0 && int4 ? "graph" : "eager");
+                /* split-K atomics may reorder fp32 sums: last-bit differences only */
+                compare(what, again.data(), r0.data(), 3, m->vocab, 1e-5);
+            }
             cu_state_destroy(s);
         }
         const char *pn[] = {"auto", "gemv", "mma"};
