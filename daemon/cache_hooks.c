@@ -15,8 +15,9 @@
  * encodes the answer and queues it (bounded: when full the answer is not
  * stored, only published). One writer thread performs the stores.
  *
- * Not cached: requests asking for logprobs (serve does not keep them with
- * the answer), sampled requests without a seed (cache.h's policy).
+ * Not cached: sampled requests without a seed (cache.h's policy). Requests
+ * asking for logprobs are cached with them (the number asked is part of
+ * the key); an entry without them never answers such a request.
  */
 #include "daemon/cache_hooks.h"
 
@@ -84,8 +85,6 @@ static void on_state(void *user, cache_state s, const char *why)
 static int make_key(hooks_state *h, const serve_cache_key *sk, cache_key *k)
 {
     const serve_request *r = sk->req;
-    if (r->sampling.logprobs > 0)
-        return -1;
     cache_request cr;
     memset(&cr, 0, sizeof cr);
     cr.model_fp = h->fp;
@@ -116,6 +115,7 @@ static void fill_answer(const cache_entry *e, serve_answer *ans)
     ans->completion_tokens = e->completion_tokens;
     ans->chunks = (const serve_chunk *)e->chunks;
     ans->n_chunks = e->n_chunks;
+    ans->logprobs = e->logprobs;
     ans->priv = (void *)e;
 }
 
@@ -128,8 +128,12 @@ static int hook_lookup(void *user, const serve_cache_key *sk, int64_t deadline_n
         return 0;
     cache_entry *e = NULL;
     if (cache_get(h->c, &k, deadline_ns, &e) == 1) {
-        fill_answer(e, ret);
-        return 1;
+        if (sk->req->sampling.logprobs > 0 && !e->logprobs) {
+            cache_entry_free(e); /* cannot happen (the key differs); never answer without them */
+        } else {
+            fill_answer(e, ret);
+            return 1;
+        }
     }
     if (!k.store)
         return 0; /* no_store: compute alone, nobody waits for it */
@@ -153,6 +157,10 @@ static int hook_lookup(void *user, const serve_cache_key *sk, int64_t deadline_n
     if (role != CACHE_FLIGHT_FOLLOWER)
         return 0;
     if (cache_flight_wait(h->c, f, deadline_ns, &e) == 0) {
+        if (sk->req->sampling.logprobs > 0 && !e->logprobs) {
+            cache_entry_free(e);
+            return 0;
+        }
         fill_answer(e, ret);
         return 1;
     }
@@ -195,7 +203,8 @@ static void hook_store(void *user, const serve_cache_key *sk, const serve_answer
                      .prompt_tokens = ans->prompt_tokens,
                      .completion_tokens = ans->completion_tokens,
                      .chunks = (const cache_chunk *)ans->chunks,
-                     .n_chunks = ans->chunks ? ans->n_chunks : 0};
+                     .n_chunks = ans->chunks ? ans->n_chunks : 0,
+                     .logprobs = ans->logprobs};
     uint8_t *val = NULL;
     size_t n = 0;
     int ok = make_key(h, sk, &k) == 0 && k.store && cache_entry_encode(&e, &val, &n) == 0;
@@ -288,8 +297,8 @@ static int64_t hook_invalidate(void *user, const serve_cache_key *sk, char *msg,
     serve_cache_key sk2 = *sk;
     sk2.req = &r;
     if (make_key(h, &sk2, &k)) {
-        snprintf(msg, msglen, "requests with logprobs are never cached");
-        return 0;
+        snprintf(msg, msglen, "cache key: bad request");
+        return -EINVAL;
     }
     int rc = cache_delete(h->c, &k, dl, &err);
     if (rc < 0) {

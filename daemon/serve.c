@@ -41,6 +41,8 @@ typedef struct job {
     int32_t n_ids, ids_cap;
     serve_chunk *chunks;            /* how the kept answer was streamed (for cache replays) */
     int32_t n_chunks, chunks_cap;
+    sample_result *lps;             /* [n_ids] kept when the request asked for logprobs */
+    int32_t lps_cap;
     int looked_up;                  /* the cache was asked and missed: tell it when we end */
     int64_t first_ns, last_ns;
     _Atomic int refs;               /* engine + submitter, see serve_generate */
@@ -155,6 +157,7 @@ static void job_free(job *j)
     free(j->text);
     free(j->ids);
     free(j->chunks);
+    free(j->lps);
     free(j);
 }
 
@@ -181,10 +184,28 @@ static void job_remove(job *j)
     pthread_mutex_unlock(&s->mu);
 }
 
-static void job_keep(job *j, const char *text, size_t len, const int32_t *ids, int32_t n)
+static void job_keep(job *j, const char *text, size_t len, const int32_t *ids, int32_t n,
+                     const sample_result *lp)
 {
     if (len == 0 && n == 0)
         return;
+    if (j->req->sampling.logprobs > 0 && n > 0) {
+        if (!lp) {
+            j->store = 0; /* an answer without its logprobs must not be replayed */
+            return;
+        }
+        if (j->n_ids + n > j->lps_cap) {
+            int32_t cap = (j->lps_cap ? j->lps_cap * 2 : 32) + n;
+            sample_result *p = realloc(j->lps, (size_t)cap * sizeof *p);
+            if (!p) {
+                j->store = 0;
+                return;
+            }
+            j->lps = p;
+            j->lps_cap = cap;
+        }
+        memcpy(j->lps + j->n_ids, lp, (size_t)n * sizeof *lp);
+    }
     if (j->text_len + len + 1 > j->text_cap) {
         size_t cap = (j->text_cap ? j->text_cap * 2 : 256) + len;
         char *t = realloc(j->text, cap);
@@ -257,7 +278,7 @@ static void on_engine_delta(void *user, const char *text, size_t len, const int3
         j->last_ns = t;
     }
     if (j->store)
-        job_keep(j, text, len, ids, n);
+        job_keep(j, text, len, ids, n, lp);
     if (len == 0 && n == 0)
         return;
     serve_delta d = {text, len, ids, n, j->req->sampling.logprobs > 0 ? lp : NULL};
@@ -305,7 +326,8 @@ static void on_engine_finish(void *user, const runner_finish *f)
                                        j->req};
                 serve_answer ans = {j->text ? j->text : "", j->text_len, j->ids, j->n_ids,
                                     fin.finish_reason, f->prompt_tokens, f->completion_tokens,
-                                    j->chunks, j->n_chunks, NULL};
+                                    j->chunks, j->n_chunks,
+                                    j->req->sampling.logprobs > 0 ? j->lps : NULL, NULL};
                 h.store(h.user, &key, &ans, ttl);
                 metrics_count_cache_store();
             }
@@ -502,13 +524,14 @@ st_code serve_generate(serve *s, const serve_request *req, const serve_sink *sin
             int32_t tok = 0;
             for (int32_t i = 0; i < ans.n_chunks; i++) {
                 serve_delta d = {ans.text + off, ans.chunks[i].len, ans.token_ids + tok,
-                                 ans.chunks[i].n_tokens, NULL};
+                                 ans.chunks[i].n_tokens,
+                                 ans.logprobs ? ans.logprobs + tok : NULL};
                 sink->on_delta(user, &d);
                 off += ans.chunks[i].len;
                 tok += ans.chunks[i].n_tokens;
             }
             if (ans.n_chunks == 0 && (ans.len || ans.n_tokens)) {
-                serve_delta d = {ans.text, ans.len, ans.token_ids, ans.n_tokens, NULL};
+                serve_delta d = {ans.text, ans.len, ans.token_ids, ans.n_tokens, ans.logprobs};
                 sink->on_delta(user, &d);
             }
             job_remove(j);

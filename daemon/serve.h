@@ -109,6 +109,7 @@ typedef struct serve_answer {
     int32_t prompt_tokens, completion_tokens;
     const serve_chunk *chunks;      /* [n_chunks] adding up to len and n_tokens; NULL: one piece */
     int32_t n_chunks;
+    const sample_result *logprobs;  /* [n_tokens] when the request asked for logprobs, else NULL */
     void *priv;                     /* the hook's (lookup -> release) */
 } serve_answer;
 

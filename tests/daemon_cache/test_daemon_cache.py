@@ -196,6 +196,18 @@ def test_parameters_and_policy():
         assert engine_work(d) != before, "refresh must recompute"
         assert not api.complete(**greedy(q, cache_mode=pb.CACHE_MODE_BYPASS)).cached
         assert api.complete(**greedy(q)).cached
+        # Logprobs are part of the key and come back from the cache.
+        l1 = api.complete(**greedy(p, logprobs=3))
+        l2 = api.complete(**greedy(p, logprobs=3))
+        assert not l1.cached and l2.cached and l1.text == l2.text
+        assert len(l1.logprobs) == len(l1.token_ids) > 0
+        assert [(x.token_id, x.logprob, [(t.token_id, t.logprob) for t in x.top])
+                for x in l2.logprobs] == \
+            [(x.token_id, x.logprob, [(t.token_id, t.logprob) for t in x.top])
+             for x in l1.logprobs]
+        assert not api.complete(**greedy(p, logprobs=2)).cached
+        g = [r for r in api.generate(**greedy(p, logprobs=3))]
+        assert g[-1].cached and sum(len(r.logprobs) for r in g) == len(l1.token_ids)
         # Chat messages are cached by their rendered tokens.
         m = [pb.ChatMessage(role="user", content="hello there")]
         assert not api.complete(messages=m, temperature=0.0, max_tokens=6).cached
