@@ -227,22 +227,91 @@ static inline float exp_le0(float x)
     return x < -87.0f ? 0.0f : y * sc.f;
 }
 
-/* e[t] = exp(logits[t] - mx); returns the sum (8 partial sums, in double). */
+/* 8-lane vectors (GCC/Clang vector extensions; AVX2 with the engine's
+ * -march, plain lowering elsewhere) for the two passes over the vocabulary
+ * that every pick makes. The lane code is exp_le0 and the max, lane by lane. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f v8f_load(const float *p)
+{
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline v8f exp_le0_v8(v8f x)
+{
+    const v8f lo = {-87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f};
+    v8i under = x < lo;
+    v8f xc = (v8f)((under & (v8i)lo) | (~under & (v8i)x));
+    v8f t = xc * 1.44269504088896341f + 0.5f;
+    v8i ti = __builtin_convertvector(t, v8i); /* truncation */
+    v8f tf = __builtin_convertvector(ti, v8f);
+    ti += (v8i)(tf > t); /* -1 where truncation rounded up: floor */
+    v8f fi = __builtin_convertvector(ti, v8f);
+    v8f r = xc - fi * 0.693359375f + fi * 2.12194440e-4f;
+    v8f q = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    v8f y = q * r * r + r + 1.0f;
+    v8f sc = (v8f)((ti + 127) << 23);
+    return (v8f)(~under & (v8i)(y * sc));
+}
+
+/* e[t] = exp(logits[t] - mx); returns the sum (blocks of 512 summed in
+ * float lanes, blocks in double). */
 static double exp_pass(const float *logits, float mx, int32_t vocab, float *e)
 {
-    for (int32_t t = 0; t < vocab; t++)
-        e[t] = exp_le0(logits[t] - mx);
-    double part[8] = {0};
-    int32_t t = 0;
-    for (; t + 8 <= vocab; t += 8)
-        for (int k = 0; k < 8; k++)
-            part[k] += e[t + k];
     double sum = 0.0;
-    for (; t < vocab; t++)
+    int32_t t = 0;
+    while (t + 8 <= vocab) {
+        v8f acc = {0};
+        int32_t end = t + 512 <= vocab ? t + 512 : vocab - (vocab - t) % 8;
+        for (; t < end; t += 8) {
+            v8f v = exp_le0_v8(v8f_load(logits + t) - mx);
+            memcpy(e + t, &v, sizeof v);
+            acc += v;
+        }
+        for (int k = 0; k < 8; k++)
+            sum += acc[k];
+    }
+    for (; t < vocab; t++) {
+        e[t] = exp_le0(logits[t] - mx);
         sum += e[t];
-    for (int k = 0; k < 8; k++)
-        sum += part[k];
+    }
     return sum;
+}
+
+/* Largest logit, and whether any is NaN or +inf. */
+static float max_pass(const float *logits, int32_t vocab, int *ret_bad)
+{
+    const v8f pinf = {INFINITY, INFINITY, INFINITY, INFINITY,
+                      INFINITY, INFINITY, INFINITY, INFINITY};
+    v8f m = -pinf;
+    v8i bad8 = {0};
+    int32_t t = 0;
+    for (; t + 8 <= vocab; t += 8) {
+        v8f l = v8f_load(logits + t);
+        bad8 |= (l != l) | (l == pinf);
+        v8i gt = l > m;
+        m = (v8f)((gt & (v8i)l) | (~gt & (v8i)m));
+    }
+    float mx = -INFINITY;
+    int bad = 0;
+    for (int k = 0; k < 8; k++) {
+        bad |= bad8[k] != 0;
+        mx = m[k] > mx ? m[k] : mx;
+    }
+    for (; t < vocab; t++) {
+        float l = logits[t];
+        bad |= (l != l) | (l == INFINITY);
+        mx = l > mx ? l : mx;
+    }
+    *ret_bad = bad;
+    return mx;
 }
 
 /* Candidate order: probability descending, then id ascending. */
@@ -368,13 +437,8 @@ int sample_pick(float *logits, int32_t vocab, const sample_params *p, sample_rng
 
     /* max and validity (branch-free so it vectorises); NaN or +inf is a
      * backend bug reported as an error */
-    float mx = -INFINITY;
-    int bad = 0;
-    for (int32_t t = 0; t < vocab; t++) {
-        float l = logits[t];
-        bad |= (l != l) | (l == INFINITY);
-        mx = l > mx ? l : mx;
-    }
+    int bad;
+    float mx = max_pass(logits, vocab, &bad);
     if (bad)
         for (int32_t t = 0; t < vocab; t++)
             if (isnan(logits[t]) || logits[t] == INFINITY)
