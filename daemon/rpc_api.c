@@ -310,10 +310,14 @@ static void set_request_id(rpc_call *c, const char *rid)
 {
     if (!rid || !rid[0])
         return;
+    char old[sizeof c->request_id];
+    snprintf(old, sizeof old, "%s", c->request_id);
     size_t n = 0;
     for (; rid[n] && n < 64; n++)
         c->request_id[n] = (rid[n] > ' ' && rid[n] < 127) ? rid[n] : '_';
     c->request_id[n] = 0;
+    /* Links the call's first line (logged under `old`) to the client's id. */
+    log_msg(LL_DEBUG, c->request_id, "%s: request_id from the client (call %s)", c->m->name, old);
 }
 
 static int to_messages(size_t n, Lightmoe__V1__ChatMessage **in, runner_msg **ret)

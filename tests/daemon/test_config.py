@@ -110,5 +110,21 @@ def test_bind_failure_is_clear():
     assert rc == 1 and f"cannot bind '127.0.0.1:{port}'" in err, err
 
 
-lmtest.run_tests([test_example_checks, test_every_key_documented, test_errors_name_the_line,
+def test_load_failure_exits_1():
+    # A folder whose config.json passes --check-config but is no model: the
+    # daemon binds, reports NOT_SERVING, then exits 1 saying why.
+    bad = os.path.join(A.workdir, "badmodel")
+    os.makedirs(bad, exist_ok=True)
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        f.write('{"model_type": "qwen2_moe"}')
+    rc, _, err = run("--model", bad, "--listen", "127.0.0.1:0", "--metrics-listen", "",
+                     "--config", write("empty.conf", ""), "--cache-url", "off")
+    assert rc == 1 and "cannot load the model" in err, err
+    # With the answer cache on, its model fingerprint refuses the folder first.
+    rc, _, err = run("--model", bad, "--listen", "127.0.0.1:0", "--metrics-listen", "",
+                     "--config", write("empty.conf", ""))
+    assert rc == 1 and "no *.safetensors" in err, err
+
+
+lmtest.run_tests([test_load_failure_exits_1, test_example_checks, test_every_key_documented, test_errors_name_the_line,
                   test_flags_and_cross_checks, test_bind_failure_is_clear])
