@@ -176,6 +176,20 @@ static void test_errors(void)
               "'model.layers.0.self_attn.k_proj.weight': shape [16384], expected [64, 256]");
     CHECK(strstr(err.msg, "model.safetensors") != NULL);
 
+    /* tied embeddings: no lm_head.weight needed, lm_head reads embed_tokens */
+    const char *tied = sub("tied");
+    rewrite(good, tied, "lm_head.weight", 0);
+    CHECK_ERR(model_load(tied, NULL, &m, &err), err, -EINVAL, "tensor 'lm_head.weight' is missing");
+    char sed[700];
+    snprintf(sed, sizeof sed, "sed -i 's/\"tie_word_embeddings\": false/\"tie_word_embeddings\": true/' "
+             "'%s/config.json'", tied);
+    CHECK(system(sed) == 0);
+    CHECK(model_load(tied, NULL, &m, &err) == 0);
+    if (m)
+        CHECK(m->cfg.tie_embeddings && m->lm_head.w == m->embed.w);
+    model_free(m);
+    m = NULL;
+
     /* sharded: remove a shard */
     o.shard_bytes = 1 << 20;
     const char *sh = sub("sharded");
