@@ -50,7 +50,7 @@ static const config_key config_table[] = {
      "gRPC address: HOST:PORT, [V6]:PORT or unix:/PATH (port 0 picks a free one)"},
     {"metrics_listen", CT_STR, OFF(metrics_listen), 0, 0, NULL, 0, "127.0.0.1:9464",
      "Prometheus HTTP address HOST:PORT; empty turns metrics off"},
-    {"rpc_threads", CT_INT, OFF(rpc_threads), 1, 64, NULL, 0, "2",
+    {"rpc_threads", CT_INT, OFF(rpc_threads), 1, 64, NULL, 0, "4",
      "threads serving the gRPC completion queue"},
     {"tls_cert", CT_STR, OFF(tls_cert), 0, 0, NULL, 0, "",
      "PEM server certificate chain; with tls_key turns TLS on"},

@@ -150,6 +150,8 @@ def test_edges_of_limits():
                  grpc.StatusCode.INVALID_ARGUMENT, "max_prompt_tokens")
     r = api.complete(prompt="a", max_tokens=64, temperature=0)   # = max_tokens_limit
     assert r.usage.completion_tokens <= 64
+    expect_error(lambda: api.complete(prompt="a", max_tokens=65), grpc.StatusCode.INVALID_ARGUMENT,
+                 "max_tokens 65 exceeds the server limit (max_tokens_limit = 64)")
 
 
 def test_deadline_1ms():
