@@ -40,11 +40,12 @@ struct cpu_pool {
     pthread_cond_t cv_start, cv_done;
     uint64_t gen;
     int stop;
-    int active;
+    int active;                 /* workers inside the current job */
     cpu_task_fn fn;
     void *ctx;
     int64_t n_items, chunk;
-    atomic_llong next;
+    atomic_llong next;          /* first item not yet taken */
+    atomic_llong done;          /* items finished */
     float **scratch;            /* per thread, scratch_floats each */
     size_t scratch_floats;
 };
@@ -54,6 +55,10 @@ typedef struct worker_arg {
     int idx;
 } worker_arg;
 
+/* Take chunks of the current job until none is left. The thread finishing
+ * the last chunk wakes the caller: the caller never waits for a worker that
+ * has not woken up yet (on a busy machine it may be descheduled for a long
+ * time), only for the work itself. */
 static void pool_work(cpu_pool *p, int t)
 {
     for (;;) {
@@ -62,6 +67,11 @@ static void pool_work(cpu_pool *p, int t)
             break;
         int64_t e = b + p->chunk < p->n_items ? b + p->chunk : p->n_items;
         p->fn(p->ctx, b, e, t);
+        if (atomic_fetch_add(&p->done, e - b) + (e - b) == p->n_items) {
+            pthread_mutex_lock(&p->mu);
+            pthread_cond_broadcast(&p->cv_done);
+            pthread_mutex_unlock(&p->mu);
+        }
     }
 }
 
@@ -80,11 +90,17 @@ static void *pool_main(void *arg)
             return NULL;
         }
         seen = p->gen;
+        /* join the job only while it has work left; the next job cannot
+         * start (and reset the counters) while we are inside (active) */
+        int join = atomic_load(&p->next) < p->n_items;
+        p->active += join;
         pthread_mutex_unlock(&p->mu);
+        if (!join)
+            continue;
         pool_work(p, idx);
         pthread_mutex_lock(&p->mu);
         if (--p->active == 0)
-            pthread_cond_signal(&p->cv_done);
+            pthread_cond_broadcast(&p->cv_done);
         pthread_mutex_unlock(&p->mu);
     }
 }
@@ -178,18 +194,20 @@ void cpu_pool_run(cpu_pool *p, cpu_task_fn fn, void *ctx, int64_t n_items, int64
         return;
     }
     pthread_mutex_lock(&p->mu);
+    while (p->active) /* stragglers of the previous job leave its loop at once */
+        pthread_cond_wait(&p->cv_done, &p->mu);
     p->fn = fn;
     p->ctx = ctx;
     p->n_items = n_items;
     p->chunk = chunk;
     atomic_store(&p->next, 0);
-    p->active = p->n - 1;
+    atomic_store(&p->done, 0);
     p->gen++;
     pthread_cond_broadcast(&p->cv_start);
     pthread_mutex_unlock(&p->mu);
     pool_work(p, 0);
     pthread_mutex_lock(&p->mu);
-    while (p->active)
+    while (atomic_load(&p->done) < n_items)
         pthread_cond_wait(&p->cv_done, &p->mu);
     pthread_mutex_unlock(&p->mu);
 }

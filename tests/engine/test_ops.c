@@ -281,6 +281,33 @@ static void test_rtn(void)
     CHECK_ERR(int4_quantize_rtn(w, n, k, 48, qs, sc, z, &err), err, -EINVAL, "group 48");
 }
 
+/* The pool runs every item of every job exactly once, jobs back to back. */
+typedef struct pool_job {
+    int hits[64];
+} pool_job;
+
+static void count_task(void *ctx, int64_t b, int64_t e, int thread)
+{
+    pool_job *j = ctx;
+    for (int64_t i = b; i < e; i++)
+        __atomic_add_fetch(&j->hits[i], 1, __ATOMIC_RELAXED);
+}
+
+static void test_pool(cpu_pool *p)
+{
+    for (int it = 0; it < 3000; it++) {
+        pool_job j;
+        memset(&j, 0, sizeof j);
+        int64_t n = 1 + it % 64, chunk = 1 + it % 5;
+        cpu_pool_run(p, count_task, &j, n, chunk);
+        for (int64_t i = 0; i < 64; i++)
+            if (j.hits[i] != (i < n)) {
+                CHECK(j.hits[i] == (i < n));
+                return;
+            }
+    }
+}
+
 int main(void)
 {
     lm_err err = {0};
@@ -290,6 +317,7 @@ int main(void)
         return 1;
     }
     CHECK(cpu_pool_reserve(p3, 4 * 96, &err) == 0);
+    test_pool(p3);
     for (int portable = 0; portable < 2; portable++) {
         cpu_pool_set_portable(p1, portable);
         cpu_pool_set_portable(p3, portable);
