@@ -257,7 +257,9 @@ int cache_key_make(const cache *c, const cache_request *r, cache_key *ret, lm_er
     h_f32(&h, sp->repetition_penalty);
     h_f32(&h, sp->presence_penalty);
     h_f32(&h, sp->frequency_penalty);
-    h_u64(&h, greedy ? 0 : sp->seed);
+    /* A seed the caller did not choose is random per request: hashing it would
+     * make every key unique (cache_nondeterministic could never hit). */
+    h_u64(&h, greedy || !r->seed_fixed ? 0 : sp->seed);
     h_u32(&h, (uint32_t)sp->logprobs);
     h_ids(&h, r->stop_ids, r->n_stop_ids);
     h_u32(&h, (uint32_t)r->n_stop);

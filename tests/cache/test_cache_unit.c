@@ -215,6 +215,21 @@ static void test_keys(void)
     cache_key k2;
     b.sp.seed = 5;
     CHECK(cache_key_make(c, &r, &k2, NULL) == 0 && strcmp(k1.str, k2.str)); /* seed counts */
+    {
+        /* cache_nondeterministic: sampled requests with random seeds share a key. */
+        cache_config cfg;
+        cache_config_default(&cfg);
+        cfg.cache_nondeterministic = 1;
+        cache *cn;
+        CHECK(cache_create(&cfg, &cn, NULL) == 0);
+        r.seed_fixed = 0;
+        b.sp.seed = 1;
+        CHECK(cache_key_make(cn, &r, &k1, NULL) == 0 && k1.lookup && k1.store);
+        b.sp.seed = 2;
+        CHECK(cache_key_make(cn, &r, &k2, NULL) == 0 && !strcmp(k1.str, k2.str));
+        cache_destroy(cn);
+        r.seed_fixed = 1;
+    }
     /* Stop strings and stop ids and extra bytes count. */
     const char *stops[2] = {"\n\n", "END"};
     int32_t sid[1] = {7};
