@@ -48,6 +48,27 @@ static _Atomic int stall_engine;    /* debug hook */
 static int debug_hooks;
 static int64_t step_delay_ms;       /* debug hook */
 
+static const int handled[5] = {SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2};
+static volatile sig_atomic_t recorded[5];
+
+static void on_signal(int sig)
+{
+    for (int i = 0; i < 5; i++)
+        if (handled[i] == sig)
+            recorded[i] = 1;
+}
+
+/* A signal some other thread caught for us, or -1. */
+static int take_recorded(void)
+{
+    for (int i = 0; i < 5; i++)
+        if (recorded[i]) {
+            recorded[i] = 0;
+            return handled[i];
+        }
+    return -1;
+}
+
 static void usage(FILE *f)
 {
     fprintf(f,
@@ -305,6 +326,17 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGUSR2);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
+    /* A thread that was not started by us (a sanitizer's helper thread, for
+     * one) may have these signals unblocked and would die of the default
+     * action: give them a handler that only records the signal for the
+     * loop below. Ours never run it (blocked), sigtimedwait takes them. */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    for (int i = 0; i < 5; i++)
+        sigaction(handled[i], &sa, NULL);
 
     notify_init();
     notify_status("starting");
@@ -353,6 +385,8 @@ int main(int argc, char **argv)
         struct timespec to = {0, 100 * 1000000};
         siginfo_t si;
         int sig = sigtimedwait(&set, &si, &to);
+        if (sig < 0)
+            sig = take_recorded();
         int64_t now = mono_ns();
         if (sig == SIGTERM || sig == SIGINT) {
             if (!stopping) {
