@@ -19,7 +19,7 @@ if command -v lintian >/dev/null; then
   lintian --tag-display-limit 0 "$deb" 2>&1 | grep -v "root privileges" || true
 fi
 
-fail() { echo "test-package: FAIL: $*"; exit 1; }
+fail() { echo "test-package: FAIL: $*"; dpkg -P lightmoe >/dev/null 2>&1; exit 1; }
 dpkg -r lightmoe >/dev/null 2>&1 || true
 dpkg -i "$deb"
 command -v lightmoed >/dev/null || fail "lightmoed not on PATH after install"
@@ -42,7 +42,7 @@ printf 'no_such_key = 1\n' > /tmp/lightmoe-bad.conf
 if lightmoed --check-config --config /tmp/lightmoe-bad.conf 2>/tmp/lightmoe-bad.err; then
   fail "--check-config accepted an unknown key"
 fi
-grep -q 'line 1' /tmp/lightmoe-bad.err || fail "error does not name the line: $(cat /tmp/lightmoe-bad.err)"
+grep -q 'lightmoe-bad.conf:1:' /tmp/lightmoe-bad.err || fail "error does not name the line: $(cat /tmp/lightmoe-bad.err)"
 rm -f /tmp/lightmoe-bad.conf /tmp/lightmoe-bad.err
 echo "# operator edit" >> /etc/lightmoe/lightmoed.conf
 dpkg -r lightmoe
