@@ -8,8 +8,9 @@
  *   qs     uint8  [N][K/2]        byte j of row n: k = 2j in the low nibble,
  *                                 k = 2j+1 in the high nibble; values 0..15
  *   scales uint16 [N][K/group]    IEEE fp16 bit patterns
- *   zeros  uint8  [N][K/group]    the real zero point 0..15 (GPTQ's stored
- *                                 qzeros + 1; 8 for symmetric quantization)
+ *   zeros  uint8  [N][K/group]    the real zero point 0..16 (GPTQ's stored
+ *                                 qzeros + 1, so a stored 15 gives 16: read
+ *                                 it as a whole byte; 8 for symmetric)
  *   perm   int32  [K] or NULL     act-order: packed column j multiplies input
  *                                 x[perm[j]]; NULL means identity
  *   bias   float  [N] or NULL
@@ -51,7 +52,7 @@ typedef struct int4_matrix {
     int32_t group;         /* inputs per scale/zero group */
     const uint8_t *qs;     /* [n][k/2] */
     const uint16_t *scales;/* [n][k/group] fp16 */
-    const uint8_t *zeros;  /* [n][k/group] 0..15 */
+    const uint8_t *zeros;  /* [n][k/group] 0..16 */
     const int32_t *perm;   /* [k] or NULL */
     const float *bias;     /* [n] or NULL */
 } int4_matrix;
