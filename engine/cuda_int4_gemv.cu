@@ -221,7 +221,10 @@ extern "C" int cu_int4_gemv(const cu_int4_weights *w, const cu_gemm_rows *r, con
 
 extern "C" int cu_int4_tile_for(int max_rows, int avg_rows, cu_gemm_path path)
 {
-    if (path == CU_GEMM_GEMV || (path == CU_GEMM_AUTO && max_rows <= 8)) {
+    /* gemv up to 4 rows: measured on the H100 (docs/PERF.md), the split-K mma
+     * kernel is faster from 8 rows on (13.2 vs 17.8 us, qkv 5120x2048) and
+     * the gemv twice as fast at 1 row (6.7 vs 13.1 us) */
+    if (path == CU_GEMM_GEMV || (path == CU_GEMM_AUTO && max_rows <= 4)) {
         int t = 1;
         while (t < max_rows && t < 8)
             t *= 2;
