@@ -9,7 +9,13 @@
  * entry), and the `finish` hook publishes a failure when the leader ends
  * without an answer (cancelled, deadline, engine error, refused), after
  * which each follower computes by itself. Followers wait on the RPC thread
- * that called lookup, at most until their own deadline.
+ * that called lookup, at most until their own deadline. Because a waiting
+ * follower holds an RPC thread, at most rpc_threads - 1 followers wait at
+ * once: the last thread always stays free for health checks and other
+ * prompts (without the bound, identical requests could occupy every RPC
+ * thread and the server would stop answering until the leader finished).
+ * A follower past the bound computes by itself; its answer is identical
+ * (only deterministic requests are cached) and its store is harmless.
  *
  * Writer: the store hook runs on the engine thread and must not block; it
  * encodes the answer and queues it (bounded: when full the answer is not
@@ -62,6 +68,7 @@ typedef struct hooks_state {
     leader *leaders[LEADER_BUCKETS];
     wjob *head, *tail;
     int queued, stop;
+    int waiters, max_waiters;   /* followers waiting now / at most (under mu) */
     pthread_t writer;
 } hooks_state;
 
@@ -156,7 +163,20 @@ static int hook_lookup(void *user, const serve_cache_key *sk, int64_t deadline_n
     }
     if (role != CACHE_FLIGHT_FOLLOWER)
         return 0;
-    if (cache_flight_wait(h->c, f, deadline_ns, &e) == 0) {
+    pthread_mutex_lock(&h->mu);
+    int may_wait = h->waiters < h->max_waiters;
+    if (may_wait)
+        h->waiters++;
+    pthread_mutex_unlock(&h->mu);
+    /* Past the bound: take the result only if it is already there (a
+     * deadline in the past never blocks and releases our reference). */
+    int rc = cache_flight_wait(h->c, f, may_wait ? deadline_ns : 1, &e);
+    if (may_wait) {
+        pthread_mutex_lock(&h->mu);
+        h->waiters--;
+        pthread_mutex_unlock(&h->mu);
+    }
+    if (rc == 0) {
         if (sk->req->sampling.logprobs > 0 && !e->logprobs) {
             cache_entry_free(e);
             return 0;
@@ -449,6 +469,7 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
         free(h);
         return rc;
     }
+    h->max_waiters = (int)cfg->rpc_threads - 1;
     pthread_mutex_init(&h->mu, NULL);
     pthread_cond_init(&h->cv, NULL);
     if (pthread_create(&h->writer, NULL, writer_main, h)) {

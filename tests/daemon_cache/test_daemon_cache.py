@@ -152,8 +152,10 @@ def test_memory_hit_no_engine_work():
 
 
 def test_single_flight():
-    """Identical requests in flight together: the engine generates once."""
-    with Daemon("flight") as d:
+    """Identical requests in flight together: the engine generates once.
+    (A waiting follower holds an RPC thread and at most rpc_threads - 1 wait
+    at once, so the daemon gets enough threads for all 16 to wait.)"""
+    with Daemon("flight", ["--rpc-threads", "17"]) as d:
         api = Api(d.channel())
         before = engine_work(d)
         out, errors = [], []
@@ -177,6 +179,42 @@ def test_single_flight():
         after = engine_work(d)
         gen = after[1] - before[1]
         assert gen == out[0].usage.completion_tokens, (gen, out[0].usage.completion_tokens)
+
+
+def test_single_flight_keeps_serving():
+    """Identical slow requests never take every RPC thread: with 2 threads
+    and 4 identical requests waiting on one leader, health checks and other
+    prompts are still answered at once, and every identical request gets the
+    same, correct answer."""
+    with Daemon("flightlive", ["--rpc-threads", "2", "--debug-hooks", "yes",
+                               "--debug-step-delay-ms", "100"]) as d:
+        api = Api(d.channel())
+        out, errors = [], []
+
+        def one():
+            try:
+                out.append(api.complete(timeout=300, **greedy("Slow and identical",
+                                                              max_tokens=120)))
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+
+        th = [threading.Thread(target=one) for _ in range(4)]
+        for t in th:
+            t.start()
+        time.sleep(1.0)  # the leader generates (up to 120 steps of >= 100 ms)
+        # Before the fix every RPC thread waited on the leader: this check
+        # timed out. Now it is answered while the identical ones still wait.
+        assert api.check(timeout=5).status == 1  # SERVING
+        other = api.complete(timeout=10, **greedy("A different prompt", max_tokens=2))
+        assert other.usage.completion_tokens >= 1
+        still_waiting = len(out) == 0
+        for t in th:
+            t.join()
+        assert not errors, errors[:3]
+        assert len({r.text for r in out}) == 1, [r.text for r in out]
+        # Meaningful only if the leader was still generating during the checks.
+        assert still_waiting or out[0].usage.completion_tokens < 60, \
+            "the leader finished before the checks: the test did not test anything"
 
 
 def test_parameters_and_policy():
@@ -408,5 +446,6 @@ def test_bad_cache_url():
 if __name__ == "__main__":
     open(os.path.join(A.workdir, "empty.conf"), "w").close()
     lmtest.run_tests([test_bad_cache_url, test_memory_hit_no_engine_work, test_single_flight,
+                   test_single_flight_keeps_serving,
                       test_parameters_and_policy, test_invalidate, test_redis_hit,
                       test_redis_killed_and_restarted, test_redis_slow, test_redis_down_at_start])
