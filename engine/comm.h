@@ -15,6 +15,7 @@
  *
  * The host implementation (threads + shared memory) allocates nothing per
  * call: ranks publish their buffer pointers and each reduces one slice.
+ * The NCCL implementation is engine/comm_nccl.h (CUDA builds only).
  */
 #ifndef LIGHTMOE_COMM_H
 #define LIGHTMOE_COMM_H
