@@ -46,6 +46,11 @@ static const config_key config_table[] = {
      "INT4 already)"},
     {"threads", CT_INT, OFF(threads), 0, 1024, NULL, 0, "0",
      "CPU backend threads; 0 = every core"},
+    {"tensor_parallel", CT_INT, OFF(tensor_parallel), 1, 64, NULL, 0, "1",
+     "tensor-parallel ranks (also --tp N): attention heads and expert widths split across "
+     "them; cpu: threads of one process over a host communicator"},
+    {"devices", CT_STR, OFF(devices), 0, 0, NULL, 0, "",
+     "cuda: device id of each rank, comma-separated (\"0,1\"); empty = 0..tensor_parallel-1"},
     {"listen", CT_STR, OFF(listen), 0, 0, NULL, 0, "127.0.0.1:50051",
      "gRPC address: HOST:PORT, [V6]:PORT or unix:/PATH (port 0 picks a free one)"},
     {"metrics_listen", CT_STR, OFF(metrics_listen), 0, 0, NULL, 0, "127.0.0.1:9464",
@@ -273,6 +278,29 @@ static int check_readable(const char *key, const char *path, char *errbuf, size_
     return 0;
 }
 
+int dconf_parse_devices(const char *s, int *ret_ids, int max, int *ret_n, char *errbuf,
+                        size_t errlen)
+{
+    int n = 0;
+    const char *p = s;
+    while (*p) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v > 255 || (*end && *end != ','))
+            return fail(errbuf, errlen, "devices: '%s' is not a comma-separated list of device "
+                        "ids (e.g. 0,1)", s);
+        if (n >= max)
+            return fail(errbuf, errlen, "devices: more than %d ids", max);
+        if (ret_ids)
+            ret_ids[n] = (int)v;
+        n++;
+        p = *end ? end + 1 : end;
+    }
+    *ret_n = n;
+    return 0;
+}
+
 int dconf_validate(const daemon_config *cfg, char *errbuf, size_t errlen)
 {
     int rc;
@@ -282,6 +310,15 @@ int dconf_validate(const daemon_config *cfg, char *errbuf, size_t errlen)
     snprintf(p, sizeof p, "%s/config.json", cfg->model);
     if ((rc = check_readable("model", p, errbuf, errlen)))
         return rc;
+    if (cfg->devices[0]) {
+        int n = 0;
+        if ((rc = dconf_parse_devices(cfg->devices, NULL, 64, &n, errbuf, errlen)))
+            return rc;
+        if (n != cfg->tensor_parallel)
+            return fail(errbuf, errlen,
+                        "devices: %d device ids given for tensor_parallel = %lld (one per rank)", n,
+                        (long long)cfg->tensor_parallel);
+    }
     if (!cfg->listen[0])
         return fail(errbuf, errlen, "listen: empty address");
     if (strncmp(cfg->listen, "unix:", 5) && !strrchr(cfg->listen, ':'))

@@ -32,6 +32,8 @@ typedef struct daemon_config {
     char device[16];
     int quantize_int4;
     int64_t threads;
+    int64_t tensor_parallel;            /* ranks (flag --tp N too) */
+    char devices[CONFIG_STR_MAX];       /* "0,1": CUDA device of each rank; "" = 0..tp-1 */
     /* network */
     char listen[CONFIG_STR_MAX];
     char metrics_listen[CONFIG_STR_MAX];
@@ -92,5 +94,10 @@ void dconf_dump(const daemon_config *cfg, FILE *f);
 
 /* Write the list of keys with their help lines (for --help). */
 void dconf_usage(FILE *f);
+
+/* Parse "0,1,..." into ret_ids[0..max) (ret_ids may be NULL to count);
+ * -EINVAL with a message naming the key otherwise. */
+int dconf_parse_devices(const char *s, int *ret_ids, int max, int *ret_n, char *errbuf,
+                        size_t errlen);
 
 #endif

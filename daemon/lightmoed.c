@@ -279,6 +279,8 @@ int main(int argc, char **argv)
             }
             value = argv[++i];
         }
+        if (!strcmp(key, "tp"))
+            key = "tensor_parallel"; /* the short spelling scripts use */
         if (!strcmp(key, "config")) {
             config_path = value;
             config_path_given = 1;

@@ -126,6 +126,16 @@ int runner_load(const struct daemon_config *cfg, runner_progress_fn progress, vo
     backend_options_default(&bo);
     bo.device = cfg->device;
     bo.threads = (int)cfg->threads;
+    bo.tp = (int)cfg->tensor_parallel;
+    int dev_ids[64], n_dev = 0;
+    char derr[256];
+    if (cfg->devices[0]) {
+        if (dconf_parse_devices(cfg->devices, dev_ids, 64, &n_dev, derr, sizeof derr)) {
+            rc = lm_err_set(err, -EINVAL, "%s", derr);
+            goto fail;
+        }
+        bo.devices = dev_ids;
+    }
     sched_config sc;
     sched_config_default(&sc);
     bo.max_tokens = sc.max_step_tokens;

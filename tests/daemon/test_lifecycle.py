@@ -96,7 +96,6 @@ def test_notify_sequence_and_health():
         assert any(l.startswith("STATUS=loading") for l in before), lines
         assert any(l.startswith("EXTEND_TIMEOUT_USEC=") for l in before), lines
         assert any(l.startswith("STATUS=loading: warming up") for l in before), lines
-        assert "WATCHDOG=1" not in before or True  # pings may start with the engine
         assert lines[ready + 1:ready + 2] == ["STATUS=serving"], lines
         # The watchdog pings at half of WATCHDOG_USEC (2 s) from the engine loop.
         time.sleep(3.5)
