@@ -8,6 +8,7 @@
  * checkpoint decodes to.
  */
 #include "engine/gptq.h"
+#include "engine/gptq_int.h"
 
 #include <cblas.h>
 #include <lapacke.h>
@@ -124,11 +125,7 @@ void gptq_hessian_free(gptq_hessian *h)
 
 /* ---- scale / zero of one group ------------------------------------------ */
 
-typedef struct qparam {
-    float scale;        /* fp16-representable */
-    uint16_t scale16;
-    int zero;           /* 1..15 asym (v1 stores zero-1 in 4 bits), 8 sym */
-} qparam;
+typedef gptq_qparam qparam; /* see gptq_int.h */
 
 /* AutoGPTQ's find_params for one row over `len` values x[0], x[stride], ...,
  * range including 0. Asym zero 0 cannot be stored in v1 (zero-1 = -1), so
@@ -288,10 +285,7 @@ static void quantize_rtn(const float *w, gptq_result *r, int sym)
 
 /* ---- GPTQ ------------------------------------------------------------- */
 
-typedef struct diag_idx {
-    double d;
-    int32_t i;
-} diag_idx;
+typedef gptq_diag_idx diag_idx;
 
 static int cmp_diag_desc(const void *a, const void *b)
 {
@@ -299,6 +293,49 @@ static int cmp_diag_desc(const void *a, const void *b)
     if (x->d != y->d)
         return x->d < y->d ? 1 : -1;
     return x->i - y->i; /* stable: ties keep input order */
+}
+
+/* Shared by the CPU and the CUDA paths (gptq_int.h): H = 2 S / n, the
+ * act-order permutation, dead inputs, permuted copies of W and H. */
+double gptq_int_prepare(const float *w, const gptq_hessian *hs, int act_order, int32_t n,
+                        int32_t k, double *h, double *u, double *wp, int32_t *perm,
+                        gptq_diag_idx *di)
+{
+    size_t kk = (size_t)k * k;
+    /* H = 2 S / n, symmetric from the stored upper triangle */
+    double sc = 2.0 / (double)hs->n;
+    for (int32_t i = 0; i < k; i++)
+        for (int32_t j = i; j < k; j++)
+            h[(size_t)i * k + j] = h[(size_t)j * k + i] = sc * hs->s[(size_t)i * k + j];
+
+    /* act-order: process inputs by diag(H) descending (largest activations
+     * first); dead inputs (never non-zero) keep H_ii = 1 and weight 0 below */
+    for (int32_t i = 0; i < k; i++) {
+        di[i].d = h[(size_t)i * k + i];
+        di[i].i = i;
+    }
+    if (act_order)
+        qsort(di, (size_t)k, sizeof *di, cmp_diag_desc);
+    for (int32_t j = 0; j < k; j++)
+        perm[j] = di[j].i;
+
+    /* permuted copies: wp[r][j] = w[r][perm[j]], u (scratch) = H[perm][perm] */
+    for (int32_t j = 0; j < k; j++) {
+        int32_t pj = perm[j];
+        int is_dead = h[(size_t)pj * k + pj] == 0;
+        for (int32_t rr = 0; rr < n; rr++)
+            wp[(size_t)rr * k + j] = is_dead ? 0.0 : (double)w[(size_t)rr * k + pj];
+        for (int32_t i = 0; i < k; i++)
+            u[(size_t)j * k + i] = h[(size_t)pj * k + perm[i]];
+        if (is_dead)
+            u[(size_t)j * k + j] = 1;
+    }
+    memcpy(h, u, sizeof(double) * kk);
+    double mean_diag = 0;
+    for (int32_t i = 0; i < k; i++)
+        mean_diag += h[(size_t)i * k + i];
+    mean_diag /= k;
+    return mean_diag;
 }
 
 /* Upper Cholesky factor U of (H + damp I)^-1 (H^-1 = U^T U) into u [k][k];
@@ -351,39 +388,7 @@ static int quantize_gptq(const float *w, const gptq_hessian *hs, const gptq_para
         goto out;
     }
 
-    /* H = 2 S / n, symmetric from the stored upper triangle */
-    double sc = 2.0 / (double)hs->n;
-    for (int32_t i = 0; i < k; i++)
-        for (int32_t j = i; j < k; j++)
-            h[(size_t)i * k + j] = h[(size_t)j * k + i] = sc * hs->s[(size_t)i * k + j];
-
-    /* act-order: process inputs by diag(H) descending (largest activations
-     * first); dead inputs (never non-zero) keep H_ii = 1 and weight 0 below */
-    for (int32_t i = 0; i < k; i++) {
-        di[i].d = h[(size_t)i * k + i];
-        di[i].i = i;
-    }
-    if (prm->act_order)
-        qsort(di, (size_t)k, sizeof *di, cmp_diag_desc);
-    for (int32_t j = 0; j < k; j++)
-        perm[j] = di[j].i;
-
-    /* permuted copies: wp[r][j] = w[r][perm[j]], u (scratch) = H[perm][perm] */
-    for (int32_t j = 0; j < k; j++) {
-        int32_t pj = perm[j];
-        int is_dead = h[(size_t)pj * k + pj] == 0;
-        for (int32_t rr = 0; rr < n; rr++)
-            wp[(size_t)rr * k + j] = is_dead ? 0.0 : (double)w[(size_t)rr * k + pj];
-        for (int32_t i = 0; i < k; i++)
-            u[(size_t)j * k + i] = h[(size_t)pj * k + perm[i]];
-        if (is_dead)
-            u[(size_t)j * k + j] = 1;
-    }
-    memcpy(h, u, sizeof(double) * kk);
-    double mean_diag = 0;
-    for (int32_t i = 0; i < k; i++)
-        mean_diag += h[(size_t)i * k + i];
-    mean_diag /= k;
+    double mean_diag = gptq_int_prepare(w, hs, prm->act_order, n, k, h, u, wp, perm, di);
     rc = hinv_upper(h, k, prm->percdamp * mean_diag, u, &r->damp_used, err);
     if (rc)
         goto out;
@@ -491,4 +496,27 @@ double gptq_recon_error(const float *a, const float *b, int32_t n, int32_t k, co
     free(d);
     free(y);
     return sum;
+}
+
+/* ---- internals shared with gptq_cuda.cu (gptq_int.h) ---------------------- */
+
+gptq_qparam gptq_int_find_params(const double *x, size_t stride, int32_t len, int sym)
+{
+    return find_params(x, stride, len, sym);
+}
+
+int gptq_int_quant_one(double w, const gptq_qparam *p) { return quant_one(w, p); }
+
+float gptq_int_dequant_one(int q, const gptq_qparam *p) { return dequant_one(q, p); }
+
+void gptq_int_pack_q(gptq_result *r, int32_t row, int32_t col, int q) { pack_q(r, row, col, q); }
+
+void gptq_int_pack_group(gptq_result *r, int32_t grp, int32_t row, const gptq_qparam *p)
+{
+    pack_group(r, grp, row, p);
+}
+
+int gptq_int_result_alloc(gptq_result *r, int32_t n, int32_t k, int32_t group, lm_err *err)
+{
+    return result_alloc(r, n, k, group, err);
 }

@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "engine/gptq_cuda.h"
 #include "engine/quantize_fwd.h"
 #include "engine/safetensors.h"
 
@@ -143,7 +144,8 @@ static int quant_linear(qctx *c, qfwd_linear *lin, const gptq_hessian *h, const 
 {
     gptq_params p = c->o->gptq;
     gptq_result r, rtn = {0};
-    int rc = gptq_quantize(lin->w, lin->n, lin->k, h, &p, &r, err);
+    int rc = c->o->gptq_cuda ? gptq_cuda_quantize(lin->w, lin->n, lin->k, h, &p, &r, err)
+                             : gptq_quantize(lin->w, lin->n, lin->k, h, &p, &r, err);
     if (rc)
         return lm_err_prefix(err, "%s", lin->name);
     if (nh > 0) {

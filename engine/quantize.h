@@ -81,6 +81,7 @@ typedef struct quantize_opts {
      * the call only). For tests and tools that check the output. */
     void (*on_linear)(void *user, const char *name, const float *deq, int32_t n, int32_t k);
     void *user;
+    int gptq_cuda;              /* 1: GPTQ of each Linear on the GPU (gptq_cuda.h) */
 } quantize_opts;
 
 /* Totals of a finished run (bytes of tensor data as written). */

@@ -38,6 +38,8 @@ static void usage(FILE *f)
             "  --heldout N             extra held-out sequences for the error report\n"
             "                          (nsamples/8, at least 1)\n"
             "  --damp F                GPTQ dampening, fraction of mean diag(H) (0.01)\n"
+            "  --device cpu|cuda       where GPTQ runs each Linear: CPU (default) or the GPU\n"
+            "                          (cuSOLVER/cuBLAS; needs a CUDA build and device)\n"
             "  --min-expert-tokens N   experts routed fewer calibration tokens are calibrated\n"
             "                          on all tokens of the layer (%d)\n"
             "  --max-shard-mb N        split model.safetensors above N MiB (4096)\n"
@@ -226,7 +228,14 @@ static int quantize_main(int argc, char **argv)
                 o.out_dir = v;
             else if (!strcmp(a, "--calib"))
                 calib = v;
-            else if (!strcmp(a, "--method")) {
+            else if (!strcmp(a, "--device")) {
+                if (!strcmp(v, "cpu"))
+                    o.gptq_cuda = 0;
+                else if (!strcmp(v, "cuda"))
+                    o.gptq_cuda = 1;
+                else
+                    bad = 1;
+            } else if (!strcmp(a, "--method")) {
                 if (!strcmp(v, "gptq"))
                     o.gptq.method = GPTQ_METHOD_GPTQ;
                 else if (!strcmp(v, "rtn"))
@@ -304,9 +313,10 @@ static int quantize_main(int argc, char **argv)
     o.n_calib = tokens ? nsamples : 0;
     o.n_heldout = tokens ? heldout : 0;
     o.seq_len = tokens ? seqlen : 0;
-    printf("quantize %s -> %s: %s, group %d, %s%s\n", o.model_dir, o.out_dir,
+    printf("quantize %s -> %s: %s, group %d, %s%s%s\n", o.model_dir, o.out_dir,
            o.gptq.method == GPTQ_METHOD_GPTQ ? "GPTQ" : "RTN", o.gptq.group,
-           o.gptq.sym ? "sym" : "asym", o.gptq.act_order ? ", act-order" : "");
+           o.gptq.sym ? "sym" : "asym", o.gptq.act_order ? ", act-order" : "",
+           o.gptq_cuda ? ", on the GPU" : "");
     quantize_summary sum;
     rc = quantize_run(&o, &sum, &err);
     free(tokens);
