@@ -1,6 +1,8 @@
 /*
  * gptq_cuda.cu: GPTQ of one Linear with cuSOLVER / cuBLAS (see gptq_cuda.h).
  *
+ * gptq_cuda_hessian_add: S += X^T X by cublasDsyrk, in chunks of inputs.
+ *
  * Mirrors quantize_gptq in gptq.c step by step, in double like it:
  *   host:   H = 2 S / n, act-order permutation, dead inputs (gptq_int_prepare)
  *   device: U = upper Cholesky factor of (H + damp I)^-1 by potrf (lower) +
@@ -220,7 +222,68 @@ int quantize_gptq_gpu(const float *w, const gptq_hessian *hs, const gptq_params 
     return 0;
 }
 
+__global__ void k_to_double(const float *x, int64_t rows, int64_t ld, int k, double *y)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < rows * k)
+        y[i] = (double)x[(i / k) * ld + i % k];
+}
+
 } // namespace
+
+extern "C" int gptq_cuda_hessian_add(gptq_hessian *h, const float *x, int64_t rows, int64_t ld,
+                                     lm_err *err)
+{
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev <= 0) {
+        cudaGetLastError();
+        return lm_err_set(err, -ENODEV, "gptq: no CUDA device for --device cuda");
+    }
+    int k = h->k;
+    size_t kk = (size_t)k * k;
+    int64_t chunk = (int64_t)((64u << 20) / (sizeof(float) * (size_t)ld)); /* ~64 MiB of x */
+    if (chunk < 1)
+        chunk = 1;
+    if (chunk > rows)
+        chunk = rows > 0 ? rows : 1;
+    struct bufs {
+        float *dx = nullptr;
+        double *dy = nullptr, *ds = nullptr, *hs = nullptr;
+        cublasHandle_t blas = nullptr;
+        ~bufs()
+        {
+            cudaFree(dx), cudaFree(dy), cudaFree(ds), free(hs);
+            if (blas)
+                cublasDestroy(blas);
+        }
+    } b;
+    b.hs = (double *)malloc(sizeof(double) * kk);
+    if (!b.hs)
+        return lm_err_set(err, -ENOMEM, "gptq cuda: out of memory for a %dx%d Hessian", k, k);
+    CB(cublasCreate(&b.blas));
+    CU(cudaMalloc(&b.dx, sizeof(float) * (size_t)chunk * ld));
+    CU(cudaMalloc(&b.dy, sizeof(double) * (size_t)chunk * k));
+    CU(cudaMalloc(&b.ds, sizeof(double) * kk));
+    CU(cudaMemset(b.ds, 0, sizeof(double) * kk));
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+        int64_t m = rows - r0 < chunk ? rows - r0 : chunk;
+        size_t bytes = sizeof(float) * (size_t)((m - 1) * ld + k);
+        CU(cudaMemcpy(b.dx, x + r0 * ld, bytes, cudaMemcpyHostToDevice));
+        k_to_double<<<(unsigned)((m * k + 255) / 256), 256>>>(b.dx, m, ld, k, b.dy);
+        CU(cudaGetLastError());
+        /* row-major Y [m][k] is column-major Y^T (k x m): S += Y^T Y, the
+         * row-major upper triangle being the column-major lower one */
+        const double one = 1.0;
+        CB(cublasDsyrk(b.blas, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, k, (int)m, &one, b.dy, k,
+                       &one, b.ds, k));
+    }
+    CU(cudaMemcpy(b.hs, b.ds, sizeof(double) * kk, cudaMemcpyDeviceToHost));
+    for (int i = 0; i < k; i++)
+        for (int j = i; j < k; j++)
+            h->s[(size_t)i * k + j] += b.hs[(size_t)i * k + j];
+    h->n += rows;
+    return 0;
+}
 
 extern "C" int gptq_cuda_quantize(const float *w, int32_t n, int32_t k, const gptq_hessian *h,
                                   const gptq_params *p, gptq_result *ret, lm_err *err)

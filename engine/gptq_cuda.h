@@ -2,6 +2,7 @@
  * gptq_cuda.h: GPTQ of one Linear with the heavy parts on a CUDA GPU.
  *
  * Same algorithm, inputs and output as gptq_quantize (gptq.h): the
+ * Hessian sums X^T X can be accumulated by cuBLAS (gptq_cuda_hessian_add),
  * Hessian's Cholesky factorizations and inverse run in cuSOLVER (double),
  * the lazy-batch error update after each block of columns in cuBLAS
  * (Dgemm); the column-by-column loop inside a block runs on the host over
@@ -21,6 +22,12 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* gptq_hessian_add on the GPU (cuBLAS Dsyrk over the inputs converted to
+ * double, in chunks): adds `rows` inputs x (row-major, stride ld) into h.
+ * Same sums as the CPU up to summation order. -ENODEV without a device. */
+int gptq_cuda_hessian_add(gptq_hessian *h, const float *x, int64_t rows, int64_t ld,
+                          lm_err *err);
 
 int gptq_cuda_quantize(const float *w, int32_t n, int32_t k, const gptq_hessian *h,
                        const gptq_params *p, gptq_result *ret, lm_err *err);

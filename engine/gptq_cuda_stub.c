@@ -7,6 +7,15 @@
 #include <string.h>
 
 #ifndef LIGHTMOE_HAVE_CUDA
+int gptq_cuda_hessian_add(gptq_hessian *h, const float *x, int64_t rows, int64_t ld,
+                          lm_err *err)
+{
+    (void)h, (void)x, (void)rows, (void)ld;
+    return lm_err_set(err, -ENODEV,
+                      "gptq: this build has no CUDA support (configure with -DLIGHTMOE_CUDA=ON "
+                      "for --device cuda)");
+}
+
 int gptq_cuda_quantize(const float *w, int32_t n, int32_t k, const gptq_hessian *h,
                        const gptq_params *p, gptq_result *ret, lm_err *err)
 {

@@ -226,12 +226,16 @@ typedef struct calib {
     float *h;           /* [t][hidden] residual stream */
 } calib;
 
-static int hess_from(gptq_hessian *h, int32_t k, const float *x, int64_t rows, lm_err *err)
+static int hess_from(const qctx *c, gptq_hessian *h, int32_t k, const float *x, int64_t rows,
+                     lm_err *err)
 {
     int rc = gptq_hessian_init(h, k, err);
-    if (!rc)
-        gptq_hessian_add(h, x, rows, k);
-    return rc;
+    if (rc)
+        return rc;
+    if (c->o->gptq_cuda) /* X^T X by cuBLAS on the GPU */
+        return gptq_cuda_hessian_add(h, x, rows, k, err);
+    gptq_hessian_add(h, x, rows, k);
+    return 0;
 }
 
 /* Expert (or shared expert / dense MLP) e of the layer on inputs xe:
@@ -260,7 +264,7 @@ static int quant_mlp(qctx *c, qfwd_linear *g, qfwd_linear *u, qfwd_linear *d, co
     if (!hm)
         return lm_err_set(err, -ENOMEM, "out of memory");
     if (gptq)
-        rc = hess_from(&h, hid, xc, nc, err);
+        rc = hess_from(c, &h, hid, xc, nc, err);
     if (!rc)
         rc = quant_linear(c, g, gptq ? &h : NULL, xe + ncal * hid, nheld, st, err);
     if (!rc)
@@ -273,7 +277,7 @@ static int quant_mlp(qctx *c, qfwd_linear *g, qfwd_linear *u, qfwd_linear *d, co
     qfwd_mlp_hidden(g, u, xc, nc, hm);
     qfwd_mlp_hidden(g, u, xe + ncal * hid, nheld, hm + nc * w);
     if (gptq)
-        rc = hess_from(&h, w, hm, nc, err);
+        rc = hess_from(c, &h, w, hm, nc, err);
     if (!rc)
         rc = quant_linear(c, d, gptq ? &h : NULL, hm + nc * w, nheld, st, err);
     gptq_hessian_free(&h);
@@ -304,7 +308,7 @@ static int quant_calib_layer(qctx *c, qfwd_layer *l, calib *cb, quantize_layer_s
     }
     progress(c, "attention", 0, 0, 0.0);
     qfwd_rmsnorm(cb->h, l->in_norm, t, hid, cfg->rms_eps, xn);
-    if (gptq && (rc = hess_from(&h, hid, xn, tc, err)))
+    if (gptq && (rc = hess_from(c, &h, hid, xn, tc, err)))
         goto out;
     qfwd_linear *qkv[3] = {&l->q, &l->k, &l->v};
     for (int i = 0; i < 3 && !rc; i++)
@@ -313,7 +317,7 @@ static int quant_calib_layer(qctx *c, qfwd_layer *l, calib *cb, quantize_layer_s
     if (!rc)
         rc = qfwd_attention(&c->m, l, xn, cb->n_seq, cb->seq_len, oin, NULL, err);
     if (!rc && gptq)
-        rc = hess_from(&h, qd, oin, tc, err);
+        rc = hess_from(c, &h, qd, oin, tc, err);
     if (!rc)
         rc = quant_linear(c, &l->o, gptq ? &h : NULL, oin + tc * qd, th, st, err);
     gptq_hessian_free(&h);

@@ -1,6 +1,7 @@
 /*
  * test_cuda_gptq: gptq_cuda_quantize (GPU) against gptq_quantize (CPU) on
- * random weights and correlated inputs with awkward sizes, groups 32/64,
+ * random weights and correlated inputs (the GPU side with its own
+ * Hessian from gptq_cuda_hessian_add, checked against the CPU sums) with awkward sizes, groups 32/64,
  * sym/asym, act-order on/off, and a few dead inputs. Checks per case:
  * g_idx identical, >= 99% of the 4-bit values identical (float rounding
  * in a different order may flip a few), held-out reconstruction error of
@@ -74,6 +75,25 @@ static int run_case(int32_t n, int32_t k, int32_t group, int sym, int act)
         return 1;
     }
     gptq_hessian_add(&h, x, rows, k);
+    /* the GPU's Hessian (cuBLAS Dsyrk, two chunks' worth of calls) */
+    gptq_hessian hg;
+    if (gptq_hessian_init(&hg, k, &err) || gptq_cuda_hessian_add(&hg, x, rows / 2, k, &err) ||
+        gptq_cuda_hessian_add(&hg, x + (rows / 2) * k, rows - rows / 2, k, &err)) {
+        fprintf(stderr, "FAIL: gpu hessian: %s\n", err.msg);
+        return 1;
+    }
+    double hmax = 0, hdiff = 0;
+    for (int32_t i = 0; i < k; i++)
+        for (int32_t j = i; j < k; j++) {
+            double a = h.s[(size_t)i * k + j], b = hg.s[(size_t)i * k + j];
+            hmax = fmax(hmax, fabs(a));
+            hdiff = fmax(hdiff, fabs(a - b));
+        }
+    if (hg.n != h.n || !(hdiff <= 1e-9 * hmax)) {
+        fprintf(stderr, "FAIL: gpu hessian differs: max |diff| %g of max %g, n %lld vs %lld\n",
+                hdiff, hmax, (long long)hg.n, (long long)h.n);
+        return 1;
+    }
     gptq_params p;
     gptq_params_default(&p);
     p.group = group;
@@ -84,7 +104,7 @@ static int run_case(int32_t n, int32_t k, int32_t group, int sym, int act)
     if (gptq_quantize(w, n, k, &h, &p, &rc, &err)) {
         fprintf(stderr, "cpu: %s\n", err.msg);
         fail = 1;
-    } else if (gptq_cuda_quantize(w, n, k, &h, &p, &rg, &err)) {
+    } else if (gptq_cuda_quantize(w, n, k, &hg, &p, &rg, &err)) {
         fprintf(stderr, "gpu: %s\n", err.msg);
         fail = 1;
     } else {
@@ -109,6 +129,7 @@ static int run_case(int32_t n, int32_t k, int32_t group, int sym, int act)
     gptq_result_free(&rc);
     gptq_result_free(&rg);
     gptq_hessian_free(&h);
+    gptq_hessian_free(&hg);
     free(w), free(a), free(sc), free(x), free(xh);
     return fail;
 }

@@ -31,6 +31,7 @@ expect_fail "llama" "$lm" quantize --model "$work/llama" --out "$work/x" --metho
 expect_fail "needs calibration" "$lm" quantize --model "$tm" --out "$work/x"
 expect_fail "calibration text too short" "$lm" quantize --model "$tm" --out "$work/x" --calib "$work/short.txt" --group 64
 expect_fail "act-order applies to GPTQ" "$lm" quantize --model "$tm" --out "$work/x" --method rtn --act-order
+expect_fail "bad value for --device" "$lm" quantize --model "$tm" --out "$work/x" --method rtn --device gpu
 expect_fail "input_ids" "$lm" perplexity --model "$tm" --eval "$tm/reference.safetensors"
 expect_fail "int4" "$lm" perplexity --model "$tm" --eval "$tm/eval.safetensors" --quantize int8
 
