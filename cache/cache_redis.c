@@ -145,23 +145,31 @@ static int ctx_errno(const redisContext *ctx, int saved_errno)
     return -EIO;
 }
 
+/* Wait until fd is ready for `events` or until_ns passes: 0 ready,
+ * -ETIMEDOUT, -EINTR (call again), or another negative errno. */
+static int wait_fd(int fd, short events, int64_t until_ns)
+{
+    int64_t left = until_ns - cache_now_ns();
+    if (left <= 0)
+        return -ETIMEDOUT;
+    struct pollfd p = {fd, events, 0};
+    struct timespec ts = {(time_t)(left / 1000000000), (long)(left % 1000000000)};
+    int k = ppoll(&p, 1, &ts, NULL);
+    if (k < 0)
+        return -errno;
+    return k == 0 ? -ETIMEDOUT : 0;
+}
+
 /* Flush the output buffer by until_ns. */
 static int tx_flush(redisContext *ctx, int64_t until_ns)
 {
     int done = 0;
     while (!done) {
-        int64_t left = until_ns - cache_now_ns();
-        if (left <= 0)
-            return -ETIMEDOUT;
-        struct pollfd p = {ctx->fd, POLLOUT, 0};
-        struct timespec ts = {(time_t)(left / 1000000000), (long)(left % 1000000000)};
-        int k = ppoll(&p, 1, &ts, NULL);
-        if (k < 0 && errno == EINTR)
+        int k = wait_fd(ctx->fd, POLLOUT, until_ns);
+        if (k == -EINTR)
             continue;
-        if (k < 0)
-            return -errno;
-        if (k == 0)
-            return -ETIMEDOUT;
+        if (k)
+            return k;
         if (redisBufferWrite(ctx, &done) != REDIS_OK)
             return ctx_errno(ctx, errno);
     }
@@ -179,18 +187,11 @@ static int rx_reply(redisContext *ctx, int64_t until_ns, redisReply **ret)
             *ret = r;
             return 0;
         }
-        int64_t left = until_ns - cache_now_ns();
-        if (left <= 0)
-            return -ETIMEDOUT;
-        struct pollfd p = {ctx->fd, POLLIN, 0};
-        struct timespec ts = {(time_t)(left / 1000000000), (long)(left % 1000000000)};
-        int k = ppoll(&p, 1, &ts, NULL);
-        if (k < 0 && errno == EINTR)
+        int k = wait_fd(ctx->fd, POLLIN, until_ns);
+        if (k == -EINTR)
             continue;
-        if (k < 0)
-            return -errno;
-        if (k == 0)
-            return -ETIMEDOUT;
+        if (k)
+            return k;
         if (redisBufferRead(ctx) != REDIS_OK)
             return ctx_errno(ctx, errno);
     }

@@ -1101,30 +1101,28 @@ static jnode *parse_not(pstate *ps)
     return parse_compare(ps);
 }
 
-static jnode *parse_and(pstate *ps)
+/* A left-associative chain `operand (word operand)*` of node type t. */
+static jnode *parse_chain(pstate *ps, const char *word, jkind t, jnode *(*operand)(pstate *))
 {
-    jnode *n = parse_not(ps);
-    while (is_name(cur(ps), "and")) {
+    jnode *n = operand(ps);
+    while (is_name(cur(ps), word)) {
         tok *k = &ps->toks[ps->pos++];
-        jnode *a = node(ps, JN_AND, k);
-        a->a = n;
-        a->b = parse_not(ps);
-        n = a;
+        jnode *b = node(ps, t, k);
+        b->a = n;
+        b->b = operand(ps);
+        n = b;
     }
     return n;
 }
 
+static jnode *parse_and(pstate *ps)
+{
+    return parse_chain(ps, "and", JN_AND, parse_not);
+}
+
 static jnode *parse_or(pstate *ps)
 {
-    jnode *n = parse_and(ps);
-    while (is_name(cur(ps), "or")) {
-        tok *k = &ps->toks[ps->pos++];
-        jnode *o = node(ps, JN_OR, k);
-        o->a = n;
-        o->b = parse_and(ps);
-        n = o;
-    }
-    return n;
+    return parse_chain(ps, "or", JN_OR, parse_and);
 }
 
 static jnode *parse_expr(pstate *ps)
