@@ -394,12 +394,14 @@ int main(int argc, char **argv)
             if (!stopping) {
                 stopping = 1;
                 drain_start = now;
+                /* Refuse new work first: once the log or systemd hear
+                 * "draining", no request may still be admitted. */
+                serve_set_draining(A.sv);
+                rpc_begin_drain(A.rpc);
                 log_info("%s: draining (grace period %.1fs)", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                          A.cfg.drain_grace_seconds);
                 notify_stopping();
                 notify_status("draining: %d request(s) in progress", serve_active(A.sv));
-                serve_set_draining(A.sv);
-                rpc_begin_drain(A.rpc);
                 atomic_store(&L.stop, 1);
             }
         } else if (sig == SIGHUP) {
