@@ -20,16 +20,7 @@
 
 #include "engine/chat.h"
 
-static int failures;
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond);               \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fprintf(stderr, "\n");                                                                 \
-            failures++;                                                                            \
-        }                                                                                          \
-    } while (0)
+#include "tests/check_msg.h"
 
 /* tokenizer_config.json special token: "str" or {"content": "str"} */
 static const char *special(json_t *cfg, const char *key)

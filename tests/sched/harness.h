@@ -14,17 +14,7 @@
 
 #include "engine/sched.h"
 
-static int g_failures;
-
-#define CHECK(cond, ...)                                                                   \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond);      \
-            fprintf(stderr, __VA_ARGS__);                                                  \
-            fprintf(stderr, "\n");                                                         \
-            g_failures++;                                                                  \
-        }                                                                                  \
-    } while (0)
+#include "tests/check_msg.h"
 
 static inline int64_t h_now_ns(void)
 {

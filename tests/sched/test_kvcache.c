@@ -129,7 +129,7 @@ static void test_stress(void)
             hashes[i] = (hashes[i] & ~0xffull) | 0x11;
     }
     int hits = 0;
-    for (int op = 0; op < OPS && !g_failures; op++) {
+    for (int op = 0; op < OPS && !failures; op++) {
         seed = seed * 6364136223846793005ull + 1442695040888963407ull;
         int r = (int)(seed >> 33) % 4;
         int k = (int)((seed >> 45) % NH);
@@ -177,7 +177,7 @@ int main(void)
     test_alloc_release();
     test_prefix();
     test_stress();
-    if (g_failures)
-        fprintf(stderr, "test_kvcache: %d failures\n", g_failures);
-    return g_failures ? 1 : 0;
+    if (failures)
+        fprintf(stderr, "test_kvcache: %d failures\n", failures);
+    return failures ? 1 : 0;
 }

@@ -172,7 +172,7 @@ int main(int argc, char **argv)
     model *m = NULL;
     int rc = model_load(dir, NULL, &m, &err);
     CHECK(rc == 0, "model_load: %s", err.msg);
-    if (rc < 0 || g_failures)
+    if (rc < 0 || failures)
         return 1;
 
     /* Branches: p{i}'s first 9 tokens (two full blocks of 4 and one more),
@@ -224,7 +224,7 @@ int main(int argc, char **argv)
         const scenario *sc = &scs[k];
         if (quick && strcmp(sc->name, "chunked") && strcmp(sc->name, "preempt+prefix"))
             continue;
-        int before = g_failures;
+        int before = failures;
         run(m, sc, n_all, got, &st);
         int total = n_all * sc->repeat;
         for (int r = 0; r < total; r++)
@@ -240,12 +240,12 @@ int main(int argc, char **argv)
             CHECK(st.preemptions > 0, "%s: no preemption with %d blocks", sc->name, tight);
         printf("%s %-15s %s: %d requests, %llu steps, %llu preemptions, %llu prefix tokens "
                "reused\n",
-               fixture, sc->name, g_failures == before ? "ok" : "FAILED", total,
+               fixture, sc->name, failures == before ? "ok" : "FAILED", total,
                (unsigned long long)st.steps, (unsigned long long)st.preemptions,
                (unsigned long long)st.prefix_tokens_reused);
         for (int r = 0; r < total; r++)
             rec_free(&got[r]);
     }
     model_free(m);
-    return g_failures ? 1 : 0;
+    return failures ? 1 : 0;
 }

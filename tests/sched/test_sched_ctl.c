@@ -102,7 +102,7 @@ int main(void)
     simulate(&c, 50, 10, 1, 0.01, 0, NULL);
     CHECK(c.budget == 4 && c.limit == 4, "max bound: budget %d limit %d", c.budget, c.limit);
 
-    if (g_failures)
-        fprintf(stderr, "test_sched_ctl: %d failures\n", g_failures);
-    return g_failures ? 1 : 0;
+    if (failures)
+        fprintf(stderr, "test_sched_ctl: %d failures\n", failures);
+    return failures ? 1 : 0;
 }

@@ -786,14 +786,14 @@ int main(int argc, char **argv)
         if (argc > 1 && strcmp(argv[1], tests[i].name))
             continue;
         h_n_finished = 0;
-        int before = g_failures;
+        int before = failures;
         tests[i].fn();
-        printf("%s: %s\n", tests[i].name, g_failures == before ? "ok" : "FAILED");
+        printf("%s: %s\n", tests[i].name, failures == before ? "ok" : "FAILED");
         ran++;
     }
     if (!ran) {
         fprintf(stderr, "test_sched_fake: no test named '%s'\n", argc > 1 ? argv[1] : "");
         return 2;
     }
-    return g_failures ? 1 : 0;
+    return failures ? 1 : 0;
 }
