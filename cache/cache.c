@@ -25,6 +25,7 @@ struct cache_flight {
     int state;                  /* 0 pending, 1 done, 2 failed */
     uint8_t *val;               /* encoded result when done */
     size_t n_val;
+    cache_flight_waiter *waiters; /* parked followers (cache_flight_park), while pending */
     char key[CACHE_KEY_MAX];
 };
 
@@ -440,6 +441,14 @@ static void flight_unref_locked(cache_flight *f)
     }
 }
 
+/* Hand the result to a parked waiter (no lock held); rc/val as published. */
+static void waiter_done(cache_flight_waiter *w, int state, const uint8_t *val, size_t n)
+{
+    cache_entry *e = NULL;
+    int rc = state == 1 && cache_entry_decode(val, n, &e, NULL) == 0 ? 0 : -EAGAIN;
+    w->done(w, rc, rc == 0 ? e : NULL);
+}
+
 void cache_flight_publish(cache *c, cache_flight *f, const cache_entry *e)
 {
     uint8_t *val = NULL;
@@ -458,8 +467,57 @@ void cache_flight_publish(cache *c, cache_flight *f, const cache_entry *e)
     if (!val)
         INC(c, fl_failed, 1);
     pthread_cond_broadcast(&c->fl_cv);
+    /* Parked waiters: detached now (so that unpark answers 0 from here on)
+     * and told without the lock. Each holds a reference, so f->val stays. */
+    cache_flight_waiter *ws = f->waiters;
+    f->waiters = NULL;
+    int n_ws = 0;
+    for (cache_flight_waiter *w = ws; w; w = w->next)
+        n_ws++;
+    pthread_mutex_unlock(&c->fl_mu);
+    for (cache_flight_waiter *w = ws, *nx; w; w = nx) {
+        nx = w->next; /* done may free w */
+        waiter_done(w, f->state, f->val, f->n_val);
+    }
+    pthread_mutex_lock(&c->fl_mu);
+    f->refs -= n_ws;
+    flight_unref_locked(f); /* the leader's (frees f when it was the last) */
+    pthread_mutex_unlock(&c->fl_mu);
+}
+
+void cache_flight_park(cache *c, cache_flight *f, cache_flight_waiter *w)
+{
+    pthread_mutex_lock(&c->fl_mu);
+    if (f->state == 0) {
+        w->next = f->waiters;
+        f->waiters = w;
+        pthread_mutex_unlock(&c->fl_mu);
+        return;
+    }
+    /* Already published: answer now. Our reference keeps f->val. */
+    int state = f->state;
+    pthread_mutex_unlock(&c->fl_mu);
+    waiter_done(w, state, f->val, f->n_val);
+    pthread_mutex_lock(&c->fl_mu);
     flight_unref_locked(f);
     pthread_mutex_unlock(&c->fl_mu);
+}
+
+int cache_flight_unpark(cache *c, cache_flight *f, cache_flight_waiter *w)
+{
+    pthread_mutex_lock(&c->fl_mu);
+    int found = 0;
+    for (cache_flight_waiter **pp = &f->waiters; *pp; pp = &(*pp)->next) {
+        if (*pp == w) {
+            *pp = w->next;
+            found = 1;
+            break;
+        }
+    }
+    if (found)
+        flight_unref_locked(f); /* f is still pending: the leader's reference remains */
+    pthread_mutex_unlock(&c->fl_mu);
+    return found;
 }
 
 int cache_flight_wait(cache *c, cache_flight *f, int64_t deadline_ns, cache_entry **ret)

@@ -247,6 +247,26 @@ void cache_flight_publish(cache *c, cache_flight *f, const cache_entry *e);
  * (or join again); -ETIMEDOUT. Always releases the follower's reference. */
 int cache_flight_wait(cache *c, cache_flight *f, int64_t deadline_ns, cache_entry **ret);
 
+/* Follower, without a thread: instead of cache_flight_wait, park a waiter
+ * (memory owned by the caller, valid until done is called or unpark
+ * returns 1). done(w, rc, e) is called exactly once, by the thread that
+ * publishes (or at once, from park, when the flight has already ended),
+ * with no lock of the cache held: rc 0 and e (the callee frees it), or
+ * -EAGAIN (the leader failed: compute yourself) with e NULL. done must not
+ * block; it releases the follower's reference, and the cache does not touch
+ * w after calling it. */
+typedef struct cache_flight_waiter {
+    void (*done)(struct cache_flight_waiter *w, int rc, cache_entry *e);
+    struct cache_flight_waiter *next;   /* the cache's */
+} cache_flight_waiter;
+
+void cache_flight_park(cache *c, cache_flight *f, cache_flight_waiter *w);
+
+/* Take a parked waiter back (its client left, its deadline passed): 1 when
+ * removed before done was called (done never will be; the follower's
+ * reference is released), 0 when done has been or is being called. */
+int cache_flight_unpark(cache *c, cache_flight *f, cache_flight_waiter *w);
+
 /* ---- admin -------------------------------------------------------------- */
 
 /* Delete every entry of model_fp (n_prefix == 0), or those whose prompt

@@ -8,18 +8,22 @@
  * a request arriving between the two finds either the flight or the stored
  * entry), and the `finish` hook publishes a failure when the leader ends
  * without an answer (cancelled, deadline, engine error, refused), after
- * which each follower computes by itself. Followers wait on the RPC thread
- * that called lookup, at most until their own deadline. Because a waiting
- * follower holds an RPC thread, at most rpc_threads - 1 followers wait at
- * once: the last thread always stays free for health checks and other
- * prompts (without the bound, identical requests could occupy every RPC
- * thread and the server would stop answering until the leader finished).
- * A follower past the bound computes by itself; its answer is identical
- * (only deterministic requests are cached) and its store is harmless.
+ * which each follower computes by itself. Followers do not wait on a
+ * thread: lookup_async parks them (a cache_flight_waiter in the flight) and
+ * returns; when the flight ends, the publishing thread moves the follower
+ * to the ready queue and the writer thread resumes it (serve then answers,
+ * or computes). A parked follower whose deadline passes is taken back by
+ * the writer thread and resumed without an answer (serve ends it with
+ * DEADLINE_EXCEEDED); one whose client leaves is taken back by serve
+ * (unpark). So any number of identical requests can wait while every RPC
+ * thread stays free.
  *
  * Writer: the store hook runs on the engine thread and must not block; it
  * encodes the answer and queues it (bounded: when full the answer is not
- * stored, only published). One writer thread performs the stores.
+ * stored, only published). One writer thread performs the stores and the
+ * resumptions (never the engine thread: resuming may submit to the engine).
+ * Lock order: h->mu, then the cache's flight lock (cache_flight_unpark);
+ * the cache calls done without its lock, and done takes h->mu.
  *
  * Not cached: sampled requests without a seed (cache.h's policy). Requests
  * asking for logprobs are cached with them (the number asked is part of
@@ -33,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "daemon/log.h"
 
@@ -59,18 +64,38 @@ typedef struct wjob {
     struct wjob *next;
 } wjob;
 
-typedef struct hooks_state {
+typedef struct hooks_state hooks_state;
+
+/* A parked follower: in h->parked until its flight ends (then in h->ready)
+ * or it is taken back (unpark, deadline). */
+typedef struct parked {
+    cache_flight_waiter w;      /* the cache's handle; done = on_flight_done */
+    hooks_state *h;
+    cache_flight *f;
+    uint64_t id;                /* serve's ticket */
+    int64_t deadline_ns;        /* 0 = none */
+    int want_logprobs;
+    serve_cache_resume_fn resume;
+    void *ctx;
+    int rc;                     /* from the flight: 0 with e, or -EAGAIN */
+    cache_entry *e;
+    struct parked *prev, *next; /* h->parked (doubly) or h->ready (next only) */
+} parked;
+
+struct hooks_state {
     cache *c;
     char fp[65];
     int32_t timeout_ms;
-    pthread_mutex_t mu;         /* leaders and queue */
-    pthread_cond_t cv;
+    pthread_mutex_t mu;         /* leaders, queue, parked, ready */
+    pthread_cond_t cv;          /* CLOCK_MONOTONIC */
     leader *leaders[LEADER_BUCKETS];
     wjob *head, *tail;
     int queued, stop;
-    int waiters, max_waiters;   /* followers waiting now / at most (under mu) */
+    parked *parked;             /* waiting for their flight */
+    parked *ready, *ready_tail; /* flight ended: to resume on the writer thread */
+    uint64_t next_park;
     pthread_t writer;
-} hooks_state;
+};
 
 static hooks_state *H; /* the installed state (one per process), for metrics */
 
@@ -126,8 +151,34 @@ static void fill_answer(const cache_entry *e, serve_answer *ans)
     ans->priv = (void *)e;
 }
 
-static int hook_lookup(void *user, const serve_cache_key *sk, int64_t deadline_ns,
-                       serve_answer *ret)
+/* The cache's done callback of a parked follower (publishing thread, no
+ * cache lock held): move it to the ready queue. */
+static void on_flight_done(cache_flight_waiter *w, int rc, cache_entry *e)
+{
+    parked *p = (parked *)w;
+    hooks_state *h = p->h;
+    pthread_mutex_lock(&h->mu);
+    if (p->prev)
+        p->prev->next = p->next;
+    else
+        h->parked = p->next;
+    if (p->next)
+        p->next->prev = p->prev;
+    p->rc = rc;
+    p->e = e;
+    p->prev = p->next = NULL;
+    if (h->ready_tail)
+        h->ready_tail->next = p;
+    else
+        h->ready = p;
+    h->ready_tail = p;
+    pthread_cond_signal(&h->cv);
+    pthread_mutex_unlock(&h->mu);
+}
+
+static int hook_lookup_async(void *user, const serve_cache_key *sk, int64_t deadline_ns,
+                             serve_answer *ret, serve_cache_resume_fn resume, void *ctx,
+                             uint64_t *ret_ticket)
 {
     hooks_state *h = user;
     cache_key k;
@@ -144,9 +195,13 @@ static int hook_lookup(void *user, const serve_cache_key *sk, int64_t deadline_n
     }
     if (!k.store)
         return 0; /* no_store: compute alone, nobody waits for it */
+    parked *p = calloc(1, sizeof *p); /* before joining: a follower must be able to park */
+    if (!p)
+        return 0;
     cache_flight *f;
     int role = cache_flight_join(h->c, &k, &f);
     if (role == CACHE_FLIGHT_LEADER) {
+        free(p);
         leader *l = malloc(sizeof *l);
         if (!l) {
             cache_flight_publish(h->c, f, NULL);
@@ -161,30 +216,72 @@ static int hook_lookup(void *user, const serve_cache_key *sk, int64_t deadline_n
         pthread_mutex_unlock(&h->mu);
         return 0;
     }
-    if (role != CACHE_FLIGHT_FOLLOWER)
+    if (role != CACHE_FLIGHT_FOLLOWER) {
+        free(p);
         return 0;
+    }
+    p->w.done = on_flight_done;
+    p->h = h;
+    p->f = f;
+    p->deadline_ns = deadline_ns;
+    p->want_logprobs = sk->req->sampling.logprobs > 0;
+    p->resume = resume;
+    p->ctx = ctx;
     pthread_mutex_lock(&h->mu);
-    int may_wait = h->waiters < h->max_waiters;
-    if (may_wait)
-        h->waiters++;
+    p->id = ++h->next_park;
+    p->next = h->parked;
+    if (h->parked)
+        h->parked->prev = p;
+    h->parked = p;
+    pthread_cond_signal(&h->cv); /* the writer's next deadline may be this one */
     pthread_mutex_unlock(&h->mu);
-    /* Past the bound: take the result only if it is already there (a
-     * deadline in the past never blocks and releases our reference). */
-    int rc = cache_flight_wait(h->c, f, may_wait ? deadline_ns : 1, &e);
-    if (may_wait) {
-        pthread_mutex_lock(&h->mu);
-        h->waiters--;
-        pthread_mutex_unlock(&h->mu);
+    *ret_ticket = p->id;
+    /* From here p belongs to the flight, then to the writer: it may be
+     * resumed (and freed) before this returns. */
+    cache_flight_park(h->c, f, &p->w);
+    return SERVE_CACHE_PARKED;
+}
+
+static int hook_unpark(void *user, uint64_t ticket)
+{
+    hooks_state *h = user;
+    pthread_mutex_lock(&h->mu);
+    parked *p = h->parked;
+    while (p && p->id != ticket)
+        p = p->next;
+    /* Not in h->parked: its flight ended and the writer resumes it. In the
+     * list but no longer in the flight: done is running (waiting for mu). */
+    int taken = p && cache_flight_unpark(h->c, p->f, &p->w);
+    if (taken) {
+        if (p->prev)
+            p->prev->next = p->next;
+        else
+            h->parked = p->next;
+        if (p->next)
+            p->next->prev = p->prev;
     }
-    if (rc == 0) {
-        if (sk->req->sampling.logprobs > 0 && !e->logprobs) {
-            cache_entry_free(e);
-            return 0;
-        }
-        fill_answer(e, ret);
-        return 1;
+    pthread_mutex_unlock(&h->mu);
+    if (taken)
+        free(p);
+    return taken;
+}
+
+/* Writer thread: resume one follower whose flight ended (p is unlisted). */
+static void resume_parked(parked *p)
+{
+    cache_entry *e = p->rc == 0 ? p->e : NULL;
+    if (e && p->want_logprobs && !e->logprobs) {
+        cache_entry_free(e);
+        e = NULL;
     }
-    return 0; /* leader failed or our deadline came: compute (the engine reports the deadline) */
+    if (e) {
+        serve_answer ans;
+        fill_answer(e, &ans); /* released by serve through hook_release */
+        p->resume(p->ctx, 1, &ans);
+    } else {
+        p->resume(p->ctx, 0, NULL);
+    }
+    free(p);
 }
 
 static void hook_release(void *user, serve_answer *ans)
@@ -262,31 +359,90 @@ static void hook_finish(void *user, const serve_request *req)
         cache_flight_publish(h->c, f, NULL);
 }
 
-static void *writer_main(void *p)
+/* Under h->mu: take back the parked followers whose deadline has passed
+ * (onto *expired); the earliest deadline still pending, 0 if none. */
+static int64_t expire_parked(hooks_state *h, int64_t now, parked **expired)
 {
-    hooks_state *h = p;
+    int64_t next = 0;
+    for (parked *p = h->parked, *nx; p; p = nx) {
+        nx = p->next;
+        if (!p->deadline_ns)
+            continue;
+        if (p->deadline_ns > now) {
+            if (!next || p->deadline_ns < next)
+                next = p->deadline_ns;
+            continue;
+        }
+        if (!cache_flight_unpark(h->c, p->f, &p->w)) {
+            /* Its flight has just ended (it comes through h->ready), or
+             * lookup_async has not parked it yet: look again soon. */
+            if (!next || now + 1000000 < next)
+                next = now + 1000000;
+            continue;
+        }
+        if (p->prev)
+            p->prev->next = p->next;
+        else
+            h->parked = p->next;
+        if (p->next)
+            p->next->prev = p->prev;
+        p->prev = NULL;
+        p->next = *expired;
+        *expired = p;
+    }
+    return next;
+}
+
+static void *writer_main(void *arg)
+{
+    hooks_state *h = arg;
     pthread_mutex_lock(&h->mu);
     for (;;) {
-        while (!h->head && !h->stop)
-            pthread_cond_wait(&h->cv, &h->mu);
-        wjob *j = h->head;
-        if (!j)
-            break; /* stop with an empty queue */
-        h->head = j->next;
-        if (!h->head)
-            h->tail = NULL;
-        h->queued--;
-        pthread_mutex_unlock(&h->mu);
-        cache_entry *e = NULL;
-        if (cache_entry_decode(j->val, j->n, &e, NULL) == 0) {
-            /* A store has no caller waiting: bound it by timeout_ms only. */
-            cache_put(h->c, &j->key, e, 0);
+        parked *expired = NULL;
+        int64_t next = expire_parked(h, cache_now_ns(), &expired);
+        if (!h->head && !h->ready && !expired) {
+            if (h->stop)
+                break; /* stop with an empty queue */
+            if (next) {
+                struct timespec ts = {next / 1000000000, next % 1000000000};
+                pthread_cond_timedwait(&h->cv, &h->mu, &ts);
+            } else {
+                pthread_cond_wait(&h->cv, &h->mu);
+            }
+            continue;
         }
-        if (j->f)
-            cache_flight_publish(h->c, j->f, e);
-        cache_entry_free(e);
-        free(j->val);
-        free(j);
+        /* Resumptions first: they answer clients now; a store only saves. */
+        parked *ready = h->ready;
+        h->ready = h->ready_tail = NULL;
+        wjob *j = ready || expired ? NULL : h->head;
+        if (j) {
+            h->head = j->next;
+            if (!h->head)
+                h->tail = NULL;
+            h->queued--;
+        }
+        pthread_mutex_unlock(&h->mu);
+        for (parked *p = ready, *nx; p; p = nx) {
+            nx = p->next;
+            resume_parked(p);
+        }
+        for (parked *p = expired, *nx; p; p = nx) {
+            nx = p->next;
+            p->resume(p->ctx, 0, NULL); /* serve ends it: deadline exceeded */
+            free(p);
+        }
+        if (j) {
+            cache_entry *e = NULL;
+            if (cache_entry_decode(j->val, j->n, &e, NULL) == 0) {
+                /* A store has no caller waiting: bound it by timeout_ms only. */
+                cache_put(h->c, &j->key, e, 0);
+            }
+            if (j->f)
+                cache_flight_publish(h->c, j->f, e);
+            cache_entry_free(e);
+            free(j->val);
+            free(j);
+        }
         pthread_mutex_lock(&h->mu);
     }
     pthread_mutex_unlock(&h->mu);
@@ -347,18 +503,29 @@ static int64_t hook_invalidate_prefix(void *user, const int32_t *ids, int32_t n,
 static void hook_destroy(void *user)
 {
     hooks_state *h = user;
+    /* Leaders left (none once every request has ended): fail their
+     * flights, so that their parked followers go through h->ready. */
+    pthread_mutex_lock(&h->mu);
+    leader *left = NULL;
+    for (int b = 0; b < LEADER_BUCKETS; b++) {
+        for (leader *l = h->leaders[b], *nx; l; l = nx) {
+            nx = l->next;
+            l->next = left;
+            left = l;
+        }
+        h->leaders[b] = NULL;
+    }
+    pthread_mutex_unlock(&h->mu);
+    for (leader *l = left, *nx; l; l = nx) {
+        nx = l->next;
+        cache_flight_publish(h->c, l->f, NULL);
+        free(l);
+    }
     pthread_mutex_lock(&h->mu);
     h->stop = 1;
     pthread_cond_signal(&h->cv);
     pthread_mutex_unlock(&h->mu);
     pthread_join(h->writer, NULL);
-    for (int b = 0; b < LEADER_BUCKETS; b++) {
-        for (leader *l = h->leaders[b], *nx; l; l = nx) {
-            nx = l->next;
-            cache_flight_publish(h->c, l->f, NULL);
-            free(l);
-        }
-    }
     if (H == h)
         H = NULL;
     cache_destroy(h->c);
@@ -469,9 +636,12 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
         free(h);
         return rc;
     }
-    h->max_waiters = (int)cfg->rpc_threads - 1;
     pthread_mutex_init(&h->mu, NULL);
-    pthread_cond_init(&h->cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&h->cv, &ca);
+    pthread_condattr_destroy(&ca);
     if (pthread_create(&h->writer, NULL, writer_main, h)) {
         snprintf(err, errlen, "cache: cannot start the writer thread");
         cache_destroy(h->c);
@@ -482,7 +652,8 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
     }
     serve_cache_hooks hk = {
         .user = h,
-        .lookup = hook_lookup,
+        .lookup_async = hook_lookup_async,
+        .unpark = hook_unpark,
         .release = hook_release,
         .store = hook_store,
         .invalidate = hook_invalidate,

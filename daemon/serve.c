@@ -44,6 +44,9 @@ typedef struct job {
     sample_result *lps;             /* [n_ids] kept when the request asked for logprobs */
     int32_t lps_cap;
     int looked_up;                  /* the cache was asked and missed: tell it when we end */
+    int linked;                     /* in serve's job list (guarded by serve.mu) */
+    int parked, resumed;            /* waiting in the cache's single flight (guarded by serve.mu) */
+    uint64_t ticket;                /* the cache's name for the parked job */
     int64_t first_ns, last_ns;
     _Atomic int refs;               /* engine + submitter, see serve_generate */
     int finished;                   /* on_final called (guarded by serve.mu) */
@@ -167,18 +170,42 @@ static void job_unref(job *j)
         job_free(j);
 }
 
+/* Into serve's job list (for serve_cancel and serve_cancel_all); both
+ * idempotent. Under s->mu. */
+static void job_link_locked(job *j)
+{
+    serve *s = j->s;
+    if (j->linked)
+        return;
+    j->prev = NULL;
+    j->next = s->jobs;
+    if (s->jobs)
+        s->jobs->prev = j;
+    s->jobs = j;
+    j->linked = 1;
+}
+
+static void job_unlink_locked(job *j)
+{
+    serve *s = j->s;
+    if (!j->linked)
+        return;
+    if (j->prev)
+        j->prev->next = j->next;
+    else
+        s->jobs = j->next;
+    if (j->next)
+        j->next->prev = j->prev;
+    j->prev = j->next = NULL;
+    j->linked = 0;
+}
+
 /* Unlink and release the admission slot. */
 static void job_remove(job *j)
 {
     serve *s = j->s;
     pthread_mutex_lock(&s->mu);
-    if (j->prev)
-        j->prev->next = j->next;
-    else if (s->jobs == j)
-        s->jobs = j->next;
-    if (j->next)
-        j->next->prev = j->prev;
-    j->prev = j->next = NULL;
+    job_unlink_locked(j);
     j->finished = 1;
     s->active--;
     pthread_mutex_unlock(&s->mu);
@@ -440,6 +467,170 @@ static st_code prompt_ids(serve *s, runner *m, const serve_request *r, const dae
     return ST_OK;
 }
 
+/* ---- answering: from the cache, from the engine, parked ------------------ */
+
+static void job_link(job *j)
+{
+    pthread_mutex_lock(&j->s->mu);
+    job_link_locked(j);
+    pthread_mutex_unlock(&j->s->mu);
+}
+
+/* Unlink without releasing the admission slot (job_remove does both). */
+static void job_unlink(job *j)
+{
+    pthread_mutex_lock(&j->s->mu);
+    job_unlink_locked(j);
+    pthread_mutex_unlock(&j->s->mu);
+}
+
+/* Answer from the cache: replay the answer as the chunks it was streamed
+ * in, end the job (on_final), release the answer. The caller frees j. */
+static void answer_hit(job *j, const serve_cache_hooks *hooks, serve_answer *ans)
+{
+    const serve_request *req = j->req;
+    job_link(j); /* listed so that serve_active counts it */
+    int64_t t = now_ns();
+    serve_final fin = {ST_OK, NULL, ans->finish_reason, ans->prompt_tokens,
+                       ans->completion_tokens, 0, (double)(t - req->arrival_ns) * 1e-9,
+                       (double)(t - req->arrival_ns) * 1e-9, 1};
+    size_t off = 0;
+    int32_t tok = 0;
+    for (int32_t i = 0; i < ans->n_chunks; i++) {
+        serve_delta d = {ans->text + off, ans->chunks[i].len, ans->token_ids + tok,
+                         ans->chunks[i].n_tokens, ans->logprobs ? ans->logprobs + tok : NULL};
+        j->sink.on_delta(j->user, &d);
+        off += ans->chunks[i].len;
+        tok += ans->chunks[i].n_tokens;
+    }
+    if (ans->n_chunks == 0 && (ans->len || ans->n_tokens)) {
+        serve_delta d = {ans->text, ans->len, ans->token_ids, ans->n_tokens, ans->logprobs};
+        j->sink.on_delta(j->user, &d);
+    }
+    job_remove(j);
+    j->sink.on_final(j->user, &fin);
+    if (hooks->release)
+        hooks->release(hooks->user, ans);
+}
+
+/* Submit j to the engine (the caller holds a reference; the engine takes
+ * its own). On failure j is unlinked, the cache told, and the code and
+ * message returned; the admission slot is the caller's to release. */
+static st_code start_engine(job *j, runner *m, const daemon_config *cfg, char *msg,
+                            size_t msglen)
+{
+    serve *s = j->s;
+    const serve_request *req = j->req;
+    pthread_mutex_lock(&s->mu);
+    serve_cache_hooks hooks = s->hooks;
+    int has_hooks = s->has_hooks;
+    pthread_mutex_unlock(&s->mu);
+    j->store = has_hooks && hooks.store &&
+               (req->cache_mode == SERVE_CACHE_USE || req->cache_mode == SERVE_CACHE_REFRESH);
+    runner_gen g = {j->prompt_ids, j->n_prompt, j->max_tokens, req->sampling, req->stop,
+                    req->n_stop, req->deadline_ns, on_engine_delta, on_engine_finish, j};
+    job_link(j);
+    /* The engine's reference (dropped after on_final); the engine may
+     * finish the job before runner_generate returns. s->mu is not held
+     * across runner_generate: the engine thread may hold engine locks while
+     * it calls on_engine_finish, which takes s->mu. */
+    atomic_fetch_add(&j->refs, 1);
+    lm_err err = {0};
+    uint64_t eid = 0;
+    int rc = m ? runner_generate(m, &g, &eid, &err) : -ESHUTDOWN;
+    if (rc == 0) {
+        pthread_mutex_lock(&s->mu);
+        j->engine_id = eid;
+        j->engine_started = 1;
+        int late_cancel = j->cancel_code && !j->finished; /* cancelled while submitting */
+        pthread_mutex_unlock(&s->mu);
+        if (late_cancel)
+            runner_cancel(m, eid);
+        return ST_OK;
+    }
+    atomic_fetch_sub(&j->refs, 1);
+    job_unlink(j);
+    job_tell_cache(j);
+    if (rc == -EAGAIN)
+        return fail(ST_RESOURCE_EXHAUSTED, msg, msglen,
+                    "server overloaded: the engine queue is full (max_queue = %lld): retry with "
+                    "backoff", (long long)cfg->max_queue);
+    if (rc == -ESHUTDOWN)
+        return fail(ST_UNAVAILABLE, msg, msglen, "lightmoed is shutting down");
+    if (rc == -EINVAL)
+        return fail(ST_INVALID_ARGUMENT, msg, msglen, "%s", err.msg);
+    return fail(ST_INTERNAL, msg, msglen, "engine refused the request: %s", err.msg);
+}
+
+/* End a job that serve_generate already accepted, without the engine. */
+static void finish_early(job *j, st_code code, const char *message)
+{
+    serve_final fin = {0};
+    fin.code = code;
+    fin.message = message;
+    fin.finish_reason = code == ST_DEADLINE_EXCEEDED ? "deadline"
+                        : code == ST_CANCELLED      ? "cancelled" : "error";
+    fin.prompt_tokens = j->n_prompt;
+    fin.total_s = (double)(now_ns() - j->req->arrival_ns) * 1e-9;
+    job_tell_cache(j);
+    job_remove(j);
+    j->sink.on_final(j->user, &fin);
+}
+
+/* The cache resumes a parked job (on its own thread): answer, compute, or
+ * end it if it was cancelled or its deadline passed while it waited. Drops
+ * the park's reference. */
+static void on_cache_resume(void *ctx, int hit, serve_answer *ans)
+{
+    job *j = ctx;
+    serve *s = j->s;
+    pthread_mutex_lock(&s->mu);
+    j->resumed = 1;
+    j->parked = 0;
+    st_code cancel = j->cancel_code;
+    serve_cache_hooks hooks = s->hooks;
+    daemon_config cfg = s->cfg;
+    runner *m = s->m;
+    pthread_mutex_unlock(&s->mu);
+    metrics_count_cache(hit > 0);
+    if (hit > 0 && cancel == ST_OK) {
+        answer_hit(j, &hooks, ans);
+        job_unref(j);
+        return;
+    }
+    if (hit > 0 && hooks.release)
+        hooks.release(hooks.user, ans);
+    char msg[1024];
+    st_code code = cancel;
+    if (code != ST_OK) {
+        snprintf(msg, sizeof msg, "%s", j->cancel_msg);
+    } else if (j->req->deadline_ns && now_ns() >= j->req->deadline_ns) {
+        code = fail(ST_DEADLINE_EXCEEDED, msg, sizeof msg,
+                    "deadline exceeded while waiting for an identical request in progress");
+    } else {
+        j->looked_up = 1; /* the leader failed: compute by ourselves */
+        code = start_engine(j, m, &cfg, msg, sizeof msg);
+    }
+    if (code != ST_OK)
+        finish_early(j, code, msg);
+    job_unref(j);
+}
+
+/* A parked job was cancelled. The caller claimed it under s->mu (read
+ * j->ticket and cleared j->parked, so nobody else unparks it): take it back
+ * from the cache and end it here, unless the cache is resuming it already
+ * (then on_cache_resume sees the cancel). j may be gone once this returns,
+ * and must not be touched by the caller after the claim. */
+static void job_unpark_claimed(job *j, uint64_t ticket, const serve_cache_hooks *hooks)
+{
+    if (!hooks->unpark || hooks->unpark(hooks->user, ticket) != 1)
+        return;
+    /* resume will not come: the park's reference is ours. */
+    finish_early(j, j->cancel_code ? j->cancel_code : ST_CANCELLED,
+                 j->cancel_code ? j->cancel_msg : "request cancelled");
+    job_unref(j);
+}
+
 st_code serve_generate(serve *s, const serve_request *req, const serve_sink *sink, void *user,
                        uint64_t *ret_job, char *msg, size_t msglen)
 {
@@ -479,6 +670,7 @@ st_code serve_generate(serve *s, const serve_request *req, const serve_sink *sin
         code = fail(ST_RESOURCE_EXHAUSTED, msg, msglen, "out of memory");
         goto out;
     }
+    atomic_store(&j->refs, 1); /* ours, the submitter's */
     j->s = s;
     j->id = id;
     j->req = req;
@@ -496,103 +688,55 @@ st_code serve_generate(serve *s, const serve_request *req, const serve_sink *sin
     j->max_tokens = max_tokens;
     serve_cache_key key = {s->info.id, j->prompt_ids, j->n_prompt, max_tokens, req};
     /* 3. CACHE LOOKUP HOOK */
-    if (has_hooks && hooks.lookup && req->cache_mode != SERVE_CACHE_BYPASS &&
-        req->cache_mode != SERVE_CACHE_REFRESH) {
+    if (has_hooks && (hooks.lookup_async || hooks.lookup) &&
+        req->cache_mode != SERVE_CACHE_BYPASS && req->cache_mode != SERVE_CACHE_REFRESH) {
         serve_answer ans = {0};
-        int hit = hooks.lookup(hooks.user, &key, req->deadline_ns, &ans);
+        int hit;
+        if (hooks.lookup_async) {
+            /* A second reference for the park (dropped by whoever ends it):
+             * the cache may resume the job before lookup_async returns. */
+            atomic_store(&j->refs, 2);
+            uint64_t ticket = 0;
+            hit = hooks.lookup_async(hooks.user, &key, req->deadline_ns, &ans, on_cache_resume, j,
+                                     &ticket);
+            if (hit == SERVE_CACHE_PARKED) {
+                /* Listed (for serve_cancel, which cannot know the id before
+                 * we return) unless resume has already run. */
+                pthread_mutex_lock(&s->mu);
+                if (!j->resumed) {
+                    job_link_locked(j);
+                    j->parked = 1;
+                    j->ticket = ticket;
+                }
+                pthread_mutex_unlock(&s->mu);
+                *ret_job = id;
+                job_unref(j);
+                return ST_OK;
+            }
+            atomic_store(&j->refs, 1);
+        } else {
+            hit = hooks.lookup(hooks.user, &key, req->deadline_ns, &ans);
+        }
         if (hit < 0)
             log_msg(LL_WARN, req->request_id, "cache lookup failed (%d): answering from the model",
                     hit);
         metrics_count_cache(hit > 0);
         j->looked_up = hit <= 0;
         if (hit > 0) {
-            /* Answer at once; the sink learns it was cached. */
-            pthread_mutex_lock(&s->mu);
-            j->next = s->jobs; /* listed so that serve_active counts it */
-            if (s->jobs)
-                s->jobs->prev = j;
-            s->jobs = j;
-            pthread_mutex_unlock(&s->mu);
-            int64_t t = now_ns();
-            serve_final fin = {ST_OK, NULL, ans.finish_reason, ans.prompt_tokens,
-                               ans.completion_tokens, 0,
-                               (double)(t - req->arrival_ns) * 1e-9,
-                               (double)(t - req->arrival_ns) * 1e-9, 1};
             *ret_job = id;
-            /* Replay the answer as the chunks it was streamed in. */
-            size_t off = 0;
-            int32_t tok = 0;
-            for (int32_t i = 0; i < ans.n_chunks; i++) {
-                serve_delta d = {ans.text + off, ans.chunks[i].len, ans.token_ids + tok,
-                                 ans.chunks[i].n_tokens,
-                                 ans.logprobs ? ans.logprobs + tok : NULL};
-                sink->on_delta(user, &d);
-                off += ans.chunks[i].len;
-                tok += ans.chunks[i].n_tokens;
-            }
-            if (ans.n_chunks == 0 && (ans.len || ans.n_tokens)) {
-                serve_delta d = {ans.text, ans.len, ans.token_ids, ans.n_tokens, ans.logprobs};
-                sink->on_delta(user, &d);
-            }
-            job_remove(j);
-            sink->on_final(user, &fin);
-            if (hooks.release)
-                hooks.release(hooks.user, &ans);
+            answer_hit(j, &hooks, &ans);
             job_free(j);
             return ST_OK;
         }
     }
-    j->store = has_hooks && hooks.store &&
-               (req->cache_mode == SERVE_CACHE_USE || req->cache_mode == SERVE_CACHE_REFRESH);
 
     /* 4. engine */
-    runner_gen g = {j->prompt_ids, j->n_prompt, max_tokens, req->sampling, req->stop, req->n_stop,
-                   req->deadline_ns, on_engine_delta, on_engine_finish, j};
-    pthread_mutex_lock(&s->mu);
-    j->next = s->jobs;
-    if (s->jobs)
-        s->jobs->prev = j;
-    s->jobs = j;
-    pthread_mutex_unlock(&s->mu);
-    /* Two references: the engine's (dropped after on_final) and ours, since
-     * the engine may finish the job before runner_generate returns. s->mu is
-     * not held across runner_generate: the engine thread may hold engine
-     * locks while it calls on_engine_finish, which takes s->mu. */
-    atomic_store(&j->refs, 2);
-    lm_err err = {0};
-    uint64_t eid = 0;
-    int rc = runner_generate(m, &g, &eid, &err);
-    if (rc == 0) {
-        pthread_mutex_lock(&s->mu);
-        j->engine_id = eid;
-        j->engine_started = 1;
-        int late_cancel = j->cancel_code && !j->finished; /* cancelled while submitting */
-        pthread_mutex_unlock(&s->mu);
-        if (late_cancel)
-            runner_cancel(m, eid);
+    code = start_engine(j, m, &cfg, msg, msglen);
+    if (code == ST_OK) {
         job_unref(j);
         *ret_job = id;
         return ST_OK;
     }
-    pthread_mutex_lock(&s->mu);
-    if (j->prev)
-        j->prev->next = j->next;
-    else
-        s->jobs = j->next;
-    if (j->next)
-        j->next->prev = j->prev;
-    pthread_mutex_unlock(&s->mu);
-    job_tell_cache(j);
-    if (rc == -EAGAIN)
-        code = fail(ST_RESOURCE_EXHAUSTED, msg, msglen,
-                    "server overloaded: the engine queue is full (max_queue = %lld): retry with "
-                    "backoff", (long long)cfg.max_queue);
-    else if (rc == -ESHUTDOWN)
-        code = fail(ST_UNAVAILABLE, msg, msglen, "lightmoed is shutting down");
-    else if (rc == -EINVAL)
-        code = fail(ST_INVALID_ARGUMENT, msg, msglen, "%s", err.msg);
-    else
-        code = fail(ST_INTERNAL, msg, msglen, "engine refused the request: %s", err.msg);
 out:
     if (j)
         job_free(j);
@@ -607,10 +751,12 @@ out:
  * an id that has just finished is harmless (the engine ignores it). */
 void serve_cancel(serve *s, uint64_t id, st_code code, const char *message)
 {
-    uint64_t eid = 0;
+    uint64_t eid = 0, ticket = 0;
     int started = 0;
+    job *parked = NULL;
     pthread_mutex_lock(&s->mu);
     runner *m = s->m;
+    serve_cache_hooks hooks = s->hooks;
     for (job *j = s->jobs; j; j = j->next)
         if (j->id == id) {
             if (!j->cancel_code) {
@@ -619,19 +765,29 @@ void serve_cancel(serve *s, uint64_t id, st_code code, const char *message)
             }
             started = j->engine_started;
             eid = j->engine_id;
+            if (j->parked) { /* claim it (see job_unpark_claimed) */
+                j->parked = 0;
+                parked = j;
+                ticket = j->ticket;
+            }
             break;
         }
     pthread_mutex_unlock(&s->mu);
     if (started)
         runner_cancel(m, eid);
+    if (parked)
+        job_unpark_claimed(parked, ticket, &hooks);
 }
 
 void serve_cancel_all(serve *s, st_code code, const char *message)
 {
     pthread_mutex_lock(&s->mu);
     runner *m = s->m;
-    int n = 0;
+    serve_cache_hooks hooks = s->hooks;
+    int n = 0, n_parked = 0;
     uint64_t *ids = calloc((size_t)s->active + 1, sizeof *ids);
+    uint64_t *tickets = calloc((size_t)s->active + 1, sizeof *tickets);
+    job **parked = calloc((size_t)s->active + 1, sizeof *parked);
     for (job *j = s->jobs; j; j = j->next) {
         if (!j->cancel_code) {
             j->cancel_code = code;
@@ -639,11 +795,20 @@ void serve_cancel_all(serve *s, st_code code, const char *message)
         }
         if (j->engine_started && ids && n < s->active)
             ids[n++] = j->engine_id;
+        if (j->parked && tickets && parked && n_parked < s->active) {
+            j->parked = 0; /* claimed */
+            tickets[n_parked] = j->ticket;
+            parked[n_parked++] = j;
+        }
     }
     pthread_mutex_unlock(&s->mu);
     for (int i = 0; i < n; i++)
         runner_cancel(m, ids[i]);
+    for (int i = 0; i < n_parked; i++)
+        job_unpark_claimed(parked[i], tickets[i], &hooks);
     free(ids);
+    free(tickets);
+    free(parked);
 }
 
 /* ---- other methods ------------------------------------------------------------ */

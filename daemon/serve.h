@@ -11,8 +11,11 @@
  *     1. admission: draining/loading -> UNAVAILABLE, too many calls ->
  *        RESOURCE_EXHAUSTED, bad fields -> INVALID_ARGUMENT
  *     2. render (chat template) + tokenize; prompt limits
- *     3. CACHE LOOKUP HOOK  hooks.lookup(key) unless cache_mode is
- *        BYPASS or REFRESH; a hit answers from the cache (cached = 1)
+ *     3. CACHE LOOKUP HOOK  hooks.lookup_async (or hooks.lookup) unless
+ *        cache_mode is BYPASS or REFRESH; a hit answers from the cache
+ *        (cached = 1); a request identical to one in flight is parked (no
+ *        thread waits) and resumed when that one ends: with its answer,
+ *        or to compute by itself, or to end (cancelled, deadline)
  *     4. engine: runner_generate; deltas -> sink.on_delta
  *     5. CACHE STORE HOOK   hooks.store(key, answer) when the answer is
  *        complete (finish stop or length) and cache_mode is USE or REFRESH
@@ -20,8 +23,10 @@
  *
  * Threads: serve_generate runs on an RPC thread and may call the sink
  * before it returns (a cache hit answers at once), so the caller must not
- * hold a lock the sink takes. Later sink calls come from the engine thread
- * and must not block. serve_cancel is safe from any thread at any time.
+ * hold a lock the sink takes. Later sink calls come from the engine thread,
+ * the cache's thread (a parked request resumed) or the thread that called
+ * serve_cancel (a parked request cancelled), and must not block.
+ * serve_cancel is safe from any thread at any time.
  */
 #ifndef LIGHTMOE_DAEMON_SERVE_H
 #define LIGHTMOE_DAEMON_SERVE_H
@@ -113,6 +118,14 @@ typedef struct serve_answer {
     void *priv;                     /* the hook's (lookup -> release) */
 } serve_answer;
 
+/* lookup_async: the request was parked (see below). */
+#define SERVE_CACHE_PARKED 2
+
+/* Resumes a parked request: hit 1 with *ans filled (released by the hook's
+ * release), or 0 (no answer: compute, or end if cancelled / past the
+ * deadline). */
+typedef void (*serve_cache_resume_fn)(void *ctx, int hit, serve_answer *ans);
+
 typedef struct serve_cache_hooks {
     void *user;
     /* 1 on a hit with *ret filled (strings/arrays owned by the hook until
@@ -138,6 +151,19 @@ typedef struct serve_cache_hooks {
      * or a negative errno with msg filled. May be NULL. */
     int64_t (*invalidate_prefix)(void *user, const int32_t *ids, int32_t n, char *msg,
                                  size_t msglen);
+    /* Optional; used instead of lookup when set. As lookup, except that a
+     * request identical to one in flight does not wait: it returns
+     * SERVE_CACHE_PARKED with *ret_ticket set, and resume(ctx, ...) is then
+     * called exactly once, on the hook's own thread (never from inside
+     * lookup_async), when the leader has published (hit), failed or
+     * deadline_ns has passed (no hit) -- unless unpark(ticket) returned 1
+     * first. key is only read during the call. */
+    int (*lookup_async)(void *user, const serve_cache_key *key, int64_t deadline_ns,
+                        serve_answer *ret, serve_cache_resume_fn resume, void *ctx,
+                        uint64_t *ret_ticket);
+    /* Take a parked request back: 1 removed (resume will not be called), 0
+     * resume has been or will be called. Any thread, never blocks long. */
+    int (*unpark)(void *user, uint64_t ticket);
 } serve_cache_hooks;
 
 /* ---- lifecycle ---------------------------------------------------------- */

@@ -4,7 +4,8 @@
  * and bad), keys and policy (parameters and models never share, modes),
  * the memory backend (hit/miss, TTL, LRU byte bound under random load,
  * invalidation by model and by prompt prefix) and single flight with 50
- * threads (compute runs once; a failed leader lets followers compute).
+ * threads (compute runs once; a failed leader lets followers compute), and
+ * with 50 parked followers (no thread each: cache_flight_park / unpark).
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -485,6 +486,80 @@ static void test_flight_timeout(void)
     cache_destroy(c);
 }
 
+/* Parked followers (cache_flight_park): no thread waits. 50 are parked on
+ * one flight; 3 are taken back before the leader publishes (their done is
+ * never called); the rest each get their own copy of the answer exactly
+ * once, from the publishing thread. A second flight fails: its followers
+ * get -EAGAIN. Parking on a flight that has already ended answers at once.
+ * Nothing may leak (ASan). */
+typedef struct pwait {
+    cache_flight_waiter w;
+    int calls, rc;
+    cache_entry *e;
+} pwait;
+
+static void pwait_done(cache_flight_waiter *w, int rc, cache_entry *e)
+{
+    pwait *p = (pwait *)w;
+    p->calls++;
+    p->rc = rc;
+    p->e = e;
+}
+
+static void test_flight_park(void)
+{
+    cache *c = make("memory", 0, 0);
+    treq t;
+    treq_init(&t, "m", 9, 5);
+    cache_key k;
+    CHECK(treq_key(c, &t, &k) == 0);
+    tanswer a;
+    compute(&t, &a);
+    enum { N = 50 };
+    static pwait pw[N];
+    for (int round = 0; round < 2; round++) {
+        int fail = round == 1;
+        memset(pw, 0, sizeof pw);
+        cache_flight *lead, *fol[N];
+        CHECK(cache_flight_join(c, &k, &lead) == CACHE_FLIGHT_LEADER);
+        for (int i = 0; i < N; i++) {
+            CHECK(cache_flight_join(c, &k, &fol[i]) == CACHE_FLIGHT_FOLLOWER);
+            pw[i].w.done = pwait_done;
+            cache_flight_park(c, fol[i], &pw[i].w);
+            CHECK(pw[i].calls == 0);
+        }
+        for (int i = 0; i < 3; i++)
+            CHECK(cache_flight_unpark(c, fol[i], &pw[i].w) == 1);
+        CHECK(cache_flight_unpark(c, fol[0], &pw[0].w) == 0); /* only once */
+        cache_flight_publish(c, lead, fail ? NULL : &a.e);
+        for (int i = 0; i < N; i++) {
+            CHECK_MSG(pw[i].calls == (i < 3 ? 0 : 1), "waiter %d: %d calls", i, pw[i].calls);
+            if (i < 3)
+                continue;
+            if (fail) {
+                CHECK(pw[i].rc == -EAGAIN && !pw[i].e);
+            } else {
+                CHECK(pw[i].rc == 0 && pw[i].e && same_answer(pw[i].e, &a));
+                cache_entry_free(pw[i].e);
+            }
+        }
+    }
+    /* A follower that parks after the leader published (its flight already
+     * left the table) is answered from park itself. */
+    cache_flight *lead, *fol;
+    CHECK(cache_flight_join(c, &k, &lead) == CACHE_FLIGHT_LEADER);
+    CHECK(cache_flight_join(c, &k, &fol) == CACHE_FLIGHT_FOLLOWER);
+    cache_flight_publish(c, lead, &a.e);
+    pwait late = {.w.done = pwait_done};
+    cache_flight_park(c, fol, &late.w);
+    CHECK(late.calls == 1 && late.rc == 0 && same_answer(late.e, &a));
+    cache_entry_free(late.e);
+    cache_stats s;
+    cache_get_stats(c, &s);
+    CHECK(s.flight_failed == 1);
+    cache_destroy(c);
+}
+
 int main(void)
 {
     test_codec();
@@ -499,6 +574,7 @@ int main(void)
     run_flight(0, 1);
     run_flight(1, 2);
     test_flight_timeout();
+    test_flight_park();
     printf("cache unit tests ok\n");
     return 0;
 }

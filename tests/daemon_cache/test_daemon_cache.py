@@ -152,9 +152,7 @@ def test_memory_hit_no_engine_work():
 
 
 def test_single_flight():
-    """Identical requests in flight together: the engine generates once.
-    (A waiting follower holds an RPC thread and at most rpc_threads - 1 wait
-    at once, so the daemon gets enough threads for all 16 to wait.)"""
+    """Identical requests in flight together: the engine generates once."""
     with Daemon("flight", ["--rpc-threads", "17"]) as d:
         api = Api(d.channel())
         before = engine_work(d)
@@ -214,6 +212,56 @@ def test_single_flight_keeps_serving():
         assert len({r.text for r in out}) == 1, [r.text for r in out]
         # Meaningful only if the leader was still generating during the checks.
         assert still_waiting or out[0].usage.completion_tokens < 60, \
+            "the leader finished before the checks: the test did not test anything"
+
+
+def test_single_flight_parked():
+    """Followers hold no thread (issue 6): with 2 RPC threads, 50 identical
+    requests wait for one leader while health checks and other prompts are
+    answered; the engine generates once and all 51 get the same answer.
+    Followers whose deadline passes while they wait end with
+    DEADLINE_EXCEEDED, followers whose client cancels end at once; none of
+    them runs the engine, and nothing is left behind (active streams back
+    to 0; the ASan build checks for leaks at exit)."""
+    with Daemon("flightpark", ["--rpc-threads", "2", "--debug-hooks", "yes",
+                               "--debug-step-delay-ms", "50"]) as d:
+        api = Api(d.channel())
+        before = engine_work(d)
+        req = pb.GenerateRequest(**greedy("Slow and identical", max_tokens=120))
+        leader = api._complete.future(req, timeout=300)
+        time.sleep(0.5)  # the leader is in the engine (up to 120 steps of >= 50 ms)
+        followers = [api._complete.future(req, timeout=300) for _ in range(50)]
+        short = [api._complete.future(req, timeout=0.6) for _ in range(5)]
+        gone = [api._complete.future(req, timeout=300) for _ in range(5)]
+        time.sleep(0.3)
+        for f in gone:
+            f.cancel()
+        # Every RPC thread is free while 60 requests wait.
+        assert api.check(timeout=5).status == 1  # SERVING
+        other = api.complete(timeout=20, **greedy("A different prompt", max_tokens=2))
+        for f in short:
+            expect_error(f.result, grpc.StatusCode.DEADLINE_EXCEEDED)
+        still_waiting = not leader.done()
+        first = leader.result()
+        out = [f.result() for f in followers]
+        for f in gone:
+            assert f.cancelled() or f.exception() is not None
+        assert not first.cached
+        assert all(r.cached for r in out), [r.cached for r in out]
+        assert {r.text for r in out} == {first.text}
+        assert all(list(r.token_ids) == list(first.token_ids) for r in out)
+        after = engine_work(d)
+        gen = after[1] - before[1]
+        assert gen == first.usage.completion_tokens + other.usage.completion_tokens, \
+            (gen, first.usage.completion_tokens, other.usage.completion_tokens)
+        assert d.metric("lightmoe_cache_single_flight_waits_total") >= 60
+        for _ in range(50):
+            if d.metric("lightmoe_active_streams") == 0:
+                break
+            time.sleep(0.1)
+        assert d.metric("lightmoe_active_streams") == 0, "a parked request was left behind"
+        # Meaningful only if the leader was still generating during the checks.
+        assert still_waiting or first.usage.completion_tokens < 60, \
             "the leader finished before the checks: the test did not test anything"
 
 
@@ -446,6 +494,6 @@ def test_bad_cache_url():
 if __name__ == "__main__":
     open(os.path.join(A.workdir, "empty.conf"), "w").close()
     lmtest.run_tests([test_bad_cache_url, test_memory_hit_no_engine_work, test_single_flight,
-                   test_single_flight_keeps_serving,
+                      test_single_flight_keeps_serving, test_single_flight_parked,
                       test_parameters_and_policy, test_invalidate, test_redis_hit,
                       test_redis_killed_and_restarted, test_redis_slow, test_redis_down_at_start])
