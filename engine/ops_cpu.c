@@ -11,6 +11,12 @@
  * dequantised into the thread's scratch (the same float values) and reused
  * for every token pair. Either way every output is the same sequence of
  * float operations, whatever m and the thread count.
+ *
+ * Kernel sets: this file holds the portable loops and the AVX2 tiles; the
+ * AVX-512 tiles (same structure, 16 lanes, INT4 weights from a per-group
+ * table) are in ops_cpu_avx512.c, chosen per pool (cpu_pool_set_isa).
+ * The pool's threads spin briefly between jobs (POOL_SPIN_NS) because a
+ * decode step is hundreds of sub-millisecond jobs.
  */
 #include "engine/ops_cpu.h"
 
@@ -19,8 +25,10 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "engine/half.h"
+#include "engine/ops_cpu_int.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -33,13 +41,13 @@
 
 struct cpu_pool {
     int n;
-    int portable;
+    cpu_isa isa;
     pthread_t *th;
     int started;
     pthread_mutex_t mu;
     pthread_cond_t cv_start, cv_done;
-    uint64_t gen;
-    int stop;
+    _Atomic uint64_t gen;       /* written under mu; read without it to spin */
+    atomic_int stop;
     int active;                 /* workers inside the current job */
     cpu_task_fn fn;
     void *ctx;
@@ -75,6 +83,49 @@ static void pool_work(cpu_pool *p, int t)
     }
 }
 
+/* How long a thread spins before sleeping on a condition variable. The
+ * forward pass issues hundreds of small jobs per token, back to back: a
+ * worker that went to sleep after each one would join the next one late by
+ * the wake-up latency (tens of microseconds on a VM), a large part of an
+ * expert matmul; the caller likewise waits for the last chunk. */
+#define POOL_SPIN_NS 200000
+
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Spin until the job generation differs from `old` (or the pool stops), at most POOL_SPIN_NS. */
+static void spin_while_gen(cpu_pool *p, uint64_t old)
+{
+    int64_t t0 = mono_ns();
+    for (int i = 1; atomic_load(&p->gen) == old && !atomic_load(&p->stop); i++) {
+        if (!(i & 63) && mono_ns() - t0 > POOL_SPIN_NS)
+            return;
+        cpu_relax();
+    }
+}
+
+/* Spin until `done` reaches n, at most POOL_SPIN_NS. */
+static void spin_until_done(cpu_pool *p, int64_t n)
+{
+    int64_t t0 = mono_ns();
+    for (int i = 1; atomic_load(&p->done) < n; i++) {
+        if (!(i & 63) && mono_ns() - t0 > POOL_SPIN_NS)
+            return;
+        cpu_relax();
+    }
+}
+
 static void *pool_main(void *arg)
 {
     cpu_pool *p = ((worker_arg *)arg)->p;
@@ -82,6 +133,7 @@ static void *pool_main(void *arg)
     free(arg);
     uint64_t seen = 0;
     for (;;) {
+        spin_while_gen(p, seen);
         pthread_mutex_lock(&p->mu);
         while (!p->stop && p->gen == seen)
             pthread_cond_wait(&p->cv_start, &p->mu);
@@ -120,6 +172,7 @@ int cpu_pool_create(int n_threads, cpu_pool **ret, lm_err *err)
         return lm_err_set(err, -ENOMEM, "cpu pool: out of memory");
     }
     p->n = n_threads;
+    p->isa = cpu_isa_best();
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv_start, NULL);
     pthread_cond_init(&p->cv_done, NULL);
@@ -163,8 +216,42 @@ void cpu_pool_destroy(cpu_pool *p)
 }
 
 int cpu_pool_threads(const cpu_pool *p) { return p->n; }
-void cpu_pool_set_portable(cpu_pool *p, int portable) { p->portable = portable; }
-int cpu_pool_portable(const cpu_pool *p) { return p->portable; }
+void cpu_pool_set_portable(cpu_pool *p, int portable)
+{
+    p->isa = portable ? CPU_ISA_PORTABLE : cpu_isa_best();
+}
+int cpu_pool_portable(const cpu_pool *p) { return p->isa == CPU_ISA_PORTABLE; }
+void cpu_pool_set_isa(cpu_pool *p, cpu_isa isa)
+{
+    cpu_isa best = cpu_isa_best();
+    p->isa = isa < best ? isa : best;
+}
+cpu_isa cpu_pool_isa(const cpu_pool *p) { return p->isa; }
+
+float *cpu_pool_scratch(const cpu_pool *p, int thread, size_t *ret_floats)
+{
+    *ret_floats = p->scratch_floats;
+    return p->scratch[thread];
+}
+
+cpu_isa cpu_isa_best(void)
+{
+    cpu_isa best = CPU_ISA_PORTABLE;
+#if OPS_AVX2
+    best = ops_avx512_supported() ? CPU_ISA_AVX512 : CPU_ISA_AVX2;
+#endif
+    const char *cap = getenv("LIGHTMOE_CPU_ISA");
+    if (cap && !strcmp(cap, "portable"))
+        best = CPU_ISA_PORTABLE;
+    else if (cap && !strcmp(cap, "avx2") && best > CPU_ISA_AVX2)
+        best = CPU_ISA_AVX2;
+    return best;
+}
+
+const char *cpu_isa_name(cpu_isa isa)
+{
+    return isa == CPU_ISA_AVX512 ? "avx512" : isa == CPU_ISA_AVX2 ? "avx2" : "portable";
+}
 
 int cpu_pool_reserve(cpu_pool *p, size_t floats_per_thread, lm_err *err)
 {
@@ -206,6 +293,7 @@ void cpu_pool_run(cpu_pool *p, cpu_task_fn fn, void *ctx, int64_t n_items, int64
     pthread_cond_broadcast(&p->cv_start);
     pthread_mutex_unlock(&p->mu);
     pool_work(p, 0);
+    spin_until_done(p, n_items);
     pthread_mutex_lock(&p->mu);
     while (atomic_load(&p->done) < n_items)
         pthread_cond_wait(&p->cv_done, &p->mu);
@@ -314,15 +402,6 @@ void op_linear_naive(const linear *W, const float *x, int32_t m, float *y)
             y[(size_t)t * (size_t)W->n + (size_t)r] = (float)acc + (W->bias ? W->bias[r] : 0.f);
         }
 }
-
-typedef struct lin_ctx {
-    cpu_pool *p;
-    const linear *W;
-    const float *x;
-    int32_t ldx, m;
-    float *y;
-    int32_t ldy;
-} lin_ctx;
 
 /* Portable: one float accumulator per output, k in order. */
 static void lin_task_portable(void *vc, int64_t b, int64_t e, int thread)
@@ -556,7 +635,11 @@ void op_linear(cpu_pool *p, const linear *W, const float *x, int32_t ldx, int32_
         return;
     lin_ctx c = {.p = p, .W = W, .x = x, .ldx = ldx, .m = m, .y = y, .ldy = ldy};
 #if OPS_AVX2
-    if (W->kind == LINEAR_INT4 && !p->portable) {
+    if (W->kind == LINEAR_INT4 && p->isa == CPU_ISA_AVX512) {
+        ops_avx512_arrange_int4(&W->q, x, ldx, m, scratch);
+        c.x = scratch;
+        c.ldx = W->k;
+    } else if (W->kind == LINEAR_INT4 && p->isa == CPU_ISA_AVX2) {
         /* per 16 packed columns: the 8 even ones, then the 8 odd ones (int4_w16),
          * with act-order's permutation folded in */
         const int32_t *perm = W->q.perm;
@@ -586,7 +669,11 @@ void op_linear(cpu_pool *p, const linear *W, const float *x, int32_t ldx, int32_
     int64_t chunk = W->n / (4 * cpu_pool_threads(p));
     chunk = chunk < 4 ? 4 : (chunk + 3) & ~(int64_t)3;
 #if OPS_AVX2
-    if (!p->portable) {
+    if (p->isa == CPU_ISA_AVX512) {
+        cpu_pool_run(p, ops_avx512_linear_task, &c, W->n, chunk);
+        return;
+    }
+    if (p->isa == CPU_ISA_AVX2) {
         cpu_pool_run(p, lin_task_avx2, &c, W->n, chunk);
         return;
     }

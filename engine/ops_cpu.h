@@ -13,8 +13,12 @@
  * makes a batched forward bit-identical to running each sequence alone.
  *
  * SIMD: with AVX2/FMA (the engine is compiled for x86-64-v3) the matmuls
- * use 8-lane FMA accumulation; cpu_pool_set_portable(pool, 1) selects the
- * plain scalar loops instead (same formulas, different summation order).
+ * use 8-lane FMA accumulation; on CPUs with AVX-512 (checked at run time)
+ * 16-lane kernels that take INT4 weights from a per-group table of the 16
+ * possible values (ops_cpu_avx512.c). cpu_pool_set_portable(pool, 1)
+ * selects the plain scalar loops instead. Every kernel set computes the
+ * same formulas; they differ only in summation order, so each is checked
+ * against the same references and tolerances.
  */
 #ifndef LIGHTMOE_OPS_CPU_H
 #define LIGHTMOE_OPS_CPU_H
@@ -41,6 +45,18 @@ void cpu_pool_destroy(cpu_pool *p); /* NULL is fine */
 int cpu_pool_threads(const cpu_pool *p);
 void cpu_pool_run(cpu_pool *p, cpu_task_fn fn, void *ctx, int64_t n_items, int64_t chunk);
 void cpu_pool_set_portable(cpu_pool *p, int portable);
+
+/* Kernel sets for op_linear, in order of preference (best last).
+ * cpu_isa_best(): the best one this build and CPU support, capped by the
+ * environment variable LIGHTMOE_CPU_ISA (portable|avx2|avx512) when set, so
+ * that a tool run can exercise a lesser set on a bigger CPU. A new pool
+ * uses cpu_isa_best(); cpu_pool_set_isa clamps its argument to it;
+ * cpu_pool_set_portable(p, 0) means cpu_isa_best(), 1 means PORTABLE. */
+typedef enum cpu_isa { CPU_ISA_PORTABLE = 0, CPU_ISA_AVX2 = 1, CPU_ISA_AVX512 = 2 } cpu_isa;
+cpu_isa cpu_isa_best(void);
+const char *cpu_isa_name(cpu_isa isa);
+void cpu_pool_set_isa(cpu_pool *p, cpu_isa isa);
+cpu_isa cpu_pool_isa(const cpu_pool *p);
 /* Give every thread a scratch area of at least floats_per_thread floats
  * (op_linear uses 4*K per thread for INT4 with more than 2 rows; without
  * it, it dequantises in registers for every token pair: same results). */

@@ -37,8 +37,8 @@ static double max_rel(const float *a, const float *b, size_t n)
  * and check that row results are independent of m (bitwise). */
 static void check_linear(cpu_pool *p, const linear *W, const char *what)
 {
-    int32_t ms[] = {1, 2, 3, 5, 9};
-    int32_t M = 9;
+    int32_t ms[] = {1, 2, 3, 5, 9, 17};
+    int32_t M = 17;
     float *x = malloc(sizeof(float) * (size_t)M * (size_t)W->k);
     float *y = malloc(sizeof(float) * (size_t)M * (size_t)W->n);
     float *y1 = malloc(sizeof(float) * (size_t)W->n);
@@ -66,10 +66,62 @@ static void check_linear(cpu_pool *p, const linear *W, const char *what)
     free(scr);
 }
 
-static void test_linear(cpu_pool *p)
+/* One INT4 layer n x k, group g: random codes, zeros 1..16 and scales; with
+ * and without an act-order permutation and a bias; `unit` also checks one
+ * weight of the naive reference against the int4.h formula by hand. */
+static void int4_case(cpu_pool *p, int32_t n, int32_t k, int32_t g, const float *bias, int unit)
 {
-    /* dense, every dtype, K not a multiple of 8, N not a multiple of 4 */
-    int32_t n = 37, k = 83;
+    int32_t ng = k / g;
+    uint8_t *qs = calloc((size_t)n * (size_t)k / 2, 1), *zeros = malloc((size_t)n * (size_t)ng);
+    uint16_t *sc = malloc(2 * (size_t)n * (size_t)ng);
+    int32_t *perm = malloc(sizeof(int32_t) * (size_t)k);
+    float *x = calloc((size_t)k, sizeof(float));
+    for (size_t i = 0; i < (size_t)n * (size_t)k / 2; i++)
+        qs[i] = (uint8_t)(urand() * 256);
+    for (size_t i = 0; i < (size_t)n * (size_t)ng; i++) {
+        zeros[i] = (uint8_t)(1 + urand() * 16); /* 1..16 as GPTQ v1 gives */
+        sc[i] = float_to_fp16((float)(0.01 + 0.05 * urand()));
+    }
+    for (int32_t j = 0; j < k; j++)
+        perm[j] = j;
+    for (int32_t j = k - 1; j > 0; j--) {
+        int32_t s = (int32_t)(urand() * (j + 1)), t = perm[j];
+        perm[j] = perm[s];
+        perm[s] = t;
+    }
+    char what[64];
+    linear Q = {.kind = LINEAR_INT4, .n = n, .k = k};
+    Q.q = (int4_matrix){.n = n, .k = k, .group = g, .qs = qs, .scales = sc, .zeros = zeros};
+    snprintf(what, sizeof what, "int4 %dx%d g%d", n, k, g);
+    check_linear(p, &Q, what);
+    Q.q.perm = perm;
+    Q.bias = Q.q.bias = bias;
+    snprintf(what, sizeof what, "int4 act-order %dx%d g%d", n, k, g);
+    check_linear(p, &Q, what);
+    if (unit) { /* the naive reference follows the int4.h formula element by element */
+        float y;
+        x[5] = 1.f;
+        linear one = Q;
+        one.n = 1;
+        one.q.n = 1;
+        one.bias = one.q.bias = NULL;
+        op_linear_naive(&one, x, 1, &y);
+        int32_t j5 = 0;
+        while (perm[j5] != 5)
+            j5++;
+        int qv = (j5 & 1) ? qs[j5 / 2] >> 4 : qs[j5 / 2] & 15;
+        CHECK(y == fp16_to_float(sc[j5 / g]) * (float)(qv - zeros[j5 / g]));
+    }
+    free(qs);
+    free(zeros);
+    free(sc);
+    free(perm);
+    free(x);
+}
+
+/* Dense n x k in every dtype, with a bias except for bf16. */
+static void dense_case(cpu_pool *p, int32_t n, int32_t k)
+{
     float *wf = malloc(sizeof(float) * (size_t)n * (size_t)k);
     uint16_t *wh = malloc(2 * (size_t)n * (size_t)k), *wb = malloc(2 * (size_t)n * (size_t)k);
     float *bias = malloc(sizeof(float) * (size_t)n);
@@ -89,55 +141,30 @@ static void test_linear(cpu_pool *p)
     W.w = wb;
     W.bias = NULL;
     check_linear(p, &W, "dense bf16");
-
-    /* INT4: K = 96 with groups of 32, random codes/zeros/scales, with and
-     * without an act-order permutation */
-    k = 96;
-    int32_t g = 32, ng = k / g;
-    uint8_t *qs = calloc((size_t)n * (size_t)k / 2, 1), *zeros = malloc((size_t)n * (size_t)ng);
-    uint16_t *sc = malloc(2 * (size_t)n * (size_t)ng);
-    int32_t *perm = malloc(sizeof(int32_t) * (size_t)k);
-    for (size_t i = 0; i < (size_t)n * (size_t)k / 2; i++)
-        qs[i] = (uint8_t)(urand() * 256);
-    for (size_t i = 0; i < (size_t)n * (size_t)ng; i++) {
-        zeros[i] = (uint8_t)(1 + urand() * 16); /* 1..16 as GPTQ v1 gives */
-        sc[i] = float_to_fp16((float)(0.01 + 0.05 * urand()));
-    }
-    for (int32_t j = 0; j < k; j++)
-        perm[j] = j;
-    for (int32_t j = k - 1; j > 0; j--) {
-        int32_t s = (int32_t)(urand() * (j + 1)), t = perm[j];
-        perm[j] = perm[s];
-        perm[s] = t;
-    }
-    linear Q = {.kind = LINEAR_INT4, .n = n, .k = k};
-    Q.q = (int4_matrix){.n = n, .k = k, .group = g, .qs = qs, .scales = sc, .zeros = zeros};
-    check_linear(p, &Q, "int4");
-    Q.q.perm = perm;
-    Q.bias = Q.q.bias = bias;
-    check_linear(p, &Q, "int4 act-order");
-    /* the naive reference follows the int4.h formula element by element */
-    float x[96], y;
-    for (int32_t j = 0; j < k; j++)
-        x[j] = j == 5 ? 1.f : 0.f;
-    linear one = Q;
-    one.n = 1;
-    one.q.n = 1;
-    one.bias = one.q.bias = NULL;
-    op_linear_naive(&one, x, 1, &y);
-    int32_t j5 = 0;
-    while (perm[j5] != 5)
-        j5++;
-    int qv = (j5 & 1) ? qs[j5 / 2] >> 4 : qs[j5 / 2] & 15;
-    CHECK(y == fp16_to_float(sc[j5 / g]) * (float)(qv - zeros[j5 / g]));
     free(wf);
     free(wh);
     free(wb);
     free(bias);
-    free(qs);
-    free(zeros);
-    free(sc);
-    free(perm);
+}
+
+static void test_linear(cpu_pool *p)
+{
+    /* dense: K not a multiple of 8 or 16, K below one vector; N not a
+     * multiple of 4 */
+    dense_case(p, 37, 83);
+    dense_case(p, 6, 15);
+    dense_case(p, 3, 40);
+    /* INT4, with and without act-order: groups of 32 (K = 96: not a multiple
+     * of 64; K = 32: one block), 64, and 128 and 256 (the AVX-512 kernel's
+     * wide layout; K = 384: three groups); N not a multiple of 4 */
+    float bias[37];
+    for (int32_t i = 0; i < 37; i++)
+        bias[i] = frand();
+    int4_case(p, 37, 96, 32, bias, 1);
+    int4_case(p, 17, 32, 32, bias, 0);
+    int4_case(p, 37, 192, 64, bias, 0);
+    int4_case(p, 37, 384, 128, bias, 1);
+    int4_case(p, 5, 512, 256, bias, 0);
 }
 
 static void test_rows(void)
@@ -316,14 +343,21 @@ int main(void)
         fprintf(stderr, "%s\n", err.msg);
         return 1;
     }
-    CHECK(cpu_pool_reserve(p3, 4 * 96, &err) == 0);
+    CHECK(cpu_pool_reserve(p3, 4 * 512, &err) == 0);
     test_pool(p3);
-    for (int portable = 0; portable < 2; portable++) {
-        cpu_pool_set_portable(p1, portable);
-        cpu_pool_set_portable(p3, portable);
+    /* every kernel set this CPU has (AVX-512 only where the CPU has it) */
+    for (int isa = CPU_ISA_PORTABLE; isa <= (int)cpu_isa_best(); isa++) {
+        cpu_pool_set_isa(p1, (cpu_isa)isa);
+        cpu_pool_set_isa(p3, (cpu_isa)isa);
+        CHECK(cpu_pool_isa(p1) == (cpu_isa)isa && cpu_pool_isa(p3) == (cpu_isa)isa);
+        fprintf(stderr, "kernels: %s\n", cpu_isa_name((cpu_isa)isa));
         test_linear(p1);
         test_linear(p3);
     }
+    cpu_pool_set_portable(p1, 1);
+    CHECK(cpu_pool_portable(p1) && cpu_pool_isa(p1) == CPU_ISA_PORTABLE);
+    cpu_pool_set_portable(p1, 0);
+    CHECK(cpu_pool_isa(p1) == cpu_isa_best());
     test_rows();
     test_route();
     test_attention(p3, 12);

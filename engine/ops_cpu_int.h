@@ -1,0 +1,39 @@
+/*
+ * ops_cpu_int.h: what ops_cpu.c shares with its ISA-specific kernel files
+ * (ops_cpu_avx512.c). Not a contract: only these two files include it.
+ *
+ * op_linear splits the output rows of one call over the pool; each task
+ * gets a lin_ctx (read only) and a range of rows, and writes y[t][r] for
+ * every token row t < m of its rows.
+ */
+#ifndef LIGHTMOE_OPS_CPU_INT_H
+#define LIGHTMOE_OPS_CPU_INT_H
+
+#include "engine/ops_cpu.h"
+
+typedef struct lin_ctx {
+    cpu_pool *p;
+    const linear *W;
+    const float *x;       /* [m][ldx]; for INT4, in the kernel's arranged order */
+    int32_t ldx, m;
+    float *y;             /* [m][ldy] */
+    int32_t ldy;
+} lin_ctx;
+
+/* The scratch area of `thread` (cpu_pool_reserve) and its size in floats. */
+float *cpu_pool_scratch(const cpu_pool *p, int thread, size_t *ret_floats);
+
+/* ---- AVX-512 kernels (ops_cpu_avx512.c), compiled with target attributes
+ * and called only when ops_avx512_supported() says the CPU and the OS
+ * support AVX-512 F/BW/VL/DQ. */
+int ops_avx512_supported(void);
+
+/* Copy the m rows of x (stride ldx) into dst ([m][k]) in the order the
+ * AVX-512 INT4 kernel reads them, with act-order's permutation folded in. */
+void ops_avx512_arrange_int4(const int4_matrix *q, const float *x, int32_t ldx, int32_t m,
+                             float *dst);
+
+/* cpu_task_fn over output rows for INT4 (x arranged as above) and dense weights. */
+void ops_avx512_linear_task(void *vc, int64_t b, int64_t e, int thread);
+
+#endif
