@@ -423,6 +423,10 @@ static void lin_task_portable(void *vc, int64_t b, int64_t e, int thread)
 }
 
 #if OPS_AVX2
+/* Loops over a tile's rows and tokens (at most 4 and 2) must be unrolled
+ * so that the accumulators stay in registers; -O2 does not always do it. */
+#define UNROLL _Pragma("GCC unroll 4")
+
 static inline float hsum8(__m256 v)
 {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -472,22 +476,28 @@ static inline __attribute__((always_inline)) void dense_tile(const lin_ctx *c, s
     const linear *W = c->W;
     int32_t k8 = W->k & ~7;
     __m256 acc[4][2];
-    for (int i = 0; i < NR; i++)
-        for (int t = 0; t < NT; t++)
+    UNROLL for (int i = 0; i < NR; i++)
+        UNROLL for (int t = 0; t < NT; t++)
             acc[i][t] = _mm256_setzero_ps();
     const float *x0 = c->x + (size_t)t0 * (size_t)c->ldx;
     for (int32_t j = 0; j < k8; j += 8) {
         __m256 xv[2];
-        for (int t = 0; t < NT; t++)
+        UNROLL for (int t = 0; t < NT; t++)
             xv[t] = _mm256_loadu_ps(x0 + (size_t)t * (size_t)c->ldx + (size_t)j);
-        for (int i = 0; i < NR; i++) {
+        /* the next tile's rows, one prefetch per 64-byte line */
+        if (!(j & (dt == ST_F32 ? 15 : 31)))
+            UNROLL for (int i = 0; i < NR; i++)
+                _mm_prefetch((const char *)W->w + ((size_t)(r0 + NR + i) * (size_t)W->k +
+                                                   (size_t)j) * (dt == ST_F32 ? 4 : 2),
+                             _MM_HINT_T0);
+        UNROLL for (int i = 0; i < NR; i++) {
             __m256 w = load_dense8(dt, W->w, (size_t)(r0 + i) * (size_t)W->k + (size_t)j);
-            for (int t = 0; t < NT; t++)
+            UNROLL for (int t = 0; t < NT; t++)
                 acc[i][t] = _mm256_fmadd_ps(w, xv[t], acc[i][t]);
         }
     }
-    for (int i = 0; i < NR; i++)
-        for (int t = 0; t < NT; t++)
+    UNROLL for (int i = 0; i < NR; i++)
+        UNROLL for (int t = 0; t < NT; t++)
             c->y[(size_t)(t0 + t) * (size_t)c->ldy + (size_t)(r0 + i)] =
                 lin_finish(W, acc[i][t], r0 + i, x0 + (size_t)t * (size_t)c->ldx);
 }
@@ -499,35 +509,39 @@ static inline __attribute__((always_inline)) void int4_tile(const lin_ctx *c, in
     const int4_matrix *q = &c->W->q;
     int32_t ng = q->k / q->group, kb = q->k / 2;
     __m256 acc[4][2];
-    for (int i = 0; i < NR; i++)
-        for (int t = 0; t < NT; t++)
+    UNROLL for (int i = 0; i < NR; i++)
+        UNROLL for (int t = 0; t < NT; t++)
             acc[i][t] = _mm256_setzero_ps();
     const float *x0 = c->x + (size_t)t0 * (size_t)c->ldx;
     for (int32_t g = 0; g < ng; g++) {
         __m256 sc[4], ze[4];
-        for (int i = 0; i < NR; i++) {
+        UNROLL for (int i = 0; i < NR; i++) {
             size_t gi = (size_t)(r0 + i) * (size_t)ng + (size_t)g;
             sc[i] = _mm256_set1_ps(fp16_to_float(q->scales[gi]));
             ze[i] = _mm256_set1_ps((float)q->zeros[gi]);
         }
         for (int32_t j = g * q->group; j < (g + 1) * q->group; j += 16) {
             __m256 xe[2], xo[2];
-            for (int t = 0; t < NT; t++) {
+            UNROLL for (int t = 0; t < NT; t++) {
                 xe[t] = _mm256_loadu_ps(x0 + (size_t)t * (size_t)c->ldx + (size_t)j);
                 xo[t] = _mm256_loadu_ps(x0 + (size_t)t * (size_t)c->ldx + (size_t)j + 8);
             }
-            for (int i = 0; i < NR; i++) {
+            if (!(j & 127)) /* the next tile's rows, as in ops_cpu_avx512.c */
+                UNROLL for (int i = 0; i < NR; i++)
+                    _mm_prefetch((const char *)q->qs + (size_t)(r0 + NR + i) * (size_t)kb +
+                                     (size_t)(j / 2), _MM_HINT_T0);
+            UNROLL for (int i = 0; i < NR; i++) {
                 __m256 we, wo;
                 int4_w16(q->qs + (size_t)(r0 + i) * (size_t)kb, j, sc[i], ze[i], &we, &wo);
-                for (int t = 0; t < NT; t++) {
+                UNROLL for (int t = 0; t < NT; t++) {
                     acc[i][t] = _mm256_fmadd_ps(we, xe[t], acc[i][t]);
                     acc[i][t] = _mm256_fmadd_ps(wo, xo[t], acc[i][t]);
                 }
             }
         }
     }
-    for (int i = 0; i < NR; i++)
-        for (int t = 0; t < NT; t++)
+    UNROLL for (int i = 0; i < NR; i++)
+        UNROLL for (int t = 0; t < NT; t++)
             c->y[(size_t)(t0 + t) * (size_t)c->ldy + (size_t)(r0 + i)] =
                 lin_finish(c->W, acc[i][t], r0 + i, NULL);
 }
@@ -537,7 +551,7 @@ static inline __attribute__((always_inline)) void int4_tile(const lin_ctx *c, in
 static void int4_decode_rows(const int4_matrix *q, int32_t r0, int NR, float *wbuf)
 {
     int32_t ng = q->k / q->group, kb = q->k / 2;
-    for (int i = 0; i < NR; i++) {
+    UNROLL for (int i = 0; i < NR; i++) {
         const uint8_t *qrow = q->qs + (size_t)(r0 + i) * (size_t)kb;
         float *dst = wbuf + (size_t)i * (size_t)q->k;
         for (int32_t g = 0; g < ng; g++) {
@@ -561,22 +575,22 @@ static inline __attribute__((always_inline)) void wbuf_tile(const lin_ctx *c, co
 {
     int32_t k = c->W->k;
     __m256 acc[4][2];
-    for (int i = 0; i < NR; i++)
-        for (int t = 0; t < NT; t++)
+    UNROLL for (int i = 0; i < NR; i++)
+        UNROLL for (int t = 0; t < NT; t++)
             acc[i][t] = _mm256_setzero_ps();
     const float *x0 = c->x + (size_t)t0 * (size_t)c->ldx;
     for (int32_t j = 0; j < k; j += 8) {
         __m256 xv[2];
-        for (int t = 0; t < NT; t++)
+        UNROLL for (int t = 0; t < NT; t++)
             xv[t] = _mm256_loadu_ps(x0 + (size_t)t * (size_t)c->ldx + (size_t)j);
-        for (int i = 0; i < NR; i++) {
+        UNROLL for (int i = 0; i < NR; i++) {
             __m256 w = _mm256_loadu_ps(wbuf + (size_t)i * (size_t)k + (size_t)j);
-            for (int t = 0; t < NT; t++)
+            UNROLL for (int t = 0; t < NT; t++)
                 acc[i][t] = _mm256_fmadd_ps(w, xv[t], acc[i][t]);
         }
     }
-    for (int i = 0; i < NR; i++)
-        for (int t = 0; t < NT; t++)
+    UNROLL for (int i = 0; i < NR; i++)
+        UNROLL for (int t = 0; t < NT; t++)
             c->y[(size_t)(t0 + t) * (size_t)c->ldy + (size_t)(r0 + i)] =
                 lin_finish(c->W, acc[i][t], r0 + i, NULL);
 }
