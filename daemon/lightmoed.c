@@ -433,7 +433,10 @@ int main(int argc, char **argv)
                 rpc_set_serving(A.rpc, 1);
                 notify_ready();
                 notify_status("serving");
-                log_info("ready: serving %s", A.cfg.model);
+                runner_info ri;
+                runner_get_info(L.m, &ri);
+                log_info("ready: serving %s on %s (tensor_parallel %d)", A.cfg.model, ri.device,
+                         ri.tensor_parallel);
             }
         }
         if (stopping && loaded) {

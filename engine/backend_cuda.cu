@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "engine/backend_cuda.h"
+#include "engine/comm.h"
 #include "engine/cuda_common.cuh"
 #include "engine/cuda_model.h"
 #include "engine/half.h"
@@ -326,6 +327,7 @@ int cb_kv_init(backend *bb, int32_t bs, int32_t nb, lm_err *err)
 int cb_kv_copy(backend *bb, int32_t src, int32_t dst, lm_err *err)
 {
     cuda_backend *b = (cuda_backend *)bb;
+    CUDA_TRY(err, cudaSetDevice(b->device));
     return cu_state_kv_copy(b->s, src, dst, err);
 }
 int cb_forward(backend *bb, const backend_batch *batch, lm_err *err)
@@ -503,20 +505,35 @@ extern "C" int backend_cuda_create(const model *mm, const backend_options *o, ba
                                    lm_err *err)
 {
     *ret = NULL;
-    if (o && o->tp > 1)
-        return lm_err_set(err, -ENOTSUP, "cuda: tensor parallelism (tp %d) is not implemented "
-                          "on the CUDA backend", o->tp);
+    const char *cm = getenv("LIGHTMOE_CUDA_COMM");
+    if ((o && o->tp > 1) || (cm && *cm)) {
+        int kind = !cm || !*cm ? CUDA_TP_COMM_AUTO
+                   : !strcmp(cm, "nccl") ? CUDA_TP_COMM_NCCL
+                   : !strcmp(cm, "host") ? CUDA_TP_COMM_HOST : -1;
+        if (kind < 0)
+            return lm_err_set(err, -EINVAL, "LIGHTMOE_CUDA_COMM='%s': expected nccl or host", cm);
+        return backend_cuda_tp_create(mm, o, kind, ret, err);
+    }
+    return backend_cuda_create_rank(mm, o, o && o->devices ? o->devices[0] : 0, NULL, 0, 0, ret,
+                                    err);
+}
+
+extern "C" int backend_cuda_create_rank(const model *mm, const backend_options *o, int device,
+                                        comm *c, int32_t vocab_begin, int32_t vocab_stride,
+                                        backend **ret, lm_err *err)
+{
+    *ret = NULL;
     cuda_backend *b = (cuda_backend *)calloc(1, sizeof(*b));
     if (!b)
         return lm_err_set(err, -ENOMEM, "cuda: out of host memory");
     b->base.ops = &cuda_ops;
-    b->device = o && o->devices ? o->devices[0] : 0;
+    b->device = device;
     snprintf(b->name, sizeof b->name, "%s", o && o->force_portable ? "cuda-portable" : "cuda");
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess || b->device < 0 || b->device >= n) {
         free(b);
-        return lm_err_set(err, -ENODEV, "cuda: no device %d (%s)", o && o->devices ? o->devices[0] : 0,
+        return lm_err_set(err, -ENODEV, "cuda: no device %d (%s)", device,
                           e != cudaSuccess ? cudaGetErrorString(e) : "not that many devices");
     }
     int rc = cuda_err(err, cudaSetDevice(b->device), "select device");
@@ -539,6 +556,9 @@ extern "C" int backend_cuda_create(const model *mm, const backend_options *o, ba
         co.path = p && !strcmp(p, "gemv") ? 1 : p && !strcmp(p, "mma") ? 2 : 0;
         const char *g = getenv("LIGHTMOE_CUDA_GRAPHS");
         co.graphs = !(g && !strcmp(g, "0"));
+        co.comm = c;
+        co.vocab_begin = vocab_begin;
+        co.vocab_stride = vocab_stride;
         rc = cu_state_create(&b->m, &co, &b->s, err);
     }
     if (rc) {

@@ -22,14 +22,15 @@
 #include "engine/cuda_moe.cuh"
 #include "engine/cuda_norm.cuh"
 #include "engine/cuda_rope.cuh"
+#include "engine/cuda_tp.cuh"
 
 enum { PROF_MAX = 4096 };
 static const char *const prof_names[] = {"embed+norm", "qkv", "rope+kv", "attention", "o_proj",
                                          "router", "route+group", "experts gate_up",
                                          "experts down", "shared expert", "combine(+norm)",
-                                         "dense mlp", "lm_head"};
+                                         "dense mlp", "lm_head", "all-reduce"};
 enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_ROUTER, P_GROUP, P_GATEUP, P_DOWN, P_SHARED,
-       P_COMBINE, P_DENSE, P_HEAD, P_NCAT };
+       P_COMBINE, P_DENSE, P_HEAD, P_COMM, P_NCAT };
 
 struct cu_state {
     const cu_model *m;
@@ -68,6 +69,7 @@ struct cu_state {
     int bs, n_blocks, bt_stride_max;
     __half *kv;
     size_t kv_layer_elems;  /* elements of one layer's K (= V) */
+    cu_tp *tp;              /* tensor parallelism (cu_options.comm), or NULL */
 };
 
 static int state_alloc(void **p, size_t bytes, lm_err *err, const char *what)
@@ -122,6 +124,7 @@ extern "C" void cu_state_destroy(cu_state *s)
         free(s->prof_ev);
         free(s->prof_cat);
     }
+    cu_tp_destroy(s->tp);
     if (s->blas_ws)
         cudaFree(s->blas_ws);
     if (s->blas)
@@ -222,6 +225,24 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
     ALLOC(s->d_rows, Tm, "batch");
     ALLOC(s->d_tiles, Tm, "batch");
     int rc = 0;
+    if (s->o.comm) {
+        if (s->o.vocab_stride <= 0)
+            s->o.vocab_stride = m->vocab;
+        if (m->lm_head.n > s->o.vocab_stride || s->o.vocab_begin < 0 ||
+            s->o.vocab_begin + m->lm_head.n > m->vocab) {
+            cu_state_destroy(s);
+            return lm_err_set(err, -EINVAL, "cuda: vocabulary rows [%d, %d) of %d at stride %d",
+                              s->o.vocab_begin, s->o.vocab_begin + m->lm_head.n, m->vocab,
+                              s->o.vocab_stride);
+        }
+        if ((rc = cu_tp_create(s->o.comm, (size_t)Tm * H,
+                               (size_t)s->o.max_logits * s->o.vocab_stride, &s->tp, err))) {
+            cu_state_destroy(s);
+            return rc;
+        }
+        /* the host communicator synchronises on the host: nothing to capture */
+        s->graph_ok &= cu_tp_graphable(s->tp);
+    }
     if ((rc = host_alloc((void **)&s->h_tok, Tm * 4, err)) || (rc = host_alloc((void **)&s->h_seq, Tm * 4, err)) ||
         (rc = host_alloc((void **)&s->h_pos, Tm * 4, err)) || (rc = host_alloc((void **)&s->h_rows, Tm * 4, err)) ||
         (rc = host_alloc((void **)&s->h_tiles, Tm * 8, err)) ||
@@ -703,6 +724,24 @@ extern "C" int cu_state_profile_report(cu_state *s, char *buf, size_t size)
 
 /* ---- the step ------------------------------------------------------------------- */
 
+/* Tensor parallelism: a row-parallel product adds this rank's partial sum
+ * into the residual stream x; rank 0 keeps x, the others clear it first,
+ * so that the all-reduce of x gives x + the sum of every rank's part. */
+static int tp_zero(cu_state *s, int T, lm_err *err)
+{
+    if (s->tp && cu_tp_rank(s->tp) != 0)
+        CUDA_TRY(err, cudaMemsetAsync(s->x, 0, (size_t)T * s->m->hidden * sizeof(float), s->st));
+    return 0;
+}
+static int tp_sum(cu_state *s, int T, lm_err *err)
+{
+    if (!s->tp)
+        return 0;
+    int rc = cu_tp_all_reduce(s->tp, s->x, (size_t)T * s->m->hidden, s->st, err);
+    prof_mark(s, P_COMM);
+    return rc;
+}
+
 /* Every launch of one step; depends on the batch only through ab (fixed
  * device buffers) and T / n_logits, so it can be captured in a graph. */
 static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logits, lm_err *err)
@@ -714,8 +753,14 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
     const int nqkv = (m->nq + 2 * m->nkv) * m->head_dim, nqd = m->nq * m->head_dim;
     if (s->prof_on && s->prof_n < PROF_MAX)
         cudaEventRecord(s->prof_ev[2 * s->prof_n], s->st);
-    if ((rc = cu_embed((const __half *)m->embed, H, s->d_tok, T, s->x, s->st, err)))
+    if (s->tp) { /* vocabulary-split table: own rows, zeros elsewhere, then sum */
+        if ((rc = cu_tp_embed((const __half *)m->embed, H, s->o.vocab_begin, m->lm_head.n,
+                              s->d_tok, T, s->x, s->st, err)) ||
+            (rc = tp_sum(s, T, err)))
+            return rc;
+    } else if ((rc = cu_embed((const __half *)m->embed, H, s->d_tok, T, s->x, s->st, err))) {
         return rc;
+    }
     int normed = 0; /* s->xn already holds this layer's attention input */
     for (int l = 0; l < m->n_layers; l++) {
         const cu_layer *L = &m->layers[l];
@@ -735,16 +780,22 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
         if ((rc = cu_attn(&shape, s->q, kc, vc, ab, s->part, s->att, s->st, err)))
             return rc;
         prof_mark(s, P_ATTN);
-        if ((rc = linear(s, &L->o, T, s->att, nqd, s->x, H, CU_OUT_F32_ACC, err)))
+        if ((rc = tp_zero(s, T, err)) ||
+            (rc = linear(s, &L->o, T, s->att, nqd, s->x, H, CU_OUT_F32_ACC, err)))
             return rc;
         prof_mark(s, P_O);
+        if ((rc = tp_sum(s, T, err)))
+            return rc;
         if ((rc = cu_rmsnorm(s->x, H, NULL, T, L->mlp_norm, m->eps, s->xn, L->moe ? s->xnf : NULL,
                              s->st, err)))
             return rc;
         prof_mark(s, P_NORM);
         normed = 0;
+        if ((rc = tp_zero(s, T, err)))
+            return rc;
         if (L->moe) {
-            const float *next = l + 1 < m->n_layers ? m->layers[l + 1].attn_norm : NULL;
+            /* tp: the next norm needs the summed x, so it is not fused */
+            const float *next = l + 1 < m->n_layers && !s->tp ? m->layers[l + 1].attn_norm : NULL;
             if ((rc = moe_block(s, L, T, next, err)))
                 return lm_err_prefix(err, "layer %d", l);
             normed = next != NULL;
@@ -756,13 +807,15 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
                 return rc;
             prof_mark(s, P_DENSE);
         }
+        if ((rc = tp_sum(s, T, err)))
+            return rc;
     }
     if (n_logits > 0) {
         if ((rc = cu_rmsnorm(s->x, H, s->d_rows, n_logits, m->final_norm, m->eps, s->fn, NULL,
                              s->st, err)))
             return rc;
-        if ((rc = linear(s, &m->lm_head, n_logits, s->fn, H, s->logits, m->vocab, CU_OUT_F32,
-                         err)))
+        if ((rc = linear(s, &m->lm_head, n_logits, s->fn, H, s->logits,
+                         s->tp ? s->o.vocab_stride : m->vocab, CU_OUT_F32, err)))
             return rc;
         prof_mark(s, P_HEAD);
     }
@@ -795,15 +848,24 @@ static int forward_layers(cu_state *s, const backend_batch *bt, lm_err *err)
     CUDA_TRY(err, cudaStreamBeginCapture(s->st, cudaStreamCaptureModeRelaxed));
     rc = launch_layers(s, &ab, T, nl, err);
     cudaError_t e = cudaStreamEndCapture(s->st, &g);
-    if (rc) {
+    if (rc && !s->tp) {
         if (g)
             cudaGraphDestroy(g);
         return rc;
     }
-    if (e == cudaSuccess)
+    if (e == cudaSuccess && !rc)
         e = cudaGraphInstantiate(&ge, g, 0);
     if (g)
         cudaGraphDestroy(g);
+    if ((rc || e != cudaSuccess) && s->tp) {
+        /* NCCL collectives that cannot be captured (an old NCCL): nothing
+         * captured ran, this step already did; later steps run without graphs */
+        if (ge)
+            cudaGraphExecDestroy(ge);
+        cudaGetLastError();
+        s->o.graphs = 0;
+        return 0;
+    }
     if (e != cudaSuccess)
         return cuda_err(err, e, "graph capture of a decode step");
     s->graphs[s->n_graphs].T = T;
@@ -826,6 +888,9 @@ extern "C" int cu_forward(cu_state *s, const backend_batch *bt, lm_err *err)
         cudaStreamSynchronize(s->st);
         return rc;
     }
+    if (s->tp) /* every rank takes part; rank 0 writes the rows */
+        return cu_tp_gather_logits(s->tp, s->logits, bt->n_logits, s->o.vocab_stride,
+                                   s->m->vocab, bt->logits, s->st, err);
     if (bt->n_logits > 0)
         CUDA_TRY(err, cudaMemcpyAsync(bt->logits, s->logits,
                                       (size_t)bt->n_logits * s->m->vocab * sizeof(float),

@@ -19,7 +19,12 @@
  * gate j, row 2j+1 = up j) so that SiLU(gate) * up fuses into the product.
  * q, k, v are one matrix of (nq + 2 nkv) hd rows.
  *
- * Threads: one thread at a time per cu_state (the engine thread).
+ * Tensor parallelism: cu_options.comm (see there); with it cu_forward
+ * writes batch->logits on rank 0 only, and cu_forward_device leaves this
+ * rank's vocabulary slice of the logits on the device.
+ *
+ * Threads: one thread at a time per cu_state (the engine thread; for
+ * tensor parallelism, the rank's thread).
  */
 #ifndef LIGHTMOE_CUDA_MODEL_H
 #define LIGHTMOE_CUDA_MODEL_H
@@ -78,6 +83,14 @@ typedef struct cu_options {
     int32_t portable;     /* 1: never use Hopper-only code (there is none yet: same kernels) */
     int32_t graphs;       /* 1: replay decode steps (one token per piece) as CUDA graphs,
                            * captured per (tokens, logit rows, table stride); INT4 experts */
+    /* Tensor parallelism (engine/tp_shard.h): the model is rank comm->rank's
+     * shard (nq, nkv, widths per rank; embed and lm_head hold vocabulary rows
+     * [vocab_begin, vocab_begin + lm_head.n) of vocab), and the step adds one
+     * all-reduce after the embedding lookup, after attention and after the
+     * MoE/MLP block, and gathers the logits at vocab_stride columns per rank
+     * (cuda_tp.cuh). NULL: the whole model, no collectives. */
+    struct comm *comm;
+    int32_t vocab_begin, vocab_stride;
 } cu_options;
 
 typedef struct cu_state cu_state;

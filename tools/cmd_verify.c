@@ -54,7 +54,8 @@ typedef struct prompt {
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: lightmoe verify --model DIR [--device cpu|cuda] [--tp N] [--batch]\n"
+            "usage: lightmoe verify --model DIR [--device cpu|cuda] [--tp N] [--devices LIST]\n"
+            "                       [--batch]\n"
             "                       [--threads N] [--tol ABS] [--rel-tol REL] [--row-tol R]\n"
             "                       [--portable]\n"
             "                       [--quiet]\n"
@@ -63,7 +64,9 @@ static void usage(FILE *f)
             "                  (replaces --tol; for reduced-precision backends)\n"
             "  --row-tol R     reduced precision: ||delta||_2 <= R ||ref||_2 per row, top-1\n"
             "                  agreement where the reference margin exceeds 2 max|delta|\n"
-            "  --portable      scalar kernels (cpu) / no arch-specific kernels (cuda)\n");
+            "  --portable      scalar kernels (cpu) / no arch-specific kernels (cuda)\n"
+            "  --devices LIST  cuda: device of each rank, e.g. 0,1 (NCCL) or 0,0 (two ranks\n"
+            "                  on one GPU through the host communicator)\n");
 }
 
 static int32_t argmax(const float *x, int32_t n)
@@ -216,6 +219,7 @@ static int verify_main(int argc, char **argv)
     backend_options_default(&bo);
     double tol = 1e-3, rel_tol = -1, row_tol = -1;
     int batch = 0, quiet = 0;
+    int dev_ids[64], n_dev = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -237,6 +241,24 @@ static int verify_main(int argc, char **argv)
         } else if (v && !strcmp(a, "--tp")) {
             bo.tp = atoi(v);
             i++;
+        } else if (v && !strcmp(a, "--devices")) {
+            const char *q = v;
+            n_dev = 0;
+            for (;;) {
+                char *end;
+                long id = strtol(q, &end, 10);
+                if (end == q || id < 0 || id > 4096 || n_dev == 64 || (*end && *end != ',')) {
+                    fprintf(stderr, "verify: --devices '%s': expected comma-separated device "
+                            "ids such as 0,1 (at most 64)\n", v);
+                    return 2;
+                }
+                dev_ids[n_dev++] = (int)id;
+                if (!*end)
+                    break;
+                q = end + 1;
+            }
+            bo.devices = dev_ids;
+            i++;
         } else if (v && !strcmp(a, "--threads")) {
             bo.threads = atoi(v);
             i++;
@@ -257,6 +279,11 @@ static int verify_main(int argc, char **argv)
     }
     if (!dir || bo.tp < 1) {
         usage(stderr);
+        return 2;
+    }
+    if (n_dev && n_dev != bo.tp) {
+        fprintf(stderr, "verify: --devices gives %d ids for --tp %d (one per rank)\n", n_dev,
+                bo.tp);
         return 2;
     }
     lm_err err = {0};

@@ -12,6 +12,7 @@
 #include "engine/comm.h"
 #include "engine/model.h"
 #include "engine/synth.h"
+#include "engine/tp_shard.h"
 #include "tests/engine/check.h"
 
 #include <math.h>
@@ -178,8 +179,45 @@ static void test_refusals(void)
     CHECK(system(cmd) == 0);
 }
 
+/* The shared sharding helpers the CUDA backend uses too (tp_shard.h). */
+static void test_shard_helpers(void)
+{
+    lm_err err = {0};
+    int shared = -1;
+    int ok[3] = {0, 1, 2}, rep[4] = {0, 0, 1, 1}, bad[2] = {0, 2}, neg[1] = {-1};
+    CHECK(tp_devices_check(ok, 3, 3, &shared, &err) == 0 && shared == 0);
+    CHECK(tp_devices_check(rep, 4, 2, &shared, &err) == 0 && shared == 1);
+    CHECK_ERR(tp_devices_check(bad, 2, 2, &shared, &err), err, -EINVAL,
+              "rank 1 asks for device 2, but only devices 0..1 are visible");
+    CHECK_ERR(tp_devices_check(neg, 1, 2, &shared, &err), err, -EINVAL, "device -1");
+    CHECK_ERR(tp_devices_check(ok, 1, 0, &shared, &err), err, -ENODEV, "no CUDA device");
+    CHECK(tp_vocab_stride(384, 4) == 96 && tp_vocab_stride(385, 4) == 97 &&
+          tp_vocab_stride(7, 1) == 7);
+    model_config c;
+    memset(&c, 0, sizeof c);
+    c.n_layers = 2;
+    c.layer_moe[0] = c.layer_moe[1] = 1;
+    c.n_heads = 8;
+    c.n_kv_heads = 2;
+    c.moe_intermediate = 64;
+    c.shared_intermediate = 128;
+    c.intermediate = 6; /* no dense layer: not checked */
+    CHECK(tp_layout_check(&c, 8, &err) == 0); /* 2 KV heads replicated over 8 ranks */
+    CHECK_ERR(tp_layout_check(&c, 3, &err), err, -EINVAL, "8 attention heads");
+    c.n_kv_heads = 3;
+    c.n_heads = 12;
+    CHECK_ERR(tp_layout_check(&c, 4, &err), err, -EINVAL, "3 KV heads neither split");
+    c.n_kv_heads = 4;
+    c.moe_intermediate = 66;
+    CHECK_ERR(tp_layout_check(&c, 4, &err), err, -EINVAL, "moe_intermediate_size 66");
+    c.layer_moe[1] = 0;
+    c.moe_intermediate = 64;
+    CHECK_ERR(tp_layout_check(&c, 4, &err), err, -EINVAL, "intermediate_size 6");
+}
+
 int main(void)
 {
+    test_shard_helpers();
     test_comm();
     test_tp_model("qwen2_moe", 1);
     test_tp_model("qwen2_moe", 0);
