@@ -226,9 +226,15 @@ static void test_refusals(int visible, int have_nccl)
             "rank 1 asks for device 99");
     if (visible == 1)
         REFUSED(open_run(m, "cuda", 2, NULL, -1, out, name, &err), -EINVAL, "devices = 0,0");
-    if (have_nccl)
+    model_free(m);
+    m = NULL;
+    o.group = 32; /* a layout that splits: the communicator is what fails */
+    CHECK(synth_write(dir, &o, &err) == 0 && model_load(dir, NULL, &m, &err) == 0, "%s", err.msg);
+    /* NCCL takes one GPU per rank: with one GPU visible it says so, with
+     * more it refuses the device given to two ranks */
+    if (have_nccl && m)
         REFUSED(open_run(m, "cuda", 2, zz, CUDA_TP_COMM_NCCL, out, name, &err), -EINVAL,
-                "given to ranks 0 and 1");
+                visible == 1 ? "2 ranks but 1 CUDA device visible" : "given to ranks 0 and 1");
     free(out);
     model_free(m);
     char cmd[128];
