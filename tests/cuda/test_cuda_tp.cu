@@ -29,17 +29,7 @@ extern "C" { /* C headers without C++ guards (before backend_cuda.h includes one
 #include "engine/synth.h"
 }
 #include "engine/backend_cuda.h"
-
-static int g_fail = 0;
-#define CHECK(c, ...) \
-    do { \
-        if (!(c)) { \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-            printf(__VA_ARGS__); \
-            printf("\n"); \
-            g_fail = 1; \
-        } \
-    } while (0)
+#include "tests/check_msg.h"
 
 enum { STEPS = 7, ROWS = 9 + 2 * (STEPS - 1) };
 
@@ -261,6 +251,6 @@ int main(void)
     test_model("qwen3_moe", 1, have_nccl);
     test_model("mixtral", 0, have_nccl);
     test_refusals(n, have_nccl);
-    printf("%s\n", g_fail ? "FAILED" : "all passed");
-    return g_fail;
+    printf("%s\n", failures ? "FAILED" : "all passed");
+    return failures;
 }
