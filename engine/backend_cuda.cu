@@ -571,10 +571,16 @@ extern "C" int backend_cuda_create_rank(const model *mm, const backend_options *
 
 extern "C" struct cu_state *backend_cuda_state(backend *bb)
 {
+    backend *r0 = backend_cuda_tp_rank(bb, 0);
+    if (r0)
+        bb = r0;
     return bb && bb->ops == &cuda_ops ? ((cuda_backend *)bb)->s : NULL;
 }
 
 extern "C" const struct cu_model *backend_cuda_model(backend *bb)
 {
+    backend *r0 = backend_cuda_tp_rank(bb, 0);
+    if (r0)
+        bb = r0;
     return bb && bb->ops == &cuda_ops ? &((cuda_backend *)bb)->m : NULL;
 }

@@ -48,12 +48,14 @@ int backend_cuda_tp_create(const model *m, const backend_options *o, int comm_ki
  * vocab_begin, logits gathered at vocab_stride columns per rank; the
  * forward writes the logits on rank 0 only). Used by backend_cuda_tp. */
 struct comm;
+/* Rank r's backend of a tensor-parallel CUDA backend, NULL if b is not one. */
+backend *backend_cuda_tp_rank(backend *b, int r);
 int backend_cuda_create_rank(const model *m, const backend_options *o, int device,
                              struct comm *c, int32_t vocab_begin, int32_t vocab_stride,
                              backend **ret, lm_err *err);
 
-/* For benchmarks: the device model and step state of a CUDA backend (NULL
- * if b is not one). */
+/* For benchmarks and tests: the device model and step state of a CUDA
+ * backend (NULL if b is not one; rank 0's for a tensor-parallel one). */
 struct cu_state;
 struct cu_model;
 struct cu_state *backend_cuda_state(backend *b);

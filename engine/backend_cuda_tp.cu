@@ -167,6 +167,14 @@ const backend_ops tp_cuda_ops = {tc_kv_init, tc_kv_copy, tc_forward, tc_info, tc
 
 } // namespace
 
+extern "C" backend *backend_cuda_tp_rank(backend *b, int r)
+{
+    if (!b || b->ops != &tp_cuda_ops)
+        return NULL;
+    const tp_cuda *t = (const tp_cuda *)b;
+    return r >= 0 && r < t->n ? t->ranks[r] : NULL;
+}
+
 extern "C" int backend_cuda_tp_create(const model *m, const backend_options *o, int comm_kind,
                                       backend **ret, lm_err *err)
 {

@@ -320,6 +320,11 @@ extern "C" size_t cu_state_kv_bytes_per_token(const cu_state *s)
     return (size_t)s->m->n_layers * 2 * s->m->nkv * s->m->head_dim * sizeof(__half);
 }
 
+extern "C" int cu_state_graph_count(const cu_state *s)
+{
+    return s->o.graphs ? s->n_graphs : 0;
+}
+
 extern "C" size_t cu_state_free_bytes(const cu_state *s)
 {
     size_t fr = 0, tot = 0;

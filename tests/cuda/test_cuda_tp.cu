@@ -29,7 +29,10 @@ extern "C" { /* C headers without C++ guards (before backend_cuda.h includes one
 #include "engine/synth.h"
 }
 #include "engine/backend_cuda.h"
+#include "engine/cuda_model.h"
 #include "tests/check_msg.h"
+
+static int last_graphs; /* graphs the last open_run's rank 0 captured */
 
 enum { STEPS = 7, ROWS = 9 + 2 * (STEPS - 1) };
 
@@ -75,6 +78,13 @@ static int open_run(const model *m, const char *dev, int tp, const int *devices,
     CHECK(info.tensor_parallel == tp && info.vocab == m->cfg.vocab, "%s: info tp %d vocab %d",
           name, info.tensor_parallel, info.vocab);
     rc = run(be, m->cfg.vocab, out, err);
+    /* decode steps replayed from CUDA graphs (rank 0): with NCCL the
+     * collectives are captured too; the host communicator allows none */
+    const int ng = last_graphs = cu_state_graph_count(backend_cuda_state(be));
+    if (!strcmp(dev, "cuda"))
+        printf("  %-44s decode graphs captured: %d\n", name, ng);
+    if (strstr(name, "host-comm"))
+        CHECK(ng == 0, "%s: %d graphs with the host communicator", name, ng);
     backend_destroy(be);
     return rc;
 }
@@ -162,6 +172,9 @@ static void test_model(const char *arch, int gptq, int have_nccl)
         memset(got, 0, n * 4);
         rc = open_run(m, "cuda", 1, NULL, CUDA_TP_COMM_NCCL, got, name, &err);
         CHECK(rc == 0, "nccl tp 1: %s", err.msg);
+        /* INT4 experts: decode steps need no host round trip, so with NCCL
+         * (all-reduces captured) they run as graphs */
+        CHECK(rc || !gptq || last_graphs > 0, "nccl tp 1: no decode graph captured");
         if (!rc) {
             char what[128];
             snprintf(what, sizeof what, "%s vs cpu", name);
