@@ -322,7 +322,7 @@ extern "C" size_t cu_state_kv_bytes_per_token(const cu_state *s)
 
 extern "C" int cu_state_graph_count(const cu_state *s)
 {
-    return s->o.graphs ? s->n_graphs : 0;
+    return s && s->o.graphs ? s->n_graphs : 0;
 }
 
 extern "C" size_t cu_state_free_bytes(const cu_state *s)

@@ -112,7 +112,8 @@ long cu_state_read_experts(cu_state *s);
 int cu_state_profile(cu_state *s, int on, lm_err *err);
 int cu_state_profile_report(cu_state *s, char *buf, size_t size);
 size_t cu_state_free_bytes(const cu_state *s);
-/* Tests: decode-step CUDA graphs captured so far (0 when graphs are off). */
+/* Tests: decode-step CUDA graphs captured so far (0 when graphs are off
+ * or s is NULL). */
 int cu_state_graph_count(const cu_state *s);
 void cu_state_destroy(cu_state *s);
 

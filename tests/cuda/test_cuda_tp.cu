@@ -80,11 +80,13 @@ static int open_run(const model *m, const char *dev, int tp, const int *devices,
     rc = run(be, m->cfg.vocab, out, err);
     /* decode steps replayed from CUDA graphs (rank 0): with NCCL the
      * collectives are captured too; the host communicator allows none */
-    const int ng = last_graphs = cu_state_graph_count(backend_cuda_state(be));
-    if (!strcmp(dev, "cuda"))
+    const int is_cuda = !strcmp(dev, "cuda");
+    const int ng = last_graphs = is_cuda ? cu_state_graph_count(backend_cuda_state(be)) : 0;
+    if (is_cuda)
         printf("  %-44s decode graphs captured: %d\n", name, ng);
     if (strstr(name, "host-comm"))
         CHECK(ng == 0, "%s: %d graphs with the host communicator", name, ng);
+    fflush(stdout); /* a crash in the next case keeps what passed */
     backend_destroy(be);
     return rc;
 }
