@@ -155,6 +155,13 @@ INL void int4_tile(const lin_ctx *c, int32_t r0, int NR, int32_t t0, int NT)
                 xe[t] = _mm512_loadu_ps(x0 + (size_t)t * (size_t)c->ldx + (size_t)j);
                 xo[t] = _mm512_loadu_ps(x0 + (size_t)t * (size_t)c->ldx + (size_t)j + 16);
             }
+            if (!(j & 127)) /* as in int4_tile_wide */
+                UNROLL for (int i = 0; i < NR; i++) {
+                    _mm_prefetch((const char *)qr + (size_t)(i + NR) * (size_t)kb +
+                                     (size_t)(j / 2), _MM_HINT_T0);
+                    _mm_prefetch((const char *)qr + (size_t)(i + 4 * NR) * (size_t)kb +
+                                     (size_t)(j / 2), _MM_HINT_T1);
+                }
             UNROLL for (int i = 0; i < NR; i++) {
                 __m512 we, wo;
                 int4_w32(qr + (size_t)i * (size_t)kb + (size_t)(j / 2), tb[i], she, sho, &we, &wo);
@@ -195,10 +202,13 @@ INL void int4_tile_wide(const lin_ctx *c, int32_t r0, int NR, int32_t t0, int NT
             __m512i raw[4];
             UNROLL for (int i = 0; i < NR; i++) {
                 raw[i] = _mm512_loadu_si512(qr + (size_t)i * (size_t)kb + (size_t)(j / 2));
-                /* the same line of the next tile's rows: hardware prefetchers
-                 * lose track of 4 short interleaved streams */
+                /* the same line of the next tile's rows into L1 and of the
+                 * tile 4 ahead into L2: hardware prefetchers lose track of
+                 * 4 short interleaved streams (measured: +30% streaming) */
                 _mm_prefetch((const char *)qr + (size_t)(i + NR) * (size_t)kb + (size_t)(j / 2),
                              _MM_HINT_T0);
+                _mm_prefetch((const char *)qr + (size_t)(i + 4 * NR) * (size_t)kb +
+                                 (size_t)(j / 2), _MM_HINT_T1);
             }
             UNROLL for (int v = 0; v < 8; v += 2) {
                 __m512 xe[2], xo[2];
