@@ -255,10 +255,12 @@ static void log_done(rpc_call *c)
 
 static void send_done(rpc_tag *t, int ok);
 
-/* Start the next batch if none is in flight. Called with c->mu held. */
+/* Start the next batch if none is in flight. Called with c->mu held. When
+ * RECV_CLOSE_ON_SERVER is pending (only right after the handler) and this
+ * batch carries the status, the close rides along: one completion. */
 static void pump_locked(rpc_call *c)
 {
-    if (c->sending || c->status_sent)
+    if (c->in_handler || c->sending || c->status_sent)
         return;
     grpc_byte_buffer *buf = NULL;
     if (!c->broken) {
@@ -279,7 +281,7 @@ static void pump_locked(rpc_call *c)
                       (c->broken || (!c->out_head && !(c->has_more && c->has_more(c))));
     if (!buf && !with_status)
         return;
-    grpc_op ops[3];
+    grpc_op ops[4];
     memset(ops, 0, sizeof ops);
     int n = 0;
     if (!c->sent_md) {
@@ -300,12 +302,21 @@ static void pump_locked(rpc_call *c)
         n++;
         c->status_in_flight = 1;
     }
+    int with_close = with_status && c->close_pending;
+    if (with_close) { /* its reference is the one counted at the call's start */
+        ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+        ops[n].data.recv_close_on_server.cancelled = &c->close_cancelled;
+        n++;
+        c->close_pending = 0;
+    }
     c->inflight = buf;
     c->sending = 1;
     c->refs++;
-    grpc_call_error e = grpc_call_start_batch(c->call, ops, (size_t)n, &c->send_tag, NULL);
+    grpc_call_error e = grpc_call_start_batch(c->call, ops, (size_t)n,
+                                              with_close ? &c->both_tag : &c->send_tag, NULL);
     if (e != GRPC_CALL_OK) {
         log_msg(LL_ERROR, c->request_id, "BUG: grpc_call_start_batch (send) failed: %d", e);
+        c->close_pending |= with_close;
         c->sending = 0;
         c->refs--;
         if (buf)
@@ -320,9 +331,9 @@ static void pump_locked(rpc_call *c)
     }
 }
 
-static void send_done(rpc_tag *t, int ok)
+/* A send batch completed (the batch's reference is dropped by the caller). */
+static void send_complete(rpc_call *c, int ok)
 {
-    rpc_call *c = (rpc_call *)((char *)t - offsetof(rpc_call, send_tag));
     pthread_mutex_lock(&c->mu);
     c->sending = 0;
     if (c->inflight) {
@@ -342,6 +353,12 @@ static void send_done(rpc_tag *t, int ok)
     pthread_mutex_unlock(&c->mu);
     if (finished_now)
         log_done(c);
+}
+
+static void send_done(rpc_tag *t, int ok)
+{
+    rpc_call *c = (rpc_call *)((char *)t - offsetof(rpc_call, send_tag));
+    send_complete(c, ok);
     rpc_call_unref(c);
 }
 
@@ -394,9 +411,9 @@ void rpc_finish(rpc_call *c, int code, const char *fmt, ...)
     pthread_mutex_unlock(&c->mu);
 }
 
-static void close_done(rpc_tag *t, int ok)
+/* RECV_CLOSE_ON_SERVER completed (its reference is dropped by the caller). */
+static void close_complete(rpc_call *c)
 {
-    rpc_call *c = (rpc_call *)((char *)t - offsetof(rpc_call, close_tag));
     pthread_mutex_lock(&c->mu);
     c->closed = 1;
     int cancelled = c->close_cancelled && !c->status_sent;
@@ -410,6 +427,23 @@ static void close_done(rpc_tag *t, int ok)
         if (c->on_cancel)
             c->on_cancel(c);
     }
+}
+
+static void close_done(rpc_tag *t, int ok)
+{
+    (void)ok;
+    rpc_call *c = (rpc_call *)((char *)t - offsetof(rpc_call, close_tag));
+    close_complete(c);
+    rpc_call_unref(c);
+}
+
+/* The answer and RECV_CLOSE_ON_SERVER in one batch: both references. */
+static void both_done(rpc_tag *t, int ok)
+{
+    rpc_call *c = (rpc_call *)((char *)t - offsetof(rpc_call, both_tag));
+    send_complete(c, ok);
+    close_complete(c);
+    rpc_call_unref(c);
     rpc_call_unref(c);
 }
 
@@ -526,7 +560,10 @@ static void listener_done(rpc_tag *t, int ok)
     c->close_tag.done = close_done;
     c->send_tag.done = send_done;
     c->recv_tag.done = recv_done;
+    c->both_tag.done = both_done;
     c->refs = 2; /* handler + RECV_CLOSE_ON_SERVER */
+    c->in_handler = 1;
+    c->close_pending = 1;
     gpr_timespec dl = l->m ? l->deadline : l->details.deadline;
     if (gpr_time_cmp(dl, gpr_inf_future(dl.clock_type)) != 0) {
         gpr_timespec mono = gpr_convert_clock_type(dl, GPR_CLOCK_MONOTONIC);
@@ -565,19 +602,29 @@ static void listener_done(rpc_tag *t, int ok)
     if (!r->shutting_down)
         listener_arm(l);
 
-    grpc_op op;
-    memset(&op, 0, sizeof op);
-    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-    op.data.recv_close_on_server.cancelled = &c->close_cancelled;
-    if (grpc_call_start_batch(c->call, &op, 1, &c->close_tag, NULL) != GRPC_CALL_OK) {
-        log_msg(LL_ERROR, c->request_id, "BUG: RECV_CLOSE_ON_SERVER failed");
-        rpc_call_unref(c);
-    }
     log_msg(LL_DEBUG, c->request_id, "%s started", c->method_path);
     if (!l->m)
         unknown_method(c);
     else if (check_auth(c))
         l->m->handler(c);
+    /* Send what the handler queued; RECV_CLOSE_ON_SERVER goes with the
+     * status if that is ready, else alone (to learn of cancellation). */
+    pthread_mutex_lock(&c->mu);
+    c->in_handler = 0;
+    pump_locked(c);
+    int close_alone = c->close_pending;
+    c->close_pending = 0;
+    if (close_alone) {
+        grpc_op op;
+        memset(&op, 0, sizeof op);
+        op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+        op.data.recv_close_on_server.cancelled = &c->close_cancelled;
+        if (grpc_call_start_batch(c->call, &op, 1, &c->close_tag, NULL) != GRPC_CALL_OK) {
+            log_msg(LL_ERROR, c->request_id, "BUG: RECV_CLOSE_ON_SERVER failed");
+            c->refs--; /* the close's reference; the handler's still holds c */
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
     rpc_call_unref(c);
 }
 

@@ -10,9 +10,12 @@
  *     allows one SEND_MESSAGE in flight; waiting for it is the flow
  *     control), first the queued ones, then what `produce` makes; the
  *     status goes with the last message (has_more says when) or alone;
- *   - RECV_CLOSE_ON_SERVER started at once: its completion with
- *     cancelled = 1 (client cancel, deadline, broken connection) calls the
- *     handler's on_cancel, which stops the work.
+ *   - RECV_CLOSE_ON_SERVER started when the handler returns: in the same
+ *     batch as the answer when the handler has answered already (a cache
+ *     hit, Tokenize, Health.Check: one completion per call instead of two),
+ *     else alone; its completion with cancelled = 1 (client cancel,
+ *     deadline, broken connection) calls the handler's on_cancel, which
+ *     stops the work. While the handler runs, sends are only queued.
  * All fields after `mu` are guarded by it.
  */
 #ifndef LIGHTMOE_DAEMON_RPC_INTERNAL_H
@@ -63,6 +66,7 @@ struct rpc_call {
     grpc_byte_buffer *payload;      /* request message (read_payload methods) */
     char request_id[80];
     rpc_tag close_tag, send_tag, recv_tag;
+    rpc_tag both_tag;               /* a send batch that carries RECV_CLOSE_ON_SERVER too */
     int close_cancelled;            /* written by the core */
     grpc_byte_buffer *recv_buf;     /* written by the core */
     /* Handler hooks. */
@@ -76,6 +80,8 @@ struct rpc_call {
     pthread_mutex_t mu;
     int refs;
     int sending, sent_md, status_queued, status_sent, closed, broken;
+    int in_handler;                 /* the handler runs: queue, do not send yet */
+    int close_pending;              /* RECV_CLOSE_ON_SERVER not started yet */
     rpc_out *out_head, *out_tail;
     grpc_byte_buffer *inflight;
     grpc_status_code code;
