@@ -33,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 
 static const char *target = "127.0.0.1:50051";
@@ -51,6 +52,15 @@ static int64_t now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* CPU time of this process (all threads), user + system. */
+static int64_t cpu_ns(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ((int64_t)ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000000 +
+           ((int64_t)ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1000;
 }
 
 static size_t put_varint(uint8_t *p, uint64_t v)
@@ -378,11 +388,11 @@ int main(int argc, char **argv)
     struct timespec warm = {1, 0};
     nanosleep(&warm, NULL);
     atomic_store(&timing, 1);
-    int64_t t0 = now_ns();
+    int64_t t0 = now_ns(), cpu0 = cpu_ns();
     struct timespec run = {(time_t)seconds, (long)((seconds - (double)(time_t)seconds) * 1e9)};
     nanosleep(&run, NULL);
     atomic_store(&timing, 0);
-    int64_t t1 = now_ns();
+    int64_t t1 = now_ns(), cpu1 = cpu_ns();
     atomic_store(&stop_flag, 1);
     size_t total = 0;
     for (int i = 0; i < n_threads; i++) {
@@ -400,9 +410,10 @@ int main(int argc, char **argv)
     double el = (double)(t1 - t0) * 1e-9;
 #define PCT(q) (total ? (double)all[(size_t)((double)(total - 1) * (q))] / 1e6 : 0)
     printf("clients %d  mode %s  method %s  calls %zu in %.2f s  = %.0f req/s  latency ms p50 %.3f p90 "
-           "%.3f p99 %.3f p99.9 %.3f max %.3f  errors %ld not_cached %ld\n",
+           "%.3f p99 %.3f p99.9 %.3f max %.3f  client CPU %.1f us/call  errors %ld not_cached %ld\n",
            clients, mode, method, total, el, (double)total / el, PCT(0.50), PCT(0.90), PCT(0.99),
-           PCT(0.999), total ? (double)all[total - 1] / 1e6 : 0, atomic_load(&errors),
+           PCT(0.999), total ? (double)all[total - 1] / 1e6 : 0,
+           total ? (double)(cpu1 - cpu0) / 1e3 / (double)total : 0, atomic_load(&errors),
            atomic_load(&not_cached));
     free(all);
     free(cl);
