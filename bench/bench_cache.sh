@@ -4,10 +4,16 @@
 #   bench/bench_cache.sh BUILD_DIR MODEL_DIR [SECONDS]
 #
 # 1. redis-benchmark -t get (1, 16, 64 clients) against a fresh redis-server:
-#    the ceiling of any Redis-backed lookup on this machine;
-# 2. lightmoed with cache_url = memory, then = redis://: bench_cache_rpc with
-#    1, 16 and 64 clients sending one greedy Complete request that is a hit
-#    after the first call (the tool fails if any answer is not cached).
+#    the ceiling of any Redis-backed lookup on this machine (one thread, one
+#    event loop, N connections);
+# 2. lightmoed (default settings: rpc_threads = one per core) with
+#    cache_url = memory, then = redis://: bench_cache_rpc with 1, 16 and 64
+#    clients sending one greedy Complete request that is a hit after the
+#    first call (the tool fails if any answer is not cached), driven like
+#    redis-benchmark (--mode loop: one thread, N channels); then 16 clients
+#    once more with --mode threads (a thread per client: the first version
+#    of the tool, kept for comparison with older rows of docs/PERF.md).
+# Each line says its mode, the client's CPU per call and the load average.
 set -euo pipefail
 build=${1:?build dir}
 model=${2:?model dir}
@@ -17,6 +23,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; sleep 0.5; rm -rf "$tmp"' EXIT
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "== date: $(date -u '+%F %T UTC'), commit $(git -C "$(dirname "$0")" rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 rport=$(free_port)
 redis-server --port "$rport" --bind 127.0.0.1 --dir "$tmp" --save "" --appendonly no \
@@ -45,9 +52,10 @@ run_daemon() { # $1 = cache url; sets addr and dpid
 for url in memory "redis://127.0.0.1:$rport/0"; do
     run_daemon "$url"
     echo "== lightmoed cache_url=$url at $addr: cache hits through gRPC (Complete)"
-    for c in 1 16 64; do
-        "$build/bench/bench_cache_rpc" --target "$addr" --clients "$c" --seconds "$secs" \
-            --prompt "What is the capital of France?"
+    for run in "loop 1" "loop 16" "loop 64" "threads 16"; do
+        set -- $run
+        echo "$("$build/bench/bench_cache_rpc" --target "$addr" --clients "$2" --seconds "$secs" \
+            --mode "$1" --prompt "What is the capital of France?")  load $(cut -d' ' -f1 /proc/loadavg)"
     done
     kill "$dpid"; wait "$dpid" 2>/dev/null || true
 done
