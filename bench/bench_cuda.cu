@@ -1,7 +1,7 @@
 /*
  * bench_cuda.cu: CUDA backend benchmarks for docs/PERF.md.
  *
- *   bench_cuda [ceil] [kernels] [decode] [prefill] [--model qwen3|qwen15|both]
+ *   bench_cuda [ceil] [kernels] [decode] [prefill] [--model qwen3|qwen15|both] [--batch N]
  *
  *   ceil     the card's ceilings measured in this run: device-to-device copy
  *            bandwidth (bytes read + written) and the cuBLAS fp16 matrix rate
@@ -54,6 +54,7 @@
 #define ERRP (&e_)
 
 static double g_bw = 0; /* measured copy bandwidth, bytes/s */
+static int g_batch_only = 0; /* --batch N: decode only at batch N */
 
 static double median(std::vector<double> v)
 {
@@ -363,6 +364,8 @@ static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int
     step_batch sb;
     if (decode) {
         for (int B : {1, 8, 32, 64, 128}) {
+            if (g_batch_only && B != g_batch_only)
+                continue;
             const int mb = (ctx + 1 + bs - 1) / bs + 1;
             if ((size_t)B * mb > (size_t)n_blocks)
                 break;
@@ -453,6 +456,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "decode")) dec = true;
         else if (!strcmp(argv[i], "prefill")) pre = true;
         else if (!strcmp(argv[i], "--path") && i + 1 < argc) path = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--batch") && i + 1 < argc) g_batch_only = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--dir") && i + 1 < argc) dir = argv[++i];
         else if (!strcmp(argv[i], "--model") && i + 1 < argc) {
             ++i;

@@ -13,7 +13,8 @@
 #include "engine/cuda_attn.cuh"
 #include "engine/cuda_common.cuh"
 
-namespace {
+namespace
+{
 
 constexpr int P = 32;
 
@@ -29,10 +30,12 @@ __global__ void __launch_bounds__(128)
 {
     constexpr int HD = 64 * HDP, KS = HD + 2;
     extern __shared__ __align__(16) uint8_t smem[];
-    float *q_s = reinterpret_cast<float *>(smem);                      /* [4 RW][HD] */
-    __half *k_s = reinterpret_cast<__half *>(smem + 4 * RW * HD * 4);  /* [P][KS] */
-    __half *v_s = k_s + P * KS;                                        /* [P][KS] */
+    float *q_s = reinterpret_cast<float *>(smem);                     /* [4 RW][HD] */
+    __half *k_s = reinterpret_cast<__half *>(smem + 4 * RW * HD * 4); /* [P][KS] */
+    __half *v_s = k_s + P * KS;                                       /* [P][KS] */
 
+    cu_pdl_wait();
+    cu_pdl_trigger();
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int kvh = blockIdx.y, split = blockIdx.z;
     const int2 td = b.tiles[blockIdx.x];
@@ -47,8 +50,7 @@ __global__ void __launch_bounds__(128)
     for (int idx = tid; idx < 4 * RW * HD; idx += 128) {
         const int r = idx / HD, d = idx % HD;
         float v = 0.f;
-        if (r < R)
-            v = q[((size_t)(t0 + r / G) * s.nq + kvh * G + r % G) * HD + d] * scale;
+        if (r < R) v = q[((size_t)(t0 + r / G) * s.nq + kvh * G + r % G) * HD + d] * scale;
         q_s[idx] = v;
     }
     int rpos[RW];
@@ -72,14 +74,22 @@ __global__ void __launch_bounds__(128)
             uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
             if (pp < p_end) {
                 const int blk = b.block_table[(size_t)seq * b.max_blocks + pp / b.block_size];
-                const size_t off = (((size_t)blk * b.block_size + pp % b.block_size) * s.nkv + kvh) * HD + piece * 8;
+                const size_t off =
+                    (((size_t)blk * b.block_size + pp % b.block_size) * s.nkv + kvh) * HD +
+                    piece * 8;
                 kv = *reinterpret_cast<const uint4 *>(kc + off);
                 vv = *reinterpret_cast<const uint4 *>(vc + off);
             }
             uint32_t *kd = reinterpret_cast<uint32_t *>(k_s + p * KS + piece * 8);
             uint32_t *vd = reinterpret_cast<uint32_t *>(v_s + p * KS + piece * 8);
-            kd[0] = kv.x; kd[1] = kv.y; kd[2] = kv.z; kd[3] = kv.w;
-            vd[0] = vv.x; vd[1] = vv.y; vd[2] = vv.z; vd[3] = vv.w;
+            kd[0] = kv.x;
+            kd[1] = kv.y;
+            kd[2] = kv.z;
+            kd[3] = kv.w;
+            vd[0] = vv.x;
+            vd[1] = vv.y;
+            vd[2] = vv.z;
+            vd[3] = vv.w;
         }
         __syncthreads();
 
@@ -124,7 +134,8 @@ __global__ void __launch_bounds__(128)
             float2 vf[HDP];
 #pragma unroll
             for (int j = 0; j < HDP; j++)
-                vf[j] = __half22float2(reinterpret_cast<const half2 *>(v_s + p * KS)[lane + 32 * j]);
+                vf[j] =
+                    __half22float2(reinterpret_cast<const half2 *>(v_s + p * KS)[lane + 32 * j]);
 #pragma unroll
             for (int i = 0; i < RW; i++) {
                 const float w = __shfl_sync(0xffffffffu, pr[i], p);
@@ -140,8 +151,7 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int i = 0; i < RW; i++) {
         const int r = warp + 4 * i;
-        if (r >= R)
-            continue;
+        if (r >= R) continue;
         const size_t row = (size_t)(t0 + r / G) * s.nq + kvh * G + r % G;
         float *dst = part + (row * b.nsplit + split) * (HD + 2);
 #pragma unroll
@@ -154,28 +164,39 @@ __global__ void __launch_bounds__(128)
     }
 }
 
-/* One warp per (token, head) row: lane s < nsplit holds split s's (max,
- * sum); the output dimensions are spread over the lanes. */
-__global__ void k_attn_merge(int hd, int nsplit, int rows, const float *__restrict__ part,
-                             __half *__restrict__ out)
+/* One block of 128 threads per (token, head) row: warp 0 turns the
+ * splits' (max, sum) into weights (lane s = split s), then every thread
+ * takes output dimensions and sums the splits with all loads unrolled (a
+ * warp per row looping over splits was a chain of dependent L2 reads).
+ * Splits that saw no position (max -inf) are skipped. */
+__global__ void __launch_bounds__(128)
+    k_attn_merge(int hd, int nsplit, const float *__restrict__ part, __half *__restrict__ out)
 {
-    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
-    if (row >= rows)
-        return;
-    const float *p = part + (size_t)row * nsplit * (hd + 2);
-    const float ms = lane < nsplit ? p[lane * (hd + 2) + hd] : -INFINITY;
-    const float M = warp_max(ms);
-    const float w = ms == -INFINITY ? 0.f : __expf(ms - M);
-    const float L = warp_sum(lane < nsplit ? w * p[lane * (hd + 2) + hd + 1] : 0.f);
-    const float inv = 1.f / L;
-    for (int d = lane; d < hd; d += 32) {
+    __shared__ float s_w[32];
+    __shared__ float s_inv;
+    cu_pdl_wait();
+    cu_pdl_trigger();
+    const size_t row = blockIdx.x;
+    const int lane = threadIdx.x & 31;
+    const float *p = part + row * nsplit * (hd + 2);
+    if (threadIdx.x < 32) {
+        const float ms = lane < nsplit ? p[lane * (hd + 2) + hd] : -INFINITY;
+        const float M = warp_max(ms);
+        const float w = ms == -INFINITY ? 0.f : __expf(ms - M);
+        const float L = warp_sum(lane < nsplit ? w * p[lane * (hd + 2) + hd + 1] : 0.f);
+        s_w[lane] = w;
+        if (lane == 0) s_inv = 1.f / L;
+    }
+    __syncthreads();
+    const float inv = s_inv;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float acc = 0.f;
-#pragma unroll 4
-        for (int s = 0; s < nsplit; s++) {
-            const float ws = __shfl_sync(0xffffffffu, w, s);
-            acc += ws * p[s * (hd + 2) + d];
+#pragma unroll 8
+        for (int sp = 0; sp < nsplit; sp++) {
+            const float ws = s_w[sp];
+            if (ws != 0.f) acc += ws * p[sp * (hd + 2) + d];
         }
-        out[(size_t)row * hd + d] = __float2half(acc * inv);
+        out[row * hd + d] = __float2half(acc * inv);
     }
 }
 
@@ -184,10 +205,11 @@ int launch_attn(const cu_attn_shape *s, const float *q, const __half *kc, const 
                 const cu_attn_batch *b, float *part, cudaStream_t st, lm_err *err)
 {
     constexpr int smem = attn_smem<RW, HDP>();
-    CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       smem));
     dim3 grid(b->n_tiles, s->nkv, b->nsplit);
-    k_attn<RW, HDP><<<grid, 128, smem, st>>>(*s, q, kc, vc, *b, part);
-    CUDA_LAUNCH_CHECK(err, "attention launch");
+    CU_LAUNCH(err, "attention launch", k_attn<RW, HDP>, grid, 128, smem, st, *s, q, kc, vc, *b,
+              part);
     return 0;
 }
 
@@ -222,8 +244,7 @@ extern "C" int cu_attn(const cu_attn_shape *s, const float *q, const __half *kc,
     if (R > 64 || b->nsplit < 1)
         return lm_err_set(err, -EINVAL, "attention: tile of %d rows (max 64), %d splits", R,
                           b->nsplit);
-    if (b->n_tiles <= 0)
-        return 0;
+    if (b->n_tiles <= 0) return 0;
     const int rw = (R + 3) / 4;
     int rc;
     if (s->hd == 64)
@@ -232,13 +253,11 @@ extern "C" int cu_attn(const cu_attn_shape *s, const float *q, const __half *kc,
         rc = pick_rw<2>(rw, s, q, kc, vc, b, part, st, err);
     else
         rc = pick_rw<4>(rw, s, q, kc, vc, b, part, st, err);
-    if (rc)
-        return rc;
+    if (rc) return rc;
     /* every query row of every tile: rows are token * nq + head, dense in T */
-    if (b->nsplit > 32)
-        return lm_err_set(err, -EINVAL, "attention: %d splits (max 32)", b->nsplit);
+    if (b->nsplit > 32) return lm_err_set(err, -EINVAL, "attention: %d splits (max 32)", b->nsplit);
     const int rows = b->T * s->nq;
-    k_attn_merge<<<cuda_div_up(rows, 4), 128, 0, st>>>(s->hd, b->nsplit, rows, part, out);
-    CUDA_LAUNCH_CHECK(err, "attention merge launch");
+    CU_LAUNCH(err, "attention merge launch", k_attn_merge, rows, 128, 0, st, (int)s->hd,
+              (int)b->nsplit, (const float *)part, out);
     return 0;
 }

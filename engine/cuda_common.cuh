@@ -21,33 +21,96 @@
 /* Turn a CUDA error into a negative errno with a message naming where. */
 static inline int cuda_err(lm_err *err, cudaError_t e, const char *what)
 {
-    if (e == cudaSuccess)
-        return 0;
+    if (e == cudaSuccess) return 0;
     int code = (e == cudaErrorMemoryAllocation) ? -ENOMEM : -EIO;
     return lm_err_set(err, code, "cuda: %s: %s", what, cudaGetErrorString(e));
 }
 
 /* Check the last launch (configuration errors surface here at once;
  * faults inside the kernel surface at the next synchronisation). */
-#define CUDA_LAUNCH_CHECK(err, what) \
-    do { \
-        cudaError_t e_ = cudaGetLastError(); \
-        if (e_ != cudaSuccess) \
-            return cuda_err((err), e_, (what)); \
+#define CUDA_LAUNCH_CHECK(err, what)                                                               \
+    do {                                                                                           \
+        cudaError_t e_ = cudaGetLastError();                                                       \
+        if (e_ != cudaSuccess) return cuda_err((err), e_, (what));                                 \
     } while (0)
 
-#define CUDA_TRY(err, call) \
-    do { \
-        cudaError_t e_ = (call); \
-        if (e_ != cudaSuccess) \
-            return cuda_err((err), e_, #call); \
+#define CUDA_TRY(err, call)                                                                        \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) return cuda_err((err), e_, #call);                                  \
     } while (0)
 
-static inline int cuda_div_up(int a, int b) { return (a + b - 1) / b; }
+static inline int cuda_div_up(int a, int b)
+{
+    return (a + b - 1) / b;
+}
+
+/* Programmatic dependent launch (Hopper, sm_90+): a kernel launched with
+ * cu_launch may start while the kernel before it in the stream is still
+ * running; it must call cu_pdl_wait() before it reads anything an earlier
+ * kernel wrote or writes anything an earlier kernel reads (every block,
+ * also blocks that exit early, so that completion stays transitive). What
+ * it may do before: read weights, compute addresses. Each such kernel calls
+ * cu_pdl_trigger() at its start so that the next one can launch at once.
+ * On where the device has sm_90+, for steps of at most cu_pdl_max_tokens()
+ * tokens (LIGHTMOE_CUDA_PDL=N sets N, default 4; =0 turns it off), never
+ * for a portable state; off, cu_launch is a plain launch and the device
+ * calls are no-ops. Defined in cuda_launch.cu. */
+#ifdef __cplusplus
+extern "C" {
+#endif
+int cu_pdl_enabled(void);
+void cu_pdl_allow(int on); /* for launches from the calling thread */
+int cu_pdl_max_tokens(void);
+#ifdef __cplusplus
+}
+#endif
+
+#ifdef __CUDACC__
+#include <utility>
+template <typename... KArgs, typename... Args>
+static inline cudaError_t cu_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t st, Args &&...args)
+{
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cfg.attrs = at;
+    cfg.numAttrs = cu_pdl_enabled() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+/* CU_LAUNCH(err, "what", kernel, grid, block, smem, stream, args...) */
+#define CU_LAUNCH(err, what, ...)                                                                  \
+    do {                                                                                           \
+        cudaError_t e_ = cu_launch(__VA_ARGS__);                                                   \
+        if (e_ != cudaSuccess) return cuda_err((err), e_, (what));                                 \
+    } while (0)
+#endif
 
 #ifdef __CUDACC__
 
-__device__ __forceinline__ float cu_silu(float x) { return x / (1.0f + __expf(-x)); }
+__device__ __forceinline__ void cu_pdl_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cu_pdl_trigger()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float cu_silu(float x)
+{
+    return x / (1.0f + __expf(-x));
+}
 
 __device__ __forceinline__ float warp_sum(float v)
 {
@@ -108,7 +171,10 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool pr
     int sz = pred ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(sz));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit()
+{
+    asm volatile("cp.async.commit_group;\n" ::);
+}
 template <int N> __device__ __forceinline__ void cp_async_wait()
 {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));

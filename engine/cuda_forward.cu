@@ -444,6 +444,16 @@ extern "C" long cu_state_read_experts(cu_state *s)
 
 static void prof_mark(cu_state *s, int cat);
 
+/* Few tokens: the MLP input norm is fused into the router kernel (one
+ * launch less per layer); the same test decides in launch_layers and
+ * moe_block. Not with tensor parallelism: ranks other than 0 zero x
+ * between the norm and the MoE block (tp_zero). */
+static int router_fused(const cu_state *s, const cu_layer *L, int T)
+{
+    return !s->tp && L->moe && T <= 16 && s->m->hidden % 4 == 0 &&
+           !(((uintptr_t)L->mlp_norm | (uintptr_t)L->router) & 15);
+}
+
 /* The MoE block; if next_norm, the combine also writes rmsnorm(x) * next_norm
  * into s->xn (the next layer's attention input). */
 static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_norm, lm_err *err)
@@ -454,8 +464,9 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
     const int er = E + (m->has_shared ? 1 : 0);
     const float one = 1.f, zero = 0.f;
     int rc;
-    if (T <= 16 && H % 4 == 0) {
-        if ((rc = cu_router_logits(s->xnf, T, H, L->router, er, s->rlog, s->st, err)))
+    if (router_fused(s, L, T)) {
+        if ((rc = cu_router_norm(s->x, T, H, L->mlp_norm, m->eps, L->router, er, s->rlog, s->xn,
+                                 s->st, err)))
             return rc;
     } else {
         cublasStatus_t b = cublasSgemm(s->blas, CUBLAS_OP_T, CUBLAS_OP_N, er, T, H, &one,
@@ -648,7 +659,9 @@ static int upload_batch(cu_state *s, const backend_batch *bt, cu_attn_batch *ab,
         /* prefill: no split shorter than 64 positions; decode: a function of the
          * token count and table stride alone (graphs; the stride bounds the
          * context), splits past the context are empty */
-        const int by_len = decode ? (stride * s->bs + 127) / 128 : (max_ctx + 63) / 64;
+        /* (32 positions a split at decode: one step of the kernel per block, the
+         * latency of the chain of 32-position steps was most of its time) */
+        const int by_len = decode ? (stride * s->bs + 31) / 32 : (max_ctx + 63) / 64;
         if (nsplit > by_len)
             nsplit = by_len;
         if (nsplit > 32)
@@ -756,6 +769,8 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
     const int H = m->hidden;
     const cu_attn_shape shape = {m->nq, m->nkv, m->head_dim};
     const int nqkv = (m->nq + 2 * m->nkv) * m->head_dim, nqd = m->nq * m->head_dim;
+    /* programmatic dependent launch (Hopper-only): for few-token steps */
+    cu_pdl_allow(!s->o.portable && T <= cu_pdl_max_tokens());
     if (s->prof_on && s->prof_n < PROF_MAX)
         cudaEventRecord(s->prof_ev[2 * s->prof_n], s->st);
     if (s->tp) { /* vocabulary-split table: own rows, zeros elsewhere, then sum */
@@ -791,7 +806,8 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
         prof_mark(s, P_O);
         if ((rc = tp_sum(s, T, err)))
             return rc;
-        if ((rc = cu_rmsnorm(s->x, H, NULL, T, L->mlp_norm, m->eps, s->xn, L->moe ? s->xnf : NULL,
+        if (!router_fused(s, L, T) &&
+            (rc = cu_rmsnorm(s->x, H, NULL, T, L->mlp_norm, m->eps, s->xn, L->moe ? s->xnf : NULL,
                              s->st, err)))
             return rc;
         prof_mark(s, P_NORM);

@@ -22,9 +22,20 @@ __global__ void __launch_bounds__(128)
     k_int4_gemv(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
                 void *__restrict__ out, int ldo)
 {
+    /* Dense products read only weights before the previous kernel is done
+     * (programmatic dependent launch): the first chunks' loads are issued,
+     * then the wait. Grouped ones need the work list first. */
+    const bool pre = !r.items && !r.a_rows && !r.row_scale;
+    bool waited = !pre;
+    if (!pre) {
+        cu_pdl_wait();
+        cu_pdl_trigger();
+    }
     int e, start, end;
-    if (!cu_item_lookup(r, blockIdx.y, MT, &e, &start, &end))
+    if (!cu_item_lookup(r, blockIdx.y, MT, &e, &start, &end)) {
+        cu_pdl_wait(); /* no-op if done: every block waits (see cuda_common.cuh) */
         return; /* uniform over the block */
+    }
     const int team = threadIdx.x / TPR, tl = threadIdx.x % TPR;
     const int row0 = (blockIdx.x * (128 / TPR) + team) * 4;
     const int n = w.n, K = w.k, G = w.k / w.group;
@@ -105,9 +116,18 @@ __global__ void __launch_bounds__(128)
         load(c, wa, sa, za);
         if (two)
             load(c + TPR, wb, sb, zb);
+        if (!waited) {
+            cu_pdl_wait();
+            cu_pdl_trigger();
+            waited = true;
+        }
         compute(c, wa, sa, za);
         if (two)
             compute(c + TPR, wb, sb, zb);
+    }
+    if (!waited) {
+        cu_pdl_wait();
+        cu_pdl_trigger();
     }
 #pragma unroll
     for (int j = 0; j < 4; j++)
@@ -156,12 +176,15 @@ int launch_gemv_mode(const cu_int4_weights *w, const cu_gemm_rows *r, const __ha
     dim3 grid(cuda_div_up(w->n, rows_per_block), gy);
     if (gy == 0)
         return 0;
+    cudaError_t e = cudaSuccess;
     switch (mode) {
-    case CU_OUT_F32: k_int4_gemv<MT, TPR, CU_OUT_F32><<<grid, 128, 0, st>>>(*w, *r, a, lda, out, ldo); break;
-    case CU_OUT_F32_ACC: k_int4_gemv<MT, TPR, CU_OUT_F32_ACC><<<grid, 128, 0, st>>>(*w, *r, a, lda, out, ldo); break;
-    case CU_OUT_SILU_F16: k_int4_gemv<MT, TPR, CU_OUT_SILU_F16><<<grid, 128, 0, st>>>(*w, *r, a, lda, out, ldo); break;
+    case CU_OUT_F32: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
+    case CU_OUT_F32_ACC: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32_ACC>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
+    case CU_OUT_SILU_F16: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_SILU_F16>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
     }
-    return 0;
+    if (e != cudaSuccess)
+        cudaGetLastError(); /* e is reported by the caller; clear it here */
+    return e == cudaSuccess ? 0 : (int)e;
 }
 
 template <int MT>
@@ -180,6 +203,8 @@ __global__ void k_gather_rows(const __half *__restrict__ x, int ldx, const int32
                               int k, const int32_t *__restrict__ perm,
                               const int32_t *__restrict__ ent_expert, __half *__restrict__ out)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     const int i = blockIdx.x;
     const int src = rows ? rows[i] : i;
     const int32_t *p = perm ? perm + (size_t)(ent_expert ? ent_expert[i] : 0) * k : nullptr;
@@ -215,6 +240,8 @@ extern "C" int cu_int4_gemv(const cu_int4_weights *w, const cu_gemm_rows *r, con
     case 8: rc = launch_gemv_tpr<8>(w, r, a, lda, out, ldo, mode, st); break;
     default: return lm_err_set(err, -EINVAL, "int4 gemv: tile %d not in {1,2,4,8}", tile);
     }
+    if (rc > 0)
+        return cuda_err(err, (cudaError_t)rc, "int4 gemv launch");
     CUDA_LAUNCH_CHECK(err, "int4 gemv launch");
     return rc;
 }
@@ -253,7 +280,7 @@ extern "C" int cu_gather_rows(const __half *x, int ldx, const int32_t *rows, int
 {
     if (n_rows <= 0)
         return 0;
-    k_gather_rows<<<n_rows, 256, 0, st>>>(x, ldx, rows, k, perm, ent_expert, out);
-    CUDA_LAUNCH_CHECK(err, "gather rows launch");
+    CU_LAUNCH(err, "gather rows launch", k_gather_rows, n_rows, 256, 0, st, x, ldx, rows, k, perm,
+              ent_expert, out);
     return 0;
 }

@@ -7,40 +7,49 @@
 #include "engine/cuda_common.cuh"
 #include "engine/cuda_moe.cuh"
 
-namespace {
+namespace
+{
 
 constexpr int MAX_K = 32;
 
 /* Route token t (one warp): softmax over E, top-k by arg-max rounds (ties:
- * lowest id), optional renormalisation, shared-gate sigmoid. */
+ * lowest id), optional renormalisation, shared-gate sigmoid. Lane l owns
+ * experts l, l+32, ...; a bit mask per lane marks the ones taken (no
+ * per-round scan of the taken list), lane j keeps the j-th choice, and the
+ * k results are written by k lanes at once. */
 __device__ void route_token(const float *__restrict__ logits, int ldl, int t, int E, int k,
                             int renorm, int has_shared, int32_t *__restrict__ ids,
                             float *__restrict__ wts, float *__restrict__ sg)
 {
     const int lane = threadIdx.x & 31;
     const float *l = logits + (size_t)t * ldl;
+    const int nper = (E + 31) / 32; /* <= 32: E <= 1024 */
     float mx = -INFINITY;
-    for (int e = lane; e < E; e += 32)
-        mx = fmaxf(mx, l[e]);
+    for (int i = 0; i < nper; i++) {
+        const int e = lane + 32 * i;
+        if (e < E) mx = fmaxf(mx, l[e]);
+    }
     mx = warp_max(mx);
     float sum = 0.f;
-    for (int e = lane; e < E; e += 32)
-        sum += expf(l[e] - mx);
+    for (int i = 0; i < nper; i++) {
+        const int e = lane + 32 * i;
+        if (e < E) sum += expf(l[e] - mx);
+    }
     sum = warp_sum(sum);
-    int taken[MAX_K];
-    float tw[MAX_K];
-    float wsum = 0.f;
+    uint32_t used = 0; /* bit i: expert lane + 32 i taken */
+    int my_id = 0;
+    float my_w = 0.f;
     for (int j = 0; j < k; j++) {
         float best = -INFINITY;
         int bid = 0x7fffffff;
-        for (int e = lane; e < E; e += 32) {
-            bool used = false;
-            for (int q = 0; q < j; q++)
-                used |= taken[q] == e;
-            const float v = l[e];
-            if (!used && (v > best || (v == best && e < bid))) {
-                best = v;
-                bid = e;
+        for (int i = 0; i < nper; i++) {
+            const int e = lane + 32 * i;
+            if (e < E && !((used >> i) & 1u)) {
+                const float v = l[e];
+                if (v > best || (v == best && e < bid)) {
+                    best = v;
+                    bid = e;
+                }
             }
         }
 #pragma unroll
@@ -52,41 +61,48 @@ __device__ void route_token(const float *__restrict__ logits, int ldl, int t, in
                 bid = oi;
             }
         }
-        if (bid >= E) /* only NaN logits left: any unused expert keeps indices valid */
-            for (bid = 0; bid < E; bid++) {
-                bool used = false;
-                for (int q = 0; q < j; q++)
-                    used |= taken[q] == bid;
-                if (!used)
+        if (bid >= E) { /* only NaN logits left: the lowest unused expert keeps indices valid */
+            int cand = 0x7fffffff;
+            for (int i = 0; i < nper; i++) {
+                const int e = lane + 32 * i;
+                if (e < E && !((used >> i) & 1u)) {
+                    cand = e;
                     break;
+                }
             }
-        taken[j] = bid;
-        tw[j] = expf(best - mx) / sum;
-        wsum += tw[j];
-    }
-    if (lane == 0) {
-        for (int j = 0; j < k; j++) {
-            ids[t * k + j] = taken[j];
-            wts[t * k + j] = renorm ? tw[j] / wsum : tw[j];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1)
+                cand = min(cand, __shfl_xor_sync(0xffffffffu, cand, o));
+            bid = cand;
         }
-        if (has_shared)
-            sg[t] = 1.f / (1.f + expf(-l[E]));
+        if ((bid & 31) == lane) used |= 1u << (bid >> 5);
+        if (lane == j) {
+            my_id = bid;
+            my_w = expf(best - mx) / sum;
+        }
     }
+    const float wsum = warp_sum(lane < k ? my_w : 0.f);
+    if (lane < k) {
+        ids[t * k + lane] = my_id;
+        wts[t * k + lane] = renorm ? my_w / wsum : my_w;
+    }
+    if (lane == 0 && has_shared) sg[t] = 1.f / (1.f + expf(-l[E]));
 }
 
 __global__ void k_moe_route(const float *__restrict__ logits, int ldl, int T, int E, int k,
                             int renorm, int has_shared, int32_t *__restrict__ ids,
                             float *__restrict__ wts, float *__restrict__ sg)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     const int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (t < T)
-        route_token(logits, ldl, t, E, k, renorm, has_shared, ids, wts, sg);
+    if (t < T) route_token(logits, ldl, t, E, k, renorm, has_shared, ids, wts, sg);
 }
 
 /* counts -> offsets and items (thread 0; E and the item count are small)
  * -> scatter of the entries. Called by a whole block. */
-__device__ void group_entries(const int32_t *__restrict__ ids, const float *__restrict__ wts,
-                              int n, int k, int E, int tile, const cu_moe_plan &p, int *s_mem)
+__device__ void group_entries(const int32_t *__restrict__ ids, const float *__restrict__ wts, int n,
+                              int k, int E, int tile, const cu_moe_plan &p, int *s_mem)
 {
     /* s_mem: cnt[E], base[E], then two scan arrays of blockDim ints */
     int *cnt = s_mem, *base = s_mem + E, *sa = s_mem + 2 * E, *sb = sa + blockDim.x;
@@ -96,30 +112,55 @@ __device__ void group_entries(const int32_t *__restrict__ ids, const float *__re
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         atomicAdd(&cnt[ids[i]], 1);
     __syncthreads();
-    /* inclusive scans (Hillis-Steele) of the counts and of the tiles per expert;
-     * E <= blockDim (checked by the launcher) */
-    const int e = threadIdx.x;
+    /* inclusive scans of the counts (va) and of the tiles per expert (vb):
+     * shuffles inside each warp, then over the warp totals (E <= blockDim,
+     * checked by the launcher; blockDim a multiple of 32) */
+    const int e = threadIdx.x, lane = e & 31, wid = e >> 5;
     const int c = e < E ? cnt[e] : 0;
     const int ni = (c + tile - 1) / tile;
-    sa[e] = c;
-    sb[e] = ni;
+    int va = c, vb = ni;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+        const int ta = __shfl_up_sync(0xffffffffu, va, d), tb = __shfl_up_sync(0xffffffffu, vb, d);
+        if (lane >= d) {
+            va += ta;
+            vb += tb;
+        }
+    }
+    if (lane == 31) {
+        sa[wid] = va;
+        sb[wid] = vb;
+    }
     __syncthreads();
-    for (int d = 1; d < (int)blockDim.x; d *= 2) {
-        const int va = e >= d ? sa[e - d] : 0, vb = e >= d ? sb[e - d] : 0;
-        __syncthreads();
-        sa[e] += va;
-        sb[e] += vb;
-        __syncthreads();
+    if (wid == 0) {
+        const int nw = blockDim.x / 32;
+        int xa = lane < nw ? sa[lane] : 0, xb = lane < nw ? sb[lane] : 0;
+#pragma unroll
+        for (int d = 1; d < 32; d *= 2) {
+            const int ta = __shfl_up_sync(0xffffffffu, xa, d),
+                      tb = __shfl_up_sync(0xffffffffu, xb, d);
+            if (lane >= d) {
+                xa += ta;
+                xb += tb;
+            }
+        }
+        sa[lane] = xa;
+        sb[lane] = xb;
+    }
+    __syncthreads();
+    if (wid > 0) {
+        va += sa[wid - 1];
+        vb += sb[wid - 1];
     }
     if (e < E) {
-        const int off = sa[e] - c, it = sb[e] - ni;
+        const int off = va - c, it = vb - ni;
         p.offsets[e] = off;
         base[e] = off;
         for (int q = 0; q < ni; q++)
             p.items[it + q] = make_int2(e, off + q * tile);
         if (e == E - 1) {
-            p.offsets[E] = sa[e];
-            *p.n_items = sb[e];
+            p.offsets[E] = va;
+            *p.n_items = vb;
         }
     }
     __syncthreads();
@@ -134,10 +175,12 @@ __device__ void group_entries(const int32_t *__restrict__ ids, const float *__re
 }
 
 __global__ void __launch_bounds__(1024)
-    k_moe_group(const int32_t *__restrict__ ids, const float *__restrict__ wts, int n, int k,
-                int E, int tile, cu_moe_plan p)
+    k_moe_group(const int32_t *__restrict__ ids, const float *__restrict__ wts, int n, int k, int E,
+                int tile, cu_moe_plan p)
 {
     extern __shared__ int s_mem[];
+    cu_pdl_wait();
+    cu_pdl_trigger();
     group_entries(ids, wts, n, k, E, tile, p, s_mem);
 }
 
@@ -145,58 +188,59 @@ __global__ void __launch_bounds__(1024)
  * launch instead of two for decode-sized batches. */
 __global__ void __launch_bounds__(1024)
     k_moe_route_group(const float *__restrict__ logits, int ldl, int T, int E, int k, int renorm,
-                      int has_shared, int tile, int32_t *ids, float *wts, float *sg,
-                      cu_moe_plan p)
+                      int has_shared, int tile, int32_t *ids, float *wts, float *sg, cu_moe_plan p)
 {
     extern __shared__ int s_mem[];
+    cu_pdl_wait();
+    cu_pdl_trigger();
     for (int t = threadIdx.x / 32; t < T; t += blockDim.x / 32)
         route_token(logits, ldl, t, E, k, renorm, has_shared, ids, wts, sg);
     __syncthreads(); /* the block's global writes are visible to the block after this */
     group_entries(ids, wts, T * k, k, E, tile, p, s_mem);
 }
 
-__global__ void __launch_bounds__(256) k_moe_combine(float *__restrict__ resid, int H, int k, const float *__restrict__ y,
-                              const int32_t *__restrict__ pos, const float *__restrict__ ew,
-                              const float *__restrict__ ys, const float *__restrict__ sg,
-                              const float *__restrict__ nw, float eps, __half *__restrict__ xn)
+__global__ void __launch_bounds__(1024)
+    k_moe_combine(float *__restrict__ resid, int H, int k, const float *__restrict__ y,
+                  const int32_t *__restrict__ pos, const float *__restrict__ ew,
+                  const float *__restrict__ ys, const float *__restrict__ sg,
+                  const float *__restrict__ nw, float eps, __half *__restrict__ xn)
 {
     __shared__ float s_part[32];
+    __shared__ int s_pos[MAX_K];
+    __shared__ float s_wt[MAX_K];
+    cu_pdl_wait();
+    cu_pdl_trigger();
     const int t = blockIdx.x;
-    int pj[MAX_K];
-    float wj[MAX_K];
-#pragma unroll
-    for (int j = 0; j < MAX_K; j++)
-        if (j < k) {
-            pj[j] = pos[t * k + j];
-            wj[j] = ew[pj[j]];
-        }
+    /* the token's k entries and weights, once, in shared memory (register
+     * arrays of MAX_K made this kernel spill: 23 us for one token) */
+    if ((int)threadIdx.x < k) {
+        const int p = pos[t * k + threadIdx.x];
+        s_pos[threadIdx.x] = p;
+        s_wt[threadIdx.x] = ew[p];
+    }
+    __syncthreads();
     const float g = ys ? sg[t] : 0.f;
     float ss = 0.f;
     float *xr = resid + (size_t)t * H;
     for (int h = threadIdx.x; h < H; h += blockDim.x) {
         float v = 0.f;
-#pragma unroll
-        for (int j = 0; j < MAX_K; j++) /* unrolled: the k loads are issued together */
-            if (j < k)
-                v += wj[j] * y[(size_t)pj[j] * H + h];
-        if (ys)
-            v += g * ys[(size_t)t * H + h];
+#pragma unroll 8
+        for (int j = 0; j < k; j++) /* unrolled: the loads are issued together; slot order */
+            v += s_wt[j] * y[(size_t)s_pos[j] * H + h];
+        if (ys) v += g * ys[(size_t)t * H + h];
         const float x = xr[h] + v;
         xr[h] = x;
         ss += x * x;
     }
-    if (!nw)
-        return;
+    if (!nw) return;
     /* the next layer's input RMSNorm on the row just finished */
     ss = warp_sum(ss);
-    if ((threadIdx.x & 31) == 0)
-        s_part[threadIdx.x >> 5] = ss;
+    if ((threadIdx.x & 31) == 0) s_part[threadIdx.x >> 5] = ss;
     __syncthreads();
     if (threadIdx.x < 32) {
         float v = threadIdx.x < blockDim.x / 32 ? s_part[threadIdx.x] : 0.f;
         v = warp_sum(v);
-        if (threadIdx.x == 0)
-            s_part[0] = v;
+        if (threadIdx.x == 0) s_part[0] = v;
     }
     __syncthreads();
     const float inv = rsqrtf(s_part[0] / (float)H + eps);
@@ -204,47 +248,98 @@ __global__ void __launch_bounds__(256) k_moe_combine(float *__restrict__ resid, 
         xn[(size_t)t * H + h] = __float2half(nw[h] * (xr[h] * inv));
 }
 
-/* Router logits for few tokens: one warp per expert row (fp32 weights read
- * once with 16-byte loads), every token against it. */
-__global__ void k_router(const float *__restrict__ x, int T, int H, const float *__restrict__ w,
-                         int rows, float *__restrict__ out)
+/* Router logits for few tokens: one block of 128 threads per expert row,
+ * so that the row (H floats) is read in one round of 16-byte loads, every
+ * token against it. With nw the MLP input norm is fused: the same pass sums
+ * x^2 per token (every block, from L2), the logits are inv[t] * sum_h
+ * (w[r][h] nw[h]) x[t][h], and block r writes its slice of the fp16
+ * normalised rows xn (the experts' input). */
+constexpr int ROUTER_MT = 16;
+__global__ void __launch_bounds__(128)
+    k_router(const float *__restrict__ x, int T, int H, const float *__restrict__ nw, float eps,
+             const float *__restrict__ w, int rows, float *__restrict__ out,
+             __half *__restrict__ xn)
 {
-    const int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
-    if (r >= rows)
-        return;
-    float acc[16];
+    __shared__ float s_red[4][2 * ROUTER_MT];
+    __shared__ float s_inv[ROUTER_MT];
+    cu_pdl_wait();
+    cu_pdl_trigger();
+    const int r = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int n4 = H / 4;
+    float dot[ROUTER_MT], ss[ROUTER_MT];
 #pragma unroll
-    for (int t = 0; t < 16; t++)
-        acc[t] = 0.f;
+    for (int t = 0; t < ROUTER_MT; t++)
+        dot[t] = ss[t] = 0.f;
     const float4 *wr = reinterpret_cast<const float4 *>(w + (size_t)r * H);
-    for (int i = lane; i < H / 4; i += 32) {
-        const float4 a = wr[i];
+    const float4 *nr = reinterpret_cast<const float4 *>(nw);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < n4; i += 128) {
+        float4 a = wr[i];
+        if (nw) {
+            const float4 g = nr[i];
+            a.x *= g.x;
+            a.y *= g.y;
+            a.z *= g.z;
+            a.w *= g.w;
+        }
 #pragma unroll
-        for (int t = 0; t < 16; t++)
+        for (int t = 0; t < ROUTER_MT; t++)
             if (t < T) {
                 const float4 b = reinterpret_cast<const float4 *>(x + (size_t)t * H)[i];
-                acc[t] += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+                dot[t] += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+                ss[t] += b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
             }
     }
 #pragma unroll
-    for (int t = 0; t < 16; t++)
+    for (int t = 0; t < ROUTER_MT; t++)
         if (t < T) {
-            const float v = warp_sum(acc[t]);
-            if (lane == 0)
-                out[(size_t)t * rows + r] = v;
+            const float d = warp_sum(dot[t]), q = warp_sum(ss[t]);
+            if (lane == 0) {
+                s_red[warp][2 * t] = d;
+                s_red[warp][2 * t + 1] = q;
+            }
         }
+    __syncthreads();
+    if ((int)threadIdx.x < T) {
+        const int t = threadIdx.x;
+        const float d = s_red[0][2 * t] + s_red[1][2 * t] + s_red[2][2 * t] + s_red[3][2 * t];
+        const float q =
+            s_red[0][2 * t + 1] + s_red[1][2 * t + 1] + s_red[2][2 * t + 1] + s_red[3][2 * t + 1];
+        const float inv = nw ? rsqrtf(q / (float)H + eps) : 1.f;
+        s_inv[t] = inv;
+        out[(size_t)t * rows + r] = nw ? d * inv : d;
+    }
+    if (!nw) return;
+    __syncthreads();
+    const int chunk = (H + rows - 1) / rows, h0 = r * chunk;
+    for (int idx = threadIdx.x; idx < chunk * T; idx += 128) {
+        const int t = idx / chunk, h = h0 + idx % chunk;
+        if (h < H) xn[(size_t)t * H + h] = __float2half(nw[h] * (x[(size_t)t * H + h] * s_inv[t]));
+    }
 }
 
 } // namespace
 
+extern "C" int cu_router_norm(const float *x, int T, int H, const float *norm_w, float eps,
+                              const float *w, int rows, float *out, __half *xn, cudaStream_t st,
+                              lm_err *err)
+{
+    if (T < 1 || T > ROUTER_MT || H % 4 || rows < 1)
+        return lm_err_set(err, -EINVAL,
+                          "router: %d tokens (1..%d), hidden %d (multiple of 4), %d rows", T,
+                          ROUTER_MT, H, rows);
+    if (norm_w && !xn) return lm_err_set(err, -EINVAL, "router: fused norm without an output");
+    if (((uintptr_t)x | (uintptr_t)w | (uintptr_t)norm_w) & 15)
+        return lm_err_set(err, -EINVAL, "router: inputs not 16-byte aligned");
+    CU_LAUNCH(err, "router launch", k_router, rows, 128, 0, st, x, T, H, norm_w, eps, w, rows, out,
+              xn);
+    return 0;
+}
+
 extern "C" int cu_router_logits(const float *x, int T, int H, const float *w, int rows, float *out,
                                 cudaStream_t st, lm_err *err)
 {
-    if (T < 1 || T > 16 || H % 4)
-        return lm_err_set(err, -EINVAL, "router: %d tokens (1..16), hidden %d (multiple of 4)", T, H);
-    k_router<<<cuda_div_up(rows, 4), 128, 0, st>>>(x, T, H, w, rows, out);
-    CUDA_LAUNCH_CHECK(err, "router launch");
-    return 0;
+    return cu_router_norm(x, T, H, NULL, 0.f, w, rows, out, NULL, st, err);
 }
 
 extern "C" int cu_moe_max_items(int n_entries, int n_experts, int tile)
@@ -259,11 +354,9 @@ extern "C" int cu_moe_route(const float *logits, int ldl, int T, int E, int k, i
 {
     if (k < 1 || k > MAX_K || k > E || E > 1024)
         return lm_err_set(err, -EINVAL, "moe route: unsupported experts %d top-k %d", E, k);
-    if (T <= 0)
-        return 0;
-    k_moe_route<<<cuda_div_up(T, 4), 128, 0, st>>>(logits, ldl, T, E, k, renorm, has_shared, ids,
-                                                    wts, sg);
-    CUDA_LAUNCH_CHECK(err, "moe route launch");
+    if (T <= 0) return 0;
+    CU_LAUNCH(err, "moe route launch", k_moe_route, cuda_div_up(T, 4), 128, 0, st, logits, ldl, T,
+              E, k, renorm, has_shared, ids, wts, sg);
     return 0;
 }
 
@@ -272,10 +365,9 @@ extern "C" int cu_moe_group(const int32_t *ids, const float *wts, int T, int k, 
 {
     if (E < 1 || E > 1024 || tile < 1)
         return lm_err_set(err, -EINVAL, "moe group: %d experts (max 1024), tile %d", E, tile);
-    if (T <= 0)
-        return 0;
-    k_moe_group<<<1, 1024, (2 * E + 2 * 1024) * sizeof(int), st>>>(ids, wts, T * k, k, E, tile, *plan);
-    CUDA_LAUNCH_CHECK(err, "moe group launch");
+    if (T <= 0) return 0;
+    CU_LAUNCH(err, "moe group launch", k_moe_group, 1, 1024, (2 * E + 2 * 1024) * sizeof(int), st,
+              ids, wts, T * k, k, E, tile, *plan);
     return 0;
 }
 
@@ -284,16 +376,16 @@ extern "C" int cu_moe_combine_norm(float *resid, int H, int T, int k, const floa
                                    const float *sg, const float *norm_w, float eps, __half *xn,
                                    cudaStream_t st, lm_err *err)
 {
-    if (T <= 0)
-        return 0;
-    k_moe_combine<<<T, 256, 0, st>>>(resid, H, k, y, pos, ew, ys, sg, norm_w, eps, xn);
-    CUDA_LAUNCH_CHECK(err, "moe combine launch");
+    if (T <= 0) return 0;
+    /* a whole row per block: 1024 threads for wide rows (T is small at decode) */
+    CU_LAUNCH(err, "moe combine launch", k_moe_combine, T, H >= 2048 ? 1024 : 256, 0, st, resid, H,
+              k, y, pos, ew, ys, sg, norm_w, eps, xn);
     return 0;
 }
 
-extern "C" int cu_moe_combine(float *resid, int H, int T, int k, const float *y,
-                              const int32_t *pos, const float *ew, const float *ys,
-                              const float *sg, cudaStream_t st, lm_err *err)
+extern "C" int cu_moe_combine(float *resid, int H, int T, int k, const float *y, const int32_t *pos,
+                              const float *ew, const float *ys, const float *sg, cudaStream_t st,
+                              lm_err *err)
 {
     return cu_moe_combine_norm(resid, H, T, k, y, pos, ew, ys, sg, NULL, 0.f, NULL, st, err);
 }
@@ -304,10 +396,9 @@ extern "C" int cu_moe_route_group(const float *logits, int ldl, int T, int E, in
 {
     if (k < 1 || k > MAX_K || k > E || E > 1024)
         return lm_err_set(err, -EINVAL, "moe route: unsupported experts %d top-k %d", E, k);
-    if (T <= 0)
-        return 0;
-    k_moe_route_group<<<1, 1024, (2 * E + 2 * 1024) * sizeof(int), st>>>(logits, ldl, T, E, k, renorm,
-                                                             has_shared, tile, ids, wts, sg, *plan);
-    CUDA_LAUNCH_CHECK(err, "moe route+group launch");
+    if (T <= 0) return 0;
+    CU_LAUNCH(err, "moe route+group launch", k_moe_route_group, 1, 1024,
+              (2 * E + 2 * 1024) * sizeof(int), st, logits, ldl, T, E, k, renorm, has_shared, tile,
+              ids, wts, sg, *plan);
     return 0;
 }

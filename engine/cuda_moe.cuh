@@ -63,6 +63,12 @@ int cu_moe_combine_norm(float *resid, int H, int T, int k, const float *y, const
 /* out[t][r] = x[t] . w[r] for T <= 16 tokens (fp32), H % 4 == 0. */
 int cu_router_logits(const float *x, int T, int H, const float *w, int rows, float *out,
                      cudaStream_t st, lm_err *err);
+/* The MLP input norm and the router in one launch (T <= 16, H % 4 == 0):
+ * xn[t] = rmsnorm(x[t]) * norm_w as fp16 (as cu_rmsnorm), out[t][r] =
+ * (rmsnorm(x[t]) * norm_w) . w[r] in fp32 (rows of H floats). norm_w NULL:
+ * out = x . w (cu_router_logits), xn untouched. */
+int cu_router_norm(const float *x, int T, int H, const float *norm_w, float eps, const float *w,
+                   int rows, float *out, __half *xn, cudaStream_t st, lm_err *err);
 /* route + group in one single-block launch (small T). */
 int cu_moe_route_group(const float *logits, int ldl, int T, int E, int k, int renorm,
                        int has_shared, int tile, int32_t *topk_ids, float *topk_w,

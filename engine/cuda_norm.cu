@@ -5,11 +5,14 @@
 #include "engine/cuda_common.cuh"
 #include "engine/cuda_norm.cuh"
 
-namespace {
+namespace
+{
 
 __global__ void k_embed(const __half *__restrict__ emb, int H, const int32_t *__restrict__ tok,
                         float *__restrict__ x)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     const int t = blockIdx.x;
     const __half *src = emb + (size_t)tok[t] * H;
     for (int h = threadIdx.x; h < H; h += blockDim.x)
@@ -21,29 +24,27 @@ __global__ void k_rmsnorm(const float *__restrict__ x, int H, const int32_t *__r
                           float *__restrict__ of)
 {
     __shared__ float s_part[32];
+    cu_pdl_wait();
+    cu_pdl_trigger();
     const int i = blockIdx.x;
     const float *xr = x + (size_t)(rows ? rows[i] : i) * H;
     float ss = 0.f;
     for (int h = threadIdx.x; h < H; h += blockDim.x)
         ss += xr[h] * xr[h];
     ss = warp_sum(ss);
-    if ((threadIdx.x & 31) == 0)
-        s_part[threadIdx.x >> 5] = ss;
+    if ((threadIdx.x & 31) == 0) s_part[threadIdx.x >> 5] = ss;
     __syncthreads();
     if (threadIdx.x < 32) {
         float v = threadIdx.x < blockDim.x / 32 ? s_part[threadIdx.x] : 0.f;
         v = warp_sum(v);
-        if (threadIdx.x == 0)
-            s_part[0] = v;
+        if (threadIdx.x == 0) s_part[0] = v;
     }
     __syncthreads();
     const float inv = rsqrtf(s_part[0] / (float)H + eps);
     for (int h = threadIdx.x; h < H; h += blockDim.x) {
         const float v = w[h] * (xr[h] * inv);
-        if (oh)
-            oh[(size_t)i * H + h] = __float2half(v);
-        if (of)
-            of[(size_t)i * H + h] = v;
+        if (oh) oh[(size_t)i * H + h] = __float2half(v);
+        if (of) of[(size_t)i * H + h] = v;
     }
 }
 
@@ -52,19 +53,16 @@ __global__ void k_rmsnorm(const float *__restrict__ x, int H, const int32_t *__r
 extern "C" int cu_embed(const __half *emb, int H, const int32_t *tokens, int T, float *x,
                         cudaStream_t st, lm_err *err)
 {
-    if (T <= 0)
-        return 0;
-    k_embed<<<T, 256, 0, st>>>(emb, H, tokens, x);
-    CUDA_LAUNCH_CHECK(err, "embed launch");
+    if (T <= 0) return 0;
+    CU_LAUNCH(err, "embed launch", k_embed, T, 256, 0, st, emb, H, tokens, x);
     return 0;
 }
 
 extern "C" int cu_rmsnorm(const float *x, int H, const int32_t *rows, int n, const float *w,
                           float eps, __half *out_h, float *out_f, cudaStream_t st, lm_err *err)
 {
-    if (n <= 0)
-        return 0;
-    k_rmsnorm<<<n, H >= 2048 ? 1024 : 256, 0, st>>>(x, H, rows, w, eps, out_h, out_f);
-    CUDA_LAUNCH_CHECK(err, "rmsnorm launch");
+    if (n <= 0) return 0;
+    CU_LAUNCH(err, "rmsnorm launch", k_rmsnorm, n, H >= 2048 ? 1024 : 256, 0, st, x, H, rows, w,
+              eps, out_h, out_f);
     return 0;
 }

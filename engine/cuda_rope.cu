@@ -7,12 +7,15 @@
 #include "engine/cuda_common.cuh"
 #include "engine/cuda_rope.cuh"
 
-namespace {
+namespace
+{
 
 __global__ void k_qkv_post(cu_attn_shape s, const float *__restrict__ qkv, cu_qkv_params p,
                            cu_attn_batch b, __half *__restrict__ kc, __half *__restrict__ vc,
                            float *__restrict__ q_out)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     const int t = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     /* block y takes heads [4y, 4y + 4): one head per warp, all heads in parallel */
     const int hd = s.hd, half = hd / 2, nh = s.nq + 2 * s.nkv;
@@ -48,8 +51,7 @@ __global__ void k_qkv_post(cu_attn_shape s, const float *__restrict__ qkv, cu_qk
             }
             for (int j = 0; j < np; j++) {
                 const int i = lane + 32 * j;
-                if (i >= half)
-                    continue;
+                if (i >= half) continue;
                 float sn, cs;
                 sincosf((float)pos * p.inv_freq[i], &sn, &cs);
                 const float y1 = x1[j] * cs - x2[j] * sn, y2 = x2[j] * cs + x1[j] * sn;
@@ -84,10 +86,8 @@ extern "C" int cu_qkv_post(const cu_attn_shape *s, const float *qkv, const cu_qk
 {
     if (s->hd % 2 || s->hd > 256)
         return lm_err_set(err, -EINVAL, "qkv post: head_dim %d unsupported (even, <= 256)", s->hd);
-    if (b->T <= 0)
-        return 0;
+    if (b->T <= 0) return 0;
     dim3 grid(b->T, cuda_div_up(s->nq + 2 * s->nkv, 4));
-    k_qkv_post<<<grid, 128, 0, st>>>(*s, qkv, *p, *b, kc, vc, q_out);
-    CUDA_LAUNCH_CHECK(err, "qkv post launch");
+    CU_LAUNCH(err, "qkv post launch", k_qkv_post, grid, 128, 0, st, *s, qkv, *p, *b, kc, vc, q_out);
     return 0;
 }

@@ -464,6 +464,139 @@ static void test_moe()
         }
 }
 
+/* Router (fp32 logits, optionally with the MLP input norm fused) against
+ * the CPU in double: bound 1e-5 relative (fp32 sums of H products); the
+ * fused fp16 rows xn as rmsnorm's fp16 output, 1e-3. */
+static void run_router(int T, int H, int rows, bool fused)
+{
+    vector<float> x((size_t)T * H), nw(H), w((size_t)rows * H);
+    for (auto &v : x)
+        v = 4.0f * urand();
+    for (auto &v : nw)
+        v = 1.0f + 0.3f * urand();
+    for (auto &v : w)
+        v = 0.05f * urand();
+    float *dx = dev(x), *dnw = dev(nw), *dw = dev(w), *out;
+    __half *xn;
+    CK(cudaMalloc(&out, (size_t)T * rows * 4));
+    CK(cudaMalloc(&xn, (size_t)T * H * 2));
+    CK(cudaMemset(out, 0xff, (size_t)T * rows * 4));
+    CK(cudaMemset(xn, 0xff, (size_t)T * H * 2));
+    if (fused)
+        OK(cu_router_norm(dx, T, H, dnw, 1e-6f, dw, rows, out, xn, 0, ERRP));
+    else
+        OK(cu_router_logits(dx, T, H, dw, rows, out, 0, ERRP));
+    vector<double> lref((size_t)T * rows), nref((size_t)T * H);
+    for (int t = 0; t < T; t++) {
+        const float *xr = &x[(size_t)t * H];
+        double ss = 0;
+        for (int c = 0; c < H; c++)
+            ss += (double)xr[c] * xr[c];
+        const double inv = fused ? 1 / sqrt(ss / H + 1e-6) : 1.0;
+        for (int c = 0; c < H; c++)
+            nref[(size_t)t * H + c] = (fused ? nw[c] : 1.0f) * xr[c] * inv;
+        for (int r = 0; r < rows; r++) {
+            double acc = 0;
+            for (int c = 0; c < H; c++)
+                acc += (double)w[(size_t)r * H + c] * nref[(size_t)t * H + c];
+            lref[(size_t)t * rows + r] = acc;
+        }
+    }
+    vector<float> got = host(out, (size_t)T * rows);
+    char what[128];
+    snprintf(what, sizeof what, "router%s T=%d H=%d rows=%d", fused ? "+norm" : "", T, H, rows);
+    compare(what, got.data(), lref.data(), T, rows, 1e-5);
+    if (fused) {
+        vector<uint16_t> gh = host((const uint16_t *)xn, (size_t)T * H);
+        vector<float> ghf(gh.size());
+        for (size_t i = 0; i < gh.size(); i++)
+            ghf[i] = h2f(gh[i]);
+        snprintf(what, sizeof what, "router+norm fp16 rows T=%d H=%d", T, H);
+        compare(what, ghf.data(), nref.data(), T, H, 1e-3);
+    }
+    cudaFree(dx); cudaFree(dnw); cudaFree(dw); cudaFree(out); cudaFree(xn);
+}
+
+/* Routing + grouping in one launch against the CPU's top-k and the
+ * plan's invariants (entries sorted by expert, pos the inverse of the
+ * scatter, weights those of the slots, items covering each expert). */
+static void run_route_group(int T, int E, int k, int renorm)
+{
+    const int ld = E + 1;
+    vector<float> lg((size_t)T * ld);
+    for (auto &v : lg)
+        v = 3.0f * urand();
+    const int tile = cu_int4_tile_for(T, (T * k + E - 1) / E, CU_GEMM_AUTO);
+    plan_dev pd = make_plan(T, k, E);
+    float *dl = dev(lg), *dw, *dsg;
+    int32_t *di;
+    CK(cudaMalloc(&di, T * k * 4));
+    CK(cudaMalloc(&dw, T * k * 4));
+    CK(cudaMalloc(&dsg, T * 4));
+    OK(cu_moe_route_group(dl, ld, T, E, k, renorm, 1, tile, di, dw, dsg, &pd.p, 0, ERRP));
+    vector<int32_t> et = host(pd.p.ent_token, T * k), ee = host(pd.p.ent_expert, T * k),
+                    pos = host(pd.p.pos, T * k), off = host(pd.p.offsets, E + 1);
+    vector<float> ew = host(pd.p.ent_weight, T * k);
+    const int ni = host(pd.p.n_items, 1)[0];
+    vector<int2> items = host(pd.p.items, ni > 0 ? ni : 1);
+    bool ok = off[0] == 0 && off[E] == T * k;
+    double werr = 0;
+    for (int t = 0; t < T && ok; t++) {
+        const float *l = &lg[(size_t)t * ld];
+        vector<int> order(E);
+        for (int e = 0; e < E; e++)
+            order[e] = e;
+        std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return l[a] > l[b]; });
+        double mx = l[order[0]], sum = 0, ksum = 0;
+        for (int e = 0; e < E; e++)
+            sum += exp(l[e] - mx);
+        for (int j = 0; j < k; j++)
+            ksum += exp(l[order[j]] - mx) / sum;
+        for (int j = 0; j < k; j++) {
+            const int i = t * k + j, at = pos[i];
+            ok &= at >= 0 && at < T * k && et[at] == t && ee[at] == order[j];
+            ok &= at >= off[order[j]] && at < off[order[j] + 1];
+            double p = exp(l[order[j]] - mx) / sum;
+            if (renorm)
+                p /= ksum;
+            werr = std::max(werr, fabs(p - ew[at]) / p);
+        }
+    }
+    int want = 0;
+    for (int e = 0; e < E && ok; e++) {
+        const int c = off[e + 1] - off[e];
+        ok &= c >= 0;
+        for (int q = 0; q * tile < c; q++, want++)
+            ok &= want < ni && items[want].x == e && items[want].y == off[e] + q * tile;
+    }
+    ok &= want == ni && ni <= cu_moe_max_items(T * k, E, tile) && werr < 1e-5;
+    printf("%-4s moe route+group T=%d E=%d k=%d tile=%d renorm=%d (%d items, weights max rel err %.1e)\n",
+           ok ? "ok" : "FAIL", T, E, k, tile, renorm, ni, werr);
+    if (!ok)
+        g_fail = 1;
+    cudaFree(dl); cudaFree(di); cudaFree(dw); cudaFree(dsg);
+    free_plan(pd);
+}
+
+static void test_router()
+{
+    for (int T : {1, 3, 16})
+        for (int fused = 0; fused <= 1; fused++) {
+            run_router(T, 2048, 129, fused);
+            run_router(T, 260, 61, fused);
+        }
+    lm_err e = {0, ""};
+    const int rc = cu_router_norm(nullptr, 17, 2048, nullptr, 0.f, nullptr, 8, nullptr, nullptr, 0, &e);
+    printf("%-4s router refuses 17 tokens: %s\n", rc == -EINVAL ? "ok" : "FAIL", e.msg);
+    if (rc != -EINVAL)
+        g_fail = 1;
+    for (int T : {1, 3, 17, 64}) {
+        run_route_group(T, 128, 8, 0);
+        run_route_group(T, 60, 4, 1);
+    }
+    run_route_group(5, 1000, 8, 1);
+}
+
 /* ---- RMSNorm, embedding ---------------------------------------------------------- */
 
 static void test_norm()
@@ -815,7 +948,10 @@ int main(int argc, char **argv)
     const char *what = argc > 1 ? argv[1] : "all";
     const bool all = !strcmp(what, "all");
     if (all || !strcmp(what, "int4")) test_int4();
-    if (all || !strcmp(what, "moe")) test_moe();
+    if (all || !strcmp(what, "moe")) {
+        test_moe();
+        test_router();
+    }
     if (all || !strcmp(what, "norm")) test_norm();
     if (all || !strcmp(what, "attn")) test_attn();
     if (all || !strcmp(what, "forward")) test_forward();

@@ -1,0 +1,47 @@
+/*
+ * cuda_launch.cu: the process-wide switch of programmatic dependent launch
+ * (see cu_launch in cuda_common.cuh).
+ *
+ * Why process-wide: every launcher of the engine's kernels would otherwise
+ * need a state argument. The device check and LIGHTMOE_CUDA_PDL are read
+ * once; cu_pdl_allow narrows that for the calling thread (the engine
+ * thread of a state: off for a portable state and for steps of more than
+ * cu_pdl_max_tokens tokens, where it measured slower on the H100, see
+ * docs/PERF.md). Threads: the probe is a relaxed atomic, the allow flag is
+ * per thread.
+ */
+#include <stdlib.h>
+
+#include "engine/cuda_common.cuh"
+
+static int g_probe = -1;     /* -1 unknown, else device sm_90+ and not disabled by env */
+static int g_max_tokens = 4; /* LIGHTMOE_CUDA_PDL=N: steps of at most N tokens */
+static __thread int g_allow = 1;
+
+extern "C" int cu_pdl_enabled(void)
+{
+    int p = __atomic_load_n(&g_probe, __ATOMIC_RELAXED);
+    if (p < 0) {
+        int dev = 0, major = 0;
+        const char *e = getenv("LIGHTMOE_CUDA_PDL");
+        if (e && e[0] >= '1' && e[0] <= '9')
+            __atomic_store_n(&g_max_tokens, atoi(e), __ATOMIC_RELAXED);
+        p = 0;
+        if (!(e && e[0] == '0') && cudaGetDevice(&dev) == cudaSuccess &&
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess)
+            p = major >= 9;
+        __atomic_store_n(&g_probe, p, __ATOMIC_RELAXED);
+    }
+    return p && g_allow;
+}
+
+extern "C" void cu_pdl_allow(int on)
+{
+    g_allow = on ? 1 : 0;
+}
+
+extern "C" int cu_pdl_max_tokens(void)
+{
+    cu_pdl_enabled(); /* reads the environment once */
+    return __atomic_load_n(&g_max_tokens, __ATOMIC_RELAXED);
+}
