@@ -397,8 +397,12 @@ extern "C" int cu_moe_route_group(const float *logits, int ldl, int T, int E, in
     if (k < 1 || k > MAX_K || k > E || E > 1024)
         return lm_err_set(err, -EINVAL, "moe route: unsupported experts %d top-k %d", E, k);
     if (T <= 0) return 0;
-    CU_LAUNCH(err, "moe route+group launch", k_moe_route_group, 1, 1024,
-              (2 * E + 2 * 1024) * sizeof(int), st, logits, ldl, T, E, k, renorm, has_shared, tile,
+    /* one warp per token and one thread per expert, nothing more: a block of
+     * 1024 threads for one token paid its syncs for nothing */
+    int nt = 32 * T > E ? 32 * T : (E + 31) / 32 * 32;
+    nt = nt < 128 ? 128 : nt > 1024 ? 1024 : nt;
+    CU_LAUNCH(err, "moe route+group launch", k_moe_route_group, 1, nt,
+              (2 * E + 2 * nt) * sizeof(int), st, logits, ldl, T, E, k, renorm, has_shared, tile,
               ids, wts, sg, *plan);
     return 0;
 }
