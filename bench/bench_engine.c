@@ -8,7 +8,10 @@
  * router, top-k experts, shared expert, lm_head; INT4 part separately), the
  * implied floor (bytes / bandwidth), then prefill tokens/s for one T-token
  * piece, decode tokens/s at batch 1 and batch 8 (8 sequences, one token
- * each per step). Timings are wall-clock medians of the steps.
+ * each per step). Timings are wall-clock medians of the steps. Also prints
+ * the kernel set in use and the load average before and after, since the
+ * build machine is shared. Process CPU time includes the pool threads'
+ * short spins between jobs (ops_cpu.c), so it is not pure kernel time.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -19,6 +22,7 @@
 
 #include "engine/backends.h"
 #include "engine/model.h"
+#include "engine/ops_cpu.h"
 
 static double now(void)
 {
@@ -132,6 +136,11 @@ int main(int argc, char **argv)
         return 2;
     }
     setvbuf(stdout, NULL, _IOLBF, 0); /* progress lines appear as they are measured */
+    double la[3] = {0};
+    if (getloadavg(la, 3) > 0)
+        printf("load average at start: %.2f %.2f %.2f\n", la[0], la[1], la[2]);
+    printf("CPU kernels: %s (LIGHTMOE_CPU_ISA=portable|avx2|avx512 caps them)\n",
+           cpu_isa_name(cpu_isa_best()));
     double bw = bandwidth(threads, bw_mb);
     printf("memory read bandwidth (%d threads, %zu MB): %.2f GB/s\n", threads, bw_mb, bw);
     lm_err err = {0};
@@ -234,6 +243,8 @@ int main(int argc, char **argv)
     qsort(ts, (size_t)steps, sizeof *ts, cmp_d);
     printf("decode batch 8: median %.1f ms/step = %.2f tok/s\n", ts[steps / 2] * 1e3,
            8 / ts[steps / 2]);
+    if (getloadavg(la, 3) > 0)
+        printf("load average at end: %.2f %.2f %.2f\n", la[0], la[1], la[2]);
     free(ts);
     free(logits);
     free(tokens);

@@ -10,16 +10,23 @@
  * table[q] = scale * (q - zero), q = 0..15, are computed once into one
  * register, and then 16 weights at a time come out of a single
  * vpermps (_mm512_permutexvar_ps), which reads only the low 4 bits of each
- * 32-bit index lane. The indices come straight from the packed bytes:
- * 16 bytes (32 columns) are broadcast to the four 128-bit lanes, and a
- * per-lane variable shift (vpsrlvd) puts a different nibble at the bottom
- * of each 32-bit lane; no masking, no int-to-float conversion.
+ * 32-bit index lane. The indices come straight from the packed bytes, a
+ * shift putting a different nibble at the bottom of each 32-bit lane; no
+ * masking, no int-to-float conversion. Two layouts of a row's columns:
  *
- * Order of a 32-column block c0..c0+31 (16 packed bytes b0..b15): lane
- * l = 4L + j (L = 128-bit lane, j = dword in it) of the "even" vector holds
- * the low nibble of byte 4j + L, i.e. column c0 + 2(4j + L); the "odd"
- * vector holds the high nibble, the next column. op_linear arranges x the
- * same way once per call (ops_avx512_arrange_int4).
+ * - wide (group a multiple of 128, e.g. every group-128 GPTQ model): a
+ *   128-column block is one 64-byte load; its dword l holds columns
+ *   c0 + 8l .. c0 + 8l + 7, so vector v (v = 0..7, shift 4v) holds column
+ *   c0 + 8l + v in lane l;
+ * - narrow (groups of 32 or 64): a 32-column block is 16 bytes broadcast to
+ *   the four 128-bit lanes; lane l = 4L + j (L = 128-bit lane, j = dword in
+ *   it) of the "even" vector (vpsrlvd by 8L) holds the low nibble of byte
+ *   4j + L, i.e. column c0 + 2(4j + L); the "odd" vector (8L + 4) the next.
+ *
+ * op_linear arranges x in the same order once per call
+ * (ops_avx512_arrange_int4). In both layouts consecutive vectors alternate
+ * between two accumulators per output ("even", "odd"), so the decoded-rows
+ * tile below serves both.
  *
  * Every output has two accumulators (even, odd) that see the blocks in
  * k order, finished as reduce(even + odd) + bias. With more than 2 token
@@ -35,12 +42,6 @@
 #include <immintrin.h>
 
 #define T512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
-#ifndef PF_DIST
-#define PF_DIST 512
-#endif
-#ifndef PF_TILES
-#define PF_TILES 3
-#endif
 /* Loops over the tile's rows and tokens (at most 4 and 2) must be unrolled so
  * that the accumulators stay in registers; -O2 does not always do it. */
 #define UNROLL _Pragma("GCC unroll 4")
