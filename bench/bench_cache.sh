@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench_cache.sh: the exact-answer cache benchmark of docs/PERF.md.
 #
-#   bench/bench_cache.sh BUILD_DIR MODEL_DIR [SECONDS]
+#   bench/bench_cache.sh BUILD_DIR MODEL_DIR [SECONDS] [REPEATS]
 #
 # 1. redis-benchmark -t get (1, 16, 64 clients) against a fresh redis-server:
 #    the ceiling of any Redis-backed lookup on this machine (one thread, one
@@ -14,10 +14,14 @@
 #    once more with --mode threads (a thread per client: the first version
 #    of the tool, kept for comparison with older rows of docs/PERF.md).
 # Each line says its mode, the client's CPU per call and the load average.
+# Every lightmoed configuration runs REPEATS times (default 3, interleaved):
+# on a shared machine single runs of the same configuration differ by 2x,
+# so compare medians.
 set -euo pipefail
 build=${1:?build dir}
 model=${2:?model dir}
 secs=${3:-5}
+reps=${4:-3}
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; sleep 0.5; rm -rf "$tmp"' EXIT
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
@@ -30,8 +34,11 @@ redis-server --port "$rport" --bind 127.0.0.1 --dir "$tmp" --save "" --appendonl
     >"$tmp/redis.log" 2>&1 &
 for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
 echo "== redis-benchmark -t get -n 100000 -d 3 (ceiling)"
-for c in 1 16 64; do
-    echo "clients $c: $(redis-benchmark -p "$rport" -t get -n 100000 -c "$c" --csv | tail -1)"
+for _ in $(seq "$reps"); do
+    for c in 1 16 64; do
+        echo "clients $c: $(redis-benchmark -p "$rport" -t get -n 100000 -c "$c" --csv | tail -1)" \
+            " load $(cut -d' ' -f1 /proc/loadavg)"
+    done
 done
 
 run_daemon() { # $1 = cache url; sets addr and dpid
@@ -52,10 +59,13 @@ run_daemon() { # $1 = cache url; sets addr and dpid
 for url in memory "redis://127.0.0.1:$rport/0"; do
     run_daemon "$url"
     echo "== lightmoed cache_url=$url at $addr: cache hits through gRPC (Complete)"
-    for run in "loop 1" "loop 16" "loop 64" "threads 16"; do
-        set -- $run
-        echo "$("$build/bench/bench_cache_rpc" --target "$addr" --clients "$2" --seconds "$secs" \
-            --mode "$1" --prompt "What is the capital of France?")  load $(cut -d' ' -f1 /proc/loadavg)"
+    for _ in $(seq "$reps"); do
+        for run in "loop 1" "loop 16" "loop 64" "threads 16"; do
+            set -- $run
+            echo "$("$build/bench/bench_cache_rpc" --target "$addr" --clients "$2" \
+                --seconds "$secs" --mode "$1" --prompt "What is the capital of France?")" \
+                " load $(cut -d' ' -f1 /proc/loadavg)"
+        done
     done
     kill "$dpid"; wait "$dpid" 2>/dev/null || true
 done
