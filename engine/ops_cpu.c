@@ -87,8 +87,10 @@ static void pool_work(cpu_pool *p, int t)
  * forward pass issues hundreds of small jobs per token, back to back: a
  * worker that went to sleep after each one would join the next one late by
  * the wake-up latency (tens of microseconds on a VM), a large part of an
- * expert matmul; the caller likewise waits for the last chunk. */
-#define POOL_SPIN_NS 200000
+ * expert matmul; the caller likewise waits for the last chunk. 50 us
+ * covers the gaps inside a step (norms, routing: microseconds) and keeps
+ * an idle pool from burning a shared machine's cores for long. */
+#define POOL_SPIN_NS 50000
 
 static int64_t mono_ns(void)
 {
