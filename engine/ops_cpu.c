@@ -785,6 +785,22 @@ static inline float dot(const float *a, const float *b, int32_t n)
     return s;
 }
 
+/* o[i] += a * v[i] (a product, then a sum: the same floats either way). */
+static inline void axpy(float *o, float a, const float *v, int32_t n)
+{
+#if OPS_AVX2
+    if (n % 8 == 0) {
+        __m256 av = _mm256_set1_ps(a);
+        for (int32_t i = 0; i < n; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(o + i),
+                                                  _mm256_mul_ps(av, _mm256_loadu_ps(v + i))));
+        return;
+    }
+#endif
+    for (int32_t i = 0; i < n; i++)
+        o[i] += a * v[i];
+}
+
 static void attn_task(void *vc, int64_t b, int64_t e, int thread)
 {
     const attn_ctx *c = vc;
@@ -809,9 +825,7 @@ static void attn_task(void *vc, int64_t b, int64_t e, int thread)
         memset(o, 0, (size_t)D * sizeof *o);
         for (int32_t j = 0; j < n; j++) {
             float pj = s[j] / sum;
-            const float *v = kv_row(kv, kv->v, c->tables[r], j, kvh);
-            for (int32_t d = 0; d < D; d++)
-                o[d] += pj * v[d];
+            axpy(o, pj, kv_row(kv, kv->v, c->tables[r], j, kvh), D);
         }
     }
 }
