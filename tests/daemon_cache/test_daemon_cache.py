@@ -265,6 +265,36 @@ def test_single_flight_parked():
             "the leader finished before the checks: the test did not test anything"
 
 
+def test_single_flight_leader_cancelled():
+    """The leader's client cancels while followers are parked: each follower
+    is resumed without an answer and computes by itself (issue 6's
+    semantics), on 2 RPC threads; all of them succeed with the answer the
+    model gives alone, and nothing is left in progress."""
+    with Daemon("flightcancel", ["--rpc-threads", "2", "--debug-hooks", "yes",
+                                 "--debug-step-delay-ms", "50"]) as d:
+        api = Api(d.channel())
+        req = pb.GenerateRequest(**greedy("The leader goes away", max_tokens=40))
+        leader = api._complete.future(req, timeout=300)
+        time.sleep(0.5)  # the leader is in the engine
+        followers = [api._complete.future(req, timeout=300) for _ in range(8)]
+        time.sleep(0.3)
+        leader.cancel()
+        out = [f.result() for f in followers]
+        assert leader.cancelled() or leader.exception() is not None
+        # They computed (a leader that had finished would have served hits:
+        # then the test would test nothing).
+        assert not any(r.cached for r in out), [r.cached for r in out]
+        alone = api.complete(**greedy("The leader goes away", max_tokens=40,
+                                      cache_mode=pb.CACHE_MODE_BYPASS))
+        assert {r.text for r in out} == {alone.text}, [r.text for r in out]
+        assert all(list(r.token_ids) == list(alone.token_ids) for r in out)
+        for _ in range(50):
+            if d.metric("lightmoe_active_streams") == 0:
+                break
+            time.sleep(0.1)
+        assert d.metric("lightmoe_active_streams") == 0, "a resumed request was left behind"
+
+
 def test_parameters_and_policy():
     with Daemon("policy") as d:
         api = Api(d.channel())
@@ -495,5 +525,6 @@ if __name__ == "__main__":
     open(os.path.join(A.workdir, "empty.conf"), "w").close()
     lmtest.run_tests([test_bad_cache_url, test_memory_hit_no_engine_work, test_single_flight,
                       test_single_flight_keeps_serving, test_single_flight_parked,
+                      test_single_flight_leader_cancelled,
                       test_parameters_and_policy, test_invalidate, test_redis_hit,
                       test_redis_killed_and_restarted, test_redis_slow, test_redis_down_at_start])
