@@ -526,6 +526,20 @@ static void hook_destroy(void *user)
     pthread_cond_signal(&h->cv);
     pthread_mutex_unlock(&h->mu);
     pthread_join(h->writer, NULL);
+    /* Nothing is parked once every request has ended; should one be left
+     * (a flight nobody leads), take it back so that nothing leaks. */
+    for (parked *p = h->parked, *nx; p; p = nx) {
+        nx = p->next;
+        if (cache_flight_unpark(h->c, p->f, &p->w))
+            free(p);
+    }
+    h->parked = NULL;
+    for (parked *p = h->ready, *nx; p; p = nx) {
+        nx = p->next;
+        cache_entry_free(p->e);
+        free(p);
+    }
+    h->ready = h->ready_tail = NULL;
     if (H == h)
         H = NULL;
     cache_destroy(h->c);
