@@ -18,10 +18,12 @@
  * (unpark). So any number of identical requests can wait while every RPC
  * thread stays free.
  *
- * Writer: the store hook runs on the engine thread and must not block; it
- * encodes the answer and queues it (bounded: when full the answer is not
- * stored, only published). One writer thread performs the stores and the
- * resumptions (never the engine thread: resuming may submit to the engine).
+ * Writer: the store hook runs on the engine thread and must not block; for
+ * Redis it encodes the answer and queues it (bounded: when full the answer
+ * is not stored, only published); the in-process backend stores at once
+ * (a short lock), so an answer is in the cache before its client has it.
+ * One writer thread performs the Redis stores and the resumptions (never
+ * the engine thread: resuming may submit to the engine).
  * Lock order: h->mu, then the cache's flight lock (cache_flight_unpark);
  * the cache calls done without its lock, and done takes h->mu.
  *
@@ -94,6 +96,7 @@ struct hooks_state {
     parked *parked;             /* waiting for their flight */
     parked *ready, *ready_tail; /* flight ended: to resume on the writer thread */
     uint64_t next_park;
+    int store_inline;           /* in-process backend: store on the engine thread */
     pthread_t writer;
 };
 
@@ -324,6 +327,16 @@ static void hook_store(void *user, const serve_cache_key *sk, const serve_answer
                      .logprobs = ans->logprobs};
     uint8_t *val = NULL;
     size_t n = 0;
+    if (h->store_inline) {
+        /* In-process store: a short lock, no I/O. Done before the answer
+         * reaches the client, so the next identical request hits. */
+        int ok = make_key(h, sk, &k) == 0 && k.store;
+        if (ok)
+            cache_put(h->c, &k, &e, 0);
+        if (f)
+            cache_flight_publish(h->c, f, ok ? &e : NULL);
+        return;
+    }
     int ok = make_key(h, sk, &k) == 0 && k.store && cache_entry_encode(&e, &val, &n) == 0;
     wjob *j = ok ? malloc(sizeof *j) : NULL;
     pthread_mutex_lock(&h->mu);
@@ -650,6 +663,7 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
         free(h);
         return rc;
     }
+    h->store_inline = u.kind == CACHE_BACKEND_MEMORY;
     pthread_mutex_init(&h->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
