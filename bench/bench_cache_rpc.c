@@ -409,8 +409,9 @@ int main(int argc, char **argv)
     qsort(all, total, sizeof *all, cmp64);
     double el = (double)(t1 - t0) * 1e-9;
 #define PCT(q) (total ? (double)all[(size_t)((double)(total - 1) * (q))] / 1e6 : 0)
-    printf("clients %d  mode %s  method %s  calls %zu in %.2f s  = %.0f req/s  latency ms p50 %.3f p90 "
-           "%.3f p99 %.3f p99.9 %.3f max %.3f  client CPU %.1f us/call  errors %ld not_cached %ld\n",
+    printf("clients %d  mode %s  method %s  calls %zu in %.2f s  = %.0f req/s  latency ms "
+           "p50 %.3f p90 %.3f p99 %.3f p99.9 %.3f max %.3f  client CPU %.1f us/call  "
+           "errors %ld not_cached %ld\n",
            clients, mode, method, total, el, (double)total / el, PCT(0.50), PCT(0.90), PCT(0.99),
            PCT(0.999), total ? (double)all[total - 1] / 1e6 : 0,
            total ? (double)(cpu1 - cpu0) / 1e3 / (double)total : 0, atomic_load(&errors),
