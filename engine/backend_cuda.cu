@@ -553,7 +553,10 @@ extern "C" int backend_cuda_create_rank(const model *mm, const backend_options *
         co.max_logits = co.max_tokens < cap ? co.max_tokens : (cap > 256 ? (int)cap : 256);
         co.portable = o ? o->force_portable : 0;
         const char *p = getenv("LIGHTMOE_CUDA_PATH");
-        co.path = p && !strcmp(p, "gemv") ? 1 : p && !strcmp(p, "mma") ? 2 : 0;
+        co.path = p && !strcmp(p, "gemv")      ? 1
+                  : p && !strcmp(p, "mma")     ? 2
+                  : p && !strcmp(p, "dequant") ? 3
+                                               : 0;
         const char *g = getenv("LIGHTMOE_CUDA_GRAPHS");
         co.graphs = !(g && !strcmp(g, "0"));
         co.comm = c;

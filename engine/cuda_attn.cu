@@ -10,8 +10,11 @@
  * the probabilities (broadcast by shuffle) with V; lane l owns output
  * dimensions 2l + 64j, j < hd/64.
  */
+#include <string.h>
+
 #include "engine/cuda_attn.cuh"
 #include "engine/cuda_common.cuh"
+#include "engine/cuda_rope.cuh"
 
 namespace
 {
@@ -25,9 +28,13 @@ template <int RW, int HDP> constexpr int attn_smem()
 
 template <int RW, int HDP>
 __global__ void __launch_bounds__(128)
-    k_attn(cu_attn_shape s, const float *__restrict__ q, const __half *__restrict__ kc,
-           const __half *__restrict__ vc, cu_attn_batch b, float *__restrict__ part)
+    k_attn(cu_attn_shape s, const float *__restrict__ q, const float *__restrict__ qkv,
+           cu_qkv_params qp, __half *kc, __half *vc, cu_attn_batch b, float *__restrict__ part,
+           __half *__restrict__ out)
 {
+    /* kc, vc: neither const nor restrict, read through L2 (__ldcg): with
+     * qkv (decode), one block of the launch writes the new token's slot
+     * and reads it back */
     constexpr int HD = 64 * HDP, KS = HD + 2;
     extern __shared__ __align__(16) uint8_t smem[];
     float *q_s = reinterpret_cast<float *>(smem);                     /* [4 RW][HD] */
@@ -47,12 +54,18 @@ __global__ void __launch_bounds__(128)
     const int p_begin = split * per * P, p_end = min(ctx, (split + 1) * per * P);
     const float scale = rsqrtf((float)HD);
 
-    for (int idx = tid; idx < 4 * RW * HD; idx += 128) {
-        const int r = idx / HD, d = idx % HD;
-        float v = 0.f;
-        if (r < R) v = q[((size_t)(t0 + r / G) * s.nq + kvh * G + r % G) * HD + d] * scale;
-        q_s[idx] = v;
+    if (!qkv) {
+        for (int idx = tid; idx < 4 * RW * HD; idx += 128) {
+            const int r = idx / HD, d = idx % HD;
+            float v = 0.f;
+            if (r < R) v = q[((size_t)(t0 + r / G) * s.nq + kvh * G + r % G) * HD + d] * scale;
+            q_s[idx] = v;
+        }
     }
+    /* decode with qkv: the q heads and the new k, v are made inside the
+     * first step of the loop, while its K/V loads are in flight */
+    const int npos = qkv ? b.tok_pos[t0] : -1;
+    float nk1[HDP] = {}, nk2[HDP] = {}; /* warps 0 / 1 of the block owning npos: new k / v */
     int rpos[RW];
     float m[RW], l[RW];
     float2 o[RW][HDP];
@@ -69,27 +82,79 @@ __global__ void __launch_bounds__(128)
 
     for (int p0 = p_begin; p0 < p_end; p0 += P) {
         __syncthreads(); /* q_s written / previous K,V consumed */
-        for (int idx = tid; idx < P * HD / 8; idx += 128) {
+        constexpr int NPC = P * HD / 8 / 128; /* 16-byte pieces per thread */
+        uint4 kv[NPC], vv[NPC];
+#pragma unroll
+        for (int u = 0; u < NPC; u++) {
+            const int idx = tid + 128 * u;
             const int p = idx / (HD / 8), piece = idx % (HD / 8), pp = p0 + p;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            kv[u] = vv[u] = make_uint4(0, 0, 0, 0);
             if (pp < p_end) {
                 const int blk = b.block_table[(size_t)seq * b.max_blocks + pp / b.block_size];
                 const size_t off =
                     (((size_t)blk * b.block_size + pp % b.block_size) * s.nkv + kvh) * HD +
                     piece * 8;
-                kv = *reinterpret_cast<const uint4 *>(kc + off);
-                vv = *reinterpret_cast<const uint4 *>(vc + off);
+                kv[u] = __ldcg(reinterpret_cast<const uint4 *>(kc + off));
+                vv[u] = __ldcg(reinterpret_cast<const uint4 *>(vc + off));
             }
+        }
+        if (qkv && p0 == p_begin) { /* decode: q heads of this KV head, new k, v */
+            const int nh = s.nq + 2 * s.nkv;
+            const float *row = qkv + (size_t)t0 * nh * HD;
+#pragma unroll
+            for (int i = 0; i < RW; i++) {
+                const int r = warp + 4 * i;
+                float x1[4], x2[4];
+                if (r < R)
+                    cu_qkv_head(row, kvh * G + r, HD, qp, qp.q_norm, true, npos, lane, x1, x2);
+#pragma unroll
+                for (int j = 0; j < HDP; j++) {
+                    q_s[r * HD + lane + 32 * j] = r < R ? x1[j] * scale : 0.f;
+                    q_s[r * HD + lane + 32 * j + HD / 2] = r < R ? x2[j] * scale : 0.f;
+                }
+            }
+            if (npos >= p_begin && npos < p_end && warp < 2) {
+                /* the split holding the new position: its k (warp 0), v (warp 1)
+                 * to the cache for later steps; this step takes them from
+                 * registers (below), not from the cache */
+                const int blk = b.block_table[(size_t)seq * b.max_blocks + npos / b.block_size];
+                const size_t slot = (size_t)blk * b.block_size + npos % b.block_size;
+                float x1[4], x2[4];
+                cu_qkv_head(row, (warp ? s.nq + s.nkv : s.nq) + kvh, HD, qp,
+                            warp ? NULL : qp.k_norm, !warp, npos, lane, x1, x2);
+                __half *d = (warp ? vc : kc) + (slot * s.nkv + kvh) * HD;
+#pragma unroll
+                for (int j = 0; j < HDP; j++) {
+                    d[lane + 32 * j] = __float2half(nk1[j] = x1[j]);
+                    d[lane + 32 * j + HD / 2] = __float2half(nk2[j] = x2[j]);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < NPC; u++) {
+            const int idx = tid + 128 * u;
+            const int p = idx / (HD / 8), piece = idx % (HD / 8);
             uint32_t *kd = reinterpret_cast<uint32_t *>(k_s + p * KS + piece * 8);
             uint32_t *vd = reinterpret_cast<uint32_t *>(v_s + p * KS + piece * 8);
-            kd[0] = kv.x;
-            kd[1] = kv.y;
-            kd[2] = kv.z;
-            kd[3] = kv.w;
-            vd[0] = vv.x;
-            vd[1] = vv.y;
-            vd[2] = vv.z;
-            vd[3] = vv.w;
+            kd[0] = kv[u].x;
+            kd[1] = kv[u].y;
+            kd[2] = kv[u].z;
+            kd[3] = kv[u].w;
+            vd[0] = vv[u].x;
+            vd[1] = vv[u].y;
+            vd[2] = vv[u].z;
+            vd[3] = vv[u].w;
+        }
+        if (qkv && npos >= p0 && npos < p0 + P && npos < p_end) { /* uniform */
+            __syncthreads();
+            if (warp < 2) {
+                __half *d = (warp ? v_s : k_s) + (npos - p0) * KS;
+#pragma unroll
+                for (int j = 0; j < HDP; j++) {
+                    d[lane + 32 * j] = __float2half(nk1[j]);
+                    d[lane + 32 * j + HD / 2] = __float2half(nk2[j]);
+                }
+            }
         }
         __syncthreads();
 
@@ -148,6 +213,20 @@ __global__ void __launch_bounds__(128)
         }
     }
 
+    if (b.counters && b.nsplit == 1) { /* nothing to merge: normalise and store */
+#pragma unroll
+        for (int i = 0; i < RW; i++) {
+            const int r = warp + 4 * i;
+            if (r >= R) continue;
+            const size_t row = (size_t)(t0 + r / G) * s.nq + kvh * G + r % G;
+            const float inv = 1.f / l[i];
+#pragma unroll
+            for (int j = 0; j < HDP; j++)
+                reinterpret_cast<half2 *>(out + row * HD)[lane + 32 * j] =
+                    __floats2half2_rn(o[i][j].x * inv, o[i][j].y * inv);
+        }
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < RW; i++) {
         const int r = warp + 4 * i;
@@ -161,6 +240,52 @@ __global__ void __launch_bounds__(128)
             dst[HD] = m[i];
             dst[HD + 1] = l[i];
         }
+    }
+    if (!b.counters)
+        return;
+    /* the last split block of this (tile, KV head) merges: every block
+     * fences its partial results before counting itself in */
+    __shared__ int s_last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        int32_t *cnt = b.counters + (size_t)blockIdx.x * s.nkv + kvh;
+        const int prev = atomicAdd(cnt, 1);
+        s_last = prev == b.nsplit - 1;
+        if (s_last)
+            *cnt = 0; /* ready for the next launch */
+    }
+    __syncthreads();
+    if (!s_last)
+        return;
+    __threadfence();
+    /* weights of each (row, split) into shared memory (a warp per row,
+     * lane = split; the K/V area is free now), then every thread takes
+     * (row, pair of dimensions) outputs with the splits' loads unrolled */
+    float *w_s = reinterpret_cast<float *>(k_s); /* [R][32] */
+    for (int r = warp; r < R; r += 4) {
+        const size_t row = (size_t)(t0 + r / G) * s.nq + kvh * G + r % G;
+        const float *p = part + row * b.nsplit * (HD + 2);
+        const float ms = lane < b.nsplit ? __ldcg(p + lane * (HD + 2) + HD) : -INFINITY;
+        const float M = warp_max(ms);
+        const float w = ms == -INFINITY ? 0.f : __expf(ms - M);
+        const float L = warp_sum(lane < b.nsplit ? w * __ldcg(p + lane * (HD + 2) + HD + 1) : 0.f);
+        w_s[r * 32 + lane] = w / L;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < R * (HD / 2); idx += 128) {
+        const int r = idx / (HD / 2), d2 = idx % (HD / 2);
+        const size_t row = (size_t)(t0 + r / G) * s.nq + kvh * G + r % G;
+        const float2 *p = reinterpret_cast<const float2 *>(part + row * b.nsplit * (HD + 2)) + d2;
+        float2 acc = make_float2(0.f, 0.f);
+#pragma unroll 8
+        for (int sp = 0; sp < b.nsplit; sp++) {
+            const float ws = w_s[r * 32 + sp];
+            const float2 v = __ldcg(p + sp * ((HD + 2) / 2));
+            acc.x += ws * v.x;
+            acc.y += ws * v.y;
+        }
+        reinterpret_cast<half2 *>(out + row * HD)[d2] = __floats2half2_rn(acc.x, acc.y);
     }
 }
 
@@ -200,28 +325,34 @@ __global__ void __launch_bounds__(128)
     }
 }
 
+struct attn_in {
+    const float *q, *qkv; /* one of them */
+    cu_qkv_params qp;
+    __half *kc, *vc;
+};
+
 template <int RW, int HDP>
-int launch_attn(const cu_attn_shape *s, const float *q, const __half *kc, const __half *vc,
-                const cu_attn_batch *b, float *part, cudaStream_t st, lm_err *err)
+int launch_attn(const cu_attn_shape *s, const attn_in &in, const cu_attn_batch *b, float *part,
+                __half *out, cudaStream_t st, lm_err *err)
 {
     constexpr int smem = attn_smem<RW, HDP>();
     CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        smem));
     dim3 grid(b->n_tiles, s->nkv, b->nsplit);
-    CU_LAUNCH(err, "attention launch", k_attn<RW, HDP>, grid, 128, smem, st, *s, q, kc, vc, *b,
-              part);
+    CU_LAUNCH(err, "attention launch", k_attn<RW, HDP>, grid, 128, smem, st, *s, in.q, in.qkv,
+              in.qp, in.kc, in.vc, *b, part, out);
     return 0;
 }
 
 template <int HDP>
-int pick_rw(int rw, const cu_attn_shape *s, const float *q, const __half *kc, const __half *vc,
-            const cu_attn_batch *b, float *part, cudaStream_t st, lm_err *err)
+int pick_rw(int rw, const cu_attn_shape *s, const attn_in &in, const cu_attn_batch *b,
+            float *part, __half *out, cudaStream_t st, lm_err *err)
 {
-    if (rw <= 1) return launch_attn<1, HDP>(s, q, kc, vc, b, part, st, err);
-    if (rw <= 2) return launch_attn<2, HDP>(s, q, kc, vc, b, part, st, err);
-    if (rw <= 4) return launch_attn<4, HDP>(s, q, kc, vc, b, part, st, err);
-    if (rw <= 8) return launch_attn<8, HDP>(s, q, kc, vc, b, part, st, err);
-    return launch_attn<16, HDP>(s, q, kc, vc, b, part, st, err);
+    if (rw <= 1) return launch_attn<1, HDP>(s, in, b, part, out, st, err);
+    if (rw <= 2) return launch_attn<2, HDP>(s, in, b, part, out, st, err);
+    if (rw <= 4) return launch_attn<4, HDP>(s, in, b, part, out, st, err);
+    if (rw <= 8) return launch_attn<8, HDP>(s, in, b, part, out, st, err);
+    return launch_attn<16, HDP>(s, in, b, part, out, st, err);
 }
 
 } // namespace
@@ -231,9 +362,8 @@ extern "C" size_t cu_attn_scratch_floats(const cu_attn_shape *s, int n_tiles, in
     return (size_t)n_tiles * bq * s->nq * nsplit * (s->hd + 2);
 }
 
-extern "C" int cu_attn(const cu_attn_shape *s, const float *q, const __half *kc, const __half *vc,
-                       const cu_attn_batch *b, float *part, __half *out, cudaStream_t st,
-                       lm_err *err)
+static int attn_run(const cu_attn_shape *s, const attn_in &in, const cu_attn_batch *b,
+                    float *part, __half *out, cudaStream_t st, lm_err *err)
 {
     if (s->hd != 64 && s->hd != 128 && s->hd != 256)
         return lm_err_set(err, -EINVAL, "attention: head_dim %d not in {64,128,256}", s->hd);
@@ -245,19 +375,48 @@ extern "C" int cu_attn(const cu_attn_shape *s, const float *q, const __half *kc,
         return lm_err_set(err, -EINVAL, "attention: tile of %d rows (max 64), %d splits", R,
                           b->nsplit);
     if (b->n_tiles <= 0) return 0;
+    if (b->nsplit > 32) return lm_err_set(err, -EINVAL, "attention: %d splits (max 32)", b->nsplit);
     const int rw = (R + 3) / 4;
     int rc;
     if (s->hd == 64)
-        rc = pick_rw<1>(rw, s, q, kc, vc, b, part, st, err);
+        rc = pick_rw<1>(rw, s, in, b, part, out, st, err);
     else if (s->hd == 128)
-        rc = pick_rw<2>(rw, s, q, kc, vc, b, part, st, err);
+        rc = pick_rw<2>(rw, s, in, b, part, out, st, err);
     else
-        rc = pick_rw<4>(rw, s, q, kc, vc, b, part, st, err);
-    if (rc) return rc;
+        rc = pick_rw<4>(rw, s, in, b, part, out, st, err);
+    if (rc || b->counters) return rc; /* merged by the attention blocks */
     /* every query row of every tile: rows are token * nq + head, dense in T */
-    if (b->nsplit > 32) return lm_err_set(err, -EINVAL, "attention: %d splits (max 32)", b->nsplit);
     const int rows = b->T * s->nq;
     CU_LAUNCH(err, "attention merge launch", k_attn_merge, rows, 128, 0, st, (int)s->hd,
               (int)b->nsplit, (const float *)part, out);
     return 0;
+}
+
+extern "C" int cu_attn(const cu_attn_shape *s, const float *q, const __half *kc, const __half *vc,
+                       const cu_attn_batch *b, float *part, __half *out, cudaStream_t st,
+                       lm_err *err)
+{
+    attn_in in;
+    memset(&in, 0, sizeof(in));
+    in.q = q;
+    in.kc = const_cast<__half *>(kc); /* not written without qkv */
+    in.vc = const_cast<__half *>(vc);
+    return attn_run(s, in, b, part, out, st, err);
+}
+
+extern "C" int cu_attn_qkv(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p,
+                           __half *kc, __half *vc, const cu_attn_batch *b, float *part,
+                           __half *out, cudaStream_t st, lm_err *err)
+{
+    if (b->bq != 1 || b->n_tiles != b->T)
+        return lm_err_set(err, -EINVAL,
+                          "attention with qkv: decode only (%d tiles of %d tokens for %d tokens)",
+                          b->n_tiles, b->bq, b->T);
+    attn_in in;
+    memset(&in, 0, sizeof(in));
+    in.qkv = qkv;
+    in.qp = *p;
+    in.kc = kc;
+    in.vc = vc;
+    return attn_run(s, in, b, part, out, st, err);
 }

@@ -5,15 +5,19 @@
  * KV cache of one layer: K and V each fp16 [n_blocks][block_size][nkv][hd];
  * token at position p of a sequence lives in block block_table[seq][p / bs],
  * slot p % bs (engine/backend.h). The new tokens' K/V are written by
- * cu_qkv_post before attention reads them.
+ * cu_qkv_post before attention reads them, or at decode by the attention
+ * launch itself (cu_attn_qkv, cuda_rope.cuh).
  *
  * Attention (cu_attn): a block takes one "tile" of up to bq consecutive
  * query tokens of one sequence and one KV head (so G = nq/nkv query heads
  * share every K/V load: GQA), streams the context 32 positions at a time
  * through shared memory with an online softmax (no T x T matrix, FlashAttention
  * style), causal per query row. The context may be split over nsplit blocks
- * (flash-decoding: long contexts at small batch keep every SM busy); a
- * second kernel merges the splits' (max, sum, unnormalised output).
+ * (flash-decoding: long contexts at small batch keep every SM busy); the
+ * splits' (max, sum, unnormalised output) are merged by a second kernel,
+ * or, when the batch carries counters, by the last block of each (tile,
+ * KV head) to finish (fence + counter; it resets its counter to zero, so
+ * the counters stay zero between launches and a graph can replay them).
  * Supported: hd in {64, 128, 256}, bq * G <= 64.
  */
 #ifndef LIGHTMOE_CUDA_ATTN_CUH
@@ -36,6 +40,7 @@ typedef struct cu_attn_batch {
     int32_t n_tiles;
     int32_t bq;
     int32_t nsplit;             /* context splits per tile (>= 1) */
+    int32_t *counters;          /* [n_tiles * nkv] zeroed, or NULL: see cu_attn */
 } cu_attn_batch;
 
 typedef struct cu_attn_shape {

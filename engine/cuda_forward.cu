@@ -24,6 +24,10 @@
 #include "engine/cuda_rope.cuh"
 #include "engine/cuda_tp.cuh"
 
+/* rows from which the automatic path runs dense INT4 layers as
+ * dequantise + cuBLAS (see use_dequant) */
+#define CU_DEQUANT_ROWS 512
+
 enum { PROF_MAX = 4096 };
 static const char *const prof_names[] = {"embed+norm", "qkv", "rope+kv", "attention", "o_proj",
                                          "router", "route+group", "experts gate_up",
@@ -60,6 +64,16 @@ struct cu_state {
     int n_graphs;
     int graph_ok;           /* every MoE layer INT4: a step needs no host round trip */
     void *blas_ws;
+    /* prefill of dense INT4 layers through cuBLAS: the layer dequantised to
+     * fp16 (wdq, the largest dense INT4 matrix), fused-SiLU outputs in fp32
+     * chunks of silu_rows rows (dq_tmp); NULL when that path is off */
+    __half *wdq;
+    size_t wdq_elems;
+    float *dq_tmp;
+    int silu_rows;
+    int32_t *attn_cnt;      /* [Tm * nkv] split counters of the attention's own merge */
+    int qkv_fused;          /* decode: q/k/v post-processing inside the attention kernel */
+    int step_decode;        /* the step being launched has one token per piece */
     /* per-operation timing (benchmarks): events around each launch group */
     int prof_on, prof_n;
     cudaEvent_t *prof_ev;   /* [2 * PROF_MAX] */
@@ -107,7 +121,7 @@ extern "C" void cu_state_destroy(cu_state *s)
     void *dev[] = {s->x, s->xnf, s->qkv, s->q, s->part, s->rlog, s->topk_w, s->sg, s->y, s->ys,
                    s->tmp, s->logits, s->inv_freq, s->xn, s->att, s->h, s->hs, s->xg, s->hg,
                    s->fn, s->topk_ids, s->plan.offsets, s->plan.ent_token, s->plan.ent_expert,
-                   s->plan.ent_weight, s->plan.pos, s->plan.items, s->plan.n_items, s->d_tok,
+                   s->plan.ent_weight, s->plan.pos, s->plan.items, s->plan.n_items, s->wdq, s->dq_tmp, s->attn_cnt, s->d_tok,
                    s->d_seq, s->d_pos, s->d_rows, s->d_bt, s->d_tiles, s->kv, s->d_active};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
         if (dev[i])
@@ -224,6 +238,49 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
     ALLOC(s->d_pos, Tm, "batch");
     ALLOC(s->d_rows, Tm, "batch");
     ALLOC(s->d_tiles, Tm, "batch");
+    /* decode: q/k/v post-processing inside the attention kernel (on; =0 turns
+     * it off). The attention's last block merging the splits is off unless
+     * LIGHTMOE_CUDA_ATTN_MERGE=1: measured slower at batch 1 on the H100
+     * (qwen3 shape 3.45 vs 3.23 ms/step; docs/PERF.md), the merge kernel
+     * runs in parallel over rows while one block merges serially. */
+    const char *qf = getenv("LIGHTMOE_CUDA_QKV_FUSE");
+    s->qkv_fused = !(qf && qf[0] == '0');
+    const char *am = getenv("LIGHTMOE_CUDA_ATTN_MERGE");
+    if (am && am[0] == '1') {
+        ALLOC(s->attn_cnt, (size_t)Tm * nkv, "attention split counters");
+        if ((ce = cudaMemset(s->attn_cnt, 0, (size_t)Tm * nkv * 4)) != cudaSuccess) {
+            cu_state_destroy(s);
+            return cuda_err(err, ce, "attention counters");
+        }
+    }
+    /* dense INT4 layers at prefill sizes (cu_forward_dequant_rows) or always
+     * (path 3): workspace for the largest one, fp32 rows of the widest
+     * fused-SiLU one, 1024 rows at a time */
+    if (s->o.path == 3 || (s->o.path == 0 && Tm >= CU_DEQUANT_ROWS)) {
+        size_t big = 0;
+        int silu_n = 0;
+        for (int l = 0; l < m->n_layers; l++) {
+            const cu_layer *L = &m->layers[l];
+            const cu_linear *d[] = {&L->qkv, &L->o, &L->sh_gate_up, &L->sh_down,
+                                    L->moe ? NULL : &L->gate_up, L->moe ? NULL : &L->down};
+            for (int i = 0; i < 6; i++)
+                if (d[i] && d[i]->kind == CU_W_INT4 && (size_t)d[i]->n * d[i]->k > big)
+                    big = (size_t)d[i]->n * d[i]->k;
+            if (L->sh_gate_up.kind == CU_W_INT4 && L->sh_gate_up.n > silu_n)
+                silu_n = L->sh_gate_up.n;
+            if (!L->moe && L->gate_up.kind == CU_W_INT4 && L->gate_up.n > silu_n)
+                silu_n = L->gate_up.n;
+        }
+        if (m->lm_head.kind == CU_W_INT4 && (size_t)m->lm_head.n * m->lm_head.k > big)
+            big = (size_t)m->lm_head.n * m->lm_head.k;
+        if (big) {
+            ALLOC(s->wdq, big, "dequantised weights");
+            s->wdq_elems = big;
+            s->silu_rows = Tm < 1024 ? Tm : 1024;
+            if (silu_n)
+                ALLOC(s->dq_tmp, (size_t)s->silu_rows * silu_n, "dequantised SiLU products");
+        }
+    }
     int rc = 0;
     if (s->o.comm) {
         if (s->o.vocab_stride <= 0)
@@ -386,6 +443,55 @@ static int gemm_f16(cu_state *s, const cu_linear *L, int e, int T, const __half 
     return 0;
 }
 
+/* The product kernels' path: path 3 (dequantise + cuBLAS for dense
+ * layers) leaves the grouped expert products to the automatic choice. */
+static cu_gemm_path kpath(const cu_state *s)
+{
+    return s->o.path == 3 ? CU_GEMM_AUTO : (cu_gemm_path)s->o.path;
+}
+
+/* Dense INT4 layer through fp16 cuBLAS: from CU_DEQUANT_ROWS rows on the
+ * automatic path (measured on the H100: qkv 5120x2048 at 2048 rows 123.9
+ * us vs 263.6 us for the mma kernel, docs/PERF.md), at every size on
+ * path 3; path 2 (mma) never. */
+static int use_dequant(const cu_state *s, const cu_linear *L, int T, cu_out_mode mode)
+{
+    if (!s->wdq || (size_t)L->n * L->k > s->wdq_elems || (mode == CU_OUT_SILU_F16 && !s->dq_tmp))
+        return 0;
+    return s->o.path == 3 || (s->o.path == 0 && T >= CU_DEQUANT_ROWS);
+}
+
+static int linear_dequant(cu_state *s, const cu_linear *L, int T, const __half *a, int lda,
+                          void *out, int ldo, cu_out_mode mode, lm_err *err)
+{
+    cu_int4_weights w = int4_of(L, 0);
+    int rc = cu_int4_dequant(&w, s->wdq, s->st, err);
+    if (rc)
+        return rc;
+    const float one = 1.f, zero = 0.f;
+    if (mode != CU_OUT_SILU_F16) {
+        cublasStatus_t b = cublasGemmEx(s->blas, CUBLAS_OP_T, CUBLAS_OP_N, L->n, T, L->k, &one,
+                                        s->wdq, CUDA_R_16F, L->k, a, CUDA_R_16F, lda,
+                                        mode == CU_OUT_F32_ACC ? &one : &zero, out, CUDA_R_32F,
+                                        ldo, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        return blas_err(err, b, "dequantised product");
+    }
+    for (int r0 = 0; r0 < T; r0 += s->silu_rows) {
+        const int rows = T - r0 < s->silu_rows ? T - r0 : s->silu_rows;
+        cublasStatus_t b = cublasGemmEx(s->blas, CUBLAS_OP_T, CUBLAS_OP_N, L->n, rows, L->k, &one,
+                                        s->wdq, CUDA_R_16F, L->k, a + (size_t)r0 * lda, CUDA_R_16F,
+                                        lda, &zero, s->dq_tmp, CUDA_R_32F, L->n,
+                                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        if (b != CUBLAS_STATUS_SUCCESS)
+            return blas_err(err, b, "dequantised product");
+        const size_t n = (size_t)rows * (L->n / 2);
+        k_silu_pairs<<<(unsigned)((n + 255) / 256), 256, 0, s->st>>>(
+            s->dq_tmp, L->n, rows, (__half *)out + (size_t)r0 * ldo, ldo);
+        CUDA_LAUNCH_CHECK(err, "silu launch");
+    }
+    return 0;
+}
+
 /* A dense (one-expert) layer over T rows of a. */
 static int linear(cu_state *s, const cu_linear *L, int T, const __half *a, int lda, void *out,
                   int ldo, cu_out_mode mode, lm_err *err)
@@ -401,11 +507,13 @@ static int linear(cu_state *s, const cu_linear *L, int T, const __half *a, int l
         a = s->xg;
         lda = L->k;
     }
+    if (use_dequant(s, L, T, mode))
+        return linear_dequant(s, L, T, a, lda, out, ldo, mode, err);
     cu_int4_weights w = int4_of(L, 0);
     cu_gemm_rows r;
     memset(&r, 0, sizeof(r));
     r.n_rows = T;
-    return cu_int4_matmul(&w, &r, a, lda, out, ldo, mode, (cu_gemm_path)s->o.path, s->st, err);
+    return cu_int4_matmul(&w, &r, a, lda, out, ldo, mode, kpath(s), s->st, err);
 }
 
 /* ---- one MoE block -------------------------------------------------------- */
@@ -476,7 +584,7 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
     }
     prof_mark(s, P_ROUTER);
     const int avg = (n + E - 1) / E;
-    int tile = cu_int4_tile_for(T, avg, (cu_gemm_path)s->o.path);
+    int tile = cu_int4_tile_for(T, avg, kpath(s));
     if (T <= 64) { /* one launch: routing and grouping in a single block */
         if ((rc = cu_moe_route_group(s->rlog, er, T, E, k, m->renorm, m->has_shared, tile,
                                      s->topk_ids, s->topk_w, s->sg, &s->plan, s->st, err)))
@@ -514,7 +622,7 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
             r.a_rows = NULL;
         }
         cu_int4_weights w = int4_of(&L->gate_up, 0);
-        if ((rc = cu_int4_matmul(&w, &r, a, lda, s->h, I, CU_OUT_SILU_F16, (cu_gemm_path)s->o.path,
+        if ((rc = cu_int4_matmul(&w, &r, a, lda, s->h, I, CU_OUT_SILU_F16, kpath(s),
                                  s->st, err)))
             return rc;
         const __half *hin = s->h;
@@ -527,7 +635,7 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
         }
         prof_mark(s, P_GATEUP);
         w = int4_of(&L->down, 0);
-        if ((rc = cu_int4_matmul(&w, &r, hin, I, s->y, H, CU_OUT_F32, (cu_gemm_path)s->o.path,
+        if ((rc = cu_int4_matmul(&w, &r, hin, I, s->y, H, CU_OUT_F32, kpath(s),
                                  s->st, err)))
             return rc;
         prof_mark(s, P_DOWN);
@@ -681,6 +789,7 @@ static int upload_batch(cu_state *s, const backend_batch *bt, cu_attn_batch *ab,
     ab->n_tiles = n_tiles;
     ab->bq = bq;
     ab->nsplit = nsplit;
+    ab->counters = s->attn_cnt;
     *ret_decode = decode;
     return 0;
 }
@@ -794,11 +903,16 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
             return rc;
         prof_mark(s, P_QKV);
         cu_qkv_params qp = {L->qkv_bias, L->q_norm, L->k_norm, m->eps, s->inv_freq};
-        if ((rc = cu_qkv_post(&shape, s->qkv, &qp, ab, kc, vc, s->q, s->st, err)))
-            return rc;
-        prof_mark(s, P_ROPE);
-        if ((rc = cu_attn(&shape, s->q, kc, vc, ab, s->part, s->att, s->st, err)))
-            return rc;
+        if (s->qkv_fused && s->step_decode) {
+            if ((rc = cu_attn_qkv(&shape, s->qkv, &qp, kc, vc, ab, s->part, s->att, s->st, err)))
+                return rc;
+        } else {
+            if ((rc = cu_qkv_post(&shape, s->qkv, &qp, ab, kc, vc, s->q, s->st, err)))
+                return rc;
+            prof_mark(s, P_ROPE);
+            if ((rc = cu_attn(&shape, s->q, kc, vc, ab, s->part, s->att, s->st, err)))
+                return rc;
+        }
         prof_mark(s, P_ATTN);
         if ((rc = tp_zero(s, T, err)) ||
             (rc = linear(s, &L->o, T, s->att, nqd, s->x, H, CU_OUT_F32_ACC, err)))
@@ -851,6 +965,7 @@ static int forward_layers(cu_state *s, const backend_batch *bt, lm_err *err)
     if (rc)
         return rc;
     const int T = bt->n_tokens, nl = bt->n_logits;
+    s->step_decode = decode;
     if (!(s->o.graphs && s->graph_ok && decode && !s->prof_on)) {
         rc = launch_layers(s, &ab, T, nl, err);
         prof_collect(s);

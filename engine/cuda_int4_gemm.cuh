@@ -88,6 +88,17 @@ int cu_int4_gemv(const cu_int4_weights *w, const cu_gemm_rows *rows, const __hal
 int cu_int4_mma(const cu_int4_weights *w, const cu_gemm_rows *rows, const __half *a, int lda,
                 void *out, int ldo, cu_out_mode mode, int tile, cudaStream_t stream, lm_err *err);
 
+/* out[n][k] (fp16, row-major) = the weights of expert 0 of w dequantised
+ * exactly as the kernels do ((q - zero) * scale, one fp16 rounding); for
+ * prefill through cuBLAS (cuda_forward.cu). Waits for the previous kernel
+ * before writing (dependent launch). */
+int cu_int4_dequant(const cu_int4_weights *w, __half *out, cudaStream_t stream, lm_err *err);
+
+/* Tests and measurements: chunks each lane of the one-token gemv loads per
+ * step, 2 or 4 (4 for every product), 5 (4 for grouped products only);
+ * the default is LIGHTMOE_CUDA_GEMV_ILP or the build's choice. */
+void cu_int4_gemv_set_ilp(int chunks);
+
 /* out[i][j] = x[rows[i]][perm ? perm[e(i)][j] : j] as fp16: gathers and
  * permutes A for act-order layers (e(i) = ent_expert[i], or 0 if NULL). */
 int cu_gather_rows(const __half *x, int ldx, const int32_t *rows, int n_rows, int k,

@@ -12,12 +12,18 @@
  * 4 rows of a team make 2 (gate, up) pairs, so SiLU(gate) * up is fused.
  * A block is 128 threads; grid = (row blocks, work items).
  */
+#include <stdlib.h>
+
 #include "engine/cuda_common.cuh"
 #include "engine/cuda_int4_gemm.cuh"
 
+#ifndef CU_GEMV_ILP_DEFAULT
+#define CU_GEMV_ILP_DEFAULT 2
+#endif
+
 namespace {
 
-template <int MT, int TPR, int MODE>
+template <int MT, int TPR, int MODE, int NCH>
 __global__ void __launch_bounds__(128)
     k_int4_gemv(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
                 void *__restrict__ out, int ldo)
@@ -65,8 +71,6 @@ __global__ void __launch_bounds__(128)
         for (int m = 0; m < MT; m++)
             acc[j][m] = 0.f;
 
-    /* Two chunks per step, both chunks' loads issued before either is used:
-     * 8 independent 16-byte weight loads in flight per lane. */
     auto load = [&](int c, uint4 wv[4], half2 s2[4], half2 z2[4]) {
         const int grp = (c * 32) / w.group;
 #pragma unroll
@@ -109,21 +113,44 @@ __global__ void __launch_bounds__(128)
             }
         }
     };
-    for (int c = tl; c < C; c += 2 * TPR) {
-        uint4 wa[4], wb[4];
-        half2 sa[4], za[4], sb[4], zb[4];
-        const bool two = c + TPR < C;
-        load(c, wa, sa, za);
-        if (two)
-            load(c + TPR, wb, sb, zb);
-        if (!waited) {
-            cu_pdl_wait();
-            cu_pdl_trigger();
-            waited = true;
+    /* NCH chunks per step, every chunk's loads issued before any is used:
+     * 4 * NCH independent 16-byte weight loads in flight per lane. NCH 2
+     * keeps the loop as it was measured (docs/PERF.md). */
+    if constexpr (NCH == 2) {
+        for (int c = tl; c < C; c += 2 * TPR) {
+            uint4 wa[4], wb[4];
+            half2 sa[4], za[4], sb[4], zb[4];
+            const bool two = c + TPR < C;
+            load(c, wa, sa, za);
+            if (two)
+                load(c + TPR, wb, sb, zb);
+            if (!waited) {
+                cu_pdl_wait();
+                cu_pdl_trigger();
+                waited = true;
+            }
+            compute(c, wa, sa, za);
+            if (two)
+                compute(c + TPR, wb, sb, zb);
         }
-        compute(c, wa, sa, za);
-        if (two)
-            compute(c + TPR, wb, sb, zb);
+    } else {
+        for (int c = tl; c < C; c += NCH * TPR) {
+            uint4 wv[NCH][4];
+            half2 s2[NCH][4], z2[NCH][4];
+#pragma unroll
+            for (int u = 0; u < NCH; u++)
+                if (c + u * TPR < C)
+                    load(c + u * TPR, wv[u], s2[u], z2[u]);
+            if (!waited) {
+                cu_pdl_wait();
+                cu_pdl_trigger();
+                waited = true;
+            }
+#pragma unroll
+            for (int u = 0; u < NCH; u++)
+                if (c + u * TPR < C)
+                    compute(c + u * TPR, wv[u], s2[u], z2[u]);
+        }
     }
     if (!waited) {
         cu_pdl_wait();
@@ -167,7 +194,7 @@ __global__ void __launch_bounds__(128)
     }
 }
 
-template <int MT, int TPR>
+template <int MT, int TPR, int NCH>
 int launch_gemv_mode(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a, int lda,
                      void *out, int ldo, cu_out_mode mode, cudaStream_t st)
 {
@@ -178,13 +205,34 @@ int launch_gemv_mode(const cu_int4_weights *w, const cu_gemm_rows *r, const __ha
         return 0;
     cudaError_t e = cudaSuccess;
     switch (mode) {
-    case CU_OUT_F32: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
-    case CU_OUT_F32_ACC: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32_ACC>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
-    case CU_OUT_SILU_F16: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_SILU_F16>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
+    case CU_OUT_F32: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32, NCH>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
+    case CU_OUT_F32_ACC: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32_ACC, NCH>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
+    case CU_OUT_SILU_F16: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_SILU_F16, NCH>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
     }
     if (e != cudaSuccess)
         cudaGetLastError(); /* e is reported by the caller; clear it here */
     return e == cudaSuccess ? 0 : (int)e;
+}
+
+/* Chunks loaded per step by one lane (LIGHTMOE_CUDA_GEMV_ILP, read once):
+ * 2, or 4 for one-token products (every product, or "4g": grouped
+ * ones only). 4 chunks a lane with a team of K/128 lanes means fewer,
+ * wider blocks: the 8 experts' gate_up of a qwen3 token (768 blocks of
+ * 16 rows at 2) fit one wave (384 blocks of 32 rows). */
+static int g_ilp = -1; /* 2, 4 (all), 5 (grouped only) */
+static int gemv_ilp(void)
+{
+    int v = __atomic_load_n(&g_ilp, __ATOMIC_RELAXED);
+    if (v < 0) {
+        const char *e = getenv("LIGHTMOE_CUDA_GEMV_ILP");
+        v = CU_GEMV_ILP_DEFAULT;
+        if (e && e[0] == '2')
+            v = 2;
+        else if (e && e[0] == '4')
+            v = e[1] == 'g' ? 5 : 4;
+        __atomic_store_n(&g_ilp, v, __ATOMIC_RELAXED);
+    }
+    return v;
 }
 
 template <int MT>
@@ -192,11 +240,21 @@ int launch_gemv_tpr(const cu_int4_weights *w, const cu_gemm_rows *r, const __hal
                     void *out, int ldo, cu_out_mode mode, cudaStream_t st)
 {
     const int chunks = w->k / 32;
+    if (MT == 1) {
+        const int ilp = gemv_ilp();
+        if (ilp == 4 || (ilp == 5 && r->items)) {
+            if (chunks > 64)
+                return launch_gemv_mode<1, 32, 4>(w, r, a, lda, out, ldo, mode, st);
+            if (chunks > 32)
+                return launch_gemv_mode<1, 16, 4>(w, r, a, lda, out, ldo, mode, st);
+            return launch_gemv_mode<1, 8, 4>(w, r, a, lda, out, ldo, mode, st);
+        }
+    }
     if (chunks >= 32)
-        return launch_gemv_mode<MT, 32>(w, r, a, lda, out, ldo, mode, st);
+        return launch_gemv_mode<MT, 32, 2>(w, r, a, lda, out, ldo, mode, st);
     if (chunks >= 16)
-        return launch_gemv_mode<MT, 16>(w, r, a, lda, out, ldo, mode, st);
-    return launch_gemv_mode<MT, 8>(w, r, a, lda, out, ldo, mode, st);
+        return launch_gemv_mode<MT, 16, 2>(w, r, a, lda, out, ldo, mode, st);
+    return launch_gemv_mode<MT, 8, 2>(w, r, a, lda, out, ldo, mode, st);
 }
 
 __global__ void k_gather_rows(const __half *__restrict__ x, int ldx, const int32_t *__restrict__ rows,
@@ -212,7 +270,50 @@ __global__ void k_gather_rows(const __half *__restrict__ x, int ldx, const int32
         out[(size_t)i * k + j] = x[(size_t)src * ldx + (p ? p[j] : j)];
 }
 
+/* One thread per 8 weights (one 32-bit word of nibbles k0..k7, k0 in the
+ * low bits): the same (q - zero) * scale in fp16 as the products, written
+ * as 8 consecutive halves. Waits first: the workspace it overwrites may
+ * still be read by the previous product. */
+__global__ void k_int4_dequant(cu_int4_weights w, __half *__restrict__ out)
+{
+    cu_pdl_wait();
+    cu_pdl_trigger();
+    const size_t words = (size_t)w.n * (w.k / 8);
+    const int G = w.k / w.group;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < words;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = i / (w.k / 8);
+        const int kk = (int)(i % (w.k / 8)) * 8, grp = kk / w.group;
+        const uint32_t word = __ldg(reinterpret_cast<const uint32_t *>(w.qs + row * (w.k / 2) + kk / 2));
+        half2 d[4];
+        int4_dequant8(word, int4_zero2(w.zeros[row * G + grp]), __half2half2(w.scales[row * G + grp]), d);
+        /* d[i] = (k_i, k_{i+4}) */
+        uint4 v;
+        v.x = prmt(*reinterpret_cast<uint32_t *>(&d[0]), *reinterpret_cast<uint32_t *>(&d[1]), 0x5410);
+        v.y = prmt(*reinterpret_cast<uint32_t *>(&d[2]), *reinterpret_cast<uint32_t *>(&d[3]), 0x5410);
+        v.z = prmt(*reinterpret_cast<uint32_t *>(&d[0]), *reinterpret_cast<uint32_t *>(&d[1]), 0x7632);
+        v.w = prmt(*reinterpret_cast<uint32_t *>(&d[2]), *reinterpret_cast<uint32_t *>(&d[3]), 0x7632);
+        *reinterpret_cast<uint4 *>(out + row * w.k + kk) = v;
+    }
+}
+
 } // namespace
+
+extern "C" void cu_int4_gemv_set_ilp(int chunks)
+{
+    __atomic_store_n(&g_ilp, chunks, __ATOMIC_RELAXED);
+}
+
+extern "C" int cu_int4_dequant(const cu_int4_weights *w, __half *out, cudaStream_t st, lm_err *err)
+{
+    if (w->k % 32 || w->group % 32 || w->k % w->group || w->n <= 0)
+        return lm_err_set(err, -EINVAL, "int4 dequant: bad shape n=%d k=%d group=%d", w->n, w->k,
+                          w->group);
+    const size_t words = (size_t)w->n * (w->k / 8);
+    const unsigned blocks = (unsigned)(words < 256u * 132 * 8 ? cuda_div_up((int)words, 256) : 132 * 8);
+    CU_LAUNCH(err, "int4 dequant launch", k_int4_dequant, blocks, 256, 0, st, *w, out);
+    return 0;
+}
 
 static int check_args(const cu_int4_weights *w, int lda, cu_out_mode mode, lm_err *err)
 {

@@ -79,7 +79,9 @@ typedef struct cu_model {
 typedef struct cu_options {
     int32_t max_tokens;   /* most tokens in one forward (default 2048) */
     int32_t max_logits;   /* most logit rows in one forward (default max_tokens) */
-    int32_t path;         /* 0 auto, 1 force the gemv kernel, 2 force the mma kernel */
+    int32_t path;         /* 0 auto, 1 force the gemv kernel, 2 force the mma kernel (never
+                           * cuBLAS for INT4), 3 dense INT4 layers dequantised to fp16 +
+                           * cuBLAS at every size (auto: from 512 rows on) */
     int32_t portable;     /* 1: never use Hopper-only code (there is none yet: same kernels) */
     int32_t graphs;       /* 1: replay decode steps (one token per piece) as CUDA graphs,
                            * captured per (tokens, logit rows, table stride); INT4 experts */

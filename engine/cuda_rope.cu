@@ -26,53 +26,23 @@ __global__ void k_qkv_post(cu_attn_shape s, const float *__restrict__ qkv, cu_qk
     for (int hh = blockIdx.y * 4 + warp; hh < nh && hh < (int)(blockIdx.y + 1) * 4; hh += 4) {
         float x1[4], x2[4];
         const int np = half / 32 > 0 ? half / 32 : 1;
-        float ss = 0.f;
-        for (int j = 0; j < np; j++) {
+        const bool qk = hh < s.nq + s.nkv;
+        cu_qkv_head(row, hh, hd, p, qk ? (hh < s.nq ? p.q_norm : p.k_norm) : NULL, qk, pos, lane,
+                    x1, x2);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
             const int i = lane + 32 * j;
-            x1[j] = x2[j] = 0.f;
-            if (i < half) {
-                x1[j] = row[hh * hd + i] + (p.bias ? p.bias[hh * hd + i] : 0.f);
-                x2[j] = row[hh * hd + i + half] + (p.bias ? p.bias[hh * hd + i + half] : 0.f);
-            }
-            ss += x1[j] * x1[j] + x2[j] * x2[j];
-        }
-        if (hh < s.nq + s.nkv) {
-            const float *nw = hh < s.nq ? p.q_norm : p.k_norm;
-            if (nw) {
-                ss = warp_sum(ss);
-                const float inv = rsqrtf(ss / (float)hd + p.eps);
-                for (int j = 0; j < np; j++) {
-                    const int i = lane + 32 * j;
-                    if (i < half) {
-                        x1[j] = nw[i] * (x1[j] * inv);
-                        x2[j] = nw[i + half] * (x2[j] * inv);
-                    }
-                }
-            }
-            for (int j = 0; j < np; j++) {
-                const int i = lane + 32 * j;
-                if (i >= half) continue;
-                float sn, cs;
-                sincosf((float)pos * p.inv_freq[i], &sn, &cs);
-                const float y1 = x1[j] * cs - x2[j] * sn, y2 = x2[j] * cs + x1[j] * sn;
-                if (hh < s.nq) {
-                    float *q = q_out + ((size_t)t * s.nq + hh) * hd;
-                    q[i] = y1;
-                    q[i + half] = y2;
-                } else {
-                    __half *k = kc + (slot * s.nkv + (hh - s.nq)) * hd;
-                    k[i] = __float2half(y1);
-                    k[i + half] = __float2half(y2);
-                }
-            }
-        } else {
-            __half *v = vc + (slot * s.nkv + (hh - s.nq - s.nkv)) * hd;
-            for (int j = 0; j < np; j++) {
-                const int i = lane + 32 * j;
-                if (i < half) {
-                    v[i] = __float2half(x1[j]);
-                    v[i + half] = __float2half(x2[j]);
-                }
+            if (j >= np) break;
+            if (i >= half) continue;
+            if (hh < s.nq) {
+                float *q = q_out + ((size_t)t * s.nq + hh) * hd;
+                q[i] = x1[j];
+                q[i + half] = x2[j];
+            } else {
+                __half *d = hh < s.nq + s.nkv ? kc + (slot * s.nkv + (hh - s.nq)) * hd
+                                              : vc + (slot * s.nkv + (hh - s.nq - s.nkv)) * hd;
+                d[i] = __float2half(x1[j]);
+                d[i + half] = __float2half(x2[j]);
             }
         }
     }

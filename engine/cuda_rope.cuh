@@ -26,7 +26,69 @@ int cu_qkv_post(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p
                 const cu_attn_batch *b, __half *kc, __half *vc, float *q_out, cudaStream_t st,
                 lm_err *err);
 
+/* Decode steps (one token per tile, b->bq == 1): cu_qkv_post and cu_attn
+ * in one launch. Each attention block processes the q heads it needs
+ * itself; the block whose context split holds the new position writes the
+ * token's k and v for its KV head into the cache before it reads its
+ * positions (no other block reads that slot). Same results as the two
+ * calls (the same per-head code, cu_qkv_head). */
+int cu_attn_qkv(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p, __half *kc,
+                __half *vc, const cu_attn_batch *b, float *part, __half *out, cudaStream_t st,
+                lm_err *err);
+
 #ifdef __cplusplus
+}
+#endif
+
+#ifdef __CUDACC__
+#include "engine/cuda_common.cuh"
+/* One warp, head hh of one token's qkv row: lane owns the rotary pairs
+ * (i, i + hd/2), i = lane + 32 j; x1/x2 get bias added, the head's RMSNorm
+ * (nw, if not NULL) and the rotation at pos (if rope). hd <= 256. */
+__device__ __forceinline__ void cu_qkv_head(const float *row, int hh, int hd,
+                                            const cu_qkv_params &p, const float *nw, bool rope,
+                                            int pos, int lane, float x1[4], float x2[4])
+{
+    const int half = hd / 2;
+    const int np = half / 32 > 0 ? half / 32 : 1;
+    float ss = 0.f;
+    /* loops unrolled to 4 (hd <= 256) so that x1, x2 stay in registers */
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        if (j >= np) break;
+        const int i = lane + 32 * j;
+        x1[j] = x2[j] = 0.f;
+        if (i < half) {
+            x1[j] = row[hh * hd + i] + (p.bias ? p.bias[hh * hd + i] : 0.f);
+            x2[j] = row[hh * hd + i + half] + (p.bias ? p.bias[hh * hd + i + half] : 0.f);
+        }
+        ss += x1[j] * x1[j] + x2[j] * x2[j];
+    }
+    if (nw) {
+        ss = warp_sum(ss);
+        const float inv = rsqrtf(ss / (float)hd + p.eps);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if (j >= np) break;
+            const int i = lane + 32 * j;
+            if (i < half) {
+                x1[j] = nw[i] * (x1[j] * inv);
+                x2[j] = nw[i + half] * (x2[j] * inv);
+            }
+        }
+    }
+    if (rope)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if (j >= np) break;
+            const int i = lane + 32 * j;
+            if (i >= half) continue;
+            float sn, cs;
+            sincosf((float)pos * p.inv_freq[i], &sn, &cs);
+            const float y1 = x1[j] * cs - x2[j] * sn, y2 = x2[j] * cs + x1[j] * sn;
+            x1[j] = y1;
+            x2[j] = y2;
+        }
 }
 #endif
 #endif

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "engine/cuda_attn.cuh"
@@ -391,8 +392,59 @@ static void run_grouped(int H, int I, int g, int E, int k, int T, cu_gemm_path p
     release(ddn);
 }
 
+/* Dequantisation to fp16 (the prefill-through-cuBLAS path): bit-exact
+ * against round16(scale * (q - zero)) (q - zero is exact, one rounding). */
+static void run_dequant(int n, int k, int g)
+{
+    qmat m = make_qmat(n, k, g, 1, false);
+    dq d = upload(m);
+    __half *out;
+    CK(cudaMalloc(&out, (size_t)n * k * 2));
+    CK(cudaMemset(out, 0xff, (size_t)n * k * 2));
+    OK(cu_int4_dequant(&d.w, out, 0, ERRP));
+    vector<uint16_t> got = host((const uint16_t *)out, (size_t)n * k);
+    size_t bad = 0;
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < k; j++)
+            bad += got[(size_t)r * k + j] != f2h(m.w(0, r, j));
+    printf("%-4s int4 dequant n=%d k=%d g=%d bit-exact (%zu mismatches)\n", bad ? "FAIL" : "ok", n,
+           k, g, bad);
+    if (bad)
+        g_fail = 1;
+    cudaFree(out);
+    release(d);
+}
+
 static void test_int4()
 {
+    for (auto s : {std::array<int, 3>{300, 288, 96}, {1000, 2080, 32}, {17, 4096, 128}, {1, 32, 32}})
+        run_dequant(s[0], s[1], s[2]);
+    {
+        lm_err e_ = {0, ""};
+        cu_int4_weights bad = {10, 48, 32, 1, nullptr, nullptr, nullptr};
+        const bool refused = cu_int4_dequant(&bad, nullptr, 0, &e_) == -EINVAL;
+        printf("%-4s int4 dequant refuses k %% 32 != 0 (%s)\n", refused ? "ok" : "FAIL", e_.msg);
+        if (!refused)
+            g_fail = 1;
+    }
+    /* the one-token gemv loading 4 chunks a lane per step (LIGHTMOE_CUDA_GEMV_ILP):
+     * every product, then grouped only; K from 1 to 130 chunks */
+    for (int ilp : {4, 5}) {
+        cu_int4_gemv_set_ilp(ilp);
+        printf("     gemv with 4 chunks a lane (%s)\n", ilp == 4 ? "all" : "grouped only");
+        struct { int n, k, g; } sh4[] = {{96, 160, 32}, {300, 288, 96}, {1000, 2080, 32},
+                                         {2048, 768, 128}, {72, 4160, 32}, {40, 32, 32}};
+        for (auto s : sh4)
+            run_dense(s.n, s.k, s.g, 1, false, CU_GEMM_GEMV, CU_OUT_F32);
+        run_dense(300, 288, 32, 1, true, CU_GEMM_GEMV, CU_OUT_F32);
+        run_dense(322, 160, 32, 1, false, CU_GEMM_GEMV, CU_OUT_SILU_F16);
+        run_dense(130, 1024, 128, 1, false, CU_GEMM_GEMV, CU_OUT_F32_ACC);
+        for (int T : {1, 3})
+            run_grouped(256, 160, 32, 6, 2, T, CU_GEMM_GEMV);
+        run_grouped(512, 192, 64, 16, 4, 1, CU_GEMM_AUTO);
+        run_grouped(2048, 768, 128, 16, 8, 1, CU_GEMM_AUTO);
+    }
+    cu_int4_gemv_set_ilp(-1); /* back to the default */
     const int Ts[] = {1, 3, 17, 64, 300};
     struct { int n, k, g; } shapes[] = {{96, 160, 32}, {300, 288, 96}, {1000, 2080, 32}, {2048, 768, 128}};
     for (auto s : shapes)
@@ -688,6 +740,7 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
                 kc[slot(s, p) * slot_elems + i] = f2h(urand());
                 vc[slot(s, p) * slot_elems + i] = f2h(urand());
             }
+    const vector<uint16_t> kc0 = kc, vc0 = vc; /* before this step's k, v */
     vector<float> qkv((size_t)T * nh * hd), bias((size_t)nh * hd), qn(hd), kn(hd), invf(hd / 2);
     for (auto &v : qkv) v = 2.0f * urand();
     for (auto &v : bias) v = 0.2f * urand();
@@ -720,6 +773,7 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
     b.n_tiles = (int)tiles.size();
     b.bq = bq;
     b.nsplit = force_split;
+    b.counters = nullptr;
     cu_attn_shape sh = {nq, nkv, hd};
     uint16_t *dk = dev(kc), *dv = dev(vc);
     float *dqkv = dev(qkv), *dq, *part;
@@ -807,6 +861,62 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
     snprintf(what, sizeof what, "attention nq=%d nkv=%d hd=%d T=%d ctx<=%d bq=%d split=%d", nq, nkv,
              hd, T, maxctx, bq, force_split);
     compare(what, agot.data(), aref.data(), T * nq, hd, 3e-3);
+    /* the same, the splits merged by the attention's last block (counters);
+     * twice: the counters must be back at zero after a launch */
+    CK(cudaMalloc(&b.counters, (size_t)b.n_tiles * nkv * 4));
+    CK(cudaMemset(b.counters, 0, (size_t)b.n_tiles * nkv * 4));
+    for (int rep = 0; rep < 2; rep++) {
+        CK(cudaMemset(out, 0xff, (size_t)T * nq * hd * 2));
+        OK(cu_attn(&sh, dqin, (__half *)dk, (__half *)dv, &b, part, out, 0, ERRP));
+        ao = host((const uint16_t *)out, (size_t)T * nq * hd);
+        for (size_t i = 0; i < ao.size(); i++)
+            agot[i] = h2f(ao[i]);
+        snprintf(what, sizeof what, "attention own merge nq=%d nkv=%d hd=%d T=%d split=%d #%d", nq,
+                 nkv, hd, T, force_split, rep);
+        compare(what, agot.data(), aref.data(), T * nq, hd, 3e-3);
+    }
+    vector<int32_t> cnt = host(b.counters, (size_t)b.n_tiles * nkv);
+    size_t left = 0;
+    for (int32_t c : cnt)
+        left += c != 0;
+    printf("%-4s attention split counters back at zero (%zu not)\n", left ? "FAIL" : "ok", left);
+    if (left)
+        g_fail = 1;
+    /* decode: the post-processing inside the attention kernel (cu_attn_qkv),
+     * from the caches as they were before this step; separate merge and own */
+    for (int own = 0; decode && own <= 1; own++) {
+        uint16_t *dk2 = dev(kc0), *dv2 = dev(vc0);
+        cu_attn_batch b2 = b;
+        if (!own)
+            b2.counters = nullptr;
+        CK(cudaMemset(out, 0xff, (size_t)T * nq * hd * 2));
+        OK(cu_attn_qkv(&sh, dqkv, &qp, (__half *)dk2, (__half *)dv2, &b2, part, out, 0, ERRP));
+        ao = host((const uint16_t *)out, (size_t)T * nq * hd);
+        for (size_t i = 0; i < ao.size(); i++)
+            agot[i] = h2f(ao[i]);
+        snprintf(what, sizeof what, "attention+qkv post nq=%d nkv=%d hd=%d T=%d split=%d %s", nq,
+                 nkv, hd, T, force_split, own ? "own merge" : "merge kernel");
+        compare(what, agot.data(), aref.data(), T * nq, hd, 3e-3);
+        vector<uint16_t> k2 = host(dk2, kc.size()), v2 = host(dv2, vc.size());
+        size_t bad2 = 0;
+        for (size_t i = 0; i < kc.size(); i++)
+            bad2 += fabsf(h2f(k2[i]) - h2f(kc[i])) > 2e-3f * (1 + fabsf(h2f(kc[i]))) ||
+                    fabsf(h2f(v2[i]) - h2f(vc[i])) > 2e-3f * (1 + fabsf(h2f(vc[i])));
+        printf("%-4s attention+qkv post kv cache slots written (%zu mismatches)\n",
+               bad2 ? "FAIL" : "ok", bad2);
+        if (bad2)
+            g_fail = 1;
+        cudaFree(dk2);
+        cudaFree(dv2);
+    }
+    if (!decode) { /* refused: tiles of several tokens */
+        lm_err e_ = {0, ""};
+        const bool refused = cu_attn_qkv(&sh, dqkv, &qp, (__half *)dk, (__half *)dv, &b, part, out, 0, &e_) == -EINVAL;
+        printf("%-4s attention+qkv post refuses prefill tiles (%s)\n", refused ? "ok" : "FAIL", e_.msg);
+        if (!refused)
+            g_fail = 1;
+    }
+    cudaFree(b.counters);
     cudaFree(out); cudaFree(part); cudaFree(dq); cudaFree(dqkv); cudaFree(dk); cudaFree(dv);
     cudaFree((void *)b.tok_seq); cudaFree((void *)b.tok_pos); cudaFree((void *)b.block_table);
     cudaFree((void *)b.tiles);
@@ -878,8 +988,8 @@ static void test_forward()
         for (auto &p : pr)
             for (size_t i = 0; i < p.size(); i++)
                 p[i] = (p[i] + 31 * (int)i) % 512;
-        vector<vector<float>> alone[3], batched[3];
-        for (int path = 0; path <= 2; path++) {
+        vector<vector<float>> alone[4], batched[4];
+        for (int path = 0; path <= 3; path++) {
             cu_options o = {256, 0, path, 0, path == 0}; /* auto path: decode graphs on */
             cu_state *s;
             OK(cu_state_create(m, &o, &s, ERRP));
@@ -909,15 +1019,16 @@ static void test_forward()
                 vector<double> r0(all.begin(), all.end());
                 char what[128];
                 snprintf(what, sizeof what, "forward %s %s decode step replayed (%s)",
-                         int4 ? "int4" : "fp16", path == 0 ? "auto" : path == 1 ? "gemv" : "mma",
+                         int4 ? "int4" : "fp16",
+                         path == 0 ? "auto" : path == 1 ? "gemv" : path == 2 ? "mma" : "dequant",
                          path == 0 && int4 ? "graph" : "eager");
                 /* split-K atomics may reorder fp32 sums: last-bit differences only */
                 compare(what, again.data(), r0.data(), 3, m->vocab, 1e-5);
             }
             cu_state_destroy(s);
         }
-        const char *pn[] = {"auto", "gemv", "mma"};
-        for (int path = 0; path <= 2; path++)
+        const char *pn[] = {"auto", "gemv", "mma", "dequant"};
+        for (int path = 0; path <= 3; path++)
             for (size_t i = 0; i < alone[path].size(); i++) {
                 vector<double> ref(alone[path][i].begin(), alone[path][i].end());
                 const int rows = (int)(ref.size() / m->vocab);
