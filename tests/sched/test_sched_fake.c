@@ -497,8 +497,22 @@ static void test_overload(void)
  * stream of short ones, with a KV cache so small that it needs nearly all
  * of it. Skipping it for the short requests (which always fit) would
  * starve it; FCFS admission must get it through while the stream is still
- * arriving.
+ * arriving. The stream is paced in scheduler steps (one new short request
+ * per step), not in wall-clock time, so that a loaded machine that slows
+ * the engine thread does not change what is being tested.
  */
+static void wait_next_step(sched *s, uint64_t after)
+{
+    sched_stats st;
+    int64_t give_up = h_now_ns() + 5000000000LL;
+    for (;;) {
+        sched_get_stats(s, &st);
+        if (st.steps > after || (st.waiting == 0 && st.running == 0) || h_now_ns() > give_up)
+            return;
+        h_sleep_ms(0.05);
+    }
+}
+
 static void test_starvation(void)
 {
     fake_backend *fb = fake_backend_create(VOCAB, CTX, 200, 5);
@@ -525,10 +539,12 @@ static void test_starvation(void)
     CHECK(sched_submit(s, &lq, &lr.id, NULL) == 0, "submit long");
     int long_done_at = -1;
     for (int i = 4; i < N_SHORT; i++) {
+        sched_stats st;
+        sched_get_stats(s, &st);
         CHECK(sched_submit(s, &sq[i], &sr[i].id, NULL) == 0, "submit short %d", i);
         if (long_done_at < 0 && rec_finished(&lr))
             long_done_at = i;
-        h_sleep_ms(1);
+        wait_next_step(s, st.steps);
     }
     CHECK(h_wait_finished(N_SHORT + 1, 20), "not all finished");
     check_output(fb, &lr, &lq, "long request");
