@@ -6,7 +6,9 @@
  * 8-lane accumulator per (row, token), walking k in order (for INT4 in
  * blocks of 16 columns: the even ones, then the odd ones, the order the
  * nibbles unpack in; x is rearranged to match once per call). INT4 weights
- * are dequantised in registers (w = scale * (q - zero), the int4.h formula);
+ * are dequantised in registers (w = scale * (q - zero), the int4.h formula,
+ * which the AVX2 tile gets exactly as one fma(scale, q, -scale * zero), see
+ * int4_w16);
  * when there are more than 2 token rows, the tile's 4 weight rows are first
  * dequantised into the thread's scratch (the same float values) and reused
  * for every token pair. Either way every output is the same sequence of
@@ -450,14 +452,48 @@ static inline __m256 load_dense8(st_dtype dt, const void *w, size_t off)
 /* 16 dequantised weights of packed columns j..j+15 (j % 16 == 0), split as
  * the even columns j, j+2, .., j+14 (*we) and the odd ones (*wo): one byte
  * holds an even column in its low nibble and the next odd one in its high
- * nibble. x is pre-arranged the same way (see op_linear). */
-static inline void int4_w16(const uint8_t *qrow, int32_t j, __m256 scale, __m256 zero, __m256 *we,
+ * nibble. x is pre-arranged the same way (see op_linear).
+ * w = fma(scale, q, -scale * zero) (nsz = -scale * zero) is the int4.h
+ * value scale * (q - zero) exactly: scale is an fp16 (11 significant bits)
+ * and q, zero, q - zero are integers of at most 5 bits, so scale * zero and
+ * scale * (q - zero) are exact in float32, and the fused q * scale + nsz
+ * is the exact real scale * (q - zero), which needs no rounding. (Only the
+ * sign of a zero weight may differ, which no sum starting from +0 sees.) */
+static inline void int4_w16(const uint8_t *qrow, int32_t j, __m256 scale, __m256 nsz, __m256 *we,
                             __m256 *wo)
 {
     __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qrow + j / 2)));
     __m256i lo = _mm256_and_si256(b, _mm256_set1_epi32(15)), hi = _mm256_srli_epi32(b, 4);
-    *we = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(lo), zero));
-    *wo = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(hi), zero));
+    *we = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(lo), nsz);
+    *wo = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(hi), nsz);
+}
+
+/* Scales and -scale * zero of up to 8 groups g0.. of row r, converted 8 at
+ * a time (F16C; fp16 -> float is exact, so these are the values
+ * fp16_to_float gives); int4_w16 takes them broadcast. */
+static inline void group_params8(const int4_matrix *q, int32_t r, int32_t g0, float *sf,
+                                 float *nz)
+{
+    int32_t ng = q->k / q->group, cnt = ng - g0 < 8 ? ng - g0 : 8;
+    size_t gi = (size_t)r * (size_t)ng + (size_t)g0;
+    __m128i hv, zb;
+    if (cnt == 8) {
+        hv = _mm_loadu_si128((const __m128i *)(q->scales + gi));
+        zb = _mm_loadl_epi64((const __m128i *)(q->zeros + gi));
+    } else { /* the row's last groups: copy, never read past the arrays */
+        uint16_t h[8] = {0};
+        uint8_t z8[16] = {0};
+        for (int32_t i = 0; i < cnt; i++) {
+            h[i] = q->scales[gi + (size_t)i];
+            z8[i] = q->zeros[gi + (size_t)i];
+        }
+        hv = _mm_loadu_si128((const __m128i *)h);
+        zb = _mm_loadu_si128((const __m128i *)z8);
+    }
+    __m256 sv = _mm256_cvtph_ps(hv);
+    __m256 zv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb));
+    _mm256_storeu_ps(sf, sv);
+    _mm256_storeu_ps(nz, _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(sv, zv)));
 }
 
 /* Finish one output: lane sum, dense k tail, bias. */
@@ -520,12 +556,15 @@ static inline __attribute__((always_inline)) void int4_tile(const lin_ctx *c, in
         UNROLL for (int t = 0; t < NT; t++)
             acc[i][t] = _mm256_setzero_ps();
     const float *x0 = c->x + (size_t)t0 * (size_t)c->ldx;
+    float sf[4][8], nz[4][8];
     for (int32_t g = 0; g < ng; g++) {
+        if (!(g & 7))
+            UNROLL for (int i = 0; i < NR; i++)
+                group_params8(q, r0 + i, g, sf[i], nz[i]);
         __m256 sc[4], ze[4];
         UNROLL for (int i = 0; i < NR; i++) {
-            size_t gi = (size_t)(r0 + i) * (size_t)ng + (size_t)g;
-            sc[i] = _mm256_set1_ps(fp16_to_float(q->scales[gi]));
-            ze[i] = _mm256_set1_ps((float)q->zeros[gi]);
+            sc[i] = _mm256_broadcast_ss(&sf[i][g & 7]);
+            ze[i] = _mm256_broadcast_ss(&nz[i][g & 7]);
         }
         for (int32_t j = g * q->group; j < (g + 1) * q->group; j += 16) {
             __m256 xe[2], xo[2];
@@ -561,10 +600,12 @@ static void int4_decode_rows(const int4_matrix *q, int32_t r0, int NR, float *wb
     UNROLL for (int i = 0; i < NR; i++) {
         const uint8_t *qrow = q->qs + (size_t)(r0 + i) * (size_t)kb;
         float *dst = wbuf + (size_t)i * (size_t)q->k;
+        float sf[8], nz[8];
         for (int32_t g = 0; g < ng; g++) {
-            size_t gi = (size_t)(r0 + i) * (size_t)ng + (size_t)g;
-            __m256 sc = _mm256_set1_ps(fp16_to_float(q->scales[gi]));
-            __m256 ze = _mm256_set1_ps((float)q->zeros[gi]);
+            if (!(g & 7))
+                group_params8(q, r0 + i, g, sf, nz);
+            __m256 sc = _mm256_broadcast_ss(&sf[g & 7]);
+            __m256 ze = _mm256_broadcast_ss(&nz[g & 7]);
             for (int32_t j = g * q->group; j < (g + 1) * q->group; j += 16) {
                 __m256 we, wo;
                 int4_w16(qrow, j, sc, ze, &we, &wo);

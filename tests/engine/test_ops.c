@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 static uint64_t rs = 88172645463325252ull;
 static double urand(void)
@@ -119,6 +120,64 @@ static void int4_case(cpu_pool *p, int32_t n, int32_t k, int32_t g, const float 
     free(x);
 }
 
+/* Every kernel set's INT4 weight is exactly the int4.h value: with x one-hot
+ * at column j (no bias), y[r] is w(r, j) alone, so it must equal
+ * fp16_to_float(scale) * (q - zero) bit for bit (as floats: +0 == -0).
+ * Scales are random fp16 patterns of both signs, subnormals included (no
+ * inf/NaN), zeros 0..16; m = 3 takes the decoded-rows path where the pool
+ * has the scratch for it. K / group = 15 and 16 groups: the AVX2 kernel
+ * reads group parameters 8 at a time, a row's last ones copied. */
+static void int4_exact_case(cpu_pool *p, int32_t n, int32_t k, int32_t g)
+{
+    int32_t ng = k / g, M = 3;
+    uint8_t *qs = malloc((size_t)n * (size_t)k / 2), *zeros = malloc((size_t)n * (size_t)ng);
+    uint16_t *sc = malloc(2 * (size_t)n * (size_t)ng);
+    float *x = calloc((size_t)M * (size_t)k, sizeof(float));
+    float *y = malloc(sizeof(float) * (size_t)M * (size_t)n);
+    float *scr = malloc(sizeof(float) * (op_linear_scratch(&(linear){.kind = LINEAR_INT4, .n = n,
+                                                                      .k = k}, M) + 1));
+    for (size_t i = 0; i < (size_t)n * (size_t)k / 2; i++)
+        qs[i] = (uint8_t)(urand() * 256);
+    for (size_t i = 0; i < (size_t)n * (size_t)ng; i++) {
+        zeros[i] = (uint8_t)(urand() * 17);
+        uint16_t h;
+        do
+            h = (uint16_t)(urand() * 65536);
+        while ((h & 0x7c00u) == 0x7c00u);
+        sc[i] = h;
+    }
+    linear Q = {.kind = LINEAR_INT4, .n = n, .k = k};
+    Q.q = (int4_matrix){.n = n, .k = k, .group = g, .qs = qs, .scales = sc, .zeros = zeros};
+    int bad = 0;
+    for (int32_t j0 = 0; j0 < k && !bad; j0 += 7) {
+        int32_t js[3] = {j0, (j0 + 1) % k, (k - 1 - j0 + k) % k};
+        memset(x, 0, sizeof(float) * (size_t)M * (size_t)k);
+        for (int32_t t = 0; t < M; t++)
+            x[(size_t)t * (size_t)k + (size_t)js[t]] = 1.f;
+        for (int32_t m = 1; m <= M; m += 2) {
+            op_linear(p, &Q, x, k, m, y, n, scr);
+            for (int32_t t = 0; t < m; t++)
+                for (int32_t r = 0; r < n; r++) {
+                    int32_t j = js[t];
+                    uint8_t b = qs[(size_t)r * (size_t)k / 2 + (size_t)j / 2];
+                    int qv = (j & 1) ? b >> 4 : b & 15;
+                    size_t gi = (size_t)r * (size_t)ng + (size_t)(j / g);
+                    float want = fp16_to_float(sc[gi]) * (float)(qv - zeros[gi]);
+                    if (y[(size_t)t * (size_t)n + (size_t)r] != want && !bad++)
+                        fprintf(stderr, "int4 exact %dx%d g%d m=%d row %d col %d: %a != %a\n",
+                                n, k, g, m, r, j, y[(size_t)t * (size_t)n + (size_t)r], want);
+                }
+        }
+    }
+    CHECK(!bad);
+    free(qs);
+    free(zeros);
+    free(sc);
+    free(x);
+    free(y);
+    free(scr);
+}
+
 /* Dense n x k in every dtype, with a bias except for bf16. */
 static void dense_case(cpu_pool *p, int32_t n, int32_t k)
 {
@@ -165,6 +224,12 @@ static void test_linear(cpu_pool *p)
     int4_case(p, 37, 192, 64, bias, 0);
     int4_case(p, 37, 384, 128, bias, 1);
     int4_case(p, 5, 512, 256, bias, 0);
+    /* 16 and 15 groups of 32 (group parameters read 8 at a time by the AVX2
+     * kernel); K <= 512 so the 3-thread pool's scratch covers m > 2 */
+    int4_case(p, 9, 512, 32, bias, 0);
+    int4_case(p, 9, 480, 32, bias, 0);
+    int4_exact_case(p, 9, 512, 32);
+    int4_exact_case(p, 6, 480, 32);
 }
 
 static void test_rows(void)
