@@ -119,6 +119,22 @@ __device__ __forceinline__ float warp_sum(float v)
         v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+/* The sum of v over the whole block, returned to every thread. s_part: 32
+ * floats of shared memory owned by the caller; blockDim.x a multiple of 32.
+ * Ends with a barrier, so s_part may be reused after the next barrier. */
+__device__ __forceinline__ float block_sum(float v, float *s_part)
+{
+    v = warp_sum(v);
+    if ((threadIdx.x & 31) == 0) s_part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float w = threadIdx.x < blockDim.x / 32 ? s_part[threadIdx.x] : 0.f;
+        w = warp_sum(w);
+        if (threadIdx.x == 0) s_part[0] = w;
+    }
+    __syncthreads();
+    return s_part[0];
+}
 __device__ __forceinline__ float warp_max(float v)
 {
 #pragma unroll

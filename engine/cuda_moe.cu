@@ -234,16 +234,7 @@ __global__ void __launch_bounds__(1024)
     }
     if (!nw) return;
     /* the next layer's input RMSNorm on the row just finished */
-    ss = warp_sum(ss);
-    if ((threadIdx.x & 31) == 0) s_part[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float v = threadIdx.x < blockDim.x / 32 ? s_part[threadIdx.x] : 0.f;
-        v = warp_sum(v);
-        if (threadIdx.x == 0) s_part[0] = v;
-    }
-    __syncthreads();
-    const float inv = rsqrtf(s_part[0] / (float)H + eps);
+    const float inv = rsqrtf(block_sum(ss, s_part) / (float)H + eps);
     for (int h = threadIdx.x; h < H; h += blockDim.x)
         xn[(size_t)t * H + h] = __float2half(nw[h] * (xr[h] * inv));
 }

@@ -31,16 +31,7 @@ __global__ void k_rmsnorm(const float *__restrict__ x, int H, const int32_t *__r
     float ss = 0.f;
     for (int h = threadIdx.x; h < H; h += blockDim.x)
         ss += xr[h] * xr[h];
-    ss = warp_sum(ss);
-    if ((threadIdx.x & 31) == 0) s_part[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float v = threadIdx.x < blockDim.x / 32 ? s_part[threadIdx.x] : 0.f;
-        v = warp_sum(v);
-        if (threadIdx.x == 0) s_part[0] = v;
-    }
-    __syncthreads();
-    const float inv = rsqrtf(s_part[0] / (float)H + eps);
+    const float inv = rsqrtf(block_sum(ss, s_part) / (float)H + eps);
     for (int h = threadIdx.x; h < H; h += blockDim.x) {
         const float v = w[h] * (xr[h] * inv);
         if (oh) oh[(size_t)i * H + h] = __float2half(v);
