@@ -100,6 +100,17 @@ struct hooks_state {
     pthread_t writer;
 };
 
+/* Take p out of h->parked (h->mu held). */
+static void parked_unlink(hooks_state *h, parked *p)
+{
+    if (p->prev)
+        p->prev->next = p->next;
+    else
+        h->parked = p->next;
+    if (p->next)
+        p->next->prev = p->prev;
+}
+
 static hooks_state *H; /* the installed state (one per process), for metrics */
 
 static unsigned leader_bucket(const serve_request *r)
@@ -161,12 +172,7 @@ static void on_flight_done(cache_flight_waiter *w, int rc, cache_entry *e)
     parked *p = (parked *)w;
     hooks_state *h = p->h;
     pthread_mutex_lock(&h->mu);
-    if (p->prev)
-        p->prev->next = p->next;
-    else
-        h->parked = p->next;
-    if (p->next)
-        p->next->prev = p->prev;
+    parked_unlink(h, p);
     p->rc = rc;
     p->e = e;
     p->prev = p->next = NULL;
@@ -256,12 +262,7 @@ static int hook_unpark(void *user, uint64_t ticket)
      * list but no longer in the flight: done is running (waiting for mu). */
     int taken = p && cache_flight_unpark(h->c, p->f, &p->w);
     if (taken) {
-        if (p->prev)
-            p->prev->next = p->next;
-        else
-            h->parked = p->next;
-        if (p->next)
-            p->next->prev = p->prev;
+        parked_unlink(h, p);
     }
     pthread_mutex_unlock(&h->mu);
     if (taken)
@@ -393,12 +394,7 @@ static int64_t expire_parked(hooks_state *h, int64_t now, parked **expired)
                 next = now + 1000000;
             continue;
         }
-        if (p->prev)
-            p->prev->next = p->next;
-        else
-            h->parked = p->next;
-        if (p->next)
-            p->next->prev = p->prev;
+        parked_unlink(h, p);
         p->prev = NULL;
         p->next = *expired;
         *expired = p;
