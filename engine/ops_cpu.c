@@ -355,22 +355,13 @@ void op_silu_mul(float *g, const float *u, int64_t n)
         g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
 }
 
-static float dense_elem(st_dtype d, const void *p, size_t i)
-{
-    switch (d) {
-    case ST_F32: return ((const float *)p)[i];
-    case ST_F16: return fp16_to_float(((const uint16_t *)p)[i]);
-    case ST_BF16: return bf16_to_float(((const uint16_t *)p)[i]);
-    default: return 0.f;
-    }
-}
-
 void op_embed(float *out, const linear *table, const int32_t *tokens, int32_t n_rows)
 {
     size_t k = (size_t)table->k;
     for (int32_t r = 0; r < n_rows; r++)
         for (size_t i = 0; i < k; i++)
-            out[(size_t)r * k + i] = dense_elem(table->dtype, table->w, (size_t)tokens[r] * k + i);
+            out[(size_t)r * k + i] =
+                ops_dense_elem(table->dtype, table->w, (size_t)tokens[r] * k + i);
 }
 
 /* ---- matmul ---------------------------------------------------------------- */
@@ -399,7 +390,7 @@ void op_linear_naive(const linear *W, const float *x, int32_t m, float *y)
                     w = int4_w(&W->q, r, j);
                     src = W->q.perm ? W->q.perm[j] : j;
                 } else {
-                    w = dense_elem(W->dtype, W->w, (size_t)r * (size_t)W->k + (size_t)j);
+                    w = ops_dense_elem(W->dtype, W->w, (size_t)r * (size_t)W->k + (size_t)j);
                 }
                 acc += (double)w * (double)x[(size_t)t * (size_t)W->k + (size_t)src];
             }
@@ -417,9 +408,9 @@ static void lin_task_portable(void *vc, int64_t b, int64_t e, int thread)
             const float *x = c->x + (size_t)t * (size_t)c->ldx;
             float acc = 0.f;
             for (int32_t j = 0; j < W->k; j++) {
-                float w = W->kind == LINEAR_INT4
-                              ? int4_w(&W->q, (int32_t)r, j)
-                              : dense_elem(W->dtype, W->w, (size_t)r * (size_t)W->k + (size_t)j);
+                size_t at = (size_t)r * (size_t)W->k + (size_t)j;
+                float w = W->kind == LINEAR_INT4 ? int4_w(&W->q, (int32_t)r, j)
+                                                 : ops_dense_elem(W->dtype, W->w, at);
                 acc += w * x[j];
             }
             c->y[(size_t)t * (size_t)c->ldy + (size_t)r] = acc + (W->bias ? W->bias[r] : 0.f);
@@ -502,7 +493,7 @@ static inline float lin_finish(const linear *W, __m256 acc, int32_t r, const flo
     float s = hsum8(acc);
     if (W->kind == LINEAR_DENSE)
         for (int32_t j = W->k & ~7; j < W->k; j++)
-            s += dense_elem(W->dtype, W->w, (size_t)r * (size_t)W->k + (size_t)j) * x[j];
+            s += ops_dense_elem(W->dtype, W->w, (size_t)r * (size_t)W->k + (size_t)j) * x[j];
     return s + (W->bias ? W->bias[r] : 0.f);
 }
 
@@ -522,17 +513,8 @@ static inline __attribute__((always_inline)) void dense_tile(const lin_ctx *c, s
         __m256 xv[2];
         UNROLL for (int t = 0; t < NT; t++)
             xv[t] = _mm256_loadu_ps(x0 + (size_t)t * (size_t)c->ldx + (size_t)j);
-        /* one prefetch per 64-byte line: the next tile's rows into L1, the
-         * tile after into L2 (as in ops_cpu_avx512.c) */
-        if (!(j & (dt == ST_F32 ? 15 : 31)))
-            UNROLL for (int i = 0; i < NR; i++) {
-                _mm_prefetch((const char *)W->w + ((size_t)(r0 + NR + i) * (size_t)W->k +
-                                                   (size_t)j) * (dt == ST_F32 ? 4 : 2),
-                             _MM_HINT_T0);
-                _mm_prefetch((const char *)W->w + ((size_t)(r0 + 2 * NR + i) * (size_t)W->k +
-                                                   (size_t)j) * (dt == ST_F32 ? 4 : 2),
-                             _MM_HINT_T1);
-            }
+        if (!(j & (dt == ST_F32 ? 15 : 31))) /* once per 64-byte line */
+            ops_prefetch_dense_rows(W, dt, r0, NR, j);
         UNROLL for (int i = 0; i < NR; i++) {
             __m256 w = load_dense8(dt, W->w, (size_t)(r0 + i) * (size_t)W->k + (size_t)j);
             UNROLL for (int t = 0; t < NT; t++)

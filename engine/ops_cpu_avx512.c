@@ -130,6 +130,16 @@ INL float finish(const linear *W, __m512 ae, __m512 ao, int32_t r)
     return _mm512_reduce_add_ps(_mm512_add_ps(ae, ao)) + (W->bias ? W->bias[r] : 0.f);
 }
 
+/* The same 64-byte line of row i of the next tile into L1 and of the tile 4
+ * ahead into L2: the hardware prefetchers lose track of a tile's short
+ * interleaved row streams (measured: +30% streaming). */
+INL void int4_prefetch(const uint8_t *qr, int32_t kb, int i, int NR, int32_t j)
+{
+    _mm_prefetch((const char *)qr + (size_t)(i + NR) * (size_t)kb + (size_t)(j / 2), _MM_HINT_T0);
+    _mm_prefetch((const char *)qr + (size_t)(i + 4 * NR) * (size_t)kb + (size_t)(j / 2),
+                 _MM_HINT_T1);
+}
+
 /* INT4 tile of NR rows x NT (<= 2) token rows, weights made in registers. */
 INL void int4_tile(const lin_ctx *c, int32_t r0, int NR, int32_t t0, int NT)
 {
@@ -157,12 +167,8 @@ INL void int4_tile(const lin_ctx *c, int32_t r0, int NR, int32_t t0, int NT)
                 xo[t] = _mm512_loadu_ps(x0 + (size_t)t * (size_t)c->ldx + (size_t)j + 16);
             }
             if (!(j & 127)) /* as in int4_tile_wide */
-                UNROLL for (int i = 0; i < NR; i++) {
-                    _mm_prefetch((const char *)qr + (size_t)(i + NR) * (size_t)kb +
-                                     (size_t)(j / 2), _MM_HINT_T0);
-                    _mm_prefetch((const char *)qr + (size_t)(i + 4 * NR) * (size_t)kb +
-                                     (size_t)(j / 2), _MM_HINT_T1);
-                }
+                UNROLL for (int i = 0; i < NR; i++)
+                    int4_prefetch(qr, kb, i, NR, j);
             UNROLL for (int i = 0; i < NR; i++) {
                 __m512 we, wo;
                 int4_w32(qr + (size_t)i * (size_t)kb + (size_t)(j / 2), tb[i], she, sho, &we, &wo);
@@ -203,13 +209,7 @@ INL void int4_tile_wide(const lin_ctx *c, int32_t r0, int NR, int32_t t0, int NT
             __m512i raw[4];
             UNROLL for (int i = 0; i < NR; i++) {
                 raw[i] = _mm512_loadu_si512(qr + (size_t)i * (size_t)kb + (size_t)(j / 2));
-                /* the same line of the next tile's rows into L1 and of the
-                 * tile 4 ahead into L2: hardware prefetchers lose track of
-                 * 4 short interleaved streams (measured: +30% streaming) */
-                _mm_prefetch((const char *)qr + (size_t)(i + NR) * (size_t)kb + (size_t)(j / 2),
-                             _MM_HINT_T0);
-                _mm_prefetch((const char *)qr + (size_t)(i + 4 * NR) * (size_t)kb +
-                                 (size_t)(j / 2), _MM_HINT_T1);
+                int4_prefetch(qr, kb, i, NR, j);
             }
             UNROLL for (int v = 0; v < 8; v += 2) {
                 __m512 xe[2], xo[2];
@@ -307,15 +307,6 @@ INL __m512 load_dense16(st_dtype dt, const void *w, size_t off)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-INL float dense_scalar(st_dtype dt, const void *w, size_t i)
-{
-    if (dt == ST_F32)
-        return ((const float *)w)[i];
-    if (dt == ST_F16)
-        return _cvtsh_ss(((const uint16_t *)w)[i]);
-    return bf16_to_float(((const uint16_t *)w)[i]);
-}
-
 /* Dense tile: NR rows x NT tokens; one accumulator per output over
  * k & ~15, then the k tail in order. */
 INL void dense_tile(const lin_ctx *c, st_dtype dt, int32_t r0, int NR, int32_t t0, int NT)
@@ -331,17 +322,8 @@ INL void dense_tile(const lin_ctx *c, st_dtype dt, int32_t r0, int NR, int32_t t
         __m512 xv[2];
         UNROLL for (int t = 0; t < NT; t++)
             xv[t] = _mm512_loadu_ps(x0 + (size_t)t * (size_t)c->ldx + (size_t)j);
-        /* one prefetch per 64-byte line: the next tile's rows into L1, the
-         * tile after into L2 (fp16 rows stream 14.5 -> 22 GB/s per core) */
-        if (!(j & (dt == ST_F32 ? 15 : 31)))
-            UNROLL for (int i = 0; i < NR; i++) {
-                _mm_prefetch((const char *)W->w + ((size_t)(r0 + NR + i) * (size_t)W->k +
-                                                   (size_t)j) * (dt == ST_F32 ? 4 : 2),
-                             _MM_HINT_T0);
-                _mm_prefetch((const char *)W->w + ((size_t)(r0 + 2 * NR + i) * (size_t)W->k +
-                                                   (size_t)j) * (dt == ST_F32 ? 4 : 2),
-                             _MM_HINT_T1);
-            }
+        if (!(j & (dt == ST_F32 ? 15 : 31))) /* once per 64-byte line */
+            ops_prefetch_dense_rows(W, dt, r0, NR, j);
         UNROLL for (int i = 0; i < NR; i++) {
             __m512 w = load_dense16(dt, W->w, (size_t)(r0 + i) * (size_t)W->k + (size_t)j);
             UNROLL for (int t = 0; t < NT; t++)
@@ -353,7 +335,7 @@ INL void dense_tile(const lin_ctx *c, st_dtype dt, int32_t r0, int NR, int32_t t
             const float *x = x0 + (size_t)t * (size_t)c->ldx;
             float s = _mm512_reduce_add_ps(acc[i][t]);
             for (int32_t j = k16; j < W->k; j++)
-                s += dense_scalar(dt, W->w, (size_t)(r0 + i) * (size_t)W->k + (size_t)j) * x[j];
+                s += ops_dense_elem(dt, W->w, (size_t)(r0 + i) * (size_t)W->k + (size_t)j) * x[j];
             c->y[(size_t)(t0 + t) * (size_t)c->ldy + (size_t)(r0 + i)] =
                 s + (W->bias ? W->bias[r0 + i] : 0.f);
         }

@@ -9,6 +9,7 @@
 #ifndef LIGHTMOE_OPS_CPU_INT_H
 #define LIGHTMOE_OPS_CPU_INT_H
 
+#include "engine/half.h"
 #include "engine/ops_cpu.h"
 
 typedef struct lin_ctx {
@@ -19,6 +20,33 @@ typedef struct lin_ctx {
     float *y;             /* [m][ldy] */
     int32_t ldy;
 } lin_ctx;
+
+/* Element i of a dense weight array of type d, as float (the scalar path
+ * and the vector kernels' column tails). */
+static inline float ops_dense_elem(st_dtype d, const void *p, size_t i)
+{
+    switch (d) {
+    case ST_F32: return ((const float *)p)[i];
+    case ST_F16: return fp16_to_float(((const uint16_t *)p)[i]);
+    case ST_BF16: return bf16_to_float(((const uint16_t *)p)[i]);
+    default: return 0.f;
+    }
+}
+
+/* Dense tiles of NR rows starting at r0, at column j: prefetch the same
+ * 64-byte line of the next tile's rows into L1 and of the tile after into
+ * L2; the hardware prefetchers lose track of a tile's short interleaved row
+ * streams (fp16 rows stream 14.5 -> 22 GB/s per core). Call once per line. */
+static inline __attribute__((always_inline)) void
+ops_prefetch_dense_rows(const linear *W, st_dtype dt, int32_t r0, int NR, int32_t j)
+{
+    size_t es = dt == ST_F32 ? 4 : 2;
+    for (int i = 0; i < NR; i++) {
+        const char *w = (const char *)W->w;
+        __builtin_prefetch(w + ((size_t)(r0 + NR + i) * (size_t)W->k + (size_t)j) * es, 0, 3);
+        __builtin_prefetch(w + ((size_t)(r0 + 2 * NR + i) * (size_t)W->k + (size_t)j) * es, 0, 2);
+    }
+}
 
 /* The scratch area of `thread` (cpu_pool_reserve) and its size in floats. */
 float *cpu_pool_scratch(const cpu_pool *p, int thread, size_t *ret_floats);
