@@ -2,6 +2,7 @@
  * bench_cuda.cu: CUDA backend benchmarks for docs/PERF.md.
  *
  *   bench_cuda [ceil] [kernels] [decode] [prefill] [--model qwen3|qwen15|both] [--batch N]
+ *              [--ctx N[,N...]] [--portable] [--path P] [--dir CHECKPOINT]
  *
  *   ceil     the card's ceilings measured in this run: device-to-device copy
  *            bandwidth (bytes read + written) and the cuBLAS fp16 matrix rate
@@ -10,7 +11,8 @@
  *            cuBLAS" measured beside the mma kernel
  *   decode   one decode step of the whole model (random weights of the real
  *            shape, made on the GPU) at batch 1..128, context 512 per
- *            sequence; the roofline floor counts attention weights, the
+ *            sequence (--ctx: each context given); the roofline floor counts
+ *            attention weights, the
  *            experts actually routed (counted on the GPU), shared experts,
  *            router, lm_head and the KV read
  *   prefill  one prompt of 512, 2048, 8192 tokens -> first logits (TTFT of
@@ -55,6 +57,8 @@
 
 static double g_bw = 0; /* measured copy bandwidth, bytes/s */
 static int g_batch_only = 0; /* --batch N: decode only at batch N */
+static std::vector<int> g_ctx = {512}; /* --ctx N,N,...: decode at these contexts */
+static int g_portable = 0; /* --portable: the state without Hopper-only code */
 
 static double median(std::vector<double> v)
 {
@@ -348,11 +352,12 @@ static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int
            c->name, given_m ? "checkpoint loaded through backend_cuda" : "random weights made on the GPU",
            attn / 1e9, expert / 1e6, shared / 1e9, router / 1e9, head / 1e9);
     (void)t0;
-    cu_options o = {8192, 256, path, 0, 1}; /* decode steps as CUDA graphs */
+    cu_options o = {8192, 256, path, g_portable, 1}; /* decode steps as CUDA graphs */
     cu_state *s = given_s;
     if (!s)
         OK(cu_state_create(m, &o, &s, ERRP));
-    const int bs = 16, ctx = 512, max_blocks = 8192 / bs + 1;
+    const int ctx_max = *std::max_element(g_ctx.begin(), g_ctx.end());
+    const int bs = 16, max_blocks = (ctx_max > 8192 ? ctx_max : 8192) / bs + 1;
     const int nb = 128 * max_blocks;
     size_t fr = cu_state_free_bytes(s);
     const size_t kvb = cu_state_kv_bytes_per_token(s);
@@ -362,7 +367,14 @@ static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int
     printf("kv: %d blocks of %d tokens (%.1f GB), %zu bytes per token\n", n_blocks, bs,
            (double)n_blocks * bs * kvb / 1e9, kvb);
     step_batch sb;
-    if (decode) {
+    for (int ctx : g_ctx) {
+        if (!decode)
+            break;
+        if (ctx + 1 > m->max_ctx) {
+            printf("decode %s ctx %d: skipped, past the model's context of %d\n", c->name, ctx,
+                   m->max_ctx);
+            continue;
+        }
         for (int B : {1, 8, 32, 64, 128}) {
             if (g_batch_only && B != g_batch_only)
                 continue;
@@ -457,6 +469,13 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "prefill")) pre = true;
         else if (!strcmp(argv[i], "--path") && i + 1 < argc) path = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) g_batch_only = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) {
+            g_ctx.clear();
+            for (char *t = strtok(argv[++i], ","); t; t = strtok(nullptr, ","))
+                if (atoi(t) > 0) g_ctx.push_back(atoi(t));
+            if (g_ctx.empty()) g_ctx.push_back(512);
+        }
+        else if (!strcmp(argv[i], "--portable")) g_portable = 1;
         else if (!strcmp(argv[i], "--dir") && i + 1 < argc) dir = argv[++i];
         else if (!strcmp(argv[i], "--model") && i + 1 < argc) {
             ++i;

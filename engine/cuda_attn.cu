@@ -290,14 +290,15 @@ __global__ void __launch_bounds__(128)
 }
 
 /* One block of 128 threads per (token, head) row: warp 0 turns the
- * splits' (max, sum) into weights (lane s = split s), then every thread
- * takes output dimensions and sums the splits with all loads unrolled (a
- * warp per row looping over splits was a chain of dependent L2 reads).
- * Splits that saw no position (max -inf) are skipped. */
+ * splits' (max, sum) into weights (lane s holds splits s, s + 32, ...),
+ * then every thread takes output dimensions and sums the splits with all
+ * loads unrolled (a warp per row looping over splits was a chain of
+ * dependent L2 reads). Splits that saw no position (max -inf) are skipped.
+ * Up to CU_ATTN_MAX_SPLIT splits: long contexts at small batch. */
 __global__ void __launch_bounds__(128)
     k_attn_merge(int hd, int nsplit, const float *__restrict__ part, __half *__restrict__ out)
 {
-    __shared__ float s_w[32];
+    __shared__ float s_w[CU_ATTN_MAX_SPLIT];
     __shared__ float s_inv;
     cu_pdl_wait();
     cu_pdl_trigger();
@@ -305,11 +306,18 @@ __global__ void __launch_bounds__(128)
     const int lane = threadIdx.x & 31;
     const float *p = part + row * nsplit * (hd + 2);
     if (threadIdx.x < 32) {
-        const float ms = lane < nsplit ? p[lane * (hd + 2) + hd] : -INFINITY;
+        float ms = -INFINITY;
+        for (int sp = lane; sp < nsplit; sp += 32)
+            ms = fmaxf(ms, p[sp * (hd + 2) + hd]);
         const float M = warp_max(ms);
-        const float w = ms == -INFINITY ? 0.f : __expf(ms - M);
-        const float L = warp_sum(lane < nsplit ? w * p[lane * (hd + 2) + hd + 1] : 0.f);
-        s_w[lane] = w;
+        float l = 0.f;
+        for (int sp = lane; sp < nsplit; sp += 32) {
+            const float m = p[sp * (hd + 2) + hd];
+            const float w = m == -INFINITY ? 0.f : __expf(m - M);
+            s_w[sp] = w;
+            l += w * p[sp * (hd + 2) + hd + 1];
+        }
+        const float L = warp_sum(l);
         if (lane == 0) s_inv = 1.f / L;
     }
     __syncthreads();
@@ -375,7 +383,9 @@ static int attn_run(const cu_attn_shape *s, const attn_in &in, const cu_attn_bat
         return lm_err_set(err, -EINVAL, "attention: tile of %d rows (max 64), %d splits", R,
                           b->nsplit);
     if (b->n_tiles <= 0) return 0;
-    if (b->nsplit > 32) return lm_err_set(err, -EINVAL, "attention: %d splits (max 32)", b->nsplit);
+    if (b->nsplit > CU_ATTN_MAX_SPLIT || (b->counters && b->nsplit > 32))
+        return lm_err_set(err, -EINVAL, "attention: %d splits (max %d; %d when merged by the "
+                          "attention blocks)", b->nsplit, CU_ATTN_MAX_SPLIT, 32);
     const int rw = (R + 3) / 4;
     int rc;
     if (s->hd == 64)

@@ -18,7 +18,8 @@
  * or, when the batch carries counters, by the last block of each (tile,
  * KV head) to finish (fence + counter; it resets its counter to zero, so
  * the counters stay zero between launches and a graph can replay them).
- * Supported: hd in {64, 128, 256}, bq * G <= 64.
+ * Supported: hd in {64, 128, 256}, bq * G <= 64, nsplit <= CU_ATTN_MAX_SPLIT
+ * (32 with counters).
  */
 #ifndef LIGHTMOE_CUDA_ATTN_CUH
 #define LIGHTMOE_CUDA_ATTN_CUH
@@ -28,6 +29,8 @@
 #include <stdint.h>
 
 #include "engine/err.h"
+
+#define CU_ATTN_MAX_SPLIT 256
 
 typedef struct cu_attn_batch {
     int32_t T;                  /* query tokens */

@@ -44,6 +44,8 @@ struct cu_state {
     int sms;
     int Tm;                 /* max tokens per step */
     int split_budget;       /* max T * nsplit */
+    int attn_max_split;     /* most context splits (LIGHTMOE_CUDA_ATTN_SPLITS) */
+    int attn_steps;         /* decode: most 32-position steps a split (..._ATTN_STEPS) */
     /* activations [Tm][...] */
     float *x, *xnf, *qkv, *q, *part, *rlog, *topk_w, *sg, *y, *ys, *tmp, *logits, *inv_freq;
     __half *xn, *att, *h, *hs, *xg, *hg, *fn;
@@ -204,6 +206,20 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
         if (m->layers[l].moe && m->layers[l].gate_up.kind != CU_W_INT4)
             s->graph_ok = 0;
     s->split_budget = Tm > 1024 ? Tm : 1024;
+    /* Long contexts at decode: up to 256 splits of at most 8 steps (32K
+     * positions at batch 1: 128 splits of 256 positions per KV head;
+     * measured on the H100, docs/PERF.md: 12.8 -> 5.9 ms a qwen3-30b-a3b
+     * step at 32K, 4.3 -> 3.5 ms at 4K).
+     * LIGHTMOE_CUDA_ATTN_SPLITS=32 and LIGHTMOE_CUDA_ATTN_STEPS=1000 give
+     * the earlier rule (two waves of blocks, at most 32 splits). */
+    const char *as = getenv("LIGHTMOE_CUDA_ATTN_SPLITS");
+    const char *at = getenv("LIGHTMOE_CUDA_ATTN_STEPS");
+    s->attn_max_split = as ? atoi(as) : CU_ATTN_MAX_SPLIT;
+    if (s->attn_max_split < 1 || s->attn_max_split > CU_ATTN_MAX_SPLIT)
+        s->attn_max_split = CU_ATTN_MAX_SPLIT;
+    s->attn_steps = at ? atoi(at) : 8;
+    if (s->attn_steps < 1)
+        s->attn_steps = 8;
 
     ALLOC(s->x, (size_t)Tm * H, "residual stream");
     ALLOC(s->xn, (size_t)Tm * H, "normed activations");
@@ -759,9 +775,12 @@ static int upload_batch(cu_state *s, const backend_batch *bt, cu_attn_batch *ab,
     if (bt->n_logits > 0)
         CUDA_TRY(err, cudaMemcpyAsync(s->d_rows, s->h_rows, bt->n_logits * 4,
                                       cudaMemcpyHostToDevice, s->st));
-    /* flash-decoding split: enough blocks for two waves, 64+ positions each */
+    /* flash-decoding split: enough blocks for two waves, 64+ positions each
+     * at prefill; at decode also at most attn_steps 32-position steps per
+     * split (long contexts: the steps of one block are a chain of loads) */
     int nsplit = 1;
     const int blocks = n_tiles * m->nkv;
+    const int max_split = s->attn_cnt ? 32 : s->attn_max_split;
     if (blocks < 2 * s->sms) {
         nsplit = (2 * s->sms + blocks - 1) / blocks;
         /* prefill: no split shorter than 64 positions; decode: a function of the
@@ -770,10 +789,12 @@ static int upload_batch(cu_state *s, const backend_batch *bt, cu_attn_batch *ab,
         /* (32 positions a split at decode: one step of the kernel per block, the
          * latency of the chain of 32-position steps was most of its time) */
         const int by_len = decode ? (stride * s->bs + 31) / 32 : (max_ctx + 63) / 64;
+        if (decode && nsplit < (by_len + s->attn_steps - 1) / s->attn_steps)
+            nsplit = (by_len + s->attn_steps - 1) / s->attn_steps;
         if (nsplit > by_len)
             nsplit = by_len;
-        if (nsplit > 32)
-            nsplit = 32;
+        if (nsplit > max_split)
+            nsplit = max_split;
     }
     if (nsplit > s->split_budget / T)
         nsplit = s->split_budget / T;

@@ -632,6 +632,7 @@ static void run_route_group(int T, int E, int k, int renorm)
 
 static void test_router()
 {
+
     for (int T : {1, 3, 16})
         for (int fused = 0; fused <= 1; fused++) {
             run_router(T, 2048, 129, fused);
@@ -865,7 +866,16 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
      * twice: the counters must be back at zero after a launch */
     CK(cudaMalloc(&b.counters, (size_t)b.n_tiles * nkv * 4));
     CK(cudaMemset(b.counters, 0, (size_t)b.n_tiles * nkv * 4));
-    for (int rep = 0; rep < 2; rep++) {
+    if (force_split > 32) { /* the attention blocks merge at most 32 splits */
+        lm_err e_ = {0, ""};
+        const bool refused =
+            cu_attn(&sh, dqin, (__half *)dk, (__half *)dv, &b, part, out, 0, &e_) == -EINVAL;
+        printf("%-4s attention own merge refuses %d splits (%s)\n", refused ? "ok" : "FAIL",
+               force_split, e_.msg);
+        if (!refused)
+            g_fail = 1;
+    }
+    for (int rep = 0; rep < 2 && force_split <= 32; rep++) {
         CK(cudaMemset(out, 0xff, (size_t)T * nq * hd * 2));
         OK(cu_attn(&sh, dqin, (__half *)dk, (__half *)dv, &b, part, out, 0, ERRP));
         ao = host((const uint16_t *)out, (size_t)T * nq * hd);
@@ -884,7 +894,7 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
         g_fail = 1;
     /* decode: the post-processing inside the attention kernel (cu_attn_qkv),
      * from the caches as they were before this step; separate merge and own */
-    for (int own = 0; decode && own <= 1; own++) {
+    for (int own = 0; decode && own <= (force_split <= 32); own++) {
         uint16_t *dk2 = dev(kc0), *dv2 = dev(vc0);
         cu_attn_batch b2 = b;
         if (!own)
@@ -935,6 +945,9 @@ static void test_attn()
         run_attn(32, 4, 128, {1000, 2500, 0, 63}, {1, 1, 1, 1}, split);
         run_attn(16, 16, 128, {1000, 31}, {1, 1}, split);
     }
+    /* long contexts at decode: more splits than a warp has lanes */
+    for (int split : {33, 100, 256})
+        run_attn(32, 4, 128, {9000, 2500, 0, 63}, {1, 1, 1, 1}, split);
     run_attn(4, 1, 64, {300, 0, 17}, {1, 1, 1}, 4);
     run_attn(8, 2, 256, {40, 3}, {5, 1}, 2);
 }
