@@ -10,6 +10,7 @@
  * the probabilities (broadcast by shuffle) with V; lane l owns output
  * dimensions 2l + 64j, j < hd/64.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "engine/cuda_attn.cuh"
@@ -26,7 +27,7 @@ template <int RW, int HDP> constexpr int attn_smem()
     return 4 * RW * 64 * HDP * 4 + 2 * P * (64 * HDP + 2) * 2;
 }
 
-template <int RW, int HDP>
+template <int RW, int HDP, bool PIPE>
 __global__ void __launch_bounds__(128)
     k_attn(cu_attn_shape s, const float *__restrict__ q, const float *__restrict__ qkv,
            cu_qkv_params qp, __half *kc, __half *vc, cu_attn_batch b, float *__restrict__ part,
@@ -80,10 +81,10 @@ __global__ void __launch_bounds__(128)
             o[i][j] = make_float2(0.f, 0.f);
     }
 
-    for (int p0 = p_begin; p0 < p_end; p0 += P) {
-        __syncthreads(); /* q_s written / previous K,V consumed */
-        constexpr int NPC = P * HD / 8 / 128; /* 16-byte pieces per thread */
-        uint4 kv[NPC], vv[NPC];
+    constexpr int NPC = P * HD / 8 / 128; /* 16-byte pieces per thread */
+    uint4 kv[NPC], vv[NPC];
+    /* K and V of the step at p0, into registers */
+    auto load_step = [&](int p0) {
 #pragma unroll
         for (int u = 0; u < NPC; u++) {
             const int idx = tid + 128 * u;
@@ -98,6 +99,16 @@ __global__ void __launch_bounds__(128)
                 vv[u] = __ldcg(reinterpret_cast<const uint4 *>(vc + off));
             }
         }
+    };
+    /* PIPE: the next step's loads are issued as soon as this step's K/V are
+     * in shared memory, so that they are in flight while this step is
+     * computed (long contexts: a split is a chain of steps) */
+    if (PIPE && p_begin < p_end)
+        load_step(p_begin);
+    for (int p0 = p_begin; p0 < p_end; p0 += P) {
+        __syncthreads(); /* q_s written / previous K,V consumed */
+        if (!PIPE)
+            load_step(p0);
         if (qkv && p0 == p_begin) { /* decode: q heads of this KV head, new k, v */
             const int nh = s.nq + 2 * s.nkv;
             const float *row = qkv + (size_t)t0 * nh * HD;
@@ -157,6 +168,8 @@ __global__ void __launch_bounds__(128)
             }
         }
         __syncthreads();
+        if (PIPE && p0 + P < p_end)
+            load_step(p0 + P);
 
         float sc[RW];
 #pragma unroll
@@ -339,16 +352,39 @@ struct attn_in {
     __half *kc, *vc;
 };
 
+/* LIGHTMOE_CUDA_ATTN_PIPE=0: no step in flight during the compute of the
+ * previous one (read once; tests switch it with cu_attn_set_pipe) */
+static int g_pipe = -1;
+static int attn_pipe(void)
+{
+    int v = __atomic_load_n(&g_pipe, __ATOMIC_RELAXED);
+    if (v < 0) {
+        const char *e = getenv("LIGHTMOE_CUDA_ATTN_PIPE");
+        v = !(e && e[0] == '0');
+        __atomic_store_n(&g_pipe, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
 template <int RW, int HDP>
 int launch_attn(const cu_attn_shape *s, const attn_in &in, const cu_attn_batch *b, float *part,
                 __half *out, cudaStream_t st, lm_err *err)
 {
     constexpr int smem = attn_smem<RW, HDP>();
-    CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       smem));
     dim3 grid(b->n_tiles, s->nkv, b->nsplit);
-    CU_LAUNCH(err, "attention launch", k_attn<RW, HDP>, grid, 128, smem, st, *s, in.q, in.qkv,
-              in.qp, in.kc, in.vc, *b, part, out);
+    if constexpr (RW <= 4) { /* registers: the larger tiles keep one step in flight */
+        if (attn_pipe()) {
+            CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP, true>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+            CU_LAUNCH(err, "attention launch", k_attn<RW, HDP, true>, grid, 128, smem, st, *s,
+                      in.q, in.qkv, in.qp, in.kc, in.vc, *b, part, out);
+            return 0;
+        }
+    }
+    CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP, false>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CU_LAUNCH(err, "attention launch", k_attn<RW, HDP, false>, grid, 128, smem, st, *s, in.q,
+              in.qkv, in.qp, in.kc, in.vc, *b, part, out);
     return 0;
 }
 
@@ -364,6 +400,11 @@ int pick_rw(int rw, const cu_attn_shape *s, const attn_in &in, const cu_attn_bat
 }
 
 } // namespace
+
+extern "C" void cu_attn_set_pipe(int on)
+{
+    __atomic_store_n(&g_pipe, on ? 1 : 0, __ATOMIC_RELAXED);
+}
 
 extern "C" size_t cu_attn_scratch_floats(const cu_attn_shape *s, int n_tiles, int bq, int nsplit)
 {

@@ -54,6 +54,11 @@ typedef struct cu_attn_shape {
 extern "C" {
 #endif
 
+/* Tests and measurements: 1 (the default, unless LIGHTMOE_CUDA_ATTN_PIPE=0)
+ * issues each 32-position step's K/V loads while the previous step is
+ * computed (tiles of up to 16 rows), 0 loads each step after the last. */
+void cu_attn_set_pipe(int on);
+
 /* Floats of split scratch cu_attn needs for this batch. */
 size_t cu_attn_scratch_floats(const cu_attn_shape *s, int n_tiles, int bq, int nsplit);
 

@@ -1077,7 +1077,13 @@ int main(int argc, char **argv)
         test_router();
     }
     if (all || !strcmp(what, "norm")) test_norm();
-    if (all || !strcmp(what, "attn")) test_attn();
+    if (all || !strcmp(what, "attn")) {
+        test_attn(); /* the K/V loads of the next step in flight (default) */
+        printf("-- attention again, each step loaded after the last (LIGHTMOE_CUDA_ATTN_PIPE=0)\n");
+        cu_attn_set_pipe(0);
+        test_attn();
+        cu_attn_set_pipe(1);
+    }
     if (all || !strcmp(what, "forward")) test_forward();
     printf("%s\n", g_fail ? "FAILED" : "all passed");
     return g_fail;
