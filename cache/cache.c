@@ -15,7 +15,6 @@
 #include <time.h>
 
 #include "cache/cache_internal.h"
-#include "cache/sha256.h"
 
 #define FLIGHT_BUCKETS 64
 
@@ -172,20 +171,20 @@ void cache_destroy(cache *c)
 
 /* ---- keys ------------------------------------------------------------------ */
 
-static void h_u32(sha256_ctx *h, uint32_t v)
+static void h_u32(cache_hash *h, uint32_t v)
 {
     uint8_t b[4] = {(uint8_t)v, (uint8_t)(v >> 8), (uint8_t)(v >> 16), (uint8_t)(v >> 24)};
-    sha256_update(h, b, 4);
+    cache_hash_update(h, b, 4);
 }
 
-static void h_u64(sha256_ctx *h, uint64_t v)
+static void h_u64(cache_hash *h, uint64_t v)
 {
     h_u32(h, (uint32_t)v);
     h_u32(h, (uint32_t)(v >> 32));
 }
 
 /* Floats by bit pattern, with -0 folded into +0 (same behaviour). */
-static void h_f32(sha256_ctx *h, float f)
+static void h_f32(cache_hash *h, float f)
 {
     if (f == 0.0f)
         f = 0.0f;
@@ -194,40 +193,110 @@ static void h_f32(sha256_ctx *h, float f)
     h_u32(h, v);
 }
 
-static void h_bytes(sha256_ctx *h, const void *p, size_t n)
+static void h_bytes(cache_hash *h, const void *p, size_t n)
 {
     h_u64(h, n); /* length prefix: no two field sequences hash alike */
-    sha256_update(h, p, n);
+    cache_hash_update(h, p, n);
 }
 
-static void h_ids(sha256_ctx *h, const int32_t *ids, int32_t n)
+static void h_ids(cache_hash *h, const int32_t *ids, int32_t n)
 {
     h_u32(h, (uint32_t)n);
     for (int32_t i = 0; i < n; i++)
         h_u32(h, (uint32_t)ids[i]);
 }
 
-/* M: 16 hex of SHA-256("model\0" fingerprint). */
-static void model_tag(const char *fp, char out[17])
+/* D: SHA-256 over the canonical encoding of everything that decides the
+ * output (cache.h). -EINVAL for a NULL stop string. */
+static int output_digest(cache_hash *h, const cache_request *r, int greedy, uint8_t d[32],
+                         lm_err *err)
 {
-    sha256_ctx h;
-    uint8_t d[32];
-    sha256_init(&h);
-    sha256_update(&h, "model", 6);
-    sha256_update(&h, fp, strlen(fp));
-    sha256_final(&h, d);
-    sha256_hex(d, 8, out);
+    const sample_params *sp = r->sampling;
+    cache_hash_update(h, "lightmoe-cache", 15);
+    h_u32(h, CACHE_FORMAT_VERSION);
+    h_bytes(h, r->model_fp, strlen(r->model_fp));
+    h_ids(h, r->prompt, r->n_prompt);
+    h_u32(h, (uint32_t)r->max_tokens);
+    h_f32(h, sp->temperature);
+    /* sample.h: greedy ignores the filters and the seed. Penalties still act. */
+    h_u32(h, greedy ? 0u : (uint32_t)sp->top_k);
+    h_f32(h, greedy ? 1.0f : sp->top_p);
+    h_f32(h, greedy ? 0.0f : sp->min_p);
+    h_f32(h, sp->repetition_penalty);
+    h_f32(h, sp->presence_penalty);
+    h_f32(h, sp->frequency_penalty);
+    /* A seed the caller did not choose is random per request: hashing it would
+     * make every key unique (cache_nondeterministic could never hit). */
+    h_u64(h, greedy || !r->seed_fixed ? 0 : sp->seed);
+    h_u32(h, (uint32_t)sp->logprobs);
+    h_ids(h, r->stop_ids, r->n_stop_ids);
+    h_u32(h, (uint32_t)r->n_stop);
+    for (int32_t i = 0; i < r->n_stop; i++) {
+        if (!r->stop[i])
+            return lm_err_set(err, -EINVAL, "cache key: stop string %d is NULL", i);
+        h_bytes(h, r->stop[i], strlen(r->stop[i]));
+    }
+    h_u32(h, r->ignore_eos ? 1u : 0u);
+    h_bytes(h, r->extra, r->n_extra);
+    return cache_hash_final(h, d) ? lm_err_set(err, -EIO, "cache key: SHA-256 failed") : 0;
 }
 
-/* P: 16 hex of SHA-256 of the first min(N, n) ids. */
-static void prefix_tag(const int32_t *ids, int32_t n, int32_t N, char out[17])
+/* M: 16 hex of SHA-256("model\0" fingerprint). 0 or -EIO. */
+static int model_tag(cache_hash *h, const char *fp, char out[17])
 {
-    sha256_ctx h;
-    uint8_t d[32];
-    sha256_init(&h);
-    h_ids(&h, ids, n < N ? n : N);
-    sha256_final(&h, d);
-    sha256_hex(d, 8, out);
+    uint8_t d[CACHE_HASH_BYTES];
+    cache_hash_update(h, "model", 6);
+    cache_hash_update(h, fp, strlen(fp));
+    int rc = cache_hash_final(h, d);
+    cache_hex(d, 8, out);
+    return rc;
+}
+
+/* P: 16 hex of SHA-256 of the first min(N, n) ids. 0 or -EIO. */
+static int prefix_tag(cache_hash *h, const int32_t *ids, int32_t n, int32_t N, char out[17])
+{
+    uint8_t d[CACHE_HASH_BYTES];
+    h_ids(h, ids, n < N ? n : N);
+    int rc = cache_hash_final(h, d);
+    cache_hex(d, 8, out);
+    return rc;
+}
+
+/* "<prefix>v1:<M>:" (and "<P>:" when p) into out (CACHE_KEY_MAX); its length. */
+static size_t key_head(const cache *c, const char *m, const char *p, char *out)
+{
+    _Static_assert(CACHE_FORMAT_VERSION == 1, "keys say v1");
+    size_t n = strlen(c->prefix);
+    memcpy(out, c->prefix, n);
+    memcpy(out + n, "v1:", 3);
+    memcpy(out + n + 3, m, 16);
+    out[n + 19] = ':';
+    n += 20;
+    if (p) {
+        memcpy(out + n, p, 16);
+        out[n + 16] = ':';
+        n += 17;
+    }
+    out[n] = '\0';
+    return n;
+}
+
+/* The three digests of the key into k->str (cache.h). */
+static int key_digests(cache_hash *h, const cache *c, const cache_request *r, int greedy,
+                       cache_key *k, lm_err *err)
+{
+    uint8_t d[CACHE_HASH_BYTES];
+    char m[17], p[17];
+    int rc = output_digest(h, r, greedy, d, err);
+    if (rc)
+        return rc;
+    if (model_tag(h, r->model_fp, m) || prefix_tag(h, r->prompt, r->n_prompt,
+                                                   c->cfg.prefix_tokens, p))
+        return lm_err_set(err, -EIO, "cache key: SHA-256 failed");
+    size_t n = key_head(c, m, p, k->str);
+    cache_hex(d, 32, k->str + n);
+    k->len = n + 64;
+    return 0;
 }
 
 int cache_key_make(const cache *c, const cache_request *r, cache_key *ret, lm_err *err)
@@ -240,48 +309,16 @@ int cache_key_make(const cache *c, const cache_request *r, cache_key *ret, lm_er
         return lm_err_set(err, -EINVAL, "cache key: negative count or missing array");
     if ((unsigned)r->mode > CACHE_MODE_NO_STORE)
         return lm_err_set(err, -EINVAL, "cache key: unknown mode %d", (int)r->mode);
-    const sample_params *sp = r->sampling;
-    int greedy = sp->temperature == 0.0f;
-    sha256_ctx h;
-    uint8_t d[32];
-    sha256_init(&h);
-    sha256_update(&h, "lightmoe-cache", 15);
-    h_u32(&h, CACHE_FORMAT_VERSION);
-    h_bytes(&h, r->model_fp, strlen(r->model_fp));
-    h_ids(&h, r->prompt, r->n_prompt);
-    h_u32(&h, (uint32_t)r->max_tokens);
-    h_f32(&h, sp->temperature);
-    /* sample.h: greedy ignores the filters and the seed. Penalties still act. */
-    h_u32(&h, greedy ? 0u : (uint32_t)sp->top_k);
-    h_f32(&h, greedy ? 1.0f : sp->top_p);
-    h_f32(&h, greedy ? 0.0f : sp->min_p);
-    h_f32(&h, sp->repetition_penalty);
-    h_f32(&h, sp->presence_penalty);
-    h_f32(&h, sp->frequency_penalty);
-    /* A seed the caller did not choose is random per request: hashing it would
-     * make every key unique (cache_nondeterministic could never hit). */
-    h_u64(&h, greedy || !r->seed_fixed ? 0 : sp->seed);
-    h_u32(&h, (uint32_t)sp->logprobs);
-    h_ids(&h, r->stop_ids, r->n_stop_ids);
-    h_u32(&h, (uint32_t)r->n_stop);
-    for (int32_t i = 0; i < r->n_stop; i++) {
-        if (!r->stop[i])
-            return lm_err_set(err, -EINVAL, "cache key: stop string %d is NULL", i);
-        h_bytes(&h, r->stop[i], strlen(r->stop[i]));
-    }
-    h_u32(&h, r->ignore_eos ? 1u : 0u);
-    h_bytes(&h, r->extra, r->n_extra);
-    sha256_final(&h, d);
-
-    char m[17], p[17], dh[65];
-    model_tag(r->model_fp, m);
-    prefix_tag(r->prompt, r->n_prompt, c->cfg.prefix_tokens, p);
-    sha256_hex(d, 32, dh);
+    int greedy = r->sampling->temperature == 0.0f;
     cache_key k;
-    memset(&k, 0, sizeof k);
-    int n = snprintf(k.str, sizeof k.str, "%sv%d:%s:%s:%s", c->prefix, CACHE_FORMAT_VERSION, m, p,
-                     dh);
-    k.len = (size_t)n;
+    cache_hash h;
+    int rc = cache_hash_begin(&h);
+    if (rc)
+        return lm_err_set(err, rc, "cache key: SHA-256 unavailable (libcrypto)");
+    rc = key_digests(&h, c, r, greedy, &k, err);
+    cache_hash_end(&h);
+    if (rc)
+        return rc;
     int deterministic = greedy || r->seed_fixed || c->cfg.cache_nondeterministic;
     int on = c->be != NULL && deterministic;
     k.lookup = on && (r->mode == CACHE_MODE_USE || r->mode == CACHE_MODE_NO_STORE);
@@ -572,17 +609,21 @@ int cache_invalidate(cache *c, const char *model_fp, const int32_t *prefix, int3
     if (!c->be)
         return 0;
     char m[17], p[17], kp[CACHE_KEY_MAX];
-    model_tag(model_fp, m);
-    int n;
-    if (n_prefix >= c->cfg.prefix_tokens) {
-        prefix_tag(prefix, n_prefix, c->cfg.prefix_tokens, p);
-        n = snprintf(kp, sizeof kp, "%sv%d:%s:%s:", c->prefix, CACHE_FORMAT_VERSION, m, p);
-    } else {
-        n = snprintf(kp, sizeof kp, "%sv%d:%s:", c->prefix, CACHE_FORMAT_VERSION, m);
-    }
+    cache_hash h;
+    int rc = cache_hash_begin(&h);
+    if (rc)
+        return lm_err_set(err, rc, "cache invalidate: SHA-256 unavailable (libcrypto)");
+    int whole = n_prefix >= c->cfg.prefix_tokens; /* P of the keys is known */
+    rc = model_tag(&h, model_fp, m);
+    if (!rc && whole)
+        rc = prefix_tag(&h, prefix, n_prefix, c->cfg.prefix_tokens, p);
+    cache_hash_end(&h);
+    if (rc)
+        return lm_err_set(err, rc, "cache invalidate: SHA-256 failed");
+    size_t n = key_head(c, m, whole ? p : NULL, kp);
     prefix_match pm = {prefix, n_prefix};
-    int rc = c->be->ops->scan_delete(c->be, kp, (size_t)n, n_prefix ? match_prompt_prefix : NULL,
-                                     &pm, deadline_ns, ret_n, err);
+    rc = c->be->ops->scan_delete(c->be, kp, n, n_prefix ? match_prompt_prefix : NULL, &pm,
+                                 deadline_ns, ret_n, err);
     INC(c, invalidated, *ret_n);
     return rc;
 }

@@ -18,7 +18,6 @@
 #include <unistd.h>
 
 #include "cache/cache_internal.h"
-#include "cache/sha256.h"
 
 #define SAMPLES 16
 #define SAMPLE_BYTES 4096
@@ -31,22 +30,22 @@ static const char *small_files[] = {
     "special_tokens_map.json", "model.safetensors.index.json",
 };
 
-static void h_u64(sha256_ctx *h, uint64_t v)
+static void h_u64(cache_hash *h, uint64_t v)
 {
     uint8_t b[8];
     for (int i = 0; i < 8; i++)
         b[i] = (uint8_t)(v >> (8 * i));
-    sha256_update(h, b, 8);
+    cache_hash_update(h, b, 8);
 }
 
-static void h_str(sha256_ctx *h, const char *s)
+static void h_str(cache_hash *h, const char *s)
 {
     h_u64(h, strlen(s));
-    sha256_update(h, s, strlen(s));
+    cache_hash_update(h, s, strlen(s));
 }
 
 /* Hash [off, off+n) of fd; -errno on a read error. */
-static int h_range(sha256_ctx *h, int fd, uint64_t off, uint64_t n, uint8_t *buf, size_t cap)
+static int h_range(cache_hash *h, int fd, uint64_t off, uint64_t n, uint8_t *buf, size_t cap)
 {
     while (n) {
         size_t want = n < cap ? (size_t)n : cap;
@@ -55,7 +54,7 @@ static int h_range(sha256_ctx *h, int fd, uint64_t off, uint64_t n, uint8_t *buf
             return -errno;
         if (got == 0)
             return -EIO;
-        sha256_update(h, buf, (size_t)got);
+        cache_hash_update(h, buf, (size_t)got);
         off += (uint64_t)got;
         n -= (uint64_t)got;
     }
@@ -67,7 +66,7 @@ static int cmp_str(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-static int hash_safetensors(sha256_ctx *h, int dfd, const char *name, uint8_t *buf, lm_err *err)
+static int hash_safetensors(cache_hash *h, int dfd, const char *name, uint8_t *buf, lm_err *err)
 {
     int fd = openat(dfd, name, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
@@ -107,12 +106,16 @@ int cache_fingerprint_dir(const char *dir, const char *tag, char out[65], lm_err
     int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd < 0)
         return lm_err_set(err, -errno, "fingerprint: %s: cannot open the model folder", dir);
-    sha256_ctx h;
-    sha256_init(&h);
-    sha256_update(&h, "lightmoe-model-fp", 18);
+    cache_hash h;
+    int rc = cache_hash_begin(&h);
+    if (rc) {
+        close(dfd);
+        return lm_err_set(err, rc, "fingerprint: SHA-256 unavailable (libcrypto)");
+    }
+    cache_hash_update(&h, "lightmoe-model-fp", 18);
     h_str(&h, tag ? tag : "");
     uint8_t *buf = malloc(SAMPLE_BYTES);
-    int rc = buf ? 0 : lm_err_set(err, -ENOMEM, "fingerprint: out of memory");
+    rc = buf ? 0 : lm_err_set(err, -ENOMEM, "fingerprint: out of memory");
     for (size_t i = 0; !rc && i < sizeof small_files / sizeof *small_files; i++) {
         h_str(&h, small_files[i]);
         int fd = openat(dfd, small_files[i], O_RDONLY | O_CLOEXEC);
@@ -170,10 +173,12 @@ int cache_fingerprint_dir(const char *dir, const char *tag, char out[65], lm_err
     free(names);
     free(buf);
     close(dfd);
+    uint8_t dg[CACHE_HASH_BYTES];
+    if (!rc && cache_hash_final(&h, dg))
+        rc = lm_err_set(err, -EIO, "fingerprint: SHA-256 failed");
+    cache_hash_end(&h);
     if (rc)
         return rc;
-    uint8_t dg[32];
-    sha256_final(&h, dg);
-    sha256_hex(dg, 32, out);
+    cache_hex(dg, CACHE_HASH_BYTES, out);
     return 0;
 }

@@ -52,6 +52,29 @@ int cache_redis_create(cache *owner, const cache_config *cfg, const cache_url *u
 
 uint32_t cache_crc32(const uint8_t *p, size_t n);
 
+/* SHA-256 (cache_hash.c, OpenSSL libcrypto underneath). Usage:
+ * cache_hash_begin, cache_hash_update any number of times, cache_hash_final
+ * (which readies the same context for another digest), ..., cache_hash_end
+ * (always, after a successful begin). begin: 0, -ENOMEM, or -EIO (libcrypto
+ * has no SHA-256); final: 0 or -EIO. The struct is plain data on the
+ * caller's stack; its ctx is libcrypto's and freed by cache_hash_end. */
+#define CACHE_HASH_BYTES 32
+
+typedef struct cache_hash {
+    struct evp_md_ctx_st *ctx;  /* EVP_MD_CTX */
+    size_t n;                   /* bytes staged in buf */
+    int failed;                 /* an EVP call failed: final returns -EIO */
+    uint8_t buf[512];           /* staged input, handed to libcrypto when full */
+} cache_hash;
+
+int cache_hash_begin(cache_hash *h);
+void cache_hash_update(cache_hash *h, const void *p, size_t n);
+int cache_hash_final(cache_hash *h, uint8_t out[CACHE_HASH_BYTES]);
+void cache_hash_end(cache_hash *h);
+
+/* Lower-case hex of d[0..n_bytes) into out (2 * n_bytes + 1 with the NUL). */
+void cache_hex(const uint8_t *d, size_t n_bytes, char *out);
+
 /* Prompt ids of an encoded value without decoding the rest: for matching
  * prefixes. Returns 0 and a pointer into a malloc'ed array, or -EBADMSG. */
 int cache_value_prompt(const uint8_t *val, size_t n, int32_t **ret, int32_t *ret_n);

@@ -7,7 +7,7 @@ SUDO=""
 PKGS=(
   build-essential cmake pkg-config git
   libgrpc-dev protobuf-c-compiler libprotobuf-c-dev protobuf-compiler
-  libhiredis-dev redis-server redis-tools
+  libhiredis-dev redis-server redis-tools libssl-dev
   libsystemd-dev systemd
   libjansson-dev libpcre2-dev libutf8proc-dev libmicrohttpd-dev
   libopenblas-dev liblapacke-dev
