@@ -12,8 +12,21 @@
 #    first call (the tool fails if any answer is not cached), driven like
 #    redis-benchmark (--mode loop: one thread, N channels); then 16 clients
 #    once more with --mode threads (a thread per client: the first version
-#    of the tool, kept for comparison with older rows of docs/PERF.md).
-# Each line says its mode, the client's CPU per call and the load average.
+#    of the tool, kept for comparison with older rows of docs/PERF.md);
+# 3. the same daemons driven by h2load (nghttp2's HTTP/2 load generator, C,
+#    one thread, N connections with one request in flight each: -c N -m 1,
+#    redis-benchmark's shape) sending the same request as raw gRPC frames,
+#    with 1, 16 and 64 connections. h2load does not read grpc-status, so
+#    each run checks through lightmoed's /metrics that
+#    lightmoe_cache_hits_total rose by exactly the number of requests h2load
+#    completed (and that every one completed): the bench fails otherwise.
+#    Latency percentiles come from h2load's per-request --log-file; the
+#    server's CPU per request from /proc/PID/stat.
+# Each line says its mode, the client's CPU per call (bench_cache_rpc) or
+# the server's (h2load) and the load average. H2LOAD_N (default 100000)
+# sets the requests of one h2load run (a third of it with 1 connection);
+# without h2load on PATH part 3 is skipped, and says so. LIGHTMOED_ARGS adds
+# lightmoed options (e.g. "--rpc-threads 1"); BENCH_RPC=0 skips part 2.
 # Every lightmoed configuration runs REPEATS times (default 3, interleaved):
 # on a shared machine single runs of the same configuration differ by 2x,
 # so compare medians.
@@ -41,12 +54,14 @@ for _ in $(seq "$reps"); do
     done
 done
 
-run_daemon() { # $1 = cache url; sets addr and dpid
-    local port
+run_daemon() { # $1 = cache url, then extra lightmoed options; sets addr, maddr and dpid
+    local port url=$1
+    shift
     port=$(free_port)
     addr=127.0.0.1:$port
-    "$build/daemon/lightmoed" --model "$model" --listen "$addr" --metrics-listen "" \
-        --config /dev/null --cache-url "$1" --log-level warn 2>"$tmp/lightmoed.log" &
+    maddr=127.0.0.1:$(free_port)
+    "$build/daemon/lightmoed" --model "$model" --listen "$addr" --metrics-listen "$maddr" \
+        --config /dev/null --cache-url "$url" --log-level warn "$@" 2>"$tmp/lightmoed.log" &
     dpid=$!
     # Ready when a request is answered (the tool's priming call) and then cached.
     for _ in $(seq 300); do
@@ -56,10 +71,55 @@ run_daemon() { # $1 = cache url; sets addr and dpid
     done
     echo "lightmoed did not become ready:" >&2; cat "$tmp/lightmoed.log" >&2; exit 1
 }
+# The h2load request: one gRPC message (flag 0, big-endian length) holding
+# GenerateRequest{prompt = 1: "What is the capital of France?", max_tokens
+# = 3: 16, temperature = 4: 0.0}: the key bench_cache_rpc's priming call stores.
+python3 -c '
+import struct, sys
+p = b"What is the capital of France?"
+m = b"\x0a" + bytes([len(p)]) + p + b"\x18\x10" + b"\x25\0\0\0\0"
+sys.stdout.buffer.write(b"\0" + struct.pack(">I", len(m)) + m)' >"$tmp/req.bin"
+hits() {
+    python3 -c 'import sys, urllib.request as u
+for l in u.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode().splitlines():
+    if l.startswith("lightmoe_cache_hits_total "): print(l.split()[1])' "$maddr"
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$dpid/stat"; }
+h2load_run() { # $1 = connections; one line, or exit 1 when a request was not a hit
+    local c=$1 n=${H2LOAD_N:-100000} h0 h1 t0 t1 out done secs rps
+    [ "$c" = 1 ] && n=$((n / 3))
+    rm -f "$tmp/h2.log" # h2load appends to it
+    h0=$(hits)
+    t0=$(cpu_ticks)
+    out=$(h2load -c "$c" -m 1 -n "$n" -d "$tmp/req.bin" -H 'content-type: application/grpc' \
+        -H 'te: trailers' --log-file "$tmp/h2.log" "http://$addr/lightmoe.v1.LightMoE/Complete")
+    t1=$(cpu_ticks)
+    h1=$(hits)
+    done=$(sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p' <<<"$out")
+    rps=$(sed -n 's/^finished in .*s, \([0-9.]*\) req\/s.*/\1/p' <<<"$out")
+    if [ "$done" != "$n" ] || [ $((h1 - h0)) != "$n" ]; then
+        echo "h2load clients $c: $done of $n requests succeeded, cache hits rose by $((h1 - h0)):" \
+            "not every request was a hit" >&2
+        echo "$out" >&2
+        exit 1
+    fi
+    echo "h2load clients $c: $(printf '%.0f' "$rps") req/s, $n requests, all hits;" \
+        "latency ms $(cut -f3 "$tmp/h2.log" | sort -n | awk '{v[NR] = $1}
+            END {printf "p50 %.3f p90 %.3f p99 %.3f p99.9 %.3f",
+                 v[int(NR * .5)] / 1e3, v[int(NR * .9)] / 1e3, v[int(NR * .99)] / 1e3,
+                 v[int(NR * .999)] / 1e3}');" \
+        "server CPU $(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$(getconf CLK_TCK)" \
+            'BEGIN {printf "%.1f", t / hz / n * 1e6}') us/request" \
+        " load $(cut -d' ' -f1 /proc/loadavg)"
+}
+
 for url in memory "redis://127.0.0.1:$rport/0"; do
-    run_daemon "$url"
-    echo "== lightmoed cache_url=$url at $addr: cache hits through gRPC (Complete)"
+    # shellcheck disable=SC2086
+    run_daemon "$url" ${LIGHTMOED_ARGS:-}
+    echo "== lightmoed cache_url=$url at $addr ${LIGHTMOED_ARGS:-}: cache hits through gRPC" \
+        "(Complete)"
     for _ in $(seq "$reps"); do
+        [ "${BENCH_RPC:-1}" = 0 ] && break
         for run in "loop 1" "loop 16" "loop 64" "threads 16"; do
             set -- $run
             echo "$("$build/bench/bench_cache_rpc" --target "$addr" --clients "$2" \
@@ -67,6 +127,16 @@ for url in memory "redis://127.0.0.1:$rport/0"; do
                 " load $(cut -d' ' -f1 /proc/loadavg)"
         done
     done
+    if command -v h2load >/dev/null; then
+        echo "== lightmoed cache_url=$url: cache hits through gRPC, h2load -m 1 (raw frames)"
+        for _ in $(seq "$reps"); do
+            for c in 1 16 64; do
+                h2load_run "$c"
+            done
+        done
+    else
+        echo "== h2load not found (Debian: nghttp2-client): h2load runs skipped"
+    fi
     kill "$dpid"; wait "$dpid" 2>/dev/null || true
 done
 echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -532,6 +532,38 @@ static void unknown_method(rpc_call *c)
                c->method_path);
 }
 
+/* src[0..n) into dst (cap bytes), cut to cap - 1, NUL-terminated. */
+static void copy_trunc(char *dst, size_t cap, const char *src, size_t n)
+{
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(dst, src, n);
+    dst[n] = 0;
+}
+
+/* "lm-<t hex>-<seq decimal>" (the id of a call whose client sent none) into
+ * out (>= 3 + 16 + 1 + 20 + 1 bytes). */
+static void make_request_id(char *out, uint64_t t, uint64_t seq)
+{
+    char tmp[20];
+    int n = 0, k = 0;
+    out[n++] = 'l';
+    out[n++] = 'm';
+    out[n++] = '-';
+    do
+        tmp[k++] = "0123456789abcdef"[t & 15];
+    while ((t >>= 4) != 0);
+    while (k)
+        out[n++] = tmp[--k];
+    out[n++] = '-';
+    do
+        tmp[k++] = (char)('0' + seq % 10);
+    while ((seq /= 10) != 0);
+    while (k)
+        out[n++] = tmp[--k];
+    out[n] = 0;
+}
+
 static void listener_done(rpc_tag *t, int ok)
 {
     listener *l = (listener *)t;
@@ -573,14 +605,13 @@ static void listener_done(rpc_tag *t, int ok)
         if (c->deadline_ns <= 0)
             c->deadline_ns = 1;
     }
+    /* No printf on this path: it runs once per call (hits included). */
     if (l->m) {
-        snprintf(c->method_path, sizeof c->method_path, "%s", l->m->path);
+        copy_trunc(c->method_path, sizeof c->method_path, l->m->path, strlen(l->m->path));
     } else {
-        size_t n = GRPC_SLICE_LENGTH(l->details.method);
-        if (n >= sizeof c->method_path)
-            n = sizeof c->method_path - 1;
-        memcpy(c->method_path, GRPC_SLICE_START_PTR(l->details.method), n);
-        c->method_path[n] = 0;
+        copy_trunc(c->method_path, sizeof c->method_path,
+                   (const char *)GRPC_SLICE_START_PTR(l->details.method),
+                   GRPC_SLICE_LENGTH(l->details.method));
         grpc_call_details_destroy(&l->details);
     }
     char rid[80];
@@ -593,10 +624,9 @@ static void listener_done(rpc_tag *t, int ok)
     r->n_calls++;
     pthread_mutex_unlock(&r->mu);
     if (rpc_metadata(c, "x-request-id", rid, sizeof rid) && rid[0])
-        snprintf(c->request_id, sizeof c->request_id, "%.64s", rid);
+        copy_trunc(c->request_id, 65, rid, strlen(rid));
     else
-        snprintf(c->request_id, sizeof c->request_id, "lm-%llx-%llu",
-                 (unsigned long long)(c->start_ns & 0xffffff), (unsigned long long)seq);
+        make_request_id(c->request_id, (uint64_t)c->start_ns & 0xffffff, seq);
 
     /* Keep a request outstanding before handling this one. */
     if (!r->shutting_down)

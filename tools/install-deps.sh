@@ -13,6 +13,7 @@ PKGS=(
   libopenblas-dev liblapacke-dev
   python3 python3-grpcio python3-protobuf python3-numpy
   openssl dpkg-dev fakeroot lintian rpm file
+  nghttp2-client  # h2load, for bench/bench_cache.sh
 )
 missing=()
 for p in "${PKGS[@]}"; do
