@@ -290,8 +290,24 @@ static int key_digests(cache_hash *h, const cache *c, const cache_request *r, in
     int rc = output_digest(h, r, greedy, d, err);
     if (rc)
         return rc;
-    if (model_tag(h, r->model_fp, m) || prefix_tag(h, r->prompt, r->n_prompt,
-                                                   c->cfg.prefix_tokens, p))
+    /* M depends only on the fingerprint, the same for every request of a
+     * daemon: each thread keeps its last one (one digest less per key). */
+    static _Thread_local struct {
+        char fp[80];
+        char tag[17];
+    } memo;
+    size_t fl = strlen(r->model_fp);
+    if (fl < sizeof memo.fp && memo.tag[0] && !memcmp(memo.fp, r->model_fp, fl + 1)) {
+        memcpy(m, memo.tag, sizeof m);
+    } else {
+        if (model_tag(h, r->model_fp, m))
+            return lm_err_set(err, -EIO, "cache key: SHA-256 failed");
+        if (fl < sizeof memo.fp) {
+            memcpy(memo.fp, r->model_fp, fl + 1);
+            memcpy(memo.tag, m, sizeof m);
+        }
+    }
+    if (prefix_tag(h, r->prompt, r->n_prompt, c->cfg.prefix_tokens, p))
         return lm_err_set(err, -EIO, "cache key: SHA-256 failed");
     size_t n = key_head(c, m, p, k->str);
     cache_hex(d, 32, k->str + n);
