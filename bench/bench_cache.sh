@@ -86,7 +86,7 @@ for l in u.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode()
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$dpid/stat"; }
 h2load_run() { # $1 = connections; one line, or exit 1 when a request was not a hit
-    local c=$1 n=${H2LOAD_N:-100000} h0 h1 t0 t1 out done secs rps
+    local c=$1 n=${H2LOAD_N:-100000} h0 h1 t0 t1 out ok rps
     [ "$c" = 1 ] && n=$((n / 3))
     rm -f "$tmp/h2.log" # h2load appends to it
     h0=$(hits)
@@ -95,10 +95,10 @@ h2load_run() { # $1 = connections; one line, or exit 1 when a request was not a 
         -H 'te: trailers' --log-file "$tmp/h2.log" "http://$addr/lightmoe.v1.LightMoE/Complete")
     t1=$(cpu_ticks)
     h1=$(hits)
-    done=$(sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p' <<<"$out")
+    ok=$(sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p' <<<"$out")
     rps=$(sed -n 's/^finished in .*s, \([0-9.]*\) req\/s.*/\1/p' <<<"$out")
-    if [ "$done" != "$n" ] || [ $((h1 - h0)) != "$n" ]; then
-        echo "h2load clients $c: $done of $n requests succeeded, cache hits rose by $((h1 - h0)):" \
+    if [ "$ok" != "$n" ] || [ $((h1 - h0)) != "$n" ]; then
+        echo "h2load clients $c: $ok of $n requests succeeded, cache hits rose by $((h1 - h0)):" \
             "not every request was a hit" >&2
         echo "$out" >&2
         exit 1

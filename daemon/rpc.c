@@ -624,7 +624,7 @@ static void listener_done(rpc_tag *t, int ok)
     r->n_calls++;
     pthread_mutex_unlock(&r->mu);
     if (rpc_metadata(c, "x-request-id", rid, sizeof rid) && rid[0])
-        copy_trunc(c->request_id, 65, rid, strlen(rid));
+        copy_trunc(c->request_id, 64 + 1, rid, strlen(rid)); /* at most 64 bytes of it */
     else
         make_request_id(c->request_id, (uint64_t)c->start_ns & 0xffffff, seq);
 
