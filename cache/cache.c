@@ -349,20 +349,12 @@ int cache_key_make(const cache *c, const cache_request *r, cache_key *ret, lm_er
 
 /* ---- get / put ------------------------------------------------------------- */
 
-int cache_get(cache *c, const cache_key *k, int64_t deadline_ns, cache_entry **ret)
+/* Count one backend get (rc as the backend's, dt_ns its time) and decode
+ * a found value (freed here). 1 with *ret, or 0 (miss of any kind). */
+static int get_account(cache *c, int rc, uint8_t *val, size_t n, int64_t dt_ns, cache_entry **ret)
 {
-    if (!c || !k || !ret)
-        return -EINVAL;
-    if (!k->lookup || !c->be) {
-        INC(c, bypassed, 1);
-        return 0;
-    }
-    int64_t t0 = cache_now_ns();
-    uint8_t *val = NULL;
-    size_t n = 0;
-    int rc = c->be->ops->get(c->be, k->str, k->len, deadline_ns, &val, &n);
     if (rc != -EAGAIN) {
-        INC(c, get_ns, (uint64_t)(cache_now_ns() - t0));
+        INC(c, get_ns, (uint64_t)dt_ns);
         INC(c, get_n, 1);
     }
     if (rc < 0) {
@@ -392,6 +384,99 @@ int cache_get(cache *c, const cache_key *k, int64_t deadline_ns, cache_entry **r
     INC(c, hits, 1);
     *ret = e;
     return 1;
+}
+
+int cache_get(cache *c, const cache_key *k, int64_t deadline_ns, cache_entry **ret)
+{
+    if (!c || !k || !ret)
+        return -EINVAL;
+    if (!k->lookup || !c->be) {
+        INC(c, bypassed, 1);
+        return 0;
+    }
+    int64_t t0 = cache_now_ns();
+    uint8_t *val = NULL;
+    size_t n = 0;
+    int rc = c->be->ops->get(c->be, k->str, k->len, deadline_ns, &val, &n);
+    return get_account(c, rc, val, n, cache_now_ns() - t0, ret);
+}
+
+typedef struct many_ctx {
+    cache *c;
+    int64_t t0;
+    cache_get_op *gops;         /* the caller's array */
+    int n_gops, cap;
+    const cache_get_more *more;
+    cache_get_done_fn done;
+    void *user;
+} many_ctx;
+
+static void many_done(void *user, cache_bget *op)
+{
+    many_ctx *m = user;
+    cache_get_op *gop = op->user;
+    cache_entry *e = NULL;
+    int hit = get_account(m->c, op->rc, op->val, op->n, cache_now_ns() - m->t0, &e);
+    op->val = NULL;
+    m->done(m->user, gop, hit, hit ? e : NULL);
+}
+
+/* Turn the caller's ops [from, m->n_gops) into backend ops at bg (those
+ * without a lookup are answered at once); how many were written. */
+static int many_wrap(many_ctx *m, int from, cache_bget *bg)
+{
+    int nb = 0;
+    for (int i = from; i < m->n_gops; i++) {
+        cache_get_op *op = &m->gops[i];
+        if (!op->key->lookup) {
+            INC(m->c, bypassed, 1);
+            m->done(m->user, op, 0, NULL);
+            continue;
+        }
+        bg[nb++] = (cache_bget){op->key->str, op->key->len, op->deadline_ns, 0, NULL, 0, op};
+    }
+    return nb;
+}
+
+static int many_more(void *user, cache_bget *bg, int max)
+{
+    many_ctx *m = user;
+    int room = m->cap - m->n_gops;
+    if (max < room)
+        room = max;
+    if (room <= 0)
+        return 0;
+    int from = m->n_gops;
+    int k = m->more->take(m->user, m->gops + from, room);
+    m->n_gops += k > 0 ? k : 0;
+    return many_wrap(m, from, bg);
+}
+
+void cache_get_stream(cache *c, cache_get_op *ops, int n, int cap, const cache_get_more *more,
+                      cache_get_done_fn done, void *user)
+{
+    cache_bget *bg = NULL;
+    if (c->be && c->be->ops->get_many && cap > 0)
+        bg = malloc((size_t)cap * sizeof *bg);
+    if (!bg) { /* memory, off, or no pipelining: one by one, nothing streamed */
+        for (int i = 0; i < n; i++) {
+            cache_entry *e = NULL;
+            int hit = cache_get(c, ops[i].key, ops[i].deadline_ns, &e) == 1;
+            done(user, &ops[i], hit, hit ? e : NULL);
+        }
+        return;
+    }
+    many_ctx m = {c, cache_now_ns(), ops, n, cap, more, done, user};
+    int nb = many_wrap(&m, 0, bg);
+    if (nb)
+        c->be->ops->get_many(c->be, bg, nb, cap, more ? more->fd : -1,
+                             more ? many_more : NULL, many_done, &m);
+    free(bg);
+}
+
+void cache_get_many(cache *c, cache_get_op *ops, int n, cache_get_done_fn done, void *user)
+{
+    cache_get_stream(c, ops, n, n, NULL, done, user);
 }
 
 int cache_put(cache *c, const cache_key *k, const cache_entry *e, int64_t deadline_ns)

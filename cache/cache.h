@@ -217,6 +217,40 @@ int cache_key_make(const cache *c, const cache_request *r, cache_key *ret, lm_er
  * = only timeout_ms bounds it. */
 int cache_get(cache *c, const cache_key *k, int64_t deadline_ns, cache_entry **ret);
 
+/* Several lookups made together (a cache thread's, never a request's):
+ * for Redis one pipeline on one connection (every GET appended and sent,
+ * then the replies read), each op bounded by min(timeout_ms, its own
+ * deadline_ns); other backends look up one by one. done(user, op, hit, e)
+ * is called exactly once per op, on the calling thread, as soon as that
+ * op's result is known (not necessarily in order): hit 1 with e (caller
+ * frees), or 0 (miss of any kind, as cache_get) with e NULL. Ops whose
+ * key says no lookup are answered 0 at once. Counted as cache_get. */
+typedef struct cache_get_op {
+    const cache_key *key;       /* read until done is called for this op */
+    int64_t deadline_ns;        /* CLOCK_MONOTONIC, 0 = only timeout_ms */
+    void *user;                 /* the caller's */
+} cache_get_op;
+
+typedef void (*cache_get_done_fn)(void *user, cache_get_op *op, int hit, cache_entry *e);
+
+void cache_get_many(cache *c, cache_get_op *ops, int n, cache_get_done_fn done, void *user);
+
+/* As cache_get_many, but the pipeline stays open to later lookups: while
+ * replies are awaited, when more->fd is readable (an eventfd the caller
+ * writes when it has queued lookups; the call reads it), more->take(user,
+ * ops + k, max) is asked (without blocking) for up to max further ops,
+ * written at ops[k..], and they are appended to the same pipeline. So a
+ * lookup that arrives while Redis is slow waits only for its own bound,
+ * not for the batch before it. ops has room for cap ops (n <= cap). Returns
+ * when every op taken has been answered. */
+typedef struct cache_get_more {
+    int fd;
+    int (*take)(void *user, cache_get_op *ops, int max);
+} cache_get_more;
+
+void cache_get_stream(cache *c, cache_get_op *ops, int n, int cap, const cache_get_more *more,
+                      cache_get_done_fn done, void *user);
+
 /* Store (if k->store). 0 stored; -EPERM policy says no; -E2BIG over
  * max_value_bytes; -EINVAL bad entry (negative ids); other negative errno:
  * the backend failed (already counted; callers ignore it: fail open). */

@@ -20,6 +20,20 @@ typedef struct cache_backend cache_backend;
 /* Decide whether a stored value matches an invalidation; 1 = delete. */
 typedef int (*cache_match_fn)(void *user, const uint8_t *val, size_t n);
 
+/* One GET of a pipelined batch (get_many). The backend fills rc (as get's
+ * return), val/n (malloc'ed on 1) and calls done once per op. */
+typedef struct cache_bget {
+    const char *key;
+    size_t klen;
+    int64_t deadline_ns;        /* 0 = only timeout_ms */
+    int rc;
+    uint8_t *val;
+    size_t n;
+    void *user;                 /* the front end's */
+} cache_bget;
+
+typedef void (*cache_bget_done_fn)(void *user, cache_bget *op);
+
 typedef struct cache_backend_ops {
     int (*get)(cache_backend *b, const char *key, size_t klen, int64_t deadline_ns, uint8_t **val,
                size_t *n);
@@ -32,6 +46,16 @@ typedef struct cache_backend_ops {
     int (*scan_delete)(cache_backend *b, const char *key_prefix, size_t plen, cache_match_fn match,
                        void *mu, int64_t deadline_ns, uint64_t *ret_n, lm_err *err);
     void (*destroy)(cache_backend *b);
+    /* Optional: GET every op in one pipeline (append all, flush, read all
+     * replies); done(user, op) once per op on the calling thread, as soon as
+     * its result is known (its reply, an error, or its own bound passing
+     * while later ones still wait). NULL: the front end loops over get. */
+    /* Streaming (cache_get_stream): ops has room for cap; when more_fd is
+     * readable (more_fd >= 0), more(user, ops + n, cap - n) returns how many
+     * ops it added there, to append to the same pipeline. */
+    void (*get_many)(cache_backend *b, cache_bget *ops, int n, int cap, int more_fd,
+                     int (*more)(void *user, cache_bget *ops, int max), cache_bget_done_fn done,
+                     void *user);
 } cache_backend_ops;
 
 struct cache_backend {

@@ -254,7 +254,8 @@ void cache_mem_usage(cache_backend *b, uint64_t *bytes, uint64_t *entries)
     *entries = en;
 }
 
-static const cache_backend_ops mem_ops = {mem_get, mem_put, mem_del, mem_scan_delete, mem_destroy};
+static const cache_backend_ops mem_ops = {mem_get, mem_put, mem_del, mem_scan_delete, mem_destroy,
+                                         NULL};
 
 int cache_mem_create(cache *owner, const cache_config *cfg, cache_backend **ret, lm_err *err)
 {

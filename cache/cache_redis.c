@@ -27,6 +27,14 @@
  *
  * Error replies to GET/SET (OOM, READONLY...) are counted by the caller as
  * errors but leave the state alone: the connection itself is in sync.
+ *
+ * Pipelined lookups (get_many, for cache_get_stream): one context, every
+ * GET appended and flushed, replies read in order; each op has its own
+ * bound (min(timeout_ms, its deadline)) and is answered -ETIMEDOUT when it
+ * passes while later ones still wait; ops streamed in while replies are
+ * awaited (an eventfd says so) join the same pipeline. Two ops in a row
+ * cut by the full timeout_ms count as two timed-out commands (DOWN); a
+ * broken reused context before any reply is retried once on a fresh one.
  */
 #include <hiredis/hiredis.h>
 #include <hiredis/sds.h>
@@ -35,6 +43,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cache/cache_internal.h"
 
@@ -462,6 +471,259 @@ static int rb_get(cache_backend *be, const char *key, size_t klen, int64_t deadl
     return 1;
 }
 
+/* A GET reply as get's result: 1 with *val (malloc'ed), 0 nil, or -errno. */
+static int get_reply(redisReply *r, uint8_t **val, size_t *n)
+{
+    if (r->type == REDIS_REPLY_NIL)
+        return 0;
+    if (r->type == REDIS_REPLY_ERROR)
+        return -EREMOTEIO;
+    if (r->type != REDIS_REPLY_STRING)
+        return -EPROTO;
+    uint8_t *v = malloc(r->len ? (size_t)r->len : 1);
+    if (!v)
+        return -ENOMEM;
+    memcpy(v, r->str, (size_t)r->len);
+    *val = v;
+    *n = (size_t)r->len;
+    return 1;
+}
+
+/* Per op of a batch: its bound and whether it is answered. */
+typedef struct bget_slot {
+    int64_t until;
+    int full;                   /* the bound is timeout_ms, not the caller's deadline */
+    int fin;
+} bget_slot;
+
+static void bget_finish(cache_bget *op, bget_slot *sl, int rc, cache_bget_done_fn done,
+                        void *user)
+{
+    sl->fin = 1;
+    op->rc = rc;
+    done(user, op);
+}
+
+/* A batch in progress: the ops (growing when streamed), their slots, and
+ * the order their GETs were sent in. */
+typedef struct bget_run {
+    cache_bget *ops;
+    bget_slot *sl;
+    int *idx;                   /* idx[k]: the op of the k-th GET sent */
+    int n, cap;
+    int more_fd;                /* -1: nothing streamed */
+    int (*more)(void *user, cache_bget *ops, int max);
+    cache_bget_done_fn done;
+    void *user;
+} bget_run;
+
+/* Answer every op of the run not answered yet with rc. */
+static void run_finish_all(bget_run *r, int rc)
+{
+    for (int i = 0; i < r->n; i++)
+        if (!r->sl[i].fin)
+            bget_finish(&r->ops[i], &r->sl[i], rc, r->done, r->user);
+}
+
+/* Append the GETs of ops [from, r->n) to ctx (those with no time left are
+ * answered -EAGAIN, as command() does). 0 or -ENOMEM. *last: latest bound. */
+static int run_append(redis_backend *b, bget_run *r, redisContext *ctx, int from, int *m,
+                      int64_t *last)
+{
+    int64_t now = cache_now_ns();
+    for (int i = from; i < r->n; i++) {
+        if (r->sl[i].fin)
+            continue;
+        int64_t t = budget_ns(b, r->ops[i].deadline_ns, &r->sl[i].full);
+        if (!t) {
+            bget_finish(&r->ops[i], &r->sl[i], -EAGAIN, r->done, r->user);
+            continue;
+        }
+        const char *argv[2] = {"GET", r->ops[i].key};
+        size_t lens[2] = {3, r->ops[i].klen};
+        if (redisAppendCommandArgv(ctx, 2, argv, lens) != REDIS_OK)
+            return -ENOMEM;
+        r->sl[i].until = now + t;
+        if (r->sl[i].until > *last)
+            *last = r->sl[i].until;
+        r->idx[(*m)++] = i;
+    }
+    return 0;
+}
+
+/* Wait until ctx's fd is readable (0), more_fd is (1), or until_ns passes
+ * (-ETIMEDOUT); -EINTR (call again) or another negative errno. */
+static int wait_rx(int fd, int more_fd, int64_t until_ns)
+{
+    int64_t left = until_ns - cache_now_ns();
+    if (left <= 0)
+        return -ETIMEDOUT;
+    struct pollfd p[2] = {{fd, POLLIN, 0}, {more_fd, POLLIN, 0}};
+    struct timespec ts = {(time_t)(left / 1000000000), (long)(left % 1000000000)};
+    int k = ppoll(p, more_fd >= 0 ? 2 : 1, &ts, NULL);
+    if (k < 0)
+        return -errno;
+    if (k == 0)
+        return -ETIMEDOUT;
+    return p[0].revents ? 0 : 1;
+}
+
+/* One pipeline on one context: append every unanswered GET, flush, read
+ * the replies in order. The reader sleeps (ppoll) until the earliest bound
+ * still pending; an op whose bound passes is answered -ETIMEDOUT at once
+ * while later ones keep waiting (its reply, if it comes, is dropped).
+ * While it waits, lookups streamed in (more_fd) are appended and sent.
+ * Returns 1 when the batch should be retried on a fresh context (a reused
+ * one was broken before any reply: Redis restarted between requests). */
+static int get_batch(redis_backend *b, bget_run *r, int attempt)
+{
+    int64_t dl = 0; /* acquire's bound: the latest deadline (0 if any has none) */
+    int any_open = 0;
+    for (int i = 0; i < r->n; i++) {
+        if (r->sl[i].fin)
+            continue;
+        if (!r->ops[i].deadline_ns) {
+            dl = 0;
+            any_open = 1;
+        } else if (!any_open && r->ops[i].deadline_ns > dl) {
+            dl = r->ops[i].deadline_ns;
+        }
+    }
+    conn c;
+    int rc = acquire(b, dl, &c);
+    if (rc) {
+        run_finish_all(r, rc);
+        return 0;
+    }
+    int m = 0, got = 0, down = 0;
+    int64_t last = 0;
+    rc = run_append(b, r, c.ctx, 0, &m, &last);
+    if (!rc && m)
+        rc = tx_flush(c.ctx, last);
+    while (!rc && got < m) {
+        void *rep = NULL;
+        if (redisGetReplyFromReader(c.ctx, &rep) != REDIS_OK) {
+            rc = ctx_errno(c.ctx, errno);
+            break;
+        }
+        if (rep) {
+            int i = r->idx[got++];
+            atomic_store(&b->strikes, 0);
+            if (!r->sl[i].fin) {
+                r->ops[i].val = NULL;
+                int grc = get_reply(rep, &r->ops[i].val, &r->ops[i].n);
+                bget_finish(&r->ops[i], &r->sl[i], grc, r->done, r->user);
+            }
+            freeReplyObject(rep);
+            continue;
+        }
+        /* Nothing buffered: answer the ops whose bound has passed, sleep
+         * until the earliest one left (or until more lookups come). */
+        int64_t now = cache_now_ns(), next = 0;
+        for (int k = got; k < m; k++) {
+            int i = r->idx[k];
+            if (r->sl[i].fin)
+                continue;
+            if (r->sl[i].until <= now) {
+                /* Two lookups in a row timed out on the full timeout_ms
+                 * (as two commands would): DOWN. */
+                if (r->sl[i].full && atomic_fetch_add(&b->strikes, 1) + 1 >= 2)
+                    down = 1;
+                bget_finish(&r->ops[i], &r->sl[i], -ETIMEDOUT, r->done, r->user);
+            } else if (!next || r->sl[i].until < next) {
+                next = r->sl[i].until;
+            }
+        }
+        if (!next || down) {
+            rc = -ETIMEDOUT; /* every op left answered, or Redis is declared down */
+            break;
+        }
+        int k = wait_rx(c.ctx->fd, r->n < r->cap ? r->more_fd : -1, next);
+        if (k == -EINTR || k == -ETIMEDOUT)
+            continue;
+        if (k < 0) {
+            rc = k;
+            break;
+        }
+        if (k == 1) { /* lookups queued meanwhile: into this pipeline */
+            uint64_t v;
+            if (read(r->more_fd, &v, sizeof v) < 0 && errno != EAGAIN)
+                continue;
+            int from = r->n;
+            r->n += r->more(r->user, r->ops + from, r->cap - from);
+            rc = run_append(b, r, c.ctx, from, &m, &last);
+            if (!rc)
+                rc = tx_flush(c.ctx, last);
+            continue;
+        }
+        if (redisBufferRead(c.ctx) != REDIS_OK)
+            rc = ctx_errno(c.ctx, errno);
+    }
+    if (!rc) {
+        release(b, &c, 1);
+        return 0;
+    }
+    char why[300];
+    snprintf(why, sizeof why, "GET (pipeline of %d): %s", m,
+             rc == -ETIMEDOUT ? "no reply in time" : c.ctx->errstr);
+    int reused = c.reused;
+    release(b, &c, 0);
+    if (rc == -ENOMEM) { /* inside hiredis: the stream may hold half a command */
+        run_finish_all(r, rc);
+        return 0;
+    }
+    if (rc == -ETIMEDOUT) {
+        /* Ops left unanswered (a flush that timed out, or DOWN declared
+         * before their bound): fail open now. A flush cut by timeout_ms is
+         * one strike. */
+        int full_cut = 0;
+        for (int i = 0; i < r->n; i++) {
+            if (!r->sl[i].fin) {
+                full_cut |= r->sl[i].full && r->sl[i].until <= cache_now_ns();
+                bget_finish(&r->ops[i], &r->sl[i], -ETIMEDOUT, r->done, r->user);
+            }
+        }
+        if (full_cut && atomic_fetch_add(&b->strikes, 1) + 1 >= 2)
+            down = 1;
+        if (down)
+            mark_down(b, 0, why);
+        return 0;
+    }
+    if (reused && attempt == 0 && got == 0) {
+        flush_idle(b); /* Redis restarted between requests? try a fresh context */
+        return 1;
+    }
+    mark_down(b, 0, why);
+    run_finish_all(r, rc);
+    return 0;
+}
+
+static void rb_get_many(cache_backend *be, cache_bget *ops, int n, int cap, int more_fd,
+                        int (*more)(void *user, cache_bget *ops, int max),
+                        cache_bget_done_fn done, void *user)
+{
+    redis_backend *b = (redis_backend *)be;
+    bget_run r = {ops, calloc((size_t)cap, sizeof(bget_slot)), malloc((size_t)cap * sizeof(int)),
+                  n, cap, more ? more_fd : -1, more, done, user};
+    if (!r.sl || !r.idx) {
+        free(r.sl);
+        free(r.idx);
+        for (int i = 0; i < n; i++) { /* one by one, as get */
+            ops[i].val = NULL;
+            ops[i].rc = be->ops->get(be, ops[i].key, ops[i].klen, ops[i].deadline_ns,
+                                     &ops[i].val, &ops[i].n);
+            done(user, &ops[i]);
+        }
+        return;
+    }
+    for (int attempt = 0; attempt < 2; attempt++)
+        if (!get_batch(b, &r, attempt))
+            break;
+    run_finish_all(&r, -EIO); /* cannot happen: every path answers its ops */
+    free(r.sl);
+    free(r.idx);
+}
+
 static int rb_put(cache_backend *be, const char *key, size_t klen, const uint8_t *val, size_t n,
                   uint32_t ttl_s, int64_t deadline_ns)
 {
@@ -621,7 +883,8 @@ static void rb_destroy(cache_backend *be)
     free(b);
 }
 
-static const cache_backend_ops redis_ops = {rb_get, rb_put, rb_del, rb_scan_delete, rb_destroy};
+static const cache_backend_ops redis_ops = {rb_get,     rb_put, rb_del, rb_scan_delete,
+                                           rb_destroy, rb_get_many};
 
 int cache_redis_create(cache *owner, const cache_config *cfg, const cache_url *url,
                        cache_backend **ret, lm_err *err)

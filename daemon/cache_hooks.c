@@ -18,6 +18,17 @@
  * (unpark). So any number of identical requests can wait while every RPC
  * thread stays free.
  *
+ * Reader (Redis): a lookup never waits on an RPC thread. lookup_async
+ * joins the flight of its key first (so identical requests park behind it
+ * at once), then parks the request itself (an rget) and hands its key to
+ * the reader thread, which sends every queued GET as one pipeline (and
+ * appends lookups queued while it awaits replies: cache_get_stream) and
+ * resumes each request as its reply comes: a hit answers it and is
+ * published to its followers; a miss, error or timeout resumes it without
+ * an answer, to compute as the leader (fail open). A client that leaves
+ * meanwhile is taken back (unpark; serve's finish then fails the flight).
+ * In-process backend: looked up inline, as before.
+ *
  * Writer: the store hook runs on the engine thread and must not block; for
  * Redis it encodes the answer and queues it (bounded: when full the answer
  * is not stored, only published); the in-process backend stores at once
@@ -39,7 +50,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "daemon/log.h"
 
@@ -84,6 +97,26 @@ typedef struct parked {
     struct parked *prev, *next; /* h->parked (doubly) or h->ready (next only) */
 } parked;
 
+/* A lookup waiting for Redis (async_get): in h->rq until the reader takes
+ * it into a pipeline (h->rbusy), then answered (resume) or taken back
+ * (unpark: freed from h->rq at once; in the pipeline only marked gone, and
+ * freed by the reader after its batch). */
+typedef struct rget {
+    cache_key key;
+    hooks_state *h;
+    const serve_request *req;   /* for take_leader, when lead */
+    int lead;                   /* the request leads the flight of its key */
+    uint64_t id;                /* serve's ticket */
+    int64_t deadline_ns;        /* 0 = none */
+    int want_logprobs;
+    serve_cache_resume_fn resume;
+    void *ctx;
+    int gone;                   /* taken back while in the pipeline: resume nobody */
+    struct rget *prev, *next;   /* h->rq or h->rbusy */
+} rget;
+
+#define READ_BATCH_MAX 512
+
 struct hooks_state {
     cache *c;
     char fp[65];
@@ -97,7 +130,16 @@ struct hooks_state {
     parked *ready, *ready_tail; /* flight ended: to resume on the writer thread */
     uint64_t next_park;
     int store_inline;           /* in-process backend: store on the engine thread */
+    int async_get;              /* Redis: lookups go through the reader thread */
     pthread_t writer;
+    rget *rq, *rq_tail;         /* lookups for the reader, oldest first */
+    rget *rbusy;                /* lookups in the reader's pipeline */
+    pthread_cond_t rcv;         /* h->rq got one, or stop */
+    int rstop;
+    int reading;                /* the reader is in a pipeline: wake it through efd */
+    int efd;                    /* eventfd, -1 if none (then no streaming) */
+    int r_taken;                /* the reader's: lookups taken into this pipeline */
+    pthread_t reader;
 };
 
 /* Take p out of h->parked (h->mu held). */
@@ -110,6 +152,8 @@ static void parked_unlink(hooks_state *h, parked *p)
     if (p->next)
         p->next->prev = p->prev;
 }
+
+static cache_flight *take_leader(hooks_state *h, const serve_request *req);
 
 static hooks_state *H; /* the installed state (one per process), for metrics */
 
@@ -185,6 +229,59 @@ static void on_flight_done(cache_flight_waiter *w, int rc, cache_entry *e)
     pthread_mutex_unlock(&h->mu);
 }
 
+/* Take g out of a list of rgets (h->mu held); tail may be NULL. */
+static void rget_unlink(rget **head, rget **tail, rget *g)
+{
+    if (g->prev)
+        g->prev->next = g->next;
+    else
+        *head = g->next;
+    if (g->next)
+        g->next->prev = g->prev;
+    else if (tail)
+        *tail = g->prev;
+    g->prev = g->next = NULL;
+}
+
+/* Hand k to the reader thread: SERVE_CACHE_PARKED with *ret_ticket, or 0
+ * (out of memory: the caller goes on as after a miss). */
+static int park_get(hooks_state *h, const serve_cache_key *sk, const cache_key *k, int lead,
+                    int64_t deadline_ns, serve_cache_resume_fn resume, void *ctx,
+                    uint64_t *ret_ticket)
+{
+    rget *g = calloc(1, sizeof *g);
+    if (!g)
+        return 0;
+    g->key = *k;
+    g->h = h;
+    g->req = sk->req;
+    g->lead = lead;
+    g->deadline_ns = deadline_ns;
+    g->want_logprobs = sk->req->sampling.logprobs > 0;
+    g->resume = resume;
+    g->ctx = ctx;
+    pthread_mutex_lock(&h->mu);
+    g->id = ++h->next_park;
+    *ret_ticket = g->id;
+    g->prev = h->rq_tail;
+    if (h->rq_tail)
+        h->rq_tail->next = g;
+    else
+        h->rq = g;
+    h->rq_tail = g;
+    pthread_cond_signal(&h->rcv);
+    int wake = h->reading && h->efd >= 0;
+    pthread_mutex_unlock(&h->mu);
+    if (wake) {
+        uint64_t one = 1;
+        if (write(h->efd, &one, sizeof one) < 0) {
+            /* EAGAIN: the counter is full, the reader is woken anyway */
+        }
+    }
+    /* From here g is the reader's: it may be resumed before this returns. */
+    return SERVE_CACHE_PARKED;
+}
+
 static int hook_lookup_async(void *user, const serve_cache_key *sk, int64_t deadline_ns,
                              serve_answer *ret, serve_cache_resume_fn resume, void *ctx,
                              uint64_t *ret_ticket)
@@ -194,7 +291,7 @@ static int hook_lookup_async(void *user, const serve_cache_key *sk, int64_t dead
     if (make_key(h, sk, &k) || !k.lookup)
         return 0;
     cache_entry *e = NULL;
-    if (cache_get(h->c, &k, deadline_ns, &e) == 1) {
+    if (!h->async_get && cache_get(h->c, &k, deadline_ns, &e) == 1) {
         if (sk->req->sampling.logprobs > 0 && !e->logprobs) {
             cache_entry_free(e); /* cannot happen (the key differs); never answer without them */
         } else {
@@ -202,8 +299,8 @@ static int hook_lookup_async(void *user, const serve_cache_key *sk, int64_t dead
             return 1;
         }
     }
-    if (!k.store)
-        return 0; /* no_store: compute alone, nobody waits for it */
+    if (!k.store) /* no_store: compute alone, nobody waits for it */
+        return h->async_get ? park_get(h, sk, &k, 0, deadline_ns, resume, ctx, ret_ticket) : 0;
     parked *p = calloc(1, sizeof *p); /* before joining: a follower must be able to park */
     if (!p)
         return 0;
@@ -223,7 +320,10 @@ static int hook_lookup_async(void *user, const serve_cache_key *sk, int64_t dead
         l->next = h->leaders[b];
         h->leaders[b] = l;
         pthread_mutex_unlock(&h->mu);
-        return 0;
+        /* Redis: the leader itself waits for its GET, parked; identical
+         * requests park behind it meanwhile. A miss resumes it to compute
+         * (it stays the leader), a hit is published to its followers. */
+        return h->async_get ? park_get(h, sk, &k, 1, deadline_ns, resume, ctx, ret_ticket) : 0;
     }
     if (role != CACHE_FLIGHT_FOLLOWER) {
         free(p);
@@ -264,10 +364,121 @@ static int hook_unpark(void *user, uint64_t ticket)
     if (taken) {
         parked_unlink(h, p);
     }
+    rget *g = NULL;
+    int queued = 0;
+    if (!p) {
+        /* A lookup waiting for Redis: still queued (free it), or in the
+         * reader's pipeline (the reader frees it after its batch). Serve
+         * ends the request and its finish hook fails a leader's flight. */
+        for (g = h->rq; g && g->id != ticket; g = g->next)
+            ;
+        queued = g != NULL;
+        if (!g)
+            for (g = h->rbusy; g && g->id != ticket; g = g->next)
+                ;
+        if (g) {
+            rget_unlink(queued ? &h->rq : &h->rbusy, queued ? &h->rq_tail : NULL, g);
+            g->gone = 1;
+            taken = 1;
+        }
+    }
     pthread_mutex_unlock(&h->mu);
     if (taken)
         free(p);
+    if (queued)
+        free(g);
     return taken;
+}
+
+/* Reader thread: the GET of one parked lookup is answered (hit 1 with e). */
+static void on_get_done(void *user, cache_get_op *op, int hit, cache_entry *e)
+{
+    hooks_state *h = user;
+    rget *g = op->user;
+    pthread_mutex_lock(&h->mu);
+    int gone = g->gone;
+    if (!gone)
+        rget_unlink(&h->rbusy, NULL, g); /* from here unpark answers 0 */
+    pthread_mutex_unlock(&h->mu);
+    if (gone) { /* its request has ended; freed after the batch */
+        cache_entry_free(e);
+        return;
+    }
+    if (hit && g->want_logprobs && !e->logprobs) {
+        cache_entry_free(e); /* cannot happen (the key differs); never answer without them */
+        e = NULL;
+        hit = 0;
+    }
+    if (hit && g->lead) {
+        /* The followers get the hit too; later identical requests find the
+         * entry in Redis. On a miss the request stays the leader. */
+        cache_flight *f = take_leader(h, g->req);
+        if (f)
+            cache_flight_publish(h->c, f, e);
+    }
+    if (hit) {
+        serve_answer ans;
+        fill_answer(e, &ans); /* released by serve through hook_release */
+        g->resume(g->ctx, 1, &ans);
+    } else {
+        g->resume(g->ctx, 0, NULL); /* compute (fail open), or end: cancelled, deadline */
+    }
+}
+
+/* Reader thread (cache_get_stream's take): move queued lookups into the
+ * pipeline. */
+static int reader_take(void *user, cache_get_op *ops, int max)
+{
+    hooks_state *h = user;
+    int n = 0;
+    pthread_mutex_lock(&h->mu);
+    while (h->rq && n < max) {
+        rget *g = h->rq;
+        rget_unlink(&h->rq, &h->rq_tail, g);
+        g->next = h->rbusy;
+        if (h->rbusy)
+            h->rbusy->prev = g;
+        h->rbusy = g;
+        ops[n++] = (cache_get_op){&g->key, g->deadline_ns, g};
+    }
+    pthread_mutex_unlock(&h->mu);
+    h->r_taken += n;
+    return n;
+}
+
+/* Reader thread: the queued lookups' GETs go out as one pipeline, which
+ * stays open to lookups queued while its replies are awaited (park_get
+ * writes h->efd then); each request is resumed as its reply comes. */
+static void *reader_main(void *arg)
+{
+    hooks_state *h = arg;
+    cache_get_op one;
+    cache_get_op *ops = malloc(READ_BATCH_MAX * sizeof *ops);
+    int cap = ops ? READ_BATCH_MAX : 1;
+    if (!ops)
+        ops = &one; /* no memory for a batch: one at a time */
+    cache_get_more more = {h->efd, reader_take};
+    pthread_mutex_lock(&h->mu);
+    for (;;) {
+        while (!h->rq && !h->rstop)
+            pthread_cond_wait(&h->rcv, &h->mu);
+        if (!h->rq)
+            break; /* stop with an empty queue */
+        h->reading = 1;
+        pthread_mutex_unlock(&h->mu);
+        h->r_taken = 0;
+        int n = reader_take(h, ops, cap);
+        cache_get_stream(h->c, ops, n, cap, h->efd >= 0 && cap > 1 ? &more : NULL, on_get_done,
+                         h);
+        for (int i = 0; i < h->r_taken; i++)
+            free(ops[i].user); /* answered, or taken back (gone) */
+        pthread_mutex_lock(&h->mu);
+        h->reading = 0;
+    }
+    pthread_mutex_unlock(&h->mu);
+    if (ops != &one)
+        free(ops);
+    return NULL;
 }
 
 /* Writer thread: resume one follower whose flight ended (p is unlisted). */
@@ -530,6 +741,13 @@ static void hook_destroy(void *user)
         cache_flight_publish(h->c, l->f, NULL);
         free(l);
     }
+    if (h->async_get) { /* first: its hits may still go to the writer's ready queue */
+        pthread_mutex_lock(&h->mu);
+        h->rstop = 1;
+        pthread_cond_signal(&h->rcv);
+        pthread_mutex_unlock(&h->mu);
+        pthread_join(h->reader, NULL);
+    }
     pthread_mutex_lock(&h->mu);
     h->stop = 1;
     pthread_cond_signal(&h->cv);
@@ -554,6 +772,9 @@ static void hook_destroy(void *user)
     cache_destroy(h->c);
     pthread_mutex_destroy(&h->mu);
     pthread_cond_destroy(&h->cv);
+    pthread_cond_destroy(&h->rcv);
+    if (h->efd >= 0)
+        close(h->efd);
     free(h);
 }
 
@@ -660,17 +881,34 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
         return rc;
     }
     h->store_inline = u.kind == CACHE_BACKEND_MEMORY;
+    h->async_get = !h->store_inline;
     pthread_mutex_init(&h->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&h->cv, &ca);
     pthread_condattr_destroy(&ca);
-    if (pthread_create(&h->writer, NULL, writer_main, h)) {
-        snprintf(err, errlen, "cache: cannot start the writer thread");
+    pthread_cond_init(&h->rcv, NULL);
+    h->efd = h->async_get ? eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC) : -1;
+    int started = 0;
+    if (pthread_create(&h->writer, NULL, writer_main, h) == 0)
+        started = 1;
+    if (started && h->async_get && pthread_create(&h->reader, NULL, reader_main, h)) {
+        pthread_mutex_lock(&h->mu);
+        h->stop = 1;
+        pthread_cond_signal(&h->cv);
+        pthread_mutex_unlock(&h->mu);
+        pthread_join(h->writer, NULL);
+        started = 0;
+    }
+    if (!started) {
+        snprintf(err, errlen, "cache: cannot start the writer or reader thread");
         cache_destroy(h->c);
         pthread_mutex_destroy(&h->mu);
         pthread_cond_destroy(&h->cv);
+        pthread_cond_destroy(&h->rcv);
+        if (h->efd >= 0)
+            close(h->efd);
         free(h);
         return -EAGAIN;
     }

@@ -600,16 +600,19 @@ static void on_cache_resume(void *ctx, int hit, serve_answer *ans)
     }
     if (hit > 0 && hooks.release)
         hooks.release(hooks.user, ans);
+    /* Looked up and not answered: the cache hears when we end (a request
+     * parked for its own Redis lookup leads its key's flight). */
+    j->looked_up = 1;
     char msg[1024];
     st_code code = cancel;
     if (code != ST_OK) {
         snprintf(msg, sizeof msg, "%s", j->cancel_msg);
     } else if (j->req->deadline_ns && now_ns() >= j->req->deadline_ns) {
         code = fail(ST_DEADLINE_EXCEEDED, msg, sizeof msg,
-                    "deadline exceeded while waiting for an identical request in progress");
+                    "deadline exceeded while waiting for the cache (its lookup or an identical "
+                    "request in progress)");
     } else {
-        j->looked_up = 1; /* the leader failed: compute by ourselves */
-        code = start_engine(j, m, &cfg, msg, sizeof msg);
+        code = start_engine(j, m, &cfg, msg, sizeof msg); /* miss, or the leader failed */
     }
     if (code != ST_OK)
         finish_early(j, code, msg);
@@ -625,7 +628,9 @@ static void job_unpark_claimed(job *j, uint64_t ticket, const serve_cache_hooks 
 {
     if (!hooks->unpark || hooks->unpark(hooks->user, ticket) != 1)
         return;
-    /* resume will not come: the park's reference is ours. */
+    /* resume will not come: the park's reference is ours. finish_early
+     * tells the cache (a request parked for its own lookup leads a flight). */
+    j->looked_up = 1;
     finish_early(j, j->cancel_code ? j->cancel_code : ST_CANCELLED,
                  j->cancel_code ? j->cancel_msg : "request cancelled");
     job_unref(j);

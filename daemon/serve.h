@@ -13,7 +13,8 @@
  *     2. render (chat template) + tokenize; prompt limits
  *     3. CACHE LOOKUP HOOK  hooks.lookup_async (or hooks.lookup) unless
  *        cache_mode is BYPASS or REFRESH; a hit answers from the cache
- *        (cached = 1); a request identical to one in flight is parked (no
+ *        (cached = 1); a request identical to one in flight, or whose lookup
+ *        needs Redis, is parked (no
  *        thread waits) and resumed when that one ends: with its answer,
  *        or to compute by itself, or to end (cancelled, deadline)
  *     4. engine: runner_generate; deltas -> sink.on_delta
@@ -143,19 +144,21 @@ typedef struct serve_cache_hooks {
     /* SIGHUP: the cache_* keys that may change. */
     void (*reconfigure)(void *user, const daemon_config *cfg);
     void (*destroy)(void *user);
-    /* Called once when a request that was looked up and missed ends (after
-     * store, if any; also when it ends without an answer): the single-flight
-     * leader's followers stop waiting. May be NULL. Any thread, must not block. */
+    /* Called once when a request that was looked up and not answered from
+     * the cache ends (after store, if any; also when it ends without an
+     * answer, parked ones included): the single-flight leader's followers
+     * stop waiting. May be NULL. Any thread, must not block. */
     void (*finish)(void *user, const serve_request *req);
     /* Drop every entry whose prompt starts with ids[0..n). Entries removed
      * or a negative errno with msg filled. May be NULL. */
     int64_t (*invalidate_prefix)(void *user, const int32_t *ids, int32_t n, char *msg,
                                  size_t msglen);
     /* Optional; used instead of lookup when set. As lookup, except that a
-     * request identical to one in flight does not wait: it returns
-     * SERVE_CACHE_PARKED with *ret_ticket set, and resume(ctx, ...) is then
-     * called exactly once, on the hook's own thread (never from inside
-     * lookup_async), when the leader has published (hit), failed or
+     * request identical to one in flight, or one whose lookup needs I/O
+     * (Redis), does not wait: it returns SERVE_CACHE_PARKED with
+     * *ret_ticket set, and resume(ctx, ...) is then called exactly once, on
+     * the hook's own thread (never from inside lookup_async), when the
+     * answer is known (hit), the leader failed, the lookup missed or
      * deadline_ns has passed (no hit) -- unless unpark(ticket) returned 1
      * first. key is only read during the call. */
     int (*lookup_async)(void *user, const serve_cache_key *key, int64_t deadline_ns,

@@ -7,11 +7,19 @@
  * caller, answers right, one DOWN report), restarted (used again after the
  * back-off, one OK report), made slow by SIGSTOP and by DEBUG SLEEP (calls
  * return within their deadline), AUTH with a password and an ACL user
- * (and a wrong password: misses, DOWN with the reason), the unix socket.
+ * (and a wrong password: misses, DOWN with the reason), the unix socket;
+ * pipelined lookups (cache_get_many): 128 GETs of hits and misses in one
+ * batch, each answered once and right; on a stopped Redis each op answered
+ * by its own bound, the shortest first; Redis killed under a warm pool:
+ * every op a miss, no error to the caller, DOWN; cache_get_stream: a
+ * lookup queued while the pipeline awaits Redis joins it (answered by its
+ * own shorter bound before the first op).
  */
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include <hiredis/hiredis.h>
 
@@ -140,6 +148,251 @@ static void test_basic(void)
     test_invalidate(c);
     cache_get_stats(c, &s);
     CHECK(s.errors == 0 && s.invalidated == 7);
+    cache_destroy(c);
+}
+
+/* ---- pipelined lookups ---- */
+#define MANY 129
+
+typedef struct many_rec {
+    treq t[MANY];
+    cache_key k[MANY];
+    cache_get_op op[MANY];
+    int calls[MANY], hit[MANY];
+    int order[MANY], n_done;
+} many_rec;
+
+static void many_done(void *user, cache_get_op *op, int hit, cache_entry *e)
+{
+    many_rec *m = user;
+    int i = (int)(op - m->op);
+    CHECK(i >= 0 && i < MANY && op->user == &m->calls[i]);
+    m->calls[i]++;
+    m->hit[i] = hit;
+    m->order[m->n_done++] = i;
+    if (hit) {
+        tanswer a;
+        compute(&m->t[i], &a);
+        CHECK_MSG(e && same_answer(e, &a), "op %d: wrong answer '%s' for '%s'", i,
+                  e ? e->text : "(none)", a.text);
+        cache_entry_free(e);
+    } else {
+        CHECK(e == NULL);
+    }
+}
+
+static void many_run(cache *c, many_rec *m, int n)
+{
+    memset(m->calls, 0, sizeof m->calls);
+    m->n_done = 0;
+    cache_get_many(c, m->op, n, many_done, m);
+    CHECK(m->n_done == n);
+    for (int i = 0; i < n; i++)
+        CHECK_MSG(m->calls[i] == 1, "op %d answered %d times", i, m->calls[i]);
+}
+
+/* One lookup of t through cache_get_many (the daemon's path): 1 on a hit. */
+static int many_hit(cache *c, const treq *t)
+{
+    many_rec *m = calloc(1, sizeof *m);
+    m->t[0] = *t;
+    CHECK(treq_key(c, &m->t[0], &m->k[0]) == 0);
+    m->op[0] = (cache_get_op){&m->k[0], ms_from_now(500), &m->calls[0]};
+    many_run(c, m, 1);
+    int hit = m->hit[0];
+    free(m);
+    return hit;
+}
+
+static void test_get_many(void)
+{
+    char url[256];
+    url_of(&R, url, sizeof url, NULL, 4);
+    cache *c = make(url);
+    reset_states();
+    many_rec *m = calloc(1, sizeof *m);
+    /* 64 prompts, each twice; the even ones stored beforehand; the last op
+     * is a bypass (no lookup). */
+    for (int i = 0; i < MANY; i++) {
+        treq_init(&m->t[i], "many", i % 64, 6);
+        if (i == MANY - 1)
+            m->t[i].mode = CACHE_MODE_BYPASS;
+        if (i < 64 && i % 2 == 0)
+            CHECK(serve(c, &m->t[i], 0) == 0);
+        CHECK(treq_key(c, &m->t[i], &m->k[i]) == 0);
+        m->op[i] = (cache_get_op){&m->k[i], i % 3 ? ms_from_now(2000) : 0, &m->calls[i]};
+    }
+    cache_stats s0, s;
+    cache_get_stats(c, &s0);
+    many_run(c, m, MANY);
+    for (int i = 0; i < MANY; i++)
+        CHECK_MSG(m->hit[i] == (i < MANY - 1 && (i % 64) % 2 == 0), "op %d hit %d", i,
+                  m->hit[i]);
+    cache_get_stats(c, &s);
+    CHECK(s.hits - s0.hits == 64 && s.misses - s0.misses == 64 &&
+          s.bypassed - s0.bypassed == 1 && s.errors == 0 && s.get_count - s0.get_count == 128);
+
+    /* Redis stopped: each op is answered by its own bound (40 ms, 150 ms,
+     * then timeout_ms = 400 ms), in that order, none a full second late. */
+    cache *c2 = make_ex(url, 400, 0);
+    CHECK(serve(c2, &m->t[0], 0) == 1); /* pool warm */
+    kill(R.pid, SIGSTOP);
+    int64_t t0 = cache_now_ns();
+    int64_t dl[3] = {t0 + 150 * 1000000LL, 0, t0 + 40 * 1000000LL};
+    for (int i = 0; i < 3; i++)
+        m->op[i].deadline_ns = dl[i];
+    cache_get_stats(c2, &s0);
+    many_run(c2, m, 3);
+    int64_t took = cache_now_ns() - t0;
+    kill(R.pid, SIGCONT);
+    CHECK_MSG(m->order[0] == 2 && m->order[1] == 0 && m->order[2] == 1,
+              "answered in the order %d %d %d", m->order[0], m->order[1], m->order[2]);
+    CHECK(!m->hit[0] && !m->hit[1] && !m->hit[2]);
+    CHECK_MSG(took < 1400 * 1000000LL, "the batch took %lld ms", (long long)(took / 1000000));
+    cache_get_stats(c2, &s);
+    CHECK(s.timeouts - s0.timeouts == 3 && s.misses - s0.misses == 3);
+    cache_destroy(c2);
+
+    /* Redis killed under a warm pool: the broken context is retried on a
+     * fresh one, which cannot connect: every op a miss, DOWN once. */
+    for (int i = 0; i < 8; i++)
+        m->op[i].deadline_ns = ms_from_now(500);
+    CHECK(serve(c, &m->t[0], 0) == 1);
+    redis_kill(&R);
+    many_run(c, m, 8);
+    for (int i = 0; i < 8; i++)
+        CHECK(!m->hit[i]);
+    cache_get_stats(c, &s);
+    CHECK(s.state == CACHE_STATE_DOWN && s.errors >= 1);
+    pthread_mutex_lock(&st_mu);
+    CHECK_MSG(n_down == 1, "down %d", n_down);
+    pthread_mutex_unlock(&st_mu);
+    CHECK(redis_start(&R, R.port, NULL) == 0);
+    /* Back after the back-off; the store was lost with the old server. */
+    int64_t until = ms_from_now(5000);
+    do {
+        sleep_ms(20);
+        many_run(c, m, 1);
+        cache_get_stats(c, &s);
+    } while (s.state != CACHE_STATE_OK && cache_now_ns() < until);
+    CHECK(s.state == CACHE_STATE_OK && !m->hit[0]);
+    CHECK(serve(c, &m->t[0], 0) == 0);
+    many_run(c, m, 2);
+    CHECK(m->hit[0] && !m->hit[1]);
+    free(m);
+    cache_destroy(c);
+}
+
+/* cache_get_stream: a lookup queued while the pipeline awaits replies
+ * joins it. Redis stopped: op 0 (bound 400 ms) is sent, then op 1 (bound
+ * 60 ms) is queued 50 ms later: op 1 is answered first (it did not wait
+ * for op 0's batch). Redis running: ops queued meanwhile are hits. */
+typedef struct stream_src {
+    pthread_mutex_t mu;
+    int efd;
+    int queued, taken;          /* ops [taken, queued) of rec are waiting */
+    many_rec *m;
+    int delay_ms;
+} stream_src;
+
+static stream_src *S; /* the test's source (take has the rec as user) */
+
+static int stream_take2(void *user, cache_get_op *ops, int max)
+{
+    (void)user;
+    pthread_mutex_lock(&S->mu);
+    int n = 0;
+    while (S->taken < S->queued && n < max) {
+        ops[n] = S->m->op[S->taken++];
+        ops[n].user = &S->m->calls[S->taken - 1];
+        n++;
+    }
+    pthread_mutex_unlock(&S->mu);
+    return n;
+}
+
+static void stream_done(void *user, cache_get_op *op, int hit, cache_entry *e)
+{
+    many_rec *m = user;
+    int i = (int)((int *)op->user - m->calls); /* ops may be copies: find by user */
+    m->calls[i]++;
+    m->hit[i] = hit;
+    m->order[m->n_done++] = i;
+    if (hit) {
+        tanswer a;
+        compute(&m->t[i], &a);
+        CHECK(e && same_answer(e, &a));
+        cache_entry_free(e);
+    }
+}
+
+static void *stream_feeder(void *p)
+{
+    stream_src *src = p;
+    for (int k = 1; k < 3; k++) {
+        sleep_ms(src->delay_ms);
+        pthread_mutex_lock(&src->mu);
+        src->m->op[k].deadline_ns = k == 1 ? ms_from_now(60) : ms_from_now(2000);
+        src->queued = k + 1;
+        pthread_mutex_unlock(&src->mu);
+        uint64_t one = 1;
+        CHECK(write(src->efd, &one, sizeof one) == sizeof one);
+    }
+    return NULL;
+}
+
+static void stream_run(cache *c, many_rec *m, stream_src *src)
+{
+    cache_get_op ops[8];
+    memset(m->calls, 0, sizeof m->calls);
+    m->n_done = 0;
+    src->queued = 1;
+    src->taken = 0;
+    S = src;
+    int n = stream_take2(NULL, ops, 8);
+    pthread_t th;
+    pthread_create(&th, NULL, stream_feeder, src);
+    cache_get_more more = {src->efd, stream_take2};
+    cache_get_stream(c, ops, n, 8, &more, stream_done, m);
+    pthread_join(th, NULL);
+    if (src->taken < src->queued) { /* came after the stream ended: a new one */
+        n = stream_take2(NULL, ops, 8);
+        cache_get_stream(c, ops, n, 8, &more, stream_done, m);
+    }
+    for (int i = 0; i < 3; i++)
+        CHECK_MSG(m->calls[i] == 1, "op %d answered %d times", i, m->calls[i]);
+}
+
+static void test_get_stream(void)
+{
+    char url[256];
+    url_of(&R, url, sizeof url, NULL, 5);
+    cache *c = make_ex(url, 400, 0);
+    many_rec *m = calloc(1, sizeof *m);
+    stream_src src = {PTHREAD_MUTEX_INITIALIZER, eventfd(0, EFD_NONBLOCK), 0, 0, m, 50};
+    CHECK(src.efd >= 0);
+    for (int i = 0; i < 3; i++) {
+        treq_init(&m->t[i], "stream", i, 6);
+        CHECK(serve(c, &m->t[i], 0) == 0); /* stored: hits below */
+        CHECK(treq_key(c, &m->t[i], &m->k[i]) == 0);
+        m->op[i] = (cache_get_op){&m->k[i], ms_from_now(2000), &m->calls[i]};
+    }
+    /* Running Redis: the ops fed meanwhile (or after) are all hits. */
+    src.delay_ms = 5;
+    stream_run(c, m, &src);
+    CHECK(m->hit[0] && m->hit[1] && m->hit[2]);
+    /* Stopped Redis: op 1 (60 ms bound, queued 50 ms in) is answered
+     * before op 0 (400 ms), so it joined the pipeline in flight. */
+    src.delay_ms = 50;
+    m->op[0].deadline_ns = 0;
+    kill(R.pid, SIGSTOP);
+    stream_run(c, m, &src);
+    kill(R.pid, SIGCONT);
+    CHECK(!m->hit[0] && !m->hit[1] && !m->hit[2]);
+    CHECK_MSG(m->order[0] == 1, "answered in the order %d %d %d", m->order[0], m->order[1],
+              m->order[2]);
+    close(src.efd);
+    free(m);
     cache_destroy(c);
 }
 
@@ -397,12 +650,14 @@ static void test_auth(void)
     treq t;
     treq_init(&t, "auth", 1, 5);
     CHECK(serve(c, &t, 0) == 0 && serve(c, &t, 0) == 1);
+    CHECK(many_hit(c, &t));
     cache_destroy(c);
     /* wrong password: misses, no error to the caller, DOWN with the reason */
     reset_states();
     url_of(&A, url, sizeof url, ":wrong@", 0);
     c = make(url);
     CHECK(serve(c, &t, 0) == 0 && serve(c, &t, 0) == 0);
+    CHECK(!many_hit(c, &t));
     pthread_mutex_lock(&st_mu);
     CHECK_MSG(n_down == 1 && strstr(last_why, "AUTH"), "why '%s'", last_why);
     pthread_mutex_unlock(&st_mu);
@@ -416,6 +671,7 @@ static void test_auth(void)
     c = make(url);
     treq_init(&t, "acl", 1, 5);
     CHECK(serve(c, &t, 0) == 0 && serve(c, &t, 0) == 1);
+    CHECK(many_hit(c, &t));
     test_invalidate(c);
     cache_stats s;
     cache_get_stats(c, &s);
@@ -426,6 +682,7 @@ static void test_auth(void)
     c = make(url);
     treq_init(&t, "unix", 1, 5);
     CHECK(serve(c, &t, 0) == 0 && serve(c, &t, 0) == 1);
+    CHECK(many_hit(c, &t));
     CHECK(redis_admin(&A, out, sizeof out, "INFO keyspace") == 0 && strstr(out, "db2:keys=1"));
     cache_get_stats(c, &s);
     CHECK(s.errors == 0 && s.kind == CACHE_BACKEND_REDIS_UNIX);
@@ -465,6 +722,8 @@ int main(void)
 {
     CHECK_MSG(redis_start(&R, 0, NULL) == 0, "cannot start redis-server");
     test_basic();
+    test_get_many();
+    test_get_stream();
     test_pool();
     test_slow();
     test_kill_restart();

@@ -11,6 +11,14 @@ of 200 requests -> every request succeeds with the right answer, health
 stays SERVING, one log line for the change; Redis restarted -> hits again;
 Redis paused (SIGSTOP) -> requests still meet their deadlines from the
 engine.
+
+Redis lookups are asynchronous (a reader thread pipelines the GETs of
+parked requests): 64 prompts x 4 requests at once on 2 RPC threads, all
+hits and right; Redis paused with lookups outstanding -> health, Tokenize
+and ModelInfo answer meanwhile, and every request is answered by the
+engine; Redis killed with lookups in the pipeline -> no client error;
+a client cancelling while its GET is outstanding ends at once and its
+follower computes.
 """
 import os
 import shutil
@@ -513,6 +521,187 @@ def test_redis_down_at_start():
         assert d.metric('lightmoe_cache_lookups_total{result="hit"}') == 0
 
 
+def async_daemon(name, r, timeout_ms=50, *extra):
+    return Daemon(name, ["--cache-url", r.url, "--cache-timeout-ms", str(timeout_ms),
+                         "--rpc-threads", "2", *extra])
+
+
+def wait_idle(d):
+    for _ in range(50):
+        if d.metric("lightmoe_active_streams") == 0:
+            break
+        time.sleep(0.1)
+    assert d.metric("lightmoe_active_streams") == 0, "a parked request was left behind"
+
+
+def test_redis_async_many_hits():
+    """64 distinct prompts stored through the asynchronous path (misses),
+    then 256 requests (each prompt 4 times) in flight at once on 2 RPC
+    threads: every one a hit with the stored answer, no engine work; a
+    no_store lookup hits too, and misses without storing."""
+    r = Redis()
+    try:
+        with async_daemon("redis_many", r) as d:
+            api = Api(d.channel())
+            prompts = [f"Pipelined prompt number {i}" for i in range(64)]
+            ref = {}
+            for p in prompts:
+                resp = api.complete(**greedy(p, max_tokens=4))
+                assert not resp.cached
+                ref[p] = (resp.text, list(resp.token_ids))
+            deadline = time.time() + 10
+            while r.dbsize() < 64 and time.time() < deadline:  # stores are asynchronous
+                time.sleep(0.05)
+            assert r.dbsize() == 64
+            hits0 = d.metric('lightmoe_cache_lookups_total{result="hit"}')
+            waits0 = d.metric("lightmoe_cache_single_flight_waits_total")
+            before = engine_work(d)
+            futs = [(p, api._complete.future(pb.GenerateRequest(**greedy(p, max_tokens=4)),
+                                             timeout=120))
+                    for _ in range(4) for p in prompts]
+            for p, f in futs:
+                resp = f.result()
+                assert resp.cached, p
+                assert (resp.text, list(resp.token_ids)) == ref[p], p
+            assert engine_work(d) == before
+            # Each answered by its own GET or, when an identical request's GET
+            # was outstanding, parked behind it and handed its hit.
+            hits = d.metric('lightmoe_cache_lookups_total{result="hit"}') - hits0
+            waits = d.metric("lightmoe_cache_single_flight_waits_total") - waits0
+            assert hits >= 64 and hits + waits == 256, (hits, waits)
+            ns = api.complete(**greedy(prompts[3], max_tokens=4, cache_mode=pb.CACHE_MODE_NO_STORE))
+            assert ns.cached and ns.text == ref[prompts[3]][0]
+            ns = api.complete(**greedy("Never stored", max_tokens=4,
+                                       cache_mode=pb.CACHE_MODE_NO_STORE))
+            assert not ns.cached
+            time.sleep(0.3)
+            assert r.dbsize() == 64
+            assert d.metric("lightmoe_cache_errors_total") == 0
+            wait_idle(d)
+    finally:
+        r.close()
+
+
+def test_redis_paused_rpc_threads_free():
+    """Redis stopped (SIGSTOP) with 12 lookups outstanding (timeout 3 s):
+    the 2 RPC threads stay free (a health check, Tokenize and ModelInfo are
+    answered while every lookup still waits), then each request is answered
+    by the engine, right, within its deadline; health stays SERVING."""
+    r = Redis()
+    try:
+        with async_daemon("redis_paused", r, 3000) as d:
+            api = Api(d.channel())
+            prompts = [f"Paused Redis prompt {i}" for i in range(12)]
+            ref = {p: api.complete(**greedy(p, cache_mode=pb.CACHE_MODE_BYPASS)).text
+                   for p in prompts}
+            t0 = time.time()
+            api.complete(**greedy(prompts[0], cache_mode=pb.CACHE_MODE_BYPASS))
+            engine_s = time.time() - t0
+            api.complete(**greedy("Warm the pool"))
+            budget = 3.0 + max(3.0, 4 * engine_s + 2.0)
+            os.kill(r.proc.pid, signal.SIGSTOP)
+            try:
+                futs = [(p, api._complete.future(pb.GenerateRequest(**greedy(p)), timeout=budget))
+                        for p in prompts]
+                time.sleep(0.2)
+                # 1.5 s: half the Redis timeout. Blocking lookups would hold
+                # both RPC threads for 3 s.
+                assert api.check(timeout=1.5).status == lmtest.SERVING
+                assert len(api.tokenize(timeout=1.5, text="hello there").token_ids) > 0
+                api.info(timeout=1.5)
+                pending = sum(not f.done() for _, f in futs)
+                for p, f in futs:
+                    resp = f.result()
+                    assert resp.text == ref[p] and not resp.cached, p
+            finally:
+                os.kill(r.proc.pid, signal.SIGCONT)
+            assert pending == len(prompts), \
+                f"only {pending} lookups were outstanding during the checks: tested nothing"
+            assert api.check().status == lmtest.SERVING
+            assert d.metric("lightmoe_cache_timeouts_total") >= 1
+            wait_idle(d)
+    finally:
+        r.close()
+
+
+def test_redis_killed_in_pipeline():
+    """Redis stopped with 16 lookups (8 stored prompts, 8 new) in the
+    reader's pipeline, then killed: no client sees an error, each gets the
+    model's answer; one log line for the change; health SERVING."""
+    r = Redis()
+    try:
+        with async_daemon("redis_pipekill", r, 3000, "--log-level", "info") as d:
+            api = Api(d.channel())
+            prompts = [f"Killed pipeline prompt {i}" for i in range(16)]
+            ref = {p: api.complete(**greedy(p, cache_mode=pb.CACHE_MODE_BYPASS)).text
+                   for p in prompts}
+            for p in prompts[:8]:
+                api.complete(**greedy(p))
+            deadline = time.time() + 10
+            while r.dbsize() < 8 and time.time() < deadline:
+                time.sleep(0.05)
+            os.kill(r.proc.pid, signal.SIGSTOP)
+            futs = [(p, api._complete.future(pb.GenerateRequest(**greedy(p)), timeout=60))
+                    for p in prompts]
+            time.sleep(0.3)
+            pending = sum(not f.done() for _, f in futs)
+            os.kill(r.proc.pid, signal.SIGKILL)
+            r.proc.wait()
+            for p, f in futs:
+                resp = f.result()
+                assert resp.text == ref[p] and not resp.cached, p
+            assert pending == len(prompts), f"only {pending} lookups were outstanding"
+            assert api.check().status == lmtest.SERVING
+            d.wait_log("cache: backend unavailable", timeout=5)
+            assert d.text().count("cache: backend unavailable") == 1
+            assert d.metric("lightmoe_cache_errors_total") >= 1
+            wait_idle(d)
+    finally:
+        r.close()
+
+
+def test_redis_cancel_outstanding():
+    """A client cancels while its GET is outstanding (Redis stopped, timeout
+    3 s): it ends at once (no request left in progress long before the
+    lookup's bound), its parked follower computes by itself and is right;
+    the ASan build checks for leaks at exit."""
+    r = Redis()
+    try:
+        with async_daemon("redis_cancel", r, 3000) as d:
+            api = Api(d.channel())
+            p = "Cancelled while Redis is asked"
+            ref = api.complete(**greedy(p, cache_mode=pb.CACHE_MODE_BYPASS))
+            api.complete(**greedy("Warm the pool"))
+            os.kill(r.proc.pid, signal.SIGSTOP)
+            try:
+                req = pb.GenerateRequest(**greedy(p))
+                lead = api._complete.future(req, timeout=60)
+                time.sleep(0.2)
+                follower = api._complete.future(req, timeout=60)
+                lone = api._complete.future(pb.GenerateRequest(**greedy(p + " alone")), timeout=60)
+                time.sleep(0.2)
+                assert not lead.done() and not follower.done() and not lone.done()
+                timeouts0 = d.metric("lightmoe_cache_timeouts_total")
+                lead.cancel()
+                lone.cancel()
+                t0 = time.time()
+                while d.metric("lightmoe_active_streams") > 1 and time.time() - t0 < 10:
+                    time.sleep(0.02)
+                # Both cancelled ones ended (the follower computes: at most it
+                # is left) before their GETs' 3 s bound ran out.
+                assert d.metric("lightmoe_active_streams") <= 1
+                assert d.metric("lightmoe_cache_timeouts_total") == timeouts0, \
+                    "a cancelled request waited for its Redis lookup"
+                resp = follower.result()
+                assert resp.text == ref.text and not resp.cached
+                assert lead.cancelled() and lone.cancelled()
+            finally:
+                os.kill(r.proc.pid, signal.SIGCONT)
+            wait_idle(d)
+    finally:
+        r.close()
+
+
 def test_bad_cache_url():
     for bad, want in (("redis://h:0", "port"), ("memcached://x", "expected")):
         p = subprocess.run([A.lightmoed, "--model", A.model, "--cache-url", bad, "--check-config",
@@ -527,4 +716,6 @@ if __name__ == "__main__":
                       test_single_flight_keeps_serving, test_single_flight_parked,
                       test_single_flight_leader_cancelled,
                       test_parameters_and_policy, test_invalidate, test_redis_hit,
-                      test_redis_killed_and_restarted, test_redis_slow, test_redis_down_at_start])
+                      test_redis_killed_and_restarted, test_redis_slow, test_redis_down_at_start,
+                      test_redis_async_many_hits, test_redis_paused_rpc_threads_free,
+                      test_redis_killed_in_pipeline, test_redis_cancel_outstanding])
