@@ -53,7 +53,8 @@ hits() {
 for l in u.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode().splitlines():
     if l.startswith("lightmoe_cache_hits_total "): print(l.split()[1])' "$1"
 }
-echo "== $(nproc) cores, $(date -u '+%F %T UTC'), load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== $(nproc) cores, $(date -u '+%F %T UTC')," \
+    "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== h2load -c $c -m 1 -n $n, $runs runs per daemon, alternating"
 for r in $(seq "$runs"); do
     for i in "${!names[@]}"; do
