@@ -11,10 +11,9 @@
  *            cuBLAS" measured beside the mma kernel
  *   decode   one decode step of the whole model (random weights of the real
  *            shape, made on the GPU) at batch 1..128, context 512 per
- *            sequence (--ctx: each context given); the roofline floor counts
- *            attention weights, the
- *            experts actually routed (counted on the GPU), shared experts,
- *            router, lm_head and the KV read
+ *            sequence (--ctx: each context given); the roofline floor
+ *            counts attention weights, the experts actually routed (counted
+ *            on the GPU), shared experts, router, lm_head and the KV read
  *   prefill  one prompt of 512, 2048, 8192 tokens -> first logits (TTFT of
  *            the forward pass: host upload + all layers + logits back)
  *

@@ -372,19 +372,13 @@ int launch_attn(const cu_attn_shape *s, const attn_in &in, const cu_attn_batch *
 {
     constexpr int smem = attn_smem<RW, HDP>();
     dim3 grid(b->n_tiles, s->nkv, b->nsplit);
-    if constexpr (RW <= 4) { /* registers: the larger tiles keep one step in flight */
-        if (attn_pipe()) {
-            CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP, true>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-            CU_LAUNCH(err, "attention launch", k_attn<RW, HDP, true>, grid, 128, smem, st, *s,
-                      in.q, in.qkv, in.qp, in.kc, in.vc, *b, part, out);
-            return 0;
-        }
-    }
-    CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP, false>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    CU_LAUNCH(err, "attention launch", k_attn<RW, HDP, false>, grid, 128, smem, st, *s, in.q,
-              in.qkv, in.qp, in.kc, in.vc, *b, part, out);
+    auto kern = k_attn<RW, HDP, false>;
+    if constexpr (RW <= 4) /* registers: the larger tiles keep one step in flight */
+        if (attn_pipe())
+            kern = k_attn<RW, HDP, true>;
+    CUDA_TRY(err, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CU_LAUNCH(err, "attention launch", kern, grid, 128, smem, st, *s, in.q, in.qkv, in.qp, in.kc,
+              in.vc, *b, part, out);
     return 0;
 }
 
@@ -401,9 +395,11 @@ int pick_rw(int rw, const cu_attn_shape *s, const attn_in &in, const cu_attn_bat
 
 } // namespace
 
-extern "C" void cu_attn_set_pipe(int on)
+extern "C" int cu_attn_set_pipe(int on)
 {
+    const int was = attn_pipe();
     __atomic_store_n(&g_pipe, on ? 1 : 0, __ATOMIC_RELAXED);
+    return was;
 }
 
 extern "C" size_t cu_attn_scratch_floats(const cu_attn_shape *s, int n_tiles, int bq, int nsplit)
@@ -424,9 +420,10 @@ static int attn_run(const cu_attn_shape *s, const attn_in &in, const cu_attn_bat
         return lm_err_set(err, -EINVAL, "attention: tile of %d rows (max 64), %d splits", R,
                           b->nsplit);
     if (b->n_tiles <= 0) return 0;
-    if (b->nsplit > CU_ATTN_MAX_SPLIT || (b->counters && b->nsplit > 32))
+    if (b->nsplit > CU_ATTN_MAX_SPLIT || (b->counters && b->nsplit > CU_ATTN_MAX_SPLIT_OWN))
         return lm_err_set(err, -EINVAL, "attention: %d splits (max %d; %d when merged by the "
-                          "attention blocks)", b->nsplit, CU_ATTN_MAX_SPLIT, 32);
+                          "attention blocks)", b->nsplit, CU_ATTN_MAX_SPLIT,
+                          CU_ATTN_MAX_SPLIT_OWN);
     const int rw = (R + 3) / 4;
     int rc;
     if (s->hd == 64)

@@ -19,7 +19,7 @@
  * KV head) to finish (fence + counter; it resets its counter to zero, so
  * the counters stay zero between launches and a graph can replay them).
  * Supported: hd in {64, 128, 256}, bq * G <= 64, nsplit <= CU_ATTN_MAX_SPLIT
- * (32 with counters).
+ * (CU_ATTN_MAX_SPLIT_OWN with counters).
  */
 #ifndef LIGHTMOE_CUDA_ATTN_CUH
 #define LIGHTMOE_CUDA_ATTN_CUH
@@ -30,7 +30,8 @@
 
 #include "engine/err.h"
 
-#define CU_ATTN_MAX_SPLIT 256
+#define CU_ATTN_MAX_SPLIT 256    /* splits merged by the merge kernel */
+#define CU_ATTN_MAX_SPLIT_OWN 32 /* by the attention's last block (counters): a lane each */
 
 typedef struct cu_attn_batch {
     int32_t T;                  /* query tokens */
@@ -56,8 +57,9 @@ extern "C" {
 
 /* Tests and measurements: 1 (the default, unless LIGHTMOE_CUDA_ATTN_PIPE=0)
  * issues each 32-position step's K/V loads while the previous step is
- * computed (tiles of up to 16 rows), 0 loads each step after the last. */
-void cu_attn_set_pipe(int on);
+ * computed (tiles of up to 16 rows), 0 loads each step after the last.
+ * Returns the setting it replaces. */
+int cu_attn_set_pipe(int on);
 
 /* Floats of split scratch cu_attn needs for this batch. */
 size_t cu_attn_scratch_floats(const cu_attn_shape *s, int n_tiles, int bq, int nsplit);

@@ -780,7 +780,7 @@ static int upload_batch(cu_state *s, const backend_batch *bt, cu_attn_batch *ab,
      * split (long contexts: the steps of one block are a chain of loads) */
     int nsplit = 1;
     const int blocks = n_tiles * m->nkv;
-    const int max_split = s->attn_cnt ? 32 : s->attn_max_split;
+    const int max_split = s->attn_cnt ? CU_ATTN_MAX_SPLIT_OWN : s->attn_max_split;
     if (blocks < 2 * s->sms) {
         nsplit = (2 * s->sms + blocks - 1) / blocks;
         /* prefill: no split shorter than 64 positions; decode: a function of the

@@ -632,7 +632,6 @@ static void run_route_group(int T, int E, int k, int renorm)
 
 static void test_router()
 {
-
     for (int T : {1, 3, 16})
         for (int fused = 0; fused <= 1; fused++) {
             run_router(T, 2048, 129, fused);
@@ -866,7 +865,8 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
      * twice: the counters must be back at zero after a launch */
     CK(cudaMalloc(&b.counters, (size_t)b.n_tiles * nkv * 4));
     CK(cudaMemset(b.counters, 0, (size_t)b.n_tiles * nkv * 4));
-    if (force_split > 32) { /* the attention blocks merge at most 32 splits */
+    const bool own_ok = force_split <= CU_ATTN_MAX_SPLIT_OWN;
+    if (!own_ok) { /* the attention blocks merge at most CU_ATTN_MAX_SPLIT_OWN splits */
         lm_err e_ = {0, ""};
         const bool refused =
             cu_attn(&sh, dqin, (__half *)dk, (__half *)dv, &b, part, out, 0, &e_) == -EINVAL;
@@ -875,7 +875,7 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
         if (!refused)
             g_fail = 1;
     }
-    for (int rep = 0; rep < 2 && force_split <= 32; rep++) {
+    for (int rep = 0; rep < 2 && own_ok; rep++) {
         CK(cudaMemset(out, 0xff, (size_t)T * nq * hd * 2));
         OK(cu_attn(&sh, dqin, (__half *)dk, (__half *)dv, &b, part, out, 0, ERRP));
         ao = host((const uint16_t *)out, (size_t)T * nq * hd);
@@ -894,7 +894,7 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
         g_fail = 1;
     /* decode: the post-processing inside the attention kernel (cu_attn_qkv),
      * from the caches as they were before this step; separate merge and own */
-    for (int own = 0; decode && own <= (force_split <= 32); own++) {
+    for (int own = 0; decode && own <= (int)own_ok; own++) {
         uint16_t *dk2 = dev(kc0), *dv2 = dev(vc0);
         cu_attn_batch b2 = b;
         if (!own)
@@ -1080,9 +1080,9 @@ int main(int argc, char **argv)
     if (all || !strcmp(what, "attn")) {
         test_attn(); /* the K/V loads of the next step in flight (default) */
         printf("-- attention again, each step loaded after the last (LIGHTMOE_CUDA_ATTN_PIPE=0)\n");
-        cu_attn_set_pipe(0);
+        const int was = cu_attn_set_pipe(0);
         test_attn();
-        cu_attn_set_pipe(1);
+        cu_attn_set_pipe(was);
     }
     if (all || !strcmp(what, "forward")) test_forward();
     printf("%s\n", g_fail ? "FAILED" : "all passed");
