@@ -433,7 +433,8 @@ static int many_wrap(many_ctx *m, int from, cache_bget *bg)
             m->done(m->user, op, 0, NULL);
             continue;
         }
-        bg[nb++] = (cache_bget){op->key->str, op->key->len, op->deadline_ns, 0, NULL, 0, op};
+        bg[nb++] = (cache_bget){.key = op->key->str, .klen = op->key->len,
+                                .deadline_ns = op->deadline_ns, .user = op};
     }
     return nb;
 }

@@ -21,15 +21,21 @@ typedef struct cache_backend cache_backend;
 typedef int (*cache_match_fn)(void *user, const uint8_t *val, size_t n);
 
 /* One GET of a pipelined batch (get_many). The backend fills rc (as get's
- * return), val/n (malloc'ed on 1) and calls done once per op. */
+ * return), val/n (malloc'ed on 1) and calls done once per op. The front
+ * end sets the first four fields and zeroes the rest. */
 typedef struct cache_bget {
     const char *key;
     size_t klen;
     int64_t deadline_ns;        /* 0 = only timeout_ms */
+    void *user;                 /* the front end's */
     int rc;
     uint8_t *val;
     size_t n;
-    void *user;                 /* the front end's */
+    /* the backend's, during one get_many: */
+    int64_t until;              /* when this op's GET times out */
+    int full;                   /* that bound is timeout_ms, not the caller's deadline */
+    int fin;                    /* answered */
+    int sent;                   /* ops[k].sent = the op of the k-th GET sent */
 } cache_bget;
 
 typedef void (*cache_bget_done_fn)(void *user, cache_bget *op);

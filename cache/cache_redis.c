@@ -441,6 +441,8 @@ static int command(redis_backend *b, int64_t deadline_ns, int argc, const char *
     return -EIO;
 }
 
+static int get_reply(redisReply *r, uint8_t **val, size_t *n);
+
 static int rb_get(cache_backend *be, const char *key, size_t klen, int64_t deadline_ns,
                   uint8_t **val, size_t *n)
 {
@@ -451,24 +453,9 @@ static int rb_get(cache_backend *be, const char *key, size_t klen, int64_t deadl
     int rc = command(b, deadline_ns, 2, argv, lens, &r);
     if (rc)
         return rc;
-    if (r->type == REDIS_REPLY_NIL) {
-        freeReplyObject(r);
-        return 0;
-    }
-    if (r->type != REDIS_REPLY_STRING) {
-        freeReplyObject(r);
-        return -EPROTO;
-    }
-    uint8_t *v = malloc(r->len ? (size_t)r->len : 1);
-    if (!v) {
-        freeReplyObject(r);
-        return -ENOMEM;
-    }
-    memcpy(v, r->str, (size_t)r->len);
-    *val = v;
-    *n = (size_t)r->len;
+    rc = get_reply(r, val, n);
     freeReplyObject(r);
-    return 1;
+    return rc;
 }
 
 /* A GET reply as get's result: 1 with *val (malloc'ed), 0 nil, or -errno. */
@@ -489,27 +476,17 @@ static int get_reply(redisReply *r, uint8_t **val, size_t *n)
     return 1;
 }
 
-/* Per op of a batch: its bound and whether it is answered. */
-typedef struct bget_slot {
-    int64_t until;
-    int full;                   /* the bound is timeout_ms, not the caller's deadline */
-    int fin;
-} bget_slot;
-
-static void bget_finish(cache_bget *op, bget_slot *sl, int rc, cache_bget_done_fn done,
-                        void *user)
+static void bget_finish(cache_bget *op, int rc, cache_bget_done_fn done, void *user)
 {
-    sl->fin = 1;
+    op->fin = 1;
     op->rc = rc;
     done(user, op);
 }
 
-/* A batch in progress: the ops (growing when streamed), their slots, and
- * the order their GETs were sent in. */
+/* A batch in progress: the ops (growing when streamed; their own fields
+ * hold each one's bound, state and the order the GETs were sent in). */
 typedef struct bget_run {
     cache_bget *ops;
-    bget_slot *sl;
-    int *idx;                   /* idx[k]: the op of the k-th GET sent */
     int n, cap;
     int more_fd;                /* -1: nothing streamed */
     int (*more)(void *user, cache_bget *ops, int max);
@@ -521,8 +498,8 @@ typedef struct bget_run {
 static void run_finish_all(bget_run *r, int rc)
 {
     for (int i = 0; i < r->n; i++)
-        if (!r->sl[i].fin)
-            bget_finish(&r->ops[i], &r->sl[i], rc, r->done, r->user);
+        if (!r->ops[i].fin)
+            bget_finish(&r->ops[i], rc, r->done, r->user);
 }
 
 /* Append the GETs of ops [from, r->n) to ctx (those with no time left are
@@ -532,21 +509,22 @@ static int run_append(redis_backend *b, bget_run *r, redisContext *ctx, int from
 {
     int64_t now = cache_now_ns();
     for (int i = from; i < r->n; i++) {
-        if (r->sl[i].fin)
+        cache_bget *op = &r->ops[i];
+        if (op->fin)
             continue;
-        int64_t t = budget_ns(b, r->ops[i].deadline_ns, &r->sl[i].full);
+        int64_t t = budget_ns(b, op->deadline_ns, &op->full);
         if (!t) {
-            bget_finish(&r->ops[i], &r->sl[i], -EAGAIN, r->done, r->user);
+            bget_finish(op, -EAGAIN, r->done, r->user);
             continue;
         }
-        const char *argv[2] = {"GET", r->ops[i].key};
-        size_t lens[2] = {3, r->ops[i].klen};
+        const char *argv[2] = {"GET", op->key};
+        size_t lens[2] = {3, op->klen};
         if (redisAppendCommandArgv(ctx, 2, argv, lens) != REDIS_OK)
             return -ENOMEM;
-        r->sl[i].until = now + t;
-        if (r->sl[i].until > *last)
-            *last = r->sl[i].until;
-        r->idx[(*m)++] = i;
+        op->until = now + t;
+        if (op->until > *last)
+            *last = op->until;
+        r->ops[(*m)++].sent = i; /* *m <= i: no op's entry is overwritten early */
     }
     return 0;
 }
@@ -580,7 +558,7 @@ static int get_batch(redis_backend *b, bget_run *r, int attempt)
     int64_t dl = 0; /* acquire's bound: the latest deadline (0 if any has none) */
     int any_open = 0;
     for (int i = 0; i < r->n; i++) {
-        if (r->sl[i].fin)
+        if (r->ops[i].fin)
             continue;
         if (!r->ops[i].deadline_ns) {
             dl = 0;
@@ -607,12 +585,12 @@ static int get_batch(redis_backend *b, bget_run *r, int attempt)
             break;
         }
         if (rep) {
-            int i = r->idx[got++];
+            int i = r->ops[got++].sent;
             atomic_store(&b->strikes, 0);
-            if (!r->sl[i].fin) {
+            if (!r->ops[i].fin) {
                 r->ops[i].val = NULL;
                 int grc = get_reply(rep, &r->ops[i].val, &r->ops[i].n);
-                bget_finish(&r->ops[i], &r->sl[i], grc, r->done, r->user);
+                bget_finish(&r->ops[i], grc, r->done, r->user);
             }
             freeReplyObject(rep);
             continue;
@@ -621,17 +599,17 @@ static int get_batch(redis_backend *b, bget_run *r, int attempt)
          * until the earliest one left (or until more lookups come). */
         int64_t now = cache_now_ns(), next = 0;
         for (int k = got; k < m; k++) {
-            int i = r->idx[k];
-            if (r->sl[i].fin)
+            int i = r->ops[k].sent;
+            if (r->ops[i].fin)
                 continue;
-            if (r->sl[i].until <= now) {
+            if (r->ops[i].until <= now) {
                 /* Two lookups in a row timed out on the full timeout_ms
                  * (as two commands would): DOWN. */
-                if (r->sl[i].full && atomic_fetch_add(&b->strikes, 1) + 1 >= 2)
+                if (r->ops[i].full && atomic_fetch_add(&b->strikes, 1) + 1 >= 2)
                     down = 1;
-                bget_finish(&r->ops[i], &r->sl[i], -ETIMEDOUT, r->done, r->user);
-            } else if (!next || r->sl[i].until < next) {
-                next = r->sl[i].until;
+                bget_finish(&r->ops[i], -ETIMEDOUT, r->done, r->user);
+            } else if (!next || r->ops[i].until < next) {
+                next = r->ops[i].until;
             }
         }
         if (!next || down) {
@@ -678,9 +656,9 @@ static int get_batch(redis_backend *b, bget_run *r, int attempt)
          * one strike. */
         int full_cut = 0;
         for (int i = 0; i < r->n; i++) {
-            if (!r->sl[i].fin) {
-                full_cut |= r->sl[i].full && r->sl[i].until <= cache_now_ns();
-                bget_finish(&r->ops[i], &r->sl[i], -ETIMEDOUT, r->done, r->user);
+            if (!r->ops[i].fin) {
+                full_cut |= r->ops[i].full && r->ops[i].until <= cache_now_ns();
+                bget_finish(&r->ops[i], -ETIMEDOUT, r->done, r->user);
             }
         }
         if (full_cut && atomic_fetch_add(&b->strikes, 1) + 1 >= 2)
@@ -703,25 +681,11 @@ static void rb_get_many(cache_backend *be, cache_bget *ops, int n, int cap, int 
                         cache_bget_done_fn done, void *user)
 {
     redis_backend *b = (redis_backend *)be;
-    bget_run r = {ops, calloc((size_t)cap, sizeof(bget_slot)), malloc((size_t)cap * sizeof(int)),
-                  n, cap, more ? more_fd : -1, more, done, user};
-    if (!r.sl || !r.idx) {
-        free(r.sl);
-        free(r.idx);
-        for (int i = 0; i < n; i++) { /* one by one, as get */
-            ops[i].val = NULL;
-            ops[i].rc = be->ops->get(be, ops[i].key, ops[i].klen, ops[i].deadline_ns,
-                                     &ops[i].val, &ops[i].n);
-            done(user, &ops[i]);
-        }
-        return;
-    }
+    bget_run r = {ops, n, cap, more ? more_fd : -1, more, done, user};
     for (int attempt = 0; attempt < 2; attempt++)
         if (!get_batch(b, &r, attempt))
             break;
     run_finish_all(&r, -EIO); /* cannot happen: every path answers its ops */
-    free(r.sl);
-    free(r.idx);
 }
 
 static int rb_put(cache_backend *be, const char *key, size_t klen, const uint8_t *val, size_t n,

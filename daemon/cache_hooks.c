@@ -139,6 +139,7 @@ struct hooks_state {
     int reading;                /* the reader is in a pipeline: wake it through efd */
     int efd;                    /* eventfd, -1 if none (then no streaming) */
     int r_taken;                /* the reader's: lookups taken into this pipeline */
+    cache_get_op *rops;         /* the reader's: [READ_BATCH_MAX], made at install */
     pthread_t reader;
 };
 
@@ -452,11 +453,8 @@ static int reader_take(void *user, cache_get_op *ops, int max)
 static void *reader_main(void *arg)
 {
     hooks_state *h = arg;
-    cache_get_op one;
-    cache_get_op *ops = malloc(READ_BATCH_MAX * sizeof *ops);
-    int cap = ops ? READ_BATCH_MAX : 1;
-    if (!ops)
-        ops = &one; /* no memory for a batch: one at a time */
+    cache_get_op *ops = h->rops;
+    const int cap = READ_BATCH_MAX;
     cache_get_more more = {h->efd, reader_take};
     pthread_mutex_lock(&h->mu);
     for (;;) {
@@ -468,16 +466,13 @@ static void *reader_main(void *arg)
         pthread_mutex_unlock(&h->mu);
         h->r_taken = 0;
         int n = reader_take(h, ops, cap);
-        cache_get_stream(h->c, ops, n, cap, h->efd >= 0 && cap > 1 ? &more : NULL, on_get_done,
-                         h);
+        cache_get_stream(h->c, ops, n, cap, h->efd >= 0 ? &more : NULL, on_get_done, h);
         for (int i = 0; i < h->r_taken; i++)
             free(ops[i].user); /* answered, or taken back (gone) */
         pthread_mutex_lock(&h->mu);
         h->reading = 0;
     }
     pthread_mutex_unlock(&h->mu);
-    if (ops != &one)
-        free(ops);
     return NULL;
 }
 
@@ -775,6 +770,7 @@ static void hook_destroy(void *user)
     pthread_cond_destroy(&h->rcv);
     if (h->efd >= 0)
         close(h->efd);
+    free(h->rops);
     free(h);
 }
 
@@ -890,8 +886,10 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
     pthread_condattr_destroy(&ca);
     pthread_cond_init(&h->rcv, NULL);
     h->efd = h->async_get ? eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC) : -1;
+    if (h->async_get)
+        h->rops = malloc(READ_BATCH_MAX * sizeof *h->rops);
     int started = 0;
-    if (pthread_create(&h->writer, NULL, writer_main, h) == 0)
+    if ((!h->async_get || h->rops) && pthread_create(&h->writer, NULL, writer_main, h) == 0)
         started = 1;
     if (started && h->async_get && pthread_create(&h->reader, NULL, reader_main, h)) {
         pthread_mutex_lock(&h->mu);
@@ -902,7 +900,9 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
         started = 0;
     }
     if (!started) {
-        snprintf(err, errlen, "cache: cannot start the writer or reader thread");
+        snprintf(err, errlen, "cache: cannot start the writer or reader thread%s",
+                 h->async_get && !h->rops ? " (out of memory)" : "");
+        free(h->rops);
         cache_destroy(h->c);
         pthread_mutex_destroy(&h->mu);
         pthread_cond_destroy(&h->cv);
