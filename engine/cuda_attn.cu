@@ -372,13 +372,19 @@ int launch_attn(const cu_attn_shape *s, const attn_in &in, const cu_attn_batch *
 {
     constexpr int smem = attn_smem<RW, HDP>();
     dim3 grid(b->n_tiles, s->nkv, b->nsplit);
-    auto kern = k_attn<RW, HDP, false>;
-    if constexpr (RW <= 4) /* registers: the larger tiles keep one step in flight */
-        if (attn_pipe())
-            kern = k_attn<RW, HDP, true>;
-    CUDA_TRY(err, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    CU_LAUNCH(err, "attention launch", kern, grid, 128, smem, st, *s, in.q, in.qkv, in.qp, in.kc,
-              in.vc, *b, part, out);
+    if constexpr (RW <= 4) { /* registers: the larger tiles keep one step in flight */
+        if (attn_pipe()) {
+            CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP, true>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+            CU_LAUNCH(err, "attention launch", k_attn<RW, HDP, true>, grid, 128, smem, st, *s,
+                      in.q, in.qkv, in.qp, in.kc, in.vc, *b, part, out);
+            return 0;
+        }
+    }
+    CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP, false>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CU_LAUNCH(err, "attention launch", k_attn<RW, HDP, false>, grid, 128, smem, st, *s, in.q,
+              in.qkv, in.qp, in.kc, in.vc, *b, part, out);
     return 0;
 }
 
