@@ -38,6 +38,7 @@ typedef struct daemon_config {
     char listen[CONFIG_STR_MAX];
     char metrics_listen[CONFIG_STR_MAX];
     int64_t rpc_threads;
+    int64_t rpc_queues;
     /* security */
     char tls_cert[CONFIG_STR_MAX];
     char tls_key[CONFIG_STR_MAX];

@@ -21,6 +21,7 @@
 typedef struct listener {
     rpc_tag tag;
     rpc_server *srv;
+    grpc_completion_queue *cq;      /* the queue its calls are bound to */
     const rpc_method *m;
     grpc_call *call;
     gpr_timespec deadline;
@@ -32,15 +33,25 @@ typedef struct listener {
 #define MAX_METHODS 16
 #define MAX_THREADS 64
 
+/* One thread serving one completion queue. */
+typedef struct cq_worker {
+    rpc_server *srv;
+    grpc_completion_queue *cq;
+    pthread_t th;
+} cq_worker;
+
 struct rpc_server {
     grpc_server *server;
-    grpc_completion_queue *cq;
+    grpc_completion_queue *cqs[MAX_THREADS];
+    int n_cqs;
     serve *sv;
-    pthread_t threads[MAX_THREADS];
+    cq_worker workers[MAX_THREADS];
     int n_threads;
     rpc_method methods[MAX_METHODS];
     int n_methods;
-    listener listeners[MAX_METHODS + 1];
+    /* One outstanding request per method (and one for unknown methods) on
+     * every queue: listeners[q * (n_methods + 1) + i]. */
+    listener listeners[MAX_THREADS * (MAX_METHODS + 1)];
     int serving;
     int shutting_down;
     rpc_tag shutdown_tag;
@@ -513,11 +524,11 @@ static void listener_arm(listener *l)
     if (l->m) {
         e = grpc_server_request_registered_call(r->server, l->m->registered, &l->call,
                                                 &l->deadline, &l->md,
-                                                l->m->read_payload ? &l->payload : NULL, r->cq,
-                                                r->cq, &l->tag);
+                                                l->m->read_payload ? &l->payload : NULL, l->cq,
+                                                l->cq, &l->tag);
     } else {
         grpc_call_details_init(&l->details);
-        e = grpc_server_request_call(r->server, &l->call, &l->details, &l->md, r->cq, r->cq,
+        e = grpc_server_request_call(r->server, &l->call, &l->details, &l->md, l->cq, l->cq,
                                      &l->tag);
     }
     if (e != GRPC_CALL_OK)
@@ -662,9 +673,9 @@ static void listener_done(rpc_tag *t, int ok)
 
 static void *cq_thread(void *arg)
 {
-    rpc_server *r = arg;
+    cq_worker *w = arg;
     for (;;) {
-        grpc_event ev = grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
+        grpc_event ev = grpc_completion_queue_next(w->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
                                                    NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN)
             break;
@@ -746,8 +757,29 @@ int rpc_start(const daemon_config *cfg, serve *sv, rpc_server **ret, int *ret_po
     args[1].value.integer = -1;
     grpc_channel_args ca = {2, args};
     r->server = grpc_server_create(&ca, NULL);
-    r->cq = grpc_completion_queue_create_for_next(NULL);
-    grpc_server_register_completion_queue(r->server, r->cq, NULL);
+    /* rpc_threads 0: one per core. More threads than cores only add
+     * wake-ups and hand-offs (docs/PERF.md: 4 threads on 2 cores served
+     * fewer cache hits than 2); at least 2, so that a slow handler (an
+     * admin call waiting on Redis) never holds every call up. rpc_queues
+     * (default 1): the completion queues the threads are spread over (0: a
+     * queue per thread). A call stays on the queue that accepted it. On 16
+     * cores a queue per thread cost ~1.8x the CPU per cache hit of one
+     * shared queue and served ~25% fewer (docs/PERF.md): the thread that
+     * reads a call's bytes is seldom the one polling that call's queue, so
+     * every event became a wake-up of another thread. */
+    long want = cfg->rpc_threads;
+    if (want == 0) {
+        want = sysconf(_SC_NPROCESSORS_ONLN);
+        if (want < 2)
+            want = 2;
+    }
+    r->n_threads = (int)(want < MAX_THREADS ? want : MAX_THREADS);
+    long nq = cfg->rpc_queues;
+    r->n_cqs = (int)(nq == 0 || nq > r->n_threads ? r->n_threads : nq);
+    for (int q = 0; q < r->n_cqs; q++) {
+        r->cqs[q] = grpc_completion_queue_create_for_next(NULL);
+        grpc_server_register_completion_queue(r->server, r->cqs[q], NULL);
+    }
 
     add_methods(r, rpc_api_methods, rpc_api_n_methods);
     add_methods(r, rpc_health_methods, rpc_health_n_methods);
@@ -796,36 +828,34 @@ int rpc_start(const daemon_config *cfg, serve *sv, rpc_server **ret, int *ret_po
         goto fail;
     }
     grpc_server_start(r->server);
-    for (int i = 0; i <= r->n_methods; i++) {
-        listener *l = &r->listeners[i];
-        l->tag.done = listener_done;
-        l->srv = r;
-        l->m = i < r->n_methods ? &r->methods[i] : NULL;
-        listener_arm(l);
+    for (int q = 0; q < r->n_cqs; q++) {
+        for (int i = 0; i <= r->n_methods; i++) {
+            listener *l = &r->listeners[q * (r->n_methods + 1) + i];
+            l->tag.done = listener_done;
+            l->srv = r;
+            l->cq = r->cqs[q];
+            l->m = i < r->n_methods ? &r->methods[i] : NULL;
+            listener_arm(l);
+        }
     }
-    /* 0: one per core. More threads than cores on one queue only add
-     * wake-ups and hand-offs (docs/PERF.md: 4 threads on 2 cores served
-     * fewer cache hits than 2); at least 2 so that one slow admission (a
-     * Redis lookup up to cache_timeout_ms) never stalls every call. */
-    long want = cfg->rpc_threads;
-    if (want == 0) {
-        want = sysconf(_SC_NPROCESSORS_ONLN);
-        if (want < 2)
-            want = 2;
+    for (int i = 0; i < r->n_threads; i++) {
+        cq_worker *w = &r->workers[i];
+        w->srv = r;
+        w->cq = r->cqs[i % r->n_cqs];
+        pthread_create(&w->th, NULL, cq_thread, w);
     }
-    r->n_threads = (int)(want < MAX_THREADS ? want : MAX_THREADS);
-    for (int i = 0; i < r->n_threads; i++)
-        pthread_create(&r->threads[i], NULL, cq_thread, r);
     *ret_port = strncmp(cfg->listen, "unix:", 5) ? port : 0;
     *ret = r;
     return 0;
 fail:
     grpc_server_destroy(r->server);
-    grpc_completion_queue_shutdown(r->cq);
-    while (grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
-           GRPC_QUEUE_SHUTDOWN) {
+    for (int q = 0; q < r->n_cqs; q++) {
+        grpc_completion_queue_shutdown(r->cqs[q]);
+        while (grpc_completion_queue_next(r->cqs[q], gpr_inf_future(GPR_CLOCK_MONOTONIC),
+                                          NULL).type != GRPC_QUEUE_SHUTDOWN) {
+        }
+        grpc_completion_queue_destroy(r->cqs[q]);
     }
-    grpc_completion_queue_destroy(r->cq);
     free_tokens(r->tokens, r->n_tokens);
     pthread_mutex_destroy(&r->mu);
     pthread_cond_destroy(&r->cond);
@@ -879,7 +909,7 @@ void rpc_shutdown(rpc_server *r, double wait_s)
     pthread_mutex_lock(&r->mu);
     r->shutting_down = 1;
     pthread_mutex_unlock(&r->mu);
-    grpc_server_shutdown_and_notify(r->server, r->cq, &r->shutdown_tag);
+    grpc_server_shutdown_and_notify(r->server, r->cqs[0], &r->shutdown_tag);
     /* The core also waits for idle client connections to go; once none of
      * our calls is left there is nothing to wait for, so stop waiting then
      * (polled: n_calls changes under mu with a broadcast on cond). */
@@ -924,10 +954,12 @@ void rpc_destroy(rpc_server *r)
         return;
     }
     grpc_server_destroy(r->server);
-    grpc_completion_queue_shutdown(r->cq);
+    for (int q = 0; q < r->n_cqs; q++)
+        grpc_completion_queue_shutdown(r->cqs[q]);
     for (int i = 0; i < r->n_threads; i++)
-        pthread_join(r->threads[i], NULL);
-    grpc_completion_queue_destroy(r->cq);
+        pthread_join(r->workers[i].th, NULL);
+    for (int q = 0; q < r->n_cqs; q++)
+        grpc_completion_queue_destroy(r->cqs[q]);
     free_tokens(r->tokens, r->n_tokens);
     pthread_mutex_destroy(&r->mu);
     pthread_cond_destroy(&r->cond);

@@ -5,7 +5,8 @@
  * It serves lightmoe.v1.LightMoE (rpc_api.c, on top of serve.h),
  * grpc.health.v1.Health (rpc_health.c) and server reflection v1 and v1alpha
  * (rpc_reflect.c); every other method gets UNIMPLEMENTED at once. Calls run
- * on rpc_threads threads that share one completion queue.
+ * on rpc_threads threads that share one completion queue (rpc_queues sets
+ * more, the threads spread over them).
  *
  * Lifecycle (main thread): rpc_start (listening, health NOT_SERVING) ->
  * rpc_set_serving(1) once the model is warm -> on SIGTERM

@@ -10,9 +10,9 @@ from lmtest import Api, Daemon
 A = lmtest.parse_args()
 
 
-def test_64_streams():
+def run_64_streams(name, rpc):
     # The answer cache is off: the 64 streams must run in the engine, batched.
-    with Daemon("conc", ["--max-batch", "32", "--rpc-threads", "2", "--cache-url", "off"]) as d:
+    with Daemon(name, ["--max-batch", "32", "--cache-url", "off"] + rpc) as d:
         prompts = [f"Client {i} says: the experts route token {i * 7 % 13}" for i in range(64)]
         max_tokens = [8 + (i % 5) * 4 for i in range(64)]
         api = Api(d.channel())
@@ -55,4 +55,14 @@ def test_64_streams():
         assert big and count and float(count[0].split()[-1]) > float(big[0].split()[-1]), m
 
 
-lmtest.run_tests([test_64_streams])
+def test_64_streams():
+    run_64_streams("conc", ["--rpc-threads", "2"])  # one completion queue (the default)
+
+
+def test_64_streams_queue_per_thread():
+    # rpc_queues 0: a completion queue per thread; calls stay on the queue
+    # that accepted them, answers come from the engine thread.
+    run_64_streams("concq", ["--rpc-threads", "3", "--rpc-queues", "0"])
+
+
+lmtest.run_tests([test_64_streams, test_64_streams_queue_per_thread])
