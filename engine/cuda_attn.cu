@@ -42,8 +42,16 @@ __global__ void __launch_bounds__(128)
     __half *k_s = reinterpret_cast<__half *>(smem + 4 * RW * HD * 4); /* [P][KS] */
     __half *v_s = k_s + P * KS;                                       /* [P][KS] */
 
-    cu_pdl_wait();
-    cu_pdl_trigger();
+    /* early (decode with qkv, steps pipelined): the first step's K/V loads
+     * go out before the dependency wait. The batch description is the
+     * step's upload (before every kernel); the cache holds every earlier
+     * position, and the new one, which this launch writes, is taken from
+     * registers (below), never from those loads. */
+    const bool early = PIPE && qkv && b.early;
+    if (!early) {
+        cu_pdl_wait();
+        cu_pdl_trigger();
+    }
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int kvh = blockIdx.y, split = blockIdx.z;
     const int2 td = b.tiles[blockIdx.x];
@@ -105,6 +113,10 @@ __global__ void __launch_bounds__(128)
      * computed (long contexts: a split is a chain of steps) */
     if (PIPE && p_begin < p_end)
         load_step(p_begin);
+    if (early) {
+        cu_pdl_wait();
+        cu_pdl_trigger();
+    }
     for (int p0 = p_begin; p0 < p_end; p0 += P) {
         __syncthreads(); /* q_s written / previous K,V consumed */
         if (!PIPE)

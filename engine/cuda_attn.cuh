@@ -45,6 +45,8 @@ typedef struct cu_attn_batch {
     int32_t bq;
     int32_t nsplit;             /* context splits per tile (>= 1) */
     int32_t *counters;          /* [n_tiles * nkv] zeroed, or NULL: see cu_attn */
+    int32_t early;              /* cu_attn_qkv: the first step's K/V loads before the
+                                 * dependency wait (cu_early_loads) */
 } cu_attn_batch;
 
 typedef struct cu_attn_shape {

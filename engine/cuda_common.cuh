@@ -62,6 +62,14 @@ extern "C" {
 int cu_pdl_enabled(void);
 void cu_pdl_allow(int on); /* for launches from the calling thread */
 int cu_pdl_max_tokens(void);
+/* Loads issued before cu_pdl_wait() of what the previous kernel cannot be
+ * writing: the router's weights, the KV cache positions of a fused decode
+ * step before its new one (patched from registers), a grouped product's
+ * work list when it was written two launches earlier (and the weights it
+ * names). 1 unless LIGHTMOE_CUDA_EARLY=0; cu_set_early_loads (tests,
+ * measurements) returns the setting it replaces. */
+int cu_early_loads(void);
+int cu_set_early_loads(int on);
 #ifdef __cplusplus
 }
 #endif

@@ -628,6 +628,7 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
         r.tile = tile;
         r.a_rows = s->plan.ent_token;
         r.row_scale = NULL;
+        r.plan_ready = 0;
         const __half *a = s->xn;
         int lda = H;
         if (L->gate_up.perm) {
@@ -650,6 +651,9 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
             hin = s->hg;
         }
         prof_mark(s, P_GATEUP);
+        /* the plan is two launches back (route+group, gate_up): the one-token
+         * down product loads its experts' weights before waiting */
+        r.plan_ready = cu_early_loads();
         w = int4_of(&L->down, 0);
         if ((rc = cu_int4_matmul(&w, &r, hin, I, s->y, H, CU_OUT_F32, kpath(s),
                                  s->st, err)))
@@ -811,6 +815,7 @@ static int upload_batch(cu_state *s, const backend_batch *bt, cu_attn_batch *ab,
     ab->bq = bq;
     ab->nsplit = nsplit;
     ab->counters = s->attn_cnt;
+    ab->early = cu_early_loads();
     *ret_decode = decode;
     return 0;
 }

@@ -53,6 +53,9 @@ typedef struct cu_gemm_rows {
     int32_t tile;            /* entries per item the list was built for */
     const int32_t *a_rows;   /* [entries] row of A for entry i, NULL = i */
     const float *row_scale;  /* [entries] multiplier of Y row i, or NULL */
+    int32_t plan_ready;      /* grouped: items, n_items were written two or more launches
+                              * before this product, so the one-token kernel may read them
+                              * (and load the weights they name) before its dependency wait */
 } cu_gemm_rows;
 
 typedef enum cu_out_mode {
@@ -98,6 +101,10 @@ int cu_int4_dequant(const cu_int4_weights *w, __half *out, cudaStream_t stream, 
  * step, 2 or 4 (4 for every product), 5 (4 for grouped products only);
  * the default is LIGHTMOE_CUDA_GEMV_ILP or the build's choice. */
 void cu_int4_gemv_set_ilp(int chunks);
+/* Tests and measurements: teams of 64 lanes for one-token products with K
+ * >= 4096 (1, the default unless LIGHTMOE_CUDA_GEMV_T64=0) or of 32 (0).
+ * Returns the setting it replaces. */
+int cu_int4_gemv_set_t64(int on);
 
 /* out[i][j] = x[rows[i]][perm ? perm[e(i)][j] : j] as fp16: gathers and
  * permutes A for act-order layers (e(i) = ent_expert[i], or 0 if NULL). */

@@ -30,8 +30,9 @@ __global__ void __launch_bounds__(128)
 {
     /* Dense products read only weights before the previous kernel is done
      * (programmatic dependent launch): the first chunks' loads are issued,
-     * then the wait. Grouped ones need the work list first. */
-    const bool pre = !r.items && !r.a_rows && !r.row_scale;
+     * then the wait. Grouped ones need the work list first, unless it was
+     * made before the previous kernel (plan_ready: the down product). */
+    const bool pre = (!r.items || r.plan_ready) && !r.a_rows && !r.row_scale;
     bool waited = !pre;
     if (!pre) {
         cu_pdl_wait();
@@ -156,16 +157,34 @@ __global__ void __launch_bounds__(128)
         cu_pdl_wait();
         cu_pdl_trigger();
     }
+    constexpr int W = TPR < 32 ? TPR : 32; /* shuffle width */
 #pragma unroll
     for (int j = 0; j < 4; j++)
 #pragma unroll
         for (int m = 0; m < MT; m++) {
             float v = acc[j][m];
 #pragma unroll
-            for (int o = TPR / 2; o > 0; o >>= 1)
-                v += __shfl_xor_sync(0xffffffffu, v, o, TPR);
+            for (int o = W / 2; o > 0; o >>= 1)
+                v += __shfl_xor_sync(0xffffffffu, v, o, W);
             acc[j][m] = v;
         }
+    if constexpr (TPR == 64) { /* a team is two warps: the second's sums via shared memory */
+        __shared__ float s_acc[2][4][MT];
+        const int warp = threadIdx.x / 32;
+        if ((warp & 1) && (threadIdx.x & 31) == 0)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int m = 0; m < MT; m++)
+                    s_acc[warp / 2][j][m] = acc[j][m];
+        __syncthreads();
+        if (tl == 0)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int m = 0; m < MT; m++)
+                    acc[j][m] += s_acc[warp / 2][j][m];
+    }
     if (tl != 0)
         return;
 #pragma unroll
@@ -235,11 +254,28 @@ static int gemv_ilp(void)
     return v;
 }
 
+/* One-token products with K >= 4096 (128+ chunks): teams of 64 lanes (two
+ * warps), so that a lane loads once and there are twice the blocks
+ * (LIGHTMOE_CUDA_GEMV_T64=0: teams of 32, each lane loading twice). */
+static int g_t64 = -1;
+static int gemv_t64(void)
+{
+    int v = __atomic_load_n(&g_t64, __ATOMIC_RELAXED);
+    if (v < 0) {
+        const char *e = getenv("LIGHTMOE_CUDA_GEMV_T64");
+        v = !(e && e[0] == '0');
+        __atomic_store_n(&g_t64, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
 template <int MT>
 int launch_gemv_tpr(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a, int lda,
                     void *out, int ldo, cu_out_mode mode, cudaStream_t st)
 {
     const int chunks = w->k / 32;
+    if (MT == 1 && chunks >= 128 && gemv_ilp() == 2 && gemv_t64())
+        return launch_gemv_mode<1, 64, 2>(w, r, a, lda, out, ldo, mode, st);
     if (MT == 1) {
         const int ilp = gemv_ilp();
         if (ilp == 4 || (ilp == 5 && r->items)) {
@@ -302,6 +338,13 @@ __global__ void k_int4_dequant(cu_int4_weights w, __half *__restrict__ out)
 extern "C" void cu_int4_gemv_set_ilp(int chunks)
 {
     __atomic_store_n(&g_ilp, chunks, __ATOMIC_RELAXED);
+}
+
+extern "C" int cu_int4_gemv_set_t64(int on)
+{
+    const int was = gemv_t64();
+    __atomic_store_n(&g_t64, on ? 1 : 0, __ATOMIC_RELAXED);
+    return was;
 }
 
 extern "C" int cu_int4_dequant(const cu_int4_weights *w, __half *out, cudaStream_t st, lm_err *err)

@@ -249,12 +249,10 @@ constexpr int ROUTER_MT = 16;
 __global__ void __launch_bounds__(128)
     k_router(const float *__restrict__ x, int T, int H, const float *__restrict__ nw, float eps,
              const float *__restrict__ w, int rows, float *__restrict__ out,
-             __half *__restrict__ xn)
+             __half *__restrict__ xn, int early)
 {
     __shared__ float s_red[4][2 * ROUTER_MT];
     __shared__ float s_inv[ROUTER_MT];
-    cu_pdl_wait();
-    cu_pdl_trigger();
     const int r = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     const int n4 = H / 4;
     float dot[ROUTER_MT], ss[ROUTER_MT];
@@ -263,23 +261,50 @@ __global__ void __launch_bounds__(128)
         dot[t] = ss[t] = 0.f;
     const float4 *wr = reinterpret_cast<const float4 *>(w + (size_t)r * H);
     const float4 *nr = reinterpret_cast<const float4 *>(nw);
-#pragma unroll 4
-    for (int i = threadIdx.x; i < n4; i += 128) {
-        float4 a = wr[i];
-        if (nw) {
-            const float4 g = nr[i];
-            a.x *= g.x;
-            a.y *= g.y;
-            a.z *= g.z;
-            a.w *= g.w;
-        }
+    /* RU pieces of the row a thread, loaded at once; the first round's
+     * before the dependency wait when early (weights: nothing earlier
+     * writes them), so that they are in flight while o_proj finishes */
+    constexpr int RU = 4;
+    float4 wa[RU];
+    auto load_w = [&](int i0) {
 #pragma unroll
-        for (int t = 0; t < ROUTER_MT; t++)
-            if (t < T) {
-                const float4 b = reinterpret_cast<const float4 *>(x + (size_t)t * H)[i];
-                dot[t] += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
-                ss[t] += b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
+        for (int u = 0; u < RU; u++) {
+            const int i = i0 + threadIdx.x + 128 * u;
+            float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (i < n4) {
+                a = wr[i];
+                if (nw) {
+                    const float4 g = nr[i];
+                    a.x *= g.x;
+                    a.y *= g.y;
+                    a.z *= g.z;
+                    a.w *= g.w;
+                }
             }
+            wa[u] = a;
+        }
+    };
+    if (early)
+        load_w(0);
+    cu_pdl_wait();
+    cu_pdl_trigger();
+    for (int i0 = 0; i0 < n4; i0 += 128 * RU) {
+        if (i0 || !early)
+            load_w(i0);
+#pragma unroll
+        for (int u = 0; u < RU; u++) {
+            const int i = i0 + threadIdx.x + 128 * u;
+            if (i >= n4)
+                break;
+            const float4 a = wa[u];
+#pragma unroll
+            for (int t = 0; t < ROUTER_MT; t++)
+                if (t < T) {
+                    const float4 b = reinterpret_cast<const float4 *>(x + (size_t)t * H)[i];
+                    dot[t] += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+                    ss[t] += b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
+                }
+        }
     }
 #pragma unroll
     for (int t = 0; t < ROUTER_MT; t++)
@@ -323,7 +348,7 @@ extern "C" int cu_router_norm(const float *x, int T, int H, const float *norm_w,
     if (((uintptr_t)x | (uintptr_t)w | (uintptr_t)norm_w) & 15)
         return lm_err_set(err, -EINVAL, "router: inputs not 16-byte aligned");
     CU_LAUNCH(err, "router launch", k_router, rows, 128, 0, st, x, T, H, norm_w, eps, w, rows, out,
-              xn);
+              xn, cu_early_loads());
     return 0;
 }
 

@@ -326,6 +326,7 @@ static void run_grouped(int H, int I, int g, int E, int k, int T, cu_gemm_path p
     r.tile = tile;
     r.a_rows = pd.p.ent_token;
     r.row_scale = nullptr;
+    r.plan_ready = 0;
     __half *h;
     float *y, *resid;
     CK(cudaMalloc(&h, (size_t)T * k * I * 2));
@@ -334,6 +335,30 @@ static void run_grouped(int H, int I, int g, int E, int k, int T, cu_gemm_path p
     OK(cu_int4_matmul(&dgu.w, &r, dx, H, h, I, CU_OUT_SILU_F16, path, 0, ERRP));
     r.a_rows = nullptr;
     OK(cu_int4_matmul(&ddn.w, &r, h, I, y, H, CU_OUT_F32, path, 0, ERRP));
+    {
+        /* the forward's order once more, down reading its work list (made
+         * three launches back) and loading weights before its wait: the
+         * same bits */
+        __half *h2;
+        float *y2;
+        CK(cudaMalloc(&h2, (size_t)T * k * I * 2));
+        CK(cudaMalloc(&y2, (size_t)T * k * H * 4));
+        CK(cudaMemset(y2, 0xff, (size_t)T * k * H * 4));
+        r.a_rows = pd.p.ent_token;
+        OK(cu_int4_matmul(&dgu.w, &r, dx, H, h2, I, CU_OUT_SILU_F16, path, 0, ERRP));
+        r.a_rows = nullptr;
+        r.plan_ready = 1;
+        OK(cu_int4_matmul(&ddn.w, &r, h2, I, y2, H, CU_OUT_F32, path, 0, ERRP));
+        r.plan_ready = 0;
+        vector<float> ya = host(y, (size_t)T * k * H), yb = host(y2, (size_t)T * k * H);
+        const bool same = !memcmp(ya.data(), yb.data(), ya.size() * 4);
+        printf("%-4s grouped %s down, work list read before the wait: bit-identical T=%d\n",
+               same ? "ok" : "FAIL", path == CU_GEMM_GEMV ? "gemv" : "mma", T);
+        if (!same)
+            g_fail = 1;
+        cudaFree(h2);
+        cudaFree(y2);
+    }
     vector<float> resid0 = rand_act((size_t)T * H, 1.0f);
     resid = dev(resid0);
     OK(cu_moe_combine(resid, H, T, k, y, pd.p.pos, pd.p.ent_weight, nullptr, nullptr, 0, ERRP));
@@ -445,6 +470,19 @@ static void test_int4()
         run_grouped(2048, 768, 128, 16, 8, 1, CU_GEMM_AUTO);
     }
     cu_int4_gemv_set_ilp(-1); /* back to the default */
+    /* one token, K >= 4096: teams of 64 lanes (two warps), then of 32 */
+    for (int t64 = 1; t64 >= 0; t64--) {
+        const int was = cu_int4_gemv_set_t64(t64);
+        printf("     one-token gemv, K >= 4096, teams of %d lanes\n", t64 ? 64 : 32);
+        struct { int n, k, g; } shl[] = {{75, 4096, 128}, {1001, 4160, 32}, {8, 8192, 128}};
+        for (auto s : shl)
+            run_dense(s.n, s.k, s.g, 1, false, CU_GEMM_GEMV, CU_OUT_F32);
+        run_dense(300, 4096, 32, 1, true, CU_GEMM_GEMV, CU_OUT_F32);
+        run_dense(322, 4096, 128, 1, false, CU_GEMM_GEMV, CU_OUT_SILU_F16);
+        run_dense(130, 4128, 32, 1, false, CU_GEMM_GEMV, CU_OUT_F32_ACC);
+        run_grouped(256, 4096, 128, 6, 2, 1, CU_GEMM_GEMV); /* down: K = 4096 */
+        cu_int4_gemv_set_t64(was);
+    }
     const int Ts[] = {1, 3, 17, 64, 300};
     struct { int n, k, g; } shapes[] = {{96, 160, 32}, {300, 288, 96}, {1000, 2080, 32}, {2048, 768, 128}};
     for (auto s : shapes)
@@ -774,6 +812,7 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
     b.bq = bq;
     b.nsplit = force_split;
     b.counters = nullptr;
+    b.early = 0;
     cu_attn_shape sh = {nq, nkv, hd};
     uint16_t *dk = dev(kc), *dv = dev(vc);
     float *dqkv = dev(qkv), *dq, *part;
@@ -893,10 +932,22 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
     if (left)
         g_fail = 1;
     /* decode: the post-processing inside the attention kernel (cu_attn_qkv),
-     * from the caches as they were before this step; separate merge and own */
-    for (int own = 0; decode && own <= (int)own_ok; own++) {
-        uint16_t *dk2 = dev(kc0), *dv2 = dev(vc0);
+     * from the caches as they were before this step; separate merge and own;
+     * with the first step's loads before the dependency wait (early), the
+     * new positions' slots hold NaN before the launch: the kernel must take
+     * the new k, v from its registers, never from those loads */
+    for (int run = 0; decode && run < 2 * (1 + (int)own_ok); run++) {
+        const int own = run / 2, early = run % 2;
+        vector<uint16_t> kc1 = kc0, vc1 = vc0;
+        if (early)
+            for (int t = 0; t < T; t++)
+                for (size_t i = 0; i < slot_elems; i++) {
+                    kc1[slot(tseq[t], tpos[t]) * slot_elems + i] = 0x7e00;
+                    vc1[slot(tseq[t], tpos[t]) * slot_elems + i] = 0x7e00;
+                }
+        uint16_t *dk2 = dev(kc1), *dv2 = dev(vc1);
         cu_attn_batch b2 = b;
+        b2.early = early;
         if (!own)
             b2.counters = nullptr;
         CK(cudaMemset(out, 0xff, (size_t)T * nq * hd * 2));
@@ -904,8 +955,9 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
         ao = host((const uint16_t *)out, (size_t)T * nq * hd);
         for (size_t i = 0; i < ao.size(); i++)
             agot[i] = h2f(ao[i]);
-        snprintf(what, sizeof what, "attention+qkv post nq=%d nkv=%d hd=%d T=%d split=%d %s", nq,
-                 nkv, hd, T, force_split, own ? "own merge" : "merge kernel");
+        snprintf(what, sizeof what, "attention+qkv post nq=%d nkv=%d hd=%d T=%d split=%d %s%s", nq,
+                 nkv, hd, T, force_split, own ? "own merge" : "merge kernel",
+                 early ? ", early loads" : "");
         compare(what, agot.data(), aref.data(), T * nq, hd, 3e-3);
         vector<uint16_t> k2 = host(dk2, kc.size()), v2 = host(dv2, vc.size());
         size_t bad2 = 0;
