@@ -369,13 +369,7 @@ struct attn_in {
 static int g_pipe = -1;
 static int attn_pipe(void)
 {
-    int v = __atomic_load_n(&g_pipe, __ATOMIC_RELAXED);
-    if (v < 0) {
-        const char *e = getenv("LIGHTMOE_CUDA_ATTN_PIPE");
-        v = !(e && e[0] == '0');
-        __atomic_store_n(&g_pipe, v, __ATOMIC_RELAXED);
-    }
-    return v;
+    return cu_env_switch(&g_pipe, "LIGHTMOE_CUDA_ATTN_PIPE");
 }
 
 template <int RW, int HDP>
@@ -415,9 +409,7 @@ int pick_rw(int rw, const cu_attn_shape *s, const attn_in &in, const cu_attn_bat
 
 extern "C" int cu_attn_set_pipe(int on)
 {
-    const int was = attn_pipe();
-    __atomic_store_n(&g_pipe, on ? 1 : 0, __ATOMIC_RELAXED);
-    return was;
+    return cu_env_switch_set(&g_pipe, "LIGHTMOE_CUDA_ATTN_PIPE", on);
 }
 
 extern "C" size_t cu_attn_scratch_floats(const cu_attn_shape *s, int n_tiles, int bq, int nsplit)

@@ -70,6 +70,11 @@ int cu_pdl_max_tokens(void);
  * measurements) returns the setting it replaces. */
 int cu_early_loads(void);
 int cu_set_early_loads(int on);
+/* A measurement switch: 1 unless the environment variable name starts
+ * with '0', read once into *slot (-1 = not read yet; relaxed atomics);
+ * _set replaces it (tests) and returns the setting it replaces. */
+int cu_env_switch(int *slot, const char *name);
+int cu_env_switch_set(int *slot, const char *name, int on);
 #ifdef __cplusplus
 }
 #endif

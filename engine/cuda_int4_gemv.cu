@@ -260,13 +260,7 @@ static int gemv_ilp(void)
 static int g_t64 = -1;
 static int gemv_t64(void)
 {
-    int v = __atomic_load_n(&g_t64, __ATOMIC_RELAXED);
-    if (v < 0) {
-        const char *e = getenv("LIGHTMOE_CUDA_GEMV_T64");
-        v = !(e && e[0] == '0');
-        __atomic_store_n(&g_t64, v, __ATOMIC_RELAXED);
-    }
-    return v;
+    return cu_env_switch(&g_t64, "LIGHTMOE_CUDA_GEMV_T64");
 }
 
 template <int MT>
@@ -342,9 +336,7 @@ extern "C" void cu_int4_gemv_set_ilp(int chunks)
 
 extern "C" int cu_int4_gemv_set_t64(int on)
 {
-    const int was = gemv_t64();
-    __atomic_store_n(&g_t64, on ? 1 : 0, __ATOMIC_RELAXED);
-    return was;
+    return cu_env_switch_set(&g_t64, "LIGHTMOE_CUDA_GEMV_T64", on);
 }
 
 extern "C" int cu_int4_dequant(const cu_int4_weights *w, __half *out, cudaStream_t st, lm_err *err)

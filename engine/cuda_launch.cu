@@ -40,26 +40,36 @@ extern "C" void cu_pdl_allow(int on)
     g_allow = on ? 1 : 0;
 }
 
-/* LIGHTMOE_CUDA_EARLY=0 turns the loads before the dependency wait off
- * (see cu_early_loads in cuda_common.cuh); read once. */
-static int g_early = -1;
-
-extern "C" int cu_early_loads(void)
+extern "C" int cu_env_switch(int *slot, const char *name)
 {
-    int v = __atomic_load_n(&g_early, __ATOMIC_RELAXED);
+    int v = __atomic_load_n(slot, __ATOMIC_RELAXED);
     if (v < 0) {
-        const char *e = getenv("LIGHTMOE_CUDA_EARLY");
+        const char *e = getenv(name);
         v = !(e && e[0] == '0');
-        __atomic_store_n(&g_early, v, __ATOMIC_RELAXED);
+        __atomic_store_n(slot, v, __ATOMIC_RELAXED);
     }
     return v;
 }
 
+extern "C" int cu_env_switch_set(int *slot, const char *name, int on)
+{
+    const int was = cu_env_switch(slot, name);
+    __atomic_store_n(slot, on ? 1 : 0, __ATOMIC_RELAXED);
+    return was;
+}
+
+/* LIGHTMOE_CUDA_EARLY=0 turns the loads before the dependency wait off
+ * (see cu_early_loads in cuda_common.cuh). */
+static int g_early = -1;
+
+extern "C" int cu_early_loads(void)
+{
+    return cu_env_switch(&g_early, "LIGHTMOE_CUDA_EARLY");
+}
+
 extern "C" int cu_set_early_loads(int on)
 {
-    const int was = cu_early_loads();
-    __atomic_store_n(&g_early, on ? 1 : 0, __ATOMIC_RELAXED);
-    return was;
+    return cu_env_switch_set(&g_early, "LIGHTMOE_CUDA_EARLY", on);
 }
 
 extern "C" int cu_pdl_max_tokens(void)
