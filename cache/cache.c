@@ -453,12 +453,17 @@ static int many_more(void *user, cache_bget *bg, int max)
     return many_wrap(m, from, bg);
 }
 
+size_t cache_get_stream_scratch(int cap)
+{
+    return cap > 0 ? (size_t)cap * sizeof(cache_bget) : 0;
+}
+
 void cache_get_stream(cache *c, cache_get_op *ops, int n, int cap, const cache_get_more *more,
-                      cache_get_done_fn done, void *user)
+                      void *scratch, cache_get_done_fn done, void *user)
 {
     cache_bget *bg = NULL;
     if (c->be && c->be->ops->get_many && cap > 0)
-        bg = malloc((size_t)cap * sizeof *bg);
+        bg = scratch ? scratch : malloc(cache_get_stream_scratch(cap));
     if (!bg) { /* memory, off, or no pipelining: one by one, nothing streamed */
         for (int i = 0; i < n; i++) {
             cache_entry *e = NULL;
@@ -472,12 +477,13 @@ void cache_get_stream(cache *c, cache_get_op *ops, int n, int cap, const cache_g
     if (nb)
         c->be->ops->get_many(c->be, bg, nb, cap, more ? more->fd : -1,
                              more ? many_more : NULL, many_done, &m);
-    free(bg);
+    if (bg != scratch)
+        free(bg);
 }
 
 void cache_get_many(cache *c, cache_get_op *ops, int n, cache_get_done_fn done, void *user)
 {
-    cache_get_stream(c, ops, n, n, NULL, done, user);
+    cache_get_stream(c, ops, n, n, NULL, NULL, done, user);
 }
 
 int cache_put(cache *c, const cache_key *k, const cache_entry *e, int64_t deadline_ns)

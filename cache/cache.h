@@ -242,14 +242,17 @@ void cache_get_many(cache *c, cache_get_op *ops, int n, cache_get_done_fn done, 
  * written at ops[k..], and they are appended to the same pipeline. So a
  * lookup that arrives while Redis is slow waits only for its own bound,
  * not for the batch before it. ops has room for cap ops (n <= cap). Returns
- * when every op taken has been answered. */
+ * when every op taken has been answered. scratch: cache_get_stream_scratch
+ * (cap) bytes of work space the caller made once (a thread that streams
+ * pipelines one after another), or NULL: allocated for this call. */
 typedef struct cache_get_more {
     int fd;
     int (*take)(void *user, cache_get_op *ops, int max);
 } cache_get_more;
 
+size_t cache_get_stream_scratch(int cap);
 void cache_get_stream(cache *c, cache_get_op *ops, int n, int cap, const cache_get_more *more,
-                      cache_get_done_fn done, void *user);
+                      void *scratch, cache_get_done_fn done, void *user);
 
 /* Store (if k->store). 0 stored; -EPERM policy says no; -E2BIG over
  * max_value_bytes; -EINVAL bad entry (negative ids); other negative errno:

@@ -55,8 +55,8 @@ typedef struct cache_backend_ops {
     /* Optional: GET every op in one pipeline (append all, flush, read all
      * replies); done(user, op) once per op on the calling thread, as soon as
      * its result is known (its reply, an error, or its own bound passing
-     * while later ones still wait). NULL: the front end loops over get. */
-    /* Streaming (cache_get_stream): ops has room for cap; when more_fd is
+     * while later ones still wait). NULL: the front end loops over get.
+     * Streaming (cache_get_stream): ops has room for cap; when more_fd is
      * readable (more_fd >= 0), more(user, ops + n, cap - n) returns how many
      * ops it added there, to append to the same pipeline. */
     void (*get_many)(cache_backend *b, cache_bget *ops, int n, int cap, int more_fd,

@@ -441,23 +441,6 @@ static int command(redis_backend *b, int64_t deadline_ns, int argc, const char *
     return -EIO;
 }
 
-static int get_reply(redisReply *r, uint8_t **val, size_t *n);
-
-static int rb_get(cache_backend *be, const char *key, size_t klen, int64_t deadline_ns,
-                  uint8_t **val, size_t *n)
-{
-    redis_backend *b = (redis_backend *)be;
-    const char *argv[2] = {"GET", key};
-    size_t lens[2] = {3, klen};
-    redisReply *r;
-    int rc = command(b, deadline_ns, 2, argv, lens, &r);
-    if (rc)
-        return rc;
-    rc = get_reply(r, val, n);
-    freeReplyObject(r);
-    return rc;
-}
-
 /* A GET reply as get's result: 1 with *val (malloc'ed), 0 nil, or -errno. */
 static int get_reply(redisReply *r, uint8_t **val, size_t *n)
 {
@@ -474,6 +457,21 @@ static int get_reply(redisReply *r, uint8_t **val, size_t *n)
     *val = v;
     *n = (size_t)r->len;
     return 1;
+}
+
+static int rb_get(cache_backend *be, const char *key, size_t klen, int64_t deadline_ns,
+                  uint8_t **val, size_t *n)
+{
+    redis_backend *b = (redis_backend *)be;
+    const char *argv[2] = {"GET", key};
+    size_t lens[2] = {3, klen};
+    redisReply *r;
+    int rc = command(b, deadline_ns, 2, argv, lens, &r);
+    if (rc)
+        return rc;
+    rc = get_reply(r, val, n);
+    freeReplyObject(r);
+    return rc;
 }
 
 static void bget_finish(cache_bget *op, int rc, cache_bget_done_fn done, void *user)

@@ -140,6 +140,7 @@ struct hooks_state {
     int efd;                    /* eventfd, -1 if none (then no streaming) */
     int r_taken;                /* the reader's: lookups taken into this pipeline */
     cache_get_op *rops;         /* the reader's: [READ_BATCH_MAX], made at install */
+    void *rscratch;             /* the reader's cache_get_stream work space, made at install */
     pthread_t reader;
 };
 
@@ -466,7 +467,8 @@ static void *reader_main(void *arg)
         pthread_mutex_unlock(&h->mu);
         h->r_taken = 0;
         int n = reader_take(h, ops, cap);
-        cache_get_stream(h->c, ops, n, cap, h->efd >= 0 ? &more : NULL, on_get_done, h);
+        cache_get_stream(h->c, ops, n, cap, h->efd >= 0 ? &more : NULL, h->rscratch, on_get_done,
+                         h);
         for (int i = 0; i < h->r_taken; i++)
             free(ops[i].user); /* answered, or taken back (gone) */
         pthread_mutex_lock(&h->mu);
@@ -771,6 +773,7 @@ static void hook_destroy(void *user)
     if (h->efd >= 0)
         close(h->efd);
     free(h->rops);
+    free(h->rscratch);
     free(h);
 }
 
@@ -886,10 +889,13 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
     pthread_condattr_destroy(&ca);
     pthread_cond_init(&h->rcv, NULL);
     h->efd = h->async_get ? eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC) : -1;
-    if (h->async_get)
+    if (h->async_get) {
         h->rops = malloc(READ_BATCH_MAX * sizeof *h->rops);
+        h->rscratch = malloc(cache_get_stream_scratch(READ_BATCH_MAX));
+    }
+    const int mem_ok = !h->async_get || (h->rops && h->rscratch);
     int started = 0;
-    if ((!h->async_get || h->rops) && pthread_create(&h->writer, NULL, writer_main, h) == 0)
+    if (mem_ok && pthread_create(&h->writer, NULL, writer_main, h) == 0)
         started = 1;
     if (started && h->async_get && pthread_create(&h->reader, NULL, reader_main, h)) {
         pthread_mutex_lock(&h->mu);
@@ -901,8 +907,9 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
     }
     if (!started) {
         snprintf(err, errlen, "cache: cannot start the writer or reader thread%s",
-                 h->async_get && !h->rops ? " (out of memory)" : "");
+                 mem_ok ? "" : " (out of memory)");
         free(h->rops);
+        free(h->rscratch);
         cache_destroy(h->c);
         pthread_mutex_destroy(&h->mu);
         pthread_cond_destroy(&h->cv);

@@ -35,7 +35,6 @@ typedef struct listener {
 
 /* One thread serving one completion queue. */
 typedef struct cq_worker {
-    rpc_server *srv;
     grpc_completion_queue *cq;
     pthread_t th;
 } cq_worker;
@@ -840,7 +839,6 @@ int rpc_start(const daemon_config *cfg, serve *sv, rpc_server **ret, int *ret_po
     }
     for (int i = 0; i < r->n_threads; i++) {
         cq_worker *w = &r->workers[i];
-        w->srv = r;
         w->cq = r->cqs[i % r->n_cqs];
         pthread_create(&w->th, NULL, cq_thread, w);
     }

@@ -121,33 +121,42 @@ int main(void)
     lm_err e;
     lm_err_clear(&e);
     CHECK(cache_create(&cfg, &c, &e) == 0);
-    golden(c, 0, 0, 1,
-           "lightmoe:v1:54b78da521b13ef9:df3f619804a92fdb:"
-           "2632a3a512deab72a18dc93e21cfb0c353c208cf5694efa06a9f25c176f6a06b");
-    golden(c, 5, 0, 1,
-           "lightmoe:v1:54b78da521b13ef9:8576f91c8660d529:"
-           "24402edb008b7bac37ad9a91c4a996d9732e800248619567f5de364a8c97263c");
-    golden(c, 16, 0, 1,
-           "lightmoe:v1:54b78da521b13ef9:c08e2772ddbb55d7:"
-           "b067205a6e5b1e17671a0e749da0dff2b3dd674d65c1b0b4ba1dab4088913515");
-    golden(c, 17, 0, 1,
-           "lightmoe:v1:54b78da521b13ef9:c08e2772ddbb55d7:"
-           "20b1b3de75d79c621a9a0261d63e20e5f0c1a6c7d0d4f36b168bab0b74db84e7");
-    golden(c, 200, 0, 1,
-           "lightmoe:v1:54b78da521b13ef9:c08e2772ddbb55d7:"
-           "fc8c5cada957f97c545f292fe96b3b8867590e7f6d15e8ae24344319d40518a9");
-    golden(c, 3000, 0, 1,
-           "lightmoe:v1:54b78da521b13ef9:c08e2772ddbb55d7:"
-           "f43c224c89912b74a76dacf1fcb52a1503fb819a484c8febf39cd6a86c5e90db");
-    golden(c, 200, 1, 1,
-           "lightmoe:v1:54b78da521b13ef9:c08e2772ddbb55d7:"
-           "107215d0415be81944756f2fbf626fffed19857afae21cf1a06aa6a1e83f8e5f");
-    golden(c, 5, 0, 0,
-           "lightmoe:v1:54b78da521b13ef9:8576f91c8660d529:"
-           "917fa16ec0029290da89e8b4fb9a9b83d12a31aa64dff3240ce99758f17b92cf");
-    golden(c, 0, 1, 0,
-           "lightmoe:v1:54b78da521b13ef9:df3f619804a92fdb:"
-           "f3c05de0f517dd5d759da28e75faf34a104e93b6050d43853e5e8098a28220b4");
+    /* prompt ids, seeded, extra: the key (cache_key_make's exact bytes) */
+    static const struct {
+        int32_t n;
+        int seeded, extra;
+        const char *want;
+    } keys[] = {
+        {0, 0, 1,
+         "lightmoe:v1:54b78da521b13ef9:df3f619804a92fdb:"
+         "2632a3a512deab72a18dc93e21cfb0c353c208cf5694efa06a9f25c176f6a06b"},
+        {5, 0, 1,
+         "lightmoe:v1:54b78da521b13ef9:8576f91c8660d529:"
+         "24402edb008b7bac37ad9a91c4a996d9732e800248619567f5de364a8c97263c"},
+        {16, 0, 1,
+         "lightmoe:v1:54b78da521b13ef9:c08e2772ddbb55d7:"
+         "b067205a6e5b1e17671a0e749da0dff2b3dd674d65c1b0b4ba1dab4088913515"},
+        {17, 0, 1,
+         "lightmoe:v1:54b78da521b13ef9:c08e2772ddbb55d7:"
+         "20b1b3de75d79c621a9a0261d63e20e5f0c1a6c7d0d4f36b168bab0b74db84e7"},
+        {200, 0, 1,
+         "lightmoe:v1:54b78da521b13ef9:c08e2772ddbb55d7:"
+         "fc8c5cada957f97c545f292fe96b3b8867590e7f6d15e8ae24344319d40518a9"},
+        {3000, 0, 1,
+         "lightmoe:v1:54b78da521b13ef9:c08e2772ddbb55d7:"
+         "f43c224c89912b74a76dacf1fcb52a1503fb819a484c8febf39cd6a86c5e90db"},
+        {200, 1, 1,
+         "lightmoe:v1:54b78da521b13ef9:c08e2772ddbb55d7:"
+         "107215d0415be81944756f2fbf626fffed19857afae21cf1a06aa6a1e83f8e5f"},
+        {5, 0, 0,
+         "lightmoe:v1:54b78da521b13ef9:8576f91c8660d529:"
+         "917fa16ec0029290da89e8b4fb9a9b83d12a31aa64dff3240ce99758f17b92cf"},
+        {0, 1, 0,
+         "lightmoe:v1:54b78da521b13ef9:df3f619804a92fdb:"
+         "f3c05de0f517dd5d759da28e75faf34a104e93b6050d43853e5e8098a28220b4"},
+    };
+    for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
+        golden(c, keys[i].n, keys[i].seeded, keys[i].extra, keys[i].want);
     cache_destroy(c);
     printf("cache_hash: FIPS 180-4 vectors and golden keys ok\n");
     return 0;

@@ -353,12 +353,15 @@ static void stream_run(cache *c, many_rec *m, stream_src *src)
     pthread_t th;
     pthread_create(&th, NULL, stream_feeder, src);
     cache_get_more more = {src->efd, stream_take2};
-    cache_get_stream(c, ops, n, 8, &more, stream_done, m);
+    void *scratch = malloc(cache_get_stream_scratch(8)); /* the daemon's reader makes it once */
+    CHECK(scratch != NULL);
+    cache_get_stream(c, ops, n, 8, &more, scratch, stream_done, m);
     pthread_join(th, NULL);
     if (src->taken < src->queued) { /* came after the stream ended: a new one */
         n = stream_take2(NULL, ops, 8);
-        cache_get_stream(c, ops, n, 8, &more, stream_done, m);
+        cache_get_stream(c, ops, n, 8, &more, NULL, stream_done, m);
     }
+    free(scratch);
     for (int i = 0; i < 3; i++)
         CHECK_MSG(m->calls[i] == 1, "op %d answered %d times", i, m->calls[i]);
 }

@@ -60,6 +60,15 @@ def engine_work(d):
     return prev
 
 
+def wait_idle(d):
+    """No stream left open: every parked or resumed request has ended."""
+    for _ in range(50):
+        if d.metric("lightmoe_active_streams") == 0:
+            break
+        time.sleep(0.1)
+    assert d.metric("lightmoe_active_streams") == 0, "a parked or resumed request was left behind"
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -263,11 +272,7 @@ def test_single_flight_parked():
         assert gen == first.usage.completion_tokens + other.usage.completion_tokens, \
             (gen, first.usage.completion_tokens, other.usage.completion_tokens)
         assert d.metric("lightmoe_cache_single_flight_waits_total") >= 60
-        for _ in range(50):
-            if d.metric("lightmoe_active_streams") == 0:
-                break
-            time.sleep(0.1)
-        assert d.metric("lightmoe_active_streams") == 0, "a parked request was left behind"
+        wait_idle(d)
         # Meaningful only if the leader was still generating during the checks.
         assert still_waiting or first.usage.completion_tokens < 60, \
             "the leader finished before the checks: the test did not test anything"
@@ -296,11 +301,7 @@ def test_single_flight_leader_cancelled():
                                       cache_mode=pb.CACHE_MODE_BYPASS))
         assert {r.text for r in out} == {alone.text}, [r.text for r in out]
         assert all(list(r.token_ids) == list(alone.token_ids) for r in out)
-        for _ in range(50):
-            if d.metric("lightmoe_active_streams") == 0:
-                break
-            time.sleep(0.1)
-        assert d.metric("lightmoe_active_streams") == 0, "a resumed request was left behind"
+        wait_idle(d)
 
 
 def test_parameters_and_policy():
@@ -524,14 +525,6 @@ def test_redis_down_at_start():
 def async_daemon(name, r, timeout_ms=50, *extra):
     return Daemon(name, ["--cache-url", r.url, "--cache-timeout-ms", str(timeout_ms),
                          "--rpc-threads", "2", *extra])
-
-
-def wait_idle(d):
-    for _ in range(50):
-        if d.metric("lightmoe_active_streams") == 0:
-            break
-        time.sleep(0.1)
-    assert d.metric("lightmoe_active_streams") == 0, "a parked request was left behind"
 
 
 def test_redis_async_many_hits():
