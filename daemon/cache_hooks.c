@@ -211,6 +211,31 @@ static void fill_answer(const cache_entry *e, serve_answer *ans)
     ans->priv = (void *)e;
 }
 
+/* e if it may answer a request (NULL stays NULL); an entry without the
+ * logprobs the request asks for cannot happen (the key differs), but is
+ * never used: freed, NULL. */
+static cache_entry *usable(cache_entry *e, int want_logprobs)
+{
+    if (e && want_logprobs && !e->logprobs) {
+        cache_entry_free(e);
+        return NULL;
+    }
+    return e;
+}
+
+/* Resume a parked request: with e's answer (released by serve through
+ * hook_release), or without one (e NULL: compute, or end). */
+static void resume_with(serve_cache_resume_fn resume, void *ctx, cache_entry *e)
+{
+    if (e) {
+        serve_answer ans;
+        fill_answer(e, &ans);
+        resume(ctx, 1, &ans);
+    } else {
+        resume(ctx, 0, NULL);
+    }
+}
+
 /* The cache's done callback of a parked follower (publishing thread, no
  * cache lock held): move it to the ready queue. */
 static void on_flight_done(cache_flight_waiter *w, int rc, cache_entry *e)
@@ -293,13 +318,10 @@ static int hook_lookup_async(void *user, const serve_cache_key *sk, int64_t dead
     if (make_key(h, sk, &k) || !k.lookup)
         return 0;
     cache_entry *e = NULL;
-    if (!h->async_get && cache_get(h->c, &k, deadline_ns, &e) == 1) {
-        if (sk->req->sampling.logprobs > 0 && !e->logprobs) {
-            cache_entry_free(e); /* cannot happen (the key differs); never answer without them */
-        } else {
-            fill_answer(e, ret);
-            return 1;
-        }
+    if (!h->async_get && cache_get(h->c, &k, deadline_ns, &e) == 1 &&
+        (e = usable(e, sk->req->sampling.logprobs > 0))) {
+        fill_answer(e, ret);
+        return 1;
     }
     if (!k.store) /* no_store: compute alone, nobody waits for it */
         return h->async_get ? park_get(h, sk, &k, 0, deadline_ns, resume, ctx, ret_ticket) : 0;
@@ -406,25 +428,15 @@ static void on_get_done(void *user, cache_get_op *op, int hit, cache_entry *e)
         cache_entry_free(e);
         return;
     }
-    if (hit && g->want_logprobs && !e->logprobs) {
-        cache_entry_free(e); /* cannot happen (the key differs); never answer without them */
-        e = NULL;
-        hit = 0;
-    }
-    if (hit && g->lead) {
+    e = usable(hit ? e : NULL, g->want_logprobs); /* a miss has no entry */
+    if (e && g->lead) {
         /* The followers get the hit too; later identical requests find the
          * entry in Redis. On a miss the request stays the leader. */
         cache_flight *f = take_leader(h, g->req);
         if (f)
             cache_flight_publish(h->c, f, e);
     }
-    if (hit) {
-        serve_answer ans;
-        fill_answer(e, &ans); /* released by serve through hook_release */
-        g->resume(g->ctx, 1, &ans);
-    } else {
-        g->resume(g->ctx, 0, NULL); /* compute (fail open), or end: cancelled, deadline */
-    }
+    resume_with(g->resume, g->ctx, e); /* no entry: compute (fail open), or end */
 }
 
 /* Reader thread (cache_get_stream's take): move queued lookups into the
@@ -481,18 +493,7 @@ static void *reader_main(void *arg)
 /* Writer thread: resume one follower whose flight ended (p is unlisted). */
 static void resume_parked(parked *p)
 {
-    cache_entry *e = p->rc == 0 ? p->e : NULL;
-    if (e && p->want_logprobs && !e->logprobs) {
-        cache_entry_free(e);
-        e = NULL;
-    }
-    if (e) {
-        serve_answer ans;
-        fill_answer(e, &ans); /* released by serve through hook_release */
-        p->resume(p->ctx, 1, &ans);
-    } else {
-        p->resume(p->ctx, 0, NULL);
-    }
+    resume_with(p->resume, p->ctx, usable(p->rc == 0 ? p->e : NULL, p->want_logprobs));
     free(p);
 }
 
