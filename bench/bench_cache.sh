@@ -37,15 +37,13 @@ secs=${3:-5}
 reps=${4:-3}
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; sleep 0.5; rm -rf "$tmp"' EXIT
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+# shellcheck source=bench/cache_common.sh
+. "$(dirname "$0")/cache_common.sh"
 
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "== date: $(date -u '+%F %T UTC'), commit $(git -C "$(dirname "$0")" rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-rport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --dir "$tmp" --save "" --appendonly no \
-    >"$tmp/redis.log" 2>&1 &
-for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
+start_redis
 echo "== redis-benchmark -t get -n 100000 -d 3 (ceiling)"
 for _ in $(seq "$reps"); do
     for c in 1 16 64; do
@@ -54,47 +52,17 @@ for _ in $(seq "$reps"); do
     done
 done
 
-run_daemon() { # $1 = cache url, then extra lightmoed options; sets addr, maddr and dpid
-    local port url=$1
-    shift
-    port=$(free_port)
-    addr=127.0.0.1:$port
-    maddr=127.0.0.1:$(free_port)
-    "$build/daemon/lightmoed" --model "$model" --listen "$addr" --metrics-listen "$maddr" \
-        --config /dev/null --cache-url "$url" --log-level warn "$@" 2>"$tmp/lightmoed.log" &
-    dpid=$!
-    # Ready when a request is answered (the tool's priming call) and then cached.
-    for _ in $(seq 300); do
-        "$build/bench/bench_cache_rpc" --target "$addr" --clients 1 --seconds 0.05 \
-            --prompt "What is the capital of France?" >/dev/null 2>&1 && return 0
-        sleep 0.2
-    done
-    echo "lightmoed did not become ready:" >&2; cat "$tmp/lightmoed.log" >&2; exit 1
-}
-# The h2load request: one gRPC message (flag 0, big-endian length) holding
-# GenerateRequest{prompt = 1: "What is the capital of France?", max_tokens
-# = 3: 16, temperature = 4: 0.0}: the key bench_cache_rpc's priming call stores.
-python3 -c '
-import struct, sys
-p = b"What is the capital of France?"
-m = b"\x0a" + bytes([len(p)]) + p + b"\x18\x10" + b"\x25\0\0\0\0"
-sys.stdout.buffer.write(b"\0" + struct.pack(">I", len(m)) + m)' >"$tmp/req.bin"
-hits() {
-    python3 -c 'import sys, urllib.request as u
-for l in u.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode().splitlines():
-    if l.startswith("lightmoe_cache_hits_total "): print(l.split()[1])' "$maddr"
-}
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$dpid/stat"; }
+write_request "$tmp/req.bin"
 h2load_run() { # $1 = connections; one line, or exit 1 when a request was not a hit
     local c=$1 n=${H2LOAD_N:-100000} h0 h1 t0 t1 out ok rps
     [ "$c" = 1 ] && n=$((n / 3))
     rm -f "$tmp/h2.log" # h2load appends to it
-    h0=$(hits)
-    t0=$(cpu_ticks)
+    h0=$(hits "$maddr")
+    t0=$(cpu_ticks "$dpid")
     out=$(h2load -c "$c" -m 1 -n "$n" -d "$tmp/req.bin" -H 'content-type: application/grpc' \
         -H 'te: trailers' --log-file "$tmp/h2.log" "http://$addr/lightmoe.v1.LightMoE/Complete")
-    t1=$(cpu_ticks)
-    h1=$(hits)
+    t1=$(cpu_ticks "$dpid")
+    h1=$(hits "$maddr")
     ok=$(sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p' <<<"$out")
     rps=$(sed -n 's/^finished in .*s, \([0-9.]*\) req\/s.*/\1/p' <<<"$out")
     if [ "$ok" != "$n" ] || [ $((h1 - h0)) != "$n" ]; then
@@ -108,22 +76,22 @@ h2load_run() { # $1 = connections; one line, or exit 1 when a request was not a 
             END {printf "p50 %.3f p90 %.3f p99 %.3f p99.9 %.3f",
                  v[int(NR * .5)] / 1e3, v[int(NR * .9)] / 1e3, v[int(NR * .99)] / 1e3,
                  v[int(NR * .999)] / 1e3}');" \
-        "server CPU $(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$(getconf CLK_TCK)" \
-            'BEGIN {printf "%.1f", t / hz / n * 1e6}') us/request" \
+        "server CPU $(us_per_request $((t1 - t0)) "$n") us/request" \
         " load $(cut -d' ' -f1 /proc/loadavg)"
 }
 
 for url in memory "redis://127.0.0.1:$rport/0"; do
     # shellcheck disable=SC2086
-    run_daemon "$url" ${LIGHTMOED_ARGS:-}
+    start_daemon "$build" "$model" "$url" "$tmp/lightmoed.log" ${LIGHTMOED_ARGS:-}
     echo "== lightmoed cache_url=$url at $addr ${LIGHTMOED_ARGS:-}: cache hits through gRPC" \
         "(Complete)"
     for _ in $(seq "$reps"); do
         [ "${BENCH_RPC:-1}" = 0 ] && break
         for run in "loop 1" "loop 16" "loop 64" "threads 16"; do
+            # shellcheck disable=SC2086 # "mode clients": two words
             set -- $run
             echo "$("$build/bench/bench_cache_rpc" --target "$addr" --clients "$2" \
-                --seconds "$secs" --mode "$1" --prompt "What is the capital of France?")" \
+                --seconds "$secs" --mode "$1" --prompt "$CACHE_PROMPT")" \
                 " load $(cut -d' ' -f1 /proc/loadavg)"
         done
     done
