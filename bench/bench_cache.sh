@@ -26,7 +26,8 @@
 # the server's (h2load) and the load average. H2LOAD_N (default 100000)
 # sets the requests of one h2load run (a third of it with 1 connection);
 # without h2load on PATH part 3 is skipped, and says so. LIGHTMOED_ARGS adds
-# lightmoed options (e.g. "--rpc-threads 1"); BENCH_RPC=0 skips part 2.
+# lightmoed options (e.g. "--rpc-threads 1"); BENCH_RPC=0 skips part 2;
+# BENCH_STORES=redis (or memory) runs one of the two daemons only.
 # Every lightmoed configuration runs REPEATS times (default 3, interleaved):
 # on a shared machine single runs of the same configuration differ by 2x,
 # so compare medians.
@@ -81,6 +82,7 @@ h2load_run() { # $1 = connections; one line, or exit 1 when a request was not a 
 }
 
 for url in memory "redis://127.0.0.1:$rport/0"; do
+    case "${BENCH_STORES:-memory redis}" in *"${url%%:*}"*) ;; *) continue ;; esac
     # shellcheck disable=SC2086
     start_daemon "$build" "$model" "$url" "$tmp/lightmoed.log" ${LIGHTMOED_ARGS:-}
     echo "== lightmoed cache_url=$url at $addr ${LIGHTMOED_ARGS:-}: cache hits through gRPC" \

@@ -18,16 +18,19 @@
  * (unpark). So any number of identical requests can wait while every RPC
  * thread stays free.
  *
- * Reader (Redis): a lookup never waits on an RPC thread. lookup_async
+ * Readers (Redis): a lookup never waits on an RPC thread. lookup_async
  * joins the flight of its key first (so identical requests park behind it
  * at once), then parks the request itself (an rget) and hands its key to
- * the reader thread, which sends every queued GET as one pipeline (and
- * appends lookups queued while it awaits replies: cache_get_stream) and
- * resumes each request as its reply comes: a hit answers it and is
- * published to its followers; a miss, error or timeout resumes it without
- * an answer, to compute as the leader (fail open). A client that leaves
- * meanwhile is taken back (unpark; serve's finish then fails the flight).
- * In-process backend: looked up inline, as before.
+ * one of the reader threads (in turn), which sends every GET queued to it
+ * as one pipeline on a connection of its own (and appends lookups queued
+ * while it awaits replies: cache_get_stream) and resumes each request as
+ * its reply comes: a hit answers it and is published to its followers; a
+ * miss, error or timeout resumes it without an answer, to compute as the
+ * leader (fail open). A client that leaves meanwhile is taken back
+ * (unpark; serve's finish then fails the flight). Several readers
+ * (cache_readers): parsing replies and sending answers is a reader's work,
+ * and one reader was the serial stage of Redis-backed hits on 16 cores
+ * (docs/PERF.md). In-process backend: looked up inline, as before.
  *
  * Writer: the store hook runs on the engine thread and must not block; for
  * Redis it encodes the answer and queues it (bounded: when full the answer
@@ -36,7 +39,8 @@
  * One writer thread performs the Redis stores and the resumptions (never
  * the engine thread: resuming may submit to the engine).
  * Lock order: h->mu, then the cache's flight lock (cache_flight_unpark);
- * the cache calls done without its lock, and done takes h->mu.
+ * the cache calls done without its lock, and done takes h->mu. A reader's
+ * lock (rd->mu: its queues) is never held with another lock.
  *
  * Not cached: sampled requests without a seed (cache.h's policy). Requests
  * asking for logprobs are cached with them (the number asked is part of
@@ -97,10 +101,12 @@ typedef struct parked {
     struct parked *prev, *next; /* h->parked (doubly) or h->ready (next only) */
 } parked;
 
-/* A lookup waiting for Redis (async_get): in h->rq until the reader takes
- * it into a pipeline (h->rbusy), then answered (resume) or taken back
- * (unpark: freed from h->rq at once; in the pipeline only marked gone, and
- * freed by the reader after its batch). */
+typedef struct reader reader;
+
+/* A lookup waiting for Redis (async_get): in its reader's rq until the
+ * reader takes it into a pipeline (rbusy), then answered (resume) or taken
+ * back (unpark: freed from rq at once; in the pipeline only marked gone,
+ * and freed by the reader after its batch). */
 typedef struct rget {
     cache_key key;
     hooks_state *h;
@@ -112,10 +118,29 @@ typedef struct rget {
     serve_cache_resume_fn resume;
     void *ctx;
     int gone;                   /* taken back while in the pipeline: resume nobody */
-    struct rget *prev, *next;   /* h->rq or h->rbusy */
+    struct rget *prev, *next;   /* rd->rq or rd->rbusy */
 } rget;
 
 #define READ_BATCH_MAX 512
+#define READERS_MAX 32
+
+/* A reader thread and its queues. */
+struct reader {
+    hooks_state *h;
+    pthread_mutex_t mu;         /* rq, rbusy, stop, reading */
+    pthread_cond_t cv;          /* rq got one, or stop */
+    rget *rq, *rq_tail;         /* lookups for this reader, oldest first */
+    rget *rbusy;                /* lookups in its pipeline */
+    int stop;
+    int reading;                /* in a pipeline: wake it through efd */
+    int efd;                    /* eventfd, -1 if none (then no streaming) */
+    int taken;                  /* the reader's: lookups taken into this pipeline */
+    cache_get_op *ops;          /* the reader's: [READ_BATCH_MAX], made at install */
+    void *scratch;              /* the reader's cache_get_stream work space */
+    uint64_t lookups;           /* atomic: lookups taken into its pipelines (metrics) */
+    int started;
+    pthread_t thread;
+};
 
 struct hooks_state {
     cache *c;
@@ -128,20 +153,13 @@ struct hooks_state {
     int queued, stop;
     parked *parked;             /* waiting for their flight */
     parked *ready, *ready_tail; /* flight ended: to resume on the writer thread */
-    uint64_t next_park;
+    uint64_t next_park;         /* tickets (atomic: readers' lookups take one without mu) */
     int store_inline;           /* in-process backend: store on the engine thread */
-    int async_get;              /* Redis: lookups go through the reader thread */
+    int async_get;              /* Redis: lookups go through the reader threads */
     pthread_t writer;
-    rget *rq, *rq_tail;         /* lookups for the reader, oldest first */
-    rget *rbusy;                /* lookups in the reader's pipeline */
-    pthread_cond_t rcv;         /* h->rq got one, or stop */
-    int rstop;
-    int reading;                /* the reader is in a pipeline: wake it through efd */
-    int efd;                    /* eventfd, -1 if none (then no streaming) */
-    int r_taken;                /* the reader's: lookups taken into this pipeline */
-    cache_get_op *rops;         /* the reader's: [READ_BATCH_MAX], made at install */
-    void *rscratch;             /* the reader's cache_get_stream work space, made at install */
-    pthread_t reader;
+    reader *readers;            /* [n_readers] when async_get */
+    int n_readers;
+    unsigned next_reader;       /* atomic: the reader of the next lookup */
 };
 
 /* Take p out of h->parked (h->mu held). */
@@ -270,7 +288,7 @@ static void rget_unlink(rget **head, rget **tail, rget *g)
     g->prev = g->next = NULL;
 }
 
-/* Hand k to the reader thread: SERVE_CACHE_PARKED with *ret_ticket, or 0
+/* Hand k to a reader thread: SERVE_CACHE_PARKED with *ret_ticket, or 0
  * (out of memory: the caller goes on as after a miss). */
 static int park_get(hooks_state *h, const serve_cache_key *sk, const cache_key *k, int lead,
                     int64_t deadline_ns, serve_cache_resume_fn resume, void *ctx,
@@ -287,21 +305,23 @@ static int park_get(hooks_state *h, const serve_cache_key *sk, const cache_key *
     g->want_logprobs = sk->req->sampling.logprobs > 0;
     g->resume = resume;
     g->ctx = ctx;
-    pthread_mutex_lock(&h->mu);
-    g->id = ++h->next_park;
+    g->id = __atomic_add_fetch(&h->next_park, 1, __ATOMIC_RELAXED);
     *ret_ticket = g->id;
-    g->prev = h->rq_tail;
-    if (h->rq_tail)
-        h->rq_tail->next = g;
+    reader *rd = &h->readers[__atomic_fetch_add(&h->next_reader, 1, __ATOMIC_RELAXED) %
+                             (unsigned)h->n_readers];
+    pthread_mutex_lock(&rd->mu);
+    g->prev = rd->rq_tail;
+    if (rd->rq_tail)
+        rd->rq_tail->next = g;
     else
-        h->rq = g;
-    h->rq_tail = g;
-    pthread_cond_signal(&h->rcv);
-    int wake = h->reading && h->efd >= 0;
-    pthread_mutex_unlock(&h->mu);
+        rd->rq = g;
+    rd->rq_tail = g;
+    pthread_cond_signal(&rd->cv);
+    int wake = rd->reading && rd->efd >= 0;
+    pthread_mutex_unlock(&rd->mu);
     if (wake) {
         uint64_t one = 1;
-        if (write(h->efd, &one, sizeof one) < 0) {
+        if (write(rd->efd, &one, sizeof one) < 0) {
             /* EAGAIN: the counter is full, the reader is woken anyway */
         }
     }
@@ -361,7 +381,7 @@ static int hook_lookup_async(void *user, const serve_cache_key *sk, int64_t dead
     p->resume = resume;
     p->ctx = ctx;
     pthread_mutex_lock(&h->mu);
-    p->id = ++h->next_park;
+    p->id = __atomic_add_fetch(&h->next_park, 1, __ATOMIC_RELAXED);
     p->next = h->parked;
     if (h->parked)
         h->parked->prev = p;
@@ -388,42 +408,51 @@ static int hook_unpark(void *user, uint64_t ticket)
     if (taken) {
         parked_unlink(h, p);
     }
-    rget *g = NULL;
-    int queued = 0;
-    if (!p) {
-        /* A lookup waiting for Redis: still queued (free it), or in the
-         * reader's pipeline (the reader frees it after its batch). Serve
-         * ends the request and its finish hook fails a leader's flight. */
-        for (g = h->rq; g && g->id != ticket; g = g->next)
+    pthread_mutex_unlock(&h->mu);
+    if (p) {
+        if (taken)
+            free(p);
+        return taken;
+    }
+    /* A lookup waiting for Redis (a ticket is a parked follower or an rget,
+     * never both): still queued (free it), or in a reader's pipeline (the
+     * reader frees it after its batch). Serve ends the request and its
+     * finish hook fails a leader's flight. */
+    for (int i = 0; i < h->n_readers; i++) {
+        reader *rd = &h->readers[i];
+        pthread_mutex_lock(&rd->mu);
+        rget *g;
+        for (g = rd->rq; g && g->id != ticket; g = g->next)
             ;
-        queued = g != NULL;
+        const int queued = g != NULL;
         if (!g)
-            for (g = h->rbusy; g && g->id != ticket; g = g->next)
+            for (g = rd->rbusy; g && g->id != ticket; g = g->next)
                 ;
         if (g) {
-            rget_unlink(queued ? &h->rq : &h->rbusy, queued ? &h->rq_tail : NULL, g);
+            rget_unlink(queued ? &rd->rq : &rd->rbusy, queued ? &rd->rq_tail : NULL, g);
             g->gone = 1;
-            taken = 1;
+        }
+        pthread_mutex_unlock(&rd->mu);
+        if (g) {
+            if (queued)
+                free(g);
+            return 1;
         }
     }
-    pthread_mutex_unlock(&h->mu);
-    if (taken)
-        free(p);
-    if (queued)
-        free(g);
-    return taken;
+    return 0;
 }
 
 /* Reader thread: the GET of one parked lookup is answered (hit 1 with e). */
 static void on_get_done(void *user, cache_get_op *op, int hit, cache_entry *e)
 {
-    hooks_state *h = user;
+    reader *rd = user;
+    hooks_state *h = rd->h;
     rget *g = op->user;
-    pthread_mutex_lock(&h->mu);
+    pthread_mutex_lock(&rd->mu);
     int gone = g->gone;
     if (!gone)
-        rget_unlink(&h->rbusy, NULL, g); /* from here unpark answers 0 */
-    pthread_mutex_unlock(&h->mu);
+        rget_unlink(&rd->rbusy, NULL, g); /* from here unpark answers 0 */
+    pthread_mutex_unlock(&rd->mu);
     if (gone) { /* its request has ended; freed after the batch */
         cache_entry_free(e);
         return;
@@ -443,51 +472,110 @@ static void on_get_done(void *user, cache_get_op *op, int hit, cache_entry *e)
  * pipeline. */
 static int reader_take(void *user, cache_get_op *ops, int max)
 {
-    hooks_state *h = user;
+    reader *rd = user;
     int n = 0;
-    pthread_mutex_lock(&h->mu);
-    while (h->rq && n < max) {
-        rget *g = h->rq;
-        rget_unlink(&h->rq, &h->rq_tail, g);
-        g->next = h->rbusy;
-        if (h->rbusy)
-            h->rbusy->prev = g;
-        h->rbusy = g;
+    pthread_mutex_lock(&rd->mu);
+    while (rd->rq && n < max) {
+        rget *g = rd->rq;
+        rget_unlink(&rd->rq, &rd->rq_tail, g);
+        g->next = rd->rbusy;
+        if (rd->rbusy)
+            rd->rbusy->prev = g;
+        rd->rbusy = g;
         ops[n++] = (cache_get_op){&g->key, g->deadline_ns, g};
     }
-    pthread_mutex_unlock(&h->mu);
-    h->r_taken += n;
+    pthread_mutex_unlock(&rd->mu);
+    rd->taken += n;
+    __atomic_add_fetch(&rd->lookups, (uint64_t)n, __ATOMIC_RELAXED);
     return n;
 }
 
 /* Reader thread: the queued lookups' GETs go out as one pipeline, which
  * stays open to lookups queued while its replies are awaited (park_get
- * writes h->efd then); each request is resumed as its reply comes. */
+ * writes rd->efd then); each request is resumed as its reply comes. */
 static void *reader_main(void *arg)
 {
-    hooks_state *h = arg;
-    cache_get_op *ops = h->rops;
+    reader *rd = arg;
+    cache_get_op *ops = rd->ops;
     const int cap = READ_BATCH_MAX;
-    cache_get_more more = {h->efd, reader_take};
-    pthread_mutex_lock(&h->mu);
+    cache_get_more more = {rd->efd, reader_take};
+    pthread_mutex_lock(&rd->mu);
     for (;;) {
-        while (!h->rq && !h->rstop)
-            pthread_cond_wait(&h->rcv, &h->mu);
-        if (!h->rq)
+        while (!rd->rq && !rd->stop)
+            pthread_cond_wait(&rd->cv, &rd->mu);
+        if (!rd->rq)
             break; /* stop with an empty queue */
-        h->reading = 1;
-        pthread_mutex_unlock(&h->mu);
-        h->r_taken = 0;
-        int n = reader_take(h, ops, cap);
-        cache_get_stream(h->c, ops, n, cap, h->efd >= 0 ? &more : NULL, h->rscratch, on_get_done,
-                         h);
-        for (int i = 0; i < h->r_taken; i++)
+        rd->reading = 1;
+        pthread_mutex_unlock(&rd->mu);
+        rd->taken = 0;
+        int n = reader_take(rd, ops, cap);
+        cache_get_stream(rd->h->c, ops, n, cap, rd->efd >= 0 ? &more : NULL, rd->scratch,
+                         on_get_done, rd);
+        for (int i = 0; i < rd->taken; i++)
             free(ops[i].user); /* answered, or taken back (gone) */
-        pthread_mutex_lock(&h->mu);
-        h->reading = 0;
+        pthread_mutex_lock(&rd->mu);
+        rd->reading = 0;
     }
-    pthread_mutex_unlock(&h->mu);
+    pthread_mutex_unlock(&rd->mu);
     return NULL;
+}
+
+/* Stop and join the started readers, free every reader's resources. */
+static void readers_destroy(hooks_state *h)
+{
+    for (int i = 0; i < h->n_readers; i++) {
+        reader *rd = &h->readers[i];
+        if (!rd->started)
+            continue;
+        pthread_mutex_lock(&rd->mu);
+        rd->stop = 1;
+        pthread_cond_signal(&rd->cv);
+        pthread_mutex_unlock(&rd->mu);
+        pthread_join(rd->thread, NULL);
+    }
+    for (int i = 0; i < h->n_readers; i++) {
+        reader *rd = &h->readers[i];
+        pthread_mutex_destroy(&rd->mu);
+        pthread_cond_destroy(&rd->cv);
+        if (rd->efd >= 0)
+            close(rd->efd);
+        free(rd->ops);
+        free(rd->scratch);
+    }
+    free(h->readers);
+    h->readers = NULL;
+    h->n_readers = 0;
+}
+
+/* Make and start n readers: 0, or -ENOMEM / -EAGAIN (none left running). */
+static int readers_start(hooks_state *h, int n)
+{
+    h->readers = calloc((size_t)n, sizeof *h->readers);
+    if (!h->readers)
+        return -ENOMEM;
+    h->n_readers = n;
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        reader *rd = &h->readers[i];
+        rd->h = h;
+        pthread_mutex_init(&rd->mu, NULL);
+        pthread_cond_init(&rd->cv, NULL);
+        rd->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        rd->ops = malloc(READ_BATCH_MAX * sizeof *rd->ops);
+        rd->scratch = malloc(cache_get_stream_scratch(READ_BATCH_MAX));
+    }
+    for (int i = 0; i < n && !rc; i++) {
+        reader *rd = &h->readers[i];
+        if (!rd->ops || !rd->scratch)
+            rc = -ENOMEM;
+        else if (pthread_create(&rd->thread, NULL, reader_main, rd))
+            rc = -EAGAIN;
+        else
+            rd->started = 1;
+    }
+    if (rc)
+        readers_destroy(h);
+    return rc;
 }
 
 /* Writer thread: resume one follower whose flight ended (p is unlisted). */
@@ -739,13 +827,7 @@ static void hook_destroy(void *user)
         cache_flight_publish(h->c, l->f, NULL);
         free(l);
     }
-    if (h->async_get) { /* first: its hits may still go to the writer's ready queue */
-        pthread_mutex_lock(&h->mu);
-        h->rstop = 1;
-        pthread_cond_signal(&h->rcv);
-        pthread_mutex_unlock(&h->mu);
-        pthread_join(h->reader, NULL);
-    }
+    readers_destroy(h); /* first: their hits may still go to the writer's ready queue */
     pthread_mutex_lock(&h->mu);
     h->stop = 1;
     pthread_cond_signal(&h->cv);
@@ -770,11 +852,6 @@ static void hook_destroy(void *user)
     cache_destroy(h->c);
     pthread_mutex_destroy(&h->mu);
     pthread_cond_destroy(&h->cv);
-    pthread_cond_destroy(&h->rcv);
-    if (h->efd >= 0)
-        close(h->efd);
-    free(h->rops);
-    free(h->rscratch);
     free(h);
 }
 
@@ -792,7 +869,8 @@ char *cache_hooks_metrics_text(void)
     cache_stats st;
     if (!cache_hooks_stats(&st))
         return NULL;
-    size_t cap = 4096;
+    const hooks_state *h = H;
+    size_t cap = 8192;
     char *out = malloc(cap);
     if (!out)
         return NULL;
@@ -834,14 +912,30 @@ char *cache_hooks_metrics_text(void)
     GAUGE("memory_bytes", "Bytes held by the in-process cache", st.mem_bytes);
     GAUGE("entries", "Entries in the in-process cache", st.mem_entries);
     COUNTER("evictions_total", "Entries evicted from the in-process cache", st.mem_evictions);
+    if (h->n_readers) {
+        EMIT("# HELP lightmoe_cache_reader_lookups_total Redis lookups sent by each reader "
+             "thread\n# TYPE lightmoe_cache_reader_lookups_total counter\n");
+        for (int i = 0; i < h->n_readers; i++)
+            EMIT("lightmoe_cache_reader_lookups_total{reader=\"%d\"} %llu\n", i,
+                 (unsigned long long)__atomic_load_n(&h->readers[i].lookups, __ATOMIC_RELAXED));
+    }
 #undef EMIT
 #undef COUNTER
 #undef GAUGE
-    if (n >= cap) { /* cannot happen with 4 KiB; never send a cut line */
+    if (n >= cap) { /* cannot happen with 8 KiB (32 readers at most); never send a cut line */
         free(out);
         return NULL;
     }
     return out;
+}
+
+int cache_hooks_readers(const daemon_config *cfg)
+{
+    if (cfg->cache_readers > 0)
+        return cfg->cache_readers > READERS_MAX ? READERS_MAX : (int)cfg->cache_readers;
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int n = cpus > 0 ? (int)(cpus / CACHE_READERS_AUTO_DIV) : 1;
+    return n < 1 ? 1 : n > CACHE_READERS_AUTO_MAX ? CACHE_READERS_AUTO_MAX : n;
 }
 
 int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t errlen)
@@ -867,6 +961,9 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
     cc.memory_bytes = (size_t)cfg->cache_max_mb << 20;
     cc.timeout_ms = (int32_t)cfg->cache_timeout_ms;
     cc.on_state = on_state;
+    const int n_readers = cache_hooks_readers(cfg);
+    /* a connection a reader, the writer's, one for admin calls */
+    cc.pool_size = n_readers + 2 > cc.pool_size ? n_readers + 2 : cc.pool_size;
     hooks_state *h = calloc(1, sizeof *h);
     if (!h) {
         snprintf(err, errlen, "cache: out of memory");
@@ -888,37 +985,18 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&h->cv, &ca);
     pthread_condattr_destroy(&ca);
-    pthread_cond_init(&h->rcv, NULL);
-    h->efd = h->async_get ? eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC) : -1;
-    if (h->async_get) {
-        h->rops = malloc(READ_BATCH_MAX * sizeof *h->rops);
-        h->rscratch = malloc(cache_get_stream_scratch(READ_BATCH_MAX));
-    }
-    const int mem_ok = !h->async_get || (h->rops && h->rscratch);
-    int started = 0;
-    if (mem_ok && pthread_create(&h->writer, NULL, writer_main, h) == 0)
-        started = 1;
-    if (started && h->async_get && pthread_create(&h->reader, NULL, reader_main, h)) {
-        pthread_mutex_lock(&h->mu);
-        h->stop = 1;
-        pthread_cond_signal(&h->cv);
-        pthread_mutex_unlock(&h->mu);
-        pthread_join(h->writer, NULL);
-        started = 0;
-    }
-    if (!started) {
-        snprintf(err, errlen, "cache: cannot start the writer or reader thread%s",
-                 mem_ok ? "" : " (out of memory)");
-        free(h->rops);
-        free(h->rscratch);
+    rc = h->async_get ? readers_start(h, n_readers) : 0;
+    if (!rc && pthread_create(&h->writer, NULL, writer_main, h))
+        rc = -EAGAIN;
+    if (rc) {
+        snprintf(err, errlen, "cache: cannot start the writer and %d reader threads%s",
+                 h->async_get ? n_readers : 0, rc == -ENOMEM ? " (out of memory)" : "");
+        readers_destroy(h);
         cache_destroy(h->c);
         pthread_mutex_destroy(&h->mu);
         pthread_cond_destroy(&h->cv);
-        pthread_cond_destroy(&h->rcv);
-        if (h->efd >= 0)
-            close(h->efd);
         free(h);
-        return -EAGAIN;
+        return rc;
     }
     serve_cache_hooks hk = {
         .user = h,
@@ -937,12 +1015,13 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
         log_info("cache: in-process, %lld MiB, ttl %lld s, model fingerprint %.16s",
                  (long long)cfg->cache_max_mb, (long long)cfg->cache_ttl_seconds, h->fp);
     else if (u.kind == CACHE_BACKEND_REDIS)
-        log_info("cache: redis %s:%d db %d%s%s, ttl %lld s, timeout %lld ms, model fingerprint "
-                 "%.16s", u.host, u.port, u.db, u.user[0] ? " user " : "",
+        log_info("cache: redis %s:%d db %d%s%s, ttl %lld s, timeout %lld ms, %d readers, model "
+                 "fingerprint %.16s", u.host, u.port, u.db, u.user[0] ? " user " : "",
                  u.user[0] ? u.user : (u.password[0] ? " (password)" : ""),
-                 (long long)cfg->cache_ttl_seconds, (long long)cfg->cache_timeout_ms, h->fp);
+                 (long long)cfg->cache_ttl_seconds, (long long)cfg->cache_timeout_ms, n_readers,
+                 h->fp);
     else
-        log_info("cache: redis unix socket %s db %d, ttl %lld s, model fingerprint %.16s", u.path,
-                 u.db, (long long)cfg->cache_ttl_seconds, h->fp);
+        log_info("cache: redis unix socket %s db %d, ttl %lld s, %d readers, model fingerprint "
+                 "%.16s", u.path, u.db, (long long)cfg->cache_ttl_seconds, n_readers, h->fp);
     return 0;
 }

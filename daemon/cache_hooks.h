@@ -26,6 +26,13 @@
  * 0, or -EINVAL/-ENOENT with a message (bad URL, unreadable model folder). */
 int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t errlen);
 
+/* Reader threads of a Redis-backed cache: cache_readers, or when 0 one per
+ * CACHE_READERS_AUTO_DIV online CPUs, at least 1 and at most
+ * CACHE_READERS_AUTO_MAX (an explicit value is capped at 32). */
+#define CACHE_READERS_AUTO_DIV 4
+#define CACHE_READERS_AUTO_MAX 8
+int cache_hooks_readers(const daemon_config *cfg);
+
 /* Statistics of the installed cache; 0 if none (off). For metrics. */
 int cache_hooks_stats(cache_stats *ret);
 
@@ -34,7 +41,8 @@ int cache_hooks_stats(cache_stats *ret);
  * corrupt_total, unavailable_total, read_bytes_total, written_bytes_total,
  * lookup_seconds (summary: _sum, _count), store_seconds, single_flight_
  * waits_total, state_changes_total, memory_bytes, entries, evictions_total,
- * lookups_total{result="hit|miss"}}. */
+ * lookups_total{result="hit|miss"}, reader_lookups_total{reader="I"} (Redis:
+ * lookups sent by each reader thread)}. */
 char *cache_hooks_metrics_text(void);
 
 #endif

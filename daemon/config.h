@@ -64,6 +64,7 @@ typedef struct daemon_config {
     int64_t cache_max_value_bytes;
     int64_t cache_max_mb;
     int64_t cache_timeout_ms;
+    int64_t cache_readers;
     /* test hooks */
     int debug_hooks;
     int64_t debug_load_delay_ms;

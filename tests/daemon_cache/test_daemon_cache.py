@@ -522,19 +522,30 @@ def test_redis_down_at_start():
         assert d.metric('lightmoe_cache_lookups_total{result="hit"}') == 0
 
 
-def async_daemon(name, r, timeout_ms=50, *extra):
-    return Daemon(name, ["--cache-url", r.url, "--cache-timeout-ms", str(timeout_ms),
-                         "--rpc-threads", "2", *extra])
+def async_daemon(name, r, timeout_ms=50, *extra, readers=1):
+    d = Daemon(name, ["--cache-url", r.url, "--cache-timeout-ms", str(timeout_ms),
+                      "--rpc-threads", "2", "--cache-readers", str(readers), *extra])
+    d.readers = readers
+    return d
 
 
-def test_redis_async_many_hits():
-    """64 distinct prompts stored through the asynchronous path (misses),
-    then 256 requests (each prompt 4 times) in flight at once on 2 RPC
-    threads: every one a hit with the stored answer, no engine work; a
-    no_store lookup hits too, and misses without storing."""
+def reader_lookups(d):
+    """Lookups sent by each reader thread (the daemon's metrics)."""
+    return [d.metric(f'lightmoe_cache_reader_lookups_total{{reader="{i}"}}')
+            for i in range(d.readers)]
+
+
+def check_readers(d, before):
+    """Every reader took part since `before` (lookups are dealt in turn)."""
+    assert f"{d.readers} readers" in d.text(), "cache_readers not applied"
+    after = reader_lookups(d)
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+
+
+def redis_async_many_hits(readers):
     r = Redis()
     try:
-        with async_daemon("redis_many", r) as d:
+        with async_daemon(f"redis_many{readers}", r, readers=readers) as d:
             api = Api(d.channel())
             prompts = [f"Pipelined prompt number {i}" for i in range(64)]
             ref = {}
@@ -548,6 +559,7 @@ def test_redis_async_many_hits():
             assert r.dbsize() == 64
             hits0 = d.metric('lightmoe_cache_lookups_total{result="hit"}')
             waits0 = d.metric("lightmoe_cache_single_flight_waits_total")
+            per_reader = reader_lookups(d)
             before = engine_work(d)
             futs = [(p, api._complete.future(pb.GenerateRequest(**greedy(p, max_tokens=4)),
                                              timeout=120))
@@ -562,6 +574,7 @@ def test_redis_async_many_hits():
             hits = d.metric('lightmoe_cache_lookups_total{result="hit"}') - hits0
             waits = d.metric("lightmoe_cache_single_flight_waits_total") - waits0
             assert hits >= 64 and hits + waits == 256, (hits, waits)
+            check_readers(d, per_reader)
             ns = api.complete(**greedy(prompts[3], max_tokens=4, cache_mode=pb.CACHE_MODE_NO_STORE))
             assert ns.cached and ns.text == ref[prompts[3]][0]
             ns = api.complete(**greedy("Never stored", max_tokens=4,
@@ -575,6 +588,16 @@ def test_redis_async_many_hits():
         r.close()
 
 
+def test_redis_async_many_hits():
+    """64 distinct prompts stored through the asynchronous path (misses),
+    then 256 requests (each prompt 4 times) in flight at once on 2 RPC
+    threads: every one a hit with the stored answer, no engine work; a
+    no_store lookup hits too, and misses without storing. With one reader
+    thread and with three (each must have sent lookups)."""
+    redis_async_many_hits(1)
+    redis_async_many_hits(3)
+
+
 def test_redis_paused_rpc_threads_free():
     """Redis stopped (SIGSTOP) with 12 lookups outstanding (timeout 3 s):
     the 2 RPC threads stay free (a health check, Tokenize and ModelInfo are
@@ -582,7 +605,7 @@ def test_redis_paused_rpc_threads_free():
     by the engine, right, within its deadline; health stays SERVING."""
     r = Redis()
     try:
-        with async_daemon("redis_paused", r, 3000) as d:
+        with async_daemon("redis_paused", r, 3000, readers=3) as d:
             api = Api(d.channel())
             prompts = [f"Paused Redis prompt {i}" for i in range(12)]
             ref = {p: api.complete(**greedy(p, cache_mode=pb.CACHE_MODE_BYPASS)).text
@@ -592,6 +615,7 @@ def test_redis_paused_rpc_threads_free():
             engine_s = time.time() - t0
             api.complete(**greedy("Warm the pool"))
             budget = 3.0 + max(3.0, 4 * engine_s + 2.0)
+            per_reader = reader_lookups(d)
             os.kill(r.proc.pid, signal.SIGSTOP)
             try:
                 futs = [(p, api._complete.future(pb.GenerateRequest(**greedy(p)), timeout=budget))
@@ -610,6 +634,7 @@ def test_redis_paused_rpc_threads_free():
                 os.kill(r.proc.pid, signal.SIGCONT)
             assert pending == len(prompts), \
                 f"only {pending} lookups were outstanding during the checks: tested nothing"
+            check_readers(d, per_reader)
             assert api.check().status == lmtest.SERVING
             assert d.metric("lightmoe_cache_timeouts_total") >= 1
             wait_idle(d)
@@ -619,11 +644,11 @@ def test_redis_paused_rpc_threads_free():
 
 def test_redis_killed_in_pipeline():
     """Redis stopped with 16 lookups (8 stored prompts, 8 new) in the
-    reader's pipeline, then killed: no client sees an error, each gets the
-    model's answer; one log line for the change; health SERVING."""
+    pipelines of 3 readers, then killed: no client sees an error, each gets
+    the model's answer; one log line for the change; health SERVING."""
     r = Redis()
     try:
-        with async_daemon("redis_pipekill", r, 3000, "--log-level", "info") as d:
+        with async_daemon("redis_pipekill", r, 3000, "--log-level", "info", readers=3) as d:
             api = Api(d.channel())
             prompts = [f"Killed pipeline prompt {i}" for i in range(16)]
             ref = {p: api.complete(**greedy(p, cache_mode=pb.CACHE_MODE_BYPASS)).text
@@ -633,6 +658,7 @@ def test_redis_killed_in_pipeline():
             deadline = time.time() + 10
             while r.dbsize() < 8 and time.time() < deadline:
                 time.sleep(0.05)
+            per_reader = reader_lookups(d)
             os.kill(r.proc.pid, signal.SIGSTOP)
             futs = [(p, api._complete.future(pb.GenerateRequest(**greedy(p)), timeout=60))
                     for p in prompts]
@@ -644,6 +670,7 @@ def test_redis_killed_in_pipeline():
                 resp = f.result()
                 assert resp.text == ref[p] and not resp.cached, p
             assert pending == len(prompts), f"only {pending} lookups were outstanding"
+            check_readers(d, per_reader)
             assert api.check().status == lmtest.SERVING
             d.wait_log("cache: backend unavailable", timeout=5)
             assert d.text().count("cache: backend unavailable") == 1
@@ -657,10 +684,11 @@ def test_redis_cancel_outstanding():
     """A client cancels while its GET is outstanding (Redis stopped, timeout
     3 s): it ends at once (no request left in progress long before the
     lookup's bound), its parked follower computes by itself and is right;
-    the ASan build checks for leaks at exit."""
+    the ASan build checks for leaks at exit. Two readers: the leader's and
+    the lone request's lookups wait in different ones."""
     r = Redis()
     try:
-        with async_daemon("redis_cancel", r, 3000) as d:
+        with async_daemon("redis_cancel", r, 3000, readers=2) as d:
             api = Api(d.channel())
             p = "Cancelled while Redis is asked"
             ref = api.complete(**greedy(p, cache_mode=pb.CACHE_MODE_BYPASS))
