@@ -99,8 +99,9 @@ __global__ void k_moe_route(const float *__restrict__ logits, int ldl, int T, in
     if (t < T) route_token(logits, ldl, t, E, k, renorm, has_shared, ids, wts, sg);
 }
 
-/* counts -> offsets and items (thread 0; E and the item count are small)
- * -> scatter of the entries. Called by a whole block. */
+/* counts (shared atomics) -> offsets and items (block scans) -> scatter of
+ * the entries. Called by a whole block; any E (scanned blockDim experts at
+ * a time). */
 __device__ void group_entries(const int32_t *__restrict__ ids, const float *__restrict__ wts, int n,
                               int k, int E, int tile, const cu_moe_plan &p, int *s_mem)
 {
@@ -113,57 +114,62 @@ __device__ void group_entries(const int32_t *__restrict__ ids, const float *__re
         atomicAdd(&cnt[ids[i]], 1);
     __syncthreads();
     /* inclusive scans of the counts (va) and of the tiles per expert (vb):
-     * shuffles inside each warp, then over the warp totals (E <= blockDim,
-     * checked by the launcher; blockDim a multiple of 32) */
-    const int e = threadIdx.x, lane = e & 31, wid = e >> 5;
-    const int c = e < E ? cnt[e] : 0;
-    const int ni = (c + tile - 1) / tile;
-    int va = c, vb = ni;
-#pragma unroll
-    for (int d = 1; d < 32; d *= 2) {
-        const int ta = __shfl_up_sync(0xffffffffu, va, d), tb = __shfl_up_sync(0xffffffffu, vb, d);
-        if (lane >= d) {
-            va += ta;
-            vb += tb;
-        }
-    }
-    if (lane == 31) {
-        sa[wid] = va;
-        sb[wid] = vb;
-    }
-    __syncthreads();
-    if (wid == 0) {
-        const int nw = blockDim.x / 32;
-        int xa = lane < nw ? sa[lane] : 0, xb = lane < nw ? sb[lane] : 0;
+     * shuffles inside each warp, then over the warp totals (blockDim a
+     * multiple of 32), one chunk of blockDim experts at a time with the
+     * totals so far carried (ca, cb): one chunk where E <= blockDim */
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x / 32;
+    int ca = 0, cb = 0;
+    for (int e0 = 0; e0 < E; e0 += blockDim.x) {
+        const int e = e0 + threadIdx.x;
+        const int c = e < E ? cnt[e] : 0;
+        const int ni = (c + tile - 1) / tile;
+        int va = c, vb = ni;
 #pragma unroll
         for (int d = 1; d < 32; d *= 2) {
-            const int ta = __shfl_up_sync(0xffffffffu, xa, d),
-                      tb = __shfl_up_sync(0xffffffffu, xb, d);
+            const int ta = __shfl_up_sync(0xffffffffu, va, d),
+                      tb = __shfl_up_sync(0xffffffffu, vb, d);
             if (lane >= d) {
-                xa += ta;
-                xb += tb;
+                va += ta;
+                vb += tb;
             }
         }
-        sa[lane] = xa;
-        sb[lane] = xb;
-    }
-    __syncthreads();
-    if (wid > 0) {
-        va += sa[wid - 1];
-        vb += sb[wid - 1];
-    }
-    if (e < E) {
-        const int off = va - c, it = vb - ni;
-        p.offsets[e] = off;
-        base[e] = off;
-        for (int q = 0; q < ni; q++)
-            p.items[it + q] = make_int2(e, off + q * tile);
-        if (e == E - 1) {
-            p.offsets[E] = va;
-            *p.n_items = vb;
+        if (lane == 31) {
+            sa[wid] = va;
+            sb[wid] = vb;
         }
+        __syncthreads();
+        if (wid == 0) {
+            int xa = lane < nw ? sa[lane] : 0, xb = lane < nw ? sb[lane] : 0;
+#pragma unroll
+            for (int d = 1; d < 32; d *= 2) {
+                const int ta = __shfl_up_sync(0xffffffffu, xa, d),
+                          tb = __shfl_up_sync(0xffffffffu, xb, d);
+                if (lane >= d) {
+                    xa += ta;
+                    xb += tb;
+                }
+            }
+            sa[lane] = xa;
+            sb[lane] = xb;
+        }
+        __syncthreads();
+        va += ca + (wid > 0 ? sa[wid - 1] : 0);
+        vb += cb + (wid > 0 ? sb[wid - 1] : 0);
+        if (e < E) {
+            const int off = va - c, it = vb - ni;
+            p.offsets[e] = off;
+            base[e] = off;
+            for (int q = 0; q < ni; q++)
+                p.items[it + q] = make_int2(e, off + q * tile);
+            if (e == E - 1) {
+                p.offsets[E] = va;
+                *p.n_items = vb;
+            }
+        }
+        ca += sa[nw - 1]; /* the chunk's totals, before the next chunk overwrites them */
+        cb += sb[nw - 1];
+        __syncthreads();
     }
-    __syncthreads();
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const int e = ids[i];
         const int at = atomicAdd(&base[e], 1);
