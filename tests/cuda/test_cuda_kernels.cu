@@ -2,7 +2,7 @@
  * test_cuda_kernels.cu: every CUDA kernel of the engine against a plain CPU
  * twin (double accumulation), on random inputs of awkward sizes.
  *
- *   test_cuda_kernels int4|moe|norm|attn|forward
+ *   test_cuda_kernels int4|moe|norm|attn|attn1|forward
  *
  * Each check prints its observed error and bound; any failure exits 1. With
  * no usable GPU the program prints why and exits 77 (ctest SKIP).
@@ -1371,6 +1371,8 @@ int main(int argc, char **argv)
         test_router_route();
     }
     if (all || !strcmp(what, "norm")) test_norm();
+    if (!strcmp(what, "attn1")) /* the default attention only (racecheck's time) */
+        test_attn();
     if (all || !strcmp(what, "attn")) {
         test_attn(); /* the K/V loads of the next step in flight (default) */
         printf("-- attention again, each step loaded after the last (LIGHTMOE_CUDA_ATTN_PIPE=0)\n");
