@@ -74,7 +74,6 @@ struct cu_state {
     float *dq_tmp;
     int silu_rows;
     int32_t *attn_cnt;      /* [Tm * nkv] split counters of the attention's own merge */
-    int32_t *route_cnt;     /* [1] router blocks done (cu_router_route), 0 between launches */
     int qkv_fused;          /* decode: q/k/v post-processing inside the attention kernel */
     int step_decode;        /* the step being launched has one token per piece */
     /* per-operation timing (benchmarks): events around each launch group */
@@ -124,9 +123,8 @@ extern "C" void cu_state_destroy(cu_state *s)
     void *dev[] = {s->x, s->xnf, s->qkv, s->q, s->part, s->rlog, s->topk_w, s->sg, s->y, s->ys,
                    s->tmp, s->logits, s->inv_freq, s->xn, s->att, s->h, s->hs, s->xg, s->hg,
                    s->fn, s->topk_ids, s->plan.offsets, s->plan.ent_token, s->plan.ent_expert,
-                   s->plan.ent_weight, s->plan.pos, s->plan.items, s->plan.n_items, s->wdq,
-                   s->dq_tmp, s->attn_cnt, s->route_cnt, s->d_tok, s->d_seq, s->d_pos,
-                   s->d_rows, s->d_bt, s->d_tiles, s->kv, s->d_active};
+                   s->plan.ent_weight, s->plan.pos, s->plan.items, s->plan.n_items, s->wdq, s->dq_tmp, s->attn_cnt, s->d_tok,
+                   s->d_seq, s->d_pos, s->d_rows, s->d_bt, s->d_tiles, s->kv, s->d_active};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
         if (dev[i])
             cudaFree(dev[i]);
@@ -241,11 +239,6 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
     ALLOC(s->plan.pos, (size_t)Tm * k, "entries");
     ALLOC(s->plan.items, (size_t)Tm * k + E, "work items");
     ALLOC(s->plan.n_items, 1, "work items");
-    ALLOC(s->route_cnt, 1, "router block counter");
-    if ((ce = cudaMemset(s->route_cnt, 0, sizeof(int32_t))) != cudaSuccess) {
-        cu_state_destroy(s);
-        return cuda_err(err, ce, "router block counter");
-    }
     ALLOC(s->h, (size_t)Tm * k * I, "expert hidden");
     ALLOC(s->hg, (size_t)Tm * k * I, "expert hidden (gathered)");
     ALLOC(s->y, (size_t)Tm * k * H, "expert outputs");
@@ -595,17 +588,7 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
     const int er = E + (m->has_shared ? 1 : 0);
     const float one = 1.f, zero = 0.f;
     int rc;
-    const int avg = (n + E - 1) / E;
-    const int tile = cu_int4_tile_for(T, avg, kpath(s));
-    /* few tokens: routing and grouping inside the router launch too (its
-     * last block); the profile's "router" then counts them */
-    const int route_fused = router_fused(s, L, T) && cu_route_fuse();
-    if (route_fused) {
-        if ((rc = cu_router_route(s->x, T, H, L->mlp_norm, m->eps, L->router, er, s->rlog, s->xn,
-                                  E, k, m->renorm, m->has_shared, tile, s->topk_ids, s->topk_w,
-                                  s->sg, &s->plan, s->route_cnt, s->st, err)))
-            return rc;
-    } else if (router_fused(s, L, T)) {
+    if (router_fused(s, L, T)) {
         if ((rc = cu_router_norm(s->x, T, H, L->mlp_norm, m->eps, L->router, er, s->rlog, s->xn,
                                  s->st, err)))
             return rc;
@@ -616,9 +599,9 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
             return blas_err(err, b, "router product");
     }
     prof_mark(s, P_ROUTER);
-    if (route_fused) {
-        /* routed and grouped by the router's last block */
-    } else if (T <= 64) { /* one launch: routing and grouping in a single block */
+    const int avg = (n + E - 1) / E;
+    int tile = cu_int4_tile_for(T, avg, kpath(s));
+    if (T <= 64) { /* one launch: routing and grouping in a single block */
         if ((rc = cu_moe_route_group(s->rlog, er, T, E, k, m->renorm, m->has_shared, tile,
                                      s->topk_ids, s->topk_w, s->sg, &s->plan, s->st, err)))
             return rc;
@@ -668,9 +651,8 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
             hin = s->hg;
         }
         prof_mark(s, P_GATEUP);
-        /* the plan is two launches back (route+group or the router that
-         * grouped, gate_up): the one-token down product loads its experts'
-         * weights before waiting */
+        /* the plan is two launches back (route+group, gate_up): the one-token
+         * down product loads its experts' weights before waiting */
         r.plan_ready = cu_early_loads();
         w = int4_of(&L->down, 0);
         if ((rc = cu_int4_matmul(&w, &r, hin, I, s->y, H, CU_OUT_F32, kpath(s),

@@ -1,10 +1,8 @@
 /*
  * cuda_moe.cu: routing, grouping by expert and combining (see
- * cuda_moe.cuh). Routing is one warp per token; grouping is one block
- * (counts with shared atomics, a scan, scatter); combining is one block
- * per token. For up to 16 tokens both may run in the router kernel's
- * last block (cu_router_route): one launch for router, routing and
- * grouping.
+ * cuda_moe.cuh). Routing is one warp per token; grouping is one block of
+ * 1024 threads (counts with shared atomics, a scan, scatter); combining is
+ * one block per token.
  */
 #include "engine/cuda_common.cuh"
 #include "engine/cuda_moe.cuh"
@@ -19,29 +17,23 @@ constexpr int MAX_K = 32;
  * experts l, l+32, ...; a bit mask per lane marks the ones taken (no
  * per-round scan of the taken list), lane j keeps the j-th choice, and the
  * k results are written by k lanes at once. */
-template <bool SAME_GRID = false>
 __device__ void route_token(const float *__restrict__ logits, int ldl, int t, int E, int k,
                             int renorm, int has_shared, int32_t *__restrict__ ids,
                             float *__restrict__ wts, float *__restrict__ sg)
 {
-    /* SAME_GRID: the logits were written by other blocks of this grid (the
-     * router's last block, after their counts and the fences): plain loads,
-     * which the memory model orders after the fences, never the read-only
-     * path (ld.global.nc), undefined for data written during the kernel */
-    auto ld = [&](const float *a) { return SAME_GRID ? __ldca(a) : *a; };
     const int lane = threadIdx.x & 31;
     const float *l = logits + (size_t)t * ldl;
     const int nper = (E + 31) / 32; /* <= 32: E <= 1024 */
     float mx = -INFINITY;
     for (int i = 0; i < nper; i++) {
         const int e = lane + 32 * i;
-        if (e < E) mx = fmaxf(mx, ld(l + e));
+        if (e < E) mx = fmaxf(mx, l[e]);
     }
     mx = warp_max(mx);
     float sum = 0.f;
     for (int i = 0; i < nper; i++) {
         const int e = lane + 32 * i;
-        if (e < E) sum += expf(ld(l + e) - mx);
+        if (e < E) sum += expf(l[e] - mx);
     }
     sum = warp_sum(sum);
     uint32_t used = 0; /* bit i: expert lane + 32 i taken */
@@ -53,7 +45,7 @@ __device__ void route_token(const float *__restrict__ logits, int ldl, int t, in
         for (int i = 0; i < nper; i++) {
             const int e = lane + 32 * i;
             if (e < E && !((used >> i) & 1u)) {
-                const float v = ld(l + e);
+                const float v = l[e];
                 if (v > best || (v == best && e < bid)) {
                     best = v;
                     bid = e;
@@ -94,7 +86,7 @@ __device__ void route_token(const float *__restrict__ logits, int ldl, int t, in
         ids[t * k + lane] = my_id;
         wts[t * k + lane] = renorm ? my_w / wsum : my_w;
     }
-    if (lane == 0 && has_shared) sg[t] = 1.f / (1.f + expf(-ld(l + E)));
+    if (lane == 0 && has_shared) sg[t] = 1.f / (1.f + expf(-l[E]));
 }
 
 __global__ void k_moe_route(const float *__restrict__ logits, int ldl, int T, int E, int k,
@@ -107,9 +99,8 @@ __global__ void k_moe_route(const float *__restrict__ logits, int ldl, int T, in
     if (t < T) route_token(logits, ldl, t, E, k, renorm, has_shared, ids, wts, sg);
 }
 
-/* counts (shared atomics) -> offsets and items (block scans) -> scatter of
- * the entries. Called by a whole block; any E (scanned blockDim experts at
- * a time). */
+/* counts -> offsets and items (thread 0; E and the item count are small)
+ * -> scatter of the entries. Called by a whole block. */
 __device__ void group_entries(const int32_t *__restrict__ ids, const float *__restrict__ wts, int n,
                               int k, int E, int tile, const cu_moe_plan &p, int *s_mem)
 {
@@ -122,62 +113,57 @@ __device__ void group_entries(const int32_t *__restrict__ ids, const float *__re
         atomicAdd(&cnt[ids[i]], 1);
     __syncthreads();
     /* inclusive scans of the counts (va) and of the tiles per expert (vb):
-     * shuffles inside each warp, then over the warp totals (blockDim a
-     * multiple of 32), one chunk of blockDim experts at a time with the
-     * totals so far carried (ca, cb): one chunk where E <= blockDim */
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x / 32;
-    int ca = 0, cb = 0;
-    for (int e0 = 0; e0 < E; e0 += blockDim.x) {
-        const int e = e0 + threadIdx.x;
-        const int c = e < E ? cnt[e] : 0;
-        const int ni = (c + tile - 1) / tile;
-        int va = c, vb = ni;
+     * shuffles inside each warp, then over the warp totals (E <= blockDim,
+     * checked by the launcher; blockDim a multiple of 32) */
+    const int e = threadIdx.x, lane = e & 31, wid = e >> 5;
+    const int c = e < E ? cnt[e] : 0;
+    const int ni = (c + tile - 1) / tile;
+    int va = c, vb = ni;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+        const int ta = __shfl_up_sync(0xffffffffu, va, d), tb = __shfl_up_sync(0xffffffffu, vb, d);
+        if (lane >= d) {
+            va += ta;
+            vb += tb;
+        }
+    }
+    if (lane == 31) {
+        sa[wid] = va;
+        sb[wid] = vb;
+    }
+    __syncthreads();
+    if (wid == 0) {
+        const int nw = blockDim.x / 32;
+        int xa = lane < nw ? sa[lane] : 0, xb = lane < nw ? sb[lane] : 0;
 #pragma unroll
         for (int d = 1; d < 32; d *= 2) {
-            const int ta = __shfl_up_sync(0xffffffffu, va, d),
-                      tb = __shfl_up_sync(0xffffffffu, vb, d);
+            const int ta = __shfl_up_sync(0xffffffffu, xa, d),
+                      tb = __shfl_up_sync(0xffffffffu, xb, d);
             if (lane >= d) {
-                va += ta;
-                vb += tb;
+                xa += ta;
+                xb += tb;
             }
         }
-        if (lane == 31) {
-            sa[wid] = va;
-            sb[wid] = vb;
-        }
-        __syncthreads();
-        if (wid == 0) {
-            int xa = lane < nw ? sa[lane] : 0, xb = lane < nw ? sb[lane] : 0;
-#pragma unroll
-            for (int d = 1; d < 32; d *= 2) {
-                const int ta = __shfl_up_sync(0xffffffffu, xa, d),
-                          tb = __shfl_up_sync(0xffffffffu, xb, d);
-                if (lane >= d) {
-                    xa += ta;
-                    xb += tb;
-                }
-            }
-            sa[lane] = xa;
-            sb[lane] = xb;
-        }
-        __syncthreads();
-        va += ca + (wid > 0 ? sa[wid - 1] : 0);
-        vb += cb + (wid > 0 ? sb[wid - 1] : 0);
-        if (e < E) {
-            const int off = va - c, it = vb - ni;
-            p.offsets[e] = off;
-            base[e] = off;
-            for (int q = 0; q < ni; q++)
-                p.items[it + q] = make_int2(e, off + q * tile);
-            if (e == E - 1) {
-                p.offsets[E] = va;
-                *p.n_items = vb;
-            }
-        }
-        ca += sa[nw - 1]; /* the chunk's totals, before the next chunk overwrites them */
-        cb += sb[nw - 1];
-        __syncthreads();
+        sa[lane] = xa;
+        sb[lane] = xb;
     }
+    __syncthreads();
+    if (wid > 0) {
+        va += sa[wid - 1];
+        vb += sb[wid - 1];
+    }
+    if (e < E) {
+        const int off = va - c, it = vb - ni;
+        p.offsets[e] = off;
+        base[e] = off;
+        for (int q = 0; q < ni; q++)
+            p.items[it + q] = make_int2(e, off + q * tile);
+        if (e == E - 1) {
+            p.offsets[E] = va;
+            *p.n_items = vb;
+        }
+    }
+    __syncthreads();
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const int e = ids[i];
         const int at = atomicAdd(&base[e], 1);
@@ -253,56 +239,18 @@ __global__ void __launch_bounds__(1024)
         xn[(size_t)t * H + h] = __float2half(nw[h] * (xr[h] * inv));
 }
 
-constexpr int ROUTER_MT = 16;
-
-/* Routing and grouping fused into the router (cu_router_route). */
-struct router_route {
-    int E, k, renorm, has_shared, tile;
-    int32_t *ids; /* not __restrict__: group_entries reads what route_token wrote */
-    float *wts, *sg;
-    cu_moe_plan p;
-    int32_t *counter; /* router blocks done, 0 between launches */
-};
-
-/* Called by every block of the router once its logits are out: the last
- * block to count itself in routes the T tokens (a warp per token) and
- * groups the entries, as k_moe_route_group does; it also puts the counter
- * back to 0 (every block has counted by then). s_mem: group_entries'
- * 2 E + 2 blockDim ints. */
-__device__ void route_last_block(const float *logits, int T, int rows, const router_route &rt,
-                                 int *s_mem)
-{
-    __shared__ int s_last;
-    __threadfence(); /* this block's logits, before it counts itself in */
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        s_last = atomicAdd(rt.counter, 1) == (int)gridDim.x - 1;
-        if (s_last) *rt.counter = 0;
-    }
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence(); /* the other blocks' logits, after their counts */
-    for (int t = threadIdx.x / 32; t < T; t += blockDim.x / 32)
-        route_token<true>(logits, rows, t, rt.E, rt.k, rt.renorm, rt.has_shared, rt.ids, rt.wts,
-                          rt.sg);
-    __syncthreads(); /* the block's global writes are visible to the block after this */
-    group_entries(rt.ids, rt.wts, T * rt.k, rt.k, rt.E, rt.tile, rt.p, s_mem);
-}
-
 /* Router logits for few tokens: one block of 128 threads per expert row,
  * so that the row (H floats) is read in one round of 16-byte loads, every
  * token against it. With nw the MLP input norm is fused: the same pass sums
  * x^2 per token (every block, from L2), the logits are inv[t] * sum_h
  * (w[r][h] nw[h]) x[t][h], and block r writes its slice of the fp16
- * normalised rows xn (the experts' input). ROUTE (cu_router_route): then
- * the last block routes and groups (rt). */
-template <bool ROUTE>
+ * normalised rows xn (the experts' input). */
+constexpr int ROUTER_MT = 16;
 __global__ void __launch_bounds__(128)
     k_router(const float *__restrict__ x, int T, int H, const float *__restrict__ nw, float eps,
              const float *__restrict__ w, int rows, float *__restrict__ out,
-             __half *__restrict__ xn, int early, router_route rt)
+             __half *__restrict__ xn, int early)
 {
-    extern __shared__ int s_dyn[]; /* ROUTE: route_last_block's */
     __shared__ float s_red[4][2 * ROUTER_MT];
     __shared__ float s_inv[ROUTER_MT];
     const int r = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
@@ -377,22 +325,20 @@ __global__ void __launch_bounds__(128)
         s_inv[t] = inv;
         out[(size_t)t * rows + r] = nw ? d * inv : d;
     }
-    if (nw) {
-        __syncthreads();
-        const int chunk = (H + rows - 1) / rows, h0 = r * chunk;
-        for (int idx = threadIdx.x; idx < chunk * T; idx += 128) {
-            const int t = idx / chunk, h = h0 + idx % chunk;
-            if (h < H)
-                xn[(size_t)t * H + h] = __float2half(nw[h] * (x[(size_t)t * H + h] * s_inv[t]));
-        }
+    if (!nw) return;
+    __syncthreads();
+    const int chunk = (H + rows - 1) / rows, h0 = r * chunk;
+    for (int idx = threadIdx.x; idx < chunk * T; idx += 128) {
+        const int t = idx / chunk, h = h0 + idx % chunk;
+        if (h < H) xn[(size_t)t * H + h] = __float2half(nw[h] * (x[(size_t)t * H + h] * s_inv[t]));
     }
-    if (ROUTE) route_last_block(out, T, rows, rt, s_dyn);
 }
 
 } // namespace
 
-static int router_check(const float *x, int T, int H, const float *norm_w, const float *w,
-                        int rows, const __half *xn, lm_err *err)
+extern "C" int cu_router_norm(const float *x, int T, int H, const float *norm_w, float eps,
+                              const float *w, int rows, float *out, __half *xn, cudaStream_t st,
+                              lm_err *err)
 {
     if (T < 1 || T > ROUTER_MT || H % 4 || rows < 1)
         return lm_err_set(err, -EINVAL,
@@ -401,56 +347,9 @@ static int router_check(const float *x, int T, int H, const float *norm_w, const
     if (norm_w && !xn) return lm_err_set(err, -EINVAL, "router: fused norm without an output");
     if (((uintptr_t)x | (uintptr_t)w | (uintptr_t)norm_w) & 15)
         return lm_err_set(err, -EINVAL, "router: inputs not 16-byte aligned");
+    CU_LAUNCH(err, "router launch", k_router, rows, 128, 0, st, x, T, H, norm_w, eps, w, rows, out,
+              xn, cu_early_loads());
     return 0;
-}
-
-extern "C" int cu_router_norm(const float *x, int T, int H, const float *norm_w, float eps,
-                              const float *w, int rows, float *out, __half *xn, cudaStream_t st,
-                              lm_err *err)
-{
-    const int rc = router_check(x, T, H, norm_w, w, rows, xn, err);
-    if (rc) return rc;
-    const router_route none = {};
-    CU_LAUNCH(err, "router launch", k_router<false>, rows, 128, 0, st, x, T, H, norm_w, eps, w,
-              rows, out, xn, cu_early_loads(), none);
-    return 0;
-}
-
-extern "C" int cu_router_route(const float *x, int T, int H, const float *norm_w, float eps,
-                               const float *w, int rows, float *logits, __half *xn, int E, int k,
-                               int renorm, int has_shared, int tile, int32_t *ids, float *wts,
-                               float *sg, const cu_moe_plan *plan, int32_t *counter,
-                               cudaStream_t st, lm_err *err)
-{
-    const int rc = router_check(x, T, H, norm_w, w, rows, xn, err);
-    if (rc) return rc;
-    if (E < 1 || E > 1024 || k < 1 || k > MAX_K || k > E || tile < 1)
-        return lm_err_set(err, -EINVAL,
-                          "router+route: %d experts (max 1024), top-k %d (1..%d), tile %d", E, k,
-                          MAX_K, tile);
-    if (rows < E + (has_shared ? 1 : 0))
-        return lm_err_set(err, -EINVAL, "router+route: %d logit rows for %d experts%s", rows, E,
-                          has_shared ? " and a shared gate" : "");
-    if (!counter) return lm_err_set(err, -EINVAL, "router+route: no block counter");
-    const router_route rt = {E, k, renorm, has_shared, tile, ids, wts, sg, *plan, counter};
-    CU_LAUNCH(err, "router+route launch", k_router<true>, rows, 128,
-              (2 * E + 2 * 128) * sizeof(int), st, x, T, H, norm_w, eps, w, rows, logits, xn,
-              cu_early_loads(), rt);
-    return 0;
-}
-
-/* LIGHTMOE_CUDA_ROUTE_FUSE=0: the router, then route+group, as two
- * launches (read once; tests switch it with cu_set_route_fuse) */
-static int g_route_fuse = -1;
-
-extern "C" int cu_route_fuse(void)
-{
-    return cu_env_switch(&g_route_fuse, "LIGHTMOE_CUDA_ROUTE_FUSE");
-}
-
-extern "C" int cu_set_route_fuse(int on)
-{
-    return cu_env_switch_set(&g_route_fuse, "LIGHTMOE_CUDA_ROUTE_FUSE", on);
 }
 
 extern "C" int cu_router_logits(const float *x, int T, int H, const float *w, int rows, float *out,

@@ -74,23 +74,6 @@ int cu_moe_route_group(const float *logits, int ldl, int T, int E, int k, int re
                        int has_shared, int tile, int32_t *topk_ids, float *topk_w,
                        float *shared_gate, const cu_moe_plan *plan, cudaStream_t st,
                        lm_err *err);
-/* cu_router_norm, then cu_moe_route_group on its logits (ldl = rows), in
- * one launch (T <= 16): the router block that finishes last routes and
- * groups, with the same arithmetic, so every output equals that of the
- * two launches (entries inside an expert in either order, as group's).
- * rows >= E (+ 1 with has_shared). counter: one device int, 0 before the
- * launch and back at 0 after it (graph replays); one launch at a time
- * per counter. */
-int cu_router_route(const float *x, int T, int H, const float *norm_w, float eps, const float *w,
-                    int rows, float *logits, __half *xn, int E, int k, int renorm, int has_shared,
-                    int tile, int32_t *topk_ids, float *topk_w, float *shared_gate,
-                    const cu_moe_plan *plan, int32_t *counter, cudaStream_t st, lm_err *err);
-/* Measurement switch of the forward pass: cu_router_route for steps where
- * the router is fused (1 unless LIGHTMOE_CUDA_ROUTE_FUSE=0); the setter
- * (tests, measurements) returns the setting it replaces; steps launched
- * after it follow it, decode graphs captured before keep theirs. */
-int cu_route_fuse(void);
-int cu_set_route_fuse(int on);
 
 #ifdef __cplusplus
 }

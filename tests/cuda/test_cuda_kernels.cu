@@ -668,241 +668,6 @@ static void run_route_group(int T, int E, int k, int renorm)
     free_plan(pd);
 }
 
-/* Everything a router + route + group leaves behind, read back. */
-struct route_out {
-    vector<float> logits, wts, sg, ew;
-    vector<uint16_t> xn;
-    vector<int32_t> ids, off, et, ee, pos;
-    vector<int2> items;
-    int ni;
-};
-
-static route_out read_route(const float *lg, const __half *xn, const int32_t *ids,
-                            const float *wts, const float *sg, const cu_moe_plan &p, int T, int H,
-                            int rows, int E, int k)
-{
-    route_out o;
-    const int n = T * k;
-    o.logits = host(lg, (size_t)T * rows);
-    o.xn = host((const uint16_t *)xn, (size_t)T * H);
-    o.ids = host(ids, n);
-    o.wts = host(wts, n);
-    o.sg = host(sg, T);
-    o.off = host(p.offsets, E + 1);
-    o.et = host(p.ent_token, n);
-    o.ee = host(p.ent_expert, n);
-    o.ew = host(p.ent_weight, n);
-    o.pos = host(p.pos, n);
-    o.ni = host(p.n_items, 1)[0];
-    o.items = host(p.items, o.ni > 0 && o.ni <= n + E ? o.ni : 0);
-    return o;
-}
-
-template <class V> static bool same_bits(const V &a, const V &b)
-{
-    return a.size() == b.size() &&
-           (a.empty() || !memcmp(a.data(), b.data(), a.size() * sizeof(a[0])));
-}
-
-static uint32_t fbits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
-/* pos a permutation of the entries, entry pos[i] = slot i's (token,
- * expert, weight bits) inside its expert's range of offsets */
-static bool entries_consistent(const route_out &o, int T, int E, int k)
-{
-    const int n = T * k;
-    vector<char> seen(n, 0);
-    for (int i = 0; i < n; i++) {
-        const int at = o.pos[i], e = o.ids[i];
-        if (at < 0 || at >= n || seen[at] || e < 0 || e >= E)
-            return false;
-        seen[at] = 1;
-        if (o.et[at] != i / k || o.ee[at] != e || fbits(o.ew[at]) != fbits(o.wts[i]) ||
-            at < o.off[e] || at >= o.off[e + 1])
-            return false;
-    }
-    return true;
-}
-
-/* the entries as (expert, token, weight bits), sorted: the order inside an
- * expert's range is free (shared atomics), the set is not */
-static vector<std::array<uint32_t, 3>> entry_set(const route_out &o, int n)
-{
-    vector<std::array<uint32_t, 3>> v(n);
-    for (int a = 0; a < n; a++)
-        v[a] = {(uint32_t)o.ee[a], (uint32_t)o.et[a], fbits(o.ew[a])};
-    std::sort(v.begin(), v.end());
-    return v;
-}
-
-/* The router with routing and grouping fused (cu_router_route, its last
- * block) against the two launches it replaces (cu_router_norm, then
- * cu_moe_route_group) on the same inputs: logits, fp16 rows, top-k ids,
- * weights, shared gates, offsets, items bit-identical; the entries equal
- * as sets per expert (their order inside an expert is free in both) and
- * consistent with pos. Three launches in a row on one counter (it must be
- * back at 0 after each); the ids also against the CPU's top-k of the
- * logits (ties: lowest id). ties: expert rows in groups of 4 equal rows,
- * so that equal logits decide the top-k. */
-static void run_router_route(int T, int H, int E, int k, int renorm, int has_shared, bool ties,
-                             bool norm)
-{
-    const int rows = E + has_shared, n = T * k;
-    vector<float> x((size_t)T * H), nw(H), w((size_t)rows * H);
-    for (auto &v : x)
-        v = 4.0f * urand();
-    for (auto &v : nw)
-        v = 1.0f + 0.3f * urand();
-    for (auto &v : w)
-        v = 0.05f * urand();
-    if (ties)
-        for (int r = 0; r < E; r++)
-            if (r & 3)
-                std::copy_n(&w[(size_t)(r & ~3) * H], H, &w[(size_t)r * H]);
-    const int tile = cu_int4_tile_for(T, (n + E - 1) / E, CU_GEMM_AUTO);
-    float *dx = dev(x), *dnw = norm ? dev(nw) : nullptr, *dw = dev(w);
-    float *lg[2], *wt[2], *sg[2];
-    int32_t *ids[2], *cnt;
-    __half *xn[2];
-    plan_dev pd[2] = {make_plan(T, k, E), make_plan(T, k, E)};
-    for (int i = 0; i < 2; i++) {
-        CK(cudaMalloc(&lg[i], (size_t)T * rows * 4));
-        CK(cudaMalloc(&xn[i], (size_t)T * H * 2));
-        CK(cudaMalloc(&ids[i], n * 4));
-        CK(cudaMalloc(&wt[i], n * 4));
-        CK(cudaMalloc(&sg[i], T * 4));
-    }
-    CK(cudaMalloc(&cnt, 4));
-    CK(cudaMemset(cnt, 0, 4));
-    /* poisoned outputs: anything not written shows (xn stays as it is
-     * without the norm in both) */
-    auto poison = [&](int i) {
-        CK(cudaMemset(lg[i], 0xff, (size_t)T * rows * 4));
-        CK(cudaMemset(xn[i], 0xff, (size_t)T * H * 2));
-        CK(cudaMemset(ids[i], 0xff, n * 4));
-        CK(cudaMemset(wt[i], 0xff, n * 4));
-        CK(cudaMemset(sg[i], 0xff, T * 4));
-        const cu_moe_plan &p = pd[i].p;
-        CK(cudaMemset(p.offsets, 0xff, (E + 1) * 4));
-        CK(cudaMemset(p.ent_token, 0xff, n * 4));
-        CK(cudaMemset(p.ent_expert, 0xff, n * 4));
-        CK(cudaMemset(p.ent_weight, 0xff, n * 4));
-        CK(cudaMemset(p.pos, 0xff, n * 4));
-        CK(cudaMemset(p.items, 0xff, (size_t)(n + E) * 8));
-        CK(cudaMemset(p.n_items, 0xff, 4));
-    };
-    poison(0);
-    OK(cu_router_norm(dx, T, H, dnw, 1e-6f, dw, rows, lg[0], xn[0], 0, ERRP));
-    OK(cu_moe_route_group(lg[0], rows, T, E, k, renorm, has_shared, tile, ids[0], wt[0], sg[0],
-                          &pd[0].p, 0, ERRP));
-    const route_out ref = read_route(lg[0], xn[0], ids[0], wt[0], sg[0], pd[0].p, T, H, rows, E, k);
-    const auto ref_set = entry_set(ref, n);
-    /* the reference's ids against the CPU's top-k of its logits */
-    bool topk_ok = true;
-    for (int t = 0; t < T; t++) {
-        const float *l = &ref.logits[(size_t)t * rows];
-        vector<int> order(E);
-        for (int e = 0; e < E; e++)
-            order[e] = e;
-        std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return l[a] > l[b]; });
-        for (int j = 0; j < k; j++)
-            topk_ok &= ref.ids[t * k + j] == order[j];
-    }
-    const char *bad = !topk_ok                             ? "two launches' top-k != the CPU's"
-                      : !entries_consistent(ref, T, E, k) ? "two launches' entries inconsistent"
-                                                          : "";
-    bool ok = !*bad, cnt_ok = true;
-    for (int rep = 0; rep < 3 && ok; rep++) {
-        poison(1);
-        OK(cu_router_route(dx, T, H, dnw, 1e-6f, dw, rows, lg[1], xn[1], E, k, renorm, has_shared,
-                           tile, ids[1], wt[1], sg[1], &pd[1].p, cnt, 0, ERRP));
-        const route_out o = read_route(lg[1], xn[1], ids[1], wt[1], sg[1], pd[1].p, T, H, rows,
-                                       E, k);
-        cnt_ok &= host(cnt, 1)[0] == 0;
-        bad = !same_bits(o.logits, ref.logits)             ? "logits differ"
-              : !same_bits(o.xn, ref.xn)                   ? "fp16 rows differ"
-              : !same_bits(o.ids, ref.ids)                 ? "ids differ"
-              : !same_bits(o.wts, ref.wts)                 ? "weights differ"
-              : has_shared && !same_bits(o.sg, ref.sg)     ? "shared gates differ"
-              : !same_bits(o.off, ref.off)                 ? "offsets differ"
-              : o.ni != ref.ni || !same_bits(o.items, ref.items) ? "items differ"
-              : !entries_consistent(o, T, E, k)            ? "entries inconsistent with pos"
-              : entry_set(o, n) != ref_set                 ? "entries differ"
-              : !cnt_ok                                    ? "counter not back at 0"
-                                                           : "";
-        ok = !*bad;
-    }
-    printf("%-4s router+route+group fused == 3 launches T=%d H=%d E=%d k=%d renorm=%d shared=%d"
-           "%s%s, 3 runs%s%s\n",
-           ok ? "ok" : "FAIL", T, H, E, k, renorm, has_shared, ties ? " ties" : "",
-           norm ? "" : " no norm", *bad ? ": " : "", bad);
-    if (!ok)
-        g_fail = 1;
-    for (int i = 0; i < 2; i++) {
-        cudaFree(lg[i]); cudaFree(xn[i]); cudaFree(ids[i]); cudaFree(wt[i]); cudaFree(sg[i]);
-        free_plan(pd[i]);
-    }
-    cudaFree(cnt); cudaFree(dx); cudaFree(dnw); cudaFree(dw);
-}
-
-/* cu_router_route refuses what it cannot do, with a message */
-static void router_route_refusals()
-{
-    struct {
-        int T, E, k, shared, rows, tile;
-        bool counter;
-        const char *what;
-    } bad[] = {
-        {17, 128, 8, 0, 128, 8, true, "17 tokens"},
-        {1, 1025, 8, 0, 1025, 8, true, "1025 experts"},
-        {1, 128, 0, 0, 128, 8, true, "top-k 0"},
-        {1, 128, 33, 0, 128, 8, true, "top-k 33"},
-        {1, 4, 8, 0, 4, 8, true, "top-k 8 of 4 experts"},
-        {1, 64, 6, 1, 64, 8, true, "no row for the shared gate"},
-        {1, 128, 8, 0, 128, 0, true, "tile 0"},
-        {1, 128, 8, 0, 128, 8, false, "no counter"},
-    };
-    float *buf;
-    int32_t *cnt;
-    CK(cudaMalloc(&buf, 4096 * 1025 * 4));
-    CK(cudaMalloc(&cnt, 4));
-    CK(cudaMemset(cnt, 0, 4));
-    plan_dev pd = make_plan(17, 33, 1025);
-    for (const auto &b : bad) {
-        lm_err e = {0, ""};
-        const int rc = cu_router_route(buf, b.T, 256, buf, 1e-6f, buf, b.rows, buf,
-                                       (__half *)buf, b.E, b.k, 0, b.shared, b.tile,
-                                       (int32_t *)buf, buf, buf, &pd.p, b.counter ? cnt : nullptr,
-                                       0, &e);
-        printf("%-4s router+route refuses %s: %s\n", rc == -EINVAL ? "ok" : "FAIL", b.what, e.msg);
-        if (rc != -EINVAL)
-            g_fail = 1;
-    }
-    CK(cudaDeviceSynchronize());
-    free_plan(pd);
-    cudaFree(buf);
-    cudaFree(cnt);
-}
-
-static void test_router_route()
-{
-    for (int T : {1, 2, 3, 8, 16}) {
-        run_router_route(T, 2048, 128, 8, 1, 0, false, true);  /* qwen3-30b-a3b */
-        run_router_route(T, 2048, 128, 8, 1, 0, true, true);
-        run_router_route(T, 260, 60, 4, 0, 0, false, true);
-        run_router_route(T, 1024, 64, 6, 1, 1, false, true);  /* shared expert: rows E + 1 */
-        run_router_route(T, 1024, 256, 8, 1, 0, false, true); /* E > the router's block */
-    }
-    run_router_route(16, 260, 1000, 8, 0, 1, true, true);
-    run_router_route(3, 260, 60, 4, 0, 1, false, false);
-    router_route_refusals();
-}
-
 static void test_router()
 {
     for (int T : {1, 3, 16})
@@ -1288,13 +1053,9 @@ static void test_forward()
         for (auto &p : pr)
             for (size_t i = 0; i < p.size(); i++)
                 p[i] = (p[i] + 31 * (int)i) % 512;
-        /* paths 0-3 as cu_options.path; 4: the auto path with the router,
-         * then route+group, as two launches (LIGHTMOE_CUDA_ROUTE_FUSE=0) */
-        const char *pn[] = {"auto", "gemv", "mma", "dequant", "auto, route not fused"};
-        vector<vector<float>> alone[5], batched[5];
-        for (int path = 0; path <= 4; path++) {
-            const int fuse_was = path == 4 ? cu_set_route_fuse(0) : 1;
-            cu_options o = {256, 0, path % 4, 0, path % 4 == 0}; /* auto path: decode graphs on */
+        vector<vector<float>> alone[4], batched[4];
+        for (int path = 0; path <= 3; path++) {
+            cu_options o = {256, 0, path, 0, path == 0}; /* auto path: decode graphs on */
             cu_state *s;
             OK(cu_state_create(m, &o, &s, ERRP));
             OK(cu_state_kv_init(s, bs, 64, ERRP));
@@ -1323,16 +1084,16 @@ static void test_forward()
                 vector<double> r0(all.begin(), all.end());
                 char what[128];
                 snprintf(what, sizeof what, "forward %s %s decode step replayed (%s)",
-                         int4 ? "int4" : "fp16", pn[path],
-                         path % 4 == 0 && int4 ? "graph" : "eager");
+                         int4 ? "int4" : "fp16",
+                         path == 0 ? "auto" : path == 1 ? "gemv" : path == 2 ? "mma" : "dequant",
+                         path == 0 && int4 ? "graph" : "eager");
                 /* split-K atomics may reorder fp32 sums: last-bit differences only */
                 compare(what, again.data(), r0.data(), 3, m->vocab, 1e-5);
             }
             cu_state_destroy(s);
-            if (path == 4)
-                cu_set_route_fuse(fuse_was);
         }
-        for (int path = 0; path <= 4; path++)
+        const char *pn[] = {"auto", "gemv", "mma", "dequant"};
+        for (int path = 0; path <= 3; path++)
             for (size_t i = 0; i < alone[path].size(); i++) {
                 vector<double> ref(alone[path][i].begin(), alone[path][i].end());
                 const int rows = (int)(ref.size() / m->vocab);
@@ -1344,9 +1105,7 @@ static void test_forward()
                     vector<double> r0(alone[0][i].begin(), alone[0][i].end());
                     snprintf(what, sizeof what, "forward %s path %s == auto piece %zu", int4 ? "int4" : "fp16",
                              pn[path], i);
-                    /* route fused or not: the same arithmetic, split-K atomics aside */
-                    compare(what, alone[path][i].data(), r0.data(), rows, m->vocab,
-                            path == 4 ? 1e-5 : 1e-2);
+                    compare(what, alone[path][i].data(), r0.data(), rows, m->vocab, 1e-2);
                 }
             }
         cu_synth_free(m);
@@ -1368,7 +1127,6 @@ int main(int argc, char **argv)
     if (all || !strcmp(what, "moe")) {
         test_moe();
         test_router();
-        test_router_route();
     }
     if (all || !strcmp(what, "norm")) test_norm();
     if (!strcmp(what, "attn1")) /* the default attention only (racecheck's time) */
