@@ -59,11 +59,13 @@ h2load_run() { # $1 = connections; one line, or exit 1 when a request was not a 
     [ "$c" = 1 ] && n=$((n / 3))
     rm -f "$tmp/h2.log" # h2load appends to it
     h0=$(hits "$maddr")
+    f0=$(followers "$maddr")
     t0=$(cpu_ticks "$dpid")
     out=$(h2load -c "$c" -m 1 -n "$n" -d "$tmp/req.bin" -H 'content-type: application/grpc' \
         -H 'te: trailers' --log-file "$tmp/h2.log" "http://$addr/lightmoe.v1.LightMoE/Complete")
     t1=$(cpu_ticks "$dpid")
     h1=$(hits "$maddr")
+    f1=$(followers "$maddr")
     ok=$(sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p' <<<"$out")
     rps=$(sed -n 's/^finished in .*s, \([0-9.]*\) req\/s.*/\1/p' <<<"$out")
     if [ "$ok" != "$n" ] || [ $((h1 - h0)) != "$n" ]; then
@@ -77,7 +79,8 @@ h2load_run() { # $1 = connections; one line, or exit 1 when a request was not a 
             END {printf "p50 %.3f p90 %.3f p99 %.3f p99.9 %.3f",
                  v[int(NR * .5)] / 1e3, v[int(NR * .9)] / 1e3, v[int(NR * .99)] / 1e3,
                  v[int(NR * .999)] / 1e3}');" \
-        "server CPU $(us_per_request $((t1 - t0)) "$n") us/request" \
+        "server CPU $(us_per_request $((t1 - t0)) "$n") us/request;" \
+        "followers $(awk -v f=$((f1 - f0)) -v n="$n" 'BEGIN {printf "%.0f%%", 100 * f / n}')" \
         " load $(cut -d' ' -f1 /proc/loadavg)"
 }
 

@@ -62,6 +62,14 @@ for l in u.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode()
     if l.startswith("lightmoe_cache_hits_total "): print(l.split()[1])' "$1"
 }
 
+# Requests answered as followers of an identical request's lookup (single
+# flight) so far.
+followers() {
+    python3 -c 'import sys, urllib.request as u
+for l in u.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode().splitlines():
+    if l.startswith("lightmoe_cache_single_flight_waits_total "): print(l.split()[1])' "$1"
+}
+
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 us_per_request() {

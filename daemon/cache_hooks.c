@@ -11,8 +11,11 @@
  * which each follower computes by itself. Followers do not wait on a
  * thread: lookup_async parks them (a cache_flight_waiter in the flight) and
  * returns; when the flight ends, the publishing thread moves the follower
- * to the ready queue and the writer thread resumes it (serve then answers,
- * or computes). A parked follower whose deadline passes is taken back by
+ * to the ready queue and a resumer thread (Redis: as many as readers; the
+ * writer thread for the in-process store) resumes it (serve then answers,
+ * or computes). Identical requests are the common case of a hit (an FAQ):
+ * most Redis-backed hits are followers of the lookup in flight, so their
+ * answers are sent by several resumers side by side. A parked follower whose deadline passes is taken back by
  * the writer thread and resumed without an answer (serve ends it with
  * DEADLINE_EXCEEDED); one whose client leaves is taken back by serve
  * (unpark). So any number of identical requests can wait while every RPC
@@ -36,8 +39,9 @@
  * Redis it encodes the answer and queues it (bounded: when full the answer
  * is not stored, only published); the in-process backend stores at once
  * (a short lock), so an answer is in the cache before its client has it.
- * One writer thread performs the Redis stores and the resumptions (never
- * the engine thread: resuming may submit to the engine).
+ * One writer thread performs the Redis stores (and the resumptions when
+ * there are no resumer threads); never the engine thread: resuming may
+ * submit to the engine.
  * Lock order: h->mu, then the cache's flight lock (cache_flight_unpark);
  * the cache calls done without its lock, and done takes h->mu. A reader's
  * lock (rd->mu: its queues) is never held with another lock.
@@ -152,13 +156,17 @@ struct hooks_state {
     wjob *head, *tail;
     int queued, stop;
     parked *parked;             /* waiting for their flight */
-    parked *ready, *ready_tail; /* flight ended: to resume on the writer thread */
+    parked *ready, *ready_tail; /* flight ended: to resume (resumers, else the writer) */
     uint64_t next_park;         /* tickets (atomic: readers' lookups take one without mu) */
     int store_inline;           /* in-process backend: store on the engine thread */
     int async_get;              /* Redis: lookups go through the reader threads */
     pthread_t writer;
     reader *readers;            /* [n_readers] when async_get */
     int n_readers;
+    pthread_t *resumers;        /* [n_resumers] (Redis), or none: the writer resumes */
+    int n_resumers;
+    pthread_cond_t rdy_cv;      /* h->ready got one, or rdy_stop */
+    int rdy_stop;
     unsigned next_reader;       /* atomic: the reader of the next lookup */
 };
 
@@ -270,7 +278,7 @@ static void on_flight_done(cache_flight_waiter *w, int rc, cache_entry *e)
     else
         h->ready = p;
     h->ready_tail = p;
-    pthread_cond_signal(&h->cv);
+    pthread_cond_signal(h->n_resumers ? &h->rdy_cv : &h->cv);
     pthread_mutex_unlock(&h->mu);
 }
 
@@ -706,7 +714,8 @@ static void *writer_main(void *arg)
     for (;;) {
         parked *expired = NULL;
         int64_t next = expire_parked(h, cache_now_ns(), &expired);
-        if (!h->head && !h->ready && !expired) {
+        parked *ready = h->n_resumers ? NULL : h->ready; /* else the resumers' */
+        if (!h->head && !ready && !expired) {
             if (h->stop)
                 break; /* stop with an empty queue */
             if (next) {
@@ -718,8 +727,8 @@ static void *writer_main(void *arg)
             continue;
         }
         /* Resumptions first: they answer clients now; a store only saves. */
-        parked *ready = h->ready;
-        h->ready = h->ready_tail = NULL;
+        if (ready)
+            h->ready = h->ready_tail = NULL;
         wjob *j = ready || expired ? NULL : h->head;
         if (j) {
             h->head = j->next;
@@ -753,6 +762,61 @@ static void *writer_main(void *arg)
     }
     pthread_mutex_unlock(&h->mu);
     return NULL;
+}
+
+/* Resumer thread (Redis): resume followers whose flight ended, one at a
+ * time, while another resumer takes the next; drains h->ready at stop. */
+static void *resumer_main(void *arg)
+{
+    hooks_state *h = arg;
+    pthread_mutex_lock(&h->mu);
+    for (;;) {
+        while (!h->ready && !h->rdy_stop)
+            pthread_cond_wait(&h->rdy_cv, &h->mu);
+        parked *p = h->ready;
+        if (!p)
+            break; /* stop with an empty queue */
+        h->ready = p->next;
+        if (!h->ready)
+            h->ready_tail = NULL;
+        else
+            pthread_cond_signal(&h->rdy_cv); /* more: wake another resumer */
+        pthread_mutex_unlock(&h->mu);
+        resume_parked(p);
+        pthread_mutex_lock(&h->mu);
+    }
+    pthread_mutex_unlock(&h->mu);
+    return NULL;
+}
+
+/* Stop the started resumers once h->ready is empty (join). */
+static void resumers_stop(hooks_state *h)
+{
+    pthread_mutex_lock(&h->mu);
+    h->rdy_stop = 1;
+    pthread_cond_broadcast(&h->rdy_cv);
+    pthread_mutex_unlock(&h->mu);
+    for (int i = 0; i < h->n_resumers; i++)
+        pthread_join(h->resumers[i], NULL);
+    free(h->resumers);
+    h->resumers = NULL;
+    h->n_resumers = 0;
+}
+
+/* Start n resumers: 0, or -ENOMEM / -EAGAIN (none left running). */
+static int resumers_start(hooks_state *h, int n)
+{
+    h->resumers = calloc((size_t)n, sizeof *h->resumers);
+    if (!h->resumers)
+        return -ENOMEM;
+    for (int i = 0; i < n; i++) {
+        if (pthread_create(&h->resumers[i], NULL, resumer_main, h)) {
+            resumers_stop(h); /* the i started */
+            return -EAGAIN;
+        }
+        h->n_resumers = i + 1;
+    }
+    return 0;
 }
 
 static int64_t deadline_after_ms(int64_t ms) { return cache_now_ns() + ms * 1000000; }
@@ -833,6 +897,7 @@ static void hook_destroy(void *user)
     pthread_cond_signal(&h->cv);
     pthread_mutex_unlock(&h->mu);
     pthread_join(h->writer, NULL);
+    resumers_stop(h); /* last: the readers' and the writer's publications end in h->ready */
     /* Nothing is parked once every request has ended; should one be left
      * (a flight nobody leads), take it back so that nothing leaks. */
     for (parked *p = h->parked, *nx; p; p = nx) {
@@ -852,6 +917,7 @@ static void hook_destroy(void *user)
     cache_destroy(h->c);
     pthread_mutex_destroy(&h->mu);
     pthread_cond_destroy(&h->cv);
+    pthread_cond_destroy(&h->rdy_cv);
     free(h);
 }
 
@@ -985,16 +1051,22 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&h->cv, &ca);
     pthread_condattr_destroy(&ca);
-    rc = h->async_get ? readers_start(h, n_readers) : 0;
+    pthread_cond_init(&h->rdy_cv, NULL);
+    /* Redis: a resumer a reader (before the readers: they may publish) */
+    rc = h->async_get ? resumers_start(h, n_readers) : 0;
+    if (!rc)
+        rc = h->async_get ? readers_start(h, n_readers) : 0;
     if (!rc && pthread_create(&h->writer, NULL, writer_main, h))
         rc = -EAGAIN;
     if (rc) {
-        snprintf(err, errlen, "cache: cannot start the writer and %d reader threads%s",
+        snprintf(err, errlen, "cache: cannot start the writer and %d reader and resumer threads%s",
                  h->async_get ? n_readers : 0, rc == -ENOMEM ? " (out of memory)" : "");
         readers_destroy(h);
+        resumers_stop(h);
         cache_destroy(h->c);
         pthread_mutex_destroy(&h->mu);
         pthread_cond_destroy(&h->cv);
+        pthread_cond_destroy(&h->rdy_cv);
         free(h);
         return rc;
     }
