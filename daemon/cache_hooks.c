@@ -54,6 +54,7 @@
 
 #include <errno.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -152,6 +153,7 @@ struct hooks_state {
     int32_t timeout_ms;
     pthread_mutex_t mu;         /* leaders, queue, parked, ready */
     pthread_cond_t cv;          /* CLOCK_MONOTONIC */
+    int64_t writer_wait;        /* the writer sleeps until then (INT64_MAX: no timeout), 0 awake */
     leader *leaders[LEADER_BUCKETS];
     wjob *head, *tail;
     int queued, stop;
@@ -394,7 +396,10 @@ static int hook_lookup_async(void *user, const serve_cache_key *sk, int64_t dead
     if (h->parked)
         h->parked->prev = p;
     h->parked = p;
-    pthread_cond_signal(&h->cv); /* the writer's next deadline may be this one */
+    /* The writer takes it into account when it looks next; wake it only when
+     * it sleeps past this deadline (requests without one never wake it). */
+    if (p->deadline_ns && h->writer_wait && p->deadline_ns < h->writer_wait)
+        pthread_cond_signal(&h->cv);
     pthread_mutex_unlock(&h->mu);
     *ret_ticket = p->id;
     /* From here p belongs to the flight, then to the writer: it may be
@@ -720,10 +725,13 @@ static void *writer_main(void *arg)
                 break; /* stop with an empty queue */
             if (next) {
                 struct timespec ts = {next / 1000000000, next % 1000000000};
+                h->writer_wait = next;
                 pthread_cond_timedwait(&h->cv, &h->mu, &ts);
             } else {
+                h->writer_wait = INT64_MAX;
                 pthread_cond_wait(&h->cv, &h->mu);
             }
+            h->writer_wait = 0;
             continue;
         }
         /* Resumptions first: they answer clients now; a store only saves. */

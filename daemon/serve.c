@@ -589,7 +589,6 @@ static void on_cache_resume(void *ctx, int hit, serve_answer *ans)
     j->parked = 0;
     st_code cancel = j->cancel_code;
     serve_cache_hooks hooks = s->hooks;
-    daemon_config cfg = s->cfg;
     runner *m = s->m;
     pthread_mutex_unlock(&s->mu);
     metrics_count_cache(hit > 0);
@@ -612,7 +611,13 @@ static void on_cache_resume(void *ctx, int hit, serve_answer *ans)
                     "deadline exceeded while waiting for the cache (its lookup or an identical "
                     "request in progress)");
     } else {
-        code = start_engine(j, m, &cfg, msg, sizeof msg); /* miss, or the leader failed */
+        /* a miss, or the leader failed: the configuration is copied only
+         * now (5 KB under s->mu, which every hit would otherwise pay) */
+        daemon_config cfg;
+        pthread_mutex_lock(&s->mu);
+        cfg = s->cfg;
+        pthread_mutex_unlock(&s->mu);
+        code = start_engine(j, m, &cfg, msg, sizeof msg);
     }
     if (code != ST_OK)
         finish_early(j, code, msg);
