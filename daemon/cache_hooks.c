@@ -1095,13 +1095,13 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
         log_info("cache: in-process, %lld MiB, ttl %lld s, model fingerprint %.16s",
                  (long long)cfg->cache_max_mb, (long long)cfg->cache_ttl_seconds, h->fp);
     else if (u.kind == CACHE_BACKEND_REDIS)
-        log_info("cache: redis %s:%d db %d%s%s, ttl %lld s, timeout %lld ms, %d readers, model "
+        log_info("cache: redis %s:%d db %d%s%s, ttl %lld s, timeout %lld ms, readers: %d, model "
                  "fingerprint %.16s", u.host, u.port, u.db, u.user[0] ? " user " : "",
                  u.user[0] ? u.user : (u.password[0] ? " (password)" : ""),
                  (long long)cfg->cache_ttl_seconds, (long long)cfg->cache_timeout_ms, n_readers,
                  h->fp);
     else
-        log_info("cache: redis unix socket %s db %d, ttl %lld s, %d readers, model fingerprint "
+        log_info("cache: redis unix socket %s db %d, ttl %lld s, readers: %d, model fingerprint "
                  "%.16s", u.path, u.db, (long long)cfg->cache_ttl_seconds, n_readers, h->fp);
     return 0;
 }

@@ -29,8 +29,8 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
 /* Reader threads of a Redis-backed cache: cache_readers, or when 0 one per
  * CACHE_READERS_AUTO_DIV online CPUs, at least 1 and at most
  * CACHE_READERS_AUTO_MAX (an explicit value is capped at 32). */
-#define CACHE_READERS_AUTO_DIV 4
-#define CACHE_READERS_AUTO_MAX 8
+#define CACHE_READERS_AUTO_DIV 8
+#define CACHE_READERS_AUTO_MAX 4
 int cache_hooks_readers(const daemon_config *cfg);
 
 /* Statistics of the installed cache; 0 if none (off). For metrics. */

@@ -105,8 +105,8 @@ static const config_key config_table[] = {
      "longest wait for one Redis operation (also bounded by the request's deadline) before "
      "answering from the model"},
     {"cache_readers", CT_INT, OFF(cache_readers), 0, 32, NULL, 0, "0",
-     "Redis: threads that send lookups and answer hits (each its own connection); 0 = one "
-     "per 4 CPU cores, 1..8"},
+     "Redis: threads that send lookups and answer hits (each its own connection), and as many "
+     "that answer identical requests; 0 = one per 8 CPU cores, 1..4"},
     {"debug_hooks", CT_BOOL, OFF(debug_hooks), 0, 0, NULL, 0, "no",
      "TESTS ONLY: SIGUSR1 stalls the engine loop, SIGUSR2 resumes it"},
     {"debug_load_delay_ms", CT_INT, OFF(debug_load_delay_ms), 0, 600000, NULL, 0, "0",

@@ -390,6 +390,9 @@ def test_redis_hit():
             before = engine_work(d)
             b = api.complete(**greedy("Redis stores this"))
             assert b.cached and b.text == a.text and engine_work(d) == before
+            # cache_readers = 0 (default): one reader per 8 CPUs, 1 to 4
+            auto = max(1, min(4, (os.cpu_count() or 1) // 8))
+            assert f"readers: {auto}," in d.text(), d.text()
         # A second daemon on the same model and Redis: hits at once.
         with redis_daemon("redis_hit2", r) as d:
             b = Api(d.channel()).complete(**greedy("Redis stores this"))
@@ -537,7 +540,7 @@ def reader_lookups(d):
 
 def check_readers(d, before):
     """Every reader took part since `before` (lookups are dealt in turn)."""
-    assert f"{d.readers} readers" in d.text(), "cache_readers not applied"
+    assert f"readers: {d.readers}," in d.text(), "cache_readers not applied"
     after = reader_lookups(d)
     assert all(a > b for a, b in zip(after, before)), (before, after)
 
