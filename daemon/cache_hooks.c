@@ -265,7 +265,8 @@ static void resume_with(serve_cache_resume_fn resume, void *ctx, cache_entry *e)
 }
 
 /* The cache's done callback of a parked follower (publishing thread, no
- * cache lock held): move it to the ready queue. */
+ * cache lock held): move it to the ready queue (for a resumer, else the
+ * writer). */
 static void on_flight_done(cache_flight_waiter *w, int rc, cache_entry *e)
 {
     parked *p = (parked *)w;
@@ -284,7 +285,7 @@ static void on_flight_done(cache_flight_waiter *w, int rc, cache_entry *e)
     pthread_mutex_unlock(&h->mu);
 }
 
-/* Take g out of a list of rgets (h->mu held); tail may be NULL. */
+/* Take g out of a list of rgets (its reader's mu held); tail may be NULL. */
 static void rget_unlink(rget **head, rget **tail, rget *g)
 {
     if (g->prev)
@@ -899,7 +900,7 @@ static void hook_destroy(void *user)
         cache_flight_publish(h->c, l->f, NULL);
         free(l);
     }
-    readers_destroy(h); /* first: their hits may still go to the writer's ready queue */
+    readers_destroy(h); /* first: their hits may still put followers in h->ready */
     pthread_mutex_lock(&h->mu);
     h->stop = 1;
     pthread_cond_signal(&h->cv);
