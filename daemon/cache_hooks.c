@@ -15,11 +15,11 @@
  * writer thread for the in-process store) resumes it (serve then answers,
  * or computes). Identical requests are the common case of a hit (an FAQ):
  * most Redis-backed hits are followers of the lookup in flight, so their
- * answers are sent by several resumers side by side. A parked follower whose deadline passes is taken back by
- * the writer thread and resumed without an answer (serve ends it with
- * DEADLINE_EXCEEDED); one whose client leaves is taken back by serve
- * (unpark). So any number of identical requests can wait while every RPC
- * thread stays free.
+ * answers are sent by several resumers side by side. A parked follower
+ * whose deadline passes is taken back by the writer thread and resumed
+ * without an answer (serve ends it with DEADLINE_EXCEEDED); one whose
+ * client leaves is taken back by serve (unpark). So any number of
+ * identical requests can wait while every RPC thread stays free.
  *
  * Readers (Redis): a lookup never waits on an RPC thread. lookup_async
  * joins the flight of its key first (so identical requests park behind it
