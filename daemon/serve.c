@@ -55,9 +55,15 @@ typedef struct job {
     struct job *prev, *next;
 } job;
 
+/* The configuration requests read (reloadable limits and the default TTL). */
+typedef struct serve_limits {
+    int64_t max_prompt_tokens, max_tokens_limit, default_max_tokens, max_concurrent_streams,
+        max_queue, cache_ttl_seconds;
+} serve_limits;
+
 struct serve {
     pthread_mutex_t mu;
-    daemon_config cfg;              /* limits; guarded by mu */
+    serve_limits lim;               /* guarded by mu */
     runner *m;
     runner_info info;
     serve_cache_hooks hooks;
@@ -86,13 +92,21 @@ static st_code fail(st_code code, char *msg, size_t n, const char *fmt, ...)
     return code;
 }
 
+/* The configuration a request reads: a few numbers, copied under mu by
+ * each request (not the whole 5 KB daemon_config). */
+static serve_limits limits_of(const daemon_config *cfg)
+{
+    return (serve_limits){cfg->max_prompt_tokens, cfg->max_tokens_limit, cfg->default_max_tokens,
+                          cfg->max_concurrent_streams, cfg->max_queue, cfg->cache_ttl_seconds};
+}
+
 int serve_create(const daemon_config *cfg, serve **ret)
 {
     serve *s = calloc(1, sizeof *s);
     if (!s)
         return -ENOMEM;
     pthread_mutex_init(&s->mu, NULL);
-    s->cfg = *cfg;
+    s->lim = limits_of(cfg);
     s->next_id = 1;
     *ret = s;
     return 0;
@@ -119,7 +133,7 @@ void serve_set_cache_hooks(serve *s, const serve_cache_hooks *hooks)
 void serve_reconfigure(serve *s, const daemon_config *cfg)
 {
     pthread_mutex_lock(&s->mu);
-    s->cfg = *cfg;
+    s->lim = limits_of(cfg);
     serve_cache_hooks h = s->hooks;
     int has = s->has_hooks;
     pthread_mutex_unlock(&s->mu);
@@ -346,7 +360,7 @@ static void on_engine_finish(void *user, const runner_finish *f)
             serve_cache_hooks h = s->hooks;
             int has = s->has_hooks;
             uint32_t ttl = j->req->cache_ttl_seconds ? j->req->cache_ttl_seconds
-                                                     : (uint32_t)s->cfg.cache_ttl_seconds;
+                                                     : (uint32_t)s->lim.cache_ttl_seconds;
             pthread_mutex_unlock(&s->mu);
             if (has && h.store) {
                 serve_cache_key key = {s->info.id, j->prompt_ids, j->n_prompt, j->max_tokens,
@@ -392,7 +406,7 @@ static void on_engine_finish(void *user, const runner_finish *f)
 
 static const char *const known_roles[] = {"system", "user", "assistant", "tool"};
 
-static st_code check_request(const serve_request *r, const daemon_config *cfg, char *msg,
+static st_code check_request(const serve_request *r, const serve_limits *lim, char *msg,
                              size_t n)
 {
     int has_prompt = r->prompt && r->prompt[0];
@@ -415,10 +429,10 @@ static st_code check_request(const serve_request *r, const daemon_config *cfg, c
     if (r->has_max_tokens && r->max_tokens < 1)
         return fail(ST_INVALID_ARGUMENT, msg, n, "max_tokens must be at least 1 (got %d)",
                     r->max_tokens);
-    if (r->has_max_tokens && r->max_tokens > cfg->max_tokens_limit)
+    if (r->has_max_tokens && r->max_tokens > lim->max_tokens_limit)
         return fail(ST_INVALID_ARGUMENT, msg, n,
                     "max_tokens %d exceeds the server limit (max_tokens_limit = %lld)",
-                    r->max_tokens, (long long)cfg->max_tokens_limit);
+                    r->max_tokens, (long long)lim->max_tokens_limit);
     if (r->n_stop > SERVE_MAX_STOP)
         return fail(ST_INVALID_ARGUMENT, msg, n, "%d stop strings given, at most %d allowed",
                     r->n_stop, SERVE_MAX_STOP);
@@ -439,7 +453,7 @@ static st_code check_request(const serve_request *r, const daemon_config *cfg, c
 }
 
 /* Prompt text -> token ids, with the prompt limits. */
-static st_code prompt_ids(serve *s, runner *m, const serve_request *r, const daemon_config *cfg,
+static st_code prompt_ids(serve *s, runner *m, const serve_request *r, const serve_limits *lim,
                           int32_t **ret_ids, int32_t *ret_n, char *msg, size_t n)
 {
     lm_err err = {0};
@@ -448,12 +462,12 @@ static st_code prompt_ids(serve *s, runner *m, const serve_request *r, const dae
     if (rc)
         return fail(rc == -EINVAL ? ST_INVALID_ARGUMENT : ST_INTERNAL, msg, n, "%s", err.msg);
     int32_t ctx = s->info.context_length;
-    int64_t lim = cfg->max_prompt_tokens ? cfg->max_prompt_tokens : ctx;
+    int64_t most = lim->max_prompt_tokens ? lim->max_prompt_tokens : ctx;
     if (*ret_n == 0) {
         free(*ret_ids);
         return fail(ST_INVALID_ARGUMENT, msg, n, "the prompt encodes to zero tokens");
     }
-    if (*ret_n > lim || *ret_n >= ctx) {
+    if (*ret_n > most || *ret_n >= ctx) {
         int32_t got = *ret_n;
         free(*ret_ids);
         if (*ret_n >= ctx)
@@ -462,7 +476,7 @@ static st_code prompt_ids(serve *s, runner *m, const serve_request *r, const dae
                         got, ctx);
         return fail(ST_INVALID_ARGUMENT, msg, n,
                     "prompt is %d tokens, the server limit is %lld (max_prompt_tokens): shorten "
-                    "it", got, (long long)lim);
+                    "it", got, (long long)most);
     }
     return ST_OK;
 }
@@ -516,7 +530,7 @@ static void answer_hit(job *j, const serve_cache_hooks *hooks, serve_answer *ans
 /* Submit j to the engine (the caller holds a reference; the engine takes
  * its own). On failure j is unlinked, the cache told, and the code and
  * message returned; the admission slot is the caller's to release. */
-static st_code start_engine(job *j, runner *m, const daemon_config *cfg, char *msg,
+static st_code start_engine(job *j, runner *m, const serve_limits *lim, char *msg,
                             size_t msglen)
 {
     serve *s = j->s;
@@ -554,7 +568,7 @@ static st_code start_engine(job *j, runner *m, const daemon_config *cfg, char *m
     if (rc == -EAGAIN)
         return fail(ST_RESOURCE_EXHAUSTED, msg, msglen,
                     "server overloaded: the engine queue is full (max_queue = %lld): retry with "
-                    "backoff", (long long)cfg->max_queue);
+                    "backoff", (long long)lim->max_queue);
     if (rc == -ESHUTDOWN)
         return fail(ST_UNAVAILABLE, msg, msglen, "lightmoed is shutting down");
     if (rc == -EINVAL)
@@ -589,6 +603,7 @@ static void on_cache_resume(void *ctx, int hit, serve_answer *ans)
     j->parked = 0;
     st_code cancel = j->cancel_code;
     serve_cache_hooks hooks = s->hooks;
+    serve_limits lim = s->lim;
     runner *m = s->m;
     pthread_mutex_unlock(&s->mu);
     metrics_count_cache(hit > 0);
@@ -611,13 +626,7 @@ static void on_cache_resume(void *ctx, int hit, serve_answer *ans)
                     "deadline exceeded while waiting for the cache (its lookup or an identical "
                     "request in progress)");
     } else {
-        /* a miss, or the leader failed: the configuration is copied only
-         * now (5 KB under s->mu, which every hit would otherwise pay) */
-        daemon_config cfg;
-        pthread_mutex_lock(&s->mu);
-        cfg = s->cfg;
-        pthread_mutex_unlock(&s->mu);
-        code = start_engine(j, m, &cfg, msg, sizeof msg);
+        code = start_engine(j, m, &lim, msg, sizeof msg); /* miss, or the leader failed */
     }
     if (code != ST_OK)
         finish_early(j, code, msg);
@@ -645,7 +654,7 @@ st_code serve_generate(serve *s, const serve_request *req, const serve_sink *sin
                        uint64_t *ret_job, char *msg, size_t msglen)
 {
     pthread_mutex_lock(&s->mu);
-    daemon_config cfg = s->cfg;
+    serve_limits lim = s->lim;
     runner *m = s->m;
     int draining = s->draining;
     serve_cache_hooks hooks = s->hooks;
@@ -656,19 +665,19 @@ st_code serve_generate(serve *s, const serve_request *req, const serve_sink *sin
                     draining ? "lightmoed is shutting down: retry on another instance"
                              : "the model is still loading: retry shortly");
     }
-    if (s->active >= cfg.max_concurrent_streams) {
+    if (s->active >= lim.max_concurrent_streams) {
         int act = s->active;
         pthread_mutex_unlock(&s->mu);
         return fail(ST_RESOURCE_EXHAUSTED, msg, msglen,
                     "too many requests in progress (%d, max_concurrent_streams = %lld): retry "
-                    "with backoff", act, (long long)cfg.max_concurrent_streams);
+                    "with backoff", act, (long long)lim.max_concurrent_streams);
     }
     s->active++;
     uint64_t id = s->next_id++;
     pthread_mutex_unlock(&s->mu);
 
     job *j = NULL;
-    st_code code = check_request(req, &cfg, msg, msglen);
+    st_code code = check_request(req, &lim, msg, msglen);
     if (code)
         goto out;
     if (req->deadline_ns && req->deadline_ns <= now_ns()) {
@@ -686,12 +695,12 @@ st_code serve_generate(serve *s, const serve_request *req, const serve_sink *sin
     j->req = req;
     j->sink = *sink;
     j->user = user;
-    code = prompt_ids(s, m, req, &cfg, &j->prompt_ids, &j->n_prompt, msg, msglen);
+    code = prompt_ids(s, m, req, &lim, &j->prompt_ids, &j->n_prompt, msg, msglen);
     if (code) {
         j->prompt_ids = NULL;
         goto out;
     }
-    int32_t max_tokens = req->has_max_tokens ? req->max_tokens : (int32_t)cfg.default_max_tokens;
+    int32_t max_tokens = req->has_max_tokens ? req->max_tokens : (int32_t)lim.default_max_tokens;
     if (j->n_prompt + max_tokens > s->info.context_length)
         max_tokens = s->info.context_length - j->n_prompt; /* ends with finish "length" */
 
@@ -741,7 +750,7 @@ st_code serve_generate(serve *s, const serve_request *req, const serve_sink *sin
     }
 
     /* 4. engine */
-    code = start_engine(j, m, &cfg, msg, msglen);
+    code = start_engine(j, m, &lim, msg, msglen);
     if (code == ST_OK) {
         job_unref(j);
         *ret_job = id;
@@ -848,7 +857,10 @@ st_code serve_tokenize(serve *s, const char *text, const runner_msg *msgs, int32
     if (n_msgs > 0) {
         serve_request r = {.messages = msgs, .n_messages = n_msgs, .max_tokens = 1};
         sample_params_default(&r.sampling);
-        st_code c = check_request(&r, &s->cfg, msg, msglen);
+        pthread_mutex_lock(&s->mu);
+        serve_limits lim = s->lim;
+        pthread_mutex_unlock(&s->mu);
+        st_code c = check_request(&r, &lim, msg, msglen);
         if (c)
             return c;
         if (runner_render(m, msgs, n_msgs, &rendered, &err))
@@ -884,7 +896,7 @@ st_code serve_invalidate(serve *s, int all, const serve_request *req, int64_t *r
     pthread_mutex_lock(&s->mu);
     serve_cache_hooks h = s->hooks;
     int has = s->has_hooks;
-    daemon_config cfg = s->cfg;
+    serve_limits lim = s->lim;
     pthread_mutex_unlock(&s->mu);
     if (!has || !h.invalidate)
         return fail(ST_FAILED_PRECONDITION, msg, msglen,
@@ -893,14 +905,14 @@ st_code serve_invalidate(serve *s, int all, const serve_request *req, int64_t *r
     if (all) {
         n = h.invalidate(h.user, NULL, msg, msglen);
     } else {
-        st_code c = check_request(req, &cfg, msg, msglen);
+        st_code c = check_request(req, &lim, msg, msglen);
         if (c)
             return c;
         int32_t *ids = NULL, n_ids = 0;
-        c = prompt_ids(s, m, req, &cfg, &ids, &n_ids, msg, msglen);
+        c = prompt_ids(s, m, req, &lim, &ids, &n_ids, msg, msglen);
         if (c)
             return c;
-        int32_t mt = req->has_max_tokens ? req->max_tokens : (int32_t)cfg.default_max_tokens;
+        int32_t mt = req->has_max_tokens ? req->max_tokens : (int32_t)lim.default_max_tokens;
         if (n_ids + mt > s->info.context_length)
             mt = s->info.context_length - n_ids; /* as serve_generate resolves it */
         serve_cache_key key = {s->info.id, ids, n_ids, mt, req};
