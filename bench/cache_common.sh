@@ -13,7 +13,10 @@
 #                                  lightmoed with cache_url URL, primed (the
 #                                  first call stores the answer): sets addr,
 #                                  maddr and dpid; exits 1 if it never answers
-#   hits MADDR                     lightmoe_cache_hits_total of the daemon
+#   metric MADDR NAME              the value of an unlabelled metric of the daemon
+#   hits MADDR                     lightmoe_cache_hits_total
+#   followers MADDR                lightmoe_cache_single_flight_waits_total: requests
+#                                  that waited for an identical one's lookup
 #   cpu_ticks PID                  user + system clock ticks of PID
 #   us_per_request TICKS N         those ticks as microseconds per request
 CACHE_PROMPT="What is the capital of France?"
@@ -56,19 +59,14 @@ start_daemon() {
     exit 1
 }
 
-hits() {
+metric() {
     python3 -c 'import sys, urllib.request as u
 for l in u.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode().splitlines():
-    if l.startswith("lightmoe_cache_hits_total "): print(l.split()[1])' "$1"
+    if l.startswith(sys.argv[2] + " "): print(l.split()[1])' "$1" "$2"
 }
 
-# Requests answered as followers of an identical request's lookup (single
-# flight) so far.
-followers() {
-    python3 -c 'import sys, urllib.request as u
-for l in u.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode().splitlines():
-    if l.startswith("lightmoe_cache_single_flight_waits_total "): print(l.split()[1])' "$1"
-}
+hits() { metric "$1" lightmoe_cache_hits_total; }
+followers() { metric "$1" lightmoe_cache_single_flight_waits_total; }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 

@@ -11,9 +11,8 @@
  * which each follower computes by itself. Followers do not wait on a
  * thread: lookup_async parks them (a cache_flight_waiter in the flight) and
  * returns; when the flight ends, the publishing thread moves the follower
- * to the ready queue and a resumer thread (Redis: as many as readers; the
- * writer thread for the in-process store) resumes it (serve then answers,
- * or computes). Identical requests are the common case of a hit (an FAQ):
+ * to the ready queue and a resumer thread (Redis: as many as readers; one
+ * for the in-process store) resumes it (serve then answers, or computes). Identical requests are the common case of a hit (an FAQ):
  * most Redis-backed hits are followers of the lookup in flight, so their
  * answers are sent by several resumers side by side. A parked follower
  * whose deadline passes is taken back by the writer thread and resumed
@@ -31,17 +30,17 @@
  * miss, error or timeout resumes it without an answer, to compute as the
  * leader (fail open). A client that leaves meanwhile is taken back
  * (unpark; serve's finish then fails the flight). Several readers
- * (cache_readers): parsing replies and sending answers is a reader's work,
- * and one reader was the serial stage of Redis-backed hits on 16 cores
- * (docs/PERF.md). In-process backend: looked up inline, as before.
+ * (cache_readers) parse replies and send answers side by side; measured
+ * on 16 cores, two served 2-5% more hits than one and more served fewer
+ * (docs/PERF.md). In-process backend: looked up inline.
  *
  * Writer: the store hook runs on the engine thread and must not block; for
  * Redis it encodes the answer and queues it (bounded: when full the answer
  * is not stored, only published); the in-process backend stores at once
  * (a short lock), so an answer is in the cache before its client has it.
- * One writer thread performs the Redis stores (and the resumptions when
- * there are no resumer threads); never the engine thread: resuming may
- * submit to the engine.
+ * One writer thread performs the Redis stores and ends parked followers
+ * whose deadline passed; resumptions are the resumers' (never the engine
+ * thread's: resuming may submit to the engine).
  * Lock order: h->mu, then the cache's flight lock (cache_flight_unpark);
  * the cache calls done without its lock, and done takes h->mu. A reader's
  * lock (rd->mu: its queues) is never held with another lock.
@@ -127,7 +126,6 @@ typedef struct rget {
 } rget;
 
 #define READ_BATCH_MAX 512
-#define READERS_MAX 32
 
 /* A reader thread and its queues. */
 struct reader {
@@ -158,14 +156,14 @@ struct hooks_state {
     wjob *head, *tail;
     int queued, stop;
     parked *parked;             /* waiting for their flight */
-    parked *ready, *ready_tail; /* flight ended: to resume (resumers, else the writer) */
+    parked *ready, *ready_tail; /* flight ended: to resume (resumer threads) */
     uint64_t next_park;         /* tickets (atomic: readers' lookups take one without mu) */
     int store_inline;           /* in-process backend: store on the engine thread */
     int async_get;              /* Redis: lookups go through the reader threads */
     pthread_t writer;
     reader *readers;            /* [n_readers] when async_get */
     int n_readers;
-    pthread_t *resumers;        /* [n_resumers] (Redis), or none: the writer resumes */
+    pthread_t *resumers;        /* [n_resumers]: as many as readers (Redis), else 1 */
     int n_resumers;
     pthread_cond_t rdy_cv;      /* h->ready got one, or rdy_stop */
     int rdy_stop;
@@ -265,8 +263,7 @@ static void resume_with(serve_cache_resume_fn resume, void *ctx, cache_entry *e)
 }
 
 /* The cache's done callback of a parked follower (publishing thread, no
- * cache lock held): move it to the ready queue (for a resumer, else the
- * writer). */
+ * cache lock held): move it to the ready queue, for a resumer. */
 static void on_flight_done(cache_flight_waiter *w, int rc, cache_entry *e)
 {
     parked *p = (parked *)w;
@@ -281,7 +278,7 @@ static void on_flight_done(cache_flight_waiter *w, int rc, cache_entry *e)
     else
         h->ready = p;
     h->ready_tail = p;
-    pthread_cond_signal(h->n_resumers ? &h->rdy_cv : &h->cv);
+    pthread_cond_signal(&h->rdy_cv);
     pthread_mutex_unlock(&h->mu);
 }
 
@@ -592,7 +589,7 @@ static int readers_start(hooks_state *h, int n)
     return rc;
 }
 
-/* Writer thread: resume one follower whose flight ended (p is unlisted). */
+/* Resumer thread: resume one follower whose flight ended (p is unlisted). */
 static void resume_parked(parked *p)
 {
     resume_with(p->resume, p->ctx, usable(p->rc == 0 ? p->e : NULL, p->want_logprobs));
@@ -720,8 +717,7 @@ static void *writer_main(void *arg)
     for (;;) {
         parked *expired = NULL;
         int64_t next = expire_parked(h, cache_now_ns(), &expired);
-        parked *ready = h->n_resumers ? NULL : h->ready; /* else the resumers' */
-        if (!h->head && !ready && !expired) {
+        if (!h->head && !expired) {
             if (h->stop)
                 break; /* stop with an empty queue */
             if (next) {
@@ -735,10 +731,8 @@ static void *writer_main(void *arg)
             h->writer_wait = 0;
             continue;
         }
-        /* Resumptions first: they answer clients now; a store only saves. */
-        if (ready)
-            h->ready = h->ready_tail = NULL;
-        wjob *j = ready || expired ? NULL : h->head;
+        /* Expired followers first: they end requests now; a store only saves. */
+        wjob *j = expired ? NULL : h->head;
         if (j) {
             h->head = j->next;
             if (!h->head)
@@ -746,10 +740,6 @@ static void *writer_main(void *arg)
             h->queued--;
         }
         pthread_mutex_unlock(&h->mu);
-        for (parked *p = ready, *nx; p; p = nx) {
-            nx = p->next;
-            resume_parked(p);
-        }
         for (parked *p = expired, *nx; p; p = nx) {
             nx = p->next;
             p->resume(p->ctx, 0, NULL); /* serve ends it: deadline exceeded */
@@ -773,8 +763,8 @@ static void *writer_main(void *arg)
     return NULL;
 }
 
-/* Resumer thread (Redis): resume followers whose flight ended, one at a
- * time, while another resumer takes the next; drains h->ready at stop. */
+/* Resumer thread: resume followers whose flight ended, one at a time,
+ * while another resumer takes the next; drains h->ready at stop. */
 static void *resumer_main(void *arg)
 {
     hooks_state *h = arg;
@@ -1006,8 +996,8 @@ char *cache_hooks_metrics_text(void)
 
 int cache_hooks_readers(const daemon_config *cfg)
 {
-    if (cfg->cache_readers > 0)
-        return cfg->cache_readers > READERS_MAX ? READERS_MAX : (int)cfg->cache_readers;
+    if (cfg->cache_readers > 0) /* 1..32: the configuration's range */
+        return (int)cfg->cache_readers;
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     int n = cpus > 0 ? (int)(cpus / CACHE_READERS_AUTO_DIV) : 1;
     return n < 1 ? 1 : n > CACHE_READERS_AUTO_MAX ? CACHE_READERS_AUTO_MAX : n;
@@ -1061,8 +1051,8 @@ int cache_hooks_install(serve *s, const daemon_config *cfg, char *err, size_t er
     pthread_cond_init(&h->cv, &ca);
     pthread_condattr_destroy(&ca);
     pthread_cond_init(&h->rdy_cv, NULL);
-    /* Redis: a resumer a reader (before the readers: they may publish) */
-    rc = h->async_get ? resumers_start(h, n_readers) : 0;
+    /* Redis: a resumer a reader (started first: readers may publish) */
+    rc = resumers_start(h, h->async_get ? n_readers : 1);
     if (!rc)
         rc = h->async_get ? readers_start(h, n_readers) : 0;
     if (!rc && pthread_create(&h->writer, NULL, writer_main, h))
