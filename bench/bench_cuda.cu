@@ -365,6 +365,9 @@ static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int
     OK(cu_state_count_experts(s, 1, ERRP));
     printf("kv: %d blocks of %d tokens (%.1f GB), %zu bytes per token\n", n_blocks, bs,
            (double)n_blocks * bs * kvb / 1e9, kvb);
+    const char *mwhy = "";
+    printf("one-token steps: %s%s\n", cu_state_mega(s, &mwhy) ? "one persistent kernel" :
+           "the ordinary kernels: ", mwhy);
     step_batch sb;
     for (int ctx : g_ctx) {
         if (!decode)
@@ -407,6 +410,11 @@ static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int
                    "| bytes %.2f GB floor %.3f ms -> %.0f%% of roofline\n",
                    c->name, B, ctx, ts * 1e3, B / ts, active, bytes / 1e9, floor_s * 1e3,
                    100 * floor_s / ts);
+            if (B == 1) {
+                char rep[512];
+                if (cu_state_mega_report(s, rep, sizeof rep))
+                    printf("mega phases ctx %d: %s\n", ctx, rep);
+            }
             printf("  breakdown (events, no graph): %s\n", prof);
         }
     }

@@ -18,6 +18,7 @@
 #include "engine/cuda_attn.cuh"
 #include "engine/cuda_common.cuh"
 #include "engine/cuda_int4_gemm.cuh"
+#include "engine/cuda_mega.cuh"
 #include "engine/cuda_model.h"
 #include "engine/cuda_moe.cuh"
 #include "engine/cuda_norm.cuh"
@@ -86,6 +87,17 @@ struct cu_state {
     __half *kv;
     size_t kv_layer_elems;  /* elements of one layer's K (= V) */
     cu_tp *tp;              /* tensor parallelism (cu_options.comm), or NULL */
+    /* one-token steps as one persistent kernel (cuda_mega.cuh): wanted at
+     * creation, set up at kv_init; mega_grid > 0 once it is ready */
+    int mega_want, mega_grid, mega_step;
+    size_t mega_smem;
+    cu_mega_args mega;
+    cu_mega_layer *d_mega_layers;
+    __half *mega_h;
+    uint32_t *mega_bar;
+    int32_t *mega_fail, *mega_cnt, *h_mega_fail;
+    long long *mega_prof;   /* LIGHTMOE_CUDA_MEGA_PROF=1: phase clocks of block 0 */
+    char mega_why[96];      /* why it is off, if it is */
 };
 
 static int state_alloc(void **p, size_t bytes, lm_err *err, const char *what)
@@ -124,11 +136,14 @@ extern "C" void cu_state_destroy(cu_state *s)
                    s->tmp, s->logits, s->inv_freq, s->xn, s->att, s->h, s->hs, s->xg, s->hg,
                    s->fn, s->topk_ids, s->plan.offsets, s->plan.ent_token, s->plan.ent_expert,
                    s->plan.ent_weight, s->plan.pos, s->plan.items, s->plan.n_items, s->wdq, s->dq_tmp, s->attn_cnt, s->d_tok,
-                   s->d_seq, s->d_pos, s->d_rows, s->d_bt, s->d_tiles, s->kv, s->d_active};
+                   s->d_seq, s->d_pos, s->d_rows, s->d_bt, s->d_tiles, s->kv, s->d_active,
+                   s->d_mega_layers, s->mega_h, s->mega_bar, s->mega_fail, s->mega_cnt,
+                   s->mega_prof};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
         if (dev[i])
             cudaFree(dev[i]);
-    void *host[] = {s->h_tok, s->h_seq, s->h_pos, s->h_rows, s->h_bt, s->h_off, s->h_tiles};
+    void *host[] = {s->h_tok, s->h_seq, s->h_pos, s->h_rows, s->h_bt, s->h_off, s->h_tiles,
+                    s->h_mega_fail};
     for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
         if (host[i])
             cudaFreeHost(host[i]);
@@ -261,6 +276,14 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
      * runs in parallel over rows while one block merges serially. */
     const char *qf = getenv("LIGHTMOE_CUDA_QKV_FUSE");
     s->qkv_fused = !(qf && qf[0] == '0');
+    /* one-token steps in one kernel: not with tensor parallelism (collectives
+     * between the phases) nor for models it does not cover */
+    if (s->o.comm)
+        snprintf(s->mega_why, sizeof s->mega_why, "tensor parallelism");
+    else if (!cu_mega_enabled())
+        snprintf(s->mega_why, sizeof s->mega_why, "off (LIGHTMOE_CUDA_MEGA=1 turns it on)");
+    else
+        s->mega_want = cu_mega_supported(m, s->mega_why, sizeof s->mega_why);
     const char *am = getenv("LIGHTMOE_CUDA_ATTN_MERGE");
     if (am && am[0] == '1') {
         ALLOC(s->attn_cnt, (size_t)Tm * nkv, "attention split counters");
@@ -342,6 +365,101 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
     return 0;
 }
 
+static cu_int4_weights int4_of(const cu_linear *L, int e);
+
+/* The one-token kernel's layer table (it needs the KV cache's address)
+ * and its buffers. A model or card it cannot run on leaves it off, with
+ * the reason in mega_why; allocation failures are errors. */
+static int mega_init(cu_state *s, lm_err *err)
+{
+    const cu_model *m = s->m;
+    const int nL = m->n_layers;
+    cu_mega_layer *t = (cu_mega_layer *)calloc((size_t)nL, sizeof(*t));
+    if (!t)
+        return lm_err_set(err, -ENOMEM, "cuda: out of host memory");
+    for (int l = 0; l < nL; l++) {
+        const cu_layer *L = &m->layers[l];
+        cu_mega_layer *d = &t[l];
+        d->attn_norm = L->attn_norm;
+        d->mlp_norm = L->mlp_norm;
+        d->router = L->router;
+        d->qkv_bias = L->qkv_bias;
+        d->q_norm = L->q_norm;
+        d->k_norm = L->k_norm;
+        d->qkv = int4_of(&L->qkv, 0);
+        d->o = int4_of(&L->o, 0);
+        d->gate_up = int4_of(&L->gate_up, 0);
+        d->down = int4_of(&L->down, 0);
+        if (L->sh_gate_up.kind != CU_W_NONE) {
+            d->sh_gate_up = int4_of(&L->sh_gate_up, 0);
+            d->sh_down = int4_of(&L->sh_down, 0);
+        }
+        d->kc = s->kv + (size_t)(2 * l) * s->kv_layer_elems;
+        d->vc = s->kv + (size_t)(2 * l + 1) * s->kv_layer_elems;
+    }
+    const int I = m->layers[0].down.k, sI = m->has_shared ? m->layers[0].sh_down.k : 0;
+    int rc = state_alloc((void **)&s->d_mega_layers, (size_t)nL * sizeof(*t), err, "layer table");
+    if (!rc) {
+        cudaError_t e = cudaMemcpy(s->d_mega_layers, t, (size_t)nL * sizeof(*t),
+                                   cudaMemcpyHostToDevice);
+        rc = cuda_err(err, e, "layer table upload");
+    }
+    free(t);
+    if (rc || (rc = state_alloc((void **)&s->mega_h, ((size_t)m->top_k * I + sI) * 2, err,
+                                "one-token hidden")) ||
+        (rc = state_alloc((void **)&s->mega_bar, 4, err, "grid barrier")) ||
+        (rc = state_alloc((void **)&s->mega_fail, 4, err, "grid barrier")) ||
+        (rc = state_alloc((void **)&s->mega_cnt, (size_t)m->nkv * 4, err, "attention counters")) ||
+        (rc = host_alloc((void **)&s->h_mega_fail, 4, err)))
+        return rc;
+    CUDA_TRY(err, cudaMemset(s->mega_fail, 0, 4));
+    CUDA_TRY(err, cudaMemset(s->mega_cnt, 0, (size_t)m->nkv * 4));
+    *s->h_mega_fail = 0;
+    cu_mega_args *a = &s->mega;
+    a->layers = s->d_mega_layers;
+    a->n_layers = nL;
+    a->H = m->hidden;
+    a->nq = m->nq;
+    a->nkv = m->nkv;
+    a->hd = m->head_dim;
+    a->E = m->n_experts;
+    a->k = m->top_k;
+    a->renorm = m->renorm;
+    a->has_shared = m->has_shared;
+    a->I = I;
+    a->sI = sI;
+    a->eps = m->eps;
+    a->inv_freq = s->inv_freq;
+    a->embed = (const __half *)m->embed;
+    a->tok = s->d_tok;
+    a->pos = s->d_pos;
+    a->block_table = s->d_bt;
+    a->block_size = s->bs;
+    a->x = s->x;
+    a->qkv = s->qkv;
+    a->part = s->part;
+    a->rlog = s->rlog;
+    a->att = s->att;
+    a->h = s->mega_h;
+    a->attn_cnt = s->mega_cnt;
+    a->bar = s->mega_bar;
+    a->fail = s->mega_fail;
+    a->active = NULL;
+    a->max_units = s->split_budget;
+    a->prof = NULL;
+    const char *pe = getenv("LIGHTMOE_CUDA_MEGA_PROF");
+    if (pe && pe[0] == '1' &&
+        (rc = state_alloc((void **)&s->mega_prof, (size_t)nL * 12 * 8, err, "phase clocks")))
+        return rc;
+    a->prof = s->mega_prof;
+    lm_err e2;
+    if (cu_mega_setup(a, s->sms, &s->mega_grid, &s->mega_smem, &e2)) {
+        s->mega_grid = 0;
+        snprintf(s->mega_why, sizeof s->mega_why, "%.95s", e2.msg);
+    }
+    return 0;
+}
+
 extern "C" int cu_state_kv_init(cu_state *s, int32_t block_size, int32_t n_blocks, lm_err *err)
 {
     const cu_model *m = s->m;
@@ -367,9 +485,9 @@ extern "C" int cu_state_kv_init(cu_state *s, int32_t block_size, int32_t n_block
     s->bt_cap = seqs * max_blocks;
     s->bt_stride_max = max_blocks;
     int rc = state_alloc((void **)&s->d_bt, (size_t)s->bt_cap * 4, err, "block tables");
-    if (rc)
+    if (rc || (rc = host_alloc((void **)&s->h_bt, (size_t)s->bt_cap * 4, err)))
         return rc;
-    return host_alloc((void **)&s->h_bt, (size_t)s->bt_cap * 4, err);
+    return s->mega_want ? mega_init(s, err) : 0;
 }
 
 extern "C" int cu_state_kv_copy(cu_state *s, int32_t src, int32_t dst, lm_err *err)
@@ -396,6 +514,55 @@ extern "C" size_t cu_state_kv_bytes_per_token(const cu_state *s)
 extern "C" int cu_state_graph_count(const cu_state *s)
 {
     return s && s->o.graphs ? s->n_graphs : 0;
+}
+
+extern "C" int cu_state_mega(const cu_state *s, const char **why)
+{
+    if (why)
+        *why = s->mega_grid > 0 ? "" : s->mega_why[0] ? s->mega_why : "no KV cache yet";
+    return s->mega_grid > 0;
+}
+
+extern "C" int cu_state_mega_report(cu_state *s, char *buf, size_t size)
+{
+    static const char *const names[] = {"qkv", "att", "o", "router", "gate_up", "down"};
+    const int nL = s->m->n_layers;
+    if (!s->mega_prof || size == 0)
+        return 0;
+    long long *t = (long long *)malloc((size_t)nL * 12 * 8);
+    if (!t || cudaStreamSynchronize(s->st) != cudaSuccess ||
+        cudaMemcpy(t, s->mega_prof, (size_t)nL * 12 * 8, cudaMemcpyDeviceToHost) != cudaSuccess) {
+        free(t);
+        return 0;
+    }
+    int khz = 0, dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, dev);
+    const double us = khz > 0 ? 1e3 / khz : 0;
+    size_t n = 0;
+    buf[0] = 0;
+    for (int p = 0; p < 6 && n < size; p++) {
+        /* work: edge 2p -> 2p+1; wait: 2p+1 -> the next phase's start */
+        double w = 0, b = 0;
+        int nb = 0;
+        for (int l = 0; l < nL; l++) {
+            w += (double)(t[l * 12 + 2 * p + 1] - t[l * 12 + 2 * p]);
+            if (p < 5) {
+                b += (double)(t[l * 12 + 2 * p + 2] - t[l * 12 + 2 * p + 1]);
+                nb++;
+            } else if (l + 1 < nL) {
+                b += (double)(t[(l + 1) * 12] - t[l * 12 + 11]);
+                nb++;
+            }
+        }
+        n += (size_t)snprintf(buf + n, size - n, "%s%s %.2f +wait %.2f", p ? " | " : "", names[p],
+                              w / nL * us, nb ? b / nb * us : 0.0);
+    }
+    if (n < size)
+        snprintf(buf + n, size - n, " (us a layer, block 0; whole: %.1f us)",
+                 (double)(t[(nL - 1) * 12 + 11] - t[0]) * us);
+    free(t);
+    return 1;
 }
 
 extern "C" size_t cu_state_free_bytes(const cu_state *s)
@@ -895,6 +1062,23 @@ static int tp_sum(cu_state *s, int T, lm_err *err)
     return rc;
 }
 
+/* The final norm and the logits of the rows asked for. */
+static int launch_head(cu_state *s, int n_logits, lm_err *err)
+{
+    const cu_model *m = s->m;
+    int rc;
+    if (n_logits > 0) {
+        if ((rc = cu_rmsnorm(s->x, m->hidden, s->d_rows, n_logits, m->final_norm, m->eps, s->fn,
+                             NULL, s->st, err)))
+            return rc;
+        if ((rc = linear(s, &m->lm_head, n_logits, s->fn, m->hidden, s->logits,
+                         s->tp ? s->o.vocab_stride : m->vocab, CU_OUT_F32, err)))
+            return rc;
+        prof_mark(s, P_HEAD);
+    }
+    return 0;
+}
+
 /* Every launch of one step; depends on the batch only through ab (fixed
  * device buffers) and T / n_logits, so it can be captured in a graph. */
 static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logits, lm_err *err)
@@ -908,6 +1092,12 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
     cu_pdl_allow(!s->o.portable && T <= cu_pdl_max_tokens());
     if (s->prof_on && s->prof_n < PROF_MAX)
         cudaEventRecord(s->prof_ev[2 * s->prof_n], s->st);
+    if (s->mega_step) { /* embedding and every layer in one kernel */
+        s->mega.active = s->d_active;
+        if ((rc = cu_mega_launch(&s->mega, s->mega_grid, s->mega_smem, s->st, err)))
+            return rc;
+        return launch_head(s, n_logits, err);
+    }
     if (s->tp) { /* vocabulary-split table: own rows, zeros elsewhere, then sum */
         if ((rc = cu_tp_embed((const __half *)m->embed, H, s->o.vocab_begin, m->lm_head.n,
                               s->d_tok, T, s->x, s->st, err)) ||
@@ -971,16 +1161,7 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
         if ((rc = tp_sum(s, T, err)))
             return rc;
     }
-    if (n_logits > 0) {
-        if ((rc = cu_rmsnorm(s->x, H, s->d_rows, n_logits, m->final_norm, m->eps, s->fn, NULL,
-                             s->st, err)))
-            return rc;
-        if ((rc = linear(s, &m->lm_head, n_logits, s->fn, H, s->logits,
-                         s->tp ? s->o.vocab_stride : m->vocab, CU_OUT_F32, err)))
-            return rc;
-        prof_mark(s, P_HEAD);
-    }
-    return 0;
+    return launch_head(s, n_logits, err);
 }
 
 static int forward_layers(cu_state *s, const backend_batch *bt, lm_err *err)
@@ -992,6 +1173,7 @@ static int forward_layers(cu_state *s, const backend_batch *bt, lm_err *err)
         return rc;
     const int T = bt->n_tokens, nl = bt->n_logits;
     s->step_decode = decode;
+    s->mega_step = s->mega_grid > 0 && T == 1 && !s->prof_on;
     if (!(s->o.graphs && s->graph_ok && decode && !s->prof_on)) {
         rc = launch_layers(s, &ab, T, nl, err);
         prof_collect(s);
@@ -1038,6 +1220,25 @@ static int forward_layers(cu_state *s, const backend_batch *bt, lm_err *err)
     return 0;
 }
 
+/* A grid barrier of the one-token kernel timed out (its blocks were not
+ * all resident: another process's kernels on the card?). The step's
+ * results are void; later steps take the ordinary path (graphs captured
+ * with the kernel are dropped). */
+static int mega_failed(cu_state *s, lm_err *err)
+{
+    for (int i = 0; i < s->n_graphs; i++)
+        cudaGraphExecDestroy(s->graphs[i].exec);
+    s->n_graphs = 0;
+    s->mega_grid = 0;
+    *s->h_mega_fail = 0;
+    snprintf(s->mega_why, sizeof s->mega_why, "a grid barrier timed out");
+    cudaMemset(s->mega_fail, 0, 4);
+    cudaMemset(s->mega_cnt, 0, (size_t)s->m->nkv * 4);
+    return lm_err_set(err, -EIO, "cuda: the one-token step kernel timed out at a grid barrier "
+                      "(were all its blocks resident? LIGHTMOE_CUDA_MEGA_TIMEOUT sets the wait); "
+                      "this step failed, later ones use the ordinary kernels");
+}
+
 extern "C" int cu_forward_device(cu_state *s, const backend_batch *bt, lm_err *err)
 {
     return forward_layers(s, bt, err);
@@ -1057,6 +1258,11 @@ extern "C" int cu_forward(cu_state *s, const backend_batch *bt, lm_err *err)
         CUDA_TRY(err, cudaMemcpyAsync(bt->logits, s->logits,
                                       (size_t)bt->n_logits * s->m->vocab * sizeof(float),
                                       cudaMemcpyDeviceToHost, s->st));
+    if (s->mega_step)
+        CUDA_TRY(err, cudaMemcpyAsync(s->h_mega_fail, s->mega_fail, 4, cudaMemcpyDeviceToHost,
+                                      s->st));
     CUDA_TRY(err, cudaStreamSynchronize(s->st));
+    if (s->mega_step && *s->h_mega_fail)
+        return mega_failed(s, err);
     return 0;
 }

@@ -117,6 +117,13 @@ size_t cu_state_free_bytes(const cu_state *s);
 /* Tests: decode-step CUDA graphs captured so far (0 when graphs are off
  * or s is NULL). */
 int cu_state_graph_count(const cu_state *s);
+/* 1 if one-token steps run as one persistent kernel (cuda_mega.cuh);
+ * else 0, and *why (if why) says why not. */
+int cu_state_mega(const cu_state *s, const char **why);
+/* Benchmarks (LIGHTMOE_CUDA_MEGA_PROF=1 when the KV cache was set up): the
+ * last one-token step's time in each phase and at each barrier, averaged
+ * over the layers, as text; 0 if there is none. Synchronises. */
+int cu_state_mega_report(cu_state *s, char *buf, size_t size);
 void cu_state_destroy(cu_state *s);
 
 #ifdef __cplusplus

@@ -78,4 +78,87 @@ int cu_moe_route_group(const float *logits, int ldl, int T, int E, int k, int re
 #ifdef __cplusplus
 }
 #endif
+
+#ifdef __CUDACC__
+#include "engine/cuda_common.cuh"
+/* Route token t (one warp; cuda_moe.cu and cuda_mega.cu): softmax over E,
+ * top-k by arg-max rounds (ties: lowest id), optional renormalisation,
+ * shared-gate sigmoid. Lane l owns
+ * experts l, l+32, ...; a bit mask per lane marks the ones taken (no
+ * per-round scan of the taken list), lane j keeps the j-th choice, and the
+ * k results are written by k lanes at once. */
+__device__ __forceinline__ void cu_moe_route_token(const float *__restrict__ logits, int ldl,
+                                                   int t, int E, int k, int renorm,
+                                                   int has_shared, int32_t *__restrict__ ids,
+                                                   float *__restrict__ wts,
+                                                   float *__restrict__ sg)
+{
+    const int lane = threadIdx.x & 31;
+    const float *l = logits + (size_t)t * ldl;
+    const int nper = (E + 31) / 32; /* <= 32: E <= 1024 */
+    float mx = -INFINITY;
+    for (int i = 0; i < nper; i++) {
+        const int e = lane + 32 * i;
+        if (e < E) mx = fmaxf(mx, l[e]);
+    }
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int i = 0; i < nper; i++) {
+        const int e = lane + 32 * i;
+        if (e < E) sum += expf(l[e] - mx);
+    }
+    sum = warp_sum(sum);
+    uint32_t used = 0; /* bit i: expert lane + 32 i taken */
+    int my_id = 0;
+    float my_w = 0.f;
+    for (int j = 0; j < k; j++) {
+        float best = -INFINITY;
+        int bid = 0x7fffffff;
+        for (int i = 0; i < nper; i++) {
+            const int e = lane + 32 * i;
+            if (e < E && !((used >> i) & 1u)) {
+                const float v = l[e];
+                if (v > best || (v == best && e < bid)) {
+                    best = v;
+                    bid = e;
+                }
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bid, o);
+            if (ob > best || (ob == best && oi < bid)) {
+                best = ob;
+                bid = oi;
+            }
+        }
+        if (bid >= E) { /* only NaN logits left: the lowest unused expert keeps indices valid */
+            int cand = 0x7fffffff;
+            for (int i = 0; i < nper; i++) {
+                const int e = lane + 32 * i;
+                if (e < E && !((used >> i) & 1u)) {
+                    cand = e;
+                    break;
+                }
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1)
+                cand = min(cand, __shfl_xor_sync(0xffffffffu, cand, o));
+            bid = cand;
+        }
+        if ((bid & 31) == lane) used |= 1u << (bid >> 5);
+        if (lane == j) {
+            my_id = bid;
+            my_w = expf(best - mx) / sum;
+        }
+    }
+    const float wsum = warp_sum(lane < k ? my_w : 0.f);
+    if (lane < k) {
+        ids[t * k + lane] = my_id;
+        wts[t * k + lane] = renorm ? my_w / wsum : my_w;
+    }
+    if (lane == 0 && has_shared) sg[t] = 1.f / (1.f + expf(-l[E]));
+}
+#endif
 #endif

@@ -2,7 +2,7 @@
  * test_cuda_kernels.cu: every CUDA kernel of the engine against a plain CPU
  * twin (double accumulation), on random inputs of awkward sizes.
  *
- *   test_cuda_kernels int4|moe|norm|attn|attn1|forward
+ *   test_cuda_kernels int4|moe|norm|attn|attn1|forward|mega
  *
  * Each check prints its observed error and bound; any failure exits 1. With
  * no usable GPU the program prints why and exits 77 (ctest SKIP).
@@ -27,6 +27,7 @@
 #include "engine/cuda_moe.cuh"
 #include "engine/cuda_norm.cuh"
 #include "engine/cuda_rope.cuh"
+#include "engine/cuda_mega.cuh"
 #include "engine/cuda_synth.h"
 
 using std::vector;
@@ -1112,6 +1113,123 @@ static void test_forward()
     }
 }
 
+/* ---- one-token steps as one kernel (cuda_mega.cuh) == the ordinary kernels --------------- */
+
+/* One decode step of token tok at position pos (blocks 0.. of the cache). */
+static int mega_step(cu_state *s, const cu_model *m, int tok, int pos, int max_blocks,
+                     vector<float> &logits, lm_err *err)
+{
+    backend_batch b;
+    vector<int32_t> bt(max_blocks);
+    for (int j = 0; j < max_blocks; j++)
+        bt[j] = j;
+    int32_t seq_start[2] = {0, 1}, start = pos, row = 0;
+    logits.assign(m->vocab, 0.f);
+    b.n_seqs = 1;
+    b.n_tokens = 1;
+    b.tokens = &tok;
+    b.seq_start = seq_start;
+    b.start_pos = &start;
+    b.block_table = bt.data();
+    b.max_blocks = max_blocks;
+    b.n_logits = 1;
+    b.logit_rows = &row;
+    b.logits = logits.data();
+    return cu_forward(s, &b, err);
+}
+
+/* A prompt of `prompt` tokens (prefill, the ordinary kernels in both), then
+ * `steps` one-token steps through the persistent kernel (units: its cap of
+ * attention units per KV head, 0 none) and through the ordinary kernels:
+ * logits within 1e-2 of each other at every step. grid > 0: a grid larger
+ * than the card holds; the first step must fail with a clear error and the
+ * later ones fall back to the ordinary kernels. */
+static void run_mega(const cu_synth_config &c, int prompt, int steps, int units, int grid)
+{
+    cu_model *m;
+    OK(cu_synth_create(&c, 11, &m, ERRP));
+    const int bs = 16, max_blocks = (c.max_ctx + bs - 1) / bs;
+    cu_state *s[2];
+    for (int on = 0; on <= 1; on++) {
+        const int was = cu_mega_set(on);
+        cu_mega_set_test(units, grid);
+        cu_options o = {512, 0, 0, 0, 1};
+        OK(cu_state_create(m, &o, &s[on], ERRP));
+        OK(cu_state_kv_init(s[on], bs, max_blocks + 1, ERRP));
+        cu_mega_set(was);
+        cu_mega_set_test(0, 0);
+    }
+    const char *why = "";
+    char what[160];
+    snprintf(what, sizeof what, "mega %s: kernel on (and off in the reference state)", c.name);
+    const bool on = cu_state_mega(s[1], &why), off = !cu_state_mega(s[0], NULL);
+    printf("%-4s %s%s%s\n", on && off ? "ok" : "FAIL", what, on ? "" : ": ", on ? "" : why);
+    if (!(on && off))
+        g_fail = 1;
+    vector<int> toks(prompt);
+    for (int i = 0; i < prompt; i++)
+        toks[i] = (7 + 13 * i) % c.vocab;
+    for (int k = 0; k < 2 && on; k++)
+        for (int p0 = 0; p0 < prompt; p0 += 256) {
+            const int n = prompt - p0 < 256 ? prompt - p0 : 256;
+            run_seqs(s[k], m, {vector<int>(toks.begin() + p0, toks.begin() + p0 + n)}, {p0}, {0},
+                     max_blocks);
+        }
+    for (int j = 0; j < steps && on; j++) {
+        const int pos = prompt + j, tok = (3 + 5 * j) % c.vocab;
+        vector<float> ref, got;
+        OK(mega_step(s[0], m, tok, pos, max_blocks, ref, ERRP));
+        lm_err e2 = {0, ""};
+        const int rc = mega_step(s[1], m, tok, pos, max_blocks, got, &e2);
+        if (grid > 0 && j == 0) {
+            /* the barriers time out: the step fails with a message, nothing hangs */
+            const bool good = rc == -EIO && strstr(e2.msg, "grid barrier") &&
+                              !cu_state_mega(s[1], NULL);
+            snprintf(what, sizeof what, "mega %s: a grid of %d blocks fails the step", c.name, grid);
+            printf("%-4s %s (%d: %s)\n", good ? "ok" : "FAIL", what, rc, e2.msg);
+            if (!good)
+                g_fail = 1;
+            /* the failed step wrote this position's K/V halfway: write it again */
+            OK(mega_step(s[1], m, tok, pos, max_blocks, got, ERRP));
+        } else if (rc) {
+            printf("FAIL mega %s step at %d: %s\n", c.name, pos, e2.msg);
+            g_fail = 1;
+            break;
+        }
+        vector<double> r(ref.begin(), ref.end());
+        snprintf(what, sizeof what, "mega %s one-token step at position %d%s", c.name, pos,
+                 grid > 0 ? " (fallen back)" : "");
+        compare(what, got.data(), r.data(), 1, m->vocab, 1e-2);
+    }
+    cu_state_destroy(s[0]);
+    cu_state_destroy(s[1]);
+    cu_synth_free(m);
+}
+
+static void test_mega()
+{
+    int sms = 0, dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    /* qwen2_moe-like: hd 64, 2 query heads a KV head, shared expert, q/k/v bias */
+    const cu_synth_config q2 = {"qwen2-like", 2, 256, 4, 2, 64, 512, 1024, 8, 2, 0,
+                                160, 384, 32, 0, 1, 1, 10000.f};
+    /* qwen3_moe-like: hd 128, 8 query heads a KV head, top-8 of 16, q/k norm, group 64 */
+    const cu_synth_config q3 = {"qwen3-like", 3, 512, 16, 2, 128, 1000, 4096, 16, 8, 1,
+                                128, 0, 64, 1, 0, 1, 1000000.f};
+    /* mixtral-like: 4 query heads a KV head, top-2 of 8, widths off the team sizes */
+    const cu_synth_config mx = {"mixtral-like", 2, 384, 8, 2, 128, 700, 2048, 8, 2, 1,
+                                224, 0, 32, 0, 0, 1, 1000000.f};
+    run_mega(q2, 0, 3, 0, 0);    /* from position 0: one step a unit, no merge */
+    run_mega(q2, 300, 3, 0, 0);  /* 10 units a KV head, merged by the last */
+    run_mega(q3, 700, 3, 0, 0);  /* 22 units a KV head */
+    run_mega(q3, 700, 2, 3, 0);  /* 3 units of 8 steps */
+    run_mega(q3, 700, 2, 1, 0);  /* one unit a KV head: warps loop, no merge */
+    run_mega(mx, 33, 3, 0, 0);   /* the new position alone in its 32-step */
+    run_mega(mx, 1500, 2, 0, 0);
+    run_mega(q2, 40, 2, 0, 4 * sms); /* not all blocks resident: the barrier's timeout */
+}
+
 int main(int argc, char **argv)
 {
     int n = 0;
@@ -1139,6 +1257,7 @@ int main(int argc, char **argv)
         cu_attn_set_pipe(was);
     }
     if (all || !strcmp(what, "forward")) test_forward();
+    if (all || !strcmp(what, "mega")) test_mega();
     printf("%s\n", g_fail ? "FAILED" : "all passed");
     return g_fail;
 }
