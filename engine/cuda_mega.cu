@@ -30,7 +30,7 @@ struct Seg {
     const uint8_t *zp;
     int32_t first, count;
     int32_t kch;        /* 32-weight chunks a row of this matrix */
-    int32_t G, gshift;  /* scale groups a row; log2(weights a group / 32) */
+    int32_t G, group;   /* scale groups a row, weights a group */
     int32_t in_off;     /* chunk pieces: where the piece's input starts */
     int32_t out_off;    /* row pieces (SiLU): where the piece's output starts */
     float scale;        /* chunk pieces: multiplier of the piece's sum */
@@ -43,18 +43,18 @@ struct Phase {
     Seg seg[MAXSEG];
 };
 
-/* A load in flight: raw registers, nothing computed from them until the
- * chunk is used (an instruction reading a pending load would stall the
- * lane there, and the loads of a lane would follow one another). */
+/* A load in flight: the raw registers; the scale and zero are converted
+ * when the chunk is used. */
 struct Slot {
     uint4 w;
     unsigned short s; /* scale, fp16 bits */
     unsigned char z;  /* zero point */
 };
 
-/* Loads as volatile asm: issued where they stand in the code. (Plain
- * loads were moved by the compiler to their first use, so that the loads
- * of a lane followed one another: a DRAM latency each.) */
+/* Loads as volatile asm: issued where they stand in the code (the weight
+ * loads of the next phase before a barrier). This did not make the
+ * product phases faster (docs/PERF.md, CUDA round 7): they are bound by
+ * the instruction latency of slot_load and slot_dot. */
 __device__ __forceinline__ uint4 ld_nc_v4(const void *p)
 {
     uint4 r;
@@ -181,7 +181,7 @@ __device__ __forceinline__ void set_seg(Seg &s, const cu_int4_weights &w, int e,
     s.count = count;
     s.kch = w.k / 32;
     s.G = G;
-    s.gshift = __ffs(w.group / 32) - 1; /* group: 32 times a power of two */
+    s.group = w.group;
     s.in_off = in_off;
     s.out_off = out_off;
     s.scale = scale;
@@ -194,97 +194,43 @@ __device__ void phase_dense(Phase &P, const cu_int4_weights &w, int out_off)
     phase_finish(P, w.n, w.k / 32, 0, 1);
 }
 
-/* The phase's numbers a thread keeps in registers. */
-struct PR {
-    int r0, r1, C, CPL, TS, teams, chseg, nseg, L;
-};
-
-__device__ __forceinline__ PR pr_of(const Phase &P)
+__device__ __forceinline__ void slot_load(const Phase &P, Slot &s, int i, int team, int tl)
 {
-    PR p;
-    p.r0 = P.r0;
-    p.r1 = P.r1;
-    p.C = P.C;
-    p.CPL = P.CPL;
-    p.TS = P.TS;
-    p.teams = NT / P.TS;
-    p.chseg = P.chseg;
-    p.nseg = P.nseg;
-    p.L = P.L;
-    return p;
-}
-
-/* A lane's walk over its items in order: item = pass CPL + j, row = r0 +
- * team + pass teams, chunk c = tl + j TS. The piece holding the row (row
- * pieces) or the chunk (chunk pieces) is kept and advanced only when the
- * walk leaves it: no division and no table search per item. (Per-item
- * divisions and searches made the kernel bound by instruction latency:
- * 1.4 G warp instructions a qwen3 step, docs/PERF.md.) */
-struct Walk {
-    int j, row, c, g_end;
-    const Seg *g;
-};
-
-__device__ __forceinline__ void walk_seek(const Phase &P, const PR &p, Walk &w)
-{
-    const int key = p.chseg ? w.c : w.row;
-    while (key >= w.g_end && w.g + 1 < P.seg + p.nseg) {
-        w.g++;
-        w.g_end = w.g->first + w.g->count;
-    }
-}
-
-__device__ __forceinline__ void walk_start(const Phase &P, const PR &p, Walk &w)
-{
-    w.j = 0;
-    w.row = p.r0 + (int)threadIdx.x / p.TS;
-    w.c = (int)threadIdx.x % p.TS;
-    w.g = P.seg;
-    w.g_end = w.g->first + w.g->count;
-    walk_seek(P, p, w);
-}
-
-__device__ __forceinline__ void walk_next(const Phase &P, const PR &p, Walk &w)
-{
-    if (++w.j == p.CPL) { /* the next pass: the next row, the lane's first chunk */
-        w.j = 0;
-        w.row += p.teams;
-        w.c = (int)threadIdx.x % p.TS;
-        if (p.chseg) {
-            w.g = P.seg;
-            w.g_end = w.g->first + w.g->count;
-        }
-    } else {
-        w.c += p.TS;
-    }
-    walk_seek(P, p, w);
-}
-
-__device__ __forceinline__ void slot_load(const PR &p, const Walk &w, Slot &s)
-{
+    const int pass = i / P.CPL, j = i - pass * P.CPL;
+    const int row = P.r0 + team + pass * (NT / P.TS), c = tl + j * P.TS;
     s.w = make_uint4(0, 0, 0, 0);
     s.s = 0;
     s.z = 0;
-    if (w.row >= p.r1 || w.c >= p.C) return;
-    const Seg *g = w.g;
-    const int lr = p.chseg ? w.row : w.row - g->first;
-    const int lc = p.chseg ? w.c - g->first : w.c;
-    const size_t gi = (size_t)lr * g->G + (lc >> g->gshift);
+    if (row >= P.r1 || c >= P.C) return;
+    const Seg *g = P.seg;
+    int lr = row, lc = c;
+    if (!P.chseg) {
+        while (row >= g->first + g->count) g++;
+        lr = row - g->first;
+    } else {
+        while (c >= g->first + g->count) g++;
+        lc = c - g->first;
+    }
+    const size_t gi = (size_t)lr * g->G + (lc * 32) / g->group;
     s.w = ld_nc_v4(g->qs + ((size_t)lr * g->kch + lc) * 16);
     s.s = ld_nc_u16(g->sc + gi);
     s.z = (unsigned char)ld_nc_u8(g->zp + gi);
 }
 
 /* The chunk's 32 products, as k_int4_gemv computes them. */
-__device__ __forceinline__ float slot_dot(const PR &p, const Walk &w, const Slot &s,
+__device__ __forceinline__ float slot_dot(const Phase &P, const Slot &s, int i, int tl,
                                           const __half *xs)
 {
-    if (w.c >= p.C) return 0.f;
-    int in = w.c * 32;
+    const int pass = i / P.CPL, j = i - pass * P.CPL;
+    const int c = tl + j * P.TS;
+    if (c >= P.C) return 0.f;
+    int in = c * 32;
     float mul = 1.f;
-    if (p.chseg) {
-        in = w.g->in_off + (w.c - w.g->first) * 32;
-        mul = w.g->scale;
+    if (P.chseg) {
+        const Seg *g = P.seg;
+        while (c >= g->first + g->count) g++;
+        in = g->in_off + (c - g->first) * 32;
+        mul = g->scale;
     }
     const half2 z2 = int4_zero2((int)s.z);
     const half2 s2 = __half2half2(__ushort_as_half(s.s));
@@ -312,51 +258,38 @@ __device__ __forceinline__ float slot_dot(const PR &p, const Walk &w, const Slot
 }
 
 /* Every thread: the first DEPTH loads of the phase (before a barrier).
- * Every slot is written (past the phase's loads: zeros, the walk finds no
- * row there), so that no slot of an earlier phase stays live in registers
- * across the code between phases. */
+ * Every slot is written (past the phase's loads: zeros, as slot_load
+ * finds no row there), so that no slot of an earlier phase stays live
+ * in registers across the code between phases. */
 __device__ __forceinline__ void gemv_issue(const Phase &P, Slot (&sl)[DEPTH])
 {
-    const PR p = pr_of(P);
-    Walk w;
-    walk_start(P, p, w);
+    const int team = threadIdx.x / P.TS, tl = threadIdx.x % P.TS;
 #pragma unroll
-    for (int u = 0; u < DEPTH; u++) {
-        slot_load(p, w, sl[u]);
-        walk_next(P, p, w);
-    }
+    for (int u = 0; u < DEPTH; u++)
+        slot_load(P, sl[u], u, team, tl);
 }
 
 /* Every thread: the phase's products into res[row - r0]; DEPTH loads stay
  * in flight (a slot is reloaded as soon as it is used). */
 __device__ void gemv_run(const Phase &P, Slot (&sl)[DEPTH], const __half *xs, float *res)
 {
-    const PR p = pr_of(P);
-    const int tl = (int)threadIdx.x % p.TS;
-    Walk lw, cw; /* the next load, the next product */
-    walk_start(P, p, lw);
-#pragma unroll
-    for (int u = 0; u < DEPTH; u++)
-        walk_next(P, p, lw);
-    walk_start(P, p, cw);
+    const int TS = P.TS, team = threadIdx.x / TS, tl = threadIdx.x % TS;
+    const int L = P.L, CPL = P.CPL, width = TS;
     float acc = 0.f;
-    for (int base = 0; base < p.L; base += DEPTH) {
+    for (int base = 0; base < L; base += DEPTH) {
 #pragma unroll
         for (int u = 0; u < DEPTH; u++) {
             const int i = base + u;
-            if (i < p.L) { /* uniform over the block */
-                acc += slot_dot(p, cw, sl[u], xs);
-                if (i + DEPTH < p.L) {
-                    slot_load(p, lw, sl[u]);
-                    walk_next(P, p, lw);
-                }
-                if (cw.j == p.CPL - 1) {
-                    for (int o = p.TS / 2; o > 0; o >>= 1)
-                        acc += __shfl_xor_sync(0xffffffffu, acc, o, p.TS);
-                    if (tl == 0 && cw.row < p.r1) res[cw.row - p.r0] = acc;
+            if (i < L) { /* uniform over the block */
+                acc += slot_dot(P, sl[u], i, tl, xs);
+                if (i + DEPTH < L) slot_load(P, sl[u], i + DEPTH, team, tl);
+                if ((i + 1) % CPL == 0) {
+                    for (int o = TS / 2; o > 0; o >>= 1)
+                        acc += __shfl_xor_sync(0xffffffffu, acc, o, width);
+                    const int row = P.r0 + team + (i / CPL) * (NT / TS);
+                    if (tl == 0 && row < P.r1) res[row - P.r0] = acc;
                     acc = 0.f;
                 }
-                walk_next(P, p, cw);
             }
         }
     }
@@ -922,9 +855,8 @@ extern "C" int cu_mega_set(int on)
 
 static int int4_plain(const cu_linear *w)
 {
-    const int g32 = w->group / 32;
     return w->kind == CU_W_INT4 && !w->perm && w->k % 32 == 0 && w->group % 32 == 0 &&
-           (g32 & (g32 - 1)) == 0 && w->k % w->group == 0 && w->n % 2 == 0;
+           w->k % w->group == 0 && w->n % 2 == 0;
 }
 
 extern "C" int cu_mega_supported(const cu_model *m, char *why, size_t n)
