@@ -446,7 +446,6 @@ static int mega_init(cu_state *s, lm_err *err)
     a->fail = s->mega_fail;
     a->active = NULL;
     a->max_units = s->split_budget;
-    a->prof = NULL;
     const char *pe = getenv("LIGHTMOE_CUDA_MEGA_PROF");
     if (pe && pe[0] == '1' &&
         (rc = state_alloc((void **)&s->mega_prof, (size_t)nL * 12 * 8, err, "phase clocks")))

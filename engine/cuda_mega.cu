@@ -324,7 +324,6 @@ __device__ bool grid_sync(const cu_mega_args &a, uint32_t &epoch, volatile int *
             uint32_t v;
             asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(a.bar) : "memory");
             if (v >= epoch) break;
-            if (a.spin_ns) __nanosleep(a.spin_ns);
             if ((spin & 63) == 63) {
                 if (*(volatile int32_t *)a.fail) {
                     bad = 1;
@@ -927,8 +926,6 @@ extern "C" int cu_mega_setup(cu_mega_args *a, int sms, int *grid, size_t *smem, 
     if (!(sec > 0.0))
         sec = 2.0;
     a->timeout_cycles = (int64_t)(sec * 1e3 * khz);
-    const char *sp = getenv("LIGHTMOE_CUDA_MEGA_SPIN_NS"); /* measurements */
-    a->spin_ns = sp ? atoi(sp) : 0;
     int per_sm = 0;
     e = a->hd == 64 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_mega<64>, NT, lo.total)
                     : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_mega<128>, NT, lo.total);

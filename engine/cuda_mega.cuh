@@ -82,7 +82,6 @@ typedef struct cu_mega_args {
     int32_t *active;             /* benchmarks: routed experts counter, or NULL */
     int32_t max_units;           /* attention units per KV head (part's capacity) */
     int64_t timeout_cycles;      /* a barrier's longest wait (clock64 cycles) */
-    int32_t spin_ns;             /* a barrier's pause between polls (0: none) */
     long long *prof;             /* benchmarks: block 0's clock64 at the 12 phase edges of
                                   * every layer ([n_layers][12]: start, end of QKV, ATT, O,
                                   * ROUTER, GU, DOWN), or NULL */

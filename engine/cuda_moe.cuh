@@ -83,10 +83,9 @@ int cu_moe_route_group(const float *logits, int ldl, int T, int E, int k, int re
 #include "engine/cuda_common.cuh"
 /* Route token t (one warp; cuda_moe.cu and cuda_mega.cu): softmax over E,
  * top-k by arg-max rounds (ties: lowest id), optional renormalisation,
- * shared-gate sigmoid. Lane l owns
- * experts l, l+32, ...; a bit mask per lane marks the ones taken (no
- * per-round scan of the taken list), lane j keeps the j-th choice, and the
- * k results are written by k lanes at once. */
+ * shared-gate sigmoid. Lane l owns experts l, l+32, ...; a bit mask per
+ * lane marks the ones taken (no per-round scan of the taken list), lane j
+ * keeps the j-th choice, and the k results are written by k lanes at once. */
 __device__ __forceinline__ void cu_moe_route_token(const float *__restrict__ logits, int ldl,
                                                    int t, int E, int k, int renorm,
                                                    int has_shared, int32_t *__restrict__ ids,

@@ -1012,8 +1012,11 @@ struct fwd_run {
     int bs, max_blocks;
 };
 
-static vector<float> run_seqs(cu_state *s, const cu_model *m, const vector<vector<int>> &toks,
-                              const vector<int> &prior, const vector<int> &blk0, int max_blocks)
+/* One forward step of the pieces toks (piece q from position prior[q], its
+ * table blk0[q], blk0[q] + 1, ...); logits of every token. */
+static int try_seqs(cu_state *s, const cu_model *m, const vector<vector<int>> &toks,
+                    const vector<int> &prior, const vector<int> &blk0, int max_blocks,
+                    vector<float> &logits, lm_err *err)
 {
     backend_batch b;
     vector<int32_t> tokens, seq_start = {0}, start_pos, bt, rows;
@@ -1027,7 +1030,7 @@ static vector<float> run_seqs(cu_state *s, const cu_model *m, const vector<vecto
     }
     for (size_t i = 0; i < tokens.size(); i++)
         rows.push_back((int)i);
-    vector<float> logits(rows.size() * (size_t)m->vocab);
+    logits.assign(rows.size() * (size_t)m->vocab, 0.f);
     b.n_seqs = (int)toks.size();
     b.n_tokens = (int)tokens.size();
     b.tokens = tokens.data();
@@ -1038,7 +1041,14 @@ static vector<float> run_seqs(cu_state *s, const cu_model *m, const vector<vecto
     b.n_logits = (int)rows.size();
     b.logit_rows = rows.data();
     b.logits = logits.data();
-    OK(cu_forward(s, &b, ERRP));
+    return cu_forward(s, &b, err);
+}
+
+static vector<float> run_seqs(cu_state *s, const cu_model *m, const vector<vector<int>> &toks,
+                              const vector<int> &prior, const vector<int> &blk0, int max_blocks)
+{
+    vector<float> logits;
+    OK(try_seqs(s, m, toks, prior, blk0, max_blocks, logits, ERRP));
     return logits;
 }
 
@@ -1115,29 +1125,6 @@ static void test_forward()
 
 /* ---- one-token steps as one kernel (cuda_mega.cuh) == the ordinary kernels --------------- */
 
-/* One decode step of token tok at position pos (blocks 0.. of the cache). */
-static int mega_step(cu_state *s, const cu_model *m, int tok, int pos, int max_blocks,
-                     vector<float> &logits, lm_err *err)
-{
-    backend_batch b;
-    vector<int32_t> bt(max_blocks);
-    for (int j = 0; j < max_blocks; j++)
-        bt[j] = j;
-    int32_t seq_start[2] = {0, 1}, start = pos, row = 0;
-    logits.assign(m->vocab, 0.f);
-    b.n_seqs = 1;
-    b.n_tokens = 1;
-    b.tokens = &tok;
-    b.seq_start = seq_start;
-    b.start_pos = &start;
-    b.block_table = bt.data();
-    b.max_blocks = max_blocks;
-    b.n_logits = 1;
-    b.logit_rows = &row;
-    b.logits = logits.data();
-    return cu_forward(s, &b, err);
-}
-
 /* A prompt of `prompt` tokens (prefill, the ordinary kernels in both), then
  * `steps` one-token steps through the persistent kernel (units: its cap of
  * attention units per KV head, 0 none) and through the ordinary kernels:
@@ -1178,9 +1165,9 @@ static void run_mega(const cu_synth_config &c, int prompt, int steps, int units,
     for (int j = 0; j < steps && on; j++) {
         const int pos = prompt + j, tok = (3 + 5 * j) % c.vocab;
         vector<float> ref, got;
-        OK(mega_step(s[0], m, tok, pos, max_blocks, ref, ERRP));
+        OK(try_seqs(s[0], m, {{tok}}, {pos}, {0}, max_blocks, ref, ERRP));
         lm_err e2 = {0, ""};
-        const int rc = mega_step(s[1], m, tok, pos, max_blocks, got, &e2);
+        const int rc = try_seqs(s[1], m, {{tok}}, {pos}, {0}, max_blocks, got, &e2);
         if (grid > 0 && j == 0) {
             /* the barriers time out: the step fails with a message, nothing hangs */
             const bool good = rc == -EIO && strstr(e2.msg, "grid barrier") &&
@@ -1190,7 +1177,7 @@ static void run_mega(const cu_synth_config &c, int prompt, int steps, int units,
             if (!good)
                 g_fail = 1;
             /* the failed step wrote this position's K/V halfway: write it again */
-            OK(mega_step(s[1], m, tok, pos, max_blocks, got, ERRP));
+            OK(try_seqs(s[1], m, {{tok}}, {pos}, {0}, max_blocks, got, ERRP));
         } else if (rc) {
             printf("FAIL mega %s step at %d: %s\n", c.name, pos, e2.msg);
             g_fail = 1;
