@@ -183,6 +183,29 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel)
     return r;
 }
 
+/* Eight consecutive fp16 inputs x (x0..x7 in one 16-byte load) as the
+ * pairs int4_dequant8 makes of the weights: (x0, x4), (x1, x5), (x2, x6),
+ * (x3, x7). */
+__device__ __forceinline__ void int4_xpairs(uint4 x, uint32_t xp[4])
+{
+    xp[0] = prmt(x.x, x.z, 0x5410);
+    xp[1] = prmt(x.x, x.z, 0x7632);
+    xp[2] = prmt(x.y, x.w, 0x5410);
+    xp[3] = prmt(x.y, x.w, 0x7632);
+}
+
+/* The 8 products of int4_dequant8's pairs wd with int4_xpairs' xp: summed
+ * in fp16 (pairs), then the two halves in fp32. */
+__device__ __forceinline__ float int4_dot8(const half2 wd[4], const uint32_t xp[4])
+{
+    half2 h = __hmul2(wd[0], *reinterpret_cast<const half2 *>(&xp[0]));
+#pragma unroll
+    for (int i = 1; i < 4; i++)
+        h = __hfma2(wd[i], *reinterpret_cast<const half2 *>(&xp[i]), h);
+    const float2 f = __half22float2(h);
+    return f.x + f.y;
+}
+
 /* D = A B + D, m16n8k16, fp16 inputs, fp32 accumulators. */
 __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1)
 {

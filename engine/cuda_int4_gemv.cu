@@ -97,19 +97,10 @@ __global__ void __launch_bounds__(128)
                 if (m < cnt) {
                     uint4 xv = __ldg(reinterpret_cast<const uint4 *>(arow[m] + c * 32 + q * 8));
                     uint32_t xp[4];
-                    xp[0] = prmt(xv.x, xv.z, 0x5410); /* (x0, x4) */
-                    xp[1] = prmt(xv.x, xv.z, 0x7632); /* (x1, x5) */
-                    xp[2] = prmt(xv.y, xv.w, 0x5410); /* (x2, x6) */
-                    xp[3] = prmt(xv.y, xv.w, 0x7632); /* (x3, x7) */
+                    int4_xpairs(xv, xp);
 #pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        half2 h = __hmul2(wd[j][0], *reinterpret_cast<half2 *>(&xp[0]));
-#pragma unroll
-                        for (int i = 1; i < 4; i++)
-                            h = __hfma2(wd[j][i], *reinterpret_cast<half2 *>(&xp[i]), h);
-                        float2 f = __half22float2(h);
-                        acc[j][m] += f.x + f.y;
-                    }
+                    for (int j = 0; j < 4; j++)
+                        acc[j][m] += int4_dot8(wd[j], xp);
                 }
             }
         }

@@ -241,18 +241,9 @@ __device__ __forceinline__ float slot_dot(const Phase &P, const Slot &s, int i, 
         const uint32_t word = q == 0 ? s.w.x : q == 1 ? s.w.y : q == 2 ? s.w.z : s.w.w;
         half2 wd[4];
         int4_dequant8(word, z2, s2, wd);
-        const uint4 x8 = xv[q];
         uint32_t xp[4];
-        xp[0] = prmt(x8.x, x8.z, 0x5410); /* (x0, x4) */
-        xp[1] = prmt(x8.x, x8.z, 0x7632); /* (x1, x5) */
-        xp[2] = prmt(x8.y, x8.w, 0x5410); /* (x2, x6) */
-        xp[3] = prmt(x8.y, x8.w, 0x7632); /* (x3, x7) */
-        half2 h = __hmul2(wd[0], *reinterpret_cast<half2 *>(&xp[0]));
-#pragma unroll
-        for (int u = 1; u < 4; u++)
-            h = __hfma2(wd[u], *reinterpret_cast<half2 *>(&xp[u]), h);
-        const float2 f = __half22float2(h);
-        acc += f.x + f.y;
+        int4_xpairs(xv[q], xp);
+        acc += int4_dot8(wd, xp);
     }
     return acc * mul;
 }
@@ -274,7 +265,7 @@ __device__ __forceinline__ void gemv_issue(const Phase &P, Slot (&sl)[DEPTH])
 __device__ void gemv_run(const Phase &P, Slot (&sl)[DEPTH], const __half *xs, float *res)
 {
     const int TS = P.TS, team = threadIdx.x / TS, tl = threadIdx.x % TS;
-    const int L = P.L, CPL = P.CPL, width = TS;
+    const int L = P.L, CPL = P.CPL;
     float acc = 0.f;
     for (int base = 0; base < L; base += DEPTH) {
 #pragma unroll
@@ -285,7 +276,7 @@ __device__ void gemv_run(const Phase &P, Slot (&sl)[DEPTH], const __half *xs, fl
                 if (i + DEPTH < L) slot_load(P, sl[u], i + DEPTH, team, tl);
                 if ((i + 1) % CPL == 0) {
                     for (int o = TS / 2; o > 0; o >>= 1)
-                        acc += __shfl_xor_sync(0xffffffffu, acc, o, width);
+                        acc += __shfl_xor_sync(0xffffffffu, acc, o, TS);
                     const int row = P.r0 + team + (i / CPL) * (NT / TS);
                     if (tl == 0 && row < P.r1) res[row - P.r0] = acc;
                     acc = 0.f;
