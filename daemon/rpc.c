@@ -250,11 +250,12 @@ grpc_byte_buffer *rpc_pack(const ProtobufCMessage *msg)
     return b;
 }
 
+/* The call's status went out: its log line (the RPC was counted when the
+ * status was queued, rpc_finish). */
 static void log_done(rpc_call *c)
 {
     double secs = (double)(rpc_now_ns() - c->start_ns) * 1e-9;
     const char *name = c->m ? c->m->name : "unknown";
-    metrics_count_request(name, (int)c->code);
     log_level lvl = c->code == GRPC_STATUS_OK ? LL_INFO
                     : c->code == GRPC_STATUS_INTERNAL ? LL_ERROR : LL_WARN;
     if (c->m && !strncmp(c->m->name, "Health", 6) && c->code == GRPC_STATUS_OK)
@@ -416,6 +417,9 @@ void rpc_finish(rpc_call *c, int code, const char *fmt, ...)
         c->status_queued = 1;
         c->code = (grpc_status_code)code;
         c->details = strdup(msg);
+        /* counted now, before the client can see the status: a metrics
+         * scrape after the client's last answer includes it */
+        metrics_count_request(c->m ? c->m->name : "unknown", code);
         pump_locked(c);
     }
     pthread_mutex_unlock(&c->mu);
@@ -433,7 +437,7 @@ static void close_complete(rpc_call *c)
     if (cancelled) {
         log_msg(LL_INFO, c->request_id, "client cancelled the call or its deadline passed");
         /* Every handler answers on_cancel with rpc_finish, so the outcome
-         * is logged and counted once, in log_done. */
+         * is counted once (rpc_finish) and logged once (log_done). */
         if (c->on_cancel)
             c->on_cancel(c);
     }
