@@ -82,6 +82,7 @@ typedef struct cu_mega_args {
     int32_t *active;             /* benchmarks: routed experts counter, or NULL */
     int32_t max_units;           /* attention units per KV head (part's capacity) */
     int64_t timeout_cycles;      /* a barrier's longest wait (clock64 cycles) */
+    int32_t variant;             /* measurements: LIGHTMOE_CUDA_MEGA_V */
     long long *prof;             /* benchmarks: block 0's clock64 at the 12 phase edges of
                                   * every layer ([n_layers][12]: start, end of QKV, ATT, O,
                                   * ROUTER, GU, DOWN), or NULL */
