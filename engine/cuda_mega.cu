@@ -780,7 +780,7 @@ __global__ void __launch_bounds__(NT, 1) k_mega(cu_mega_args a)
     const int tok = a.tok[0], pos = a.pos[0];
     const __half *erow = a.embed + (size_t)tok * H;
     uint32_t epoch = 0;
-    const bool v2 = a.variant == 2;
+    const bool v2 = a.variant & 2;
     auto gemv = [&](const Phase &P, const __half *x, float *part) {
         if (v2)
             gemv_phase<true>(P, x, part);
@@ -798,6 +798,20 @@ __global__ void __launch_bounds__(NT, 1) k_mega(cu_mega_args a)
     if (tid == 0) phase_dense(PQ, lt[0].qkv, 0);
     __syncthreads();
     phase_prefetch(PQ);
+    /* layer ll's o, router rows and shared gate/up to L2 (V & 4: from the
+     * previous layer's DOWN on) */
+    const bool early = a.variant & 4;
+    auto side = [&](int ll) {
+        if (tid == 0) {
+            phase_dense(PO, lt[ll].o, 0);
+            if (lt[ll].sh_gate_up.n > 0) phase_dense(PS, lt[ll].sh_gate_up, k * I);
+        }
+        __syncthreads();
+        phase_prefetch(PO);
+        for (int r = blockIdx.x; r < er; r += gridDim.x)
+            if (tid < 32) prefetch_l2(lt[ll].router + (size_t)r * H, (size_t)H * 4, tid, 32);
+        if (lt[ll].sh_gate_up.n > 0) phase_prefetch(PS);
+    };
 
     /* The weight stream: a phase's weights go to L2 (phase_prefetch) one
      * or two phases before they are used, so that DRAM keeps reading while
@@ -809,16 +823,9 @@ __global__ void __launch_bounds__(NT, 1) k_mega(cu_mega_args a)
         /* QKV; this layer's o, router rows and shared gate/up to L2 */
         if (l > 0 && !grid_sync(a, epoch, flag)) return;
         mark(a, l, 0);
-        if (tid == 0) {
-            phase_dense(PO, L.o, 0);
-            if (shared) phase_dense(PS, L.sh_gate_up, k * I);
-        }
+        if (!early || l == 0) side(l);
         norm_in(l ? a.x : NULL, erow, L.attn_norm, a.eps, H, xs, NULL, red, v2);
         __syncthreads();
-        phase_prefetch(PO);
-        for (int r = blockIdx.x; r < er; r += gridDim.x)
-            if (tid < 32) prefetch_l2(L.router + (size_t)r * H, (size_t)H * 4, tid, 32);
-        if (shared) phase_prefetch(PS);
         gemv(PQ, xs, pt);
         __syncthreads();
         for (int r = PQ.r0 + tid; r < PQ.r1; r += NT)
@@ -907,6 +914,7 @@ __global__ void __launch_bounds__(NT, 1) k_mega(cu_mega_args a)
 
         /* DOWN (+ combine) */
         mark(a, l, 10);
+        if (early && l + 1 < a.n_layers) side(l + 1);
         copy_in(xs, a.h, k * I + (shared ? a.sI : 0), v2);
         __syncthreads();
         gemv(PD, xs, pt);
