@@ -298,17 +298,9 @@ __device__ __forceinline__ float chunk_dot(uint4 w, unsigned short s, unsigned z
             xp[3] = x8.w;
         } else {
             int4_dequant8(word, z2, s2, wd);
-            xp[0] = prmt(x8.x, x8.z, 0x5410); /* (x0, x4) */
-            xp[1] = prmt(x8.x, x8.z, 0x7632); /* (x1, x5) */
-            xp[2] = prmt(x8.y, x8.w, 0x5410); /* (x2, x6) */
-            xp[3] = prmt(x8.y, x8.w, 0x7632); /* (x3, x7) */
+            int4_xpairs(x8, xp);
         }
-        half2 h = __hmul2(wd[0], *reinterpret_cast<half2 *>(&xp[0]));
-#pragma unroll
-        for (int u = 1; u < 4; u++)
-            h = __hfma2(wd[u], *reinterpret_cast<half2 *>(&xp[u]), h);
-        const float2 f = __half22float2(h);
-        acc += f.x + f.y;
+        acc += int4_dot8(wd, xp);
     }
     return acc;
 }
@@ -467,9 +459,11 @@ __device__ void copy_in(__half *dst, const __half *src, int n, bool v2)
 {
     for (int i = threadIdx.x; i < n / 8; i += NT) {
         uint4 v = __ldcg(reinterpret_cast<const uint4 *>(src) + i);
-        if (v2)
-            v = make_uint4(prmt(v.x, v.z, 0x5410), prmt(v.x, v.z, 0x7632), prmt(v.y, v.w, 0x5410),
-                           prmt(v.y, v.w, 0x7632));
+        if (v2) {
+            uint32_t xp[4];
+            int4_xpairs(v, xp);
+            v = make_uint4(xp[0], xp[1], xp[2], xp[3]);
+        }
         reinterpret_cast<uint4 *>(dst)[i] = v;
     }
 }
