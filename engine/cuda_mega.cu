@@ -16,7 +16,9 @@ namespace
 
 constexpr int NT = 512;     /* threads a block */
 constexpr int NWARP = NT / 32;
-constexpr int DEPTH = 8;    /* 16-byte weight loads in flight per lane */
+constexpr int CB = 4;       /* 16-byte weight loads a lane issues at once */
+constexpr int PF = 16384;   /* bytes an L2 prefetch instruction at most */
+constexpr int NPH = 5;      /* phase descriptors: QKV, O, shared gate/up, GU, DOWN */
 constexpr int MAXSEG = 12;  /* pieces of one phase's matrix (k experts + shared) */
 constexpr int SB = 4;       /* attention: 32-position steps a batch of K/V tiles */
 constexpr int KP = 2;       /* halves of padding a K tile row (conflict-free columns) */
@@ -30,25 +32,31 @@ struct Seg {
     const uint8_t *zp;
     int32_t first, count;
     int32_t kch;        /* 32-weight chunks a row of this matrix */
-    int32_t G, group;   /* scale groups a row, weights a group */
+    int32_t G, gshift;  /* scale groups a row; log2(weights a group / 32) */
     int32_t in_off;     /* chunk pieces: where the piece's input starts */
     int32_t out_off;    /* row pieces (SiLU): where the piece's output starts */
     float scale;        /* chunk pieces: multiplier of the piece's sum */
 };
 
-struct Phase {
-    int32_t chseg, nseg, N, C; /* rows, chunks a row */
-    int32_t r0, r1;            /* this block's rows */
-    int32_t TS, CPL, L;        /* lanes a row, chunks a lane a row, loads a lane */
-    Seg seg[MAXSEG];
+/* This block's part of a piece: rows of the piece's matrix from q, sc, zp
+ * on (phase_finish). */
+struct Reg {
+    const uint8_t *q;
+    const __half *sc;
+    const uint8_t *zp;
+    int32_t rows, kch, G, gshift;
+    int32_t in_off;     /* input of the row's chunk 0 */
+    int32_t out0;       /* part[] of its first row */
+    int32_t item0;      /* its first row among the block's items */
+    float mul;
 };
 
-/* A load in flight: the raw registers; the scale and zero are converted
- * when the chunk is used. */
-struct Slot {
-    uint4 w;
-    unsigned short s; /* scale, fp16 bits */
-    unsigned char z;  /* zero point */
+struct Phase {
+    int32_t chseg, nseg, N;    /* chunk pieces?, pieces, rows */
+    int32_t r0, r1;            /* this block's rows */
+    int32_t TS, nreg, items;   /* lanes a row, regions, rows of all regions */
+    Seg seg[MAXSEG];
+    Reg reg[MAXSEG];
 };
 
 /* Loads as volatile asm: issued where they stand in the code (the weight
@@ -95,7 +103,7 @@ __device__ __forceinline__ uint4 ld_cg_v4(const void *p)
 
 /* Shared memory, carved from the dynamic allocation (host and device). */
 struct Layout {
-    size_t lt, xs, xf, res, rl, ids, wts, sg, red, ph, qh, qs, kn, vn, kt, vt, wp, flag, total;
+    size_t lt, xs, xf, res, pt, rl, ids, wts, sg, red, ph, qh, qs, kn, vn, kt, vt, wp, flag, total;
 };
 
 __host__ __device__ inline size_t al16(size_t v)
@@ -124,12 +132,13 @@ __host__ __device__ inline Layout layout_of(const cu_mega_args &a, int nb)
     l.xs = o;   o = al16(o + kin * 2);
     l.xf = o;   o = al16(o + (size_t)a.H * 4);
     l.res = o;  o = al16(o + (size_t)rmax * 4);
+    l.pt = o;   o = al16(o + (size_t)(rmax > MAXSEG * rows_max(a.H, nb) ? rmax : MAXSEG * rows_max(a.H, nb)) * 4);
     l.rl = o;   o = al16(o + (size_t)(a.E + 1) * 4);
     l.ids = o;  o = al16(o + 32 * 4);
     l.wts = o;  o = al16(o + 32 * 4);
     l.sg = o;   o = al16(o + 4);
     l.red = o;  o = al16(o + 32 * 4);
-    l.ph = o;   o = al16(o + 2 * sizeof(Phase));
+    l.ph = o;   o = al16(o + NPH * sizeof(Phase));
     l.qh = o;   o = al16(o + (size_t)(G + 2) * a.hd * 4);
     l.qs = o;   o = al16(o + (size_t)G * a.hd * 4);
     l.kn = o;   o = al16(o + (size_t)a.hd * 2);
@@ -144,30 +153,55 @@ __host__ __device__ inline Layout layout_of(const cu_mega_args &a, int nb)
 
 /* ---- the products ---------------------------------------------------------- */
 
-/* Thread 0: rows of this block, team size and loads a lane for a phase
- * whose pieces are set. TS minimises the loads a lane (rounds of the
- * chain); ties go to wider teams. */
-__device__ void phase_finish(Phase &P, int N, int C, int chseg, int nseg)
+/* Thread 0: rows of this block, its regions and the team size for a phase
+ * whose pieces are set. A region is the block's part of one piece: whole
+ * rows of the piece's matrix, so its weights, scales and zeros are each
+ * one contiguous range of memory (one L2 prefetch each). Row pieces give
+ * the block's rows that fall in the piece; chunk pieces give rows [r0, r1)
+ * of every piece, whose results are summed (DOWN). */
+__device__ void phase_finish(Phase &P, int N, int chseg, int nseg)
 {
     P.N = N;
-    P.C = C;
     P.chseg = chseg;
     P.nseg = nseg;
     const int units = N / 2, b = blockIdx.x, nb = gridDim.x;
     P.r0 = (int)((long long)units * b / nb) * 2;
     P.r1 = (int)((long long)units * (b + 1) / nb) * 2;
-    const int nr = rows_max(N, nb);
-    int best = 1 << 30;
-    for (int ts = 32; ts >= 1; ts >>= 1) {
-        const int teams = NT / ts, cpl = (C + ts - 1) / ts;
-        const int L = (nr + teams - 1) / teams * cpl;
-        if (L < best) {
-            best = L;
-            P.TS = ts;
-            P.CPL = cpl;
+    int nreg = 0, items = 0, kmax = 1;
+    for (int s = 0; s < nseg; s++) {
+        const Seg &g = P.seg[s];
+        int lo = P.r0, hi = P.r1;
+        if (!chseg) {
+            lo = max(lo, g.first);
+            hi = min(hi, g.first + g.count);
         }
+        if (lo >= hi)
+            continue;
+        const int lr = chseg ? lo : lo - g.first;
+        Reg &R = P.reg[nreg];
+        R.q = g.qs + (size_t)lr * g.kch * 16;
+        R.sc = g.sc + (size_t)lr * g.G;
+        R.zp = g.zp + (size_t)lr * g.G;
+        R.rows = hi - lo;
+        R.kch = g.kch;
+        R.G = g.G;
+        R.gshift = g.gshift;
+        R.in_off = chseg ? g.in_off : 0;
+        R.out0 = chseg ? nreg * (P.r1 - P.r0) : lo - P.r0;
+        R.item0 = items;
+        R.mul = chseg ? g.scale : 1.f;
+        items += R.rows;
+        if (g.kch > kmax && (s == 0 || !chseg)) kmax = g.kch;
+        nreg++;
     }
-    P.L = best;
+    P.nreg = nreg;
+    P.items = items;
+    /* CB chunks a lane a row in one round where possible (the first
+     * piece's width decides for chunk pieces: the shared expert's longer
+     * rows take more rounds) */
+    int ts = 1;
+    while (ts < 32 && ts * CB < kmax) ts <<= 1;
+    P.TS = ts;
 }
 
 __device__ __forceinline__ void set_seg(Seg &s, const cu_int4_weights &w, int e, int first,
@@ -181,7 +215,7 @@ __device__ __forceinline__ void set_seg(Seg &s, const cu_int4_weights &w, int e,
     s.count = count;
     s.kch = w.k / 32;
     s.G = G;
-    s.group = w.group;
+    s.gshift = __ffs(w.group / 32) - 1; /* group: 32 times a power of two */
     s.in_off = in_off;
     s.out_off = out_off;
     s.scale = scale;
@@ -191,102 +225,160 @@ __device__ __forceinline__ void set_seg(Seg &s, const cu_int4_weights &w, int e,
 __device__ void phase_dense(Phase &P, const cu_int4_weights &w, int out_off)
 {
     set_seg(P.seg[0], w, 0, 0, w.n, 0, out_off, 1.f);
-    phase_finish(P, w.n, w.k / 32, 0, 1);
+    phase_finish(P, w.n, 0, 1);
 }
 
-__device__ __forceinline__ void slot_load(const Phase &P, Slot &s, int i, int team, int tl)
+/* [p, p + n) into L2 (a hint: nothing waits for it), its start rounded
+ * down to 16 bytes (still inside the tensor, whose start is aligned), its
+ * end rounded down (never past it); pieces of at most PF bytes, spread
+ * over the threads t0, t0 + step, ... */
+__device__ __forceinline__ void prefetch_l2(const void *p, size_t n, int t0, int step)
 {
-    const int pass = i / P.CPL, j = i - pass * P.CPL;
-    const int row = P.r0 + team + pass * (NT / P.TS), c = tl + j * P.TS;
-    s.w = make_uint4(0, 0, 0, 0);
-    s.s = 0;
-    s.z = 0;
-    if (row >= P.r1 || c >= P.C) return;
-    const Seg *g = P.seg;
-    int lr = row, lc = c;
-    if (!P.chseg) {
-        while (row >= g->first + g->count) g++;
-        lr = row - g->first;
-    } else {
-        while (c >= g->first + g->count) g++;
-        lc = c - g->first;
+    const uintptr_t a = (uintptr_t)p & ~(uintptr_t)15;
+    const uintptr_t e = ((uintptr_t)p + n) & ~(uintptr_t)15;
+    for (uintptr_t q = a + (uintptr_t)t0 * PF; q < e; q += (uintptr_t)step * PF) {
+        const uint32_t sz = (uint32_t)(e - q < PF ? e - q : PF);
+#if __CUDA_ARCH__ >= 900
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(q), "r"(sz) : "memory");
+#else
+        for (uint32_t o = 0; o < sz; o += 128)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(q + o));
+#endif
     }
-    const size_t gi = (size_t)lr * g->G + (lc * 32) / g->group;
-    s.w = ld_nc_v4(g->qs + ((size_t)lr * g->kch + lc) * 16);
-    s.s = ld_nc_u16(g->sc + gi);
-    s.z = (unsigned char)ld_nc_u8(g->zp + gi);
 }
 
-/* The chunk's 32 products, as k_int4_gemv computes them. */
-__device__ __forceinline__ float slot_dot(const Phase &P, const Slot &s, int i, int tl,
-                                          const __half *xs)
+/* Every thread (after P is set and a __syncthreads): the block's weights,
+ * scales and zeros of the phase into L2. Warp w takes region w % nreg,
+ * part (w / nreg) % 3; its lanes split the range. */
+__device__ void phase_prefetch(const Phase &P)
 {
-    const int pass = i / P.CPL, j = i - pass * P.CPL;
-    const int c = tl + j * P.TS;
-    if (c >= P.C) return 0.f;
-    int in = c * 32;
-    float mul = 1.f;
-    if (P.chseg) {
-        const Seg *g = P.seg;
-        while (c >= g->first + g->count) g++;
-        in = g->in_off + (c - g->first) * 32;
-        mul = g->scale;
+    const int w = threadIdx.x / 32, lane = threadIdx.x & 31;
+    for (int i = w; i < 3 * P.nreg; i += NWARP) {
+        const Reg &R = P.reg[i % P.nreg];
+        const int part = i / P.nreg;
+        if (part == 0)
+            prefetch_l2(R.q, (size_t)R.rows * R.kch * 16, lane, 32);
+        else if (part == 1)
+            prefetch_l2(R.sc, (size_t)R.rows * R.G * 2, lane, 32);
+        else
+            prefetch_l2(R.zp, (size_t)R.rows * R.G, lane, 32);
     }
-    const half2 z2 = int4_zero2((int)s.z);
-    const half2 s2 = __half2half2(__ushort_as_half(s.s));
-    const uint4 *xv = reinterpret_cast<const uint4 *>(xs + in);
+}
+
+/* The chunk's 32 products, as k_int4_gemv computes them. V2 (measurement):
+ * x is stored pair-permuted ((x0, x4), (x1, x5), ... a group of 8: see
+ * xs_perm) and the nibbles are unpacked with one shift a word (nibbles
+ * 4 apart from the mask 0x00f0 as 16 (1024 + q), scaled back exactly). */
+template <bool V2>
+__device__ __forceinline__ float chunk_dot(uint4 w, unsigned short s, unsigned z, const __half *x)
+{
+    const half2 z2 = int4_zero2((int)z);
+    const half2 s2 = __half2half2(__ushort_as_half(s));
+    const uint4 *xv = reinterpret_cast<const uint4 *>(x);
     float acc = 0.f;
 #pragma unroll
     for (int q = 0; q < 4; q++) {
-        const uint32_t word = q == 0 ? s.w.x : q == 1 ? s.w.y : q == 2 ? s.w.z : s.w.w;
+        const uint32_t word = q == 0 ? w.x : q == 1 ? w.y : q == 2 ? w.z : w.w;
         half2 wd[4];
-        int4_dequant8(word, z2, s2, wd);
+        const uint4 x8 = xv[q];
         uint32_t xp[4];
-        int4_xpairs(xv[q], xp);
+        if (V2) {
+            const half2 z16 = __hsub2(z2, __float2half2_rn(960.f)); /* 64 + z */
+            const half2 r16 = __float2half2_rn(0.0625f);
+            const uint32_t w8 = word >> 8;
+            uint32_t t0 = (word & 0x000F000Fu) | 0x64006400u, t1 = (word & 0x00F000F0u) | 0x64006400u;
+            uint32_t t2 = (w8 & 0x000F000Fu) | 0x64006400u, t3 = (w8 & 0x00F000F0u) | 0x64006400u;
+            wd[0] = __hmul2(__hsub2(*reinterpret_cast<half2 *>(&t0), z2), s2);
+            wd[1] = __hmul2(__hfma2(*reinterpret_cast<half2 *>(&t1), r16, -z16), s2);
+            wd[2] = __hmul2(__hsub2(*reinterpret_cast<half2 *>(&t2), z2), s2);
+            wd[3] = __hmul2(__hfma2(*reinterpret_cast<half2 *>(&t3), r16, -z16), s2);
+            xp[0] = x8.x;
+            xp[1] = x8.y;
+            xp[2] = x8.z;
+            xp[3] = x8.w;
+        } else {
+            int4_dequant8(word, z2, s2, wd);
+            int4_xpairs(x8, xp);
+        }
         acc += int4_dot8(wd, xp);
     }
-    return acc * mul;
+    return acc;
 }
 
-/* Every thread: the first DEPTH loads of the phase (before a barrier).
- * Every slot is written (past the phase's loads: zeros, as slot_load
- * finds no row there), so that no slot of an earlier phase stays live
- * in registers across the code between phases. */
-__device__ __forceinline__ void gemv_issue(const Phase &P, Slot (&sl)[DEPTH])
+/* Where x[h] goes in V2's pair-permuted layout. */
+__device__ __forceinline__ int xs_perm(int h)
 {
-    const int team = threadIdx.x / P.TS, tl = threadIdx.x % P.TS;
-#pragma unroll
-    for (int u = 0; u < DEPTH; u++)
-        slot_load(P, sl[u], u, team, tl);
+    const int i = h & 7;
+    return (h & ~7) | (i < 4 ? 2 * i : 2 * (i - 4) + 1);
 }
 
-/* Every thread: the phase's products into res[row - r0]; DEPTH loads stay
- * in flight (a slot is reloaded as soon as it is used). */
-__device__ void gemv_run(const Phase &P, Slot (&sl)[DEPTH], const __half *xs, float *res)
+/* Every thread: the phase's products, part[R.out0 + row] = R.mul dot(row)
+ * for every row of every region. A team of TS lanes takes a row (items in
+ * region order, team t the items t, t + teams, ...); each lane loads up
+ * to CB of its chunks at once, then computes them. One copy of this code
+ * serves every phase (not inlined: a small loop stays in the instruction
+ * cache; the weights come from L2, where phase_prefetch put them). */
+template <bool V2>
+__device__ __noinline__ void gemv_phase(const Phase &P, const __half *xs, float *part)
 {
-    const int TS = P.TS, team = threadIdx.x / TS, tl = threadIdx.x % TS;
-    const int L = P.L, CPL = P.CPL;
-    float acc = 0.f;
-    for (int base = 0; base < L; base += DEPTH) {
+    const int TS = P.TS, teams = NT / TS;
+    const int team = (int)threadIdx.x / TS, tl = (int)threadIdx.x % TS;
+    const int wfirst = ((int)threadIdx.x & ~31) / TS; /* the warp's first team */
+    const int items = P.items;
+    int g = 0;
+    for (int base = wfirst; base < items; base += teams) { /* uniform over the warp */
+        const int it = base + team - wfirst;
+        float acc = 0.f;
+        int row = 0;
+        if (it < items) {
+            while (it >= P.reg[g].item0 + P.reg[g].rows) g++;
+            const Reg &R = P.reg[g];
+            row = it - R.item0;
+            const int kch = R.kch, gs = R.gshift;
+            const uint8_t *q = R.q + (size_t)row * kch * 16;
+            const __half *sc = R.sc + (size_t)row * R.G;
+            const uint8_t *zp = R.zp + (size_t)row * R.G;
+            const __half *x = xs + R.in_off;
+            for (int c0 = tl; c0 < kch; c0 += CB * TS) {
+                uint4 w[CB];
+                unsigned short s[CB];
+                unsigned z[CB];
 #pragma unroll
-        for (int u = 0; u < DEPTH; u++) {
-            const int i = base + u;
-            if (i < L) { /* uniform over the block */
-                acc += slot_dot(P, sl[u], i, tl, xs);
-                if (i + DEPTH < L) slot_load(P, sl[u], i + DEPTH, team, tl);
-                if ((i + 1) % CPL == 0) {
-                    for (int o = TS / 2; o > 0; o >>= 1)
-                        acc += __shfl_xor_sync(0xffffffffu, acc, o, TS);
-                    const int row = P.r0 + team + (i / CPL) * (NT / TS);
-                    if (tl == 0 && row < P.r1) res[row - P.r0] = acc;
-                    acc = 0.f;
+                for (int u = 0; u < CB; u++) {
+                    const int c = c0 + u * TS;
+                    if (c < kch) {
+                        w[u] = ld_nc_v4(q + (size_t)c * 16);
+                        s[u] = ld_nc_u16(sc + (c >> gs));
+                        z[u] = ld_nc_u8(zp + (c >> gs));
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < CB; u++) {
+                    const int c = c0 + u * TS;
+                    if (c < kch) acc += chunk_dot<V2>(w[u], s[u], z[u], x + c * 32);
                 }
             }
         }
+        for (int o = TS / 2; o > 0; o >>= 1)
+            acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (tl == 0 && it < items) part[P.reg[g].out0 + row] = acc * P.reg[g].mul;
     }
 }
 
-/* After gemv_run and a __syncthreads: out[out_off + j] = silu(gate) * up
+/* After gemv_phase and a __syncthreads, chunk pieces: res[r] = the sum of
+ * the regions' parts of row r (in region order: deterministic). */
+__device__ void parts_sum(const Phase &P, const float *part, float *res)
+{
+    const int nr = P.r1 - P.r0;
+    for (int r = threadIdx.x; r < nr; r += NT) {
+        float v = 0.f;
+        for (int g = 0; g < P.nreg; g++)
+            v += part[g * nr + r];
+        res[r] = v;
+    }
+}
+
+/* After gemv_phase and a __syncthreads: out[out_off + j] = silu(gate) * up
  * for the block's row pairs (2j, 2j + 1) of each row piece. */
 __device__ void silu_out(const Phase &P, const float *res, __half *out)
 {
@@ -339,7 +431,7 @@ __device__ bool grid_sync(const cu_mega_args &a, uint32_t &epoch, volatile int *
 /* xs = half(nw * (v * inv)) (and xf = the same in fp32) for v = x (L2) or
  * the embedding row e (fp16); inv = 1 / rms(v). H <= 16 * NT. */
 __device__ void norm_in(const float *x, const __half *e, const float *nw, float eps, int H,
-                        __half *xs, float *xf, float *red)
+                        __half *xs, float *xf, float *red, bool v2)
 {
     float v[16];
     float ss = 0.f;
@@ -356,17 +448,24 @@ __device__ void norm_in(const float *x, const __half *e, const float *nw, float 
         const int h = threadIdx.x + NT * u;
         if (h < H) {
             const float f = nw[h] * (v[u] * inv);
-            xs[h] = __float2half(f);
+            xs[v2 ? xs_perm(h) : h] = __float2half(f);
             if (xf) xf[h] = f;
         }
     }
 }
 
 /* dst[0..n) = src[0..n) (halves, n % 8 == 0) through L2. */
-__device__ void copy_in(__half *dst, const __half *src, int n)
+__device__ void copy_in(__half *dst, const __half *src, int n, bool v2)
 {
-    for (int i = threadIdx.x; i < n / 8; i += NT)
-        reinterpret_cast<uint4 *>(dst)[i] = __ldcg(reinterpret_cast<const uint4 *>(src) + i);
+    for (int i = threadIdx.x; i < n / 8; i += NT) {
+        uint4 v = __ldcg(reinterpret_cast<const uint4 *>(src) + i);
+        if (v2) {
+            uint32_t xp[4];
+            int4_xpairs(v, xp);
+            v = make_uint4(xp[0], xp[1], xp[2], xp[3]);
+        }
+        reinterpret_cast<uint4 *>(dst)[i] = v;
+    }
 }
 
 /* ---- attention ------------------------------------------------------------------ */
@@ -419,6 +518,22 @@ __device__ __forceinline__ void att_load(const cu_mega_args &a, const cu_mega_la
     }
 }
 
+/* Every thread, before the barrier that starts ATT: this block's unit's
+ * K and V rows (earlier positions) into L2. */
+template <int HD> __device__ void att_prefetch(const cu_mega_args &a, const cu_mega_layer &L, int pos)
+{
+    const AttPlan pl = att_plan(a, pos);
+    if ((int)blockIdx.x >= pl.units) return;
+    const int kvh = blockIdx.x / pl.S, st0 = (blockIdx.x % pl.S) * pl.per;
+    const int p0 = st0 * 32, p1 = min(pos, min(pl.NS, st0 + pl.per) * 32);
+    const int bs = a.block_size;
+    for (int i = threadIdx.x; i < 2 * (p1 - p0); i += NT) {
+        const int p = p0 + (i >> 1), blk = a.block_table[p / bs];
+        const size_t off = (((size_t)blk * bs + p % bs) * a.nkv + kvh) * HD;
+        prefetch_l2(((i & 1) ? L.vc : L.kc) + off, HD * 2, 0, 1);
+    }
+}
+
 /* Row r of the tiles = position p0 + r; the new position's row is left to
  * the caller (it comes from shared memory). */
 template <int HD>
@@ -451,7 +566,7 @@ __device__ __forceinline__ void att_store(const AttRegs<HD> &R, int p0, int pos,
  * online softmax of its head, lane l owns output dims 2l + 64 jj (+1). */
 template <int HD>
 __device__ void attention(const cu_mega_args &a, const cu_mega_layer &L, const Layout &lo,
-                          uint8_t *smem, int pos, AttRegs<HD> &R)
+                          uint8_t *smem, int pos)
 {
     constexpr int DL = HD / 32;
     const AttPlan pl = att_plan(a, pos);
@@ -472,6 +587,8 @@ __device__ void attention(const cu_mega_args &a, const cu_mega_layer &L, const L
     const int kvh = u / S, sidx = u % S;
     const int st0 = sidx * pl.per, st1 = min(pl.NS, st0 + pl.per);
     const bool last = st1 == pl.NS; /* the unit holding the new position */
+    AttRegs<HD> R; /* the first batch flies while the heads are made */
+    att_load<HD>(a, L, kvh, st0 * 32, min(ctx, min(st1, st0 + SB) * 32), pos, R);
 
     for (int idx = tid; idx < (G + 2) * HD; idx += NT) {
         const int hh = idx / HD, d = idx % HD;
@@ -643,21 +760,27 @@ __global__ void __launch_bounds__(NT, 1) k_mega(cu_mega_args a)
     __half *xs = reinterpret_cast<__half *>(smem + lo.xs);
     float *xf = reinterpret_cast<float *>(smem + lo.xf);
     float *res = reinterpret_cast<float *>(smem + lo.res);
+    float *pt = reinterpret_cast<float *>(smem + lo.pt);
     float *rl = reinterpret_cast<float *>(smem + lo.rl);
     int32_t *ids = reinterpret_cast<int32_t *>(smem + lo.ids);
     float *wts = reinterpret_cast<float *>(smem + lo.wts);
     float *sg = reinterpret_cast<float *>(smem + lo.sg);
     float *red = reinterpret_cast<float *>(smem + lo.red);
     Phase *ph = reinterpret_cast<Phase *>(smem + lo.ph);
+    Phase &PQ = ph[0], &PO = ph[1], &PS = ph[2], &PU = ph[3], &PD = ph[4];
     volatile int *flag = reinterpret_cast<volatile int *>(smem + lo.flag);
     const int tid = threadIdx.x, H = a.H, k = a.k, I = a.I;
     const int er = a.E + (a.has_shared ? 1 : 0);
     const int tok = a.tok[0], pos = a.pos[0];
     const __half *erow = a.embed + (size_t)tok * H;
     uint32_t epoch = 0;
-    int cur = 0; /* ph[cur]: the phase whose loads are in flight */
-    Slot sl[DEPTH];
-    AttRegs<HD> kvr;
+    const bool v2 = a.variant & 2;
+    auto gemv = [&](const Phase &P, const __half *x, float *part) {
+        if (v2)
+            gemv_phase<true>(P, x, part);
+        else
+            gemv_phase<false>(P, x, part);
+    };
 
     /* the layer table into shared memory (phase set-ups read it) */
     for (int i = tid; i < a.n_layers * (int)(sizeof(cu_mega_layer) / 4); i += NT)
@@ -666,78 +789,67 @@ __global__ void __launch_bounds__(NT, 1) k_mega(cu_mega_args a)
     for (int h = blockIdx.x * NT + tid; h < H; h += gridDim.x * NT)
         a.x[h] = __half2float(erow[h]);
     __syncthreads();
-    if (tid == 0) phase_dense(ph[cur], lt[0].qkv, 0);
+    if (tid == 0) phase_dense(PQ, lt[0].qkv, 0);
     __syncthreads();
-    gemv_issue(ph[cur], sl);
+    phase_prefetch(PQ);
+    /* layer ll's o, router rows and shared gate/up to L2 (V & 4: from the
+     * previous layer's DOWN on) */
+    const bool early = a.variant & 4;
+    auto side = [&](int ll) {
+        if (tid == 0) {
+            phase_dense(PO, lt[ll].o, 0);
+            if (lt[ll].sh_gate_up.n > 0) phase_dense(PS, lt[ll].sh_gate_up, k * I);
+        }
+        __syncthreads();
+        phase_prefetch(PO);
+        for (int r = blockIdx.x; r < er; r += gridDim.x)
+            if (tid < 32) prefetch_l2(lt[ll].router + (size_t)r * H, (size_t)H * 4, tid, 32);
+        if (lt[ll].sh_gate_up.n > 0) phase_prefetch(PS);
+    };
 
+    /* The weight stream: a phase's weights go to L2 (phase_prefetch) one
+     * or two phases before they are used, so that DRAM keeps reading while
+     * blocks compute, wait at barriers or do attention. The experts' only
+     * when the routing is known (GU). */
     for (int l = 0; l < a.n_layers; l++) {
         const cu_mega_layer &L = lt[l];
-        /* QKV */
+        const bool shared = L.sh_gate_up.n > 0;
+        /* QKV; this layer's o, router rows and shared gate/up to L2 */
         if (l > 0 && !grid_sync(a, epoch, flag)) return;
         mark(a, l, 0);
-        norm_in(l ? a.x : NULL, erow, L.attn_norm, a.eps, H, xs, NULL, red);
+        if (!early || l == 0) side(l);
+        norm_in(l ? a.x : NULL, erow, L.attn_norm, a.eps, H, xs, NULL, red, v2);
         __syncthreads();
-        gemv_run(ph[cur], sl, xs, res);
+        gemv(PQ, xs, pt);
         __syncthreads();
-        for (int r = ph[cur].r0 + tid; r < ph[cur].r1; r += NT)
-            a.qkv[r] = res[r - ph[cur].r0];
-        {   /* the attention unit's first K/V batch (earlier positions); kvr is
-             * written by every block so that it is dead between attentions */
-#pragma unroll
-            for (int u = 0; u < AttRegs<HD>::NR; u++)
-                kvr.r[u] = make_uint4(0, 0, 0, 0);
-            const AttPlan pl = att_plan(a, pos);
-            if ((int)blockIdx.x < pl.units) {
-                const int kvh = blockIdx.x / pl.S, st0 = (blockIdx.x % pl.S) * pl.per;
-                const int st1 = min(pl.NS, st0 + pl.per);
-                att_load<HD>(a, L, kvh, st0 * 32, min(pos + 1, min(st1, st0 + SB) * 32), pos, kvr);
-            }
-        }
+        for (int r = PQ.r0 + tid; r < PQ.r1; r += NT)
+            a.qkv[r] = pt[r - PQ.r0];
+        att_prefetch<HD>(a, L, pos);
         mark(a, l, 1);
         if (!grid_sync(a, epoch, flag)) return;
 
-        /* ATT, then the o_proj loads */
+        /* ATT */
         mark(a, l, 2);
-        attention<HD>(a, L, lo, smem, pos, kvr);
-        __syncthreads();
-        cur ^= 1;
-        if (tid == 0) phase_dense(ph[cur], L.o, 0);
-        __syncthreads();
-        gemv_issue(ph[cur], sl);
+        attention<HD>(a, L, lo, smem, pos);
         mark(a, l, 3);
         if (!grid_sync(a, epoch, flag)) return;
 
         /* O */
         mark(a, l, 4);
-        copy_in(xs, a.att, a.nq * a.hd);
+        copy_in(xs, a.att, a.nq * a.hd, v2);
         __syncthreads();
-        gemv_run(ph[cur], sl, xs, res);
+        gemv(PO, xs, pt);
         __syncthreads();
-        for (int r = ph[cur].r0 + tid; r < ph[cur].r1; r += NT)
-            a.x[r] = __ldcg(a.x + r) + res[r - ph[cur].r0];
-        /* the router row's and the shared expert's loads */
-        const bool shared = L.sh_gate_up.n > 0;
-        cur ^= 1;
-        if (tid == 0 && shared) phase_dense(ph[cur], L.sh_gate_up, k * I);
-        __syncthreads();
-        if (shared) gemv_issue(ph[cur], sl);
-        float4 rw[4];
-        const int r_first = blockIdx.x;
-        const float4 *rrow = reinterpret_cast<const float4 *>(L.router + (size_t)r_first * H);
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            const int i = tid + NT * u;
-            rw[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (r_first < er && i < H / 4) rw[u] = ld_nc_f4(rrow + i);
-        }
+        for (int r = PO.r0 + tid; r < PO.r1; r += NT)
+            a.x[r] = __ldcg(a.x + r) + pt[r - PO.r0];
         mark(a, l, 5);
         if (!grid_sync(a, epoch, flag)) return;
 
         /* ROUTER (+ shared gate/up) */
         mark(a, l, 6);
-        norm_in(a.x, NULL, L.mlp_norm, a.eps, H, xs, xf, red);
+        norm_in(a.x, NULL, L.mlp_norm, a.eps, H, xs, xf, red, v2);
         __syncthreads();
-        for (int r = r_first; r < er; r += gridDim.x) {
+        for (int r = blockIdx.x; r < er; r += gridDim.x) {
             const float4 *wr = reinterpret_cast<const float4 *>(L.router + (size_t)r * H);
             const float4 *xv = reinterpret_cast<const float4 *>(xf);
             float d = 0.f;
@@ -745,7 +857,7 @@ __global__ void __launch_bounds__(NT, 1) k_mega(cu_mega_args a)
             for (int u = 0; u < 4; u++) {
                 const int i = tid + NT * u;
                 if (i < H / 4) {
-                    const float4 w = r == r_first ? rw[u] : __ldg(wr + i), x = xv[i];
+                    const float4 w = ld_nc_f4(wr + i), x = xv[i];
                     d += w.x * x.x + w.y * x.y + w.z * x.z + w.w * x.w;
                 }
             }
@@ -754,14 +866,15 @@ __global__ void __launch_bounds__(NT, 1) k_mega(cu_mega_args a)
             __syncthreads(); /* red reused */
         }
         if (shared) {
-            gemv_run(ph[cur], sl, xs, res);
+            gemv(PS, xs, pt);
             __syncthreads();
-            silu_out(ph[cur], res, a.h);
+            silu_out(PS, pt, a.h);
         }
         mark(a, l, 7);
         if (!grid_sync(a, epoch, flag)) return;
 
-        /* GU: routing (every block), the experts' gate/up, then the down loads */
+        /* GU: routing (every block); the experts' gate/up and down to L2,
+         * then the next layer's qkv; the gate/up rows, SiLU(gate) * up */
         mark(a, l, 8);
         for (int i = tid; i < er; i += NT)
             rl[i] = __ldcg(a.rlog + i);
@@ -770,52 +883,41 @@ __global__ void __launch_bounds__(NT, 1) k_mega(cu_mega_args a)
             cu_moe_route_token(rl, er, 0, a.E, k, a.renorm, a.has_shared, ids, wts, sg);
         __syncthreads();
         if (tid == 0 && blockIdx.x == 0 && a.active) atomicAdd(a.active, k);
-        cur ^= 1;
         if (tid == 0) {
-            Phase &P = ph[cur];
             for (int s = 0; s < k; s++)
-                set_seg(P.seg[s], L.gate_up, ids[s], s * 2 * I, 2 * I, 0, s * I, 1.f);
-            phase_finish(P, k * 2 * I, H / 32, 0, k);
-        }
-        __syncthreads();
-        gemv_issue(ph[cur], sl);
-        gemv_run(ph[cur], sl, xs, res);
-        __syncthreads();
-        silu_out(ph[cur], res, a.h);
-        cur ^= 1;
-        if (tid == 0) {
-            Phase &P = ph[cur];
+                set_seg(PU.seg[s], L.gate_up, ids[s], s * 2 * I, 2 * I, 0, s * I, 1.f);
+            phase_finish(PU, k * 2 * I, 0, k);
             const int ci = I / 32;
             for (int s = 0; s < k; s++)
-                set_seg(P.seg[s], L.down, ids[s], s * ci, ci, s * I, 0, wts[s]);
-            int ns = k, C = k * ci;
-            if (shared) {
-                set_seg(P.seg[k], L.sh_down, 0, C, a.sI / 32, k * I, 0, *sg);
-                ns++;
-                C += a.sI / 32;
-            }
-            phase_finish(P, H, C, 1, ns);
+                set_seg(PD.seg[s], L.down, ids[s], s * ci, ci, s * I, 0, wts[s]);
+            int ns = k;
+            if (shared) set_seg(PD.seg[ns++], L.sh_down, 0, k * ci, a.sI / 32, k * I, 0, *sg);
+            phase_finish(PD, H, 1, ns);
+        } else if (tid == 32 && l + 1 < a.n_layers) {
+            phase_dense(PQ, lt[l + 1].qkv, 0);
         }
         __syncthreads();
-        gemv_issue(ph[cur], sl);
+        phase_prefetch(PU);
+        phase_prefetch(PD);
+        gemv(PU, xs, pt);
+        __syncthreads();
+        silu_out(PU, pt, a.h);
+        if (l + 1 < a.n_layers) phase_prefetch(PQ);
         mark(a, l, 9);
         if (!grid_sync(a, epoch, flag)) return;
 
-        /* DOWN (+ combine), then the next layer's qkv loads */
+        /* DOWN (+ combine) */
         mark(a, l, 10);
-        copy_in(xs, a.h, k * I + (shared ? a.sI : 0));
+        if (early && l + 1 < a.n_layers) side(l + 1);
+        copy_in(xs, a.h, k * I + (shared ? a.sI : 0), v2);
         __syncthreads();
-        gemv_run(ph[cur], sl, xs, res);
+        gemv(PD, xs, pt);
         __syncthreads();
-        for (int r = ph[cur].r0 + tid; r < ph[cur].r1; r += NT)
-            a.x[r] = __ldcg(a.x + r) + res[r - ph[cur].r0];
+        parts_sum(PD, pt, res);
+        __syncthreads();
+        for (int r = PD.r0 + tid; r < PD.r1; r += NT)
+            a.x[r] = __ldcg(a.x + r) + res[r - PD.r0];
         mark(a, l, 11);
-        if (l + 1 < a.n_layers) {
-            cur ^= 1;
-            if (tid == 0) phase_dense(ph[cur], lt[l + 1].qkv, 0);
-            __syncthreads();
-            gemv_issue(ph[cur], sl);
-        }
     }
 }
 
@@ -917,6 +1019,8 @@ extern "C" int cu_mega_setup(cu_mega_args *a, int sms, int *grid, size_t *smem, 
     if (!(sec > 0.0))
         sec = 2.0;
     a->timeout_cycles = (int64_t)(sec * 1e3 * khz);
+    const char *vs = getenv("LIGHTMOE_CUDA_MEGA_V"); /* measurements */
+    a->variant = vs ? atoi(vs) : 0;
     int per_sm = 0;
     e = a->hd == 64 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_mega<64>, NT, lo.total)
                     : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_mega<128>, NT, lo.total);

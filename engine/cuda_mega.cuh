@@ -5,10 +5,12 @@
  * Why: at batch 1 a layer of the ordinary path is a chain of 8-9 small
  * kernels, each paying its launch, a DRAM latency it cannot hide and a
  * tail (docs/PERF.md, CUDA rounds 1-6). Here one block per SM runs every
- * layer; the phases of a layer are separated by grid barriers, and each
- * block issues the loads of its share of the next phase's weights before
- * it waits at the barrier, so the weight stream keeps going while the
- * activations cross the barrier. The phases of a layer:
+ * layer; the phases of a layer are separated by grid barriers. A block's
+ * share of a phase's weights is a few contiguous ranges (whole rows of
+ * each piece), which it asks into L2 (bulk prefetch) one or two phases
+ * before it uses them: the weight stream keeps going while blocks
+ * compute, wait at barriers or run attention; the experts' as soon as
+ * the routing is known. The phases of a layer:
  *   QKV    rms(x) (every block, from L2) -> its rows of the qkv product
  *   ATT    (KV head, run of 32-position steps) units: bias, q/k norm and
  *          rope of the heads it needs, the new k/v into the cache, online
@@ -18,14 +20,14 @@
  *          expert's gate/up rows
  *   GU     top-k (every block, from the logits) -> the k experts' gate/up
  *          rows, SiLU(gate) * up
- *   DOWN   x += sum_j w_j down_j(h_j) (+ sigmoid(g) shared_down(h_s)): a
- *          row's k (+1) products are one dot product over the concatenated
- *          inputs, so the combine needs no pass of its own
+ *   DOWN   x += sum_j w_j down_j(h_j) (+ sigmoid(g) shared_down(h_s)): the
+ *          block's rows of each expert's product, summed in expert order
  * A product's rows are split evenly over the blocks; inside a block a
- * team of TS lanes owns a row, each lane a strided set of 32-weight chunks
- * (16-byte loads, DEPTH of them in flight per lane, dequantised in
- * registers exactly as the gemv kernel does; sums over 8 inputs in fp16,
- * then fp32). Results are deterministic: every sum has a fixed order.
+ * team of TS lanes owns a row, each lane up to CB 32-weight chunks a
+ * round (16-byte loads, dequantised in registers exactly as the gemv
+ * kernel does; sums over 8 inputs in fp16, then fp32), in one small
+ * non-inlined loop for every phase. Results are deterministic: every sum
+ * has a fixed order.
  *
  * Cross-block data (x, qkv, att, logits, h, split partials) is read with
  * L2 loads (__ldcg) after a barrier (fence, counter, acquire); weights
@@ -82,6 +84,7 @@ typedef struct cu_mega_args {
     int32_t *active;             /* benchmarks: routed experts counter, or NULL */
     int32_t max_units;           /* attention units per KV head (part's capacity) */
     int64_t timeout_cycles;      /* a barrier's longest wait (clock64 cycles) */
+    int32_t variant;             /* measurements: LIGHTMOE_CUDA_MEGA_V */
     long long *prof;             /* benchmarks: block 0's clock64 at the 12 phase edges of
                                   * every layer ([n_layers][12]: start, end of QKV, ATT, O,
                                   * ROUTER, GU, DOWN), or NULL */
