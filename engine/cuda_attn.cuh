@@ -63,6 +63,12 @@ extern "C" {
  * Returns the setting it replaces. */
 int cu_attn_set_pipe(int on);
 
+/* Tests and measurements: 1 (LIGHTMOE_CUDA_ATTN_MMA=1; 0 by default) runs
+ * prefill tiles (bq > 1, hd 64 or 128, q given) on the tensor cores:
+ * mma.sync with fp16 q and probabilities, fp32 accumulators. Returns the
+ * setting it replaces. */
+int cu_attn_set_mma(int on);
+
 /* Floats of split scratch cu_attn needs for this batch. */
 size_t cu_attn_scratch_floats(const cu_attn_shape *s, int n_tiles, int bq, int nsplit);
 
