@@ -20,6 +20,12 @@
  * the counters stay zero between launches and a graph can replay them).
  * Supported: hd in {64, 128, 256}, bq * G <= 64, nsplit <= CU_ATTN_MAX_SPLIT
  * (CU_ATTN_MAX_SPLIT_OWN with counters).
+ *
+ * With cu_attn_set_mma(1) (LIGHTMOE_CUDA_ATTN_MMA=1), tiles of several
+ * tokens (prefill) at hd 64 or 128 run on the tensor cores instead
+ * (k_attn_mma: 64 positions a step, mma.sync, FlashAttention-2); its
+ * splits are always merged by the merge kernel and the counters are left
+ * as they are.
  */
 #ifndef LIGHTMOE_CUDA_ATTN_CUH
 #define LIGHTMOE_CUDA_ATTN_CUH
