@@ -469,7 +469,8 @@ __global__ void __launch_bounds__(128)
             for (int j2 = 0; j2 < MP / 16; j2++)
 #pragma unroll
                 for (int kk = 0; kk < KT; kk++) {
-                    uint32_t kf[4]; /* positions 16 j2 + (0..7 | 8..15), dims 16 kk + (0..7 | 8..15) */
+                    /* positions 16 j2 + (0..7 | 8..15), dims 16 kk + (0..7 | 8..15) */
+                    uint32_t kf[4];
                     ldsm_x4(kf, kb + (16 * j2 + 8 * (mi >> 1) + mr) * ST + 16 * kk + 8 * (mi & 1));
                     mma_16816(sc[2 * j2], qf[kk], kf[0], kf[1]);
                     mma_16816(sc[2 * j2 + 1], qf[kk], kf[2], kf[3]);
@@ -523,8 +524,10 @@ __global__ void __launch_bounds__(128)
                 pf[3] = pack_half2(sc[2 * k2 + 1][2], sc[2 * k2 + 1][3]);
 #pragma unroll
                 for (int dj = 0; dj < HD / 16; dj++) {
-                    uint32_t vf[4]; /* positions 16 k2 + (0..7 | 8..15), dims 16 dj + (0..7 | 8..15) */
-                    ldsm_x4_t(vf, vb + (16 * k2 + 8 * (mi & 1) + mr) * ST + 16 * dj + 8 * (mi >> 1));
+                    /* positions 16 k2 + (0..7 | 8..15), dims 16 dj + (0..7 | 8..15) */
+                    uint32_t vf[4];
+                    ldsm_x4_t(vf, vb + (16 * k2 + 8 * (mi & 1) + mr) * ST + 16 * dj +
+                                      8 * (mi >> 1));
                     mma_16816(o[2 * dj], pf, vf[0], vf[1]);
                     mma_16816(o[2 * dj + 1], pf, vf[2], vf[3]);
                 }
@@ -553,7 +556,8 @@ __global__ void __launch_bounds__(128)
             float *dst = part + (row * b.nsplit + split) * (HD + 2);
 #pragma unroll
             for (int n = 0; n < NT; n++)
-                reinterpret_cast<float2 *>(dst)[4 * n + t4] = make_float2(o[n][2 * h], o[n][2 * h + 1]);
+                reinterpret_cast<float2 *>(dst)[4 * n + t4] =
+                    make_float2(o[n][2 * h], o[n][2 * h + 1]);
             if (t4 == 0) {
                 dst[HD] = m;
                 dst[HD + 1] = l;
