@@ -580,19 +580,13 @@ static int attn_pipe(void)
     return cu_env_switch(&g_pipe, "LIGHTMOE_CUDA_ATTN_PIPE");
 }
 
-/* LIGHTMOE_CUDA_ATTN_MMA=1: prefill tiles on the tensor cores (k_attn_mma);
- * off by default until measured (read once; tests switch it with
+/* Prefill tiles on the tensor cores (k_attn_mma) unless
+ * LIGHTMOE_CUDA_ATTN_MMA=0 (read once; tests switch it with
  * cu_attn_set_mma) */
 static int g_mma = -1;
 static int attn_mma(void)
 {
-    int v = __atomic_load_n(&g_mma, __ATOMIC_RELAXED);
-    if (v < 0) {
-        const char *e = getenv("LIGHTMOE_CUDA_ATTN_MMA");
-        v = e && e[0] == '1';
-        __atomic_store_n(&g_mma, v, __ATOMIC_RELAXED);
-    }
-    return v;
+    return cu_env_switch(&g_mma, "LIGHTMOE_CUDA_ATTN_MMA");
 }
 
 template <int HD>
@@ -650,9 +644,7 @@ extern "C" int cu_attn_set_pipe(int on)
 
 extern "C" int cu_attn_set_mma(int on)
 {
-    const int was = attn_mma();
-    __atomic_store_n(&g_mma, on ? 1 : 0, __ATOMIC_RELAXED);
-    return was;
+    return cu_env_switch_set(&g_mma, "LIGHTMOE_CUDA_ATTN_MMA", on);
 }
 
 extern "C" size_t cu_attn_scratch_floats(const cu_attn_shape *s, int n_tiles, int bq, int nsplit)

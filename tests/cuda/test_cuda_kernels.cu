@@ -1007,8 +1007,8 @@ static void test_attn()
     run_attn(8, 2, 256, {40, 3}, {5, 1}, 2);
 }
 
-/* Prefill tiles on the tensor cores (cu_attn_set_mma): the same CPU twin
- * and bound; steps of 64 positions cut by the context, the splits and the
+/* Prefill tiles on the tensor cores (cu_attn_set_mma, the default): the
+ * same CPU twin and bound; steps of 64 positions cut by the context, the splits and the
  * causal edge at every offset; G = 1, 4, 8; hd 64 and 128 (hd 256 and
  * decode tiles keep k_attn). */
 static void test_attn_mma()
@@ -1260,11 +1260,14 @@ int main(int argc, char **argv)
     if (!strcmp(what, "attn1")) /* the default attention only (racecheck's time) */
         test_attn();
     if (all || !strcmp(what, "attn")) {
+        /* k_attn for every tile (prefill tiles: LIGHTMOE_CUDA_ATTN_MMA=0) */
+        const int mma = cu_attn_set_mma(0);
         test_attn(); /* the K/V loads of the next step in flight (default) */
         printf("-- attention again, each step loaded after the last (LIGHTMOE_CUDA_ATTN_PIPE=0)\n");
         const int was = cu_attn_set_pipe(0);
         test_attn();
         cu_attn_set_pipe(was);
+        cu_attn_set_mma(mma);
     }
     if (all || !strcmp(what, "attn") || !strcmp(what, "attnmma")) test_attn_mma();
     if (all || !strcmp(what, "forward")) test_forward();
