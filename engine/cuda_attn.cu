@@ -358,6 +358,214 @@ __global__ void __launch_bounds__(128)
     }
 }
 
+/* ---- prefill on the tensor cores ------------------------------------------------ */
+
+/* Block = (tile of up to 64 query rows, KV head, split), 4 warps; warp w
+ * owns rows 16w .. 16w + 15 of the tile (rows as in k_attn: token r / G,
+ * head r % G). Per step of MP positions: K and V go to shared memory by
+ * cp.async (the next step's copies fly while this one is computed);
+ * S = Q K^T and O += P V are mma.sync m16n8k16 (fp16 inputs, fp32
+ * accumulators) with operands from ldmatrix; the online softmax stays in
+ * registers (FlashAttention-2). A lane holds rows g = lane / 4 and g + 8
+ * of its warp, and of those positions / dimensions 8j + 2 (lane % 4), +1.
+ * Q is scaled by 1/sqrt(hd) in fp32 and rounded to fp16; P is rounded to
+ * fp16 for the second product. Tiles are taken last first: in a prompt
+ * the last tiles see the longest contexts. */
+constexpr int MP = 64;
+
+template <int HD> constexpr int mma_smem()
+{
+    return 5 * MP * (HD + 8) * 2; /* Q, K twice, V twice; rows padded by 8 halves */
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float a, float b)
+{
+    const half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+
+template <int HD>
+__global__ void __launch_bounds__(128)
+    k_attn_mma(cu_attn_shape s, const float *__restrict__ q, const __half *kc, const __half *vc,
+               cu_attn_batch b, float *__restrict__ part, __half *__restrict__ out)
+{
+    constexpr int ST = HD + 8, KT = HD / 16, NT = HD / 8, PPR = HD / 8;
+    extern __shared__ __align__(16) uint8_t smem[];
+    __half *q_s = reinterpret_cast<__half *>(smem); /* [MP][ST] */
+    __half *k_s = q_s + MP * ST;                    /* [2][MP][ST] */
+    __half *v_s = k_s + 2 * MP * ST;                /* [2][MP][ST] */
+    cu_pdl_wait();
+    cu_pdl_trigger();
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    const int mi = lane >> 3, mr = lane & 7; /* ldmatrix: this lane's matrix and row */
+    const int kvh = blockIdx.y, split = blockIdx.z;
+    const int2 td = b.tiles[b.n_tiles - 1 - (int)blockIdx.x];
+    const int t0 = td.x, tcount = td.y;
+    const int G = s.nq / s.nkv, R = tcount * G;
+    const int seq = b.tok_seq[t0];
+    const int ctx = b.tok_pos[t0 + tcount - 1] + 1;
+    const int nt = (ctx + 31) / 32, per = (nt + b.nsplit - 1) / b.nsplit;
+    const int p_begin = split * per * 32, p_end = min(ctx, (split + 1) * per * 32);
+    const float scale = rsqrtf((float)HD);
+
+    for (int idx = tid; idx < MP * HD / 2; idx += 128) {
+        const int r = idx / (HD / 2), d2 = idx % (HD / 2);
+        float2 v = make_float2(0.f, 0.f);
+        if (r < R)
+            v = reinterpret_cast<const float2 *>(
+                q + ((size_t)(t0 + r / G) * s.nq + kvh * G + r % G) * HD)[d2];
+        reinterpret_cast<half2 *>(q_s + r * ST)[d2] = __floats2half2_rn(v.x * scale, v.y * scale);
+    }
+    /* K and V of positions [p0, p0 + MP) into buffer buf (zeros past p_end) */
+    auto load = [&](int p0, int buf) {
+        __half *kd = k_s + buf * MP * ST, *vd = v_s + buf * MP * ST;
+#pragma unroll
+        for (int u = 0; u < MP * PPR / 128; u++) {
+            const int idx = tid + 128 * u, p = idx / PPR, piece = idx % PPR, pp = p0 + p;
+            const bool ok = pp < p_end;
+            size_t off = 0;
+            if (ok) {
+                const int blk = b.block_table[(size_t)seq * b.max_blocks + pp / b.block_size];
+                off = (((size_t)blk * b.block_size + pp % b.block_size) * s.nkv + kvh) * HD +
+                      piece * 8;
+            }
+            cp_async16(kd + p * ST + piece * 8, kc + off, ok);
+            cp_async16(vd + p * ST + piece * 8, vc + off, ok);
+        }
+    };
+    const int nsteps = p_begin < p_end ? (p_end - p_begin + MP - 1) / MP : 0;
+    if (nsteps > 0)
+        load(p_begin, 0);
+    cp_async_commit();
+
+    const int ra = warp * 16 + g, rb = ra + 8;
+    const int pa = ra < R ? b.tok_pos[t0 + ra / G] : -1, pb = rb < R ? b.tok_pos[t0 + rb / G] : -1;
+    const int wmax = __reduce_max_sync(0xffffffffu, max(pa, pb)); /* the warp's last position */
+    __syncthreads(); /* q_s */
+    uint32_t qf[KT][4];
+#pragma unroll
+    for (int kk = 0; kk < KT; kk++)
+        ldsm_x4(qf[kk], q_s + (warp * 16 + 8 * (mi & 1) + mr) * ST + 16 * kk + 8 * (mi >> 1));
+
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+        o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+    for (int i = 0; i < nsteps; i++) {
+        const int p0 = p_begin + i * MP, buf = i & 1;
+        if (i + 1 < nsteps)
+            load(p0 + MP, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads(); /* this step's K, V in shared memory */
+        if (p0 <= wmax) {
+            const __half *kb = k_s + buf * MP * ST, *vb = v_s + buf * MP * ST;
+            float sc[MP / 8][4];
+#pragma unroll
+            for (int j = 0; j < MP / 8; j++)
+                sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+            for (int j2 = 0; j2 < MP / 16; j2++)
+#pragma unroll
+                for (int kk = 0; kk < KT; kk++) {
+                    /* positions 16 j2 + (0..7 | 8..15), dims 16 kk + (0..7 | 8..15) */
+                    uint32_t kf[4];
+                    ldsm_x4(kf, kb + (16 * j2 + 8 * (mi >> 1) + mr) * ST + 16 * kk + 8 * (mi & 1));
+                    mma_16816(sc[2 * j2], qf[kk], kf[0], kf[1]);
+                    mma_16816(sc[2 * j2 + 1], qf[kk], kf[2], kf[3]);
+                }
+            float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < MP / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int p = p0 + 8 * j + 2 * t4 + e;
+                    if (p > pa || p >= p_end) sc[j][e] = -INFINITY;
+                    if (p > pb || p >= p_end) sc[j][2 + e] = -INFINITY;
+                    mx_a = fmaxf(mx_a, sc[j][e]);
+                    mx_b = fmaxf(mx_b, sc[j][2 + e]);
+                }
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+            const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+            /* a row with no position yet: max -inf; subtract 0 (every p is 0) */
+            const float ua = mn_a == -INFINITY ? 0.f : mn_a, ub = mn_b == -INFINITY ? 0.f : mn_b;
+            const float al_a = __expf(m_a - ua), al_b = __expf(m_b - ub); /* 0 from -inf */
+            m_a = mn_a;
+            m_b = mn_b;
+            float sa = 0.f, sb = 0.f;
+#pragma unroll
+            for (int j = 0; j < MP / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    sc[j][e] = __expf(sc[j][e] - ua);
+                    sc[j][2 + e] = __expf(sc[j][2 + e] - ub);
+                    sa += sc[j][e];
+                    sb += sc[j][2 + e];
+                }
+            l_a = l_a * al_a + sa; /* this lane's part; the quad's sum at the end */
+            l_b = l_b * al_b + sb;
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                o[n][0] *= al_a;
+                o[n][1] *= al_a;
+                o[n][2] *= al_b;
+                o[n][3] *= al_b;
+            }
+#pragma unroll
+            for (int k2 = 0; k2 < MP / 16; k2++) {
+                uint32_t pf[4]; /* P as the A operand: the accumulator layout, in fp16 */
+                pf[0] = pack_half2(sc[2 * k2][0], sc[2 * k2][1]);
+                pf[1] = pack_half2(sc[2 * k2][2], sc[2 * k2][3]);
+                pf[2] = pack_half2(sc[2 * k2 + 1][0], sc[2 * k2 + 1][1]);
+                pf[3] = pack_half2(sc[2 * k2 + 1][2], sc[2 * k2 + 1][3]);
+#pragma unroll
+                for (int dj = 0; dj < HD / 16; dj++) {
+                    /* positions 16 k2 + (0..7 | 8..15), dims 16 dj + (0..7 | 8..15) */
+                    uint32_t vf[4];
+                    ldsm_x4_t(vf, vb + (16 * k2 + 8 * (mi & 1) + mr) * ST + 16 * dj +
+                                      8 * (mi >> 1));
+                    mma_16816(o[2 * dj], pf, vf[0], vf[1]);
+                    mma_16816(o[2 * dj + 1], pf, vf[2], vf[3]);
+                }
+            }
+        }
+        __syncthreads(); /* this buffer read before the next step's copies into it */
+    }
+    cp_async_wait<0>();
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int r = h ? rb : ra;
+        if (r >= R) continue;
+        const size_t row = (size_t)(t0 + r / G) * s.nq + kvh * G + r % G;
+        const float l = h ? l_b : l_a, m = h ? m_b : m_a;
+        if (b.nsplit == 1) { /* every row saw position 0: l > 0 */
+            const float inv = 1.f / l;
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+                reinterpret_cast<half2 *>(out + row * HD)[4 * n + t4] =
+                    __floats2half2_rn(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+        } else {
+            float *dst = part + (row * b.nsplit + split) * (HD + 2);
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+                reinterpret_cast<float2 *>(dst)[4 * n + t4] =
+                    make_float2(o[n][2 * h], o[n][2 * h + 1]);
+            if (t4 == 0) {
+                dst[HD] = m;
+                dst[HD + 1] = l;
+            }
+        }
+    }
+}
+
 struct attn_in {
     const float *q, *qkv; /* one of them */
     cu_qkv_params qp;
@@ -370,6 +578,28 @@ static int g_pipe = -1;
 static int attn_pipe(void)
 {
     return cu_env_switch(&g_pipe, "LIGHTMOE_CUDA_ATTN_PIPE");
+}
+
+/* Prefill tiles on the tensor cores (k_attn_mma) unless
+ * LIGHTMOE_CUDA_ATTN_MMA=0 (read once; tests switch it with
+ * cu_attn_set_mma) */
+static int g_mma = -1;
+static int attn_mma(void)
+{
+    return cu_env_switch(&g_mma, "LIGHTMOE_CUDA_ATTN_MMA");
+}
+
+template <int HD>
+int launch_attn_mma(const cu_attn_shape *s, const attn_in &in, const cu_attn_batch *b,
+                    float *part, __half *out, cudaStream_t st, lm_err *err)
+{
+    constexpr int smem = mma_smem<HD>();
+    CUDA_TRY(err, cudaFuncSetAttribute(k_attn_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       smem));
+    dim3 grid(b->n_tiles, s->nkv, b->nsplit);
+    CU_LAUNCH(err, "attention (mma) launch", k_attn_mma<HD>, grid, 128, smem, st, *s, in.q,
+              (const __half *)in.kc, (const __half *)in.vc, *b, part, out);
+    return 0;
 }
 
 template <int RW, int HDP>
@@ -412,6 +642,11 @@ extern "C" int cu_attn_set_pipe(int on)
     return cu_env_switch_set(&g_pipe, "LIGHTMOE_CUDA_ATTN_PIPE", on);
 }
 
+extern "C" int cu_attn_set_mma(int on)
+{
+    return cu_env_switch_set(&g_mma, "LIGHTMOE_CUDA_ATTN_MMA", on);
+}
+
 extern "C" size_t cu_attn_scratch_floats(const cu_attn_shape *s, int n_tiles, int bq, int nsplit)
 {
     return (size_t)n_tiles * bq * s->nq * nsplit * (s->hd + 2);
@@ -436,13 +671,21 @@ static int attn_run(const cu_attn_shape *s, const attn_in &in, const cu_attn_bat
                           CU_ATTN_MAX_SPLIT_OWN);
     const int rw = (R + 3) / 4;
     int rc;
-    if (s->hd == 64)
-        rc = pick_rw<1>(rw, s, in, b, part, out, st, err);
-    else if (s->hd == 128)
-        rc = pick_rw<2>(rw, s, in, b, part, out, st, err);
-    else
-        rc = pick_rw<4>(rw, s, in, b, part, out, st, err);
-    if (rc || b->counters) return rc; /* merged by the attention blocks */
+    if (!in.qkv && b->bq > 1 && (s->hd == 64 || s->hd == 128) && attn_mma()) {
+        /* prefill tiles: one split is written out whole, several are
+         * merged by the merge kernel (the counters stay untouched at 0) */
+        rc = s->hd == 64 ? launch_attn_mma<64>(s, in, b, part, out, st, err)
+                         : launch_attn_mma<128>(s, in, b, part, out, st, err);
+        if (rc || b->nsplit == 1) return rc;
+    } else {
+        if (s->hd == 64)
+            rc = pick_rw<1>(rw, s, in, b, part, out, st, err);
+        else if (s->hd == 128)
+            rc = pick_rw<2>(rw, s, in, b, part, out, st, err);
+        else
+            rc = pick_rw<4>(rw, s, in, b, part, out, st, err);
+        if (rc || b->counters) return rc; /* merged by the attention blocks */
+    }
     /* every query row of every tile: rows are token * nq + head, dense in T */
     const int rows = b->T * s->nq;
     CU_LAUNCH(err, "attention merge launch", k_attn_merge, rows, 128, 0, st, (int)s->hd,

@@ -20,6 +20,11 @@
  * the counters stay zero between launches and a graph can replay them).
  * Supported: hd in {64, 128, 256}, bq * G <= 64, nsplit <= CU_ATTN_MAX_SPLIT
  * (CU_ATTN_MAX_SPLIT_OWN with counters).
+ *
+ * Tiles of several tokens (prefill) at hd 64 or 128 run on the tensor
+ * cores instead (k_attn_mma: 64 positions a step, mma.sync,
+ * FlashAttention-2) unless LIGHTMOE_CUDA_ATTN_MMA=0; its splits are always
+ * merged by the merge kernel and the counters are left as they are.
  */
 #ifndef LIGHTMOE_CUDA_ATTN_CUH
 #define LIGHTMOE_CUDA_ATTN_CUH
@@ -62,6 +67,12 @@ extern "C" {
  * computed (tiles of up to 16 rows), 0 loads each step after the last.
  * Returns the setting it replaces. */
 int cu_attn_set_pipe(int on);
+
+/* Tests and measurements: 1 (the default, unless LIGHTMOE_CUDA_ATTN_MMA=0)
+ * runs prefill tiles (bq > 1, hd 64 or 128, q given) on the tensor cores:
+ * mma.sync with fp16 q and probabilities, fp32 accumulators; 0 keeps them
+ * on k_attn. Returns the setting it replaces. */
+int cu_attn_set_mma(int on);
 
 /* Floats of split scratch cu_attn needs for this batch. */
 size_t cu_attn_scratch_floats(const cu_attn_shape *s, int n_tiles, int bq, int nsplit);

@@ -232,5 +232,24 @@ template <int N> __device__ __forceinline__ void cp_async_wait()
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+/* Four 8x8 fp16 matrices from shared memory (ldmatrix .x4): lane i gives
+ * the address of row i % 8 of matrix i / 8 (16 bytes, 16-byte aligned);
+ * r[m] is lane's (row lane / 4, columns 2 (lane % 4), +1) of matrix m, or
+ * of its transpose (_t). */
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *smem)
+{
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const void *smem)
+{
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
 #endif /* __CUDACC__ */
 #endif

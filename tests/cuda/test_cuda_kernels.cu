@@ -2,7 +2,7 @@
  * test_cuda_kernels.cu: every CUDA kernel of the engine against a plain CPU
  * twin (double accumulation), on random inputs of awkward sizes.
  *
- *   test_cuda_kernels int4|moe|norm|attn|attn1|forward|mega
+ *   test_cuda_kernels int4|moe|norm|attn|attn1|attnmma|forward|mega
  *
  * Each check prints its observed error and bound; any failure exits 1. With
  * no usable GPU the program prints why and exits 77 (ctest SKIP).
@@ -746,6 +746,8 @@ static void test_norm()
 
 /* ---- q/k/v post-processing and paged attention --------------------------------------- */
 
+static const char *g_attn_tag = ""; /* which attention kernel the labels name */
+
 static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const vector<int> &len,
                      int force_split)
 {
@@ -898,8 +900,8 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
     vector<float> agot(ao.size());
     for (size_t i = 0; i < ao.size(); i++)
         agot[i] = h2f(ao[i]);
-    snprintf(what, sizeof what, "attention nq=%d nkv=%d hd=%d T=%d ctx<=%d bq=%d split=%d", nq, nkv,
-             hd, T, maxctx, bq, force_split);
+    snprintf(what, sizeof what, "attention%s nq=%d nkv=%d hd=%d T=%d ctx<=%d bq=%d split=%d",
+             g_attn_tag, nq, nkv, hd, T, maxctx, bq, force_split);
     compare(what, agot.data(), aref.data(), T * nq, hd, 3e-3);
     /* the same, the splits merged by the attention's last block (counters);
      * twice: the counters must be back at zero after a launch */
@@ -921,8 +923,8 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
         ao = host((const uint16_t *)out, (size_t)T * nq * hd);
         for (size_t i = 0; i < ao.size(); i++)
             agot[i] = h2f(ao[i]);
-        snprintf(what, sizeof what, "attention own merge nq=%d nkv=%d hd=%d T=%d split=%d #%d", nq,
-                 nkv, hd, T, force_split, rep);
+        snprintf(what, sizeof what, "attention%s own merge nq=%d nkv=%d hd=%d T=%d split=%d #%d",
+                 g_attn_tag, nq, nkv, hd, T, force_split, rep);
         compare(what, agot.data(), aref.data(), T * nq, hd, 3e-3);
     }
     vector<int32_t> cnt = host(b.counters, (size_t)b.n_tiles * nkv);
@@ -1003,6 +1005,27 @@ static void test_attn()
         run_attn(32, 4, 128, {9000, 2500, 0, 63}, {1, 1, 1, 1}, split);
     run_attn(4, 1, 64, {300, 0, 17}, {1, 1, 1}, 4);
     run_attn(8, 2, 256, {40, 3}, {5, 1}, 2);
+}
+
+/* Prefill tiles on the tensor cores (cu_attn_set_mma, the default): the
+ * same CPU twin and bound; steps of 64 positions cut by the context, the splits and the
+ * causal edge at every offset; G = 1, 4, 8; hd 64 and 128 (hd 256 and
+ * decode tiles keep k_attn). */
+static void test_attn_mma()
+{
+    const int was = cu_attn_set_mma(1);
+    g_attn_tag = " (mma)";
+    const vector<int> prior = {0, 5, 40, 0, 100}, len = {1, 3, 17, 64, 300};
+    for (int split : {1, 3})
+        run_attn(8, 2, 64, prior, len, split);
+    for (int split : {1, 5})
+        run_attn(4, 4, 128, prior, len, split);
+    run_attn(32, 4, 128, {7, 0}, {17, 33}, 2);
+    run_attn(32, 4, 128, {0, 130}, {400, 70}, 1);
+    run_attn(16, 16, 128, {60}, {200}, 3);
+    run_attn(8, 2, 256, {40, 3}, {5, 1}, 2); /* not taken: k_attn */
+    g_attn_tag = "";
+    cu_attn_set_mma(was);
 }
 
 /* ---- whole forward: batched == unbatched, paths agree ---------------------------------- */
@@ -1237,12 +1260,16 @@ int main(int argc, char **argv)
     if (!strcmp(what, "attn1")) /* the default attention only (racecheck's time) */
         test_attn();
     if (all || !strcmp(what, "attn")) {
+        /* k_attn for every tile (prefill tiles: LIGHTMOE_CUDA_ATTN_MMA=0) */
+        const int mma = cu_attn_set_mma(0);
         test_attn(); /* the K/V loads of the next step in flight (default) */
         printf("-- attention again, each step loaded after the last (LIGHTMOE_CUDA_ATTN_PIPE=0)\n");
         const int was = cu_attn_set_pipe(0);
         test_attn();
         cu_attn_set_pipe(was);
+        cu_attn_set_mma(mma);
     }
+    if (all || !strcmp(what, "attn") || !strcmp(what, "attnmma")) test_attn_mma();
     if (all || !strcmp(what, "forward")) test_forward();
     if (all || !strcmp(what, "mega")) test_mega();
     printf("%s\n", g_fail ? "FAILED" : "all passed");
