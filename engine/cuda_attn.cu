@@ -8,7 +8,9 @@
  * hits bank p), lane p scores position p for the warp's rows, the warp
  * updates each row's running max / sum (online softmax), then multiplies
  * the probabilities (broadcast by shuffle) with V; lane l owns output
- * dimensions 2l + 64j, j < hd/64.
+ * dimensions 2l + 64j, j < hd/64. That is k_attn (decode, and every
+ * tile at hd 256 or with LIGHTMOE_CUDA_ATTN_MMA=0); prefill tiles at hd
+ * 64 and 128 run on the tensor cores (k_attn_mma, below).
  */
 #include <stdlib.h>
 #include <string.h>
