@@ -923,8 +923,11 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
         ao = host((const uint16_t *)out, (size_t)T * nq * hd);
         for (size_t i = 0; i < ao.size(); i++)
             agot[i] = h2f(ao[i]);
-        snprintf(what, sizeof what, "attention%s own merge nq=%d nkv=%d hd=%d T=%d split=%d #%d",
-                 g_attn_tag, nq, nkv, hd, T, force_split, rep);
+        /* k_attn_mma leaves the counters alone: the merge kernel merges */
+        const bool mma = g_attn_tag[0] && !decode && (hd == 64 || hd == 128);
+        snprintf(what, sizeof what, "attention%s %s nq=%d nkv=%d hd=%d T=%d split=%d #%d",
+                 g_attn_tag, mma ? "with counters" : "own merge", nq, nkv, hd, T, force_split,
+                 rep);
         compare(what, agot.data(), aref.data(), T * nq, hd, 3e-3);
     }
     vector<int32_t> cnt = host(b.counters, (size_t)b.n_tiles * nkv);
