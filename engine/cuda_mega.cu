@@ -24,13 +24,14 @@ constexpr int SB = 4;       /* attention: 32-position steps a batch of K/V tiles
 constexpr int KP = 2;       /* halves of padding a K tile row (conflict-free columns) */
 
 /* One piece of a phase's matrix: rows [first, first + count) of the phase
- * (row pieces: gate/up of each expert) or chunks [first, first + count)
- * of every row (chunk pieces: the down products, one per expert). */
+ * (row pieces: gate/up of each expert, the dense products), or a whole
+ * matrix whose products are summed with the other pieces' (chunk pieces:
+ * the down products, one per expert; first and count unused). */
 struct Seg {
     const uint8_t *qs;
     const __half *sc;
     const uint8_t *zp;
-    int32_t first, count;
+    int32_t first, count; /* row pieces */
     int32_t kch;        /* 32-weight chunks a row of this matrix */
     int32_t G, gshift;  /* scale groups a row; log2(weights a group / 32) */
     int32_t in_off;     /* chunk pieces: where the piece's input starts */
@@ -52,7 +53,6 @@ struct Reg {
 };
 
 struct Phase {
-    int32_t chseg, nseg, N;    /* chunk pieces?, pieces, rows */
     int32_t r0, r1;            /* this block's rows */
     int32_t TS, nreg, items;   /* lanes a row, regions, rows of all regions */
     Seg seg[MAXSEG];
@@ -161,9 +161,6 @@ __host__ __device__ inline Layout layout_of(const cu_mega_args &a, int nb)
  * of every piece, whose results are summed (DOWN). */
 __device__ void phase_finish(Phase &P, int N, int chseg, int nseg)
 {
-    P.N = N;
-    P.chseg = chseg;
-    P.nseg = nseg;
     const int units = N / 2, b = blockIdx.x, nb = gridDim.x;
     P.r0 = (int)((long long)units * b / nb) * 2;
     P.r1 = (int)((long long)units * (b + 1) / nb) * 2;
@@ -887,11 +884,10 @@ __global__ void __launch_bounds__(NT, 1) k_mega(cu_mega_args a)
             for (int s = 0; s < k; s++)
                 set_seg(PU.seg[s], L.gate_up, ids[s], s * 2 * I, 2 * I, 0, s * I, 1.f);
             phase_finish(PU, k * 2 * I, 0, k);
-            const int ci = I / 32;
             for (int s = 0; s < k; s++)
-                set_seg(PD.seg[s], L.down, ids[s], s * ci, ci, s * I, 0, wts[s]);
+                set_seg(PD.seg[s], L.down, ids[s], 0, 0, s * I, 0, wts[s]);
             int ns = k;
-            if (shared) set_seg(PD.seg[ns++], L.sh_down, 0, k * ci, a.sI / 32, k * I, 0, *sg);
+            if (shared) set_seg(PD.seg[ns++], L.sh_down, 0, 0, 0, k * I, 0, *sg);
             phase_finish(PD, H, 1, ns);
         } else if (tid == 32 && l + 1 < a.n_layers) {
             phase_dense(PQ, lt[l + 1].qkv, 0);
