@@ -24,6 +24,16 @@ namespace
 
 constexpr int P = 32;
 
+/* Positions [p_begin, p_end) of split `split` of a context of ctx: whole
+ * P-position steps, as even as they go (both kernels). */
+__device__ __forceinline__ void split_span(int ctx, int nsplit, int split, int &p_begin,
+                                           int &p_end)
+{
+    const int nt = (ctx + P - 1) / P, per = (nt + nsplit - 1) / nsplit;
+    p_begin = split * per * P;
+    p_end = min(ctx, (split + 1) * per * P);
+}
+
 template <int RW, int HDP> constexpr int attn_smem()
 {
     return 4 * RW * 64 * HDP * 4 + 2 * P * (64 * HDP + 2) * 2;
@@ -61,8 +71,8 @@ __global__ void __launch_bounds__(128)
     const int G = s.nq / s.nkv, R = tcount * G;
     const int seq = b.tok_seq[t0];
     const int ctx = b.tok_pos[t0 + tcount - 1] + 1;
-    const int nt = (ctx + P - 1) / P, per = (nt + b.nsplit - 1) / b.nsplit;
-    const int p_begin = split * per * P, p_end = min(ctx, (split + 1) * per * P);
+    int p_begin, p_end;
+    split_span(ctx, b.nsplit, split, p_begin, p_end);
     const float scale = rsqrtf((float)HD);
 
     if (!qkv) {
@@ -406,8 +416,8 @@ __global__ void __launch_bounds__(128)
     const int G = s.nq / s.nkv, R = tcount * G;
     const int seq = b.tok_seq[t0];
     const int ctx = b.tok_pos[t0 + tcount - 1] + 1;
-    const int nt = (ctx + 31) / 32, per = (nt + b.nsplit - 1) / b.nsplit;
-    const int p_begin = split * per * 32, p_end = min(ctx, (split + 1) * per * 32);
+    int p_begin, p_end;
+    split_span(ctx, b.nsplit, split, p_begin, p_end);
     const float scale = rsqrtf((float)HD);
 
     for (int idx = tid; idx < MP * HD / 2; idx += 128) {
