@@ -1011,9 +1011,9 @@ static void test_attn()
 }
 
 /* Prefill tiles on the tensor cores (cu_attn_set_mma, the default): the
- * same CPU twin and bound; steps of 64 positions cut by the context, the splits and the
- * causal edge at every offset; G = 1, 4, 8; hd 64 and 128 (hd 256 and
- * decode tiles keep k_attn). */
+ * same CPU twin and bound; 64-position steps cut by the context, the
+ * splits and the causal edge at every offset; G = 1, 4 and 8; hd 64 and
+ * 128, and hd 256, which must still go to k_attn. */
 static void test_attn_mma()
 {
     const int was = cu_attn_set_mma(1);
