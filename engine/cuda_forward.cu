@@ -76,6 +76,12 @@ struct cu_state {
     int silu_rows;
     int32_t *attn_cnt;      /* [Tm * nkv] split counters of the attention's own merge */
     int qkv_fused;          /* decode: q/k/v post-processing inside the attention kernel */
+    int fold;               /* one-token steps: the MoE combine in the down product, the
+                             * attention norm in the qkv product (LIGHTMOE_CUDA_FOLD) */
+    long n_folds;           /* folded products launched (tests) */
+    int down_pf;            /* the experts' gate_up blocks send their down weights to L2 */
+    char skip[16];          /* measurement only (LIGHTMOE_CUDA_SKIP): launches left out of
+                             * one-token steps, to time what each costs; wrong results */
     int step_decode;        /* the step being launched has one token per piece */
     /* per-operation timing (benchmarks): events around each launch group */
     int prof_on, prof_n;
@@ -276,6 +282,23 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
      * runs in parallel over rows while one block merges serially. */
     const char *qf = getenv("LIGHTMOE_CUDA_QKV_FUSE");
     s->qkv_fused = !(qf && qf[0] == '0');
+    /* one-token steps, two launches a layer fewer: the routed (and shared)
+     * experts' down products add into the residual atomically (no combine
+     * kernel), and the next qkv product normalises its own input (no norm
+     * kernel). Off unless LIGHTMOE_CUDA_FOLD=1 (docs/PERF.md, round 10). */
+    const char *fo = getenv("LIGHTMOE_CUDA_FOLD");
+    s->fold = fo && fo[0] == '1';
+    /* one-token gate_up blocks ask L2 for their expert's down weights (a
+     * share each), so that the down product reads L2; off unless
+     * LIGHTMOE_CUDA_DOWN_PF=1 (docs/PERF.md, round 10) */
+    const char *dp = getenv("LIGHTMOE_CUDA_DOWN_PF");
+    s->down_pf = dp && dp[0] == '1';
+    /* measurement only: letters of the one-token step's launches to leave
+     * out (q qkv, a attention, o o_proj, u experts' gate_up, d down, c
+     * combine); the step's time without them says what they cost inside
+     * the graph. The logits are then wrong; never for serving. */
+    const char *sk = getenv("LIGHTMOE_CUDA_SKIP");
+    snprintf(s->skip, sizeof s->skip, "%s", sk ? sk : "");
     /* one-token steps in one kernel: not with tensor parallelism (collectives
      * between the phases) nor for models it does not cover */
     if (s->o.comm)
@@ -515,6 +538,11 @@ extern "C" int cu_state_graph_count(const cu_state *s)
     return s && s->o.graphs ? s->n_graphs : 0;
 }
 
+extern "C" long cu_state_folds(const cu_state *s)
+{
+    return s ? s->n_folds : 0;
+}
+
 extern "C" int cu_state_mega(const cu_state *s, const char **why)
 {
     if (why)
@@ -674,10 +702,52 @@ static int linear_dequant(cu_state *s, const cu_linear *L, int T, const __half *
     return 0;
 }
 
-/* A dense (one-expert) layer over T rows of a. */
+/* A dense (one-expert) layer over T rows of a; r_in, if not NULL, gives
+ * the row description's extra fields (row_scale, x_f32, ...). */
+static int linear_rows(cu_state *s, const cu_linear *L, int T, const __half *a, int lda,
+                       void *out, int ldo, cu_out_mode mode, const cu_gemm_rows *r_in,
+                       lm_err *err);
 static int linear(cu_state *s, const cu_linear *L, int T, const __half *a, int lda, void *out,
                   int ldo, cu_out_mode mode, lm_err *err)
 {
+    return linear_rows(s, L, T, a, lda, out, ldo, mode, NULL, err);
+}
+
+/* LIGHTMOE_CUDA_SKIP (measurement): leave launch `c` out of this step */
+static int skipped(const cu_state *s, int T, char c)
+{
+    return T == 1 && s->skip[0] && strchr(s->skip, c);
+}
+
+/* The one-token folds (s->fold): only where the product is sure to take
+ * the one-token INT4 gemv (the atomic output and the normalising input
+ * exist there only). */
+static int fold_gemv(const cu_state *s, const cu_linear *L, int T, cu_out_mode mode)
+{
+    return L->kind == CU_W_INT4 && T == 1 && kpath(s) != CU_GEMM_MMA && !use_dequant(s, L, T, mode);
+}
+/* qkv computes rmsnorm(x) * attn_norm itself */
+static int fold_qkv(const cu_state *s, const cu_layer *L, int T)
+{
+    const int H = s->m->hidden;
+    return s->fold && !s->tp && L->attn_norm && !L->qkv.perm && H % 32 == 0 && H >= 256 &&
+           H <= 8192 && fold_gemv(s, &L->qkv, T, CU_OUT_F32);
+}
+/* the experts' down products add into x; no combine */
+static int fold_moe(const cu_state *s, const cu_layer *L, int T)
+{
+    return s->fold && !s->tp && L->moe && L->gate_up.kind == CU_W_INT4 &&
+           fold_gemv(s, &L->down, T, CU_OUT_F32_ADD) &&
+           (L->sh_gate_up.kind == CU_W_NONE || fold_gemv(s, &L->sh_down, T, CU_OUT_F32_ADD));
+}
+
+static int linear_rows(cu_state *s, const cu_linear *L, int T, const __half *a, int lda,
+                       void *out, int ldo, cu_out_mode mode, const cu_gemm_rows *r_in,
+                       lm_err *err)
+{
+    if (r_in && (L->kind != CU_W_INT4 || mode == CU_OUT_SILU_F16 || (r_in->x_f32 && L->perm)))
+        return lm_err_set(err, -EINVAL, "cuda: a folded product needs INT4 weights%s",
+                          r_in->x_f32 && L->perm ? " in order" : "");
     if (L->kind == CU_W_F16)
         return gemm_f16(s, L, 0, T, a, lda, out, ldo, mode, err);
     if (L->kind != CU_W_INT4)
@@ -693,7 +763,10 @@ static int linear(cu_state *s, const cu_linear *L, int T, const __half *a, int l
         return linear_dequant(s, L, T, a, lda, out, ldo, mode, err);
     cu_int4_weights w = int4_of(L, 0);
     cu_gemm_rows r;
-    memset(&r, 0, sizeof(r));
+    if (r_in)
+        r = *r_in;
+    else
+        memset(&r, 0, sizeof(r));
     r.n_rows = T;
     return cu_int4_matmul(&w, &r, a, lda, out, ldo, mode, kpath(s), s->st, err);
 }
@@ -784,8 +857,10 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
     }
     prof_mark(s, P_GROUP);
 
+    const int fold = fold_moe(s, L, T);
     if (L->gate_up.kind == CU_W_INT4) {
         cu_gemm_rows r;
+        memset(&r, 0, sizeof(r));
         r.n_rows = n;
         r.offsets = s->plan.offsets;
         r.items = s->plan.items;
@@ -805,9 +880,12 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
             r.a_rows = NULL;
         }
         cu_int4_weights w = int4_of(&L->gate_up, 0);
-        if ((rc = cu_int4_matmul(&w, &r, a, lda, s->h, I, CU_OUT_SILU_F16, kpath(s),
-                                 s->st, err)))
+        if (s->down_pf && L->down.kind == CU_W_INT4)
+            r.pf = int4_of(&L->down, 0);
+        if (!skipped(s, T, 'u') &&
+            (rc = cu_int4_matmul(&w, &r, a, lda, s->h, I, CU_OUT_SILU_F16, kpath(s), s->st, err)))
             return rc;
+        memset(&r.pf, 0, sizeof(r.pf));
         const __half *hin = s->h;
         r.a_rows = NULL;
         if (L->down.perm) {
@@ -821,8 +899,14 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
          * down product loads its experts' weights before waiting */
         r.plan_ready = cu_early_loads();
         w = int4_of(&L->down, 0);
-        if ((rc = cu_int4_matmul(&w, &r, hin, I, s->y, H, CU_OUT_F32, kpath(s),
-                                 s->st, err)))
+        if (fold) { /* x[token] += weight * down(h), atomically */
+            r.out_rows = s->plan.ent_token;
+            r.row_scale = s->plan.ent_weight;
+            s->n_folds++;
+        }
+        if (!skipped(s, T, 'd') &&
+            (rc = cu_int4_matmul(&w, &r, hin, I, fold ? s->x : s->y, H,
+                                 fold ? CU_OUT_F32_ADD : CU_OUT_F32, kpath(s), s->st, err)))
             return rc;
         prof_mark(s, P_DOWN);
     } else {
@@ -848,10 +932,21 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
         const int sI = L->sh_down.k;
         if ((rc = linear(s, &L->sh_gate_up, T, s->xn, H, s->hs, sI, CU_OUT_SILU_F16, err)))
             return rc;
-        if ((rc = linear(s, &L->sh_down, T, s->hs, sI, s->ys, H, CU_OUT_F32, err)))
+        if (fold) { /* x += sigmoid gate * shared(h), atomically */
+            cu_gemm_rows r;
+            memset(&r, 0, sizeof(r));
+            r.row_scale = s->sg;
+            s->n_folds++;
+            rc = linear_rows(s, &L->sh_down, T, s->hs, sI, s->x, H, CU_OUT_F32_ADD, &r, err);
+        } else {
+            rc = linear(s, &L->sh_down, T, s->hs, sI, s->ys, H, CU_OUT_F32, err);
+        }
+        if (rc)
             return rc;
         prof_mark(s, P_SHARED);
     }
+    if (fold || skipped(s, T, 'c'))
+        return 0;
     rc = cu_moe_combine_norm(s->x, H, T, k, s->y, s->plan.pos, s->plan.ent_weight,
                              L->sh_gate_up.kind != CU_W_NONE ? s->ys : NULL, s->sg, next_norm,
                              m->eps, s->xn, s->st, err);
@@ -1110,15 +1205,28 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
         const cu_layer *L = &m->layers[l];
         __half *kc = s->kv + (size_t)(2 * l) * s->kv_layer_elems;
         __half *vc = s->kv + (size_t)(2 * l + 1) * s->kv_layer_elems;
-        if (!normed &&
-            (rc = cu_rmsnorm(s->x, H, NULL, T, L->attn_norm, m->eps, s->xn, NULL, s->st, err)))
-            return rc;
-        prof_mark(s, P_NORM);
-        if ((rc = linear(s, &L->qkv, T, s->xn, H, s->qkv, nqkv, CU_OUT_F32, err)))
-            return rc;
+        if (skipped(s, T, 'q')) {
+        } else if (!normed && fold_qkv(s, L, T)) { /* the product normalises x itself */
+            cu_gemm_rows r;
+            memset(&r, 0, sizeof(r));
+            r.x_f32 = s->x;
+            r.x_norm = L->attn_norm;
+            r.x_eps = m->eps;
+            s->n_folds++;
+            if ((rc = linear_rows(s, &L->qkv, T, s->xn, H, s->qkv, nqkv, CU_OUT_F32, &r, err)))
+                return rc;
+        } else {
+            if (!normed &&
+                (rc = cu_rmsnorm(s->x, H, NULL, T, L->attn_norm, m->eps, s->xn, NULL, s->st, err)))
+                return rc;
+            prof_mark(s, P_NORM);
+            if ((rc = linear(s, &L->qkv, T, s->xn, H, s->qkv, nqkv, CU_OUT_F32, err)))
+                return rc;
+        }
         prof_mark(s, P_QKV);
         cu_qkv_params qp = {L->qkv_bias, L->q_norm, L->k_norm, m->eps, s->inv_freq};
-        if (s->qkv_fused && s->step_decode) {
+        if (skipped(s, T, 'a')) {
+        } else if (s->qkv_fused && s->step_decode) {
             if ((rc = cu_attn_qkv(&shape, s->qkv, &qp, kc, vc, ab, s->part, s->att, s->st, err)))
                 return rc;
         } else {
@@ -1130,7 +1238,8 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
         }
         prof_mark(s, P_ATTN);
         if ((rc = tp_zero(s, T, err)) ||
-            (rc = linear(s, &L->o, T, s->att, nqd, s->x, H, CU_OUT_F32_ACC, err)))
+            (!skipped(s, T, 'o') &&
+             (rc = linear(s, &L->o, T, s->att, nqd, s->x, H, CU_OUT_F32_ACC, err))))
             return rc;
         prof_mark(s, P_O);
         if ((rc = tp_sum(s, T, err)))
@@ -1148,7 +1257,7 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
             const float *next = l + 1 < m->n_layers && !s->tp ? m->layers[l + 1].attn_norm : NULL;
             if ((rc = moe_block(s, L, T, next, err)))
                 return lm_err_prefix(err, "layer %d", l);
-            normed = next != NULL;
+            normed = next != NULL && !fold_moe(s, L, T); /* folded: no combine wrote xn */
         } else {
             const int I = L->down.k;
             if ((rc = linear(s, &L->gate_up, T, s->xn, H, s->h, I, CU_OUT_SILU_F16, err)))

@@ -56,12 +56,26 @@ typedef struct cu_gemm_rows {
     int32_t plan_ready;      /* grouped: items, n_items were written two or more launches
                               * before this product, so the one-token kernel may read them
                               * (and load the weights they name) before its dependency wait */
+    const int32_t *out_rows; /* [entries] row of Y for entry i (CU_OUT_F32_ADD), NULL = i */
+    /* One-token gemv only (tile 1, dense, CU_OUT_F32): when x_f32 is set, A
+     * is not read; every block computes A = fp16(rmsnorm(x_f32[i]) * x_norm)
+     * itself (sum of squares in fp32, as cu_rmsnorm), so that the norm
+     * needs no launch of its own. K % 4 == 0, 256 <= K <= 8192. */
+    const float *x_f32;
+    const float *x_norm;
+    float x_eps;
+    /* Grouped one-token gemv only: if pf.qs, each block asks L2 for its share
+     * (by blockIdx.x) of expert e's matrix in pf (the next product's weights)
+     * once its own first loads are issued. Hint only: results never change. */
+    cu_int4_weights pf;
 } cu_gemm_rows;
 
 typedef enum cu_out_mode {
     CU_OUT_F32 = 0,      /* Y[i][n] = v (float)            */
     CU_OUT_F32_ACC = 1,  /* Y[i][n] += v (float)           */
     CU_OUT_SILU_F16 = 2, /* rows (2j, 2j+1) = (gate, up): Y[i][j] = silu(g) * u (half) */
+    CU_OUT_F32_ADD = 3,  /* Y[out_row(i)][n] += v, atomically (float; the order of the
+                          * additions is not fixed); gemv only */
 } cu_out_mode;
 
 typedef enum cu_gemm_path {

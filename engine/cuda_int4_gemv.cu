@@ -23,16 +23,23 @@
 
 namespace {
 
-template <int MT, int TPR, int MODE, int NCH>
+/* NORM (MT 1, dense, CU_OUT_F32 only): A is rmsnorm(r.x_f32 row) * r.x_norm,
+ * made by each block in dynamic shared memory (K halves, then the K norm
+ * weights: 6K bytes) right after the dependency wait, while the first
+ * chunks' weight loads are in flight. */
+template <int MT, int TPR, int MODE, int NCH, bool NORM = false>
 __global__ void __launch_bounds__(128)
     k_int4_gemv(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
                 void *__restrict__ out, int ldo)
 {
+    extern __shared__ uint4 s_dyn[]; /* NORM: the block's A row */
+    __shared__ float s_norm_part[32]; /* NORM: block_sum's scratch */
     /* Dense products read only weights before the previous kernel is done
      * (programmatic dependent launch): the first chunks' loads are issued,
      * then the wait. Grouped ones need the work list first, unless it was
-     * made before the previous kernel (plan_ready: the down product). */
-    const bool pre = (!r.items || r.plan_ready) && !r.a_rows && !r.row_scale;
+     * made before the previous kernel (plan_ready: the down product).
+     * row_scale and out_rows are read only after the wait. */
+    const bool pre = (!r.items || r.plan_ready) && !r.a_rows;
     bool waited = !pre;
     if (!pre) {
         cu_pdl_wait();
@@ -52,6 +59,54 @@ __global__ void __launch_bounds__(128)
     const __half *sc = w.scales + (size_t)e * n * G;
     const uint8_t *zp = w.zeros + (size_t)e * n * G;
     const int cnt = end - start;
+    const __half *s_a = reinterpret_cast<const __half *>(s_dyn);
+    /* NORM: the norm's weights are static, so they are copied to shared
+     * memory (after A's K halves) before the wait; after it, x's sum of
+     * squares, then A into shared memory */
+    if constexpr (NORM) {
+        float *s_nw = reinterpret_cast<float *>(s_dyn) + K / 2;
+        for (int i = threadIdx.x; i < K / 4; i += 128)
+            cp_async16(s_nw + 4 * i, r.x_norm + 4 * i, true);
+        cp_async_commit();
+    }
+    auto norm_in = [&]() {
+        if constexpr (NORM) {
+            const float4 *x4 = reinterpret_cast<const float4 *>(r.x_f32 + (size_t)start * K);
+            const float4 *g4 = reinterpret_cast<const float4 *>(s_dyn) + K / 8;
+            float ss = 0.f;
+            for (int i = threadIdx.x; i < K / 4; i += 128) {
+                const float4 v = x4[i];
+                ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            }
+            cp_async_wait<0>(); /* block_sum's barriers publish the copies */
+            const float inv = rsqrtf(block_sum(ss, s_norm_part) / (float)K + r.x_eps);
+            __half2 *sa = reinterpret_cast<__half2 *>(s_dyn);
+            for (int i = threadIdx.x; i < K / 4; i += 128) {
+                const float4 v = x4[i], g = g4[i];
+                sa[2 * i] = __floats2half2_rn(g.x * (v.x * inv), g.y * (v.y * inv));
+                sa[2 * i + 1] = __floats2half2_rn(g.z * (v.z * inv), g.w * (v.w * inv));
+            }
+            __syncthreads();
+        }
+    };
+
+    /* the block's share of expert e's next matrix (r.pf), to L2 */
+    auto l2_prefetch = [&]() {
+        if (!r.pf.qs || !r.items)
+            return;
+        const size_t G = (size_t)r.pf.n * (r.pf.k / r.pf.group);
+        const size_t nb[3] = {(size_t)r.pf.n * (r.pf.k / 2), 2 * G, G};
+        const uint8_t *base[3] = {r.pf.qs + (size_t)e * nb[0],
+                                  reinterpret_cast<const uint8_t *>(r.pf.scales) + (size_t)e * nb[1],
+                                  r.pf.zeros + (size_t)e * nb[2]};
+#pragma unroll
+        for (int t = 0; t < 3; t++) {
+            const size_t share = (nb[t] + gridDim.x - 1) / gridDim.x;
+            const size_t lo = blockIdx.x * share, hi = min(nb[t], lo + share);
+            for (size_t o = lo + 128 * threadIdx.x; o < hi; o += 128 * 128)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(base[t] + o));
+        }
+    };
 
     const __half *arow[MT];
 #pragma unroll
@@ -95,7 +150,8 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if (m < cnt) {
-                    uint4 xv = __ldg(reinterpret_cast<const uint4 *>(arow[m] + c * 32 + q * 8));
+                    uint4 xv = NORM ? *reinterpret_cast<const uint4 *>(s_a + c * 32 + q * 8)
+                                    : __ldg(reinterpret_cast<const uint4 *>(arow[m] + c * 32 + q * 8));
                     uint32_t xp[4];
                     int4_xpairs(xv, xp);
 #pragma unroll
@@ -116,10 +172,13 @@ __global__ void __launch_bounds__(128)
             load(c, wa, sa, za);
             if (two)
                 load(c + TPR, wb, sb, zb);
-            if (!waited) {
+            if (c == tl) /* the first step */
+                l2_prefetch();
+            if (!waited) { /* every lane gets here in the first step (C >= TPR) */
                 cu_pdl_wait();
                 cu_pdl_trigger();
                 waited = true;
+                norm_in();
             }
             compute(c, wa, sa, za);
             if (two)
@@ -133,10 +192,13 @@ __global__ void __launch_bounds__(128)
             for (int u = 0; u < NCH; u++)
                 if (c + u * TPR < C)
                     load(c + u * TPR, wv[u], s2[u], z2[u]);
-            if (!waited) {
+            if (c == tl)
+                l2_prefetch();
+            if (!waited) { /* every lane gets here in the first step (C >= TPR) */
                 cu_pdl_wait();
                 cu_pdl_trigger();
                 waited = true;
+                norm_in();
             }
 #pragma unroll
             for (int u = 0; u < NCH; u++)
@@ -191,11 +253,14 @@ __global__ void __launch_bounds__(128)
                 if (row0 + j + 1 < n)
                     o[(row0 + j) / 2] = __float2half(cu_silu(acc[j][m]) * acc[j + 1][m] * rs);
         } else {
-            float *o = static_cast<float *>(out) + (size_t)i * ldo;
+            const int orow = MODE == CU_OUT_F32_ADD && r.out_rows ? r.out_rows[i] : i;
+            float *o = static_cast<float *>(out) + (size_t)orow * ldo;
 #pragma unroll
             for (int j = 0; j < 4; j++)
                 if (row0 + j < n) {
-                    if (MODE == CU_OUT_F32_ACC)
+                    if (MODE == CU_OUT_F32_ADD)
+                        atomicAdd(o + row0 + j, acc[j][m] * rs);
+                    else if (MODE == CU_OUT_F32_ACC)
                         o[row0 + j] += acc[j][m] * rs;
                     else
                         o[row0 + j] = acc[j][m] * rs;
@@ -214,10 +279,20 @@ int launch_gemv_mode(const cu_int4_weights *w, const cu_gemm_rows *r, const __ha
     if (gy == 0)
         return 0;
     cudaError_t e = cudaSuccess;
+    if constexpr (MT == 1) {
+        if (r->x_f32) { /* checked by cu_int4_gemv: dense, CU_OUT_F32 */
+            e = cu_launch(k_int4_gemv<1, TPR, CU_OUT_F32, NCH, true>, grid, 128, (size_t)w->k * 6,
+                          st, *w, *r, a, lda, out, ldo);
+            if (e != cudaSuccess)
+                cudaGetLastError();
+            return e == cudaSuccess ? 0 : (int)e;
+        }
+    }
     switch (mode) {
     case CU_OUT_F32: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32, NCH>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
     case CU_OUT_F32_ACC: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32_ACC, NCH>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
     case CU_OUT_SILU_F16: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_SILU_F16, NCH>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
+    case CU_OUT_F32_ADD: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32_ADD, NCH>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
     }
     if (e != cudaSuccess)
         cudaGetLastError(); /* e is reported by the caller; clear it here */
@@ -360,6 +435,17 @@ extern "C" int cu_int4_gemv(const cu_int4_weights *w, const cu_gemm_rows *r, con
     int rc = check_args(w, lda, mode, err);
     if (rc)
         return rc;
+    if (r->x_f32) {
+        if (tile != 1 || mode != CU_OUT_F32 || r->items || r->a_rows || !r->x_norm)
+            return lm_err_set(err, -EINVAL,
+                              "int4 gemv: the normalising input needs one token, a dense layer "
+                              "and plain fp32 output (tile %d, mode %d)", tile, (int)mode);
+        if (w->k % 4 || w->k < 256 || w->k > 8192 ||
+            (((uintptr_t)r->x_f32 | (uintptr_t)r->x_norm) & 15))
+            return lm_err_set(err, -EINVAL,
+                              "int4 gemv: the normalising input needs K %% 4 == 0, 256 <= K <= "
+                              "8192 and 16-byte aligned rows (K %d)", w->k);
+    }
     switch (tile) {
     case 1: rc = launch_gemv_tpr<1>(w, r, a, lda, out, ldo, mode, st); break;
     case 2: rc = launch_gemv_tpr<2>(w, r, a, lda, out, ldo, mode, st); break;
@@ -396,6 +482,10 @@ extern "C" int cu_int4_matmul(const cu_int4_weights *w, const cu_gemm_rows *r, c
                               cudaStream_t st, lm_err *err)
 {
     int tile = r->items ? r->tile : cu_int4_tile_for(r->n_rows, r->n_rows, path);
+    if (tile > 8 && (mode == CU_OUT_F32_ADD || r->x_f32))
+        return lm_err_set(err, -EINVAL,
+                          "int4 matmul: atomic output and a normalising input are gemv-only "
+                          "(tile %d)", tile);
     if (tile <= 8)
         return cu_int4_gemv(w, r, a, lda, out, ldo, mode, tile, st, err);
     return cu_int4_mma(w, r, a, lda, out, ldo, mode, tile, st, err);

@@ -261,6 +261,7 @@ int launch_mma(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a,
         LAUNCH(CU_OUT_F32_ACC)
         LAUNCH(CU_OUT_SILU_F16)
 #undef LAUNCH
+    case CU_OUT_F32_ADD: break; /* refused by cu_int4_mma */
     }
     CUDA_LAUNCH_CHECK(err, "int4 mma launch");
     return 0;
@@ -279,6 +280,9 @@ extern "C" int cu_int4_mma(const cu_int4_weights *w, const cu_gemm_rows *r, cons
         return lm_err_set(err, -EINVAL, "int4 mma: lda %d not a multiple of 8", lda);
     if (mode == CU_OUT_SILU_F16 && w->n % 2)
         return lm_err_set(err, -EINVAL, "int4 mma: fused SiLU needs an even row count");
+    if (mode == CU_OUT_F32_ADD || r->x_f32)
+        return lm_err_set(err, -EINVAL, "int4 mma: atomic output and a normalising input are "
+                                        "the gemv's only");
     switch (tile) {
     case 16: return launch_mma<1>(w, r, a, lda, out, ldo, mode, st, err);
     case 32: return launch_mma<2>(w, r, a, lda, out, ldo, mode, st, err);

@@ -117,6 +117,10 @@ size_t cu_state_free_bytes(const cu_state *s);
 /* Tests: decode-step CUDA graphs captured so far (0 when graphs are off
  * or s is NULL). */
 int cu_state_graph_count(const cu_state *s);
+/* Tests: products launched folded (LIGHTMOE_CUDA_FOLD=1 at creation: qkv
+ * normalising its input, down products adding into the residual) since
+ * creation; a captured graph counts once. */
+long cu_state_folds(const cu_state *s);
 /* 1 if one-token steps run as one persistent kernel (cuda_mega.cuh);
  * else 0, and *why (if why) says why not. */
 int cu_state_mega(const cu_state *s, const char **why);

@@ -104,6 +104,14 @@ static void compare(const char *what, const float *got, const double *ref, int r
         g_fail = 1;
 }
 
+static void expect_einval(const char *what, int rc, const lm_err &e)
+{
+    const bool ok = rc == -EINVAL && e.msg[0];
+    printf("%-4s %s refused (%s)\n", ok ? "ok" : "FAIL", what, e.msg);
+    if (!ok)
+        g_fail = 1;
+}
+
 /* ---- INT4 products ------------------------------------------------------------- */
 
 struct qmat {
@@ -319,6 +327,7 @@ static void run_grouped(int H, int I, int g, int E, int k, int T, cu_gemm_path p
     const int tile = cu_int4_tile_for(T, (T * k + E - 1) / E, path);
     OK(cu_moe_group(dids, dw, T, k, E, tile, &pd.p, 0, ERRP));
     cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
     r.n_rows = T * k;
     r.offsets = pd.p.offsets;
     r.items = pd.p.items;
@@ -407,6 +416,28 @@ static void run_grouped(int H, int I, int g, int E, int k, int T, cu_gemm_path p
     vector<float> cgot = host(resid, (size_t)T * H);
     snprintf(what, sizeof what, "moe combine T=%d", T);
     compare(what, cgot.data(), cref.data(), T, H, 1e-6);
+    /* the fold: down adds weight * product into the residual row of its
+     * token, atomically, list read before the wait (as the forward does);
+     * the same sums as the combine in another order */
+    float *resid2 = dev(resid0);
+    r.out_rows = pd.p.ent_token;
+    r.row_scale = pd.p.ent_weight;
+    r.plan_ready = 1;
+    lm_err ea = {0, ""};
+    const int rca = cu_int4_matmul(&ddn.w, &r, h, I, resid2, H, CU_OUT_F32_ADD, path, 0, &ea);
+    if (tile <= 8) {
+        OK(rca);
+        vector<float> agot = host(resid2, (size_t)T * H);
+        snprintf(what, sizeof what, "grouped gemv down adding into the residual T=%d", T);
+        compare(what, agot.data(), cref.data(), T, H, 1e-6);
+    } else {
+        snprintf(what, sizeof what, "grouped atomic add at tile %d", tile);
+        expect_einval(what, rca, ea);
+    }
+    r.out_rows = nullptr;
+    r.row_scale = nullptr;
+    r.plan_ready = 0;
+    cudaFree(resid2);
     cudaFree(h);
     cudaFree(y);
     cudaFree(resid);
@@ -416,6 +447,148 @@ static void run_grouped(int H, int I, int g, int E, int k, int T, cu_gemm_path p
     free_plan(pd);
     release(dgu);
     release(ddn);
+}
+
+/* ---- the one-token gemv's folds (the forward's LIGHTMOE_CUDA_FOLD) ---------------- */
+
+/* A = fp16(rmsnorm(x) * nw), made by every block from fp32 x: against the
+ * CPU's norm (double) and product. */
+static void run_gemv_norm(int n, int k, int g)
+{
+    qmat m = make_qmat(n, k, g, 1, false);
+    dq d = upload(m);
+    vector<float> x(k), nw(k), a(k);
+    for (auto &v : x)
+        v = 3.0f * urand();
+    for (auto &v : nw)
+        v = 1.0f + 0.5f * urand();
+    const float eps = 1e-6f;
+    double ss = 0;
+    for (float v : x)
+        ss += (double)v * v;
+    const float inv = (float)(1.0 / sqrt(ss / k + eps));
+    for (int j = 0; j < k; j++)
+        a[j] = round16(nw[j] * (x[j] * inv));
+    float *dx = dev(x), *dn = dev(nw), *out;
+    CK(cudaMalloc(&out, (size_t)n * 4));
+    CK(cudaMemset(out, 0xff, (size_t)n * 4)); /* NaN poison */
+    cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
+    r.n_rows = 1;
+    r.x_f32 = dx;
+    r.x_norm = dn;
+    r.x_eps = eps;
+    OK(cu_int4_matmul(&d.w, &r, nullptr, k, out, n, CU_OUT_F32, CU_GEMM_GEMV, 0, ERRP));
+    vector<float> got = host(out, (size_t)n);
+    vector<double> ref;
+    ref_int4(m, a, k, 1, {0}, {}, CU_OUT_F32, {}, ref);
+    char what[160];
+    snprintf(what, sizeof what, "int4 gemv n=%d k=%d g=%d T=1 normalising its input", n, k, g);
+    compare(what, got.data(), ref.data(), 1, n, 5e-3);
+    cudaFree(out);
+    cudaFree(dx);
+    cudaFree(dn);
+    release(d);
+}
+
+/* Y[out_row(i)] += scale(i) * (W A_i), atomically; entries 0 and 1 share
+ * an output row (a token's experts do). */
+static void run_gemv_add(int n, int k, int g, int T, bool rows, bool scaled)
+{
+    qmat m = make_qmat(n, k, g, 1, false);
+    dq d = upload(m);
+    vector<float> x = rand_act((size_t)T * k, 2.0f);
+    __half *dx = dev_half(x);
+    const int R = T + 2;
+    vector<int32_t> orow(T);
+    vector<float> sc(T), init((size_t)R * n);
+    for (int i = 0; i < T; i++) {
+        orow[i] = i == 1 ? orow[0] : (2 * i + 1) % R;
+        sc[i] = 0.5f + 0.5f * urand();
+    }
+    for (auto &v : init)
+        v = urand();
+    float *out = dev(init), *dsc = dev(sc);
+    int32_t *dor = dev(orow);
+    cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
+    r.n_rows = T;
+    r.out_rows = rows ? dor : nullptr;
+    r.row_scale = scaled ? dsc : nullptr;
+    OK(cu_int4_matmul(&d.w, &r, dx, k, out, n, CU_OUT_F32_ADD, CU_GEMM_GEMV, 0, ERRP));
+    vector<int> arow(T);
+    for (int i = 0; i < T; i++)
+        arow[i] = i;
+    vector<double> y, ref(init.begin(), init.end());
+    ref_int4(m, x, k, T, arow, {}, CU_OUT_F32, {}, y);
+    for (int i = 0; i < T; i++)
+        for (int c = 0; c < n; c++)
+            ref[(size_t)(rows ? orow[i] : i) * n + c] += (scaled ? sc[i] : 1.0) * y[(size_t)i * n + c];
+    vector<float> got = host(out, (size_t)R * n);
+    char what[160];
+    snprintf(what, sizeof what, "int4 gemv n=%d k=%d g=%d T=%d atomic add%s%s", n, k, g, T,
+             rows ? ", rows mapped" : "", scaled ? ", scaled" : "");
+    compare(what, got.data(), ref.data(), R, n, 5e-3);
+    cudaFree(out);
+    cudaFree(dsc);
+    cudaFree(dor);
+    cudaFree(dx);
+    release(d);
+}
+
+static void test_fold_kernels()
+{
+    for (int t64 = 1; t64 >= 0; t64--) {
+        const int was = cu_int4_gemv_set_t64(t64);
+        struct { int n, k, g; } sh[] = {{300, 288, 96}, {1000, 2080, 32}, {5120, 2048, 128},
+                                        {75, 4096, 128}, {130, 8192, 64}, {9, 256, 32}};
+        for (auto c : sh)
+            if (t64 || c.k >= 4096)
+                run_gemv_norm(c.n, c.k, c.g);
+        cu_int4_gemv_set_t64(was);
+    }
+    cu_int4_gemv_set_ilp(4);
+    run_gemv_norm(1000, 2080, 32);
+    run_gemv_norm(96, 768, 128);
+    cu_int4_gemv_set_ilp(-1);
+    for (int T : {1, 3})
+        for (int v = 0; v < 4; v++)
+            run_gemv_add(T == 1 ? 2048 : 300, T == 1 ? 768 : 288, 32, T, v & 1, v & 2);
+    run_gemv_add(75, 4096, 128, 1, false, true);
+    /* what the folds cannot do is refused, with a message */
+    qmat m = make_qmat(64, 256, 32, 1, false);
+    dq d = upload(m);
+    vector<float> x(3 * 256, 1.0f), nw(256, 1.0f);
+    float *dx = dev(x), *dn = dev(nw), *out;
+    CK(cudaMalloc(&out, 3 * 64 * 4));
+    __half *dh = dev_half(vector<float>(17 * 256, 0.5f));
+    cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
+    r.n_rows = 3;
+    r.x_f32 = dx;
+    r.x_norm = dn;
+    lm_err e1 = {0, ""}, e2 = {0, ""}, e3 = {0, ""}, e4 = {0, ""}, e5 = {0, ""};
+    expect_einval("normalising input at 3 tokens",
+                  cu_int4_matmul(&d.w, &r, nullptr, 256, out, 64, CU_OUT_F32, CU_GEMM_GEMV, 0, &e1), e1);
+    r.n_rows = 1;
+    expect_einval("normalising input with the fused SiLU",
+                  cu_int4_matmul(&d.w, &r, nullptr, 256, out, 32, CU_OUT_SILU_F16, CU_GEMM_GEMV, 0, &e2), e2);
+    expect_einval("normalising input on the mma path",
+                  cu_int4_matmul(&d.w, &r, nullptr, 256, out, 64, CU_OUT_F32, CU_GEMM_MMA, 0, &e3), e3);
+    qmat m2 = make_qmat(64, 160, 32, 1, false);
+    dq d2 = upload(m2);
+    expect_einval("normalising input of K 160",
+                  cu_int4_matmul(&d2.w, &r, nullptr, 160, out, 64, CU_OUT_F32, CU_GEMM_GEMV, 0, &e4), e4);
+    memset(&r, 0, sizeof(r));
+    r.n_rows = 17;
+    expect_einval("atomic add on the mma path (17 rows)",
+                  cu_int4_matmul(&d.w, &r, dh, 256, out, 64, CU_OUT_F32_ADD, CU_GEMM_AUTO, 0, &e5), e5);
+    cudaFree(dx);
+    cudaFree(dn);
+    cudaFree(out);
+    cudaFree(dh);
+    release(d);
+    release(d2);
 }
 
 /* Dequantisation to fp16 (the prefill-through-cuBLAS path): bit-exact
@@ -1149,6 +1322,84 @@ static void test_forward()
     }
 }
 
+/* ---- the folds through the forward pass: LIGHTMOE_CUDA_FOLD=1 against =0 ---------------- */
+
+/* qwen2_moe-like: hd 64, 2 query heads a KV head, shared expert, q/k/v bias */
+static const cu_synth_config g_q2 = {"qwen2-like", 2, 256, 4, 2, 64, 512, 1024, 8, 2, 0,
+                                     160, 384, 32, 0, 1, 1, 10000.f};
+/* qwen3_moe-like: hd 128, 8 query heads a KV head, top-8 of 16, q/k norm, group 64 */
+static const cu_synth_config g_q3 = {"qwen3-like", 3, 512, 16, 2, 128, 1000, 4096, 16, 8, 1,
+                                     128, 0, 64, 1, 0, 1, 1000000.f};
+/* mixtral-like: 4 query heads a KV head, top-2 of 8, widths off the team sizes */
+static const cu_synth_config g_mx = {"mixtral-like", 2, 384, 8, 2, 128, 700, 2048, 8, 2, 1,
+                                     224, 0, 32, 0, 0, 1, 1000000.f};
+
+/* A prompt, then one-token steps (decode graphs on, so replays too), with
+ * the folds off and on: logits within 1e-2 of each other (fp16 rounding of
+ * the normalised input and the order of fp32 sums differ); the folded
+ * state must have launched folded products, the other none. */
+static void run_fold(const cu_synth_config &c, int prompt, int steps)
+{
+    cu_model *m;
+    OK(cu_synth_create(&c, 5, &m, ERRP));
+    const int bs = 16, max_blocks = (prompt + steps + bs) / bs + 1;
+    cu_state *s[2];
+    const char *was = getenv("LIGHTMOE_CUDA_FOLD");
+    char keep[8] = "";
+    if (was)
+        snprintf(keep, sizeof keep, "%s", was);
+    for (int on = 0; on <= 1; on++) {
+        setenv("LIGHTMOE_CUDA_FOLD", on ? "1" : "0", 1);
+        cu_options o = {512, 0, 0, 0, 1};
+        OK(cu_state_create(m, &o, &s[on], ERRP));
+        OK(cu_state_kv_init(s[on], bs, max_blocks + 1, ERRP));
+    }
+    if (was)
+        setenv("LIGHTMOE_CUDA_FOLD", keep, 1);
+    else
+        unsetenv("LIGHTMOE_CUDA_FOLD");
+    vector<int> toks(prompt);
+    for (int i = 0; i < prompt; i++)
+        toks[i] = (7 + 13 * i) % c.vocab;
+    for (int k = 0; k < 2; k++)
+        if (prompt)
+            run_seqs(s[k], m, {toks}, {0}, {0}, max_blocks);
+    double worst = 0;
+    for (int j = 0; j < steps; j++) {
+        const int pos = prompt + j, tok = (3 + 5 * j) % c.vocab;
+        vector<float> ref = run_seqs(s[0], m, {{tok}}, {pos}, {0}, max_blocks);
+        vector<float> got = run_seqs(s[1], m, {{tok}}, {pos}, {0}, max_blocks);
+        vector<double> r(ref.begin(), ref.end());
+        char what[160];
+        snprintf(what, sizeof what, "fold %s one-token step at position %d", c.name, pos);
+        compare(what, got.data(), r.data(), 1, m->vocab, 1e-2);
+        double num = 0, den = 0;
+        for (size_t i = 0; i < ref.size(); i++) {
+            num += (got[i] - r[i]) * (got[i] - r[i]);
+            den += r[i] * r[i];
+        }
+        worst = std::max(worst, sqrt(num / den));
+    }
+    const long f0 = cu_state_folds(s[0]), f1 = cu_state_folds(s[1]);
+    const bool used = f0 == 0 && f1 > 0;
+    printf("%-4s fold %s: %ld folded launches on, %ld off (worst step rel %.1e)\n",
+           used ? "ok" : "FAIL", c.name, f1, f0, worst);
+    if (!used)
+        g_fail = 1;
+    cu_state_destroy(s[0]);
+    cu_state_destroy(s[1]);
+    cu_synth_free(m);
+}
+
+static void test_fold()
+{
+    test_fold_kernels();
+    run_fold(g_q2, 0, 3);
+    run_fold(g_q2, 40, 4);
+    run_fold(g_q3, 300, 4);
+    run_fold(g_mx, 33, 4);
+}
+
 /* ---- one-token steps as one kernel (cuda_mega.cuh) == the ordinary kernels --------------- */
 
 /* A prompt of `prompt` tokens (prefill, the ordinary kernels in both), then
@@ -1224,15 +1475,7 @@ static void test_mega()
     int sms = 0, dev = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    /* qwen2_moe-like: hd 64, 2 query heads a KV head, shared expert, q/k/v bias */
-    const cu_synth_config q2 = {"qwen2-like", 2, 256, 4, 2, 64, 512, 1024, 8, 2, 0,
-                                160, 384, 32, 0, 1, 1, 10000.f};
-    /* qwen3_moe-like: hd 128, 8 query heads a KV head, top-8 of 16, q/k norm, group 64 */
-    const cu_synth_config q3 = {"qwen3-like", 3, 512, 16, 2, 128, 1000, 4096, 16, 8, 1,
-                                128, 0, 64, 1, 0, 1, 1000000.f};
-    /* mixtral-like: 4 query heads a KV head, top-2 of 8, widths off the team sizes */
-    const cu_synth_config mx = {"mixtral-like", 2, 384, 8, 2, 128, 700, 2048, 8, 2, 1,
-                                224, 0, 32, 0, 0, 1, 1000000.f};
+    const cu_synth_config &q2 = g_q2, &q3 = g_q3, &mx = g_mx;
     run_mega(q2, 0, 3, 0, 0);    /* from position 0: one step a unit, no merge */
     run_mega(q2, 300, 3, 0, 0);  /* 10 units a KV head, merged by the last */
     run_mega(q3, 700, 3, 0, 0);  /* 22 units a KV head */
@@ -1275,6 +1518,9 @@ int main(int argc, char **argv)
     if (all || !strcmp(what, "attn") || !strcmp(what, "attnmma")) test_attn_mma();
     if (all || !strcmp(what, "forward")) test_forward();
     if (all || !strcmp(what, "mega")) test_mega();
+    if (all || !strcmp(what, "fold")) test_fold();
+    if (!strcmp(what, "foldk")) /* the kernels alone (racecheck's time) */
+        test_fold_kernels();
     printf("%s\n", g_fail ? "FAILED" : "all passed");
     return g_fail;
 }
