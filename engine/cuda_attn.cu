@@ -17,6 +17,7 @@
 
 #include "engine/cuda_attn.cuh"
 #include "engine/cuda_common.cuh"
+#include "engine/cuda_int4_gemm.cuh"
 #include "engine/cuda_rope.cuh"
 
 namespace
@@ -370,6 +371,89 @@ __global__ void __launch_bounds__(128)
     }
 }
 
+/* The merge and the o_proj product in one launch (decode, cu_attn_qkv_o).
+ * Block (slice of 128 output rows, part row = token * nq + head): the
+ * block's weights (its rows, the head's HD inputs: LPR = HD / 32 lanes a
+ * row, one 16-byte chunk each) are loaded before the dependency wait; then
+ * the head's splits are merged as k_attn_merge does (rounded to fp16, as
+ * the merge kernel's output is), and each row's dot product over the head
+ * is added into x[token][row] atomically: x += W_o[:, head] o_head, summed
+ * over heads in no fixed order. */
+template <int HD>
+__global__ void __launch_bounds__(128)
+    k_attn_merge_o(int nq, int nsplit, const float *__restrict__ part, cu_int4_weights w,
+                   float *__restrict__ x, int ldx)
+{
+    constexpr int LPR = HD / 32, RP = 128 / LPR; /* lanes a row, rows a pass */
+    __shared__ float s_w[CU_ATTN_MAX_SPLIT];
+    __shared__ float s_inv;
+    __shared__ __align__(16) __half s_o[HD];
+    const int prow = blockIdx.y, t = prow / nq, h = prow % nq;
+    const int K = w.k, G = w.k / w.group, ch = threadIdx.x % LPR;
+    const int kin = h * HD + ch * 32; /* the lane's first input */
+    uint4 wv[LPR];
+    half2 s2[LPR], z2[LPR];
+#pragma unroll
+    for (int ps = 0; ps < LPR; ps++) {
+        const int n = min(blockIdx.x * 128 + ps * RP + (int)threadIdx.x / LPR, w.n - 1);
+        wv[ps] = __ldg(reinterpret_cast<const uint4 *>(w.qs + (size_t)n * (K / 2) + kin / 2));
+        s2[ps] = __half2half2(w.scales[(size_t)n * G + kin / w.group]);
+        z2[ps] = int4_zero2(w.zeros[(size_t)n * G + kin / w.group]);
+    }
+    cu_pdl_wait();
+    cu_pdl_trigger();
+    const int lane = threadIdx.x & 31;
+    const float *p = part + (size_t)prow * nsplit * (HD + 2);
+    if (threadIdx.x < 32) {
+        float ms = -INFINITY;
+        for (int sp = lane; sp < nsplit; sp += 32)
+            ms = fmaxf(ms, p[sp * (HD + 2) + HD]);
+        const float M = warp_max(ms);
+        float l = 0.f;
+        for (int sp = lane; sp < nsplit; sp += 32) {
+            const float m = p[sp * (HD + 2) + HD];
+            const float wt = m == -INFINITY ? 0.f : __expf(m - M);
+            s_w[sp] = wt;
+            l += wt * p[sp * (HD + 2) + HD + 1];
+        }
+        const float L = warp_sum(l);
+        if (lane == 0) s_inv = 1.f / L;
+    }
+    __syncthreads();
+    const float inv = s_inv;
+    for (int d = threadIdx.x; d < HD; d += 128) {
+        float acc = 0.f;
+#pragma unroll 8
+        for (int sp = 0; sp < nsplit; sp++) {
+            const float ws = s_w[sp];
+            if (ws != 0.f) acc += ws * p[sp * (HD + 2) + d];
+        }
+        s_o[d] = __float2half(acc * inv);
+    }
+    __syncthreads();
+    uint32_t xp[4][4]; /* the lane's 32 inputs as int4_dot8 wants them */
+#pragma unroll
+    for (int q = 0; q < 4; q++)
+        int4_xpairs(*reinterpret_cast<const uint4 *>(s_o + ch * 32 + q * 8), xp[q]);
+#pragma unroll
+    for (int ps = 0; ps < LPR; ps++) {
+        float acc = 0.f;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const uint32_t word = q == 0 ? wv[ps].x : q == 1 ? wv[ps].y : q == 2 ? wv[ps].z : wv[ps].w;
+            half2 wd[4];
+            int4_dequant8(word, z2[ps], s2[ps], wd);
+            acc += int4_dot8(wd, xp[q]);
+        }
+#pragma unroll
+        for (int o = LPR / 2; o > 0; o >>= 1)
+            acc += __shfl_xor_sync(0xffffffffu, acc, o, LPR);
+        const int n = blockIdx.x * 128 + ps * RP + (int)threadIdx.x / LPR;
+        if (ch == 0 && n < w.n)
+            atomicAdd(x + (size_t)t * ldx + n, acc);
+    }
+}
+
 /* ---- prefill on the tensor cores ------------------------------------------------ */
 
 /* Block = (tile of up to 64 query rows, KV head, split), 4 warps; warp w
@@ -582,6 +666,7 @@ struct attn_in {
     const float *q, *qkv; /* one of them */
     cu_qkv_params qp;
     __half *kc, *vc;
+    bool no_merge; /* the caller merges (cu_attn_qkv_o) */
 };
 
 /* LIGHTMOE_CUDA_ATTN_PIPE=0: no step in flight during the compute of the
@@ -696,7 +781,7 @@ static int attn_run(const cu_attn_shape *s, const attn_in &in, const cu_attn_bat
             rc = pick_rw<2>(rw, s, in, b, part, out, st, err);
         else
             rc = pick_rw<4>(rw, s, in, b, part, out, st, err);
-        if (rc || b->counters) return rc; /* merged by the attention blocks */
+        if (rc || b->counters || in.no_merge) return rc; /* merged by the attention blocks */
     }
     /* every query row of every tile: rows are token * nq + head, dense in T */
     const int rows = b->T * s->nq;
@@ -715,6 +800,66 @@ extern "C" int cu_attn(const cu_attn_shape *s, const float *q, const __half *kc,
     in.kc = const_cast<__half *>(kc); /* not written without qkv */
     in.vc = const_cast<__half *>(vc);
     return attn_run(s, in, b, part, out, st, err);
+}
+
+extern "C" int cu_attn_qkv_o(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p,
+                             __half *kc, __half *vc, const cu_attn_batch *b, float *part,
+                             const cu_int4_weights *wo, float *x, int ldx, cudaStream_t st,
+                             lm_err *err)
+{
+    if (b->bq != 1 || b->n_tiles != b->T || b->counters)
+        return lm_err_set(err, -EINVAL,
+                          "attention with o_proj: decode only, merged by the merge kernel (%d "
+                          "tiles of %d tokens for %d tokens%s)", b->n_tiles, b->bq, b->T,
+                          b->counters ? ", counters set" : "");
+    if (wo->k != s->nq * s->hd || wo->group % 32 || wo->k % wo->group || wo->n < 1 || ldx < wo->n)
+        return lm_err_set(err, -EINVAL,
+                          "attention with o_proj: weights %d x %d (group %d) for %d heads of %d",
+                          wo->n, wo->k, wo->group, s->nq, s->hd);
+    if (b->nsplit > CU_ATTN_MAX_SPLIT)
+        return lm_err_set(err, -EINVAL, "attention with o_proj: %d splits (max %d)", b->nsplit,
+                          CU_ATTN_MAX_SPLIT);
+    attn_in in;
+    memset(&in, 0, sizeof(in));
+    in.qkv = qkv;
+    in.qp = *p;
+    in.kc = kc;
+    in.vc = vc;
+    in.no_merge = true;
+    int rc = attn_run(s, in, b, part, nullptr, st, err);
+    if (rc || b->n_tiles <= 0)
+        return rc;
+    return cu_attn_merge_o(s, b->T, b->nsplit, part, wo, x, ldx, st, err);
+}
+
+extern "C" int cu_attn_merge_o(const cu_attn_shape *s, int T, int nsplit, const float *part,
+                               const cu_int4_weights *wo, float *x, int ldx, cudaStream_t st,
+                               lm_err *err)
+{
+    if (wo->k != s->nq * s->hd || wo->group % 32 || wo->k % wo->group || wo->n < 1 ||
+        ldx < wo->n || nsplit < 1 || nsplit > CU_ATTN_MAX_SPLIT)
+        return lm_err_set(err, -EINVAL,
+                          "attention merge with o_proj: weights %d x %d (group %d) for %d heads "
+                          "of %d, %d splits", wo->n, wo->k, wo->group, s->nq, s->hd, nsplit);
+    if (T <= 0) return 0;
+    const dim3 grid((unsigned)cuda_div_up(wo->n, 128), (unsigned)(T * s->nq));
+    switch (s->hd) {
+    case 64:
+        CU_LAUNCH(err, "attention merge + o_proj launch", k_attn_merge_o<64>, grid, 128, 0, st,
+                  (int)s->nq, nsplit, part, *wo, x, ldx);
+        break;
+    case 128:
+        CU_LAUNCH(err, "attention merge + o_proj launch", k_attn_merge_o<128>, grid, 128, 0, st,
+                  (int)s->nq, nsplit, part, *wo, x, ldx);
+        break;
+    case 256:
+        CU_LAUNCH(err, "attention merge + o_proj launch", k_attn_merge_o<256>, grid, 128, 0, st,
+                  (int)s->nq, nsplit, part, *wo, x, ldx);
+        break;
+    default:
+        return lm_err_set(err, -EINVAL, "attention merge with o_proj: head_dim %d", s->hd);
+    }
+    return 0;
 }
 
 extern "C" int cu_attn_qkv(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p,

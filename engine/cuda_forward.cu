@@ -80,6 +80,7 @@ struct cu_state {
                              * attention norm in the qkv product (LIGHTMOE_CUDA_FOLD) */
     long n_folds;           /* folded products launched (tests) */
     int down_pf;            /* the experts' gate_up blocks send their down weights to L2 */
+    int merge_o;            /* one-token steps: attention merge and o_proj in one launch */
     char skip[16];          /* measurement only (LIGHTMOE_CUDA_SKIP): launches left out of
                              * one-token steps, to time what each costs; wrong results */
     int step_decode;        /* the step being launched has one token per piece */
@@ -293,6 +294,11 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
      * LIGHTMOE_CUDA_DOWN_PF=1 (docs/PERF.md, round 10) */
     const char *dp = getenv("LIGHTMOE_CUDA_DOWN_PF");
     s->down_pf = dp && dp[0] == '1';
+    /* one-token steps: the attention's split merge and the o_proj product in
+     * one launch, adding into the residual atomically (cu_attn_qkv_o); off
+     * unless LIGHTMOE_CUDA_MERGE_O=1 (docs/PERF.md, round 10) */
+    const char *mo = getenv("LIGHTMOE_CUDA_MERGE_O");
+    s->merge_o = mo && mo[0] == '1';
     /* measurement only: letters of the one-token step's launches to leave
      * out (q qkv, a attention, o o_proj, u experts' gate_up, d down, c
      * combine); the step's time without them says what they cost inside
@@ -732,6 +738,12 @@ static int fold_qkv(const cu_state *s, const cu_layer *L, int T)
     const int H = s->m->hidden;
     return s->fold && !s->tp && L->attn_norm && !L->qkv.perm && H % 32 == 0 && H >= 256 &&
            H <= 8192 && fold_gemv(s, &L->qkv, T, CU_OUT_F32);
+}
+/* the attention's merge launch multiplies by o_proj and adds into x */
+static int fold_merge_o(const cu_state *s, const cu_layer *L, int T)
+{
+    return s->merge_o && !s->tp && T == 1 && s->qkv_fused && s->step_decode && !s->attn_cnt &&
+           L->o.kind == CU_W_INT4 && !L->o.perm;
 }
 /* the experts' down products add into x; no combine */
 static int fold_moe(const cu_state *s, const cu_layer *L, int T)
@@ -1225,7 +1237,14 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
         }
         prof_mark(s, P_QKV);
         cu_qkv_params qp = {L->qkv_bias, L->q_norm, L->k_norm, m->eps, s->inv_freq};
+        const int merge_o = fold_merge_o(s, L, T);
         if (skipped(s, T, 'a')) {
+        } else if (merge_o) { /* x += o_proj(attention), the merge launch doing the product */
+            cu_int4_weights wo = int4_of(&L->o, 0);
+            s->n_folds++;
+            if ((rc = cu_attn_qkv_o(&shape, s->qkv, &qp, kc, vc, ab, s->part, &wo, s->x, H, s->st,
+                                    err)))
+                return rc;
         } else if (s->qkv_fused && s->step_decode) {
             if ((rc = cu_attn_qkv(&shape, s->qkv, &qp, kc, vc, ab, s->part, s->att, s->st, err)))
                 return rc;
@@ -1238,7 +1257,7 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
         }
         prof_mark(s, P_ATTN);
         if ((rc = tp_zero(s, T, err)) ||
-            (!skipped(s, T, 'o') &&
+            (!skipped(s, T, 'o') && !merge_o &&
              (rc = linear(s, &L->o, T, s->att, nqd, s->x, H, CU_OUT_F32_ACC, err))))
             return rc;
         prof_mark(s, P_O);

@@ -117,8 +117,9 @@ size_t cu_state_free_bytes(const cu_state *s);
 /* Tests: decode-step CUDA graphs captured so far (0 when graphs are off
  * or s is NULL). */
 int cu_state_graph_count(const cu_state *s);
-/* Tests: products launched folded (LIGHTMOE_CUDA_FOLD=1 at creation: qkv
- * normalising its input, down products adding into the residual) since
+/* Tests: products launched folded (at creation LIGHTMOE_CUDA_FOLD=1: qkv
+ * normalising its input, down products adding into the residual;
+ * LIGHTMOE_CUDA_MERGE_O=1: the attention merge doing o_proj) since
  * creation; a captured graph counts once. */
 long cu_state_folds(const cu_state *s);
 /* 1 if one-token steps run as one persistent kernel (cuda_mega.cuh);

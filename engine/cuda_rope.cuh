@@ -8,6 +8,7 @@
 #define LIGHTMOE_CUDA_ROPE_CUH
 
 #include "engine/cuda_attn.cuh"
+#include "engine/cuda_int4_gemm.cuh"
 
 #ifdef __cplusplus
 extern "C" {
@@ -35,6 +36,19 @@ int cu_qkv_post(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p
 int cu_attn_qkv(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p, __half *kc,
                 __half *vc, const cu_attn_batch *b, float *part, __half *out, cudaStream_t st,
                 lm_err *err);
+
+/* cu_attn_qkv, then the splits' merge and the o_proj product in one launch
+ * (cu_attn_merge_o) instead of the merge kernel and a product: x[t] +=
+ * wo (n x nq*hd, INT4) o[t], atomically (the heads' sums in no fixed
+ * order). Needs b->counters NULL. */
+int cu_attn_qkv_o(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p, __half *kc,
+                  __half *vc, const cu_attn_batch *b, float *part, const cu_int4_weights *wo,
+                  float *x, int ldx, cudaStream_t st, lm_err *err);
+/* The merge of cu_attn's nsplit partial results per (token, head) row of
+ * part, rounded to fp16 as the merge kernel's output, times wo, added into
+ * x (rows ldx apart) atomically. */
+int cu_attn_merge_o(const cu_attn_shape *s, int T, int nsplit, const float *part,
+                    const cu_int4_weights *wo, float *x, int ldx, cudaStream_t st, lm_err *err);
 
 #ifdef __cplusplus
 }

@@ -536,8 +536,80 @@ static void run_gemv_add(int n, int k, int g, int T, bool rows, bool scaled)
     release(d);
 }
 
+/* The merge of nsplit partial results per (token, head) and o_proj in one
+ * launch: x[t] += W_o fp16(merged[t]), against the CPU (double). Split 1
+ * of each row is empty (max -inf) when nsplit > 2. */
+static void run_merge_o(int nq, int hd, int nsplit, int n, int g, int T)
+{
+    const int K = nq * hd;
+    qmat m = make_qmat(n, K, g, 1, false);
+    dq d = upload(m);
+    const size_t prow = (size_t)T * nq;
+    vector<float> part(prow * nsplit * (hd + 2)), x0((size_t)T * n), merged(prow * hd);
+    for (size_t r = 0; r < prow; r++) {
+        double M = -INFINITY;
+        for (int sp = 0; sp < nsplit; sp++) {
+            float *p = &part[(r * nsplit + sp) * (hd + 2)];
+            for (int dd = 0; dd < hd; dd++)
+                p[dd] = 4.0f * urand();
+            const bool empty = nsplit > 2 && sp == 1;
+            p[hd] = empty ? -INFINITY : 2.0f * urand();
+            p[hd + 1] = empty ? 0.f : 1.0f + 3.0f * (urand() + 1.0f);
+            if (!empty)
+                M = std::max(M, (double)p[hd]);
+        }
+        double L = 0;
+        vector<double> acc(hd, 0.0);
+        for (int sp = 0; sp < nsplit; sp++) {
+            const float *p = &part[(r * nsplit + sp) * (hd + 2)];
+            if (p[hd] == -INFINITY)
+                continue;
+            const double w = exp(p[hd] - M);
+            L += w * p[hd + 1];
+            for (int dd = 0; dd < hd; dd++)
+                acc[dd] += w * p[dd];
+        }
+        for (int dd = 0; dd < hd; dd++)
+            merged[r * hd + dd] = round16((float)(acc[dd] / L));
+    }
+    for (auto &v : x0)
+        v = urand();
+    vector<double> y, ref(x0.begin(), x0.end());
+    vector<int> arow(T);
+    for (int t = 0; t < T; t++)
+        arow[t] = t;
+    ref_int4(m, merged, K, T, arow, {}, CU_OUT_F32, {}, y);
+    for (size_t i = 0; i < ref.size(); i++)
+        ref[i] += y[i];
+    float *dpart = dev(part), *dx = dev(x0);
+    cu_attn_shape sh = {nq, nq, hd};
+    OK(cu_attn_merge_o(&sh, T, nsplit, dpart, &d.w, dx, n, 0, ERRP));
+    vector<float> got = host(dx, x0.size());
+    char what[160];
+    snprintf(what, sizeof what, "attention merge + o_proj nq=%d hd=%d splits=%d n=%d g=%d T=%d",
+             nq, hd, nsplit, n, g, T);
+    compare(what, got.data(), ref.data(), T, n, 5e-3);
+    cudaFree(dpart);
+    cudaFree(dx);
+    release(d);
+}
+
 static void test_fold_kernels()
 {
+    run_merge_o(32, 128, 16, 2048, 128, 1);
+    run_merge_o(4, 64, 1, 300, 32, 1);
+    run_merge_o(2, 256, 3, 130, 64, 2);
+    run_merge_o(16, 128, 40, 1000, 32, 3);
+    run_merge_o(8, 64, 2, 256, 128, 1);
+    {
+        qmat m = make_qmat(64, 4 * 128, 32, 1, false);
+        dq d = upload(m);
+        cu_attn_shape sh = {4, 4, 64}; /* 256 inputs, not 512 */
+        lm_err e1 = {0, ""};
+        expect_einval("merge + o_proj with weights of another width",
+                      cu_attn_merge_o(&sh, 1, 2, nullptr, &d.w, nullptr, 64, 0, &e1), e1);
+        release(d);
+    }
     for (int t64 = 1; t64 >= 0; t64--) {
         const int was = cu_int4_gemv_set_t64(t64);
         struct { int n, k, g; } sh[] = {{300, 288, 96}, {1000, 2080, 32}, {5120, 2048, 128},
@@ -1338,26 +1410,40 @@ static const cu_synth_config g_mx = {"mixtral-like", 2, 384, 8, 2, 128, 700, 204
  * the folds off and on: logits within 1e-2 of each other (fp16 rounding of
  * the normalised input and the order of fp32 sums differ); the folded
  * state must have launched folded products, the other none. */
-static void run_fold(const cu_synth_config &c, int prompt, int steps)
+static const char *const g_fold_env[] = {"LIGHTMOE_CUDA_FOLD", "LIGHTMOE_CUDA_MERGE_O",
+                                         "LIGHTMOE_CUDA_DOWN_PF"};
+/* on: bit i turns g_fold_env[i] on in the second state (all off in the first) */
+static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bits)
 {
     cu_model *m;
     OK(cu_synth_create(&c, 5, &m, ERRP));
     const int bs = 16, max_blocks = (prompt + steps + bs) / bs + 1;
     cu_state *s[2];
-    const char *was = getenv("LIGHTMOE_CUDA_FOLD");
-    char keep[8] = "";
-    if (was)
-        snprintf(keep, sizeof keep, "%s", was);
+    char keep[3][8];
+    bool had[3];
+    for (int i = 0; i < 3; i++) {
+        const char *was = getenv(g_fold_env[i]);
+        had[i] = was != nullptr;
+        snprintf(keep[i], sizeof keep[i], "%s", was ? was : "");
+    }
     for (int on = 0; on <= 1; on++) {
-        setenv("LIGHTMOE_CUDA_FOLD", on ? "1" : "0", 1);
+        for (int i = 0; i < 3; i++)
+            setenv(g_fold_env[i], on && (on_bits >> i & 1) ? "1" : "0", 1);
         cu_options o = {512, 0, 0, 0, 1};
         OK(cu_state_create(m, &o, &s[on], ERRP));
         OK(cu_state_kv_init(s[on], bs, max_blocks + 1, ERRP));
     }
-    if (was)
-        setenv("LIGHTMOE_CUDA_FOLD", keep, 1);
-    else
-        unsetenv("LIGHTMOE_CUDA_FOLD");
+    for (int i = 0; i < 3; i++) {
+        if (had[i])
+            setenv(g_fold_env[i], keep[i], 1);
+        else
+            unsetenv(g_fold_env[i]);
+    }
+    char tag[64] = "";
+    for (int i = 0; i < 3; i++)
+        if (on_bits >> i & 1)
+            snprintf(tag + strlen(tag), sizeof tag - strlen(tag), "%s%s", tag[0] ? "+" : "",
+                     g_fold_env[i] + 13);
     vector<int> toks(prompt);
     for (int i = 0; i < prompt; i++)
         toks[i] = (7 + 13 * i) % c.vocab;
@@ -1371,7 +1457,7 @@ static void run_fold(const cu_synth_config &c, int prompt, int steps)
         vector<float> got = run_seqs(s[1], m, {{tok}}, {pos}, {0}, max_blocks);
         vector<double> r(ref.begin(), ref.end());
         char what[160];
-        snprintf(what, sizeof what, "fold %s one-token step at position %d", c.name, pos);
+        snprintf(what, sizeof what, "fold %s %s one-token step at position %d", tag, c.name, pos);
         compare(what, got.data(), r.data(), 1, m->vocab, 1e-2);
         double num = 0, den = 0;
         for (size_t i = 0; i < ref.size(); i++) {
@@ -1381,9 +1467,9 @@ static void run_fold(const cu_synth_config &c, int prompt, int steps)
         worst = std::max(worst, sqrt(num / den));
     }
     const long f0 = cu_state_folds(s[0]), f1 = cu_state_folds(s[1]);
-    const bool used = f0 == 0 && f1 > 0;
-    printf("%-4s fold %s: %ld folded launches on, %ld off (worst step rel %.1e)\n",
-           used ? "ok" : "FAIL", c.name, f1, f0, worst);
+    const bool used = f0 == 0 && (f1 > 0 || on_bits == 4); /* the prefetch alone folds nothing */
+    printf("%-4s fold %s %s: %ld folded launches on, %ld off (worst step rel %.1e)\n",
+           used ? "ok" : "FAIL", tag, c.name, f1, f0, worst);
     if (!used)
         g_fail = 1;
     cu_state_destroy(s[0]);
@@ -1394,10 +1480,12 @@ static void run_fold(const cu_synth_config &c, int prompt, int steps)
 static void test_fold()
 {
     test_fold_kernels();
-    run_fold(g_q2, 0, 3);
-    run_fold(g_q2, 40, 4);
-    run_fold(g_q3, 300, 4);
-    run_fold(g_mx, 33, 4);
+    for (int bits : {1, 2, 4, 7}) {
+        run_fold(g_q2, 0, 3, bits);
+        run_fold(g_q2, 40, 4, bits);
+        run_fold(g_q3, 300, 4, bits);
+        run_fold(g_mx, 33, 4, bits);
+    }
 }
 
 /* ---- one-token steps as one kernel (cuda_mega.cuh) == the ordinary kernels --------------- */
