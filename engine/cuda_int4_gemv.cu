@@ -25,15 +25,14 @@ namespace {
 
 /* NORM (MT 1, dense, CU_OUT_F32 only): A is rmsnorm(r.x_f32 row) * r.x_norm,
  * made by each block in dynamic shared memory (K halves, then the K norm
- * weights: 6K bytes) right after the dependency wait, while the first
- * chunks' weight loads are in flight. */
+ * weights, then 32 floats of scratch: 6K + 128 bytes) right after the
+ * dependency wait, while the first chunks' weight loads are in flight. */
 template <int MT, int TPR, int MODE, int NCH, bool NORM = false>
 __global__ void __launch_bounds__(128)
     k_int4_gemv(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
                 void *__restrict__ out, int ldo)
 {
-    extern __shared__ uint4 s_dyn[]; /* NORM: the block's A row */
-    __shared__ float s_norm_part[32]; /* NORM: block_sum's scratch */
+    extern __shared__ uint4 s_dyn[]; /* NORM: A row, norm weights, block_sum's scratch */
     /* Dense products read only weights before the previous kernel is done
      * (programmatic dependent launch): the first chunks' loads are issued,
      * then the wait. Grouped ones need the work list first, unless it was
@@ -79,7 +78,8 @@ __global__ void __launch_bounds__(128)
                 ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
             }
             cp_async_wait<0>(); /* block_sum's barriers publish the copies */
-            const float inv = rsqrtf(block_sum(ss, s_norm_part) / (float)K + r.x_eps);
+            float *s_part = reinterpret_cast<float *>(s_dyn) + K / 2 + K; /* 32 floats */
+            const float inv = rsqrtf(block_sum(ss, s_part) / (float)K + r.x_eps);
             __half2 *sa = reinterpret_cast<__half2 *>(s_dyn);
             for (int i = threadIdx.x; i < K / 4; i += 128) {
                 const float4 v = x4[i], g = g4[i];
@@ -90,8 +90,11 @@ __global__ void __launch_bounds__(128)
         }
     };
 
-    /* the block's share of expert e's next matrix (r.pf), to L2 */
+    /* the block's share of expert e's next matrix (r.pf), to L2 (grouped
+     * gate_up only, so that no other product's code changes) */
     auto l2_prefetch = [&]() {
+        if constexpr (MODE != CU_OUT_SILU_F16)
+            return;
         if (!r.pf.qs || !r.items)
             return;
         const size_t G = (size_t)r.pf.n * (r.pf.k / r.pf.group);
@@ -281,8 +284,13 @@ int launch_gemv_mode(const cu_int4_weights *w, const cu_gemm_rows *r, const __ha
     cudaError_t e = cudaSuccess;
     if constexpr (MT == 1) {
         if (r->x_f32) { /* checked by cu_int4_gemv: dense, CU_OUT_F32 */
-            e = cu_launch(k_int4_gemv<1, TPR, CU_OUT_F32, NCH, true>, grid, 128, (size_t)w->k * 6,
-                          st, *w, *r, a, lda, out, ldo);
+            const size_t smem = (size_t)w->k * 6 + 32 * sizeof(float);
+            if (smem > 48 * 1024)
+                e = cudaFuncSetAttribute(k_int4_gemv<1, TPR, CU_OUT_F32, NCH, true>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+            if (e == cudaSuccess)
+                e = cu_launch(k_int4_gemv<1, TPR, CU_OUT_F32, NCH, true>, grid, 128, smem, st, *w,
+                              *r, a, lda, out, ldo);
             if (e != cudaSuccess)
                 cudaGetLastError();
             return e == cudaSuccess ? 0 : (int)e;
