@@ -333,6 +333,40 @@ __global__ void __launch_bounds__(128)
  * loads unrolled (a warp per row looping over splits was a chain of
  * dependent L2 reads). Splits that saw no position (max -inf) are skipped.
  * Up to CU_ATTN_MAX_SPLIT splits: long contexts at small batch. */
+/* Warp 0 of a merging block: the splits' weights exp(m_s - M) of one row
+ * (nsplit partial results of hd + 2 floats at p) into s_w, 1 / (sum of
+ * weight * l_s) into *s_inv. Splits that saw no position (max -inf) weigh 0. */
+__device__ __forceinline__ void merge_weights(const float *p, int nsplit, int hd, float *s_w,
+                                              float *s_inv)
+{
+    const int lane = threadIdx.x & 31;
+    float ms = -INFINITY;
+    for (int sp = lane; sp < nsplit; sp += 32)
+        ms = fmaxf(ms, p[sp * (hd + 2) + hd]);
+    const float M = warp_max(ms);
+    float l = 0.f;
+    for (int sp = lane; sp < nsplit; sp += 32) {
+        const float m = p[sp * (hd + 2) + hd];
+        const float w = m == -INFINITY ? 0.f : __expf(m - M);
+        s_w[sp] = w;
+        l += w * p[sp * (hd + 2) + hd + 1];
+    }
+    const float L = warp_sum(l);
+    if (lane == 0) *s_inv = 1.f / L;
+}
+/* Dimension d of the merged row, before the 1 / sum (the splits' loads unrolled). */
+__device__ __forceinline__ float merge_dim(const float *p, int nsplit, int hd, const float *s_w,
+                                           int d)
+{
+    float acc = 0.f;
+#pragma unroll 8
+    for (int sp = 0; sp < nsplit; sp++) {
+        const float ws = s_w[sp];
+        if (ws != 0.f) acc += ws * p[sp * (hd + 2) + d];
+    }
+    return acc;
+}
+
 __global__ void __launch_bounds__(128)
     k_attn_merge(int hd, int nsplit, const float *__restrict__ part, __half *__restrict__ out)
 {
@@ -341,34 +375,13 @@ __global__ void __launch_bounds__(128)
     cu_pdl_wait();
     cu_pdl_trigger();
     const size_t row = blockIdx.x;
-    const int lane = threadIdx.x & 31;
     const float *p = part + row * nsplit * (hd + 2);
-    if (threadIdx.x < 32) {
-        float ms = -INFINITY;
-        for (int sp = lane; sp < nsplit; sp += 32)
-            ms = fmaxf(ms, p[sp * (hd + 2) + hd]);
-        const float M = warp_max(ms);
-        float l = 0.f;
-        for (int sp = lane; sp < nsplit; sp += 32) {
-            const float m = p[sp * (hd + 2) + hd];
-            const float w = m == -INFINITY ? 0.f : __expf(m - M);
-            s_w[sp] = w;
-            l += w * p[sp * (hd + 2) + hd + 1];
-        }
-        const float L = warp_sum(l);
-        if (lane == 0) s_inv = 1.f / L;
-    }
+    if (threadIdx.x < 32)
+        merge_weights(p, nsplit, hd, s_w, &s_inv);
     __syncthreads();
     const float inv = s_inv;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float acc = 0.f;
-#pragma unroll 8
-        for (int sp = 0; sp < nsplit; sp++) {
-            const float ws = s_w[sp];
-            if (ws != 0.f) acc += ws * p[sp * (hd + 2) + d];
-        }
-        out[row * hd + d] = __float2half(acc * inv);
-    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x)
+        out[row * hd + d] = __float2half(merge_dim(p, nsplit, hd, s_w, d) * inv);
 }
 
 /* The merge and the o_proj product in one launch (decode, cu_attn_qkv_o).
@@ -402,34 +415,13 @@ __global__ void __launch_bounds__(128)
     }
     cu_pdl_wait();
     cu_pdl_trigger();
-    const int lane = threadIdx.x & 31;
     const float *p = part + (size_t)prow * nsplit * (HD + 2);
-    if (threadIdx.x < 32) {
-        float ms = -INFINITY;
-        for (int sp = lane; sp < nsplit; sp += 32)
-            ms = fmaxf(ms, p[sp * (HD + 2) + HD]);
-        const float M = warp_max(ms);
-        float l = 0.f;
-        for (int sp = lane; sp < nsplit; sp += 32) {
-            const float m = p[sp * (HD + 2) + HD];
-            const float wt = m == -INFINITY ? 0.f : __expf(m - M);
-            s_w[sp] = wt;
-            l += wt * p[sp * (HD + 2) + HD + 1];
-        }
-        const float L = warp_sum(l);
-        if (lane == 0) s_inv = 1.f / L;
-    }
+    if (threadIdx.x < 32)
+        merge_weights(p, nsplit, HD, s_w, &s_inv);
     __syncthreads();
     const float inv = s_inv;
-    for (int d = threadIdx.x; d < HD; d += 128) {
-        float acc = 0.f;
-#pragma unroll 8
-        for (int sp = 0; sp < nsplit; sp++) {
-            const float ws = s_w[sp];
-            if (ws != 0.f) acc += ws * p[sp * (HD + 2) + d];
-        }
-        s_o[d] = __float2half(acc * inv);
-    }
+    for (int d = threadIdx.x; d < HD; d += 128)
+        s_o[d] = __float2half(merge_dim(p, nsplit, HD, s_w, d) * inv);
     __syncthreads();
     uint32_t xp[4][4]; /* the lane's 32 inputs as int4_dot8 wants them */
 #pragma unroll
@@ -802,45 +794,35 @@ extern "C" int cu_attn(const cu_attn_shape *s, const float *q, const __half *kc,
     return attn_run(s, in, b, part, out, st, err);
 }
 
-extern "C" int cu_attn_qkv_o(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p,
-                             __half *kc, __half *vc, const cu_attn_batch *b, float *part,
-                             const cu_int4_weights *wo, float *x, int ldx, cudaStream_t st,
-                             lm_err *err)
+static attn_in qkv_in(const float *qkv, const cu_qkv_params *p, __half *kc, __half *vc)
 {
-    if (b->bq != 1 || b->n_tiles != b->T || b->counters)
-        return lm_err_set(err, -EINVAL,
-                          "attention with o_proj: decode only, merged by the merge kernel (%d "
-                          "tiles of %d tokens for %d tokens%s)", b->n_tiles, b->bq, b->T,
-                          b->counters ? ", counters set" : "");
-    if (wo->k != s->nq * s->hd || wo->group % 32 || wo->k % wo->group || wo->n < 1 || ldx < wo->n)
-        return lm_err_set(err, -EINVAL,
-                          "attention with o_proj: weights %d x %d (group %d) for %d heads of %d",
-                          wo->n, wo->k, wo->group, s->nq, s->hd);
-    if (b->nsplit > CU_ATTN_MAX_SPLIT)
-        return lm_err_set(err, -EINVAL, "attention with o_proj: %d splits (max %d)", b->nsplit,
-                          CU_ATTN_MAX_SPLIT);
     attn_in in;
     memset(&in, 0, sizeof(in));
     in.qkv = qkv;
     in.qp = *p;
     in.kc = kc;
     in.vc = vc;
-    in.no_merge = true;
-    int rc = attn_run(s, in, b, part, nullptr, st, err);
-    if (rc || b->n_tiles <= 0)
-        return rc;
-    return cu_attn_merge_o(s, b->T, b->nsplit, part, wo, x, ldx, st, err);
+    return in;
+}
+
+static int merge_o_check(const cu_attn_shape *s, int nsplit, const cu_int4_weights *wo, int ldx,
+                         lm_err *err)
+{
+    if (wo->k != s->nq * s->hd || wo->group % 32 || wo->k % wo->group || wo->n < 1 ||
+        ldx < wo->n || nsplit < 1 || nsplit > CU_ATTN_MAX_SPLIT)
+        return lm_err_set(err, -EINVAL,
+                          "attention merge with o_proj: weights %d x %d (group %d) for %d heads "
+                          "of %d, %d splits (1..%d)", wo->n, wo->k, wo->group, s->nq, s->hd,
+                          nsplit, CU_ATTN_MAX_SPLIT);
+    return 0;
 }
 
 extern "C" int cu_attn_merge_o(const cu_attn_shape *s, int T, int nsplit, const float *part,
                                const cu_int4_weights *wo, float *x, int ldx, cudaStream_t st,
                                lm_err *err)
 {
-    if (wo->k != s->nq * s->hd || wo->group % 32 || wo->k % wo->group || wo->n < 1 ||
-        ldx < wo->n || nsplit < 1 || nsplit > CU_ATTN_MAX_SPLIT)
-        return lm_err_set(err, -EINVAL,
-                          "attention merge with o_proj: weights %d x %d (group %d) for %d heads "
-                          "of %d, %d splits", wo->n, wo->k, wo->group, s->nq, s->hd, nsplit);
+    int rc = merge_o_check(s, nsplit, wo, ldx, err);
+    if (rc) return rc;
     if (T <= 0) return 0;
     const dim3 grid((unsigned)cuda_div_up(wo->n, 128), (unsigned)(T * s->nq));
     switch (s->hd) {
@@ -862,6 +844,25 @@ extern "C" int cu_attn_merge_o(const cu_attn_shape *s, int T, int nsplit, const 
     return 0;
 }
 
+extern "C" int cu_attn_qkv_o(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p,
+                             __half *kc, __half *vc, const cu_attn_batch *b, float *part,
+                             const cu_int4_weights *wo, float *x, int ldx, cudaStream_t st,
+                             lm_err *err)
+{
+    if (b->bq != 1 || b->n_tiles != b->T || b->counters)
+        return lm_err_set(err, -EINVAL,
+                          "attention with o_proj: decode only, merged by the merge kernel (%d "
+                          "tiles of %d tokens for %d tokens%s)", b->n_tiles, b->bq, b->T,
+                          b->counters ? ", counters set" : "");
+    int rc = merge_o_check(s, b->nsplit, wo, ldx, err); /* before anything runs */
+    if (rc) return rc;
+    attn_in in = qkv_in(qkv, p, kc, vc);
+    in.no_merge = true;
+    rc = attn_run(s, in, b, part, nullptr, st, err);
+    if (rc || b->n_tiles <= 0) return rc;
+    return cu_attn_merge_o(s, b->T, b->nsplit, part, wo, x, ldx, st, err);
+}
+
 extern "C" int cu_attn_qkv(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p,
                            __half *kc, __half *vc, const cu_attn_batch *b, float *part,
                            __half *out, cudaStream_t st, lm_err *err)
@@ -870,11 +871,5 @@ extern "C" int cu_attn_qkv(const cu_attn_shape *s, const float *qkv, const cu_qk
         return lm_err_set(err, -EINVAL,
                           "attention with qkv: decode only (%d tiles of %d tokens for %d tokens)",
                           b->n_tiles, b->bq, b->T);
-    attn_in in;
-    memset(&in, 0, sizeof(in));
-    in.qkv = qkv;
-    in.qp = *p;
-    in.kc = kc;
-    in.vc = vc;
-    return attn_run(s, in, b, part, out, st, err);
+    return attn_run(s, qkv_in(qkv, p, kc, vc), b, part, out, st, err);
 }
