@@ -736,8 +736,8 @@ static int fold_gemv(const cu_state *s, const cu_linear *L, int T, cu_out_mode m
 static int fold_qkv(const cu_state *s, const cu_layer *L, int T)
 {
     const int H = s->m->hidden;
-    return s->fold && !s->tp && L->attn_norm && !L->qkv.perm && H % 32 == 0 && H >= 256 &&
-           H <= 8192 && fold_gemv(s, &L->qkv, T, CU_OUT_F32);
+    return s->fold && !s->tp && L->attn_norm && !((uintptr_t)L->attn_norm & 15) && !L->qkv.perm &&
+           H % 32 == 0 && H >= 256 && H <= 8192 && fold_gemv(s, &L->qkv, T, CU_OUT_F32);
 }
 /* the attention's merge launch multiplies by o_proj and adds into x */
 static int fold_merge_o(const cu_state *s, const cu_layer *L, int T)
