@@ -1,0 +1,300 @@
+/*
+ * test_cuda_fold.cu: the one-token folds (LIGHTMOE_CUDA_FOLD, _MERGE_O,
+ * _DOWN_PF) against the CPU twins and, through the forward pass, against
+ * the ordinary launches (part of test_cuda_kernels: `fold`, `foldk`).
+ */
+#include "tests/cuda/cuda_test_util.cuh"
+
+/* ---- the one-token gemv's folds (the forward's LIGHTMOE_CUDA_FOLD) ---------------- */
+
+/* A = fp16(rmsnorm(x) * nw), made by every block from fp32 x: against the
+ * CPU's norm (double) and product. */
+static void run_gemv_norm(int n, int k, int g)
+{
+    qmat m = make_qmat(n, k, g, 1, false);
+    dq d = upload(m);
+    vector<float> x(k), nw(k), a(k);
+    for (auto &v : x)
+        v = 3.0f * urand();
+    for (auto &v : nw)
+        v = 1.0f + 0.5f * urand();
+    const float eps = 1e-6f;
+    double ss = 0;
+    for (float v : x)
+        ss += (double)v * v;
+    const float inv = (float)(1.0 / sqrt(ss / k + eps));
+    for (int j = 0; j < k; j++)
+        a[j] = round16(nw[j] * (x[j] * inv));
+    float *dx = dev(x), *dn = dev(nw), *out;
+    CK(cudaMalloc(&out, (size_t)n * 4));
+    CK(cudaMemset(out, 0xff, (size_t)n * 4)); /* NaN poison */
+    cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
+    r.n_rows = 1;
+    r.x_f32 = dx;
+    r.x_norm = dn;
+    r.x_eps = eps;
+    OK(cu_int4_matmul(&d.w, &r, nullptr, k, out, n, CU_OUT_F32, CU_GEMM_GEMV, 0, ERRP));
+    vector<float> got = host(out, (size_t)n);
+    vector<double> ref;
+    ref_int4(m, a, k, 1, {0}, {}, CU_OUT_F32, {}, ref);
+    char what[160];
+    snprintf(what, sizeof what, "int4 gemv n=%d k=%d g=%d T=1 normalising its input", n, k, g);
+    compare(what, got.data(), ref.data(), 1, n, 5e-3);
+    cudaFree(out);
+    cudaFree(dx);
+    cudaFree(dn);
+    release(d);
+}
+
+/* Y[out_row(i)] += scale(i) * (W A_i), atomically; entries 0 and 1 share
+ * an output row (a token's experts do). */
+static void run_gemv_add(int n, int k, int g, int T, bool rows, bool scaled)
+{
+    qmat m = make_qmat(n, k, g, 1, false);
+    dq d = upload(m);
+    vector<float> x = rand_act((size_t)T * k, 2.0f);
+    __half *dx = dev_half(x);
+    const int R = T + 2;
+    vector<int32_t> orow(T);
+    vector<float> sc(T), init((size_t)R * n);
+    for (int i = 0; i < T; i++) {
+        orow[i] = i == 1 ? orow[0] : (2 * i + 1) % R;
+        sc[i] = 0.5f + 0.5f * urand();
+    }
+    for (auto &v : init)
+        v = urand();
+    float *out = dev(init), *dsc = dev(sc);
+    int32_t *dor = dev(orow);
+    cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
+    r.n_rows = T;
+    r.out_rows = rows ? dor : nullptr;
+    r.row_scale = scaled ? dsc : nullptr;
+    OK(cu_int4_matmul(&d.w, &r, dx, k, out, n, CU_OUT_F32_ADD, CU_GEMM_GEMV, 0, ERRP));
+    vector<int> arow(T);
+    for (int i = 0; i < T; i++)
+        arow[i] = i;
+    vector<double> y, ref(init.begin(), init.end());
+    ref_int4(m, x, k, T, arow, {}, CU_OUT_F32, {}, y);
+    for (int i = 0; i < T; i++)
+        for (int c = 0; c < n; c++)
+            ref[(size_t)(rows ? orow[i] : i) * n + c] += (scaled ? sc[i] : 1.0) * y[(size_t)i * n + c];
+    vector<float> got = host(out, (size_t)R * n);
+    char what[160];
+    snprintf(what, sizeof what, "int4 gemv n=%d k=%d g=%d T=%d atomic add%s%s", n, k, g, T,
+             rows ? ", rows mapped" : "", scaled ? ", scaled" : "");
+    compare(what, got.data(), ref.data(), R, n, 5e-3);
+    cudaFree(out);
+    cudaFree(dsc);
+    cudaFree(dor);
+    cudaFree(dx);
+    release(d);
+}
+
+/* The merge of nsplit partial results per (token, head) and o_proj in one
+ * launch: x[t] += W_o fp16(merged[t]), against the CPU (double). Split 1
+ * of each row is empty (max -inf) when nsplit > 2. */
+static void run_merge_o(int nq, int hd, int nsplit, int n, int g, int T)
+{
+    const int K = nq * hd;
+    qmat m = make_qmat(n, K, g, 1, false);
+    dq d = upload(m);
+    const size_t prow = (size_t)T * nq;
+    vector<float> part(prow * nsplit * (hd + 2)), x0((size_t)T * n), merged(prow * hd);
+    for (size_t r = 0; r < prow; r++) {
+        double M = -INFINITY;
+        for (int sp = 0; sp < nsplit; sp++) {
+            float *p = &part[(r * nsplit + sp) * (hd + 2)];
+            for (int dd = 0; dd < hd; dd++)
+                p[dd] = 4.0f * urand();
+            const bool empty = nsplit > 2 && sp == 1;
+            p[hd] = empty ? -INFINITY : 2.0f * urand();
+            p[hd + 1] = empty ? 0.f : 1.0f + 3.0f * (urand() + 1.0f);
+            if (!empty)
+                M = std::max(M, (double)p[hd]);
+        }
+        double L = 0;
+        vector<double> acc(hd, 0.0);
+        for (int sp = 0; sp < nsplit; sp++) {
+            const float *p = &part[(r * nsplit + sp) * (hd + 2)];
+            if (p[hd] == -INFINITY)
+                continue;
+            const double w = exp(p[hd] - M);
+            L += w * p[hd + 1];
+            for (int dd = 0; dd < hd; dd++)
+                acc[dd] += w * p[dd];
+        }
+        for (int dd = 0; dd < hd; dd++)
+            merged[r * hd + dd] = round16((float)(acc[dd] / L));
+    }
+    for (auto &v : x0)
+        v = urand();
+    vector<double> y, ref(x0.begin(), x0.end());
+    vector<int> arow(T);
+    for (int t = 0; t < T; t++)
+        arow[t] = t;
+    ref_int4(m, merged, K, T, arow, {}, CU_OUT_F32, {}, y);
+    for (size_t i = 0; i < ref.size(); i++)
+        ref[i] += y[i];
+    float *dpart = dev(part), *dx = dev(x0);
+    cu_attn_shape sh = {nq, nq, hd};
+    OK(cu_attn_merge_o(&sh, T, nsplit, dpart, &d.w, dx, n, 0, ERRP));
+    vector<float> got = host(dx, x0.size());
+    char what[160];
+    snprintf(what, sizeof what, "attention merge + o_proj nq=%d hd=%d splits=%d n=%d g=%d T=%d",
+             nq, hd, nsplit, n, g, T);
+    compare(what, got.data(), ref.data(), T, n, 5e-3);
+    cudaFree(dpart);
+    cudaFree(dx);
+    release(d);
+}
+
+void test_fold_kernels()
+{
+    run_merge_o(32, 128, 16, 2048, 128, 1);
+    run_merge_o(4, 64, 1, 300, 32, 1);
+    run_merge_o(2, 256, 3, 130, 64, 2);
+    run_merge_o(16, 128, 40, 1000, 32, 3);
+    run_merge_o(8, 64, 2, 256, 128, 1);
+    {
+        qmat m = make_qmat(64, 4 * 128, 32, 1, false);
+        dq d = upload(m);
+        cu_attn_shape sh = {4, 4, 64}; /* 256 inputs, not 512 */
+        lm_err e1 = {0, ""};
+        expect_einval("merge + o_proj with weights of another width",
+                      cu_attn_merge_o(&sh, 1, 2, nullptr, &d.w, nullptr, 64, 0, &e1), e1);
+        release(d);
+    }
+    for (int t64 = 1; t64 >= 0; t64--) {
+        const int was = cu_int4_gemv_set_t64(t64);
+        struct { int n, k, g; } sh[] = {{300, 288, 96}, {1000, 2080, 32}, {5120, 2048, 128},
+                                        {75, 4096, 128}, {130, 8192, 64}, {9, 256, 32}};
+        for (auto c : sh)
+            if (t64 || c.k >= 4096)
+                run_gemv_norm(c.n, c.k, c.g);
+        cu_int4_gemv_set_t64(was);
+    }
+    cu_int4_gemv_set_ilp(4);
+    run_gemv_norm(1000, 2080, 32);
+    run_gemv_norm(96, 768, 128);
+    cu_int4_gemv_set_ilp(-1);
+    for (int T : {1, 3})
+        for (int v = 0; v < 4; v++)
+            run_gemv_add(T == 1 ? 2048 : 300, T == 1 ? 768 : 288, 32, T, v & 1, v & 2);
+    run_gemv_add(75, 4096, 128, 1, false, true);
+    /* what the folds cannot do is refused, with a message */
+    qmat m = make_qmat(64, 256, 32, 1, false);
+    dq d = upload(m);
+    vector<float> x(3 * 256, 1.0f), nw(256, 1.0f);
+    float *dx = dev(x), *dn = dev(nw), *out;
+    CK(cudaMalloc(&out, 3 * 64 * 4));
+    __half *dh = dev_half(vector<float>(17 * 256, 0.5f));
+    cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
+    r.n_rows = 3;
+    r.x_f32 = dx;
+    r.x_norm = dn;
+    lm_err e1 = {0, ""}, e2 = {0, ""}, e3 = {0, ""}, e4 = {0, ""}, e5 = {0, ""};
+    expect_einval("normalising input at 3 tokens",
+                  cu_int4_matmul(&d.w, &r, nullptr, 256, out, 64, CU_OUT_F32, CU_GEMM_GEMV, 0, &e1), e1);
+    r.n_rows = 1;
+    expect_einval("normalising input with the fused SiLU",
+                  cu_int4_matmul(&d.w, &r, nullptr, 256, out, 32, CU_OUT_SILU_F16, CU_GEMM_GEMV, 0, &e2), e2);
+    expect_einval("normalising input on the mma path",
+                  cu_int4_matmul(&d.w, &r, nullptr, 256, out, 64, CU_OUT_F32, CU_GEMM_MMA, 0, &e3), e3);
+    qmat m2 = make_qmat(64, 160, 32, 1, false);
+    dq d2 = upload(m2);
+    expect_einval("normalising input of K 160",
+                  cu_int4_matmul(&d2.w, &r, nullptr, 160, out, 64, CU_OUT_F32, CU_GEMM_GEMV, 0, &e4), e4);
+    memset(&r, 0, sizeof(r));
+    r.n_rows = 17;
+    expect_einval("atomic add on the mma path (17 rows)",
+                  cu_int4_matmul(&d.w, &r, dh, 256, out, 64, CU_OUT_F32_ADD, CU_GEMM_AUTO, 0, &e5), e5);
+    cudaFree(dx);
+    cudaFree(dn);
+    cudaFree(out);
+    cudaFree(dh);
+    release(d);
+    release(d2);
+}
+
+/* ---- the folds through the forward pass: LIGHTMOE_CUDA_FOLD=1 against =0 ---------------- */
+
+static const char *const g_fold_env[] = {"LIGHTMOE_CUDA_FOLD", "LIGHTMOE_CUDA_MERGE_O",
+                                         "LIGHTMOE_CUDA_DOWN_PF"};
+/* on: bit i turns g_fold_env[i] on in the second state (all off in the first) */
+static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bits)
+{
+    cu_model *m;
+    OK(cu_synth_create(&c, 5, &m, ERRP));
+    const int bs = 16, max_blocks = (prompt + steps + bs) / bs + 1;
+    cu_state *s[2];
+    char keep[3][8];
+    bool had[3];
+    for (int i = 0; i < 3; i++) {
+        const char *was = getenv(g_fold_env[i]);
+        had[i] = was != nullptr;
+        snprintf(keep[i], sizeof keep[i], "%s", was ? was : "");
+    }
+    for (int on = 0; on <= 1; on++) {
+        for (int i = 0; i < 3; i++)
+            setenv(g_fold_env[i], on && (on_bits >> i & 1) ? "1" : "0", 1);
+        cu_options o = {512, 0, 0, 0, 1};
+        OK(cu_state_create(m, &o, &s[on], ERRP));
+        OK(cu_state_kv_init(s[on], bs, max_blocks + 1, ERRP));
+    }
+    for (int i = 0; i < 3; i++) {
+        if (had[i])
+            setenv(g_fold_env[i], keep[i], 1);
+        else
+            unsetenv(g_fold_env[i]);
+    }
+    char tag[64] = "";
+    for (int i = 0; i < 3; i++)
+        if (on_bits >> i & 1)
+            snprintf(tag + strlen(tag), sizeof tag - strlen(tag), "%s%s", tag[0] ? "+" : "",
+                     g_fold_env[i] + 13);
+    vector<int> toks(prompt);
+    for (int i = 0; i < prompt; i++)
+        toks[i] = (7 + 13 * i) % c.vocab;
+    for (int k = 0; k < 2; k++)
+        if (prompt)
+            run_seqs(s[k], m, {toks}, {0}, {0}, max_blocks);
+    double worst = 0;
+    for (int j = 0; j < steps; j++) {
+        const int pos = prompt + j, tok = (3 + 5 * j) % c.vocab;
+        vector<float> ref = run_seqs(s[0], m, {{tok}}, {pos}, {0}, max_blocks);
+        vector<float> got = run_seqs(s[1], m, {{tok}}, {pos}, {0}, max_blocks);
+        vector<double> r(ref.begin(), ref.end());
+        char what[160];
+        snprintf(what, sizeof what, "fold %s %s one-token step at position %d", tag, c.name, pos);
+        compare(what, got.data(), r.data(), 1, m->vocab, 1e-2);
+        double num = 0, den = 0;
+        for (size_t i = 0; i < ref.size(); i++) {
+            num += (got[i] - r[i]) * (got[i] - r[i]);
+            den += r[i] * r[i];
+        }
+        worst = std::max(worst, sqrt(num / den));
+    }
+    const long f0 = cu_state_folds(s[0]), f1 = cu_state_folds(s[1]);
+    const bool used = f0 == 0 && (f1 > 0 || on_bits == 4); /* the prefetch alone folds nothing */
+    printf("%-4s fold %s %s: %ld folded launches on, %ld off (worst step rel %.1e)\n",
+           used ? "ok" : "FAIL", tag, c.name, f1, f0, worst);
+    if (!used)
+        g_fail = 1;
+    cu_state_destroy(s[0]);
+    cu_state_destroy(s[1]);
+    cu_synth_free(m);
+}
+
+void test_fold()
+{
+    test_fold_kernels();
+    for (int bits : {1, 2, 4, 7}) {
+        run_fold(g_q2, 0, 3, bits);
+        run_fold(g_q2, 40, 4, bits);
+        run_fold(g_q3, 300, 4, bits);
+        run_fold(g_mx, 33, 4, bits);
+    }
+}
