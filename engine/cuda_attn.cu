@@ -327,12 +327,6 @@ __global__ void __launch_bounds__(128)
     }
 }
 
-/* One block of 128 threads per (token, head) row: warp 0 turns the
- * splits' (max, sum) into weights (lane s holds splits s, s + 32, ...),
- * then every thread takes output dimensions and sums the splits with all
- * loads unrolled (a warp per row looping over splits was a chain of
- * dependent L2 reads). Splits that saw no position (max -inf) are skipped.
- * Up to CU_ATTN_MAX_SPLIT splits: long contexts at small batch. */
 /* Warp 0 of a merging block: the splits' weights exp(m_s - M) of one row
  * (nsplit partial results of hd + 2 floats at p) into s_w, 1 / (sum of
  * weight * l_s) into *s_inv. Splits that saw no position (max -inf) weigh 0. */
@@ -367,6 +361,12 @@ __device__ __forceinline__ float merge_dim(const float *p, int nsplit, int hd, c
     return acc;
 }
 
+/* One block of 128 threads per (token, head) row: warp 0 turns the
+ * splits' (max, sum) into weights (lane s holds splits s, s + 32, ...),
+ * then every thread takes output dimensions and sums the splits with all
+ * loads unrolled (a warp per row looping over splits was a chain of
+ * dependent L2 reads). Splits that saw no position (max -inf) are skipped.
+ * Up to CU_ATTN_MAX_SPLIT splits: long contexts at small batch. */
 __global__ void __launch_bounds__(128)
     k_attn_merge(int hd, int nsplit, const float *__restrict__ part, __half *__restrict__ out)
 {

@@ -172,6 +172,13 @@ extern "C" void cu_state_destroy(cu_state *s)
     free(s);
 }
 
+/* An off-by-default switch: on when the variable's value starts with 1. */
+static int env_is_1(const char *name)
+{
+    const char *v = getenv(name);
+    return v && v[0] == '1';
+}
+
 static int host_alloc(void **p, size_t bytes, lm_err *err)
 {
     cudaError_t e = cudaMallocHost(p, bytes ? bytes : 16);
@@ -287,18 +294,15 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
      * experts' down products add into the residual atomically (no combine
      * kernel), and the next qkv product normalises its own input (no norm
      * kernel). Off unless LIGHTMOE_CUDA_FOLD=1 (docs/PERF.md, round 10). */
-    const char *fo = getenv("LIGHTMOE_CUDA_FOLD");
-    s->fold = fo && fo[0] == '1';
+    s->fold = env_is_1("LIGHTMOE_CUDA_FOLD");
     /* one-token gate_up blocks ask L2 for their expert's down weights (a
      * share each), so that the down product reads L2; off unless
      * LIGHTMOE_CUDA_DOWN_PF=1 (docs/PERF.md, round 10) */
-    const char *dp = getenv("LIGHTMOE_CUDA_DOWN_PF");
-    s->down_pf = dp && dp[0] == '1';
+    s->down_pf = env_is_1("LIGHTMOE_CUDA_DOWN_PF");
     /* one-token steps: the attention's split merge and the o_proj product in
      * one launch, adding into the residual atomically (cu_attn_qkv_o); off
      * unless LIGHTMOE_CUDA_MERGE_O=1 (docs/PERF.md, round 10) */
-    const char *mo = getenv("LIGHTMOE_CUDA_MERGE_O");
-    s->merge_o = mo && mo[0] == '1';
+    s->merge_o = env_is_1("LIGHTMOE_CUDA_MERGE_O");
     /* measurement only: letters of the one-token step's launches to leave
      * out (q qkv, a attention, o o_proj, u experts' gate_up, d down, c
      * combine); the step's time without them says what they cost inside
@@ -313,8 +317,7 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
         snprintf(s->mega_why, sizeof s->mega_why, "off (LIGHTMOE_CUDA_MEGA=1 turns it on)");
     else
         s->mega_want = cu_mega_supported(m, s->mega_why, sizeof s->mega_why);
-    const char *am = getenv("LIGHTMOE_CUDA_ATTN_MERGE");
-    if (am && am[0] == '1') {
+    if (env_is_1("LIGHTMOE_CUDA_ATTN_MERGE")) {
         ALLOC(s->attn_cnt, (size_t)Tm * nkv, "attention split counters");
         if ((ce = cudaMemset(s->attn_cnt, 0, (size_t)Tm * nkv * 4)) != cudaSuccess) {
             cu_state_destroy(s);
@@ -475,8 +478,7 @@ static int mega_init(cu_state *s, lm_err *err)
     a->fail = s->mega_fail;
     a->active = NULL;
     a->max_units = s->split_budget;
-    const char *pe = getenv("LIGHTMOE_CUDA_MEGA_PROF");
-    if (pe && pe[0] == '1' &&
+    if (env_is_1("LIGHTMOE_CUDA_MEGA_PROF") &&
         (rc = state_alloc((void **)&s->mega_prof, (size_t)nL * 12 * 8, err, "phase clocks")))
         return rc;
     a->prof = s->mega_prof;

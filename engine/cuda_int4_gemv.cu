@@ -490,10 +490,6 @@ extern "C" int cu_int4_matmul(const cu_int4_weights *w, const cu_gemm_rows *r, c
                               cudaStream_t st, lm_err *err)
 {
     int tile = r->items ? r->tile : cu_int4_tile_for(r->n_rows, r->n_rows, path);
-    if (tile > 8 && (mode == CU_OUT_F32_ADD || r->x_f32))
-        return lm_err_set(err, -EINVAL,
-                          "int4 matmul: atomic output and a normalising input are gemv-only "
-                          "(tile %d)", tile);
     if (tile <= 8)
         return cu_int4_gemv(w, r, a, lda, out, ldo, mode, tile, st, err);
     return cu_int4_mma(w, r, a, lda, out, ldo, mode, tile, st, err);
