@@ -79,6 +79,8 @@ struct cu_state {
     int fold;               /* one-token steps: the MoE combine in the down product, the
                              * attention norm in the qkv product (LIGHTMOE_CUDA_FOLD) */
     long n_folds;           /* folded products launched (tests) */
+    int fold_route;         /* with fold: the experts' products route the token themselves */
+    long n_routed;          /* MoE blocks launched so (tests) */
     int down_pf;            /* the experts' gate_up blocks send their down weights to L2 */
     int merge_o;            /* one-token steps: attention merge and o_proj in one launch */
     char skip[16];          /* measurement only (LIGHTMOE_CUDA_SKIP): launches left out of
@@ -295,6 +297,11 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
      * kernel), and the next qkv product normalises its own input (no norm
      * kernel). Off unless LIGHTMOE_CUDA_FOLD=1 (docs/PERF.md, round 10). */
     s->fold = env_is_1("LIGHTMOE_CUDA_FOLD");
+    /* with the fold, one launch a layer fewer again: the experts' gate_up
+     * and down blocks route the token themselves from the router's logits
+     * (no route+group launch; the down blocks before their dependency
+     * wait). Off unless LIGHTMOE_CUDA_FOLD_ROUTE=1 (docs/PERF.md, round 10). */
+    s->fold_route = env_is_1("LIGHTMOE_CUDA_FOLD_ROUTE");
     /* one-token gate_up blocks ask L2 for their expert's down weights (a
      * share each), so that the down product reads L2; off unless
      * LIGHTMOE_CUDA_DOWN_PF=1 (docs/PERF.md, round 10) */
@@ -551,6 +558,11 @@ extern "C" long cu_state_folds(const cu_state *s)
     return s ? s->n_folds : 0;
 }
 
+extern "C" long cu_state_routed(const cu_state *s)
+{
+    return s ? s->n_routed : 0;
+}
+
 extern "C" int cu_state_mega(const cu_state *s, const char **why)
 {
     if (why)
@@ -754,6 +766,16 @@ static int fold_moe(const cu_state *s, const cu_layer *L, int T)
            fold_gemv(s, &L->down, T, CU_OUT_F32_ADD) &&
            (L->sh_gate_up.kind == CU_W_NONE || fold_gemv(s, &L->sh_down, T, CU_OUT_F32_ADD));
 }
+/* with fold_moe, no routing launch: entry j of the experts' products is the
+ * token's j-th choice, each block routing the token itself (not with
+ * act-order experts, whose gather needs the plan, nor while the benchmark
+ * counts experts from it) */
+static int fold_route(const cu_state *s, const cu_layer *L, int T)
+{
+    const cu_model *m = s->m;
+    return s->fold_route && fold_moe(s, L, T) && !L->gate_up.perm && !L->down.perm &&
+           !s->d_active && m->top_k <= 32 && m->n_experts <= 1024;
+}
 
 static int linear_rows(cu_state *s, const cu_linear *L, int T, const __half *a, int lda,
                        void *out, int ldo, cu_out_mode mode, const cu_gemm_rows *r_in,
@@ -854,7 +876,10 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
     prof_mark(s, P_ROUTER);
     const int avg = (n + E - 1) / E;
     int tile = cu_int4_tile_for(T, avg, kpath(s));
-    if (T <= 64) { /* one launch: routing and grouping in a single block */
+    const int routed = fold_route(s, L, T);
+    if (routed) { /* the experts' products route the token themselves */
+        s->n_routed++;
+    } else if (T <= 64) { /* one launch: routing and grouping in a single block */
         if ((rc = cu_moe_route_group(s->rlog, er, T, E, k, m->renorm, m->has_shared, tile,
                                      s->topk_ids, s->topk_w, s->sg, &s->plan, s->st, err)))
             return rc;
@@ -886,6 +911,17 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
         r.plan_ready = 0;
         const __half *a = s->xn;
         int lda = H;
+        if (routed) { /* entry j = the token's j-th choice; every entry reads row 0 */
+            memset(&r, 0, sizeof(r));
+            r.n_rows = k;
+            r.route = s->rlog;
+            r.route_e = E;
+            r.route_k = k;
+            r.route_renorm = m->renorm;
+            r.route_shared = m->has_shared;
+            r.route_sg = s->sg;
+            lda = 0;
+        }
         if (L->gate_up.perm) {
             if ((rc = cu_gather_rows(s->xn, H, s->plan.ent_token, n, H, L->gate_up.perm,
                                      s->plan.ent_expert, s->xg, s->st, err)))
@@ -918,8 +954,17 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
             r.row_scale = s->plan.ent_weight;
             s->n_folds++;
         }
+        if (routed) { /* the logits are two launches back too: route before the wait;
+                       * all k entries add into x's one row */
+            r.plan_ready = 0;
+            r.out_rows = NULL;
+            r.row_scale = NULL;
+            r.route_sg = NULL;
+            r.route_scale = 1;
+            r.route_ready = cu_early_loads();
+        }
         if (!skipped(s, T, 'd') &&
-            (rc = cu_int4_matmul(&w, &r, hin, I, fold ? s->x : s->y, H,
+            (rc = cu_int4_matmul(&w, &r, hin, I, fold ? s->x : s->y, routed ? 0 : H,
                                  fold ? CU_OUT_F32_ADD : CU_OUT_F32, kpath(s), s->st, err)))
             return rc;
         prof_mark(s, P_DOWN);

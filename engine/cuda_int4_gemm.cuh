@@ -68,6 +68,20 @@ typedef struct cu_gemm_rows {
      * (by blockIdx.x) of expert e's matrix in pf (the next product's weights)
      * once its own first loads are issued. Hint only: results never change. */
     cu_int4_weights pf;
+    /* One-token expert products only (tile 1, no items): if route is set,
+     * every block routes the token itself from route, its router logits
+     * (E + has_shared floats, as cu_moe_route_token), and entry i is the
+     * token's i-th choice (n_rows = k), so that no routing launch is
+     * needed. route_scale: Y row i is scaled by that choice's weight.
+     * route_sg, if set, receives the shared expert's gate (block 0, after
+     * the dependency wait). route_ready: the logits were written two or
+     * more launches back, so the block may route (and load the expert's
+     * weights) before its dependency wait. With a row stride lda of 0,
+     * every entry reads A's one row; with ldo 0 (CU_OUT_F32_ADD), every
+     * entry adds into Y's one row. */
+    const float *route;
+    float *route_sg;
+    int32_t route_e, route_k, route_renorm, route_shared, route_scale, route_ready;
 } cu_gemm_rows;
 
 typedef enum cu_out_mode {

@@ -16,6 +16,7 @@
 
 #include "engine/cuda_common.cuh"
 #include "engine/cuda_int4_gemm.cuh"
+#include "engine/cuda_moe.cuh"
 
 #ifndef CU_GEMV_ILP_DEFAULT
 #define CU_GEMV_ILP_DEFAULT 2
@@ -36,9 +37,11 @@ __global__ void __launch_bounds__(128)
     /* Dense products read only weights before the previous kernel is done
      * (programmatic dependent launch): the first chunks' loads are issued,
      * then the wait. Grouped ones need the work list first, unless it was
-     * made before the previous kernel (plan_ready: the down product).
-     * row_scale and out_rows are read only after the wait. */
-    const bool pre = (!r.items || r.plan_ready) && !r.a_rows;
+     * made before the previous kernel (plan_ready: the down product);
+     * products that route the token themselves, unless the logits were
+     * (route_ready). row_scale and out_rows are read only after the wait. */
+    const bool routes = MT == 1 && r.route; /* refused by cu_int4_gemv at other tiles */
+    const bool pre = (!r.items || r.plan_ready) && !r.a_rows && (!routes || r.route_ready);
     bool waited = !pre;
     if (!pre) {
         cu_pdl_wait();
@@ -48,6 +51,19 @@ __global__ void __launch_bounds__(128)
     if (!cu_item_lookup(r, blockIdx.y, MT, &e, &start, &end)) {
         cu_pdl_wait(); /* no-op if done: every block waits (see cuda_common.cuh) */
         return; /* uniform over the block */
+    }
+    /* route: warp 0 routes the token (the k choices and weights, then the
+     * shared expert's gate); entry `start` is the block's choice */
+    __shared__ int32_t s_rid[32];
+    __shared__ float s_rw[33];
+    float route_w = 1.f;
+    if (routes) { /* uniform over the block */
+        if (threadIdx.x < 32)
+            cu_moe_route_token(r.route, 0, 0, r.route_e, r.route_k, r.route_renorm,
+                               r.route_shared, s_rid, s_rw, s_rw + 32);
+        __syncthreads();
+        e = s_rid[start];
+        route_w = s_rw[start];
     }
     const int team = threadIdx.x / TPR, tl = threadIdx.x % TPR;
     const int row0 = (blockIdx.x * (128 / TPR) + team) * 4;
@@ -95,7 +111,7 @@ __global__ void __launch_bounds__(128)
     auto l2_prefetch = [&]() {
         if constexpr (MODE != CU_OUT_SILU_F16)
             return;
-        if (!r.pf.qs || !r.items)
+        if (!r.pf.qs || !(r.items || routes))
             return;
         const size_t G = (size_t)r.pf.n * (r.pf.k / r.pf.group);
         const size_t nb[3] = {(size_t)r.pf.n * (r.pf.k / 2), 2 * G, G};
@@ -213,6 +229,8 @@ __global__ void __launch_bounds__(128)
         cu_pdl_wait();
         cu_pdl_trigger();
     }
+    if (routes && r.route_sg && r.route_shared && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)
+        *r.route_sg = s_rw[32]; /* after the wait: the previous layer's readers are done */
     constexpr int W = TPR < 32 ? TPR : 32; /* shuffle width */
 #pragma unroll
     for (int j = 0; j < 4; j++)
@@ -248,7 +266,7 @@ __global__ void __launch_bounds__(128)
         if (m >= cnt)
             break;
         const int i = start + m;
-        const float rs = r.row_scale ? r.row_scale[i] : 1.f;
+        const float rs = r.row_scale ? r.row_scale[i] : routes && r.route_scale ? route_w : 1.f;
         if (MODE == CU_OUT_SILU_F16) {
             __half *o = static_cast<__half *>(out) + (size_t)i * ldo;
 #pragma unroll
@@ -346,7 +364,7 @@ int launch_gemv_tpr(const cu_int4_weights *w, const cu_gemm_rows *r, const __hal
         return launch_gemv_mode<1, 64, 2>(w, r, a, lda, out, ldo, mode, st);
     if (MT == 1) {
         const int ilp = gemv_ilp();
-        if (ilp == 4 || (ilp == 5 && r->items)) {
+        if (ilp == 4 || (ilp == 5 && (r->items || r->route))) {
             if (chunks > 64)
                 return launch_gemv_mode<1, 32, 4>(w, r, a, lda, out, ldo, mode, st);
             if (chunks > 32)
@@ -454,6 +472,13 @@ extern "C" int cu_int4_gemv(const cu_int4_weights *w, const cu_gemm_rows *r, con
                               "int4 gemv: the normalising input needs K %% 4 == 0, 256 <= K <= "
                               "8192 and 16-byte aligned rows (K %d)", w->k);
     }
+    if (r->route && (tile != 1 || r->items || r->a_rows || r->x_f32 || r->route_k < 1 ||
+                     r->route_k > 32 || r->route_k > r->route_e || r->route_e > 1024 ||
+                     r->n_rows != r->route_k))
+        return lm_err_set(err, -EINVAL,
+                          "int4 gemv: routing in the product needs one token (tile %d), no work "
+                          "list, k <= 32 entries (%d of %d, %d experts)",
+                          tile, r->n_rows, r->route_k, r->route_e);
     switch (tile) {
     case 1: rc = launch_gemv_tpr<1>(w, r, a, lda, out, ldo, mode, st); break;
     case 2: rc = launch_gemv_tpr<2>(w, r, a, lda, out, ldo, mode, st); break;
@@ -489,7 +514,9 @@ extern "C" int cu_int4_matmul(const cu_int4_weights *w, const cu_gemm_rows *r, c
                               int lda, void *out, int ldo, cu_out_mode mode, cu_gemm_path path,
                               cudaStream_t st, lm_err *err)
 {
-    int tile = r->items ? r->tile : cu_int4_tile_for(r->n_rows, r->n_rows, path);
+    int tile = r->items ? r->tile : r->route ? 1 : cu_int4_tile_for(r->n_rows, r->n_rows, path);
+    if (r->route && path == CU_GEMM_MMA)
+        tile = 16; /* refused there, with the reason */
     if (tile <= 8)
         return cu_int4_gemv(w, r, a, lda, out, ldo, mode, tile, st, err);
     return cu_int4_mma(w, r, a, lda, out, ldo, mode, tile, st, err);

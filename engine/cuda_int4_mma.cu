@@ -280,9 +280,9 @@ extern "C" int cu_int4_mma(const cu_int4_weights *w, const cu_gemm_rows *r, cons
         return lm_err_set(err, -EINVAL, "int4 mma: lda %d not a multiple of 8", lda);
     if (mode == CU_OUT_SILU_F16 && w->n % 2)
         return lm_err_set(err, -EINVAL, "int4 mma: fused SiLU needs an even row count");
-    if (mode == CU_OUT_F32_ADD || r->x_f32)
-        return lm_err_set(err, -EINVAL, "int4 mma: atomic output and a normalising input are "
-                                        "the gemv's only");
+    if (mode == CU_OUT_F32_ADD || r->x_f32 || r->route)
+        return lm_err_set(err, -EINVAL, "int4 mma: atomic output, a normalising input and "
+                                        "routing in the product are the gemv's only");
     switch (tile) {
     case 16: return launch_mma<1>(w, r, a, lda, out, ldo, mode, st, err);
     case 32: return launch_mma<2>(w, r, a, lda, out, ldo, mode, st, err);

@@ -1,6 +1,6 @@
 /*
  * test_cuda_fold.cu: the one-token folds (LIGHTMOE_CUDA_FOLD, _MERGE_O,
- * _DOWN_PF) against the CPU twins and, through the forward pass, against
+ * _DOWN_PF, _FOLD_ROUTE) against the CPU twins and, through the forward pass, against
  * the ordinary launches (part of test_cuda_kernels: `fold`, `foldk`).
  */
 #include "tests/cuda/cuda_test_util.cuh"
@@ -150,8 +150,103 @@ static void run_merge_o(int nq, int hd, int nsplit, int n, int g, int T)
     release(d);
 }
 
+/* The experts' products of one token routing it themselves (cu_gemm_rows
+ * route): gate_up (entry j = the j-th choice, A's one row read by every
+ * entry, the shared gate written) and down (routed before its wait, scaled
+ * by the choice's weight, every entry adding into x's one row), against the
+ * CPU's routing (stable sort: ties to the lowest id) and products. */
+static void run_gemv_route(int H, int I, int g, int E, int k, int renorm)
+{
+    qmat gu = make_qmat(2 * I, H, g, E, false), dn = make_qmat(H, I, g, E, false);
+    dq dgu = upload(gu), ddn = upload(dn);
+    vector<float> lg(E + 1), x = rand_act(H, 2.0f), x0(H);
+    for (auto &v : lg)
+        v = 3.0f * urand();
+    lg[E / 2] = lg[E / 3]; /* a tie */
+    for (auto &v : x0)
+        v = urand();
+    vector<int> order(E);
+    for (int e = 0; e < E; e++)
+        order[e] = e;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return lg[a] > lg[b]; });
+    double mx = lg[order[0]], sum = 0, ksum = 0;
+    for (int e = 0; e < E; e++)
+        sum += exp(lg[e] - mx);
+    vector<double> p(k);
+    for (int j = 0; j < k; j++)
+        ksum += p[j] = exp(lg[order[j]] - mx) / sum;
+    if (renorm)
+        for (auto &v : p)
+            v /= ksum;
+    vector<int> ent(order.begin(), order.begin() + k), zero(k, 0), rows(k);
+    for (int j = 0; j < k; j++)
+        rows[j] = j;
+    float *dl = dev(lg), *dsg, *dx0 = dev(x0);
+    __half *dx = dev_half(x), *h;
+    CK(cudaMalloc(&dsg, 4));
+    CK(cudaMemset(dsg, 0xff, 4));
+    CK(cudaMalloc(&h, (size_t)k * I * 2));
+    cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
+    r.n_rows = k;
+    r.route = dl;
+    r.route_e = E;
+    r.route_k = k;
+    r.route_renorm = renorm;
+    r.route_shared = 1;
+    r.route_sg = dsg;
+    OK(cu_int4_matmul(&dgu.w, &r, dx, 0, h, I, CU_OUT_SILU_F16, CU_GEMM_GEMV, 0, ERRP));
+    vector<double> ref;
+    ref_int4(gu, x, H, k, zero, ent, CU_OUT_SILU_F16, {}, ref);
+    vector<uint16_t> hb = host((const uint16_t *)h, (size_t)k * I);
+    vector<float> hf(hb.size());
+    for (size_t i = 0; i < hb.size(); i++)
+        hf[i] = h2f(hb[i]);
+    char what[200];
+    snprintf(what, sizeof what, "int4 gemv routing its token: gate_up H=%d I=%d g=%d E=%d k=%d renorm=%d",
+             H, I, g, E, k, renorm);
+    compare(what, hf.data(), ref.data(), k, I, 5e-3);
+    const double sg = host(dsg, 1)[0], sg_ref = 1.0 / (1.0 + exp(-(double)lg[E]));
+    const bool sg_ok = fabs(sg - sg_ref) < 1e-5;
+    printf("%-4s int4 gemv routing its token: the shared gate %.6f (cpu %.6f)\n",
+           sg_ok ? "ok" : "FAIL", sg, sg_ref);
+    if (!sg_ok)
+        g_fail = 1;
+    vector<double> y, yref(x0.begin(), x0.end());
+    ref_int4(dn, hf, I, k, rows, ent, CU_OUT_F32, {}, y);
+    for (int j = 0; j < k; j++)
+        for (int c = 0; c < H; c++)
+            yref[c] += p[j] * y[(size_t)j * H + c];
+    for (int ready = 0; ready <= 1; ready++) {
+        CK(cudaMemcpy(dx0, x0.data(), (size_t)H * 4, cudaMemcpyHostToDevice));
+        r.route_sg = nullptr;
+        r.route_scale = 1;
+        r.route_ready = ready;
+        OK(cu_int4_matmul(&ddn.w, &r, h, I, dx0, 0, CU_OUT_F32_ADD, CU_GEMM_GEMV, 0, ERRP));
+        vector<float> got = host(dx0, (size_t)H);
+        snprintf(what, sizeof what, "int4 gemv routing its token: down into x, routed %s the wait, "
+                 "H=%d I=%d E=%d k=%d", ready ? "before" : "after", H, I, E, k);
+        compare(what, got.data(), yref.data(), 1, H, 5e-3);
+    }
+    cudaFree(dl);
+    cudaFree(dsg);
+    cudaFree(dx0);
+    cudaFree(dx);
+    cudaFree(h);
+    release(dgu);
+    release(ddn);
+}
+
 void test_fold_kernels()
 {
+    run_gemv_route(2048, 768, 128, 128, 8, 1); /* qwen3-30b-a3b's experts */
+    run_gemv_route(2048, 1408, 128, 60, 4, 0); /* qwen1.5-moe-a2.7b's */
+    run_gemv_route(288, 4096, 32, 8, 2, 1);    /* down K 4096: teams of 64 */
+    cu_int4_gemv_set_ilp(5);                   /* 4 chunks a lane, routed products too */
+    run_gemv_route(1024, 512, 64, 40, 6, 0);
+    cu_int4_gemv_set_ilp(-1);
+    run_gemv_route(256, 160, 32, 1000, 32, 1);
+
     run_merge_o(32, 128, 16, 2048, 128, 1);
     run_merge_o(4, 64, 1, 300, 32, 1);
     run_merge_o(2, 256, 3, 130, 64, 2);
@@ -211,6 +306,21 @@ void test_fold_kernels()
     r.n_rows = 17;
     expect_einval("atomic add on the mma path (17 rows)",
                   cu_int4_matmul(&d.w, &r, dh, 256, out, 64, CU_OUT_F32_ADD, CU_GEMM_AUTO, 0, &e5), e5);
+    lm_err e6 = {0, ""}, e7 = {0, ""}, e8 = {0, ""};
+    memset(&r, 0, sizeof(r));
+    r.route = dx; /* never read: refused first */
+    r.route_e = 8;
+    r.route_k = 2;
+    r.n_rows = 3;
+    expect_einval("routing in the product with 3 entries for k 2",
+                  cu_int4_matmul(&d.w, &r, dh, 256, out, 64, CU_OUT_F32, CU_GEMM_GEMV, 0, &e6), e6);
+    r.n_rows = 2;
+    expect_einval("routing in the product on the mma path",
+                  cu_int4_matmul(&d.w, &r, dh, 256, out, 64, CU_OUT_F32, CU_GEMM_MMA, 0, &e7), e7);
+    r.route_k = r.n_rows = 33;
+    r.route_e = 64;
+    expect_einval("routing in the product with k 33",
+                  cu_int4_matmul(&d.w, &r, dh, 256, out, 64, CU_OUT_F32, CU_GEMM_GEMV, 0, &e8), e8);
     cudaFree(dx);
     cudaFree(dn);
     cudaFree(out);
@@ -222,7 +332,8 @@ void test_fold_kernels()
 /* ---- the folds through the forward pass: LIGHTMOE_CUDA_FOLD=1 against =0 ---------------- */
 
 static const char *const g_fold_env[] = {"LIGHTMOE_CUDA_FOLD", "LIGHTMOE_CUDA_MERGE_O",
-                                         "LIGHTMOE_CUDA_DOWN_PF"};
+                                         "LIGHTMOE_CUDA_DOWN_PF", "LIGHTMOE_CUDA_FOLD_ROUTE"};
+constexpr int N_FOLD_ENV = 4;
 /* on: bit i turns g_fold_env[i] on in the second state (all off in the first) */
 static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bits)
 {
@@ -230,28 +341,28 @@ static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bit
     OK(cu_synth_create(&c, 5, &m, ERRP));
     const int bs = 16, max_blocks = (prompt + steps + bs) / bs + 1;
     cu_state *s[2];
-    char keep[3][8];
-    bool had[3];
-    for (int i = 0; i < 3; i++) {
+    char keep[N_FOLD_ENV][8];
+    bool had[N_FOLD_ENV];
+    for (int i = 0; i < N_FOLD_ENV; i++) {
         const char *was = getenv(g_fold_env[i]);
         had[i] = was != nullptr;
         snprintf(keep[i], sizeof keep[i], "%s", was ? was : "");
     }
     for (int on = 0; on <= 1; on++) {
-        for (int i = 0; i < 3; i++)
+        for (int i = 0; i < N_FOLD_ENV; i++)
             setenv(g_fold_env[i], on && (on_bits >> i & 1) ? "1" : "0", 1);
         cu_options o = {512, 0, 0, 0, 1};
         OK(cu_state_create(m, &o, &s[on], ERRP));
         OK(cu_state_kv_init(s[on], bs, max_blocks + 1, ERRP));
     }
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < N_FOLD_ENV; i++) {
         if (had[i])
             setenv(g_fold_env[i], keep[i], 1);
         else
             unsetenv(g_fold_env[i]);
     }
     char tag[64] = "";
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < N_FOLD_ENV; i++)
         if (on_bits >> i & 1)
             snprintf(tag + strlen(tag), sizeof tag - strlen(tag), "%s%s", tag[0] ? "+" : "",
                      g_fold_env[i] + 13);
@@ -278,9 +389,13 @@ static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bit
         worst = std::max(worst, sqrt(num / den));
     }
     const long f0 = cu_state_folds(s[0]), f1 = cu_state_folds(s[1]);
-    const bool used = f0 == 0 && (f1 > 0 || on_bits == 4); /* the prefetch alone folds nothing */
-    printf("%-4s fold %s %s: %ld folded launches on, %ld off (worst step rel %.1e)\n",
-           used ? "ok" : "FAIL", tag, c.name, f1, f0, worst);
+    const long r0 = cu_state_routed(s[0]), r1 = cu_state_routed(s[1]);
+    /* the prefetch alone folds nothing; routing in the products needs the fold */
+    const bool routes = (on_bits & 9) == 9;
+    const bool used = f0 == 0 && r0 == 0 && (f1 > 0 || on_bits == 4 || on_bits == 8) &&
+                      (r1 > 0) == routes;
+    printf("%-4s fold %s %s: %ld folded launches on, %ld off; %ld blocks routed by their products "
+           "(worst step rel %.1e)\n", used ? "ok" : "FAIL", tag, c.name, f1, f0, r1, worst);
     if (!used)
         g_fail = 1;
     cu_state_destroy(s[0]);
@@ -291,7 +406,7 @@ static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bit
 void test_fold()
 {
     test_fold_kernels();
-    for (int bits : {1, 2, 4, 7}) {
+    for (int bits : {1, 2, 4, 7, 8, 9, 15}) {
         run_fold(g_q2, 0, 3, bits);
         run_fold(g_q2, 40, 4, bits);
         run_fold(g_q3, 300, 4, bits);
