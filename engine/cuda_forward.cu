@@ -180,6 +180,12 @@ static int env_is_1(const char *name)
     const char *v = getenv(name);
     return v && v[0] == '1';
 }
+/* An on-by-default switch: off when the variable's value starts with 0. */
+static int env_not_0(const char *name)
+{
+    const char *v = getenv(name);
+    return !(v && v[0] == '0');
+}
 
 static int host_alloc(void **p, size_t bytes, lm_err *err)
 {
@@ -295,21 +301,25 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
     /* one-token steps, two launches a layer fewer: the routed (and shared)
      * experts' down products add into the residual atomically (no combine
      * kernel), and the next qkv product normalises its own input (no norm
-     * kernel). Off unless LIGHTMOE_CUDA_FOLD=1 (docs/PERF.md, round 10). */
-    s->fold = env_is_1("LIGHTMOE_CUDA_FOLD");
+     * kernel). On unless LIGHTMOE_CUDA_FOLD=0: measured -3% a step at batch
+     * 1 on the H100, -5% with MERGE_O (docs/PERF.md, round 10). The atomic
+     * sums have no fixed order: two runs may differ in the last bits. */
+    s->fold = env_not_0("LIGHTMOE_CUDA_FOLD");
     /* with the fold, one launch a layer fewer again: the experts' gate_up
      * and down blocks route the token themselves from the router's logits
      * (no route+group launch; the down blocks before their dependency
-     * wait). Off unless LIGHTMOE_CUDA_FOLD_ROUTE=1 (docs/PERF.md, round 10). */
+     * wait). Off unless LIGHTMOE_CUDA_FOLD_ROUTE=1: measured no faster on
+     * the H100 (docs/PERF.md, round 10). */
     s->fold_route = env_is_1("LIGHTMOE_CUDA_FOLD_ROUTE");
     /* one-token gate_up blocks ask L2 for their expert's down weights (a
      * share each), so that the down product reads L2; off unless
-     * LIGHTMOE_CUDA_DOWN_PF=1 (docs/PERF.md, round 10) */
+     * LIGHTMOE_CUDA_DOWN_PF=1: measured 1-2% slower on the H100
+     * (docs/PERF.md, round 10) */
     s->down_pf = env_is_1("LIGHTMOE_CUDA_DOWN_PF");
     /* one-token steps: the attention's split merge and the o_proj product in
-     * one launch, adding into the residual atomically (cu_attn_qkv_o); off
-     * unless LIGHTMOE_CUDA_MERGE_O=1 (docs/PERF.md, round 10) */
-    s->merge_o = env_is_1("LIGHTMOE_CUDA_MERGE_O");
+     * one launch, adding into the residual atomically (cu_attn_qkv_o); on
+     * unless LIGHTMOE_CUDA_MERGE_O=0 (docs/PERF.md, round 10) */
+    s->merge_o = env_not_0("LIGHTMOE_CUDA_MERGE_O");
     /* measurement only: letters of the one-token step's launches to leave
      * out (q qkv, a attention, o o_proj, u experts' gate_up, d down, c
      * combine); the step's time without them says what they cost inside

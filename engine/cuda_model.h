@@ -117,10 +117,10 @@ size_t cu_state_free_bytes(const cu_state *s);
 /* Tests: decode-step CUDA graphs captured so far (0 when graphs are off
  * or s is NULL). */
 int cu_state_graph_count(const cu_state *s);
-/* Tests: products launched folded (at creation LIGHTMOE_CUDA_FOLD=1: qkv
- * normalising its input, down products adding into the residual;
- * LIGHTMOE_CUDA_MERGE_O=1: the attention merge doing o_proj) since
- * creation; a captured graph counts once. */
+/* Tests: products launched folded (unless LIGHTMOE_CUDA_FOLD=0 at
+ * creation: qkv normalising its input, down products adding into the
+ * residual; unless LIGHTMOE_CUDA_MERGE_O=0: the attention merge doing
+ * o_proj) since creation; a captured graph counts once. */
 long cu_state_folds(const cu_state *s);
 /* Tests: MoE blocks launched without a routing kernel (at creation
  * LIGHTMOE_CUDA_FOLD=1 and LIGHTMOE_CUDA_FOLD_ROUTE=1: the experts'

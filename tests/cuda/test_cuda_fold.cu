@@ -365,7 +365,7 @@ static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bit
     for (int i = 0; i < N_FOLD_ENV; i++)
         if (on_bits >> i & 1)
             snprintf(tag + strlen(tag), sizeof tag - strlen(tag), "%s%s", tag[0] ? "+" : "",
-                     g_fold_env[i] + 13);
+                     g_fold_env[i] + 14);
     vector<int> toks(prompt);
     for (int i = 0; i < prompt; i++)
         toks[i] = (7 + 13 * i) % c.vocab;
