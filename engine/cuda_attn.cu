@@ -854,12 +854,12 @@ extern "C" int cu_attn_qkv_o(const cu_attn_shape *s, const float *qkv, const cu_
                           "attention with o_proj: decode only, merged by the merge kernel (%d "
                           "tiles of %d tokens for %d tokens%s)", b->n_tiles, b->bq, b->T,
                           b->counters ? ", counters set" : "");
-    int rc = merge_o_check(s, b->nsplit, wo, ldx, err); /* before anything runs */
+    int rc = wo ? merge_o_check(s, b->nsplit, wo, ldx, err) : 0; /* before anything runs */
     if (rc) return rc;
     attn_in in = qkv_in(qkv, p, kc, vc);
     in.no_merge = true;
     rc = attn_run(s, in, b, part, nullptr, st, err);
-    if (rc || b->n_tiles <= 0) return rc;
+    if (rc || b->n_tiles <= 0 || !wo) return rc;
     return cu_attn_merge_o(s, b->T, b->nsplit, part, wo, x, ldx, st, err);
 }
 

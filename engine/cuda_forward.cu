@@ -321,9 +321,10 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
      * unless LIGHTMOE_CUDA_MERGE_O=0 (docs/PERF.md, round 10) */
     s->merge_o = env_not_0("LIGHTMOE_CUDA_MERGE_O");
     /* measurement only: letters of the one-token step's launches to leave
-     * out (q qkv, a attention, o o_proj, u experts' gate_up, d down, c
-     * combine); the step's time without them says what they cost inside
-     * the graph. The logits are then wrong; never for serving. */
+     * out (q qkv, a attention, m the merge + o_proj launch, o o_proj, r
+     * router, g route+group, u experts' gate_up, d down, c combine); the
+     * step's time without them says what they cost inside the graph. The
+     * logits are then wrong; never for serving. */
     const char *sk = getenv("LIGHTMOE_CUDA_SKIP");
     snprintf(s->skip, sizeof s->skip, "%s", sk ? sk : "");
     /* one-token steps in one kernel: not with tensor parallelism (collectives
@@ -873,7 +874,8 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
     const int er = E + (m->has_shared ? 1 : 0);
     const float one = 1.f, zero = 0.f;
     int rc;
-    if (router_fused(s, L, T)) {
+    if (skipped(s, T, 'r')) {
+    } else if (router_fused(s, L, T)) {
         if ((rc = cu_router_norm(s->x, T, H, L->mlp_norm, m->eps, L->router, er, s->rlog, s->xn,
                                  s->st, err)))
             return rc;
@@ -889,6 +891,7 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
     const int routed = fold_route(s, L, T);
     if (routed) { /* the experts' products route the token themselves */
         s->n_routed++;
+    } else if (skipped(s, T, 'g')) {
     } else if (T <= 64) { /* one launch: routing and grouping in a single block */
         if ((rc = cu_moe_route_group(s->rlog, er, T, E, k, m->renorm, m->has_shared, tile,
                                      s->topk_ids, s->topk_w, s->sg, &s->plan, s->st, err)))
@@ -1299,8 +1302,8 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
         } else if (merge_o) { /* x += o_proj(attention), the merge launch doing the product */
             cu_int4_weights wo = int4_of(&L->o, 0);
             s->n_folds++;
-            if ((rc = cu_attn_qkv_o(&shape, s->qkv, &qp, kc, vc, ab, s->part, &wo, s->x, H, s->st,
-                                    err)))
+            if ((rc = cu_attn_qkv_o(&shape, s->qkv, &qp, kc, vc, ab, s->part,
+                                    skipped(s, T, 'm') ? NULL : &wo, s->x, H, s->st, err)))
                 return rc;
         } else if (s->qkv_fused && s->step_decode) {
             if ((rc = cu_attn_qkv(&shape, s->qkv, &qp, kc, vc, ab, s->part, s->att, s->st, err)))

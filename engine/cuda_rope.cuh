@@ -40,7 +40,8 @@ int cu_attn_qkv(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p
 /* cu_attn_qkv, then the splits' merge and the o_proj product in one launch
  * (cu_attn_merge_o) instead of the merge kernel and a product: x[t] +=
  * wo (n x nq*hd, INT4) o[t], atomically (the heads' sums in no fixed
- * order). Needs b->counters NULL. */
+ * order). Needs b->counters NULL. wo NULL (measurements only): the
+ * attention's launch alone, its splits left unmerged in part. */
 int cu_attn_qkv_o(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p, __half *kc,
                   __half *vc, const cu_attn_batch *b, float *part, const cu_int4_weights *wo,
                   float *x, int ldx, cudaStream_t st, lm_err *err);
