@@ -205,6 +205,28 @@ inline void ref_int4(const qmat &m, const vector<float> &x, int lda, int rows,
     }
 }
 
+/* The CPU's routing of one token's logits l[E]: the k experts of the
+ * largest logits (ties to the lowest id, as the GPU) and their softmax
+ * probabilities over all E, renormalised over the k if renorm. */
+inline void ref_route(const float *l, int E, int k, int renorm, vector<int> &ids,
+                      vector<double> &p)
+{
+    vector<int> order(E);
+    for (int e = 0; e < E; e++)
+        order[e] = e;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return l[a] > l[b]; });
+    double mx = l[order[0]], sum = 0, ksum = 0;
+    for (int e = 0; e < E; e++)
+        sum += exp(l[e] - mx);
+    ids.assign(order.begin(), order.begin() + k);
+    p.resize(k);
+    for (int j = 0; j < k; j++)
+        ksum += p[j] = exp(l[order[j]] - mx) / sum;
+    if (renorm)
+        for (auto &v : p)
+            v /= ksum;
+}
+
 inline vector<float> rand_act(size_t n, float amp)
 {
     vector<float> x(n);

@@ -165,20 +165,9 @@ static void run_gemv_route(int H, int I, int g, int E, int k, int renorm)
     lg[E / 2] = lg[E / 3]; /* a tie */
     for (auto &v : x0)
         v = urand();
-    vector<int> order(E);
-    for (int e = 0; e < E; e++)
-        order[e] = e;
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return lg[a] > lg[b]; });
-    double mx = lg[order[0]], sum = 0, ksum = 0;
-    for (int e = 0; e < E; e++)
-        sum += exp(lg[e] - mx);
-    vector<double> p(k);
-    for (int j = 0; j < k; j++)
-        ksum += p[j] = exp(lg[order[j]] - mx) / sum;
-    if (renorm)
-        for (auto &v : p)
-            v /= ksum;
-    vector<int> ent(order.begin(), order.begin() + k), zero(k, 0), rows(k);
+    vector<int> ent, zero(k, 0), rows(k);
+    vector<double> p;
+    ref_route(lg.data(), E, k, renorm, ent, p);
     for (int j = 0; j < k; j++)
         rows[j] = j;
     float *dl = dev(lg), *dsg, *dx0 = dev(x0);

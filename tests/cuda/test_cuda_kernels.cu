@@ -344,21 +344,12 @@ static void test_moe()
             double werr = 0;
             for (int t = 0; t < T; t++) {
                 const float *l = &lg[(size_t)t * ld];
-                vector<int> order(E);
-                for (int e = 0; e < E; e++)
-                    order[e] = e;
-                std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return l[a] > l[b]; });
-                double mx = l[order[0]], sum = 0, ksum = 0;
-                for (int e = 0; e < E; e++)
-                    sum += exp(l[e] - mx);
-                for (int j = 0; j < k; j++)
-                    ksum += exp(l[order[j]] - mx) / sum;
+                vector<int> order;
+                vector<double> p;
+                ref_route(l, E, k, renorm, order, p);
                 for (int j = 0; j < k; j++) {
                     ok &= ids[t * k + j] == order[j];
-                    double p = exp(l[order[j]] - mx) / sum;
-                    if (renorm)
-                        p /= ksum;
-                    werr = std::max(werr, fabs(p - w[t * k + j]) / p);
+                    werr = std::max(werr, fabs(p[j] - w[t * k + j]) / p[j]);
                 }
                 werr = std::max(werr, fabs(1.0 / (1.0 + exp(-(double)l[E])) - (double)sg[t]));
             }
@@ -452,24 +443,14 @@ static void run_route_group(int T, int E, int k, int renorm)
     bool ok = off[0] == 0 && off[E] == T * k;
     double werr = 0;
     for (int t = 0; t < T && ok; t++) {
-        const float *l = &lg[(size_t)t * ld];
-        vector<int> order(E);
-        for (int e = 0; e < E; e++)
-            order[e] = e;
-        std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return l[a] > l[b]; });
-        double mx = l[order[0]], sum = 0, ksum = 0;
-        for (int e = 0; e < E; e++)
-            sum += exp(l[e] - mx);
-        for (int j = 0; j < k; j++)
-            ksum += exp(l[order[j]] - mx) / sum;
+        vector<int> order;
+        vector<double> p;
+        ref_route(&lg[(size_t)t * ld], E, k, renorm, order, p);
         for (int j = 0; j < k; j++) {
             const int i = t * k + j, at = pos[i];
             ok &= at >= 0 && at < T * k && et[at] == t && ee[at] == order[j];
             ok &= at >= off[order[j]] && at < off[order[j] + 1];
-            double p = exp(l[order[j]] - mx) / sum;
-            if (renorm)
-                p /= ksum;
-            werr = std::max(werr, fabs(p - ew[at]) / p);
+            werr = std::max(werr, fabs(p[j] - ew[at]) / p[j]);
         }
     }
     int want = 0;
