@@ -824,23 +824,14 @@ extern "C" int cu_attn_merge_o(const cu_attn_shape *s, int T, int nsplit, const 
     int rc = merge_o_check(s, nsplit, wo, ldx, err);
     if (rc) return rc;
     if (T <= 0) return 0;
-    const dim3 grid((unsigned)cuda_div_up(wo->n, 128), (unsigned)(T * s->nq));
-    switch (s->hd) {
-    case 64:
-        CU_LAUNCH(err, "attention merge + o_proj launch", k_attn_merge_o<64>, grid, 128, 0, st,
-                  (int)s->nq, nsplit, part, *wo, x, ldx);
-        break;
-    case 128:
-        CU_LAUNCH(err, "attention merge + o_proj launch", k_attn_merge_o<128>, grid, 128, 0, st,
-                  (int)s->nq, nsplit, part, *wo, x, ldx);
-        break;
-    case 256:
-        CU_LAUNCH(err, "attention merge + o_proj launch", k_attn_merge_o<256>, grid, 128, 0, st,
-                  (int)s->nq, nsplit, part, *wo, x, ldx);
-        break;
-    default:
+    void (*k)(int, int, const float *, cu_int4_weights, float *, int) =
+        s->hd == 64 ? k_attn_merge_o<64> : s->hd == 128 ? k_attn_merge_o<128>
+                                         : s->hd == 256 ? k_attn_merge_o<256> : nullptr;
+    if (!k)
         return lm_err_set(err, -EINVAL, "attention merge with o_proj: head_dim %d", s->hd);
-    }
+    const dim3 grid((unsigned)cuda_div_up(wo->n, 128), (unsigned)(T * s->nq));
+    CU_LAUNCH(err, "attention merge + o_proj launch", k, grid, 128, 0, st, (int)s->nq, nsplit,
+              part, *wo, x, ldx);
     return 0;
 }
 

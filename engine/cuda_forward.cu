@@ -913,19 +913,17 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
     if (L->gate_up.kind == CU_W_INT4) {
         cu_gemm_rows r;
         memset(&r, 0, sizeof(r));
-        r.n_rows = n;
-        r.offsets = s->plan.offsets;
-        r.items = s->plan.items;
-        r.n_items = s->plan.n_items;
-        r.max_items = cu_moe_max_items(n, E, tile);
-        r.tile = tile;
-        r.a_rows = s->plan.ent_token;
-        r.row_scale = NULL;
-        r.plan_ready = 0;
         const __half *a = s->xn;
         int lda = H;
-        if (routed) { /* entry j = the token's j-th choice; every entry reads row 0 */
-            memset(&r, 0, sizeof(r));
+        if (!routed) { /* the work list of route+group */
+            r.n_rows = n;
+            r.offsets = s->plan.offsets;
+            r.items = s->plan.items;
+            r.n_items = s->plan.n_items;
+            r.max_items = cu_moe_max_items(n, E, tile);
+            r.tile = tile;
+            r.a_rows = s->plan.ent_token;
+        } else { /* entry j = the token's j-th choice; every entry reads row 0 */
             r.n_rows = k;
             r.route = s->rlog;
             r.route_e = E;
@@ -962,19 +960,16 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
          * down product loads its experts' weights before waiting */
         r.plan_ready = cu_early_loads();
         w = int4_of(&L->down, 0);
-        if (fold) { /* x[token] += weight * down(h), atomically */
-            r.out_rows = s->plan.ent_token;
-            r.row_scale = s->plan.ent_weight;
-            s->n_folds++;
-        }
         if (routed) { /* the logits are two launches back too: route before the wait;
-                       * all k entries add into x's one row */
-            r.plan_ready = 0;
-            r.out_rows = NULL;
-            r.row_scale = NULL;
+                       * every entry adds weight * down(h) into x's one row (ldo 0) */
             r.route_sg = NULL;
             r.route_scale = 1;
             r.route_ready = cu_early_loads();
+            s->n_folds++;
+        } else if (fold) { /* x[token] += weight * down(h), atomically */
+            r.out_rows = s->plan.ent_token;
+            r.row_scale = s->plan.ent_weight;
+            s->n_folds++;
         }
         if (!skipped(s, T, 'd') &&
             (rc = cu_int4_matmul(&w, &r, hin, I, fold ? s->x : s->y, routed ? 0 : H,

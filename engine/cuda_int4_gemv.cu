@@ -229,8 +229,10 @@ __global__ void __launch_bounds__(128)
         cu_pdl_wait();
         cu_pdl_trigger();
     }
-    if (routes && r.route_sg && r.route_shared && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)
-        *r.route_sg = s_rw[32]; /* after the wait: the previous layer's readers are done */
+    /* the shared expert's gate, after the wait: the previous layer's readers are done */
+    if (routes && r.route_sg && r.route_shared && blockIdx.x == 0 && blockIdx.y == 0 &&
+        threadIdx.x == 0)
+        *r.route_sg = s_rw[32];
     constexpr int W = TPR < 32 ? TPR : 32; /* shuffle width */
 #pragma unroll
     for (int j = 0; j < 4; j++)
@@ -514,9 +516,9 @@ extern "C" int cu_int4_matmul(const cu_int4_weights *w, const cu_gemm_rows *r, c
                               int lda, void *out, int ldo, cu_out_mode mode, cu_gemm_path path,
                               cudaStream_t st, lm_err *err)
 {
-    int tile = r->items ? r->tile : r->route ? 1 : cu_int4_tile_for(r->n_rows, r->n_rows, path);
-    if (r->route && path == CU_GEMM_MMA)
-        tile = 16; /* refused there, with the reason */
+    /* routing in the product: entries of one token, one row an expert */
+    const int rows = r->route ? 1 : r->n_rows;
+    int tile = r->items ? r->tile : cu_int4_tile_for(rows, rows, path);
     if (tile <= 8)
         return cu_int4_gemv(w, r, a, lda, out, ldo, mode, tile, st, err);
     return cu_int4_mma(w, r, a, lda, out, ldo, mode, tile, st, err);

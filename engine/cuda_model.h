@@ -122,9 +122,9 @@ int cu_state_graph_count(const cu_state *s);
  * residual; unless LIGHTMOE_CUDA_MERGE_O=0: the attention merge doing
  * o_proj) since creation; a captured graph counts once. */
 long cu_state_folds(const cu_state *s);
-/* Tests: MoE blocks launched without a routing kernel (at creation
- * LIGHTMOE_CUDA_FOLD=1 and LIGHTMOE_CUDA_FOLD_ROUTE=1: the experts'
- * products route the token themselves) since creation, as above. */
+/* Tests: MoE blocks launched without a routing kernel (the fold on and
+ * LIGHTMOE_CUDA_FOLD_ROUTE=1 at creation: the experts' products route the
+ * token themselves) since creation, as above. */
 long cu_state_routed(const cu_state *s);
 /* 1 if one-token steps run as one persistent kernel (cuda_mega.cuh);
  * else 0, and *why (if why) says why not. */
