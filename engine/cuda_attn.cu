@@ -1,9 +1,10 @@
 /*
  * cuda_attn.cu: paged attention, decode and prefill (see cuda_attn.cuh).
  *
- * Block = (query tile, KV head, context split), 4 warps. Rows of the tile
- * (token r / G, head r % G) are dealt to warps round-robin: warp w owns
- * rows w, w+4, ... (RW rows). Per 32-position step: K and V of the step go
+ * Block = (query tile, KV head, context split), NW warps: 4, or 8 for
+ * tiles of 5-16 rows (pick_rw). Rows of the tile (token r / G, head r % G)
+ * are dealt to warps round-robin: warp w owns rows w, w + NW, ... (RW
+ * rows). Per 32-position step: K and V of the step go
  * to shared memory (K rows padded by 2 halves so that lane p reading row p
  * hits bank p), lane p scores position p for the warp's rows, the warp
  * updates each row's running max / sum (online softmax), then multiplies
@@ -35,13 +36,13 @@ __device__ __forceinline__ void split_span(int ctx, int nsplit, int split, int &
     p_end = min(ctx, (split + 1) * per * P);
 }
 
-template <int RW, int HDP> constexpr int attn_smem()
+template <int RW, int HDP, int NW = 4> constexpr int attn_smem()
 {
-    return 4 * RW * 64 * HDP * 4 + 2 * P * (64 * HDP + 2) * 2;
+    return NW * RW * 64 * HDP * 4 + 2 * P * (64 * HDP + 2) * 2;
 }
 
-template <int RW, int HDP, bool PIPE>
-__global__ void __launch_bounds__(128)
+template <int RW, int HDP, bool PIPE, int NW = 4>
+__global__ void __launch_bounds__(NW * 32)
     k_attn(cu_attn_shape s, const float *__restrict__ q, const float *__restrict__ qkv,
            cu_qkv_params qp, __half *kc, __half *vc, cu_attn_batch b, float *__restrict__ part,
            __half *__restrict__ out)
@@ -49,10 +50,10 @@ __global__ void __launch_bounds__(128)
     /* kc, vc: neither const nor restrict, read through L2 (__ldcg): with
      * qkv (decode), one block of the launch writes the new token's slot
      * and reads it back */
-    constexpr int HD = 64 * HDP, KS = HD + 2;
+    constexpr int HD = 64 * HDP, KS = HD + 2, NT = NW * 32;
     extern __shared__ __align__(16) uint8_t smem[];
-    float *q_s = reinterpret_cast<float *>(smem);                     /* [4 RW][HD] */
-    __half *k_s = reinterpret_cast<__half *>(smem + 4 * RW * HD * 4); /* [P][KS] */
+    float *q_s = reinterpret_cast<float *>(smem);                     /* [NW RW][HD] */
+    __half *k_s = reinterpret_cast<__half *>(smem + NW * RW * HD * 4); /* [P][KS] */
     __half *v_s = k_s + P * KS;                                       /* [P][KS] */
 
     /* early (decode with qkv, steps pipelined): the first step's K/V loads
@@ -77,7 +78,7 @@ __global__ void __launch_bounds__(128)
     const float scale = rsqrtf((float)HD);
 
     if (!qkv) {
-        for (int idx = tid; idx < 4 * RW * HD; idx += 128) {
+        for (int idx = tid; idx < NW * RW * HD; idx += NT) {
             const int r = idx / HD, d = idx % HD;
             float v = 0.f;
             if (r < R) v = q[((size_t)(t0 + r / G) * s.nq + kvh * G + r % G) * HD + d] * scale;
@@ -93,7 +94,7 @@ __global__ void __launch_bounds__(128)
     float2 o[RW][HDP];
 #pragma unroll
     for (int i = 0; i < RW; i++) {
-        const int r = warp + 4 * i;
+        const int r = warp + NW * i;
         rpos[i] = r < R ? b.tok_pos[t0 + r / G] : -1;
         m[i] = -INFINITY;
         l[i] = 0.f;
@@ -102,13 +103,13 @@ __global__ void __launch_bounds__(128)
             o[i][j] = make_float2(0.f, 0.f);
     }
 
-    constexpr int NPC = P * HD / 8 / 128; /* 16-byte pieces per thread */
+    constexpr int NPC = P * HD / 8 / NT; /* 16-byte pieces per thread */
     uint4 kv[NPC], vv[NPC];
     /* K and V of the step at p0, into registers */
     auto load_step = [&](int p0) {
 #pragma unroll
         for (int u = 0; u < NPC; u++) {
-            const int idx = tid + 128 * u;
+            const int idx = tid + NT * u;
             const int p = idx / (HD / 8), piece = idx % (HD / 8), pp = p0 + p;
             kv[u] = vv[u] = make_uint4(0, 0, 0, 0);
             if (pp < p_end) {
@@ -139,7 +140,7 @@ __global__ void __launch_bounds__(128)
             const float *row = qkv + (size_t)t0 * nh * HD;
 #pragma unroll
             for (int i = 0; i < RW; i++) {
-                const int r = warp + 4 * i;
+                const int r = warp + NW * i;
                 float x1[4], x2[4];
                 if (r < R)
                     cu_qkv_head(row, kvh * G + r, HD, qp, qp.q_norm, true, npos, lane, x1, x2);
@@ -168,7 +169,7 @@ __global__ void __launch_bounds__(128)
         }
 #pragma unroll
         for (int u = 0; u < NPC; u++) {
-            const int idx = tid + 128 * u;
+            const int idx = tid + NT * u;
             const int p = idx / (HD / 8), piece = idx % (HD / 8);
             uint32_t *kd = reinterpret_cast<uint32_t *>(k_s + p * KS + piece * 8);
             uint32_t *vd = reinterpret_cast<uint32_t *>(v_s + p * KS + piece * 8);
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(128)
             const float2 kf = __half22float2(kr[d2]);
 #pragma unroll
             for (int i = 0; i < RW; i++) {
-                const float2 qf = reinterpret_cast<const float2 *>(q_s + (warp + 4 * i) * HD)[d2];
+                const float2 qf = reinterpret_cast<const float2 *>(q_s + (warp + NW * i) * HD)[d2];
                 sc[i] += qf.x * kf.x + qf.y * kf.y;
             }
         }
@@ -254,7 +255,7 @@ __global__ void __launch_bounds__(128)
     if (b.counters && b.nsplit == 1) { /* nothing to merge: normalise and store */
 #pragma unroll
         for (int i = 0; i < RW; i++) {
-            const int r = warp + 4 * i;
+            const int r = warp + NW * i;
             if (r >= R) continue;
             const size_t row = (size_t)(t0 + r / G) * s.nq + kvh * G + r % G;
             const float inv = 1.f / l[i];
@@ -267,7 +268,7 @@ __global__ void __launch_bounds__(128)
     }
 #pragma unroll
     for (int i = 0; i < RW; i++) {
-        const int r = warp + 4 * i;
+        const int r = warp + NW * i;
         if (r >= R) continue;
         const size_t row = (size_t)(t0 + r / G) * s.nq + kvh * G + r % G;
         float *dst = part + (row * b.nsplit + split) * (HD + 2);
@@ -301,7 +302,7 @@ __global__ void __launch_bounds__(128)
      * lane = split; the K/V area is free now), then every thread takes
      * (row, pair of dimensions) outputs with the splits' loads unrolled */
     float *w_s = reinterpret_cast<float *>(k_s); /* [R][32] */
-    for (int r = warp; r < R; r += 4) {
+    for (int r = warp; r < R; r += NW) {
         const size_t row = (size_t)(t0 + r / G) * s.nq + kvh * G + r % G;
         const float *p = part + row * b.nsplit * (HD + 2);
         const float ms = lane < b.nsplit ? __ldcg(p + lane * (HD + 2) + HD) : -INFINITY;
@@ -311,7 +312,7 @@ __global__ void __launch_bounds__(128)
         w_s[r * 32 + lane] = w / L;
     }
     __syncthreads();
-    for (int idx = tid; idx < R * (HD / 2); idx += 128) {
+    for (int idx = tid; idx < R * (HD / 2); idx += NT) {
         const int r = idx / (HD / 2), d2 = idx % (HD / 2);
         const size_t row = (size_t)(t0 + r / G) * s.nq + kvh * G + r % G;
         const float2 *p = reinterpret_cast<const float2 *>(part + row * b.nsplit * (HD + 2)) + d2;
@@ -392,7 +393,7 @@ __global__ void __launch_bounds__(128)
  * the merge kernel's output is), and each row's dot product over the head
  * is added into x[token][row] atomically: x += W_o[:, head] o_head, summed
  * over heads in no fixed order. */
-template <int HD>
+template <int HD, bool PF>
 __global__ void __launch_bounds__(128)
     k_attn_merge_o(int nq, int nsplit, const float *__restrict__ part, cu_int4_weights w,
                    float *__restrict__ x, int ldx)
@@ -416,12 +417,66 @@ __global__ void __launch_bounds__(128)
     cu_pdl_wait();
     cu_pdl_trigger();
     const float *p = part + (size_t)prow * nsplit * (HD + 2);
-    if (threadIdx.x < 32)
-        merge_weights(p, nsplit, HD, s_w, &s_inv);
-    __syncthreads();
-    const float inv = s_inv;
-    for (int d = threadIdx.x; d < HD; d += 128)
-        s_o[d] = __float2half(merge_dim(p, nsplit, HD, s_w, d) * inv);
+    if constexpr (PF) {
+        /* one L2 round trip after the wait: warp 0's (max, sum) of the
+         * first 32 splits and every thread's values of its dimensions d =
+         * tid + 128 j of the first NPF splits are loaded together; the
+         * sums are merge_weights' and merge_dim's, in their order (so the
+         * same bits). -2 to -3% a step at batch 1 on the H100, -4% at 4096
+         * positions (qwen3-30b-a3b; docs/PERF.md, round 11). */
+        constexpr int DPT = HD > 128 ? HD / 128 : 1, NPF = 32 / DPT;
+        const int lane = threadIdx.x & 31;
+        float ms = -INFINITY, ls = 0.f;
+        if (threadIdx.x < 32 && lane < nsplit) {
+            ms = p[lane * (HD + 2) + HD];
+            ls = p[lane * (HD + 2) + HD + 1];
+        }
+        float v[DPT][NPF];
+#pragma unroll
+        for (int j = 0; j < DPT; j++) {
+            const int d = threadIdx.x + 128 * j;
+#pragma unroll
+            for (int sp = 0; sp < NPF; sp++)
+                v[j][sp] = d < HD && sp < nsplit ? p[sp * (HD + 2) + d] : 0.f;
+        }
+        if (threadIdx.x < 32) {
+            if (nsplit <= 32) {
+                const float M = warp_max(ms);
+                const float wt = ms == -INFINITY ? 0.f : __expf(ms - M);
+                if (lane < nsplit) s_w[lane] = wt;
+                const float L = warp_sum(wt * ls);
+                if (lane == 0) s_inv = 1.f / L;
+            } else {
+                merge_weights(p, nsplit, HD, s_w, &s_inv);
+            }
+        }
+        __syncthreads();
+        const float inv = s_inv;
+#pragma unroll
+        for (int j = 0; j < DPT; j++) {
+            const int d = threadIdx.x + 128 * j;
+            if (d >= HD) continue;
+            float acc = 0.f;
+#pragma unroll
+            for (int sp = 0; sp < NPF; sp++) {
+                const float ws = sp < nsplit ? s_w[sp] : 0.f;
+                if (ws != 0.f) acc += ws * v[j][sp];
+            }
+#pragma unroll 8
+            for (int sp = NPF; sp < nsplit; sp++) {
+                const float ws = s_w[sp];
+                if (ws != 0.f) acc += ws * p[sp * (HD + 2) + d];
+            }
+            s_o[d] = __float2half(acc * inv);
+        }
+    } else {
+        if (threadIdx.x < 32)
+            merge_weights(p, nsplit, HD, s_w, &s_inv);
+        __syncthreads();
+        const float inv = s_inv;
+        for (int d = threadIdx.x; d < HD; d += 128)
+            s_o[d] = __float2half(merge_dim(p, nsplit, HD, s_w, d) * inv);
+    }
     __syncthreads();
     uint32_t xp[4][4]; /* the lane's 32 inputs as int4_dot8 wants them */
 #pragma unroll
@@ -669,6 +724,23 @@ static int attn_pipe(void)
     return cu_env_switch(&g_pipe, "LIGHTMOE_CUDA_ATTN_PIPE");
 }
 
+/* Tiles of 5-16 rows in 8-warp blocks (pick_rw) unless
+ * LIGHTMOE_CUDA_ATTN_W8=0 (read once; tests switch it with cu_attn_set_w8) */
+static int g_w8 = -1;
+static int attn_w8(void)
+{
+    return cu_env_switch(&g_w8, "LIGHTMOE_CUDA_ATTN_W8");
+}
+
+/* Merge + o_proj loads the splits' values with their (max, sum)
+ * (k_attn_merge_o<HD, true>) unless LIGHTMOE_CUDA_MERGE_PF=0 (read once;
+ * tests switch it with cu_attn_set_merge_pf) */
+static int g_merge_pf = -1;
+static int merge_pf(void)
+{
+    return cu_env_switch(&g_merge_pf, "LIGHTMOE_CUDA_MERGE_PF");
+}
+
 /* Prefill tiles on the tensor cores (k_attn_mma) unless
  * LIGHTMOE_CUDA_ATTN_MMA=0 (read once; tests switch it with
  * cu_attn_set_mma) */
@@ -691,32 +763,42 @@ int launch_attn_mma(const cu_attn_shape *s, const attn_in &in, const cu_attn_bat
     return 0;
 }
 
-template <int RW, int HDP>
+template <int RW, int HDP, int NW = 4>
 int launch_attn(const cu_attn_shape *s, const attn_in &in, const cu_attn_batch *b, float *part,
                 __half *out, cudaStream_t st, lm_err *err)
 {
-    constexpr int smem = attn_smem<RW, HDP>();
+    constexpr int smem = attn_smem<RW, HDP, NW>();
     dim3 grid(b->n_tiles, s->nkv, b->nsplit);
     if constexpr (RW <= 4) { /* registers: the larger tiles keep one step in flight */
         if (attn_pipe()) {
-            CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP, true>,
+            CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP, true, NW>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-            CU_LAUNCH(err, "attention launch", k_attn<RW, HDP, true>, grid, 128, smem, st, *s,
-                      in.q, in.qkv, in.qp, in.kc, in.vc, *b, part, out);
+            CU_LAUNCH(err, "attention launch", (k_attn<RW, HDP, true, NW>), grid, NW * 32, smem,
+                      st, *s, in.q, in.qkv, in.qp, in.kc, in.vc, *b, part, out);
             return 0;
         }
     }
-    CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP, false>,
+    CUDA_TRY(err, cudaFuncSetAttribute(k_attn<RW, HDP, false, NW>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    CU_LAUNCH(err, "attention launch", k_attn<RW, HDP, false>, grid, 128, smem, st, *s, in.q,
-              in.qkv, in.qp, in.kc, in.vc, *b, part, out);
+    CU_LAUNCH(err, "attention launch", (k_attn<RW, HDP, false, NW>), grid, NW * 32, smem, st, *s,
+              in.q, in.qkv, in.qp, in.kc, in.vc, *b, part, out);
     return 0;
 }
 
+/* R query rows a tile: RW = rows a warp. Tiles of 5-16 rows (qwen3's 8
+ * query heads a KV head at decode) run in blocks of 8 warps, a warp's rows
+ * (and so its instructions a step) halved: -1.5% a qwen3-30b-a3b step at
+ * batch 1 on the H100 (docs/PERF.md, round 11); LIGHTMOE_CUDA_ATTN_W8=0
+ * keeps them in 4 warps. */
 template <int HDP>
-int pick_rw(int rw, const cu_attn_shape *s, const attn_in &in, const cu_attn_batch *b,
+int pick_rw(int R, const cu_attn_shape *s, const attn_in &in, const cu_attn_batch *b,
             float *part, __half *out, cudaStream_t st, lm_err *err)
 {
+    if (R > 4 && R <= 16 && attn_w8()) {
+        if (R <= 8) return launch_attn<1, HDP, 8>(s, in, b, part, out, st, err);
+        return launch_attn<2, HDP, 8>(s, in, b, part, out, st, err);
+    }
+    const int rw = (R + 3) / 4;
     if (rw <= 1) return launch_attn<1, HDP>(s, in, b, part, out, st, err);
     if (rw <= 2) return launch_attn<2, HDP>(s, in, b, part, out, st, err);
     if (rw <= 4) return launch_attn<4, HDP>(s, in, b, part, out, st, err);
@@ -729,6 +811,16 @@ int pick_rw(int rw, const cu_attn_shape *s, const attn_in &in, const cu_attn_bat
 extern "C" int cu_attn_set_pipe(int on)
 {
     return cu_env_switch_set(&g_pipe, "LIGHTMOE_CUDA_ATTN_PIPE", on);
+}
+
+extern "C" int cu_attn_set_w8(int on)
+{
+    return cu_env_switch_set(&g_w8, "LIGHTMOE_CUDA_ATTN_W8", on);
+}
+
+extern "C" int cu_attn_set_merge_pf(int on)
+{
+    return cu_env_switch_set(&g_merge_pf, "LIGHTMOE_CUDA_MERGE_PF", on);
 }
 
 extern "C" int cu_attn_set_mma(int on)
@@ -758,7 +850,6 @@ static int attn_run(const cu_attn_shape *s, const attn_in &in, const cu_attn_bat
         return lm_err_set(err, -EINVAL, "attention: %d splits (max %d; %d when merged by the "
                           "attention blocks)", b->nsplit, CU_ATTN_MAX_SPLIT,
                           CU_ATTN_MAX_SPLIT_OWN);
-    const int rw = (R + 3) / 4;
     int rc;
     if (!in.qkv && b->bq > 1 && (s->hd == 64 || s->hd == 128) && attn_mma()) {
         /* prefill tiles: one split is written out whole, several are
@@ -768,11 +859,11 @@ static int attn_run(const cu_attn_shape *s, const attn_in &in, const cu_attn_bat
         if (rc || b->nsplit == 1) return rc;
     } else {
         if (s->hd == 64)
-            rc = pick_rw<1>(rw, s, in, b, part, out, st, err);
+            rc = pick_rw<1>(R, s, in, b, part, out, st, err);
         else if (s->hd == 128)
-            rc = pick_rw<2>(rw, s, in, b, part, out, st, err);
+            rc = pick_rw<2>(R, s, in, b, part, out, st, err);
         else
-            rc = pick_rw<4>(rw, s, in, b, part, out, st, err);
+            rc = pick_rw<4>(R, s, in, b, part, out, st, err);
         if (rc || b->counters || in.no_merge) return rc; /* merged by the attention blocks */
     }
     /* every query row of every tile: rows are token * nq + head, dense in T */
@@ -824,9 +915,12 @@ extern "C" int cu_attn_merge_o(const cu_attn_shape *s, int T, int nsplit, const 
     int rc = merge_o_check(s, nsplit, wo, ldx, err);
     if (rc) return rc;
     if (T <= 0) return 0;
+    const bool pf = merge_pf();
     void (*k)(int, int, const float *, cu_int4_weights, float *, int) =
-        s->hd == 64 ? k_attn_merge_o<64> : s->hd == 128 ? k_attn_merge_o<128>
-                                         : s->hd == 256 ? k_attn_merge_o<256> : nullptr;
+        s->hd == 64    ? (pf ? k_attn_merge_o<64, true> : k_attn_merge_o<64, false>)
+        : s->hd == 128 ? (pf ? k_attn_merge_o<128, true> : k_attn_merge_o<128, false>)
+        : s->hd == 256 ? (pf ? k_attn_merge_o<256, true> : k_attn_merge_o<256, false>)
+                       : nullptr;
     if (!k)
         return lm_err_set(err, -EINVAL, "attention merge with o_proj: head_dim %d", s->hd);
     const dim3 grid((unsigned)cuda_div_up(wo->n, 128), (unsigned)(T * s->nq));

@@ -74,6 +74,17 @@ int cu_attn_set_pipe(int on);
  * on k_attn. Returns the setting it replaces. */
 int cu_attn_set_mma(int on);
 
+/* Tests and measurements: 1 (the default, unless LIGHTMOE_CUDA_ATTN_W8=0)
+ * runs k_attn tiles of 5-16 query rows in blocks of 8 warps (a warp 1 or
+ * 2 rows), 0 in 4 warps of 2-4 rows. Returns the setting it replaces. */
+int cu_attn_set_w8(int on);
+
+/* Tests and measurements: 1 (the default, unless LIGHTMOE_CUDA_MERGE_PF=0)
+ * makes cu_attn_merge_o load the splits' values of its dimensions together
+ * with their (max, sum), one L2 round trip after its wait instead of two;
+ * the same sums in the same order. Returns the setting it replaces. */
+int cu_attn_set_merge_pf(int on);
+
 /* Floats of split scratch cu_attn needs for this batch. */
 size_t cu_attn_scratch_floats(const cu_attn_shape *s, int n_tiles, int bq, int nsplit);
 

@@ -95,6 +95,7 @@ static void run_gemv_add(int n, int k, int g, int T, bool rows, bool scaled)
 /* The merge of nsplit partial results per (token, head) and o_proj in one
  * launch: x[t] += W_o fp16(merged[t]), against the CPU (double). Split 1
  * of each row is empty (max -inf) when nsplit > 2. */
+static const char *g_merge_tag = "";
 static void run_merge_o(int nq, int hd, int nsplit, int n, int g, int T)
 {
     const int K = nq * hd;
@@ -142,8 +143,8 @@ static void run_merge_o(int nq, int hd, int nsplit, int n, int g, int T)
     OK(cu_attn_merge_o(&sh, T, nsplit, dpart, &d.w, dx, n, 0, ERRP));
     vector<float> got = host(dx, x0.size());
     char what[160];
-    snprintf(what, sizeof what, "attention merge + o_proj nq=%d hd=%d splits=%d n=%d g=%d T=%d",
-             nq, hd, nsplit, n, g, T);
+    snprintf(what, sizeof what, "attention merge + o_proj%s nq=%d hd=%d splits=%d n=%d g=%d T=%d",
+             g_merge_tag, nq, hd, nsplit, n, g, T);
     compare(what, got.data(), ref.data(), T, n, 5e-3);
     cudaFree(dpart);
     cudaFree(dx);
@@ -236,11 +237,19 @@ void test_fold_kernels()
     cu_int4_gemv_set_ilp(-1);
     run_gemv_route(256, 160, 32, 1000, 32, 1);
 
-    run_merge_o(32, 128, 16, 2048, 128, 1);
-    run_merge_o(4, 64, 1, 300, 32, 1);
-    run_merge_o(2, 256, 3, 130, 64, 2);
-    run_merge_o(16, 128, 40, 1000, 32, 3);
-    run_merge_o(8, 64, 2, 256, 128, 1);
+    for (int pf = 0; pf <= 1; pf++) { /* and the splits' values loaded with (max, sum) */
+        const int was = cu_attn_set_merge_pf(pf);
+        g_merge_tag = pf ? " (MERGE_PF)" : "";
+        run_merge_o(32, 128, 16, 2048, 128, 1);
+        run_merge_o(4, 64, 1, 300, 32, 1);
+        run_merge_o(2, 256, 3, 130, 64, 2);
+        run_merge_o(16, 128, 40, 1000, 32, 3);
+        run_merge_o(8, 64, 2, 256, 128, 1);
+        run_merge_o(4, 256, 20, 512, 128, 1); /* 16 preloaded, 4 after */
+        run_merge_o(8, 128, 32, 700, 64, 2);  /* all 32 preloaded */
+        g_merge_tag = "";
+        cu_attn_set_merge_pf(was);
+    }
     {
         qmat m = make_qmat(64, 4 * 128, 32, 1, false);
         dq d = upload(m);

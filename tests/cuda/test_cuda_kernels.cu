@@ -808,6 +808,11 @@ static void test_attn()
         run_attn(32, 4, 128, {9000, 2500, 0, 63}, {1, 1, 1, 1}, split);
     run_attn(4, 1, 64, {300, 0, 17}, {1, 1, 1}, 4);
     run_attn(8, 2, 256, {40, 3}, {5, 1}, 2);
+    /* decode tiles of 5-8 rows (8-warp blocks by default) at every head size */
+    run_attn(48, 8, 64, {700, 31, 0}, {1, 1, 1}, 4); /* G 6 */
+    run_attn(16, 2, 256, {900, 5}, {1, 1}, 3);       /* G 8 at hd 256 */
+    run_attn(16, 2, 256, {300, 5}, {1, 1}, 1);
+    run_attn(8, 4, 128, {40, 3}, {5, 7}, 2);          /* G 2: tiles of up to 14 rows */
 }
 
 /* Prefill tiles on the tensor cores (cu_attn_set_mma, the default): the
@@ -1017,6 +1022,10 @@ int main(int argc, char **argv)
         const int was = cu_attn_set_pipe(0);
         test_attn();
         cu_attn_set_pipe(was);
+        printf("-- attention again, tiles of 5-16 rows in 4-warp blocks (LIGHTMOE_CUDA_ATTN_W8=0)\n");
+        const int w8 = cu_attn_set_w8(0);
+        test_attn();
+        cu_attn_set_w8(w8);
         cu_attn_set_mma(mma);
     }
     if (all || !strcmp(what, "attn") || !strcmp(what, "attnmma")) test_attn_mma();
