@@ -2,7 +2,7 @@
  * cuda_attn.cu: paged attention, decode and prefill (see cuda_attn.cuh).
  *
  * Block = (query tile, KV head, context split), NW warps: 4, or 8 for
- * tiles of 5-16 rows (pick_rw). Rows of the tile (token r / G, head r % G)
+ * tiles of 5-16 rows in small launches (pick_rw). Rows of the tile (token r / G, head r % G)
  * are dealt to warps round-robin: warp w owns rows w, w + NW, ... (RW
  * rows). Per 32-position step: K and V of the step go
  * to shared memory (K rows padded by 2 halves so that lane p reading row p
@@ -785,16 +785,22 @@ int launch_attn(const cu_attn_shape *s, const attn_in &in, const cu_attn_batch *
     return 0;
 }
 
-/* R query rows a tile: RW = rows a warp. Tiles of 5-16 rows (qwen3's 8
- * query heads a KV head at decode) run in blocks of 8 warps, a warp's rows
- * (and so its instructions a step) halved: -1.5% a qwen3-30b-a3b step at
- * batch 1 on the H100 (docs/PERF.md, round 11); LIGHTMOE_CUDA_ATTN_W8=0
- * keeps them in 4 warps. */
+/* R query rows a tile: RW = rows a warp. In launches of at most
+ * W8_MAX_BLOCKS blocks (qwen3-30b-a3b's decode at batch 1 up to 4096
+ * positions), tiles of 5-16 rows (qwen3's 8 query heads a KV head) run in
+ * blocks of 8 warps, a warp's rows (and so the chain of its instructions
+ * a step) halved: -1.5% a step at 512 positions, -2.6% at 4096 on the
+ * H100. In larger ones the halved rows a warp cost more K reads from
+ * shared memory than the latency they save (+3% at 32768 positions, +2.5%
+ * at batch 32, +12% at 128; docs/PERF.md, round 11).
+ * LIGHTMOE_CUDA_ATTN_W8=0 keeps every tile in 4 warps. */
+constexpr long W8_MAX_BLOCKS = 320;
 template <int HDP>
 int pick_rw(int R, const cu_attn_shape *s, const attn_in &in, const cu_attn_batch *b,
             float *part, __half *out, cudaStream_t st, lm_err *err)
 {
-    if (R > 4 && R <= 16 && attn_w8()) {
+    if (R > 4 && R <= 16 && (long)b->n_tiles * s->nkv * b->nsplit <= W8_MAX_BLOCKS &&
+        attn_w8()) {
         if (R <= 8) return launch_attn<1, HDP, 8>(s, in, b, part, out, st, err);
         return launch_attn<2, HDP, 8>(s, in, b, part, out, st, err);
     }

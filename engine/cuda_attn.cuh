@@ -76,7 +76,8 @@ int cu_attn_set_mma(int on);
 
 /* Tests and measurements: 1 (the default, unless LIGHTMOE_CUDA_ATTN_W8=0)
  * runs k_attn tiles of 5-16 query rows in blocks of 8 warps (a warp 1 or
- * 2 rows), 0 in 4 warps of 2-4 rows. Returns the setting it replaces. */
+ * 2 rows) when the launch has at most 320 blocks, 0 always in 4 warps of
+ * 2-4 rows. Returns the setting it replaces. */
 int cu_attn_set_w8(int on);
 
 /* Tests and measurements: 1 (the default, unless LIGHTMOE_CUDA_MERGE_PF=0)

@@ -813,6 +813,8 @@ static void test_attn()
     run_attn(16, 2, 256, {900, 5}, {1, 1}, 3);       /* G 8 at hd 256 */
     run_attn(16, 2, 256, {300, 5}, {1, 1}, 1);
     run_attn(8, 4, 128, {40, 3}, {5, 7}, 2);          /* G 2: tiles of up to 14 rows */
+    /* 9 sequences x 4 KV heads x 9 splits: past the 8-warp blocks' 320 */
+    run_attn(32, 4, 128, {100, 0, 31, 32, 33, 500, 7, 64, 200}, vector<int>(9, 1), 9);
 }
 
 /* Prefill tiles on the tensor cores (cu_attn_set_mma, the default): the
