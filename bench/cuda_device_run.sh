@@ -6,6 +6,8 @@
 #       ../shared/tools/device-bundle /tmp/bund build-gpu/tools/lightmoe \
 #           build-gpu/tests/cuda/test_cuda_kernels build-gpu/bench/bench_cuda
 #       (cd /tmp/bund && tar cJf libs.txz lib run && tar czf bins.tgz bin) ; cp bench/peer_transformers.py /tmp/bund/bin
+#   (to fit the 64 MiB carry with fixtures: -DCMAKE_CUDA_ARCHITECTURES=90a-real keeps SASS only,
+#    which xz compresses about 6x, and lib/libnvJitLink* can go: the GPU machine has its own)
 #   .fixtures/<name>                           copies of ../shared/fixtures/<name>
 # Writes logs under $OUT (the device tool's output folder) and prints a summary.
 set -u
