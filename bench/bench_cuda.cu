@@ -226,9 +226,9 @@ static void bench_shape(cublasHandle_t h, const char *name, int n, int k, int g)
         cu_gemm_rows r;
         memset(&r, 0, sizeof(r));
         r.n_rows = M;
-        double ti[3];
-        for (int p = 0; p < 3; p++) {
-            if (p == 1 && M > 64) { ti[p] = 0; continue; } /* gemv re-reads weights per 8 rows */
+        double ti[4];
+        for (int p = 0; p < 4; p++) { /* auto, gemv, mma, mma8 */
+            if ((p == 1 || p == 3) && M > 64) { ti[p] = 0; continue; } /* re-read weights per 8 rows */
             ti[p] = time_it([&](int i) {
                 lm_err e;
                 cu_int4_matmul(&ws[i % copies], &r, x, k, y, n, CU_OUT_F32, (cu_gemm_path)p, 0, &e);
@@ -248,10 +248,10 @@ static void bench_shape(cublasHandle_t h, const char *name, int n, int k, int g)
                              CUDA_R_16F, k, &zero, y, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
                              CUBLAS_GEMM_DEFAULT);
             });
-        printf("kernel %-14s n=%5d k=%5d M=%4d | int4 auto %8.1f us (%5.0f GB/s, %4.0f%% bw) gemv %8.1f mma %8.1f | "
-               "cublas fp16 %8.1f us | dequant+cublas %8.1f | speed-up vs fp16 %.2fx\n",
+        printf("kernel %-14s n=%5d k=%5d M=%4d | int4 auto %8.1f us (%5.0f GB/s, %4.0f%% bw) gemv %8.1f mma %8.1f "
+               "mma8 %8.1f | cublas fp16 %8.1f us | dequant+cublas %8.1f | speed-up vs fp16 %.2fx\n",
                name, n, k, M, ti[0] * 1e6, bytes4 / ti[0] / 1e9, 100 * bytes4 / ti[0] / g_bw,
-               ti[1] * 1e6, ti[2] * 1e6, tc * 1e6, tdq * 1e6, tc / ti[0]);
+               ti[1] * 1e6, ti[2] * 1e6, ti[3] * 1e6, tc * 1e6, tdq * 1e6, tc / ti[0]);
     }
     for (auto &w : ws) {
         cudaFree((void *)w.qs);
@@ -377,9 +377,10 @@ static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int
                    m->max_ctx);
             continue;
         }
-        for (int B : {1, 8, 32, 64, 128}) {
-            if (g_batch_only && B != g_batch_only)
-                continue;
+        /* --batch N: that batch alone, any N (2, 4, 16: the kernels' boundaries) */
+        const std::vector<int> batches =
+            g_batch_only ? std::vector<int>{g_batch_only} : std::vector<int>{1, 8, 32, 64, 128};
+        for (int B : batches) {
             const int mb = (ctx + 1 + bs - 1) / bs + 1;
             if ((size_t)B * mb > (size_t)n_blocks)
                 break;

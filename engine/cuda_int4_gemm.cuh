@@ -4,10 +4,13 @@
  *
  * Y[i][n] = sum_k W_e[n][k] * A[a_row(i)][k] for every "entry" i of a list
  * grouped by expert e. A dense layer is the special case of one expert and
- * the identity list. Two kernels compute the same function:
- *   - gemv (cuda_int4_gemv.cu): few rows per expert (decode); one team of
+ * the identity list. Three kernels compute the same function:
+ *   - gemv (cuda_int4_gemv.cu): 1-4 rows (decode at batch 1-4); one team of
  *     lanes per 4 weight rows, 16-byte weight loads, dequantisation in
  *     registers, A reused across the 4 rows;
+ *   - mma8 (cuda_int4_mma.cu): 5-16 rows (decode at batch 5-16); items
+ *     of up to 8 rows, 16 weight rows a block as the A operand of
+ *     mma.sync m16n8k16 straight from registers, the rows of A as its B;
  *   - mma (cuda_int4_mma.cu): many rows (prefill, large batches); tiles of
  *     BM rows x 128 outputs, cp.async 3-stage pipeline, weights dequantised
  *     from shared memory straight into mma.sync m16n8k16 B fragments.
@@ -96,6 +99,7 @@ typedef enum cu_gemm_path {
     CU_GEMM_AUTO = 0,
     CU_GEMM_GEMV = 1,
     CU_GEMM_MMA = 2,
+    CU_GEMM_MMA8 = 3, /* tests and measurements: the few-token kernel, items of 8 */
 } cu_gemm_path;
 
 #ifdef __cplusplus
@@ -118,6 +122,24 @@ int cu_int4_gemv(const cu_int4_weights *w, const cu_gemm_rows *rows, const __hal
                  void *out, int ldo, cu_out_mode mode, int tile, cudaStream_t stream, lm_err *err);
 int cu_int4_mma(const cu_int4_weights *w, const cu_gemm_rows *rows, const __half *a, int lda,
                 void *out, int ldo, cu_out_mode mode, int tile, cudaStream_t stream, lm_err *err);
+
+/* The checks every launcher above makes: K and the group multiples of 32,
+ * K of the group, n > 0, lda % 8 == 0, an even n for the fused SiLU; who
+ * names the launcher in the message. */
+int cu_int4_check(const cu_int4_weights *w, int lda, cu_out_mode mode, const char *who,
+                  lm_err *err);
+
+/* The few-token product on the tensor cores (items of up to 8 rows of A,
+ * 16 weight rows a block; every output mode; not the normalising input
+ * nor routing in the product). cu_int4_matmul takes it for tile 8: path
+ * CU_GEMM_MMA8, or the automatic path for 5 (LIGHTMOE_CUDA_MMA8_MIN, 2..16)
+ * to 16 rows an expert (unless LIGHTMOE_CUDA_MMA8=0). */
+int cu_int4_mma8(const cu_int4_weights *w, const cu_gemm_rows *rows, const __half *a, int lda,
+                 void *out, int ldo, cu_out_mode mode, cudaStream_t stream, lm_err *err);
+/* Tests and measurements: the automatic path's use of cu_int4_mma8 (1, the
+ * default unless LIGHTMOE_CUDA_MMA8=0) or not (0). Returns the setting it
+ * replaces. */
+int cu_int4_set_mma8(int on);
 
 /* out[n][k] (fp16, row-major) = the weights of expert 0 of w dequantised
  * exactly as the kernels do ((q - zero) * scale, one fp16 rounding); for

@@ -444,15 +444,16 @@ extern "C" int cu_int4_dequant(const cu_int4_weights *w, __half *out, cudaStream
     return 0;
 }
 
-static int check_args(const cu_int4_weights *w, int lda, cu_out_mode mode, lm_err *err)
+extern "C" int cu_int4_check(const cu_int4_weights *w, int lda, cu_out_mode mode,
+                             const char *who, lm_err *err)
 {
     if (w->k % 32 || w->group % 32 || w->k % w->group || w->n <= 0)
-        return lm_err_set(err, -EINVAL, "int4 matmul: bad shape n=%d k=%d group=%d", w->n, w->k,
+        return lm_err_set(err, -EINVAL, "int4 %s: bad shape n=%d k=%d group=%d", who, w->n, w->k,
                           w->group);
     if (lda % 8)
-        return lm_err_set(err, -EINVAL, "int4 matmul: lda %d not a multiple of 8", lda);
+        return lm_err_set(err, -EINVAL, "int4 %s: lda %d not a multiple of 8", who, lda);
     if (mode == CU_OUT_SILU_F16 && w->n % 2)
-        return lm_err_set(err, -EINVAL, "int4 matmul: fused SiLU needs an even row count");
+        return lm_err_set(err, -EINVAL, "int4 %s: fused SiLU needs an even row count", who);
     return 0;
 }
 
@@ -460,7 +461,7 @@ extern "C" int cu_int4_gemv(const cu_int4_weights *w, const cu_gemm_rows *r, con
                             int lda, void *out, int ldo, cu_out_mode mode, int tile,
                             cudaStream_t st, lm_err *err)
 {
-    int rc = check_args(w, lda, mode, err);
+    int rc = cu_int4_check(w, lda, mode, "matmul", err);
     if (rc)
         return rc;
     if (r->x_f32) {
@@ -494,11 +495,53 @@ extern "C" int cu_int4_gemv(const cu_int4_weights *w, const cu_gemm_rows *r, con
     return rc;
 }
 
+/* The automatic path takes cu_int4_mma8 (tile 8) for MMA8_MIN to 16 rows
+ * (an expert then has at most two items of 8) unless LIGHTMOE_CUDA_MMA8=0
+ * (read once; tests switch it with cu_int4_set_mma8). Measured on the H100
+ * (docs/PERF.md, round 11): 8-row products 2-3x faster than the mma
+ * kernel's 16-row tiles; decode steps at batch 8 -25 to -29%, at 16 -8 to
+ * -17%. From 32 rows on, experts that draw many tokens would re-read their
+ * weights for every 8, and the 16-64-row tiles are kept. At one row the
+ * gemv is faster. From 2 rows on (LIGHTMOE_CUDA_MMA8_MIN=2) batches 2-4
+ * gain 5-26% too, but the default stays at 5: the one-row gemv (a
+ * sequence alone) and mma8 (fp32 sums) round differently, and in
+ * `verify --batch` on qwen2moe-tiny-gptq (3 prompts) that flips the
+ * fixture's known near-tied router choice (prompt 0, row 27: batched !=
+ * alone). */
+static int g_mma8 = -1;
+static int mma8_on(void)
+{
+    return cu_env_switch(&g_mma8, "LIGHTMOE_CUDA_MMA8");
+}
+
+/* the fewest rows the automatic path gives cu_int4_mma8: 2..16, 5 unless
+ * LIGHTMOE_CUDA_MMA8_MIN (read once) */
+static int g_mma8_min = -1;
+static int mma8_min(void)
+{
+    int v = __atomic_load_n(&g_mma8_min, __ATOMIC_RELAXED);
+    if (v < 0) {
+        const char *e = getenv("LIGHTMOE_CUDA_MMA8_MIN");
+        v = e ? atoi(e) : 5;
+        v = v < 2 ? 2 : v > 16 ? 16 : v;
+        __atomic_store_n(&g_mma8_min, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
+extern "C" int cu_int4_set_mma8(int on)
+{
+    return cu_env_switch_set(&g_mma8, "LIGHTMOE_CUDA_MMA8", on);
+}
+
 extern "C" int cu_int4_tile_for(int max_rows, int avg_rows, cu_gemm_path path)
 {
-    /* gemv up to 4 rows: measured on the H100 (docs/PERF.md), the split-K mma
-     * kernel is faster from 8 rows on (13.2 vs 17.8 us, qkv 5120x2048) and
-     * the gemv twice as fast at 1 row (6.7 vs 13.1 us) */
+    if (path == CU_GEMM_MMA8 || (path == CU_GEMM_AUTO && max_rows >= mma8_min() &&
+                                 max_rows <= 16 && mma8_on()))
+        return 8;
+    /* (without mma8) gemv up to 4 rows: measured on the H100 (docs/PERF.md),
+     * the split-K mma kernel is faster from 8 rows on (13.2 vs 17.8 us, qkv
+     * 5120x2048) and the gemv twice as fast at 1 row (6.7 vs 13.1 us) */
     if (path == CU_GEMM_GEMV || (path == CU_GEMM_AUTO && max_rows <= 4)) {
         int t = 1;
         while (t < max_rows && t < 8)
@@ -519,6 +562,9 @@ extern "C" int cu_int4_matmul(const cu_int4_weights *w, const cu_gemm_rows *r, c
     /* routing in the product: entries of one token, one row an expert */
     const int rows = r->route ? 1 : r->n_rows;
     int tile = r->items ? r->tile : cu_int4_tile_for(rows, rows, path);
+    /* tile 8 on the automatic path comes from cu_int4_tile_for's mma8 rule */
+    if (tile == 8 && (path == CU_GEMM_MMA8 || path == CU_GEMM_AUTO) && !r->route && !r->x_f32)
+        return cu_int4_mma8(w, r, a, lda, out, ldo, mode, st, err);
     if (tile <= 8)
         return cu_int4_gemv(w, r, a, lda, out, ldo, mode, tile, st, err);
     return cu_int4_mma(w, r, a, lda, out, ldo, mode, tile, st, err);

@@ -1,6 +1,7 @@
 /*
- * cuda_int4_mma.cu: the many-row INT4 product on the tensor cores
- * (mma.sync m16n8k16, fp16 x fp16 -> fp32), portable to sm_80 and later.
+ * cuda_int4_mma.cu: the INT4 products on the tensor cores (mma.sync
+ * m16n8k16, fp16 x fp16 -> fp32), portable to sm_80 and later: the
+ * many-row kernel (k_int4_mma) and the few-row one (k_int4_mma8, below).
  *
  * Block tile: BM = 16*MTILES rows of A (tokens) x 128 weight rows, K in
  * steps of 64; 4 warps, warp w owns weight rows [32w, 32w+32) of the tile
@@ -267,19 +268,167 @@ int launch_mma(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a,
     return 0;
 }
 
+/* ---- few tokens an item (<= 8): weights as the 16-row operand ----------------------
+ *
+ * Decode at batch 5-16 (2-16 with LIGHTMOE_CUDA_MMA8_MIN=2, cuda_int4_gemv.cu)
+ * gives each product (and each expert) up to 8 rows of A a work item, too
+ * few for k_int4_mma's 16-row tiles and too many for the gemv, whose
+ * instructions grow with every row. Here the roles swap: 16 weight rows are
+ * the mma's A (m16), the item's up to 8 tokens its B (n8), straight from
+ * global memory into registers, no shared-memory staging. The same k order
+ * trick as above, transposed: lane (g, t) takes, for weight rows g and g + 8,
+ * the 16-byte chunk 4u + t (32 k) of unit u (128 k); each of its 4 words
+ * gives the pairs (k0,k4) (k1,k5) (k2,k6) (k3,k7) of two mma instructions
+ * (A registers), and token g's 8 matching activations, rearranged with
+ * prmt, their B registers. The 4 warps of a block split K (units u = warp,
+ * warp + 4, ...; two units a step, their loads issued together) and add
+ * their sums through shared memory in a fixed order. Dense products and
+ * grouped ones whose work list is older than the previous launch issue
+ * their first weight loads before the dependency wait, as the gemv does. */
+__device__ __forceinline__ uint32_t h2_bits(half2 h)
+{
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+template <int MODE>
+__global__ void __launch_bounds__(128)
+    k_int4_mma8(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
+                void *__restrict__ out, int ldo)
+{
+    __shared__ float s_c[4][16][8];
+    const bool pre = (!r.items || r.plan_ready) && !r.a_rows;
+    if (!pre) {
+        cu_pdl_wait();
+        cu_pdl_trigger();
+    }
+    int e, start, end;
+    if (!cu_item_lookup(r, blockIdx.y, 8, &e, &start, &end)) {
+        cu_pdl_wait(); /* no-op if done: every block waits (see cuda_common.cuh) */
+        return;        /* uniform over the block */
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int n = w.n, K = w.k, G = w.k / w.group, C = K / 32, U = (C + 3) / 4;
+    const int row0 = blockIdx.x * 16;
+    const size_t rowbytes = (size_t)K / 2;
+    const uint8_t *qs = w.qs + (size_t)e * n * rowbytes;
+    const __half *sc = w.scales + (size_t)e * n * G;
+    const uint8_t *zp = w.zeros + (size_t)e * n * G;
+    const int ra = min(row0 + g, n - 1), rb = min(row0 + g + 8, n - 1); /* clamped: never stored */
+    const uint4 *wra = reinterpret_cast<const uint4 *>(qs + (size_t)ra * rowbytes);
+    const uint4 *wrb = reinterpret_cast<const uint4 *>(qs + (size_t)rb * rowbytes);
+    const int cnt = end - start;
+
+    struct wchunk {
+        uint4 a, b;     /* rows g, g + 8 */
+        half2 sa, za, sb, zb;
+    };
+    /* chunks past K: scale 0, so the weights are 0 and A is not read */
+    auto load_w = [&](int u, wchunk &q) {
+        const int c = 4 * u + t;
+        if (c < C) {
+            const int grp = c * 32 / w.group;
+            q.a = __ldg(wra + c);
+            q.b = __ldg(wrb + c);
+            q.sa = __half2half2(sc[(size_t)ra * G + grp]);
+            q.za = int4_zero2(zp[(size_t)ra * G + grp]);
+            q.sb = __half2half2(sc[(size_t)rb * G + grp]);
+            q.zb = int4_zero2(zp[(size_t)rb * G + grp]);
+        } else {
+            q.a = q.b = make_uint4(0, 0, 0, 0);
+            q.sa = q.sb = __float2half2_rn(0.f);
+            q.za = q.zb = int4_zero2(0);
+        }
+    };
+    const __half *arow = nullptr; /* token g of the item (the last one past cnt) */
+    auto load_x = [&](int u, uint4 x[4]) {
+        const int c = 4 * u + t;
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            x[i] = c < C ? __ldg(reinterpret_cast<const uint4 *>(arow + c * 32) + i)
+                         : make_uint4(0, 0, 0, 0);
+    };
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    auto compute = [&](const wchunk &q, const uint4 x[4]) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) { /* word i: k = 8i .. 8i + 7 of the chunk */
+            const uint32_t wa = i == 0 ? q.a.x : i == 1 ? q.a.y : i == 2 ? q.a.z : q.a.w;
+            const uint32_t wb = i == 0 ? q.b.x : i == 1 ? q.b.y : i == 2 ? q.b.z : q.b.w;
+            half2 pa[4], pb[4];
+            int4_dequant8(wa, q.za, q.sa, pa);
+            int4_dequant8(wb, q.zb, q.sb, pb);
+            uint32_t xp[4];
+            int4_xpairs(x[i], xp);
+            const uint32_t f0[4] = {h2_bits(pa[0]), h2_bits(pb[0]), h2_bits(pa[1]), h2_bits(pb[1])};
+            mma_16816(acc, f0, xp[0], xp[1]);
+            const uint32_t f1[4] = {h2_bits(pa[2]), h2_bits(pb[2]), h2_bits(pa[3]), h2_bits(pb[3])};
+            mma_16816(acc, f1, xp[2], xp[3]);
+        }
+    };
+    bool waited = !pre;
+    for (int u = warp; u < U; u += 8) {
+        wchunk q0, q1;
+        const bool two = u + 4 < U;
+        load_w(u, q0);
+        if (two)
+            load_w(u + 4, q1);
+        if (!waited) {
+            cu_pdl_wait();
+            cu_pdl_trigger();
+            waited = true;
+        }
+        if (!arow) {
+            const int i = start + min(g, cnt - 1);
+            arow = a + (size_t)(r.a_rows ? r.a_rows[i] : i) * lda;
+        }
+        uint4 x0[4], x1[4];
+        load_x(u, x0);
+        if (two)
+            load_x(u + 4, x1);
+        compute(q0, x0);
+        if (two)
+            compute(q1, x1);
+    }
+    if (!waited) {
+        cu_pdl_wait();
+        cu_pdl_trigger();
+    }
+    s_c[warp][g][2 * t] = acc[0];
+    s_c[warp][g][2 * t + 1] = acc[1];
+    s_c[warp][g + 8][2 * t] = acc[2];
+    s_c[warp][g + 8][2 * t + 1] = acc[3];
+    __syncthreads();
+    const int row = threadIdx.x >> 3, tok = threadIdx.x & 7, nrow = row0 + row;
+    if (tok >= cnt || nrow >= n)
+        return;
+    auto sum_row = [&](int rr) {
+        return s_c[0][rr][tok] + s_c[1][rr][tok] + s_c[2][rr][tok] + s_c[3][rr][tok];
+    };
+    const int i = start + tok;
+    const float rs = r.row_scale ? r.row_scale[i] : 1.f;
+    if constexpr (MODE == CU_OUT_SILU_F16) { /* rows (2j, 2j + 1) = (gate, up) */
+        if ((row & 1) || nrow + 1 >= n)
+            return;
+        __half *o = static_cast<__half *>(out) + (size_t)i * ldo;
+        o[nrow / 2] = __float2half(cu_silu(sum_row(row)) * sum_row(row + 1) * rs);
+    } else if constexpr (MODE == CU_OUT_F32_ADD) {
+        const int orow = r.out_rows ? r.out_rows[i] : i;
+        atomicAdd(static_cast<float *>(out) + (size_t)orow * ldo + nrow, sum_row(row) * rs);
+    } else if constexpr (MODE == CU_OUT_F32_ACC) {
+        static_cast<float *>(out)[(size_t)i * ldo + nrow] += sum_row(row) * rs;
+    } else {
+        static_cast<float *>(out)[(size_t)i * ldo + nrow] = sum_row(row) * rs;
+    }
+}
+
 } // namespace
 
 extern "C" int cu_int4_mma(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a,
                            int lda, void *out, int ldo, cu_out_mode mode, int tile,
                            cudaStream_t st, lm_err *err)
 {
-    if (w->k % 32 || w->group % 32 || w->k % w->group || w->n <= 0)
-        return lm_err_set(err, -EINVAL, "int4 mma: bad shape n=%d k=%d group=%d", w->n, w->k,
-                          w->group);
-    if (lda % 8)
-        return lm_err_set(err, -EINVAL, "int4 mma: lda %d not a multiple of 8", lda);
-    if (mode == CU_OUT_SILU_F16 && w->n % 2)
-        return lm_err_set(err, -EINVAL, "int4 mma: fused SiLU needs an even row count");
+    int rc = cu_int4_check(w, lda, mode, "mma", err);
+    if (rc)
+        return rc;
     if (mode == CU_OUT_F32_ADD || r->x_f32 || r->route)
         return lm_err_set(err, -EINVAL, "int4 mma: atomic output, a normalising input and "
                                         "routing in the product are the gemv's only");
@@ -289,4 +438,40 @@ extern "C" int cu_int4_mma(const cu_int4_weights *w, const cu_gemm_rows *r, cons
     case 64: return launch_mma<4>(w, r, a, lda, out, ldo, mode, st, err);
     default: return lm_err_set(err, -EINVAL, "int4 mma: tile %d not in {16,32,64}", tile);
     }
+}
+
+extern "C" int cu_int4_mma8(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a,
+                            int lda, void *out, int ldo, cu_out_mode mode, cudaStream_t st,
+                            lm_err *err)
+{
+    int rc = cu_int4_check(w, lda, mode, "mma8", err);
+    if (rc)
+        return rc;
+    if (r->x_f32 || r->route || (r->items && r->tile != 8))
+        return lm_err_set(err, -EINVAL, "int4 mma8: a normalising input and routing in the "
+                                        "product are the gemv's only; work items of %d entries, "
+                                        "not 8", r->items ? r->tile : 8);
+    const int gy = r->items ? r->max_items : cuda_div_up(r->n_rows, 8);
+    if (gy == 0)
+        return 0;
+    const dim3 grid((unsigned)cuda_div_up(w->n, 16), (unsigned)gy);
+    switch (mode) {
+    case CU_OUT_F32:
+        CU_LAUNCH(err, "int4 mma8 launch", k_int4_mma8<CU_OUT_F32>, grid, 128, 0, st, *w, *r, a,
+                  lda, out, ldo);
+        break;
+    case CU_OUT_F32_ACC:
+        CU_LAUNCH(err, "int4 mma8 launch", k_int4_mma8<CU_OUT_F32_ACC>, grid, 128, 0, st, *w, *r,
+                  a, lda, out, ldo);
+        break;
+    case CU_OUT_SILU_F16:
+        CU_LAUNCH(err, "int4 mma8 launch", k_int4_mma8<CU_OUT_SILU_F16>, grid, 128, 0, st, *w, *r,
+                  a, lda, out, ldo);
+        break;
+    case CU_OUT_F32_ADD:
+        CU_LAUNCH(err, "int4 mma8 launch", k_int4_mma8<CU_OUT_F32_ADD>, grid, 128, 0, st, *w, *r,
+                  a, lda, out, ldo);
+        break;
+    }
+    return 0;
 }

@@ -12,6 +12,11 @@
  */
 #include "tests/cuda/cuda_test_util.cuh"
 
+static const char *path_name(cu_gemm_path p)
+{
+    return p == CU_GEMM_GEMV ? "gemv" : p == CU_GEMM_MMA ? "mma" : p == CU_GEMM_MMA8 ? "mma8" : "auto";
+}
+
 static void run_dense(int n, int k, int g, int T, bool perm, cu_gemm_path path, cu_out_mode mode)
 {
     qmat m = make_qmat(n, k, g, 1, perm);
@@ -54,8 +59,8 @@ static void run_dense(int n, int k, int g, int T, bool perm, cu_gemm_path path, 
     vector<double> ref;
     ref_int4(m, x, k, T, arow, {}, mode, init, ref);
     char what[160];
-    snprintf(what, sizeof what, "int4 %s n=%d k=%d g=%d T=%d%s %s",
-             path == CU_GEMM_GEMV ? "gemv" : "mma", n, k, g, T, perm ? " perm" : "",
+    snprintf(what, sizeof what, "int4 %s n=%d k=%d g=%d T=%d%s %s", path_name(path), n, k, g, T,
+             perm ? " perm" : "",
              mode == CU_OUT_SILU_F16 ? "silu" : mode == CU_OUT_F32_ACC ? "acc" : "f32");
     compare(what, got.data(), ref.data(), T, cols, 5e-3);
     cudaFree(out);
@@ -151,7 +156,7 @@ static void run_grouped(int H, int I, int g, int E, int k, int T, cu_gemm_path p
         vector<float> ya = host(y, (size_t)T * k * H), yb = host(y2, (size_t)T * k * H);
         const bool same = !memcmp(ya.data(), yb.data(), ya.size() * 4);
         printf("%-4s grouped %s down, work list read before the wait: bit-identical T=%d\n",
-               same ? "ok" : "FAIL", path == CU_GEMM_GEMV ? "gemv" : "mma", T);
+               same ? "ok" : "FAIL", path_name(path), T);
         if (!same)
             g_fail = 1;
         cudaFree(h2);
@@ -182,7 +187,7 @@ static void run_grouped(int H, int I, int g, int E, int k, int T, cu_gemm_path p
     ref_int4(gu, x, H, T * k, arow, ent, CU_OUT_SILU_F16, {}, href);
     char what[160];
     snprintf(what, sizeof what, "grouped %s gate_up+silu H=%d I=%d E=%d k=%d T=%d",
-             path == CU_GEMM_GEMV ? "gemv" : "mma", H, I, E, k, T);
+             path_name(path), H, I, E, k, T);
     compare(what, hgot.data(), href.data(), T * k, I, 5e-3);
     /* down from the GPU's h (so each stage is checked alone) */
     vector<int> ident(T * k);
@@ -191,7 +196,7 @@ static void run_grouped(int H, int I, int g, int E, int k, int T, cu_gemm_path p
     ref_int4(dn, hgot, I, T * k, ident, ent, CU_OUT_F32, {}, yref);
     vector<float> ygot = host(y, (size_t)T * k * H);
     snprintf(what, sizeof what, "grouped %s down H=%d I=%d E=%d k=%d T=%d",
-             path == CU_GEMM_GEMV ? "gemv" : "mma", H, I, E, k, T);
+             path_name(path), H, I, E, k, T);
     compare(what, ygot.data(), yref.data(), T * k, H, 5e-3);
     vector<double> cref((size_t)T * H);
     for (int t = 0; t < T; t++)
@@ -216,7 +221,8 @@ static void run_grouped(int H, int I, int g, int E, int k, int T, cu_gemm_path p
     if (tile <= 8) {
         OK(rca);
         vector<float> agot = host(resid2, (size_t)T * H);
-        snprintf(what, sizeof what, "grouped gemv down adding into the residual T=%d", T);
+        snprintf(what, sizeof what, "grouped %s down adding into the residual T=%d",
+                 path_name(path), T);
         compare(what, agot.data(), cref.data(), T, H, 1e-6);
     } else {
         snprintf(what, sizeof what, "grouped atomic add at tile %d", tile);
@@ -258,6 +264,52 @@ static void run_dequant(int n, int k, int g)
         g_fail = 1;
     cudaFree(out);
     release(d);
+}
+
+/* The few-token tensor-core kernel (cu_int4_mma8): forced (items of 8 rows,
+ * 1 to 300 rows; K of 1 to 130 chunks, not all multiples of its 4-chunk
+ * units), then taken by the automatic path (the default for 5-16 rows),
+ * dense and grouped; its refusal. */
+static void test_int4_mma8()
+{
+    printf("     few-token mma kernel (items of 8 rows)\n");
+    struct { int n, k, g; } sh[] = {{96, 160, 32}, {300, 288, 96}, {1000, 2080, 32},
+                                    {2048, 768, 128}, {40, 32, 32}, {72, 4160, 32}};
+    for (auto s : sh)
+        for (int T : {1, 3, 8, 17})
+            run_dense(s.n, s.k, s.g, T, false, CU_GEMM_MMA8, CU_OUT_F32);
+    for (int T : {5, 300}) {
+        run_dense(300, 288, 32, T, true, CU_GEMM_MMA8, CU_OUT_F32);
+        run_dense(322, 160, 32, T, false, CU_GEMM_MMA8, CU_OUT_SILU_F16);
+        run_dense(130, 1024, 128, T, false, CU_GEMM_MMA8, CU_OUT_F32_ACC);
+    }
+    for (int T : {1, 3, 17, 64})
+        run_grouped(256, 160, 32, 6, 2, T, CU_GEMM_MMA8);
+    const int was = cu_int4_set_mma8(1);
+    printf("     ... taken by the automatic path for 5-16 rows (the default)\n");
+    run_dense(1000, 2080, 32, 6, false, CU_GEMM_AUTO, CU_OUT_F32);
+    run_dense(5120, 2048, 128, 8, false, CU_GEMM_AUTO, CU_OUT_F32);
+    run_dense(2048, 4096, 128, 16, false, CU_GEMM_AUTO, CU_OUT_F32);
+    run_grouped(2048, 768, 128, 128, 8, 8, CU_GEMM_AUTO);   /* qwen3's experts at batch 8 */
+    run_grouped(2048, 1408, 128, 60, 4, 16, CU_GEMM_AUTO);  /* qwen1.5's at batch 16 */
+    run_grouped(512, 192, 64, 16, 4, 8, CU_GEMM_AUTO);
+    cu_int4_set_mma8(was);
+    {
+        qmat m = make_qmat(64, 256, 32, 1, false);
+        dq d = upload(m);
+        cu_gemm_rows r;
+        memset(&r, 0, sizeof(r));
+        r.n_rows = 4;
+        r.x_f32 = reinterpret_cast<const float *>(d.w.qs); /* never read: refused first */
+        lm_err e1 = {0, ""};
+        const bool refused = cu_int4_mma8(&d.w, &r, nullptr, 256, nullptr, 64, CU_OUT_F32, 0,
+                                          &e1) == -EINVAL;
+        printf("%-4s int4 mma8 refuses the normalising input (%s)\n", refused ? "ok" : "FAIL",
+               e1.msg);
+        if (!refused)
+            g_fail = 1;
+        release(d);
+    }
 }
 
 static void test_int4()
@@ -320,6 +372,7 @@ static void test_int4()
             run_grouped(256, 160, 32, 6, 2, T, (cu_gemm_path)p);
     run_grouped(512, 192, 64, 16, 4, 64, CU_GEMM_AUTO);
     run_grouped(512, 192, 64, 16, 4, 8, CU_GEMM_AUTO);
+    test_int4_mma8();
 }
 
 /* ---- MoE routing ------------------------------------------------------------------ */
@@ -1009,6 +1062,8 @@ int main(int argc, char **argv)
     const char *what = argc > 1 ? argv[1] : "all";
     const bool all = !strcmp(what, "all");
     if (all || !strcmp(what, "int4")) test_int4();
+    if (!strcmp(what, "mma8")) /* the few-token kernel alone (sanitizers' time) */
+        test_int4_mma8();
     if (all || !strcmp(what, "moe")) {
         test_moe();
         test_router();
