@@ -498,9 +498,9 @@ extern "C" int cu_int4_gemv(const cu_int4_weights *w, const cu_gemm_rows *r, con
 /* The automatic path takes cu_int4_mma8 (tile 8) for MMA8_MIN to 16 rows
  * (an expert then has at most two items of 8) unless LIGHTMOE_CUDA_MMA8=0
  * (read once; tests switch it with cu_int4_set_mma8). Measured on the H100
- * (docs/PERF.md, round 11): 8-row products 2-3x faster than the mma
- * kernel's 16-row tiles; decode steps at batch 8 -25 to -29%, at 16 -8 to
- * -17%. From 32 rows on, experts that draw many tokens would re-read their
+ * (docs/PERF.md, round 12): 8-row products 2-3x faster than the mma
+ * kernel's 16-row tiles; decode steps at batch 8 -24 to -29%, at 16 -7 to
+ * -16%. From 32 rows on, experts that draw many tokens would re-read their
  * weights for every 8, and the 16-64-row tiles are kept. At one row the
  * gemv is faster. From 2 rows on (LIGHTMOE_CUDA_MMA8_MIN=2) batches 2-4
  * gain 5-26% too, but the default stays at 5: the one-row gemv (a

@@ -447,10 +447,11 @@ extern "C" int cu_int4_mma8(const cu_int4_weights *w, const cu_gemm_rows *r, con
     int rc = cu_int4_check(w, lda, mode, "mma8", err);
     if (rc)
         return rc;
-    if (r->x_f32 || r->route || (r->items && r->tile != 8))
+    if (r->x_f32 || r->route)
         return lm_err_set(err, -EINVAL, "int4 mma8: a normalising input and routing in the "
-                                        "product are the gemv's only; work items of %d entries, "
-                                        "not 8", r->items ? r->tile : 8);
+                                        "product are the gemv's only");
+    if (r->items && r->tile != 8)
+        return lm_err_set(err, -EINVAL, "int4 mma8: work items of %d entries, not 8", r->tile);
     const int gy = r->items ? r->max_items : cuda_div_up(r->n_rows, 8);
     if (gy == 0)
         return 0;

@@ -269,7 +269,7 @@ static void run_dequant(int n, int k, int g)
 /* The few-token tensor-core kernel (cu_int4_mma8): forced (items of 8 rows,
  * 1 to 300 rows; K of 1 to 130 chunks, not all multiples of its 4-chunk
  * units), then taken by the automatic path (the default for 5-16 rows),
- * dense and grouped; its refusal. */
+ * dense and grouped (which rows count selects it: test_paths). */
 static void test_int4_mma8()
 {
     printf("     few-token mma kernel (items of 8 rows)\n");
@@ -294,22 +294,6 @@ static void test_int4_mma8()
     run_grouped(2048, 1408, 128, 60, 4, 16, CU_GEMM_AUTO);  /* qwen1.5's at batch 16 */
     run_grouped(512, 192, 64, 16, 4, 8, CU_GEMM_AUTO);
     cu_int4_set_mma8(was);
-    {
-        qmat m = make_qmat(64, 256, 32, 1, false);
-        dq d = upload(m);
-        cu_gemm_rows r;
-        memset(&r, 0, sizeof(r));
-        r.n_rows = 4;
-        r.x_f32 = reinterpret_cast<const float *>(d.w.qs); /* never read: refused first */
-        lm_err e1 = {0, ""};
-        const bool refused = cu_int4_mma8(&d.w, &r, nullptr, 256, nullptr, 64, CU_OUT_F32, 0,
-                                          &e1) == -EINVAL;
-        printf("%-4s int4 mma8 refuses the normalising input (%s)\n", refused ? "ok" : "FAIL",
-               e1.msg);
-        if (!refused)
-            g_fail = 1;
-        release(d);
-    }
 }
 
 static void test_int4()
@@ -1050,8 +1034,70 @@ static void test_mega()
     run_mega(q2, 40, 2, 0, 4 * sms); /* not all blocks resident: the barrier's timeout */
 }
 
+/* Which INT4 kernel each row count gets (cu_int4_tile_for, host only: runs
+ * without a GPU, so CI checks it): the gemv for 1-4 rows, the few-token
+ * kernel (tile 8) for 5-16 on the automatic path unless switched off, the
+ * many-row tiles by the average from 17 on; forced paths; and the launcher
+ * refusals that need no device. */
+static void test_paths()
+{
+    struct { int max_rows, avg, path, mma8, want; } cases[] = {
+        {1, 1, CU_GEMM_AUTO, 1, 1},     {2, 2, CU_GEMM_AUTO, 1, 2},
+        {4, 1, CU_GEMM_AUTO, 1, 4},     {5, 5, CU_GEMM_AUTO, 1, 8},
+        {16, 1, CU_GEMM_AUTO, 1, 8},    {16, 16, CU_GEMM_AUTO, 1, 8},
+        {17, 17, CU_GEMM_AUTO, 1, 32},  {32, 2, CU_GEMM_AUTO, 1, 16},
+        {300, 40, CU_GEMM_AUTO, 1, 64}, {5, 5, CU_GEMM_AUTO, 0, 16},
+        {8, 8, CU_GEMM_AUTO, 0, 16},    {3, 3, CU_GEMM_GEMV, 1, 4},
+        {8, 8, CU_GEMM_GEMV, 1, 8},     {5, 5, CU_GEMM_MMA, 1, 16},
+        {1, 1, CU_GEMM_MMA8, 0, 8},     {300, 300, CU_GEMM_MMA8, 1, 8},
+    };
+    const int was = cu_int4_set_mma8(1);
+    for (auto c : cases) {
+        cu_int4_set_mma8(c.mma8);
+        const int got = cu_int4_tile_for(c.max_rows, c.avg, (cu_gemm_path)c.path);
+        printf("%-4s int4 tile for %d rows (average %d), path %s%s: %d (want %d)\n",
+               got == c.want ? "ok" : "FAIL", c.max_rows, c.avg, path_name((cu_gemm_path)c.path),
+               c.mma8 ? "" : ", mma8 off", got, c.want);
+        if (got != c.want)
+            g_fail = 1;
+    }
+    cu_int4_set_mma8(was);
+    cu_int4_weights w = {64, 256, 32, 1, nullptr, nullptr, nullptr};
+    cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
+    r.n_rows = 4;
+    r.x_f32 = reinterpret_cast<const float *>(&w); /* never read: refused first */
+    lm_err e1 = {0, ""};
+    bool refused = cu_int4_mma8(&w, &r, nullptr, 256, nullptr, 64, CU_OUT_F32, 0, &e1) == -EINVAL;
+    printf("%-4s int4 mma8 refuses the normalising input (%s)\n", refused ? "ok" : "FAIL", e1.msg);
+    if (!refused)
+        g_fail = 1;
+    r.x_f32 = nullptr;
+    r.items = reinterpret_cast<const int2 *>(&w); /* never read: refused first */
+    r.tile = 16;
+    lm_err e3 = {0, ""};
+    refused = cu_int4_mma8(&w, &r, nullptr, 256, nullptr, 64, CU_OUT_F32, 0, &e3) == -EINVAL;
+    printf("%-4s int4 mma8 refuses work items of 16 (%s)\n", refused ? "ok" : "FAIL", e3.msg);
+    if (!refused)
+        g_fail = 1;
+    r.items = nullptr;
+    w.k = 48; /* not a multiple of 32 */
+    lm_err e2 = {0, ""};
+    refused = cu_int4_mma8(&w, &r, nullptr, 48, nullptr, 64, CU_OUT_F32, 0, &e2) == -EINVAL &&
+              strstr(e2.msg, "int4 mma8: bad shape");
+    printf("%-4s int4 mma8 refuses k 48 (%s)\n", refused ? "ok" : "FAIL", e2.msg);
+    if (!refused)
+        g_fail = 1;
+}
+
 int main(int argc, char **argv)
 {
+    const char *what = argc > 1 ? argv[1] : "all";
+    if (!strcmp(what, "paths")) { /* host only: no device needed */
+        test_paths();
+        printf("%s\n", g_fail ? "FAILED" : "all passed");
+        return g_fail;
+    }
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess || n == 0) {
@@ -1059,8 +1105,8 @@ int main(int argc, char **argv)
                e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
         return 77;
     }
-    const char *what = argc > 1 ? argv[1] : "all";
     const bool all = !strcmp(what, "all");
+    if (all) test_paths();
     if (all || !strcmp(what, "int4")) test_int4();
     if (!strcmp(what, "mma8")) /* the few-token kernel alone (sanitizers' time) */
         test_int4_mma8();
