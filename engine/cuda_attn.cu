@@ -47,6 +47,7 @@ __global__ void __launch_bounds__(NW * 32)
            cu_qkv_params qp, __half *kc, __half *vc, cu_attn_batch b, float *__restrict__ part,
            __half *__restrict__ out)
 {
+    CU_TRACE_KERNEL();
     /* kc, vc: neither const nor restrict, read through L2 (__ldcg): with
      * qkv (decode), one block of the launch writes the new token's slot
      * and reads it back */
@@ -166,6 +167,7 @@ __global__ void __launch_bounds__(NW * 32)
                     d[lane + 32 * j + HD / 2] = __float2half(nk2[j] = x2[j]);
                 }
             }
+            cu_trace_mark(0);
         }
 #pragma unroll
         for (int u = 0; u < NPC; u++) {
@@ -194,6 +196,7 @@ __global__ void __launch_bounds__(NW * 32)
             }
         }
         __syncthreads();
+        if (p0 == p_begin) cu_trace_mark(1);
         if (PIPE && p0 + P < p_end)
             load_step(p0 + P);
 
@@ -233,6 +236,7 @@ __global__ void __launch_bounds__(NW * 32)
                 o[i][j].y *= alpha;
             }
         }
+        if (p0 == p_begin) cu_trace_mark(2);
 #pragma unroll 4
         for (int p = 0; p < P; p++) {
             float2 vf[HDP];
@@ -250,6 +254,7 @@ __global__ void __launch_bounds__(NW * 32)
                 }
             }
         }
+        if (p0 == p_begin) cu_trace_mark(3);
     }
 
     if (b.counters && b.nsplit == 1) { /* nothing to merge: normalise and store */
@@ -371,6 +376,7 @@ __device__ __forceinline__ float merge_dim(const float *p, int nsplit, int hd, c
 __global__ void __launch_bounds__(128)
     k_attn_merge(int hd, int nsplit, const float *__restrict__ part, __half *__restrict__ out)
 {
+    CU_TRACE_KERNEL();
     __shared__ float s_w[CU_ATTN_MAX_SPLIT];
     __shared__ float s_inv;
     cu_pdl_wait();
@@ -398,6 +404,7 @@ __global__ void __launch_bounds__(128)
     k_attn_merge_o(int nq, int nsplit, const float *__restrict__ part, cu_int4_weights w,
                    float *__restrict__ x, int ldx)
 {
+    CU_TRACE_KERNEL();
     constexpr int LPR = HD / 32, RP = 128 / LPR; /* lanes a row, rows a pass */
     __shared__ float s_w[CU_ATTN_MAX_SPLIT];
     __shared__ float s_inv;
@@ -532,6 +539,7 @@ __global__ void __launch_bounds__(128)
     k_attn_mma(cu_attn_shape s, const float *__restrict__ q, const __half *kc, const __half *vc,
                cu_attn_batch b, float *__restrict__ part, __half *__restrict__ out)
 {
+    CU_TRACE_KERNEL();
     constexpr int ST = HD + 8, KT = HD / 16, NT = HD / 8, PPR = HD / 8;
     extern __shared__ __align__(16) uint8_t smem[];
     __half *q_s = reinterpret_cast<__half *>(smem); /* [MP][ST] */

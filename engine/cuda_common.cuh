@@ -75,6 +75,21 @@ int cu_set_early_loads(int on);
  * _set replaces it (tests) and returns the setting it replaces. */
 int cu_env_switch(int *slot, const char *name);
 int cu_env_switch_set(int *slot, const char *name, int on);
+/* The kernel timeline (see CU_TRACE_KERNEL; builds with
+ * -DLIGHTMOE_CUDA_TRACE=ON, else both return -ENOTSUP). cu_trace_begin
+ * clears the buffer and starts recording; cu_trace_end waits for the
+ * device, stops recording and returns the recorded blocks in *recs
+ * (malloc'd, the caller frees; *n of them). */
+#define CU_TRACE_LAUNCHES 4096
+#define CU_TRACE_BLOCKS 1024
+#define CU_TRACE_MARKS 4
+typedef struct cu_trace_rec {
+    unsigned long long grid, t0, tw, t1; /* ns; tw 0: no wait */
+    unsigned file, line, block, smid;    /* file: FNV-1a of the source's base name */
+    unsigned mark[CU_TRACE_MARKS];       /* ns after t0 of cu_trace_mark(i), 0: not reached */
+} cu_trace_rec;
+int cu_trace_begin(lm_err *err);
+int cu_trace_end(cu_trace_rec **recs, size_t *n, lm_err *err);
 #ifdef __cplusplus
 }
 #endif
@@ -107,10 +122,105 @@ static inline cudaError_t cu_launch(void (*kernel)(KArgs...), dim3 grid, dim3 bl
 
 #ifdef __CUDACC__
 
+/* A timeline of the kernels (measurement builds only: cmake
+ * -DLIGHTMOE_CUDA_TRACE=ON; cu_trace_begin / cu_trace_end). Thread 0 of
+ * every block of a kernel that starts with CU_TRACE_KERNEL() records the
+ * global timer when the block starts, when its first cu_pdl_wait()
+ * returns and when it exits, with the launch's %gridid, the block and the
+ * SM, into slot (gridid mod CU_TRACE_LAUNCHES, block) of a device buffer
+ * (blocks past CU_TRACE_BLOCKS are not recorded). Each translation unit
+ * has its own copy of the buffer's address (no relocatable device code),
+ * set through the list cu_trace_register keeps. In other builds the macro
+ * is empty and the functions refuse. */
+#ifdef LIGHTMOE_CUDA_TRACE
+extern "C" void cu_trace_register(void (*set)(cu_trace_rec *buf));
+static __device__ cu_trace_rec *g_cu_trace;
+namespace
+{
+struct cu_trace_reg {
+    cu_trace_reg()
+    {
+        cu_trace_register(
+            [](cu_trace_rec *p) { (void)cudaMemcpyToSymbol(g_cu_trace, &p, sizeof p); });
+    }
+};
+static cu_trace_reg cu_trace_reg_here;
+} // namespace
+__host__ __device__ constexpr const char *cu_trace_base(const char *s, const char *b)
+{
+    return *s ? cu_trace_base(s + 1, *s == '/' ? s + 1 : b) : b;
+}
+__host__ __device__ constexpr unsigned cu_trace_fnv(const char *s, unsigned h = 2166136261u)
+{
+    return *s ? cu_trace_fnv(s + 1, (h ^ (unsigned char)*s) * 16777619u) : h;
+}
+__device__ __forceinline__ unsigned long long cu_trace_now()
+{
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ unsigned long long &cu_trace_tw()
+{
+    __shared__ unsigned long long tw;
+    return tw;
+}
+__device__ __forceinline__ bool cu_trace_thread0()
+{
+    return (threadIdx.x | threadIdx.y | threadIdx.z) == 0;
+}
+__device__ __forceinline__ unsigned long long *cu_trace_marks()
+{
+    __shared__ unsigned long long mk[CU_TRACE_MARKS];
+    return mk;
+}
+/* thread 0 of the block: the time of point i (< CU_TRACE_MARKS) of a kernel */
+__device__ __forceinline__ void cu_trace_mark(int i)
+{
+    if (cu_trace_thread0()) cu_trace_marks()[i] = cu_trace_now();
+}
+struct cu_trace_scope {
+    unsigned long long t0;
+    unsigned file, line;
+    __device__ cu_trace_scope(unsigned f, unsigned l) : file(f), line(l)
+    {
+        t0 = cu_trace_now();
+        if (cu_trace_thread0()) {
+            cu_trace_tw() = 0;
+            for (int i = 0; i < CU_TRACE_MARKS; i++)
+                cu_trace_marks()[i] = 0;
+        }
+    }
+    __device__ ~cu_trace_scope()
+    {
+        cu_trace_rec *buf = g_cu_trace;
+        const unsigned blk = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+        if (!cu_trace_thread0() || !buf || blk >= CU_TRACE_BLOCKS) return;
+        unsigned long long g;
+        unsigned sm;
+        asm volatile("mov.u64 %0, %%gridid;" : "=l"(g));
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        cu_trace_rec r = {g, t0, cu_trace_tw(), cu_trace_now(), file, line, blk, sm, {}};
+        for (int i = 0; i < CU_TRACE_MARKS; i++)
+            r.mark[i] = cu_trace_marks()[i] ? (unsigned)(cu_trace_marks()[i] - t0) : 0;
+        buf[(g % CU_TRACE_LAUNCHES) * CU_TRACE_BLOCKS + blk] = r;
+    }
+};
+#define CU_TRACE_KERNEL()                                                                          \
+    constexpr unsigned cu_trace_file_ = cu_trace_fnv(cu_trace_base(__FILE__, __FILE__));          \
+    cu_trace_scope cu_trace_scope_(cu_trace_file_, __LINE__)
+#else
+#define CU_TRACE_KERNEL() ((void)0)
+__device__ __forceinline__ void cu_trace_mark(int) {}
+#endif
+
 __device__ __forceinline__ void cu_pdl_wait()
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+#ifdef LIGHTMOE_CUDA_TRACE
+    if (cu_trace_thread0() && !cu_trace_tw()) cu_trace_tw() = cu_trace_now();
 #endif
 }
 __device__ __forceinline__ void cu_pdl_trigger()

@@ -637,6 +637,7 @@ extern "C" size_t cu_state_free_bytes(const cu_state *s)
 __global__ void k_silu_pairs(const float *__restrict__ t, int n2, int rows, __half *__restrict__ h,
                              int ldh)
 {
+    CU_TRACE_KERNEL();
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     const int half = n2 / 2;
     if (idx >= (size_t)rows * half)
@@ -822,6 +823,7 @@ static int linear_rows(cu_state *s, const cu_linear *L, int T, const __half *a, 
 
 __global__ void k_count_active(const int32_t *off, int E, int32_t *counter)
 {
+    CU_TRACE_KERNEL();
     int c = 0;
     for (int e = threadIdx.x; e < E; e += blockDim.x)
         c += off[e + 1] > off[e];
@@ -830,6 +832,11 @@ __global__ void k_count_active(const int32_t *off, int E, int32_t *counter)
 
 extern "C" int cu_state_count_experts(cu_state *s, int on, lm_err *err)
 {
+    if (!on != !s->d_active) { /* the captured steps have (or lack) the counting launch */
+        for (int i = 0; i < s->n_graphs; i++)
+            cudaGraphExecDestroy(s->graphs[i].exec);
+        s->n_graphs = 0;
+    }
     if (on && !s->d_active) {
         CUDA_TRY(err, cudaMalloc((void **)&s->d_active, 4));
         CUDA_TRY(err, cudaMemset(s->d_active, 0, 4));

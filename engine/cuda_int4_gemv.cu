@@ -33,6 +33,7 @@ __global__ void __launch_bounds__(128)
     k_int4_gemv(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
                 void *__restrict__ out, int ldo)
 {
+    CU_TRACE_KERNEL();
     extern __shared__ uint4 s_dyn[]; /* NORM: A row, norm weights, block_sum's scratch */
     /* Dense products read only weights before the previous kernel is done
      * (programmatic dependent launch): the first chunks' loads are issued,
@@ -198,6 +199,7 @@ __global__ void __launch_bounds__(128)
                 cu_pdl_trigger();
                 waited = true;
                 norm_in();
+                cu_trace_mark(0);
             }
             compute(c, wa, sa, za);
             if (two)
@@ -218,6 +220,7 @@ __global__ void __launch_bounds__(128)
                 cu_pdl_trigger();
                 waited = true;
                 norm_in();
+                cu_trace_mark(0);
             }
 #pragma unroll
             for (int u = 0; u < NCH; u++)
@@ -229,6 +232,7 @@ __global__ void __launch_bounds__(128)
         cu_pdl_wait();
         cu_pdl_trigger();
     }
+    cu_trace_mark(1);
     /* the shared expert's gate, after the wait: the previous layer's readers are done */
     if (routes && r.route_sg && r.route_shared && blockIdx.x == 0 && blockIdx.y == 0 &&
         threadIdx.x == 0)
@@ -261,6 +265,7 @@ __global__ void __launch_bounds__(128)
                 for (int m = 0; m < MT; m++)
                     acc[j][m] += s_acc[warp / 2][j][m];
     }
+    cu_trace_mark(2);
     if (tl != 0)
         return;
 #pragma unroll
@@ -385,6 +390,7 @@ __global__ void k_gather_rows(const __half *__restrict__ x, int ldx, const int32
                               int k, const int32_t *__restrict__ perm,
                               const int32_t *__restrict__ ent_expert, __half *__restrict__ out)
 {
+    CU_TRACE_KERNEL();
     cu_pdl_wait();
     cu_pdl_trigger();
     const int i = blockIdx.x;
@@ -400,6 +406,7 @@ __global__ void k_gather_rows(const __half *__restrict__ x, int ldx, const int32
  * still be read by the previous product. */
 __global__ void k_int4_dequant(cu_int4_weights w, __half *__restrict__ out)
 {
+    CU_TRACE_KERNEL();
     cu_pdl_wait();
     cu_pdl_trigger();
     const size_t words = (size_t)w.n * (w.k / 8);

@@ -43,6 +43,7 @@ __global__ void __launch_bounds__(128)
     k_int4_mma(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
                void *__restrict__ out, int ldo)
 {
+    CU_TRACE_KERNEL();
     constexpr int BM = 16 * MTILES;
     extern __shared__ __align__(16) uint8_t smem[];
     uint8_t *sA = smem;
@@ -295,6 +296,7 @@ __global__ void __launch_bounds__(128)
     k_int4_mma8(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
                 void *__restrict__ out, int ldo)
 {
+    CU_TRACE_KERNEL();
     __shared__ float s_c[4][16][8];
     const bool pre = (!r.items || r.plan_ready) && !r.a_rows;
     if (!pre) {

@@ -77,3 +77,65 @@ extern "C" int cu_pdl_max_tokens(void)
     cu_pdl_enabled(); /* reads the environment once */
     return __atomic_load_n(&g_max_tokens, __ATOMIC_RELAXED);
 }
+
+/* The kernel timeline (cu_trace_begin / cu_trace_end, cuda_common.cuh). */
+#ifdef LIGHTMOE_CUDA_TRACE
+#include <errno.h>
+
+#define TRACE_UNITS 32 /* translation units with kernels */
+static void (*g_trace_set[TRACE_UNITS])(cu_trace_rec *);
+static int g_trace_n;
+static cu_trace_rec *g_trace_buf;
+static const size_t g_trace_len = (size_t)CU_TRACE_LAUNCHES * CU_TRACE_BLOCKS;
+
+extern "C" void cu_trace_register(void (*set)(cu_trace_rec *))
+{
+    if (g_trace_n < TRACE_UNITS) g_trace_set[g_trace_n++] = set;
+}
+
+extern "C" int cu_trace_begin(lm_err *err)
+{
+    if (!g_trace_buf)
+        CUDA_TRY(err, cudaMalloc(&g_trace_buf, g_trace_len * sizeof *g_trace_buf));
+    CUDA_TRY(err, cudaMemset(g_trace_buf, 0, g_trace_len * sizeof *g_trace_buf));
+    for (int i = 0; i < g_trace_n; i++)
+        g_trace_set[i](g_trace_buf);
+    CUDA_TRY(err, cudaDeviceSynchronize());
+    return 0;
+}
+
+extern "C" int cu_trace_end(cu_trace_rec **recs, size_t *n, lm_err *err)
+{
+    *recs = NULL;
+    *n = 0;
+    if (!g_trace_buf) return lm_err_set(err, -EINVAL, "cu_trace_end: no cu_trace_begin before");
+    CUDA_TRY(err, cudaDeviceSynchronize());
+    for (int i = 0; i < g_trace_n; i++)
+        g_trace_set[i](NULL);
+    cu_trace_rec *h = (cu_trace_rec *)malloc(g_trace_len * sizeof *h);
+    if (!h) return lm_err_set(err, -ENOMEM, "cu_trace_end: no memory for the copy");
+    cudaError_t e = cudaMemcpy(h, g_trace_buf, g_trace_len * sizeof *h, cudaMemcpyDeviceToHost);
+    if (e != cudaSuccess) {
+        free(h);
+        return cuda_err(err, e, "cu_trace_end: copy");
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < g_trace_len; i++)
+        if (h[i].t1) h[k++] = h[i];
+    *recs = h;
+    *n = k;
+    return 0;
+}
+#else
+#include <errno.h>
+extern "C" int cu_trace_begin(lm_err *err)
+{
+    return lm_err_set(err, -ENOTSUP, "the kernel timeline needs a build with -DLIGHTMOE_CUDA_TRACE=ON");
+}
+extern "C" int cu_trace_end(cu_trace_rec **recs, size_t *n, lm_err *err)
+{
+    *recs = NULL;
+    *n = 0;
+    return lm_err_set(err, -ENOTSUP, "the kernel timeline needs a build with -DLIGHTMOE_CUDA_TRACE=ON");
+}
+#endif

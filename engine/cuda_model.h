@@ -106,7 +106,9 @@ int cu_forward(cu_state *s, const backend_batch *batch, lm_err *err);
 int cu_forward_device(cu_state *s, const backend_batch *batch, lm_err *err);
 size_t cu_state_kv_bytes_per_token(const cu_state *s);
 /* Benchmarks: count (layer, expert) pairs that received tokens, summed over
- * the MoE layers of the steps run since the last read. */
+ * the MoE layers of the steps run since the last read. Counting adds a
+ * launch a layer (not chained to its neighbours: keep it out of timed
+ * steps); switching it on or off drops the captured decode graphs. */
 int cu_state_count_experts(cu_state *s, int on, lm_err *err);
 long cu_state_read_experts(cu_state *s);
 /* Benchmarks: time every launch group with events (disables graphs);

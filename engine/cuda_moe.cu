@@ -16,6 +16,7 @@ __global__ void k_moe_route(const float *__restrict__ logits, int ldl, int T, in
                             int renorm, int has_shared, int32_t *__restrict__ ids,
                             float *__restrict__ wts, float *__restrict__ sg)
 {
+    CU_TRACE_KERNEL();
     cu_pdl_wait();
     cu_pdl_trigger();
     const int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -101,6 +102,7 @@ __global__ void __launch_bounds__(1024)
     k_moe_group(const int32_t *__restrict__ ids, const float *__restrict__ wts, int n, int k, int E,
                 int tile, cu_moe_plan p)
 {
+    CU_TRACE_KERNEL();
     extern __shared__ int s_mem[];
     cu_pdl_wait();
     cu_pdl_trigger();
@@ -113,6 +115,7 @@ __global__ void __launch_bounds__(1024)
     k_moe_route_group(const float *__restrict__ logits, int ldl, int T, int E, int k, int renorm,
                       int has_shared, int tile, int32_t *ids, float *wts, float *sg, cu_moe_plan p)
 {
+    CU_TRACE_KERNEL();
     extern __shared__ int s_mem[];
     cu_pdl_wait();
     cu_pdl_trigger();
@@ -174,6 +177,7 @@ __global__ void __launch_bounds__(128)
              const float *__restrict__ w, int rows, float *__restrict__ out,
              __half *__restrict__ xn, int early)
 {
+    CU_TRACE_KERNEL();
     __shared__ float s_red[4][2 * ROUTER_MT];
     __shared__ float s_inv[ROUTER_MT];
     const int r = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
@@ -229,6 +233,7 @@ __global__ void __launch_bounds__(128)
                 }
         }
     }
+    cu_trace_mark(0);
 #pragma unroll
     for (int t = 0; t < ROUTER_MT; t++)
         if (t < T) {
@@ -248,6 +253,7 @@ __global__ void __launch_bounds__(128)
         s_inv[t] = inv;
         out[(size_t)t * rows + r] = nw ? d * inv : d;
     }
+    cu_trace_mark(1);
     if (!nw) return;
     __syncthreads();
     const int chunk = (H + rows - 1) / rows, h0 = r * chunk;

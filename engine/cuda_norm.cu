@@ -11,6 +11,7 @@ namespace
 __global__ void k_embed(const __half *__restrict__ emb, int H, const int32_t *__restrict__ tok,
                         float *__restrict__ x)
 {
+    CU_TRACE_KERNEL();
     cu_pdl_wait();
     cu_pdl_trigger();
     const int t = blockIdx.x;
@@ -23,6 +24,7 @@ __global__ void k_rmsnorm(const float *__restrict__ x, int H, const int32_t *__r
                           const float *__restrict__ w, float eps, __half *__restrict__ oh,
                           float *__restrict__ of)
 {
+    CU_TRACE_KERNEL();
     __shared__ float s_part[32];
     cu_pdl_wait();
     cu_pdl_trigger();

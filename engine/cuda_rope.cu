@@ -14,6 +14,7 @@ __global__ void k_qkv_post(cu_attn_shape s, const float *__restrict__ qkv, cu_qk
                            cu_attn_batch b, __half *__restrict__ kc, __half *__restrict__ vc,
                            float *__restrict__ q_out)
 {
+    CU_TRACE_KERNEL();
     cu_pdl_wait();
     cu_pdl_trigger();
     const int t = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

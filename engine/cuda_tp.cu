@@ -24,6 +24,7 @@ struct cu_tp {
 __global__ void k_embed_shard(const __half *__restrict__ emb, int H, int32_t v0, int32_t vn,
                               const int32_t *__restrict__ tok, float *__restrict__ x)
 {
+    CU_TRACE_KERNEL();
     const int t = blockIdx.x;
     const int32_t id = tok[t] - v0;
     const bool mine = id >= 0 && id < vn;
