@@ -335,21 +335,37 @@ __global__ void __launch_bounds__(NW * 32)
 
 /* Warp 0 of a merging block: the splits' weights exp(m_s - M) of one row
  * (nsplit partial results of hd + 2 floats at p) into s_w, 1 / (sum of
- * weight * l_s) into *s_inv. Splits that saw no position (max -inf) weigh 0. */
+ * weight * l_s) into *s_inv. Splits that saw no position (max -inf) weigh 0.
+ * Lane l takes splits l, l + 32, ...; each split's max and sum are loaded
+ * together (one L2 round trip, issued with whatever the caller loaded just
+ * before), and the sums are taken in that order. */
 __device__ __forceinline__ void merge_weights(const float *p, int nsplit, int hd, float *s_w,
                                               float *s_inv)
 {
+    constexpr int J = CU_ATTN_MAX_SPLIT / 32;
     const int lane = threadIdx.x & 31;
-    float ms = -INFINITY;
-    for (int sp = lane; sp < nsplit; sp += 32)
-        ms = fmaxf(ms, p[sp * (hd + 2) + hd]);
-    const float M = warp_max(ms);
+    float ms[J], ls[J], mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < J; j++) {
+        const int sp = lane + 32 * j;
+        ms[j] = -INFINITY;
+        ls[j] = 0.f;
+        if (sp < nsplit) {
+            ms[j] = p[sp * (hd + 2) + hd];
+            ls[j] = p[sp * (hd + 2) + hd + 1];
+        }
+        mx = fmaxf(mx, ms[j]);
+    }
+    const float M = warp_max(mx);
     float l = 0.f;
-    for (int sp = lane; sp < nsplit; sp += 32) {
-        const float m = p[sp * (hd + 2) + hd];
-        const float w = m == -INFINITY ? 0.f : __expf(m - M);
-        s_w[sp] = w;
-        l += w * p[sp * (hd + 2) + hd + 1];
+#pragma unroll
+    for (int j = 0; j < J; j++) {
+        const int sp = lane + 32 * j;
+        if (sp < nsplit) {
+            const float w = ms[j] == -INFINITY ? 0.f : __expf(ms[j] - M);
+            s_w[sp] = w;
+            l += w * ls[j];
+        }
     }
     const float L = warp_sum(l);
     if (lane == 0) *s_inv = 1.f / L;
@@ -425,19 +441,13 @@ __global__ void __launch_bounds__(128)
     cu_pdl_trigger();
     const float *p = part + (size_t)prow * nsplit * (HD + 2);
     if constexpr (PF) {
-        /* one L2 round trip after the wait: warp 0's (max, sum) of the
-         * first 32 splits and every thread's values of its dimensions d =
-         * tid + 128 j of the first NPF splits are loaded together; the
-         * sums are merge_weights' and merge_dim's, in their order (so the
-         * same bits). -2 to -3% a step at batch 1 on the H100, -4% at 4096
-         * positions (qwen3-30b-a3b; docs/PERF.md, round 11). */
+        /* one L2 round trip after the wait: every thread's values of its
+         * dimensions d = tid + 128 j of the first NPF splits, and warp 0's
+         * (max, sum) of every split (merge_weights), are loaded together;
+         * the sums are merge_weights' and merge_dim's, in their order (so
+         * the same bits). -2 to -3% a step at batch 1 on the H100, -4% at
+         * 4096 positions (qwen3-30b-a3b; docs/PERF.md, round 11). */
         constexpr int DPT = HD > 128 ? HD / 128 : 1, NPF = 32 / DPT;
-        const int lane = threadIdx.x & 31;
-        float ms = -INFINITY, ls = 0.f;
-        if (threadIdx.x < 32 && lane < nsplit) {
-            ms = p[lane * (HD + 2) + HD];
-            ls = p[lane * (HD + 2) + HD + 1];
-        }
         float v[DPT][NPF];
 #pragma unroll
         for (int j = 0; j < DPT; j++) {
@@ -446,17 +456,8 @@ __global__ void __launch_bounds__(128)
             for (int sp = 0; sp < NPF; sp++)
                 v[j][sp] = d < HD && sp < nsplit ? p[sp * (HD + 2) + d] : 0.f;
         }
-        if (threadIdx.x < 32) {
-            if (nsplit <= 32) {
-                const float M = warp_max(ms);
-                const float wt = ms == -INFINITY ? 0.f : __expf(ms - M);
-                if (lane < nsplit) s_w[lane] = wt;
-                const float L = warp_sum(wt * ls);
-                if (lane == 0) s_inv = 1.f / L;
-            } else {
-                merge_weights(p, nsplit, HD, s_w, &s_inv);
-            }
-        }
+        if (threadIdx.x < 32)
+            merge_weights(p, nsplit, HD, s_w, &s_inv);
         __syncthreads();
         const float inv = s_inv;
 #pragma unroll
