@@ -125,12 +125,87 @@ __global__ void __launch_bounds__(1024)
     group_entries(ids, wts, T * k, k, E, tile, p, s_mem);
 }
 
+/* Routing and grouping of at most 32 entries (T * k <= 32: decode):
+ * warp t routes token t with its logits in registers (cu_moe_route_warp<NP>,
+ * E <= 32 NP), then warp 0 builds the plan with entry i in lane i and no
+ * atomics: the entry's slot is (entries of lower experts) + (earlier
+ * entries of its expert), so an expert's entries keep their slot order;
+ * the first entry of an expert writes its work items. The same plan as
+ * k_moe_route_group, whose order inside an expert may vary. */
+template <int NP>
+__global__ void __launch_bounds__(1024)
+    k_moe_route_group_warp(const float *__restrict__ logits, int ldl, int T, int E, int k,
+                           int renorm, int has_shared, int tile, int32_t *__restrict__ ids,
+                           float *__restrict__ wts, float *__restrict__ sg, cu_moe_plan p)
+{
+    CU_TRACE_KERNEL();
+    __shared__ int s_e[32], s_ni[32];
+    __shared__ float s_w[32];
+    cu_pdl_wait();
+    cu_pdl_trigger();
+    const int t = threadIdx.x >> 5, lane = threadIdx.x & 31, n = T * k;
+    {
+        const float *l = logits + (size_t)t * ldl;
+        int id;
+        float w;
+        cu_moe_route_warp<NP>(l, E, k, renorm, &id, &w);
+        if (lane < k) {
+            ids[t * k + lane] = id;
+            wts[t * k + lane] = w;
+            s_e[t * k + lane] = id;
+            s_w[t * k + lane] = w;
+        }
+        if (lane == 0 && has_shared) sg[t] = 1.f / (1.f + expf(-l[E]));
+    }
+    cu_trace_mark(0);
+    __syncthreads();
+    if (t != 0) return;
+    const bool act = lane < n;
+    const int em = act ? s_e[lane] : 0x7fffffff;
+    int lt = 0, before = 0, cnt = 0;
+    for (int j = 0; j < n; j++) {
+        const int ej = s_e[j];
+        lt += ej < em;
+        before += ej == em && j < lane;
+        cnt += ej == em;
+    }
+    const int at = lt + before;
+    if (act) {
+        p.pos[lane] = at;
+        p.ent_token[at] = lane / k;
+        p.ent_expert[at] = em;
+        p.ent_weight[at] = s_w[lane];
+    }
+    cu_trace_mark(1);
+    const int ni = act && before == 0 ? (cnt + tile - 1) / tile : 0; /* an expert's first entry */
+    s_ni[lane] = ni;
+    __syncwarp();
+    int ib = 0; /* items of the lower experts */
+    for (int j = 0; j < n; j++)
+        ib += s_e[j] < em ? s_ni[j] : 0;
+    for (int q = 0; q < ni; q++)
+        p.items[ib + q] = make_int2(em, lt + q * tile);
+    int total = ni;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        total += __shfl_xor_sync(0xffffffffu, total, o);
+    if (lane == 0) *p.n_items = total;
+    cu_trace_mark(2);
+    for (int e = lane; e <= E; e += 32) {
+        int c = 0;
+        for (int j = 0; j < n; j++)
+            c += s_e[j] < e;
+        p.offsets[e] = c;
+    }
+}
+
 __global__ void __launch_bounds__(1024)
     k_moe_combine(float *__restrict__ resid, int H, int k, const float *__restrict__ y,
                   const int32_t *__restrict__ pos, const float *__restrict__ ew,
                   const float *__restrict__ ys, const float *__restrict__ sg,
                   const float *__restrict__ nw, float eps, __half *__restrict__ xn)
 {
+    CU_TRACE_KERNEL();
     __shared__ float s_part[32];
     __shared__ int s_pos[MAX_K];
     __shared__ float s_wt[MAX_K];
@@ -335,6 +410,18 @@ extern "C" int cu_moe_combine(float *resid, int H, int T, int k, const float *y,
     return cu_moe_combine_norm(resid, H, T, k, y, pos, ew, ys, sg, NULL, 0.f, NULL, st, err);
 }
 
+/* LIGHTMOE_CUDA_ROUTE_WARP=0: decode steps route and group with the
+ * block kernel (tests, measurements) */
+static int g_route_warp = -1;
+static int route_warp(void)
+{
+    return cu_env_switch(&g_route_warp, "LIGHTMOE_CUDA_ROUTE_WARP");
+}
+extern "C" int cu_moe_set_route_warp(int on)
+{
+    return cu_env_switch_set(&g_route_warp, "LIGHTMOE_CUDA_ROUTE_WARP", on);
+}
+
 extern "C" int cu_moe_route_group(const float *logits, int ldl, int T, int E, int k, int renorm,
                                   int has_shared, int tile, int32_t *ids, float *wts, float *sg,
                                   const cu_moe_plan *plan, cudaStream_t st, lm_err *err)
@@ -342,6 +429,20 @@ extern "C" int cu_moe_route_group(const float *logits, int ldl, int T, int E, in
     if (k < 1 || k > MAX_K || k > E || E > 1024)
         return lm_err_set(err, -EINVAL, "moe route: unsupported experts %d top-k %d", E, k);
     if (T <= 0) return 0;
+    if (T * k <= 32 && route_warp()) { /* a warp a token, the plan by warp 0 */
+        const int nper = (E + 31) / 32;
+        const int np = nper <= 1 ? 1 : nper <= 2 ? 2 : nper <= 4 ? 4 : nper <= 8 ? 8 : nper <= 16 ? 16 : 32;
+        void (*kern)(const float *, int, int, int, int, int, int, int, int32_t *, float *, float *,
+                     cu_moe_plan) = np == 1   ? k_moe_route_group_warp<1>
+                                    : np == 2 ? k_moe_route_group_warp<2>
+                                    : np == 4 ? k_moe_route_group_warp<4>
+                                    : np == 8 ? k_moe_route_group_warp<8>
+                                    : np == 16 ? k_moe_route_group_warp<16>
+                                               : k_moe_route_group_warp<32>;
+        CU_LAUNCH(err, "moe route+group launch", kern, 1, 32 * T, 0, st, logits, ldl, T, E, k,
+                  renorm, has_shared, tile, ids, wts, sg, *plan);
+        return 0;
+    }
     /* one warp per token and one thread per expert, nothing more: a block of
      * 1024 threads for one token paid its syncs for nothing */
     int nt = 32 * T > E ? 32 * T : (E + 31) / 32 * 32;

@@ -12,6 +12,8 @@
  *            that cu_int4_matmul walks (at most max_items, see
  *            cu_moe_max_items). One block; order inside an expert may vary
  *            between runs, results do not (every row is computed alone).
+ *            Route + group of at most 32 entries (decode) runs on a warp a
+ *            token, its plan built by warp 0 in slot order, no atomics.
  *   combine: resid[t] += sum_j w[e] y[e] over the entries e = pos[t*k+j]
  *            of token t (+ sg[t] * ys[t]); the sum is taken in slot order,
  *            so it is deterministic.
@@ -69,7 +71,11 @@ int cu_router_logits(const float *x, int T, int H, const float *w, int rows, flo
  * out = x . w (cu_router_logits), xn untouched. */
 int cu_router_norm(const float *x, int T, int H, const float *norm_w, float eps, const float *w,
                    int rows, float *out, __half *xn, cudaStream_t st, lm_err *err);
-/* route + group in one single-block launch (small T). */
+/* route + group in one single-block launch (small T). At most 32 entries
+ * (T * k <= 32) take a kernel of a warp a token whose plan keeps an
+ * expert's entries in slot order, unless LIGHTMOE_CUDA_ROUTE_WARP=0 or
+ * cu_moe_set_route_warp(0) (tests; returns the setting it replaces). */
+int cu_moe_set_route_warp(int on);
 int cu_moe_route_group(const float *logits, int ldl, int T, int E, int k, int renorm,
                        int has_shared, int tile, int32_t *topk_ids, float *topk_w,
                        float *shared_gate, const cu_moe_plan *plan, cudaStream_t st,
@@ -81,30 +87,51 @@ int cu_moe_route_group(const float *logits, int ldl, int T, int E, int k, int re
 
 #ifdef __CUDACC__
 #include "engine/cuda_common.cuh"
-/* Route token t (one warp; cuda_moe.cu and cuda_mega.cu): softmax over E,
- * top-k by arg-max rounds (ties: lowest id), optional renormalisation,
- * shared-gate sigmoid. Lane l owns experts l, l+32, ...; a bit mask per
- * lane marks the ones taken (no per-round scan of the taken list), lane j
- * keeps the j-th choice, and the k results are written by k lanes at once. */
-__device__ __forceinline__ void cu_moe_route_token(const float *__restrict__ logits, int ldl,
-                                                   int t, int E, int k, int renorm,
-                                                   int has_shared, int32_t *__restrict__ ids,
-                                                   float *__restrict__ wts,
-                                                   float *__restrict__ sg)
+/* Route one token (one warp): softmax over E, top-k by arg-max rounds
+ * (ties: lowest id), optional renormalisation. Lane l owns experts l,
+ * l+32, ...; a bit mask per lane marks the ones taken (no per-round scan of
+ * the taken list). Lane j < k gets the j-th choice in *id and its weight
+ * (renormalised if renorm) in *w. NP > 0 (E <= 32 NP): the lane's logits
+ * are loaded once into registers (one L2 round trip) and each round's
+ * arg-max is two warp reductions (redux.sync) instead of five rounds of
+ * shuffles; NP = 0 (any E <= 1024): the logits are read from l as needed.
+ * Both give the same choices and the same weights, bit for bit: the same
+ * candidates, the same comparisons (the rounds' maximum as an order-
+ * preserving key of the value, -0 as +0; among equal values the lowest id;
+ * NaN never chosen while a number is left), the same sums in the same order. */
+template <int NP>
+__device__ __forceinline__ void cu_moe_route_warp(const float *__restrict__ l, int E, int k,
+                                                  int renorm, int *id, float *w)
 {
+    constexpr int NR = NP > 0 ? NP : 1;
     const int lane = threadIdx.x & 31;
-    const float *l = logits + (size_t)t * ldl;
-    const int nper = (E + 31) / 32; /* <= 32: E <= 1024 */
+    const int nper = NP > 0 ? NP : (E + 31) / 32; /* <= 32: E <= 1024 */
+    float reg[NR];
+    if constexpr (NP > 0) {
+#pragma unroll
+        for (int i = 0; i < NP; i++) {
+            const int e = lane + 32 * i;
+            reg[i] = e < E ? l[e] : 0.f;
+        }
+    }
+    auto val = [&](int i) -> float {
+        if constexpr (NP > 0)
+            return reg[i];
+        else
+            return l[lane + 32 * i];
+    };
     float mx = -INFINITY;
+#pragma unroll
     for (int i = 0; i < nper; i++) {
         const int e = lane + 32 * i;
-        if (e < E) mx = fmaxf(mx, l[e]);
+        if (e < E) mx = fmaxf(mx, val(i));
     }
     mx = warp_max(mx);
     float sum = 0.f;
+#pragma unroll
     for (int i = 0; i < nper; i++) {
         const int e = lane + 32 * i;
-        if (e < E) sum += expf(l[e] - mx);
+        if (e < E) sum += expf(val(i) - mx);
     }
     sum = warp_sum(sum);
     uint32_t used = 0; /* bit i: expert lane + 32 i taken */
@@ -113,23 +140,38 @@ __device__ __forceinline__ void cu_moe_route_token(const float *__restrict__ log
     for (int j = 0; j < k; j++) {
         float best = -INFINITY;
         int bid = 0x7fffffff;
+#pragma unroll
         for (int i = 0; i < nper; i++) {
             const int e = lane + 32 * i;
             if (e < E && !((used >> i) & 1u)) {
-                const float v = l[e];
+                const float v = val(i);
                 if (v > best || (v == best && e < bid)) {
                     best = v;
                     bid = e;
                 }
             }
         }
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+        if constexpr (NP > 0) {
+            /* the largest value (an order-preserving key; -0 counts as +0,
+             * as the comparisons do), then the lowest id holding it */
+            const uint32_t u = __float_as_uint(best + 0.f);
+            const uint32_t key = (u & 0x80000000u) ? ~u : u | 0x80000000u;
+            const uint32_t kmax = __reduce_max_sync(0xffffffffu, key);
+            bid = (int)__reduce_min_sync(0xffffffffu, key == kmax ? (uint32_t)bid : 0x7fffffffu);
+            const uint32_t ub = (kmax & 0x80000000u) ? kmax & 0x7fffffffu : ~kmax;
+            best = __uint_as_float(ub);
+        } else
+#endif
+        {
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bid, o);
-            if (ob > best || (ob == best && oi < bid)) {
-                best = ob;
-                bid = oi;
+            for (int o = 16; o > 0; o >>= 1) {
+                const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+                const int oi = __shfl_xor_sync(0xffffffffu, bid, o);
+                if (ob > best || (ob == best && oi < bid)) {
+                    best = ob;
+                    bid = oi;
+                }
             }
         }
         if (bid >= E) { /* only NaN logits left: the lowest unused expert keeps indices valid */
@@ -153,9 +195,27 @@ __device__ __forceinline__ void cu_moe_route_token(const float *__restrict__ log
         }
     }
     const float wsum = warp_sum(lane < k ? my_w : 0.f);
+    *id = my_id;
+    *w = renorm ? my_w / wsum : my_w;
+}
+
+/* Route token t (one warp; cuda_moe.cu, cuda_int4_gemv.cu and
+ * cuda_mega.cu): cu_moe_route_warp<0>, the k results written by k lanes at
+ * once, and the shared-gate sigmoid. */
+__device__ __forceinline__ void cu_moe_route_token(const float *__restrict__ logits, int ldl,
+                                                   int t, int E, int k, int renorm,
+                                                   int has_shared, int32_t *__restrict__ ids,
+                                                   float *__restrict__ wts,
+                                                   float *__restrict__ sg)
+{
+    const int lane = threadIdx.x & 31;
+    const float *l = logits + (size_t)t * ldl;
+    int id;
+    float w;
+    cu_moe_route_warp<0>(l, E, k, renorm, &id, &w);
     if (lane < k) {
-        ids[t * k + lane] = my_id;
-        wts[t * k + lane] = renorm ? my_w / wsum : my_w;
+        ids[t * k + lane] = id;
+        wts[t * k + lane] = w;
     }
     if (lane == 0 && has_shared) sg[t] = 1.f / (1.f + expf(-l[E]));
 }

@@ -506,6 +506,80 @@ static void run_route_group(int T, int E, int k, int renorm)
     free_plan(pd);
 }
 
+/* The warp kernel of route+group (at most 32 entries) against the block
+ * kernel, bit for bit: the same ids, weights, shared gates, offsets and
+ * work items, and every slot's entry (token, expert, weight) where pos
+ * says (the block kernel may order an expert's entries otherwise). Logits
+ * of `kind` 0: random; 1: few levels (ties, -0 and +0); 2: with -inf and
+ * NaN (a token of all NaN at t = 1). */
+static void run_route_group_same(int T, int E, int k, int renorm, int kind, int tile)
+{
+    const int ld = E + 1, n = T * k;
+    vector<float> lg((size_t)T * ld);
+    for (size_t i = 0; i < lg.size(); i++) {
+        float v = 3.0f * urand();
+        if (kind == 1) v = floorf(v * 2.0f) * 0.5f * (rnd() & 1 ? 1.f : -1.f) + 0.0f * v;
+        if (kind == 1 && (rnd() & 7) == 0) v = (rnd() & 1) ? 0.0f : -0.0f;
+        if (kind == 2 && (rnd() & 3) == 0) v = (rnd() & 1) ? -INFINITY : NAN;
+        if (kind == 2 && i / ld == 1 && (int)(i % ld) < E) v = NAN;
+        lg[i] = v;
+    }
+    float *dl = dev(lg);
+    struct out {
+        vector<int32_t> ids, off, et, ee, pos;
+        vector<float> w, sg, ew;
+        vector<int2> items;
+        int ni;
+    } o[2];
+    for (int warp = 0; warp <= 1; warp++) {
+        const int was = cu_moe_set_route_warp(warp);
+        plan_dev pd = make_plan(T, k, E);
+        float *dw, *dsg;
+        int32_t *di;
+        CK(cudaMalloc(&di, n * 4));
+        CK(cudaMalloc(&dw, n * 4));
+        CK(cudaMalloc(&dsg, T * 4));
+        CK(cudaMemset(pd.p.items, 0xff, (n + E) * 8));
+        OK(cu_moe_route_group(dl, ld, T, E, k, renorm, 1, tile, di, dw, dsg, &pd.p, 0, ERRP));
+        cu_moe_set_route_warp(was);
+        out &r = o[warp];
+        r.ids = host(di, n);
+        r.w = host(dw, n);
+        r.sg = host(dsg, T);
+        r.off = host(pd.p.offsets, E + 1);
+        r.et = host(pd.p.ent_token, n);
+        r.ee = host(pd.p.ent_expert, n);
+        r.ew = host(pd.p.ent_weight, n);
+        r.pos = host(pd.p.pos, n);
+        r.ni = host(pd.p.n_items, 1)[0];
+        r.items = host(pd.p.items, n + E);
+        cudaFree(di); cudaFree(dw); cudaFree(dsg);
+        free_plan(pd);
+    }
+    bool ok = !memcmp(o[0].ids.data(), o[1].ids.data(), n * 4) &&
+              !memcmp(o[0].w.data(), o[1].w.data(), n * 4) &&
+              !memcmp(o[0].sg.data(), o[1].sg.data(), T * 4) && o[0].off == o[1].off &&
+              o[0].ni == o[1].ni && o[0].ni >= 0 && o[0].ni <= n + E;
+    for (int i = 0; ok && i < o[0].ni; i++)
+        ok = o[0].items[i].x == o[1].items[i].x && o[0].items[i].y == o[1].items[i].y;
+    for (int v = 0; v < 2 && ok; v++)
+        for (int i = 0; ok && i < n; i++) {
+            const int at = o[v].pos[i];
+            ok = at >= 0 && at < n && o[v].et[at] == i / k && o[v].ee[at] == o[v].ids[i] &&
+                 !memcmp(&o[v].ew[at], &o[v].w[i], 4);
+        }
+    /* the warp kernel keeps slot order inside an expert */
+    for (int i = 1; ok && i < n; i++)
+        ok = o[1].ee[i - 1] < o[1].ee[i] ||
+             (o[1].ee[i - 1] == o[1].ee[i] && o[1].et[i - 1] <= o[1].et[i]);
+    printf("%-4s moe route+group, warp kernel = block kernel bit for bit: T=%d E=%d k=%d tile=%d "
+           "renorm=%d logits %s (%d items)\n", ok ? "ok" : "FAIL", T, E, k, tile, renorm,
+           kind == 0 ? "random" : kind == 1 ? "tied, +-0" : "with -inf, NaN", o[1].ni);
+    if (!ok)
+        g_fail = 1;
+    cudaFree(dl);
+}
+
 static void test_router()
 {
     for (int T : {1, 3, 16})
@@ -523,6 +597,26 @@ static void test_router()
         run_route_group(T, 60, 4, 1);
     }
     run_route_group(5, 1000, 8, 1);
+    for (int warp = 0; warp <= 1; warp++) { /* both kernels against the CPU */
+        const int was = cu_moe_set_route_warp(warp);
+        for (int T : {1, 2, 4}) {
+            run_route_group(T, 128, 8, 0);
+            run_route_group(T, 8, 2, 1);
+        }
+        run_route_group(1, 1000, 8, 1);
+        run_route_group(32, 60, 1, 1);
+        cu_moe_set_route_warp(was);
+    }
+    for (int kind = 0; kind < 3; kind++) {
+        run_route_group_same(1, 128, 8, 0, kind, 8);
+        run_route_group_same(4, 128, 8, 1, kind, 8);
+        run_route_group_same(3, 60, 4, 1, kind, 1);
+        run_route_group_same(2, 8, 2, 1, kind, 2);
+        run_route_group_same(16, 8, 2, 0, kind, 3);
+        run_route_group_same(2, 1000, 8, 0, kind, 8);
+        run_route_group_same(1, 33, 4, 1, kind, 16);
+        run_route_group_same(8, 300, 4, 1, kind, 4);
+    }
 }
 
 /* ---- RMSNorm, embedding ---------------------------------------------------------- */
