@@ -333,10 +333,10 @@ static size_t model_bytes(const cu_model *m, size_t *attn, size_t *expert, size_
     return 0;
 }
 
-/* m/s given: a model loaded from a checkpoint through the backend; else
- * random weights of c's shape made on the GPU. */
-static const int g_count_inline = getenv("LIGHTMOE_BENCH_COUNT_INLINE") &&
-                                  getenv("LIGHTMOE_BENCH_COUNT_INLINE")[0] == '1';
+/* LIGHTMOE_BENCH_COUNT_INLINE=1: the experts are counted inside the timed
+ * steps, as before 2026-12-07 (the counting launch then adds to them) */
+static const char *g_count_env = getenv("LIGHTMOE_BENCH_COUNT_INLINE");
+static const int g_count_inline = g_count_env && g_count_env[0] == '1';
 
 /* (layer, expert) pairs with tokens in one more step of batch b */
 static long count_step(cu_state *s, const backend_batch *b)
@@ -385,6 +385,8 @@ static void trace_step(cu_state *s, const backend_batch *b, const char *model, i
     printf("  trace: %zu blocks to %s\n", n, path);
 }
 
+/* m/s given: a model loaded from a checkpoint through the backend; else
+ * random weights of c's shape made on the GPU. */
 static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int path,
                         const cu_model *given_m = nullptr, cu_state *given_s = nullptr)
 {

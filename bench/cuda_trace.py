@@ -15,7 +15,8 @@ For each launch:
   gap     release - the previous launch's end (what the dependency costs),
   after   end - release (what runs after the wait: the chain to shorten),
   early   release - start (how long its first blocks waited, loads in flight).
-The launches of a layer repeat; the summary averages each position of the
+Kernel names come from the sources under --src at their recorded lines:
+read a trace against the tree it was built from. The launches of a layer repeat; the summary averages each position of the
 repeating pattern over the layers (the pattern starts at the attention).
 """
 import argparse
@@ -88,9 +89,8 @@ def main():
             v = sorted(r[4] + r[7][i] - release for r in recs if len(r[7]) > i and r[7][i] > 0)
             marks.append(v[len(v) // 2] if v else None)
         ends = sorted(r[6] - release for r in recs)
-        launches.append(dict(grid=g, name=name_of(names, fh, line), line=line, n=len(recs),
-                             start=min(t0), last_start=max(t0), release=release,
-                             end=max(t1), first_end=min(t1), marks=marks,
+        launches.append(dict(name=name_of(names, fh, line), line=line, n=len(recs),
+                             start=min(t0), release=release, end=max(t1), marks=marks,
                              end50=ends[len(ends) // 2]))
     launches.sort(key=lambda L: L['start'])
     prev_end = None
@@ -98,6 +98,7 @@ def main():
         L['gap'] = L['release'] - prev_end if prev_end is not None else 0
         L['after'] = L['end'] - L['release']
         L['early'] = L['release'] - L['start']
+        L['e2e'] = L['gap'] + L['after']  # from the previous launch's end to this one's
         prev_end = L['end']
     total = launches[-1]['end'] - launches[0]['start']
     print('%s: %d launches, %d blocks, %.1f us from the first block to the last' %
@@ -127,18 +128,13 @@ def main():
     tot = collections.Counter()
     for k in range(period):
         rows = [launches[att[li] + k] for li in range(layers)]
-        cols = {}
-        for key in ('gap', 'after', 'early'):
+        cols = []
+        for key in ('gap', 'after', 'early', 'e2e'):
             v = [r[key] / 1e3 for r in rows]
-            cols[key] = (statistics.mean(v), statistics.median(v))
-            tot[key] += cols[key][0]
-        e2e = [(r['end'] - launches[att[li] + k - 1]['end']) / 1e3 for li, r in
-               zip(range(layers), rows)]
-        tot['e2e'] += statistics.mean(e2e)
+            cols += [statistics.mean(v), statistics.median(v)]
+            tot[key] += cols[-2]
         print('%-24s %5d %6.2f (%5.2f) %6.2f (%5.2f) %6.2f (%5.2f) %6.2f (%5.2f)' %
-              ('%s:%d' % (rows[0]['name'], rows[0]['line']), rows[0]['n'],
-               cols['gap'][0], cols['gap'][1], cols['after'][0], cols['after'][1],
-               cols['early'][0], cols['early'][1], statistics.mean(e2e), statistics.median(e2e)))
+              (('%s:%d' % (rows[0]['name'], rows[0]['line']), rows[0]['n']) + tuple(cols)))
     print('%-24s %5s %6.2f %15.2f %15.2f %15.2f' % ('layer', '', tot['gap'], tot['after'],
                                                    tot['early'], tot['e2e']))
     print('cu_trace_mark points and the median block\'s end, us after the release (median '

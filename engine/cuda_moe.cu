@@ -145,17 +145,13 @@ __global__ void __launch_bounds__(1024)
     cu_pdl_trigger();
     const int t = threadIdx.x >> 5, lane = threadIdx.x & 31, n = T * k;
     {
-        const float *l = logits + (size_t)t * ldl;
         int id;
         float w;
-        cu_moe_route_warp<NP>(l, E, k, renorm, &id, &w);
+        cu_moe_route_token<NP>(logits, ldl, t, E, k, renorm, has_shared, ids, wts, sg, &id, &w);
         if (lane < k) {
-            ids[t * k + lane] = id;
-            wts[t * k + lane] = w;
             s_e[t * k + lane] = id;
             s_w[t * k + lane] = w;
         }
-        if (lane == 0 && has_shared) sg[t] = 1.f / (1.f + expf(-l[E]));
     }
     cu_trace_mark(0);
     __syncthreads();

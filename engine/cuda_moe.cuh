@@ -200,19 +200,24 @@ __device__ __forceinline__ void cu_moe_route_warp(const float *__restrict__ l, i
 }
 
 /* Route token t (one warp; cuda_moe.cu, cuda_int4_gemv.cu and
- * cuda_mega.cu): cu_moe_route_warp<0>, the k results written by k lanes at
- * once, and the shared-gate sigmoid. */
+ * cuda_mega.cu): cu_moe_route_warp<NP>, the k results written by k lanes at
+ * once, and the shared-gate sigmoid; lane j < k also gets its choice in
+ * *id and *w. */
+template <int NP = 0>
 __device__ __forceinline__ void cu_moe_route_token(const float *__restrict__ logits, int ldl,
                                                    int t, int E, int k, int renorm,
                                                    int has_shared, int32_t *__restrict__ ids,
                                                    float *__restrict__ wts,
-                                                   float *__restrict__ sg)
+                                                   float *__restrict__ sg, int *idp = nullptr,
+                                                   float *wp = nullptr)
 {
     const int lane = threadIdx.x & 31;
     const float *l = logits + (size_t)t * ldl;
     int id;
     float w;
-    cu_moe_route_warp<0>(l, E, k, renorm, &id, &w);
+    cu_moe_route_warp<NP>(l, E, k, renorm, &id, &w);
+    if (idp) *idp = id;
+    if (wp) *wp = w;
     if (lane < k) {
         ids[t * k + lane] = id;
         wts[t * k + lane] = w;
