@@ -112,7 +112,7 @@ def main():
                    L['release'] / 1e3, L['end'] / 1e3, L['gap'] / 1e3, L['after'] / 1e3,
                    L['early'] / 1e3))
     # the repeating pattern: from one attention launch to the next
-    att = [i for i, L in enumerate(launches) if L['name'] == 'k_attn']
+    att = [i for i, L in enumerate(launches) if L['name'] in ('k_attn', 'k_attn_dec_mma')]
     if len(att) < 3:
         return
     period = att[1] - att[0]

@@ -718,6 +718,290 @@ __global__ void __launch_bounds__(128)
     }
 }
 
+/* ---- decode on the tensor cores ---------------------------------------------------- */
+
+/* Decode with q/k/v post-processing (cu_attn_qkv, one token a tile, no
+ * counters), hd 64 or 128, G <= 16 query heads a KV head: the work of
+ * k_attn with the two products on the tensor cores. Block = (token, KV
+ * head, split), 4 warps. The G q heads (cu_qkv_head, as k_attn) are one
+ * 16-row fp16 tile in shared memory (rows past G zero; q scaled by
+ * 1/sqrt(hd) in fp32, then rounded, as k_attn_mma does). The split's
+ * 32-position steps are dealt to the warps (warp w: steps w, w + 4, ...),
+ * each warp with its own K/V tiles (cp.async, the first before the
+ * dependency wait when early), its own online softmax and its own
+ * accumulators: S = Q K^T and O += P V are mma.sync m16n8k16 with fp32
+ * accumulators, P rounded to fp16 (k_attn_mma's code at 32 positions).
+ * Warps that had steps are merged through shared memory into the split's
+ * partial result (sum, max, total), which the merge kernel or merge + o_proj
+ * takes as it takes k_attn's. The new position's k and v: warps 0 and 1
+ * of the block holding it write them into the cache and into a staging row
+ * that replaces whatever the tile's copy read from that slot. Off by
+ * default (attn_dmma): measured on the H100 (docs/PERF.md, round 14), one
+ * step's S and softmax take 1.5-2 us of warp 0 at batch 1, no less than
+ * k_attn's 8 warps, and a product on zeros before them changed nothing. */
+constexpr int DP = 32; /* positions a step (as k_attn's P: the same splits) */
+template <int HD> constexpr int dmma_st()
+{
+    return HD + 8; /* tile rows padded by 8 halves: ldmatrix without bank conflicts */
+}
+template <int HD> constexpr int dmma_smem()
+{
+    /* q tile, 4 warps' K and V tiles, the new k and v (fp16) */
+    return (16 * dmma_st<HD>() + 4 * 2 * DP * dmma_st<HD>() + 2 * HD) * 2;
+}
+
+template <int HD>
+__global__ void __launch_bounds__(128)
+    k_attn_dec_mma(cu_attn_shape s, const float *__restrict__ qkv, cu_qkv_params qp, __half *kc,
+                   __half *vc, cu_attn_batch b, float *__restrict__ part)
+{
+    CU_TRACE_KERNEL();
+    constexpr int ST = dmma_st<HD>(), KT = HD / 16, NT = HD / 8, PPR = HD / 8;
+    static_assert(HD / 2 <= 4 * 32, "cu_qkv_head holds at most 4 pairs a lane");
+    extern __shared__ __align__(16) uint8_t smem[];
+    __half *q_s = reinterpret_cast<__half *>(smem); /* [16][ST] */
+    __half *t_s = q_s + 16 * ST;                    /* [4 warps][K, V][DP][ST] */
+    __half *n_s = t_s + 4 * 2 * DP * ST;            /* [k, v][HD]: the new position */
+    const bool early = b.early != 0;
+    if (!early) {
+        cu_pdl_wait();
+        cu_pdl_trigger();
+    }
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    const int mi = lane >> 3, mr = lane & 7; /* ldmatrix: this lane's matrix and row */
+    const int kvh = blockIdx.y, split = blockIdx.z;
+    const int t0 = b.tiles[blockIdx.x].x;
+    const int G = s.nq / s.nkv;
+    const int seq = b.tok_seq[t0], npos = b.tok_pos[t0], ctx = npos + 1;
+    int p_begin, p_end;
+    split_span(ctx, b.nsplit, split, p_begin, p_end);
+    const int nsteps = p_begin < p_end ? (p_end - p_begin + DP - 1) / DP : 0;
+    __half *k_w = t_s + warp * 2 * DP * ST, *v_w = k_w + DP * ST; /* this warp's tiles */
+
+    /* K and V of positions [p0, p0 + DP) into this warp's tiles (zeros past p_end) */
+    auto load = [&](int p0) {
+#pragma unroll
+        for (int u = 0; u < DP * PPR / 32; u++) {
+            const int idx = lane + 32 * u, p = idx / PPR, piece = idx % PPR, pp = p0 + p;
+            const bool ok = pp < p_end;
+            size_t off = 0;
+            if (ok) {
+                const int blk = b.block_table[(size_t)seq * b.max_blocks + pp / b.block_size];
+                off = (((size_t)blk * b.block_size + pp % b.block_size) * s.nkv + kvh) * HD +
+                      piece * 8;
+            }
+            cp_async16(k_w + p * ST + piece * 8, kc + off, ok);
+            cp_async16(v_w + p * ST + piece * 8, vc + off, ok);
+        }
+        cp_async_commit();
+    };
+    if (warp < nsteps)
+        load(p_begin + warp * DP);
+    if (early) {
+        cu_pdl_wait();
+        cu_pdl_trigger();
+    }
+
+    /* the q heads of this KV head (rows G..15 zero; warp w: rows w, w + 4,
+     * ...), the new k (warp 0) and v (warp 1): every row's loads first */
+    const float scale = rsqrtf((float)HD);
+    const float *row = qkv + (size_t)t0 * (s.nq + 2 * s.nkv) * HD;
+    const bool owner = npos >= p_begin && npos < p_end; /* uniform over the block */
+    float x1[5][4] = {}, x2[5][4] = {}; /* [4]: the new k or v */
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        if (warp + 4 * i < G)
+            cu_qkv_head_load(row, kvh * G + warp + 4 * i, HD, qp, lane, x1[i], x2[i]);
+    if (owner && warp < 2)
+        cu_qkv_head_load(row, (warp ? s.nq + s.nkv : s.nq) + kvh, HD, qp, lane, x1[4], x2[4]);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int r = warp + 4 * i;
+        if (r < G)
+            cu_qkv_head_finish(HD, qp, qp.q_norm, true, npos, lane, x1[i], x2[i]);
+#pragma unroll
+        for (int j = 0; j < HD / 64; j++) {
+            q_s[r * ST + lane + 32 * j] = __float2half(x1[i][j] * scale);
+            q_s[r * ST + lane + 32 * j + HD / 2] = __float2half(x2[i][j] * scale);
+        }
+    }
+    if (owner && warp < 2) {
+        /* into the cache for later steps, and into n_s for this one (the
+         * tile's copy of that slot is replaced) */
+        const int blk = b.block_table[(size_t)seq * b.max_blocks + npos / b.block_size];
+        const size_t slot = (size_t)blk * b.block_size + npos % b.block_size;
+        cu_qkv_head_finish(HD, qp, warp ? NULL : qp.k_norm, !warp, npos, lane, x1[4], x2[4]);
+        __half *d = (warp ? vc : kc) + (slot * s.nkv + kvh) * HD, *ns = n_s + warp * HD;
+#pragma unroll
+        for (int j = 0; j < HD / 64; j++) {
+            d[lane + 32 * j] = ns[lane + 32 * j] = __float2half(x1[4][j]);
+            d[lane + 32 * j + HD / 2] = ns[lane + 32 * j + HD / 2] = __float2half(x2[4][j]);
+        }
+    }
+    cu_trace_mark(0);
+    __syncthreads(); /* q_s, n_s */
+
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+        o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+    for (int step = warp; step < nsteps; step += 4) {
+        const int p0 = p_begin + step * DP;
+        if (step != warp)
+            load(p0);
+        cp_async_wait<0>();
+        __syncwarp();
+        if (owner && npos >= p0 && npos < p0 + DP) { /* uniform over the warp */
+            const int pr = npos - p0;
+            for (int i = lane; i < 2 * PPR; i += 32) {
+                const int kv = i / PPR, piece = i % PPR;
+                *reinterpret_cast<uint4 *>((kv ? v_w : k_w) + pr * ST + piece * 8) =
+                    *reinterpret_cast<const uint4 *>(n_s + kv * HD + piece * 8);
+            }
+            __syncwarp();
+        }
+        if (step == warp) cu_trace_mark(1);
+        float sc[DP / 8][4];
+#pragma unroll
+        for (int j = 0; j < DP / 8; j++)
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+        /* a loop over the dims (q's fragments from shared memory each time):
+         * short code after the wait */
+#pragma unroll 2
+        for (int kk = 0; kk < KT; kk++) {
+            uint32_t qf[4];
+            ldsm_x4(qf, q_s + (8 * (mi & 1) + mr) * ST + 16 * kk + 8 * (mi >> 1));
+#pragma unroll
+            for (int j2 = 0; j2 < DP / 16; j2++) {
+                /* positions 16 j2 + (0..7 | 8..15), dims 16 kk + (0..7 | 8..15) */
+                uint32_t kf[4];
+                ldsm_x4(kf, k_w + (16 * j2 + 8 * (mi >> 1) + mr) * ST + 16 * kk + 8 * (mi & 1));
+                mma_16816(sc[2 * j2], qf, kf[0], kf[1]);
+                mma_16816(sc[2 * j2 + 1], qf, kf[2], kf[3]);
+            }
+        }
+        float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < DP / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                if (p0 + 8 * j + 2 * t4 + e >= p_end) sc[j][e] = sc[j][2 + e] = -INFINITY;
+                mx_a = fmaxf(mx_a, sc[j][e]);
+                mx_b = fmaxf(mx_b, sc[j][2 + e]);
+            }
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+        /* a step holds at least one position: the new maxima are finite */
+        const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+        const float al_a = __expf(m_a - mn_a), al_b = __expf(m_b - mn_b); /* 0 from -inf */
+        m_a = mn_a;
+        m_b = mn_b;
+        float sa = 0.f, sb = 0.f;
+#pragma unroll
+        for (int j = 0; j < DP / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                sc[j][e] = __expf(sc[j][e] - mn_a);
+                sc[j][2 + e] = __expf(sc[j][2 + e] - mn_b);
+                sa += sc[j][e];
+                sb += sc[j][2 + e];
+            }
+        l_a = l_a * al_a + sa; /* this lane's part; the quad's sum at the end */
+        l_b = l_b * al_b + sb;
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            o[n][0] *= al_a;
+            o[n][1] *= al_a;
+            o[n][2] *= al_b;
+            o[n][3] *= al_b;
+        }
+        if (step == warp) cu_trace_mark(2);
+#pragma unroll
+        for (int k2 = 0; k2 < DP / 16; k2++) {
+            uint32_t pf[4]; /* P as the A operand: the accumulator layout, in fp16 */
+            pf[0] = pack_half2(sc[2 * k2][0], sc[2 * k2][1]);
+            pf[1] = pack_half2(sc[2 * k2][2], sc[2 * k2][3]);
+            pf[2] = pack_half2(sc[2 * k2 + 1][0], sc[2 * k2 + 1][1]);
+            pf[3] = pack_half2(sc[2 * k2 + 1][2], sc[2 * k2 + 1][3]);
+#pragma unroll
+            for (int dj = 0; dj < HD / 16; dj++) {
+                uint32_t vf[4];
+                ldsm_x4_t(vf, v_w + (16 * k2 + 8 * (mi & 1) + mr) * ST + 16 * dj + 8 * (mi >> 1));
+                mma_16816(o[2 * dj], pf, vf[0], vf[1]);
+                mma_16816(o[2 * dj + 1], pf, vf[2], vf[3]);
+            }
+        }
+        __syncwarp(); /* the tiles read before the next step's copies into them */
+        if (step == warp) cu_trace_mark(3);
+    }
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+
+    const size_t row0 = (size_t)t0 * s.nq + kvh * G; /* part row of q head 0 of this KV head */
+    if (nsteps <= 1) { /* warp 0 holds the split (or nothing: max -inf, sum 0) */
+        if (warp != 0) return;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = g + 8 * h;
+            if (r >= G) continue;
+            float *dst = part + ((row0 + r) * b.nsplit + split) * (HD + 2);
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+                reinterpret_cast<float2 *>(dst)[4 * n + t4] =
+                    make_float2(o[n][2 * h], o[n][2 * h + 1]);
+            if (t4 == 0) {
+                dst[HD] = h ? m_b : m_a;
+                dst[HD + 1] = h ? l_b : l_a;
+            }
+        }
+        return;
+    }
+    /* several warps had steps: their (max, sum, accumulators) through shared
+     * memory (the tiles are free once every warp is past its last step) */
+    const int nw = nsteps < 4 ? nsteps : 4;
+    __syncthreads();
+    float *o_s = reinterpret_cast<float *>(t_s); /* [4][16][HD] */
+    float *ml_s = o_s + 4 * 16 * HD;              /* [4][16][2] */
+    if (warp < nw) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = g + 8 * h;
+            float *d = o_s + (warp * 16 + r) * HD;
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+                reinterpret_cast<float2 *>(d)[4 * n + t4] = make_float2(o[n][2 * h], o[n][2 * h + 1]);
+            if (t4 == 0) {
+                ml_s[(warp * 16 + r) * 2] = h ? m_b : m_a;
+                ml_s[(warp * 16 + r) * 2 + 1] = h ? l_b : l_a;
+            }
+        }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < G * HD; idx += 128) {
+        const int r = idx / HD, d = idx % HD;
+        float M = -INFINITY;
+        for (int w = 0; w < nw; w++)
+            M = fmaxf(M, ml_s[(w * 16 + r) * 2]);
+        float acc = 0.f, L = 0.f;
+        for (int w = 0; w < nw; w++) { /* every warp < nw had a step: finite maxima */
+            const float wt = __expf(ml_s[(w * 16 + r) * 2] - M);
+            acc += wt * o_s[(w * 16 + r) * HD + d];
+            L += wt * ml_s[(w * 16 + r) * 2 + 1];
+        }
+        float *dst = part + ((row0 + r) * b.nsplit + split) * (HD + 2);
+        dst[d] = acc;
+        if (d == 0) {
+            dst[HD] = M;
+            dst[HD + 1] = L;
+        }
+    }
+}
+
 struct attn_in {
     const float *q, *qkv; /* one of them */
     cu_qkv_params qp;
@@ -757,6 +1041,38 @@ static int g_mma = -1;
 static int attn_mma(void)
 {
     return cu_env_switch(&g_mma, "LIGHTMOE_CUDA_ATTN_MMA");
+}
+
+/* Decode (with q/k/v post-processing, no counters) at hd 64 and 128 on the
+ * tensor cores (k_attn_dec_mma) when LIGHTMOE_CUDA_ATTN_DMMA=1 (read once;
+ * tests switch it with cu_attn_set_dmma). Off by default: on the H100 it
+ * was 2-6% slower a step at 512 and 4096 positions and 9-12% faster at
+ * 32768 (qwen3-30b-a3b, batch 1), and its fp16 q and probabilities move
+ * the gptq fixture's router near-tie to the other side (docs/PERF.md,
+ * round 14). */
+static int g_dmma = -1;
+static int attn_dmma(void)
+{
+    int v = __atomic_load_n(&g_dmma, __ATOMIC_RELAXED);
+    if (v < 0) {
+        const char *e = getenv("LIGHTMOE_CUDA_ATTN_DMMA");
+        v = e && e[0] == '1';
+        __atomic_store_n(&g_dmma, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
+template <int HD>
+int launch_attn_dec_mma(const cu_attn_shape *s, const attn_in &in, const cu_attn_batch *b,
+                        float *part, cudaStream_t st, lm_err *err)
+{
+    constexpr int smem = dmma_smem<HD>();
+    CUDA_TRY(err, cudaFuncSetAttribute(k_attn_dec_mma<HD>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    dim3 grid(b->n_tiles, s->nkv, b->nsplit);
+    CU_LAUNCH(err, "attention (decode, mma) launch", k_attn_dec_mma<HD>, grid, 128, smem, st,
+              *s, in.qkv, in.qp, in.kc, in.vc, *b, part);
+    return 0;
 }
 
 template <int HD>
@@ -828,6 +1144,13 @@ extern "C" int cu_attn_set_pipe(int on)
     return cu_env_switch_set(&g_pipe, "LIGHTMOE_CUDA_ATTN_PIPE", on);
 }
 
+extern "C" int cu_attn_set_dmma(int on)
+{
+    const int was = attn_dmma();
+    __atomic_store_n(&g_dmma, on ? 1 : 0, __ATOMIC_RELAXED);
+    return was;
+}
+
 extern "C" int cu_attn_set_w8(int on)
 {
     return cu_env_switch_set(&g_w8, "LIGHTMOE_CUDA_ATTN_W8", on);
@@ -872,6 +1195,12 @@ static int attn_run(const cu_attn_shape *s, const attn_in &in, const cu_attn_bat
         rc = s->hd == 64 ? launch_attn_mma<64>(s, in, b, part, out, st, err)
                          : launch_attn_mma<128>(s, in, b, part, out, st, err);
         if (rc || b->nsplit == 1) return rc;
+    } else if (in.qkv && !b->counters && (s->hd == 64 || s->hd == 128) &&
+               s->nq / s->nkv <= 16 && attn_dmma()) {
+        /* decode tiles on the tensor cores: always partial results */
+        rc = s->hd == 64 ? launch_attn_dec_mma<64>(s, in, b, part, st, err)
+                         : launch_attn_dec_mma<128>(s, in, b, part, st, err);
+        if (rc || in.no_merge) return rc;
     } else {
         if (s->hd == 64)
             rc = pick_rw<1>(R, s, in, b, part, out, st, err);

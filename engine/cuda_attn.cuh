@@ -25,6 +25,10 @@
  * cores instead (k_attn_mma: 64 positions a step, mma.sync,
  * FlashAttention-2) unless LIGHTMOE_CUDA_ATTN_MMA=0; its splits are always
  * merged by the merge kernel and the counters are left as they are.
+ * Decode tiles with the q/k/v post-processing (cu_attn_qkv) at hd 64 or
+ * 128 and G <= 16 run on the tensor cores too (k_attn_dec_mma: the 16-row
+ * q tile of a KV head against 32-position K/V tiles, a split's steps dealt
+ * to 4 warps) when LIGHTMOE_CUDA_ATTN_DMMA=1 and the batch has no counters.
  */
 #ifndef LIGHTMOE_CUDA_ATTN_CUH
 #define LIGHTMOE_CUDA_ATTN_CUH
@@ -73,6 +77,14 @@ int cu_attn_set_pipe(int on);
  * mma.sync with fp16 q and probabilities, fp32 accumulators; 0 keeps them
  * on k_attn. Returns the setting it replaces. */
 int cu_attn_set_mma(int on);
+
+/* Tests and measurements: 1 (0 is the default, unless
+ * LIGHTMOE_CUDA_ATTN_DMMA=1) runs decode tiles with q/k/v post-processing
+ * (cu_attn_qkv, cu_attn_qkv_o; no counters, hd 64 or 128, at most 16 query
+ * heads a KV head) on the tensor cores: fp16 q and probabilities, fp32
+ * accumulators, a split's steps dealt to 4 warps; 0 keeps them on k_attn.
+ * Returns the setting it replaces. */
+int cu_attn_set_dmma(int on);
 
 /* Tests and measurements: 1 (the default, unless LIGHTMOE_CUDA_ATTN_W8=0)
  * runs k_attn tiles of 5-16 query rows in blocks of 8 warps (a warp 1 or

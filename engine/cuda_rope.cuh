@@ -59,14 +59,16 @@ int cu_attn_merge_o(const cu_attn_shape *s, int T, int nsplit, const float *part
 #include "engine/cuda_common.cuh"
 /* One warp, head hh of one token's qkv row: lane owns the rotary pairs
  * (i, i + hd/2), i = lane + 32 j; x1/x2 get bias added, the head's RMSNorm
- * (nw, if not NULL) and the rotation at pos (if rope). hd <= 256. */
-__device__ __forceinline__ void cu_qkv_head(const float *row, int hh, int hd,
-                                            const cu_qkv_params &p, const float *nw, bool rope,
-                                            int pos, int lane, float x1[4], float x2[4])
+ * (nw, if not NULL) and the rotation at pos (if rope). hd <= 256. In two
+ * halves, so that a warp can have several heads' loads in flight:
+ * cu_qkv_head_load (the values and the bias), cu_qkv_head_finish (the
+ * rest); cu_qkv_head is the two. */
+__device__ __forceinline__ void cu_qkv_head_load(const float *row, int hh, int hd,
+                                                 const cu_qkv_params &p, int lane, float x1[4],
+                                                 float x2[4])
 {
     const int half = hd / 2;
     const int np = half / 32 > 0 ? half / 32 : 1;
-    float ss = 0.f;
     /* loops unrolled to 4 (hd <= 256) so that x1, x2 stay in registers */
 #pragma unroll
     for (int j = 0; j < 4; j++) {
@@ -77,9 +79,21 @@ __device__ __forceinline__ void cu_qkv_head(const float *row, int hh, int hd,
             x1[j] = row[hh * hd + i] + (p.bias ? p.bias[hh * hd + i] : 0.f);
             x2[j] = row[hh * hd + i + half] + (p.bias ? p.bias[hh * hd + i + half] : 0.f);
         }
-        ss += x1[j] * x1[j] + x2[j] * x2[j];
     }
+}
+__device__ __forceinline__ void cu_qkv_head_finish(int hd, const cu_qkv_params &p,
+                                                   const float *nw, bool rope, int pos, int lane,
+                                                   float x1[4], float x2[4])
+{
+    const int half = hd / 2;
+    const int np = half / 32 > 0 ? half / 32 : 1;
     if (nw) {
+        float ss = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if (j >= np) break;
+            ss += x1[j] * x1[j] + x2[j] * x2[j];
+        }
         ss = warp_sum(ss);
         const float inv = rsqrtf(ss / (float)hd + p.eps);
 #pragma unroll
@@ -104,6 +118,13 @@ __device__ __forceinline__ void cu_qkv_head(const float *row, int hh, int hd,
             x1[j] = y1;
             x2[j] = y2;
         }
+}
+__device__ __forceinline__ void cu_qkv_head(const float *row, int hh, int hd,
+                                            const cu_qkv_params &p, const float *nw, bool rope,
+                                            int pos, int lane, float x1[4], float x2[4])
+{
+    cu_qkv_head_load(row, hh, hd, p, lane, x1, x2);
+    cu_qkv_head_finish(hd, p, nw, rope, pos, lane, x1, x2);
 }
 #endif
 #endif

@@ -2,7 +2,7 @@
  * test_cuda_kernels.cu: every CUDA kernel of the engine against a plain CPU
  * twin (double accumulation), on random inputs of awkward sizes.
  *
- *   test_cuda_kernels int4|moe|norm|attn|attn1|attnmma|forward|mega|fold|foldk
+ *   test_cuda_kernels int4|moe|norm|attn|attn1|attnmma|attndmma|forward|mega|fold|foldk
  *
  * Each check prints its observed error and bound; any failure exits 1. With
  * no usable GPU the program prints why and exits 77 (ctest SKIP).
@@ -896,8 +896,8 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
         ao = host((const uint16_t *)out, (size_t)T * nq * hd);
         for (size_t i = 0; i < ao.size(); i++)
             agot[i] = h2f(ao[i]);
-        snprintf(what, sizeof what, "attention+qkv post nq=%d nkv=%d hd=%d T=%d split=%d %s%s", nq,
-                 nkv, hd, T, force_split, own ? "own merge" : "merge kernel",
+        snprintf(what, sizeof what, "attention+qkv post%s nq=%d nkv=%d hd=%d T=%d split=%d %s%s",
+                 g_attn_tag, nq, nkv, hd, T, force_split, own ? "own merge" : "merge kernel",
                  early ? ", early loads" : "");
         compare(what, agot.data(), aref.data(), T * nq, hd, 3e-3);
         vector<uint16_t> k2 = host(dk2, kc.size()), v2 = host(dv2, vc.size());
@@ -950,6 +950,31 @@ static void test_attn()
     run_attn(8, 4, 128, {40, 3}, {5, 7}, 2);          /* G 2: tiles of up to 14 rows */
     /* 9 sequences x 4 KV heads x 9 splits: past the 8-warp blocks' 320 */
     run_attn(32, 4, 128, {100, 0, 31, 32, 33, 500, 7, 64, 200}, vector<int>(9, 1), 9);
+}
+
+/* Decode tiles on the tensor cores (cu_attn_set_dmma; off by default): every
+ * decode case above (with the merge kernel; with counters k_attn merges),
+ * G 16 at hd 64 and 128, splits whose steps run on 1, 2-3 and all 4 warps
+ * (and warps that loop), empty splits, and hd 256, which must still go to
+ * k_attn. */
+static void test_attn_dmma()
+{
+    const int was = cu_attn_set_dmma(1);
+    g_attn_tag = " (dmma)";
+    for (int split : {1, 8, 32}) {
+        run_attn(32, 4, 128, {1000, 2500, 0, 63}, {1, 1, 1, 1}, split);
+        run_attn(16, 16, 128, {1000, 31}, {1, 1}, split);
+    }
+    for (int split : {33, 256})
+        run_attn(32, 4, 128, {9000, 2500, 0, 63}, {1, 1, 1, 1}, split);
+    run_attn(4, 1, 64, {300, 0, 17}, {1, 1, 1}, 4);
+    run_attn(48, 8, 64, {700, 31, 0}, {1, 1, 1}, 4); /* G 6 */
+    run_attn(16, 1, 128, {700, 3, 130, 95}, {1, 1, 1, 1}, 3); /* G 16 */
+    run_attn(32, 2, 64, {150, 64}, {1, 1}, 2);                /* G 16 at hd 64 */
+    run_attn(16, 2, 256, {900, 5}, {1, 1}, 3);                /* not taken: k_attn */
+    run_attn(32, 4, 128, {100, 0, 31, 32, 33, 500, 7, 64, 200}, vector<int>(9, 1), 9);
+    g_attn_tag = "";
+    cu_attn_set_dmma(was);
 }
 
 /* Prefill tiles on the tensor cores (cu_attn_set_mma, the default): the
@@ -1216,8 +1241,9 @@ int main(int argc, char **argv)
     if (!strcmp(what, "attn1")) /* the default attention only (racecheck's time) */
         test_attn();
     if (all || !strcmp(what, "attn")) {
-        /* k_attn for every tile (prefill tiles: LIGHTMOE_CUDA_ATTN_MMA=0) */
-        const int mma = cu_attn_set_mma(0);
+        /* k_attn for every tile (prefill tiles: LIGHTMOE_CUDA_ATTN_MMA=0,
+         * decode tiles: LIGHTMOE_CUDA_ATTN_DMMA=0) */
+        const int mma = cu_attn_set_mma(0), dmma = cu_attn_set_dmma(0);
         test_attn(); /* the K/V loads of the next step in flight (default) */
         printf("-- attention again, each step loaded after the last (LIGHTMOE_CUDA_ATTN_PIPE=0)\n");
         const int was = cu_attn_set_pipe(0);
@@ -1228,8 +1254,10 @@ int main(int argc, char **argv)
         test_attn();
         cu_attn_set_w8(w8);
         cu_attn_set_mma(mma);
+        cu_attn_set_dmma(dmma);
     }
     if (all || !strcmp(what, "attn") || !strcmp(what, "attnmma")) test_attn_mma();
+    if (all || !strcmp(what, "attn") || !strcmp(what, "attndmma")) test_attn_dmma();
     if (all || !strcmp(what, "forward")) test_forward();
     if (all || !strcmp(what, "mega")) test_mega();
     if (all || !strcmp(what, "fold")) test_fold();
