@@ -415,19 +415,58 @@ __global__ void __launch_bounds__(128)
  * the merge kernel's output is), and each row's dot product over the head
  * is added into x[token][row] atomically: x += W_o[:, head] o_head, summed
  * over heads in no fixed order. */
-template <int HD, bool PF>
+/* RT (one token, cu_attn_merge_o_route): block (slice s, head h) also adds
+ * into ro.u (copy h mod nc) the router's pre-norm dot products of its rows
+ * e (ceil(rows / slices) <= 16 a slice; 8 lanes a row) over what it owns:
+ * M[e][head h's inputs] . o_head + sum over x's slice j of head h (H / nq
+ * entries) of wr[e][j] nw[j] x[j]. Over all blocks: u[e] = sum_j wr[e][j]
+ * nw[j] (x[j] + (W_o o)[j]), the MLP norm's 1/rms left out (the route
+ * kernel has it). Before the wait: the M, wr, nw and x slices to shared
+ * memory (cp.async) and the x part (x is the residual before this layer's
+ * o_proj, which with RT no launch writes until this one is done, o_proj
+ * adding into a buffer of its own, and whose last writer finished before
+ * the attention launch was let go); after o_proj, the M part. */
+template <int HD, bool PF, bool RT>
 __global__ void __launch_bounds__(128)
     k_attn_merge_o(int nq, int nsplit, const float *__restrict__ part, cu_int4_weights w,
-                   float *__restrict__ x, int ldx)
+                   float *__restrict__ x, int ldx, cu_route_o ro)
 {
     CU_TRACE_KERNEL();
     constexpr int LPR = HD / 32, RP = 128 / LPR; /* lanes a row, rows a pass */
     __shared__ float s_w[CU_ATTN_MAX_SPLIT];
     __shared__ float s_inv;
     __shared__ __align__(16) __half s_o[HD];
+    extern __shared__ __align__(16) float s_rt[]; /* RT: [eps][HD] M, [eps][jh] wr, [jh] nw, [jh] x */
     const int prow = blockIdx.y, t = prow / nq, h = prow % nq;
     const int K = w.k, G = w.k / w.group, ch = threadIdx.x % LPR;
     const int kin = h * HD + ch * 32; /* the lane's first input */
+    /* RT: rows e0 .. e0 + ne - 1; M rows HD + 8 floats apart, wr rows jh + 8
+     * (8 lanes a row read without bank conflicts) */
+    int e0 = 0, ne = 0, jh = 0;
+    float *sm = s_rt, *swr = s_rt;
+    if constexpr (RT) {
+        const int eps = (ro.rows + gridDim.x - 1) / gridDim.x;
+        e0 = blockIdx.x * eps;
+        ne = max(0, min(eps, ro.rows - e0));
+        jh = w.n / nq;
+        swr = s_rt + eps * (HD + 8);
+        float *sg = swr + eps * (jh + 8), *sx = sg + jh;
+        for (int i = threadIdx.x; i < ne * (HD / 4); i += 128) {
+            const int el = i / (HD / 4), c = i % (HD / 4);
+            cp_async16(sm + el * (HD + 8) + 4 * c, ro.m + (size_t)(e0 + el) * K + h * HD + 4 * c,
+                       true);
+        }
+        for (int i = threadIdx.x; i < ne * (jh / 4); i += 128) {
+            const int el = i / (jh / 4), c = i % (jh / 4);
+            cp_async16(swr + el * (jh + 8) + 4 * c, ro.wr + (size_t)(e0 + el) * w.n + h * jh + 4 * c,
+                       true);
+        }
+        for (int i = threadIdx.x; i < jh / 4; i += 128) {
+            cp_async16(sg + 4 * i, ro.nw + h * jh + 4 * i, true);
+            cp_async16(sx + 4 * i, ro.x + h * jh + 4 * i, true);
+        }
+        cp_async_commit();
+    }
     uint4 wv[LPR];
     half2 s2[LPR], z2[LPR];
 #pragma unroll
@@ -436,6 +475,19 @@ __global__ void __launch_bounds__(128)
         wv[ps] = __ldg(reinterpret_cast<const uint4 *>(w.qs + (size_t)n * (K / 2) + kin / 2));
         s2[ps] = __half2half2(w.scales[(size_t)n * G + kin / w.group]);
         z2[ps] = int4_zero2(w.zeros[(size_t)n * G + kin / w.group]);
+    }
+    /* RT: row el = tid / 8 of the block's router rows, lane sub = tid % 8 of
+     * its 8; the x part before the wait, summed over the 8 lanes */
+    const int el = threadIdx.x >> 3, sub = threadIdx.x & 7;
+    float xpart = 0.f;
+    if constexpr (RT) {
+        cp_async_wait<0>();
+        __syncthreads(); /* every thread's copies */
+        if (el < ne) {
+            const float *sg = swr + ((ro.rows + gridDim.x - 1) / gridDim.x) * (jh + 8), *sx = sg + jh;
+            for (int j = sub; j < jh; j += 8)
+                xpart += swr[el * (jh + 8) + j] * sg[j] * sx[j];
+        }
     }
     cu_pdl_wait();
     cu_pdl_trigger();
@@ -506,6 +558,18 @@ __global__ void __launch_bounds__(128)
         const int n = blockIdx.x * 128 + ps * RP + (int)threadIdx.x / LPR;
         if (ch == 0 && n < w.n)
             atomicAdd(x + (size_t)t * ldx + n, acc);
+    }
+    if constexpr (RT) { /* s_o is published (above) */
+        float acc = xpart;
+        if (el < ne)
+#pragma unroll 4
+            for (int i = sub; i < HD; i += 8)
+                acc += sm[el * (HD + 8) + i] * __half2float(s_o[i]);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        if (el < ne && sub == 0)
+            atomicAdd(ro.u + (size_t)(h % ro.nc) * ro.rows + e0 + el, acc);
     }
 }
 
@@ -1252,25 +1316,96 @@ static int merge_o_check(const cu_attn_shape *s, int nsplit, const cu_int4_weigh
     return 0;
 }
 
-extern "C" int cu_attn_merge_o(const cu_attn_shape *s, int T, int nsplit, const float *part,
-                               const cu_int4_weights *wo, float *x, int ldx, cudaStream_t st,
-                               lm_err *err)
+/* the router's part of cu_attn_merge_o_route: what the kernel assumes */
+static int route_o_check(const cu_attn_shape *s, const cu_int4_weights *wo, const cu_route_o *ro,
+                         lm_err *err)
+{
+    const int slices = cuda_div_up(wo->n, 128);
+    const int jh = s->nq > 0 ? wo->n / s->nq : 0;
+    if (!ro->m || !ro->wr || !ro->nw || !ro->x || !ro->u || ro->rows < 1 || ro->nc < 1 ||
+        ro->rows > CU_ROUTE_O_ROWS_PER_SLICE * slices || wo->n % s->nq || jh % 4 || jh > 128 ||
+        (((uintptr_t)ro->m | (uintptr_t)ro->wr | (uintptr_t)ro->nw | (uintptr_t)ro->x) & 15))
+        return lm_err_set(err, -EINVAL,
+                          "attention merge with o_proj and router: %d router rows (1..%d for "
+                          "hidden %d), %d copies, hidden %d over %d heads (a multiple of 4, at "
+                          "most 128 a head), inputs given and 16-byte aligned", ro->rows,
+                          CU_ROUTE_O_ROWS_PER_SLICE * slices, wo->n, ro->nc, wo->n, s->nq);
+    return 0;
+}
+
+template <int HD>
+static void (*merge_o_kernel(bool pf, bool rt))(int, int, const float *, cu_int4_weights, float *,
+                                                int, cu_route_o)
+{
+    return rt ? (pf ? k_attn_merge_o<HD, true, true> : k_attn_merge_o<HD, false, true>)
+              : (pf ? k_attn_merge_o<HD, true, false> : k_attn_merge_o<HD, false, false>);
+}
+
+static int merge_o_launch(const cu_attn_shape *s, int T, int nsplit, const float *part,
+                          const cu_int4_weights *wo, float *x, int ldx, const cu_route_o *ro,
+                          cudaStream_t st, lm_err *err)
 {
     int rc = merge_o_check(s, nsplit, wo, ldx, err);
     if (rc) return rc;
+    if (ro && (rc = route_o_check(s, wo, ro, err))) return rc;
+    if (ro && T != 1)
+        return lm_err_set(err, -EINVAL, "attention merge with o_proj and router: %d tokens (1)", T);
     if (T <= 0) return 0;
-    const bool pf = merge_pf();
-    void (*k)(int, int, const float *, cu_int4_weights, float *, int) =
-        s->hd == 64    ? (pf ? k_attn_merge_o<64, true> : k_attn_merge_o<64, false>)
-        : s->hd == 128 ? (pf ? k_attn_merge_o<128, true> : k_attn_merge_o<128, false>)
-        : s->hd == 256 ? (pf ? k_attn_merge_o<256, true> : k_attn_merge_o<256, false>)
+    const bool pf = merge_pf(), rt = ro != nullptr;
+    void (*k)(int, int, const float *, cu_int4_weights, float *, int, cu_route_o) =
+        s->hd == 64    ? merge_o_kernel<64>(pf, rt)
+        : s->hd == 128 ? merge_o_kernel<128>(pf, rt)
+        : s->hd == 256 ? merge_o_kernel<256>(pf, rt)
                        : nullptr;
     if (!k)
         return lm_err_set(err, -EINVAL, "attention merge with o_proj: head_dim %d", s->hd);
     const dim3 grid((unsigned)cuda_div_up(wo->n, 128), (unsigned)(T * s->nq));
-    CU_LAUNCH(err, "attention merge + o_proj launch", k, grid, 128, 0, st, (int)s->nq, nsplit,
-              part, *wo, x, ldx);
+    cu_route_o r;
+    memset(&r, 0, sizeof(r));
+    size_t smem = 0;
+    if (ro) {
+        r = *ro;
+        const int eps = cuda_div_up(r.rows, (int)grid.x), jh = wo->n / s->nq;
+        smem = ((size_t)eps * (s->hd + 8) + (size_t)eps * (jh + 8) + 2 * jh) * sizeof(float);
+    }
+    CU_LAUNCH(err, "attention merge + o_proj launch", k, grid, 128, smem, st, (int)s->nq, nsplit,
+              part, *wo, x, ldx, r);
     return 0;
+}
+
+extern "C" int cu_attn_merge_o(const cu_attn_shape *s, int T, int nsplit, const float *part,
+                               const cu_int4_weights *wo, float *x, int ldx, cudaStream_t st,
+                               lm_err *err)
+{
+    return merge_o_launch(s, T, nsplit, part, wo, x, ldx, nullptr, st, err);
+}
+
+extern "C" int cu_attn_merge_o_route(const cu_attn_shape *s, int nsplit, const float *part,
+                                     const cu_int4_weights *wo, float *o, const cu_route_o *ro,
+                                     cudaStream_t st, lm_err *err)
+{
+    if (!ro) return lm_err_set(err, -EINVAL, "attention merge with o_proj and router: no router");
+    return merge_o_launch(s, 1, nsplit, part, wo, o, wo->n, ro, st, err);
+}
+
+static int qkv_o(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p, __half *kc,
+                 __half *vc, const cu_attn_batch *b, float *part, const cu_int4_weights *wo,
+                 float *x, int ldx, const cu_route_o *ro, cudaStream_t st, lm_err *err)
+{
+    if (b->bq != 1 || b->n_tiles != b->T || b->counters || (ro && b->T != 1))
+        return lm_err_set(err, -EINVAL,
+                          "attention with o_proj: decode only, merged by the merge kernel (%d "
+                          "tiles of %d tokens for %d tokens%s%s)", b->n_tiles, b->bq, b->T,
+                          b->counters ? ", counters set" : "",
+                          ro ? ", with the router one token" : "");
+    /* before anything runs */
+    int rc = wo ? merge_o_check(s, b->nsplit, wo, ldx, err) : 0;
+    if (rc || (wo && ro && (rc = route_o_check(s, wo, ro, err)))) return rc;
+    attn_in in = qkv_in(qkv, p, kc, vc);
+    in.no_merge = true;
+    rc = attn_run(s, in, b, part, nullptr, st, err);
+    if (rc || b->n_tiles <= 0 || !wo) return rc;
+    return merge_o_launch(s, b->T, b->nsplit, part, wo, x, ldx, ro, st, err);
 }
 
 extern "C" int cu_attn_qkv_o(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p,
@@ -1278,18 +1413,18 @@ extern "C" int cu_attn_qkv_o(const cu_attn_shape *s, const float *qkv, const cu_
                              const cu_int4_weights *wo, float *x, int ldx, cudaStream_t st,
                              lm_err *err)
 {
-    if (b->bq != 1 || b->n_tiles != b->T || b->counters)
-        return lm_err_set(err, -EINVAL,
-                          "attention with o_proj: decode only, merged by the merge kernel (%d "
-                          "tiles of %d tokens for %d tokens%s)", b->n_tiles, b->bq, b->T,
-                          b->counters ? ", counters set" : "");
-    int rc = wo ? merge_o_check(s, b->nsplit, wo, ldx, err) : 0; /* before anything runs */
-    if (rc) return rc;
-    attn_in in = qkv_in(qkv, p, kc, vc);
-    in.no_merge = true;
-    rc = attn_run(s, in, b, part, nullptr, st, err);
-    if (rc || b->n_tiles <= 0 || !wo) return rc;
-    return cu_attn_merge_o(s, b->T, b->nsplit, part, wo, x, ldx, st, err);
+    return qkv_o(s, qkv, p, kc, vc, b, part, wo, x, ldx, nullptr, st, err);
+}
+
+extern "C" int cu_attn_qkv_o_route(const cu_attn_shape *s, const float *qkv,
+                                   const cu_qkv_params *p, __half *kc, __half *vc,
+                                   const cu_attn_batch *b, float *part, const cu_int4_weights *wo,
+                                   float *o, const cu_route_o *ro, cudaStream_t st, lm_err *err)
+{
+    if (!ro || !wo)
+        return lm_err_set(err, -EINVAL, "attention with o_proj and router: %s missing",
+                          ro ? "o_proj" : "the router");
+    return qkv_o(s, qkv, p, kc, vc, b, part, wo, o, wo->n, ro, st, err);
 }
 
 extern "C" int cu_attn_qkv(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p,

@@ -62,6 +62,25 @@ typedef struct cu_attn_shape {
     int32_t nq, nkv, hd;
 } cu_attn_shape;
 
+/* One-token steps: the merge + o_proj launch also makes the MoE router's
+ * dot products (cu_attn_merge_o_route, cuda_rope.cuh; the route kernel
+ * cu_moe_norm_route finishes them). With x the residual before o_proj and
+ * o = W_o attention, the router's logits are inv * sum_j wr[e][j] nw[j]
+ * (x[j] + o[j]) (inv: the MLP norm's 1/rms of x + o); the launch adds into
+ * u[e] the part x gives and m[e] . attention, m = (wr * nw) W_o made once
+ * at load (cu_route_o_matrix, cuda_moe.cuh), so that no launch reads the
+ * router's rows after o_proj. Rows: the experts, and the shared expert's
+ * gate if any. */
+#define CU_ROUTE_O_ROWS_PER_SLICE 16 /* router rows a slice of 128 o_proj rows, at most */
+typedef struct cu_route_o {
+    const float *m;  /* [rows][nq * hd] fp32 */
+    const float *wr; /* [rows][H] the router's rows, fp32 */
+    const float *nw; /* [H] the MLP norm's weights */
+    const float *x;  /* [H] the residual before o_proj (not written by the launch) */
+    float *u;        /* [nc][rows], zero before the launch: head h adds into copy h % nc */
+    int32_t rows, nc;
+} cu_route_o;
+
 #ifdef __cplusplus
 extern "C" {
 #endif

@@ -128,6 +128,10 @@ long cu_state_folds(const cu_state *s);
  * LIGHTMOE_CUDA_FOLD_ROUTE=1 at creation: the experts' products route the
  * token themselves) since creation, as above. */
 long cu_state_routed(const cu_state *s);
+/* Tests: MoE blocks whose router's dot products the merge + o_proj launch
+ * made (one-token steps, LIGHTMOE_CUDA_ROUTE_O=1 at creation;
+ * cu_route_o in cuda_attn.cuh) since creation, as above. */
+long cu_state_routed_o(const cu_state *s);
 /* 1 if one-token steps run as one persistent kernel (cuda_mega.cuh);
  * else 0, and *why (if why) says why not. */
 int cu_state_mega(const cu_state *s, const char **why);

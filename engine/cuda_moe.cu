@@ -125,37 +125,16 @@ __global__ void __launch_bounds__(1024)
     group_entries(ids, wts, T * k, k, E, tile, p, s_mem);
 }
 
-/* Routing and grouping of at most 32 entries (T * k <= 32: decode):
- * warp t routes token t with its logits in registers (cu_moe_route_warp<NP>,
- * E <= 32 NP), then warp 0 builds the plan with entry i in lane i and no
- * atomics: the entry's slot is (entries of lower experts) + (earlier
- * entries of its expert), so an expert's entries keep their slot order;
- * the first entry of an expert writes its work items. The same plan as
- * k_moe_route_group, whose order inside an expert may vary. */
-template <int NP>
-__global__ void __launch_bounds__(1024)
-    k_moe_route_group_warp(const float *__restrict__ logits, int ldl, int T, int E, int k,
-                           int renorm, int has_shared, int tile, int32_t *__restrict__ ids,
-                           float *__restrict__ wts, float *__restrict__ sg, cu_moe_plan p)
+/* The plan of n <= 32 entries (entry i's expert and weight in s_e[i], s_w[i]),
+ * by one warp with entry i in lane i, no atomics: the entry's slot is
+ * (entries of lower experts) + (earlier entries of its expert), so an
+ * expert's entries keep their slot order; the first entry of an expert
+ * writes its work items. */
+__device__ __forceinline__ void plan_warp(const int *s_e, const float *s_w, int n, int k, int E,
+                                          int tile, const cu_moe_plan &p)
 {
-    CU_TRACE_KERNEL();
-    __shared__ int s_e[32], s_ni[32];
-    __shared__ float s_w[32];
-    cu_pdl_wait();
-    cu_pdl_trigger();
-    const int t = threadIdx.x >> 5, lane = threadIdx.x & 31, n = T * k;
-    {
-        int id;
-        float w;
-        cu_moe_route_token<NP>(logits, ldl, t, E, k, renorm, has_shared, ids, wts, sg, &id, &w);
-        if (lane < k) {
-            s_e[t * k + lane] = id;
-            s_w[t * k + lane] = w;
-        }
-    }
-    cu_trace_mark(0);
-    __syncthreads();
-    if (t != 0) return;
+    const int lane = threadIdx.x & 31;
+    __shared__ int s_ni[32];
     const bool act = lane < n;
     const int em = act ? s_e[lane] : 0x7fffffff;
     int lt = 0, before = 0, cnt = 0;
@@ -193,6 +172,40 @@ __global__ void __launch_bounds__(1024)
             c += s_e[j] < e;
         p.offsets[e] = c;
     }
+}
+
+/* Routing and grouping of at most 32 entries (T * k <= 32: decode):
+ * warp t routes token t with its logits in registers (cu_moe_route_warp<NP>,
+ * E <= 32 NP), then warp 0 builds the plan with entry i in lane i and no
+ * atomics: the entry's slot is (entries of lower experts) + (earlier
+ * entries of its expert), so an expert's entries keep their slot order;
+ * the first entry of an expert writes its work items. The same plan as
+ * k_moe_route_group, whose order inside an expert may vary. */
+template <int NP>
+__global__ void __launch_bounds__(1024)
+    k_moe_route_group_warp(const float *__restrict__ logits, int ldl, int T, int E, int k,
+                           int renorm, int has_shared, int tile, int32_t *__restrict__ ids,
+                           float *__restrict__ wts, float *__restrict__ sg, cu_moe_plan p)
+{
+    CU_TRACE_KERNEL();
+    __shared__ int s_e[32];
+    __shared__ float s_w[32];
+    cu_pdl_wait();
+    cu_pdl_trigger();
+    const int t = threadIdx.x >> 5, lane = threadIdx.x & 31, n = T * k;
+    {
+        int id;
+        float w;
+        cu_moe_route_token<NP>(logits, ldl, t, E, k, renorm, has_shared, ids, wts, sg, &id, &w);
+        if (lane < k) {
+            s_e[t * k + lane] = id;
+            s_w[t * k + lane] = w;
+        }
+    }
+    cu_trace_mark(0);
+    __syncthreads();
+    if (t != 0) return;
+    plan_warp(s_e, s_w, n, k, E, tile, p);
 }
 
 __global__ void __launch_bounds__(1024)
@@ -234,6 +247,125 @@ __global__ void __launch_bounds__(1024)
     const float inv = rsqrtf(block_sum(ss, s_part) / (float)H + eps);
     for (int h = threadIdx.x; h < H; h += blockDim.x)
         xn[(size_t)t * H + h] = __float2half(nw[h] * (xr[h] * inv));
+}
+
+/* One token, after the merge + o_proj launch that left the router's
+ * pre-norm dot products in u (cu_attn_merge_o with a cu_route_o): x += o
+ * (o then zeroed), the MLP norm's 1/rms of the new x, xn = fp16(nw * x *
+ * inv), the logits inv * (sum of u's nc copies) (u then zeroed; also
+ * written to logits), then warp 0 routes and plans as
+ * k_moe_route_group_warp does (the same code). Block of 256 threads;
+ * H <= 8192, H % 4 == 0. */
+constexpr int NR_THREADS = 256, NR_XV = 8;
+template <int NP>
+__global__ void __launch_bounds__(NR_THREADS)
+    k_moe_norm_route(float *__restrict__ x, float *__restrict__ o, int H,
+                     const float *__restrict__ nw, float eps, float *__restrict__ u, int nc,
+                     int rows, float *__restrict__ logits, __half *__restrict__ xn, int E, int k,
+                     int renorm, int has_shared, int tile, int32_t *__restrict__ ids,
+                     float *__restrict__ wts, float *__restrict__ sg, cu_moe_plan p)
+{
+    CU_TRACE_KERNEL();
+    __shared__ float s_part[32];
+    __shared__ float s_l[32 * NP + 1];
+    __shared__ int s_e[32];
+    __shared__ float s_w[32];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    float4 g[NR_XV];
+#pragma unroll
+    for (int v = 0; v < NR_XV; v++) { /* weights: before the wait */
+        const int i = tid + NR_THREADS * v;
+        if (4 * i < H) g[v] = reinterpret_cast<const float4 *>(nw)[i];
+    }
+    cu_pdl_wait();
+    cu_pdl_trigger();
+    /* every load of the launch in one round: x and o (a thread's float4s),
+     * then each logit row's nc sums (a thread a row), into s_l until the
+     * norm's 1/rms is known; the sums' buffer zeroed by their reader */
+    float4 xv[NR_XV];
+#pragma unroll
+    for (int v = 0; v < NR_XV; v++) {
+        const int i = tid + NR_THREADS * v;
+        if (4 * i < H) {
+            const float4 a = reinterpret_cast<const float4 *>(x)[i];
+            const float4 b = reinterpret_cast<const float4 *>(o)[i];
+            xv[v] = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+        }
+    }
+    for (int e = tid; e < rows; e += NR_THREADS) {
+        float uv[CU_ROUTE_O_MAX_NC];
+#pragma unroll
+        for (int c = 0; c < CU_ROUTE_O_MAX_NC; c++)
+            uv[c] = c < nc ? u[(size_t)c * rows + e] : 0.f;
+        float v = 0.f;
+#pragma unroll
+        for (int c = 0; c < CU_ROUTE_O_MAX_NC; c++)
+            if (c < nc) {
+                v += uv[c];
+                u[(size_t)c * rows + e] = 0.f; /* for the next layer's merge + o_proj */
+            }
+        s_l[e] = v;
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int v = 0; v < NR_XV; v++) {
+        const int i = tid + NR_THREADS * v;
+        if (4 * i < H) {
+            const float4 c = xv[v];
+            reinterpret_cast<float4 *>(x)[i] = c;
+            reinterpret_cast<float4 *>(o)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+            ss += c.x * c.x + c.y * c.y + c.z * c.z + c.w * c.w;
+        }
+    }
+    const float inv = rsqrtf(block_sum(ss, s_part) / (float)H + eps);
+#pragma unroll
+    for (int v = 0; v < NR_XV; v++) {
+        const int i = tid + NR_THREADS * v;
+        if (4 * i < H) {
+            __half2 *d = reinterpret_cast<__half2 *>(xn) + 2 * i;
+            d[0] = __floats2half2_rn(g[v].x * (xv[v].x * inv), g[v].y * (xv[v].y * inv));
+            d[1] = __floats2half2_rn(g[v].z * (xv[v].z * inv), g[v].w * (xv[v].w * inv));
+        }
+    }
+    if (warp != 0) return; /* block_sum's barriers published s_l */
+    for (int e = lane; e < rows; e += 32) {
+        const float l = s_l[e] * inv;
+        s_l[e] = l;
+        logits[e] = l;
+    }
+    __syncwarp();
+    int id;
+    float w;
+    cu_moe_route_token<NP>(s_l, rows, 0, E, k, renorm, has_shared, ids, wts, sg, &id, &w);
+    if (lane < k) {
+        s_e[lane] = id;
+        s_w[lane] = w;
+    }
+    cu_trace_mark(0);
+    __syncwarp();
+    plan_warp(s_e, s_w, k, k, E, tile, p);
+}
+
+/* m[r][i] = sum_j (wr[r][j] nw[j]) w16[j][i] (fp32; w16 fp16 [H][K]): block
+ * (128 columns, 8 rows), thread = column. Load time only. */
+__global__ void __launch_bounds__(128)
+    k_route_o_matrix(const __half *__restrict__ w16, int H, int K, const float *__restrict__ wr,
+                     const float *__restrict__ nw, int rows, float *__restrict__ m)
+{
+    const int i = blockIdx.x * 128 + threadIdx.x, r0 = blockIdx.y * 8;
+    float acc[8] = {};
+    for (int j = 0; j < H; j++) {
+        const float w = i < K ? __half2float(w16[(size_t)j * K + i]) : 0.f;
+#pragma unroll
+        for (int r = 0; r < 8; r++)
+            if (r0 + r < rows)
+                acc[r] += wr[(size_t)(r0 + r) * H + j] * nw[j] * w;
+    }
+    if (i < K)
+#pragma unroll
+        for (int r = 0; r < 8; r++)
+            if (r0 + r < rows)
+                m[(size_t)(r0 + r) * K + i] = acc[r];
 }
 
 /* Router logits for few tokens: one block of 128 threads per expert row,
@@ -446,5 +578,48 @@ extern "C" int cu_moe_route_group(const float *logits, int ldl, int T, int E, in
     CU_LAUNCH(err, "moe route+group launch", k_moe_route_group, 1, nt,
               (2 * E + 2 * nt) * sizeof(int), st, logits, ldl, T, E, k, renorm, has_shared, tile,
               ids, wts, sg, *plan);
+    return 0;
+}
+
+extern "C" int cu_route_o_matrix(const cu_int4_weights *wo, const float *wr, const float *nw,
+                                 int rows, float *m, __half *tmp, cudaStream_t st, lm_err *err)
+{
+    if (rows < 1 || !wr || !nw || !m || !tmp)
+        return lm_err_set(err, -EINVAL, "router through o_proj: %d rows, inputs %s", rows,
+                          wr && nw && m && tmp ? "given" : "missing");
+    int rc = cu_int4_dequant(wo, tmp, st, err);
+    if (rc) return rc;
+    const dim3 grid((unsigned)cuda_div_up(wo->k, 128), (unsigned)cuda_div_up(rows, 8));
+    k_route_o_matrix<<<grid, 128, 0, st>>>(tmp, wo->n, wo->k, wr, nw, rows, m);
+    CUDA_LAUNCH_CHECK(err, "router through o_proj: matrix launch");
+    return 0;
+}
+
+extern "C" int cu_moe_norm_route(float *x, float *o, int H, const float *nw, float eps, float *u,
+                                 int nc, int rows, float *logits, __half *xn, int E, int k,
+                                 int renorm, int has_shared, int tile, int32_t *ids, float *wts,
+                                 float *sg, const cu_moe_plan *plan, cudaStream_t st, lm_err *err)
+{
+    if (k < 1 || k > MAX_K || k > E || E > 1024 || rows != E + (has_shared ? 1 : 0) || nc < 1 ||
+        nc > CU_ROUTE_O_MAX_NC || H < 4 || H % 4 || H > 4 * NR_THREADS * NR_XV || tile < 1)
+        return lm_err_set(err, -EINVAL,
+                          "moe norm + route: %d experts (max 1024), top-k %d (1..%d), %d logit "
+                          "rows, %d copies (1..%d), hidden %d (a multiple of 4, at most %d), "
+                          "tile %d", E, k, MAX_K, rows, nc, CU_ROUTE_O_MAX_NC, H,
+                          4 * NR_THREADS * NR_XV, tile);
+    if (((uintptr_t)x | (uintptr_t)o | (uintptr_t)nw | (uintptr_t)xn) & 15)
+        return lm_err_set(err, -EINVAL, "moe norm + route: rows not 16-byte aligned");
+    const int nper = (E + 31) / 32;
+    const int np = nper <= 1 ? 1 : nper <= 2 ? 2 : nper <= 4 ? 4 : nper <= 8 ? 8 : nper <= 16 ? 16 : 32;
+    void (*kern)(float *, float *, int, const float *, float, float *, int, int, float *,
+                 __half *, int, int, int, int, int, int32_t *, float *, float *, cu_moe_plan) =
+        np == 1    ? k_moe_norm_route<1>
+        : np == 2  ? k_moe_norm_route<2>
+        : np == 4  ? k_moe_norm_route<4>
+        : np == 8  ? k_moe_norm_route<8>
+        : np == 16 ? k_moe_norm_route<16>
+                   : k_moe_norm_route<32>;
+    CU_LAUNCH(err, "moe norm + route launch", kern, 1, NR_THREADS, 0, st, x, o, H, nw, eps, u, nc,
+              rows, logits, xn, E, k, renorm, has_shared, tile, ids, wts, sg, *plan);
     return 0;
 }

@@ -27,6 +27,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "engine/cuda_int4_gemm.cuh"
 #include "engine/err.h"
 
 typedef struct cu_moe_plan {
@@ -80,6 +81,25 @@ int cu_moe_route_group(const float *logits, int ldl, int T, int E, int k, int re
                        int has_shared, int tile, int32_t *topk_ids, float *topk_w,
                        float *shared_gate, const cu_moe_plan *plan, cudaStream_t st,
                        lm_err *err);
+
+/* The router through o_proj (cu_route_o, cuda_attn.cuh), made once at
+ * load: m[r][i] = sum_j wr[r][j] nw[j] W_o[j][i] in fp32 (rows x wo->k),
+ * W_o dequantised to fp16 into tmp (wo->n * wo->k halves) first. */
+int cu_route_o_matrix(const cu_int4_weights *wo, const float *wr, const float *nw, int rows,
+                      float *m, __half *tmp, cudaStream_t st, lm_err *err);
+/* One token, after cu_attn_merge_o_route: x += o, then o = 0; inv = the
+ * MLP norm's 1/rms of x (eps); xn = fp16(nw * x * inv) (the experts'
+ * input); logits[r] = inv * (u[0][r] + ... + u[nc-1][r]), then u = 0
+ * (ready for the next layer's merge); then route + group as
+ * cu_moe_route_group's warp kernel (the same code: the same choices and
+ * plan from the same logits). rows = E + has_shared; nc <= CU_ROUTE_O_MAX_NC;
+ * H % 4 == 0, H <= 8192, k <= 32, E <= 1024. */
+#define CU_ROUTE_O_MAX_NC 4 /* copies of the router's sums, at most */
+int cu_moe_norm_route(float *x, float *o, int H, const float *nw, float eps, float *u, int nc,
+                      int rows, float *logits, __half *xn, int E, int k, int renorm,
+                      int has_shared, int tile, int32_t *topk_ids, float *topk_w,
+                      float *shared_gate, const cu_moe_plan *plan, cudaStream_t st,
+                      lm_err *err);
 
 #ifdef __cplusplus
 }

@@ -50,6 +50,19 @@ int cu_attn_qkv_o(const cu_attn_shape *s, const float *qkv, const cu_qkv_params 
  * x (rows ldx apart) atomically. */
 int cu_attn_merge_o(const cu_attn_shape *s, int T, int nsplit, const float *part,
                     const cu_int4_weights *wo, float *x, int ldx, cudaStream_t st, lm_err *err);
+/* One token: cu_attn_merge_o into o (wo->n floats, zero before: the heads'
+ * products are added into it, not into the residual ro->x), and the
+ * router's dot products into ro->u (cu_route_o, cuda_attn.cuh). Needs
+ * wo->n a multiple of nq with wo->n / nq a multiple of 4 and at most 128,
+ * ro->rows <= CU_ROUTE_O_ROWS_PER_SLICE * ceil(wo->n / 128). */
+int cu_attn_merge_o_route(const cu_attn_shape *s, int nsplit, const float *part,
+                          const cu_int4_weights *wo, float *o, const cu_route_o *ro,
+                          cudaStream_t st, lm_err *err);
+/* cu_attn_qkv, then cu_attn_merge_o_route (b->T 1). */
+int cu_attn_qkv_o_route(const cu_attn_shape *s, const float *qkv, const cu_qkv_params *p,
+                        __half *kc, __half *vc, const cu_attn_batch *b, float *part,
+                        const cu_int4_weights *wo, float *o, const cu_route_o *ro,
+                        cudaStream_t st, lm_err *err);
 
 #ifdef __cplusplus
 }

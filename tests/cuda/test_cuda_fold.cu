@@ -1,6 +1,6 @@
 /*
  * test_cuda_fold.cu: the one-token folds (LIGHTMOE_CUDA_FOLD, _MERGE_O,
- * _DOWN_PF, _FOLD_ROUTE) against the CPU twins and, through the forward pass, against
+ * _DOWN_PF, _FOLD_ROUTE, _ROUTE_O) against the CPU twins and, through the forward pass, against
  * the ordinary launches (part of test_cuda_kernels: `fold`, `foldk`).
  */
 #include "tests/cuda/cuda_test_util.cuh"
@@ -96,13 +96,14 @@ static void run_gemv_add(int n, int k, int g, int T, bool rows, bool scaled)
  * launch: x[t] += W_o fp16(merged[t]), against the CPU (double). Split 1
  * of each row is empty (max -inf) when nsplit > 2. */
 static const char *g_merge_tag = "";
-static void run_merge_o(int nq, int hd, int nsplit, int n, int g, int T)
+/* Random partial results of nsplit splits for T tokens' nq heads (split 1
+ * empty when nsplit > 2), and their merge on the CPU rounded to fp16. */
+static void make_parts(int T, int nq, int hd, int nsplit, vector<float> &part,
+                       vector<float> &merged)
 {
-    const int K = nq * hd;
-    qmat m = make_qmat(n, K, g, 1, false);
-    dq d = upload(m);
     const size_t prow = (size_t)T * nq;
-    vector<float> part(prow * nsplit * (hd + 2)), x0((size_t)T * n), merged(prow * hd);
+    part.assign(prow * nsplit * (hd + 2), 0.f);
+    merged.assign(prow * hd, 0.f);
     for (size_t r = 0; r < prow; r++) {
         double M = -INFINITY;
         for (int sp = 0; sp < nsplit; sp++) {
@@ -129,6 +130,15 @@ static void run_merge_o(int nq, int hd, int nsplit, int n, int g, int T)
         for (int dd = 0; dd < hd; dd++)
             merged[r * hd + dd] = round16((float)(acc[dd] / L));
     }
+}
+
+static void run_merge_o(int nq, int hd, int nsplit, int n, int g, int T)
+{
+    const int K = nq * hd;
+    qmat m = make_qmat(n, K, g, 1, false);
+    dq d = upload(m);
+    vector<float> part, merged, x0((size_t)T * n);
+    make_parts(T, nq, hd, nsplit, part, merged);
     for (auto &v : x0)
         v = urand();
     vector<double> y, ref(x0.begin(), x0.end());
@@ -148,6 +158,166 @@ static void run_merge_o(int nq, int hd, int nsplit, int n, int g, int T)
     compare(what, got.data(), ref.data(), T, n, 5e-3);
     cudaFree(dpart);
     cudaFree(dx);
+    release(d);
+}
+
+/* The router through o_proj (cu_route_o): the matrix (wr * nw) W_o, the
+ * merge + o_proj launch adding o into its own buffer and the router's sums
+ * into nc copies, then the norm + route launch: x + o, the norm, the
+ * logits, the choices and the plan, against the CPU (double); both
+ * buffers back at zero after. */
+static void run_route_o(int nq, int hd, int nsplit, int H, int g, int E, int k, bool shared,
+                        int renorm, int nc)
+{
+    const int K = nq * hd, er = E + (shared ? 1 : 0);
+    const float eps = 1e-6f;
+    qmat m = make_qmat(H, K, g, 1, false);
+    dq d = upload(m);
+    vector<float> part, merged, x0(H), wr((size_t)er * H), nw(H);
+    make_parts(1, nq, hd, nsplit, part, merged);
+    for (auto &v : x0)
+        v = 2.0f * urand();
+    for (auto &v : wr)
+        v = 0.5f * urand();
+    for (auto &v : nw)
+        v = 1.0f + 0.3f * urand();
+    vector<double> o;
+    ref_int4(m, merged, K, 1, {0}, {}, CU_OUT_F32, {}, o);
+    vector<double> xr(H), xnr(H), lr(er);
+    double ss = 0;
+    for (int j = 0; j < H; j++) {
+        xr[j] = x0[j] + o[j];
+        ss += xr[j] * xr[j];
+    }
+    const double inv = 1 / sqrt(ss / H + eps);
+    for (int j = 0; j < H; j++)
+        xnr[j] = round16((float)(nw[j] * xr[j] * inv));
+    for (int e = 0; e < er; e++) {
+        double a = 0;
+        for (int j = 0; j < H; j++)
+            a += (double)wr[(size_t)e * H + j] * nw[j] * xr[j];
+        lr[e] = a * inv;
+    }
+    float *dwr = dev(wr), *dnw = dev(nw), *dx = dev(x0), *dpart = dev(part), *dm, *dout, *du;
+    __half *tmp;
+    CK(cudaMalloc(&dm, (size_t)er * K * 4));
+    CK(cudaMalloc(&tmp, (size_t)H * K * 2));
+    CK(cudaMalloc(&dout, (size_t)H * 4));
+    CK(cudaMalloc(&du, (size_t)nc * er * 4));
+    CK(cudaMemset(dout, 0, (size_t)H * 4));
+    CK(cudaMemset(du, 0, (size_t)nc * er * 4));
+    char what[200];
+    OK(cu_route_o_matrix(&d.w, dwr, dnw, er, dm, tmp, 0, ERRP));
+    { /* 16 of its columns against the CPU */
+        vector<float> mg = host(dm, (size_t)er * K), got(16 * er);
+        vector<double> ref(16 * er);
+        for (int c = 0; c < 16; c++) {
+            const int i = (int)(rnd() % K);
+            for (int e = 0; e < er; e++) {
+                double a = 0;
+                for (int j = 0; j < H; j++)
+                    a += (double)wr[(size_t)e * H + j] * nw[j] * m.w(0, j, i);
+                ref[(size_t)c * er + e] = a;
+                got[(size_t)c * er + e] = mg[(size_t)e * K + i];
+            }
+        }
+        snprintf(what, sizeof what, "router through o_proj: matrix %d x %d (H %d, 16 columns)", er,
+                 K, H);
+        compare(what, got.data(), ref.data(), 16, er, 2e-3);
+    }
+    cu_attn_shape sh = {nq, nq, hd};
+    const cu_route_o ro = {dm, dwr, dnw, dx, du, er, nc};
+    OK(cu_attn_merge_o_route(&sh, nsplit, dpart, &d.w, dout, &ro, 0, ERRP));
+    {
+        vector<float> og = host(dout, (size_t)H), ug = host(du, (size_t)nc * er), us(er, 0.f);
+        for (int c = 0; c < nc; c++)
+            for (int e = 0; e < er; e++)
+                us[e] += ug[(size_t)c * er + e];
+        vector<double> ur(er);
+        for (int e = 0; e < er; e++)
+            ur[e] = lr[e] / inv;
+        snprintf(what, sizeof what, "merge + o_proj into its buffer nq=%d hd=%d splits=%d H=%d",
+                 nq, hd, nsplit, H);
+        compare(what, og.data(), o.data(), 1, H, 5e-3);
+        snprintf(what, sizeof what, "merge + o_proj: the router's sums, %d rows, %d copies", er,
+                 nc);
+        compare(what, us.data(), ur.data(), 1, er, 2e-3);
+    }
+    int32_t *ids, *n_items;
+    float *wts, *sg, *lg;
+    __half *xn;
+    cu_moe_plan p;
+    memset(&p, 0, sizeof(p));
+    CK(cudaMalloc(&ids, k * 4));
+    CK(cudaMalloc(&wts, k * 4));
+    CK(cudaMalloc(&sg, 4));
+    CK(cudaMalloc(&lg, er * 4));
+    CK(cudaMalloc(&xn, (size_t)H * 2));
+    CK(cudaMalloc(&p.offsets, (E + 1) * 4));
+    CK(cudaMalloc(&p.ent_token, k * 4));
+    CK(cudaMalloc(&p.ent_expert, k * 4));
+    CK(cudaMalloc(&p.ent_weight, k * 4));
+    CK(cudaMalloc(&p.pos, k * 4));
+    CK(cudaMalloc(&p.items, (size_t)(k + E) * 8));
+    CK(cudaMalloc(&n_items, 4));
+    p.n_items = n_items;
+    OK(cu_moe_norm_route(dx, dout, H, dnw, eps, du, nc, er, lg, xn, E, k, renorm, shared, 1, ids,
+                         wts, sg, &p, 0, ERRP));
+    vector<float> xg = host(dx, (size_t)H), lgg = host(lg, (size_t)er), xnf(H);
+    vector<uint16_t> xnh = host((const uint16_t *)xn, (size_t)H);
+    for (int j = 0; j < H; j++)
+        xnf[j] = h2f(xnh[j]);
+    snprintf(what, sizeof what, "norm + route: x + o (H=%d)", H);
+    compare(what, xg.data(), xr.data(), 1, H, 5e-3);
+    snprintf(what, sizeof what, "norm + route: the experts' input, fp16 (H=%d)", H);
+    compare(what, xnf.data(), xnr.data(), 1, H, 5e-3);
+    snprintf(what, sizeof what, "norm + route: the logits (E=%d%s)", E, shared ? " + shared" : "");
+    compare(what, lgg.data(), lr.data(), 1, er, 2e-3);
+    /* the choices from the logits it made (the routing's own tests are in moe) */
+    vector<int> rid;
+    vector<double> rp;
+    ref_route(lgg.data(), E, k, renorm, rid, rp);
+    vector<int32_t> gid = host(ids, (size_t)k), off = host(p.offsets, (size_t)E + 1);
+    vector<float> gw = host(wts, (size_t)k);
+    vector<int32_t> ee = host(p.ent_expert, (size_t)k);
+    size_t bad = 0;
+    for (int j = 0; j < k; j++)
+        bad += gid[j] != rid[j] || fabs(gw[j] - rp[j]) > 1e-5 * (1 + fabs(rp[j]));
+    for (int e = 0; e <= E; e++) {
+        int c = 0;
+        for (int j = 0; j < k; j++)
+            c += rid[j] < e;
+        bad += off[e] != c;
+    }
+    for (int j = 1; j < k; j++)
+        bad += ee[j - 1] > ee[j];
+    bad += host(n_items, 1)[0] != k; /* tile 1: an item an entry */
+    if (shared)
+        bad += fabs(host(sg, 1)[0] - 1 / (1 + exp(-(double)lgg[E]))) > 1e-5;
+    vector<float> o_after = host(dout, (size_t)H), u_after = host(du, (size_t)nc * er);
+    size_t left = 0;
+    for (float v : o_after)
+        left += v != 0.f;
+    for (float v : u_after)
+        left += v != 0.f;
+    printf("%-4s norm + route: choices, weights, plan%s (%zu wrong); sums' buffers back at zero "
+           "(%zu not)\n", bad || left ? "FAIL" : "ok", shared ? ", shared gate" : "", bad, left);
+    if (bad || left)
+        g_fail = 1;
+    /* refusals, before anything runs */
+    lm_err e1 = {0, ""};
+    cu_route_o big = ro;
+    big.rows = CU_ROUTE_O_ROWS_PER_SLICE * ((H + 127) / 128) + 1;
+    expect_einval("merge + o_proj with more router rows than its blocks take",
+                  cu_attn_merge_o_route(&sh, nsplit, dpart, &d.w, dout, &big, 0, &e1), e1);
+    lm_err e2 = {0, ""};
+    expect_einval("norm + route with logit rows other than the experts (+ shared gate)",
+                  cu_moe_norm_route(dx, dout, H, dnw, eps, du, nc, er + 1, lg, xn, E, k, renorm,
+                                    shared, 1, ids, wts, sg, &p, 0, &e2), e2);
+    void *fr[] = {dwr, dnw, dx, dpart, dm, tmp, dout, du, ids, wts, sg, lg, xn, p.offsets,
+                  p.ent_token, p.ent_expert, p.ent_weight, p.pos, p.items, n_items};
+    for (void *q : fr)
+        cudaFree(q);
     release(d);
 }
 
@@ -250,6 +420,14 @@ void test_fold_kernels()
         g_merge_tag = "";
         cu_attn_set_merge_pf(was);
     }
+    for (int pf = 0; pf <= 1; pf++) { /* the router through o_proj, both merges */
+        const int was = cu_attn_set_merge_pf(pf);
+        run_route_o(32, 128, 17, 2048, 128, 128, 8, false, 1, 4); /* qwen3-30b-a3b */
+        run_route_o(16, 128, 9, 2048, 128, 60, 4, true, 0, 4);    /* qwen1.5-moe-a2.7b */
+        run_route_o(8, 128, 3, 384, 32, 8, 2, false, 1, 1);       /* jh 48, one copy */
+        run_route_o(4, 64, 1, 256, 64, 9, 3, true, 1, 3);         /* 10 rows over 2 slices */
+        cu_attn_set_merge_pf(was);
+    }
     {
         qmat m = make_qmat(64, 4 * 128, 32, 1, false);
         dq d = upload(m);
@@ -330,8 +508,9 @@ void test_fold_kernels()
 /* ---- the folds through the forward pass: LIGHTMOE_CUDA_FOLD=1 against =0 ---------------- */
 
 static const char *const g_fold_env[] = {"LIGHTMOE_CUDA_FOLD", "LIGHTMOE_CUDA_MERGE_O",
-                                         "LIGHTMOE_CUDA_DOWN_PF", "LIGHTMOE_CUDA_FOLD_ROUTE"};
-constexpr int N_FOLD_ENV = 4;
+                                         "LIGHTMOE_CUDA_DOWN_PF", "LIGHTMOE_CUDA_FOLD_ROUTE",
+                                         "LIGHTMOE_CUDA_ROUTE_O"};
+constexpr int N_FOLD_ENV = 5;
 /* on: bit i turns g_fold_env[i] on in the second state (all off in the first) */
 static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bits)
 {
@@ -388,12 +567,18 @@ static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bit
     }
     const long f0 = cu_state_folds(s[0]), f1 = cu_state_folds(s[1]);
     const long r0 = cu_state_routed(s[0]), r1 = cu_state_routed(s[1]);
-    /* the prefetch alone folds nothing; routing in the products needs the fold */
+    const long o0 = cu_state_routed_o(s[0]), o1 = cu_state_routed_o(s[1]);
+    /* the prefetch alone folds nothing; routing in the products needs the
+     * fold; the router through o_proj needs the merge + o_proj launch, and
+     * the products routing themselves take precedence */
     const bool routes = (on_bits & 9) == 9;
-    const bool used = f0 == 0 && r0 == 0 && (f1 > 0 || on_bits == 4 || on_bits == 8) &&
-                      (r1 > 0) == routes;
-    printf("%-4s fold %s %s: %ld folded launches on, %ld off; %ld blocks routed by their products "
-           "(worst step rel %.1e)\n", used ? "ok" : "FAIL", tag, c.name, f1, f0, r1, worst);
+    const bool via_o = (on_bits & 18) == 18 && !routes;
+    const bool used = f0 == 0 && r0 == 0 && o0 == 0 &&
+                      (f1 > 0 || on_bits == 4 || on_bits == 8 || on_bits == 16) &&
+                      (r1 > 0) == routes && (o1 > 0) == via_o;
+    printf("%-4s fold %s %s: %ld folded launches on, %ld off; %ld blocks routed by their products, "
+           "%ld through o_proj (worst step rel %.1e)\n", used ? "ok" : "FAIL", tag, c.name, f1,
+           f0, r1, o1, worst);
     if (!used)
         g_fail = 1;
     cu_state_destroy(s[0]);
@@ -404,7 +589,7 @@ static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bit
 void test_fold()
 {
     test_fold_kernels();
-    for (int bits : {1, 2, 4, 7, 8, 9, 15}) {
+    for (int bits : {1, 2, 4, 7, 8, 9, 15, 16, 18, 19, 23, 31}) {
         run_fold(g_q2, 0, 3, bits);
         run_fold(g_q2, 40, 4, bits);
         run_fold(g_q3, 300, 4, bits);
