@@ -11,7 +11,8 @@
  * the probabilities (broadcast by shuffle) with V; lane l owns output
  * dimensions 2l + 64j, j < hd/64. That is k_attn (decode, and every
  * tile at hd 256 or with LIGHTMOE_CUDA_ATTN_MMA=0); prefill tiles at hd
- * 64 and 128 run on the tensor cores (k_attn_mma, below).
+ * 64 and 128 run on the tensor cores (k_attn_mma, below), and decode tiles
+ * too when LIGHTMOE_CUDA_ATTN_DMMA=1 (k_attn_dec_mma).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -436,7 +437,8 @@ __global__ void __launch_bounds__(128)
     __shared__ float s_w[CU_ATTN_MAX_SPLIT];
     __shared__ float s_inv;
     __shared__ __align__(16) __half s_o[HD];
-    extern __shared__ __align__(16) float s_rt[]; /* RT: [eps][HD] M, [eps][jh] wr, [jh] nw, [jh] x */
+    extern __shared__ __align__(16) float s_rt[]; /* RT: [eps][HD + 8] M, [eps][jh + 8] wr,
+                                                   * [jh] nw, [jh] x */
     const int prow = blockIdx.y, t = prow / nq, h = prow % nq;
     const int K = w.k, G = w.k / w.group, ch = threadIdx.x % LPR;
     const int kin = h * HD + ch * 32; /* the lane's first input */
@@ -463,7 +465,8 @@ __global__ void __launch_bounds__(128)
         }
         for (int i = threadIdx.x; i < jh / 4; i += 128) {
             cp_async16(sg + 4 * i, ro.nw + h * jh + 4 * i, true);
-            cp_async16(sx + 4 * i, ro.x + h * jh + 4 * i, true);
+            if (ro.x_ready)
+                cp_async16(sx + 4 * i, ro.x + h * jh + 4 * i, true);
         }
         cp_async_commit();
     }
@@ -480,7 +483,7 @@ __global__ void __launch_bounds__(128)
      * its 8; the x part before the wait, summed over the 8 lanes */
     const int el = threadIdx.x >> 3, sub = threadIdx.x & 7;
     float xpart = 0.f;
-    if constexpr (RT) {
+    auto x_part = [&]() {
         cp_async_wait<0>();
         __syncthreads(); /* every thread's copies */
         if (el < ne) {
@@ -488,9 +491,19 @@ __global__ void __launch_bounds__(128)
             for (int j = sub; j < jh; j += 8)
                 xpart += swr[el * (jh + 8) + j] * sg[j] * sx[j];
         }
-    }
+    };
+    if constexpr (RT)
+        if (ro.x_ready) x_part();
     cu_pdl_wait();
     cu_pdl_trigger();
+    if constexpr (RT)
+        if (!ro.x_ready) { /* x after the wait (LIGHTMOE_CUDA_EARLY=0) */
+            float *sx = swr + ((ro.rows + gridDim.x - 1) / gridDim.x) * (jh + 8) + jh;
+            for (int i = threadIdx.x; i < jh / 4; i += 128)
+                cp_async16(sx + 4 * i, ro.x + h * jh + 4 * i, true);
+            cp_async_commit();
+            x_part();
+        }
     const float *p = part + (size_t)prow * nsplit * (HD + 2);
     if constexpr (PF) {
         /* one L2 round trip after the wait: every thread's values of its
@@ -1109,11 +1122,13 @@ static int attn_mma(void)
 
 /* Decode (with q/k/v post-processing, no counters) at hd 64 and 128 on the
  * tensor cores (k_attn_dec_mma) when LIGHTMOE_CUDA_ATTN_DMMA=1 (read once;
- * tests switch it with cu_attn_set_dmma). Off by default: on the H100 it
- * was 2-6% slower a step at 512 and 4096 positions and 9-12% faster at
- * 32768 (qwen3-30b-a3b, batch 1), and its fp16 q and probabilities move
- * the gptq fixture's router near-tie to the other side (docs/PERF.md,
- * round 14). */
+ * tests switch it with cu_attn_set_dmma). Off by default: on the H100 a
+ * step was 0-6% slower at 512 and 4096 positions and 6% slower at 16384,
+ * 9-11% faster at 8192 and 32768 (qwen3-30b-a3b, batch 1), and its fp16 q
+ * and probabilities move the gptq fixture's router near-tie to the other
+ * side (docs/PERF.md, round 14). Its loads before the wait follow the
+ * batch's early flag, not LIGHTMOE_CUDA_ATTN_PIPE (a warp's next step is
+ * loaded after its current one). */
 static int g_dmma = -1;
 static int attn_dmma(void)
 {

@@ -79,6 +79,9 @@ typedef struct cu_route_o {
     const float *x;  /* [H] the residual before o_proj (not written by the launch) */
     float *u;        /* [nc][rows], zero before the launch: head h adds into copy h % nc */
     int32_t rows, nc;
+    int32_t x_ready; /* x is read before the dependency wait: its last writer is at least
+                      * two launches back and every launch between waits before it lets
+                      * the next one start (cu_early_loads); 0: after the wait */
 } cu_route_o;
 
 #ifdef __cplusplus

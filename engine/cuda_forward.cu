@@ -429,13 +429,13 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
     }
     /* one-token steps: the MoE router's dot products made by the merge +
      * o_proj launch, the norm, routing and grouping in one launch after it
-     * (one launch a layer fewer). Off unless LIGHTMOE_CUDA_ROUTE_O=1: 5%
+     * (one launch a layer fewer). Off unless LIGHTMOE_CUDA_ROUTE_O=1: 3-6%
      * faster a step at batch 1 on the H100 (qwen3-30b-a3b), but the logits
      * take o_proj's part through (router W_o) in fp32, not o_proj's fp16
      * sums as every other step does, which moves the gptq fixture's router
      * near-tie between batched and alone (docs/PERF.md, round 14). */
     s->route_o = env_is_1("LIGHTMOE_CUDA_ROUTE_O") && s->merge_o && s->qkv_fused &&
-                 !s->o.comm && !s->attn_cnt;
+                 !s->o.comm && !s->attn_cnt && !(s->fold && s->fold_route) && !s->mega_want;
     if (s->route_o && (rc = route_o_setup(s, err))) {
         cu_state_destroy(s);
         return rc;
@@ -914,7 +914,8 @@ static int route_o_layer(const cu_state *s, const cu_layer *L)
            L->gate_up.kind == CU_W_INT4 && router_fused(s, L, 1) && L->o.n == H &&
            L->o.k == m->nq * m->head_dim && H % m->nq == 0 && (H / m->nq) % 4 == 0 &&
            H / m->nq <= 128 && er <= CU_ROUTE_O_ROWS_PER_SLICE * ((H + 127) / 128) &&
-           m->n_experts <= 1024 && m->top_k <= 32 && H <= 8192;
+           m->n_experts <= 1024 && m->top_k >= 1 && m->top_k <= 32 &&
+           m->top_k <= m->n_experts && H % 4 == 0 && H <= 8192;
 }
 
 /* (W_router * mlp_norm) W_o for every layer that takes it (fp32, made once:
@@ -973,7 +974,9 @@ static int route_o(const cu_state *s, int l, const cu_layer *L, int T)
            !fold_route(s, L, T) && !s->skip[0];
 }
 
-/* The MoE block; if next_norm, the combine also writes rmsnorm(x) * next_norm
+/* The MoE block; ro: the merge + o_proj launch made the router's sums
+ * (route_o): no router launch, cu_moe_norm_route instead of route+group.
+ * If next_norm, the combine also writes rmsnorm(x) * next_norm
  * into s->xn (the next layer's attention input). */
 static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_norm, int ro,
                      lm_err *err)
@@ -1414,7 +1417,8 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
         } else if (ro) { /* o = o_proj(attention) and the router's sums (cu_route_o) */
             cu_int4_weights wo = int4_of(&L->o, 0);
             const cu_route_o r = {s->route_m[l], L->router, L->mlp_norm, s->x, s->u_acc,
-                                  m->n_experts + (m->has_shared ? 1 : 0), s->route_nc};
+                                  m->n_experts + (m->has_shared ? 1 : 0), s->route_nc,
+                                  cu_early_loads()};
             s->n_folds++;
             if ((rc = cu_attn_qkv_o_route(&shape, s->qkv, &qp, kc, vc, ab, s->part, &wo,
                                           s->o_acc, &r, s->st, err)))

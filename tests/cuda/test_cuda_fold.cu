@@ -167,7 +167,7 @@ static void run_merge_o(int nq, int hd, int nsplit, int n, int g, int T)
  * logits, the choices and the plan, against the CPU (double); both
  * buffers back at zero after. */
 static void run_route_o(int nq, int hd, int nsplit, int H, int g, int E, int k, bool shared,
-                        int renorm, int nc)
+                        int renorm, int nc, int x_ready)
 {
     const int K = nq * hd, er = E + (shared ? 1 : 0);
     const float eps = 1e-6f;
@@ -226,7 +226,7 @@ static void run_route_o(int nq, int hd, int nsplit, int H, int g, int E, int k, 
         compare(what, got.data(), ref.data(), 16, er, 2e-3);
     }
     cu_attn_shape sh = {nq, nq, hd};
-    const cu_route_o ro = {dm, dwr, dnw, dx, du, er, nc};
+    const cu_route_o ro = {dm, dwr, dnw, dx, du, er, nc, x_ready};
     OK(cu_attn_merge_o_route(&sh, nsplit, dpart, &d.w, dout, &ro, 0, ERRP));
     {
         vector<float> og = host(dout, (size_t)H), ug = host(du, (size_t)nc * er), us(er, 0.f);
@@ -236,8 +236,8 @@ static void run_route_o(int nq, int hd, int nsplit, int H, int g, int E, int k, 
         vector<double> ur(er);
         for (int e = 0; e < er; e++)
             ur[e] = lr[e] / inv;
-        snprintf(what, sizeof what, "merge + o_proj into its buffer nq=%d hd=%d splits=%d H=%d",
-                 nq, hd, nsplit, H);
+        snprintf(what, sizeof what, "merge + o_proj into its buffer nq=%d hd=%d splits=%d H=%d%s",
+                 nq, hd, nsplit, H, x_ready ? "" : " (x after the wait)");
         compare(what, og.data(), o.data(), 1, H, 5e-3);
         snprintf(what, sizeof what, "merge + o_proj: the router's sums, %d rows, %d copies", er,
                  nc);
@@ -314,6 +314,7 @@ static void run_route_o(int nq, int hd, int nsplit, int H, int g, int E, int k, 
     expect_einval("norm + route with logit rows other than the experts (+ shared gate)",
                   cu_moe_norm_route(dx, dout, H, dnw, eps, du, nc, er + 1, lg, xn, E, k, renorm,
                                     shared, 1, ids, wts, sg, &p, 0, &e2), e2);
+
     void *fr[] = {dwr, dnw, dx, dpart, dm, tmp, dout, du, ids, wts, sg, lg, xn, p.offsets,
                   p.ent_token, p.ent_expert, p.ent_weight, p.pos, p.items, n_items};
     for (void *q : fr)
@@ -422,11 +423,27 @@ void test_fold_kernels()
     }
     for (int pf = 0; pf <= 1; pf++) { /* the router through o_proj, both merges */
         const int was = cu_attn_set_merge_pf(pf);
-        run_route_o(32, 128, 17, 2048, 128, 128, 8, false, 1, 4); /* qwen3-30b-a3b */
-        run_route_o(16, 128, 9, 2048, 128, 60, 4, true, 0, 4);    /* qwen1.5-moe-a2.7b */
-        run_route_o(8, 128, 3, 384, 32, 8, 2, false, 1, 1);       /* jh 48, one copy */
-        run_route_o(4, 64, 1, 256, 64, 9, 3, true, 1, 3);         /* 10 rows over 2 slices */
+        run_route_o(32, 128, 17, 2048, 128, 128, 8, false, 1, 4, 1); /* qwen3-30b-a3b */
+        run_route_o(16, 128, 9, 2048, 128, 60, 4, true, 0, 4, 1);    /* qwen1.5-moe-a2.7b */
+        run_route_o(8, 128, 3, 384, 32, 8, 2, false, 1, 1, 1);       /* jh 48, one copy */
+        run_route_o(4, 64, 1, 256, 64, 9, 3, true, 1, 3, 1);         /* 10 rows over 2 slices */
+        run_route_o(4, 128, 2, 512, 64, 8, 2, true, 1, 2, 1); /* 9 rows over 4 slices: one has none */
+        run_route_o(4, 256, 3, 512, 128, 16, 4, false, 1, 4, 1); /* hd 256 */
+        run_route_o(32, 128, 17, 2048, 128, 128, 8, false, 1, 4, 0); /* x after the wait */
         cu_attn_set_merge_pf(was);
+    }
+    { /* the router through o_proj: 300 outputs over 8 heads (not a whole share) */
+        qmat m = make_qmat(300, 8 * 64, 32, 1, false);
+        dq d = upload(m);
+        float *buf;
+        CK(cudaMalloc(&buf, 4096 * 4));
+        const cu_route_o ro = {buf, buf, buf, buf, buf, 8, 1, 1};
+        cu_attn_shape sh = {8, 8, 64};
+        lm_err e1 = {0, ""};
+        expect_einval("merge + o_proj with the router, hidden 300 over 8 heads",
+                      cu_attn_merge_o_route(&sh, 2, buf, &d.w, buf, &ro, 0, &e1), e1);
+        cudaFree(buf);
+        release(d);
     }
     {
         qmat m = make_qmat(64, 4 * 128, 32, 1, false);
@@ -511,8 +528,11 @@ static const char *const g_fold_env[] = {"LIGHTMOE_CUDA_FOLD", "LIGHTMOE_CUDA_ME
                                          "LIGHTMOE_CUDA_DOWN_PF", "LIGHTMOE_CUDA_FOLD_ROUTE",
                                          "LIGHTMOE_CUDA_ROUTE_O"};
 constexpr int N_FOLD_ENV = 5;
-/* on: bit i turns g_fold_env[i] on in the second state (all off in the first) */
-static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bits)
+/* on: bit i turns g_fold_env[i] on in the second state (all off in the first);
+ * dmma: the second state's steps run their decode attention on the tensor
+ * cores (cu_attn_set_dmma, a process-wide switch set around each call) */
+static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bits,
+                     bool dmma = false)
 {
     cu_model *m;
     OK(cu_synth_create(&c, 5, &m, ERRP));
@@ -538,11 +558,14 @@ static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bit
         else
             unsetenv(g_fold_env[i]);
     }
-    char tag[64] = "";
+    char tag[80] = "";
     for (int i = 0; i < N_FOLD_ENV; i++)
         if (on_bits >> i & 1)
             snprintf(tag + strlen(tag), sizeof tag - strlen(tag), "%s%s", tag[0] ? "+" : "",
                      g_fold_env[i] + 14);
+    if (dmma)
+        snprintf(tag + strlen(tag), sizeof tag - strlen(tag), "%sATTN_DMMA", tag[0] ? "+" : "");
+    const int dmma_was = cu_attn_set_dmma(0);
     vector<int> toks(prompt);
     for (int i = 0; i < prompt; i++)
         toks[i] = (7 + 13 * i) % c.vocab;
@@ -552,8 +575,11 @@ static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bit
     double worst = 0;
     for (int j = 0; j < steps; j++) {
         const int pos = prompt + j, tok = (3 + 5 * j) % c.vocab;
+        cu_attn_set_dmma(0);
         vector<float> ref = run_seqs(s[0], m, {{tok}}, {pos}, {0}, max_blocks);
+        cu_attn_set_dmma(dmma);
         vector<float> got = run_seqs(s[1], m, {{tok}}, {pos}, {0}, max_blocks);
+        cu_attn_set_dmma(0);
         vector<double> r(ref.begin(), ref.end());
         char what[160];
         snprintf(what, sizeof what, "fold %s %s one-token step at position %d", tag, c.name, pos);
@@ -581,6 +607,7 @@ static void run_fold(const cu_synth_config &c, int prompt, int steps, int on_bit
            f0, r1, o1, worst);
     if (!used)
         g_fail = 1;
+    cu_attn_set_dmma(dmma_was);
     cu_state_destroy(s[0]);
     cu_state_destroy(s[1]);
     cu_synth_free(m);
@@ -594,5 +621,12 @@ void test_fold()
         run_fold(g_q2, 40, 4, bits);
         run_fold(g_q3, 300, 4, bits);
         run_fold(g_mx, 33, 4, bits);
+    }
+    /* the decode attention on the tensor cores feeding merge + o_proj (and
+     * the router through it), as a one-token step runs it */
+    for (int bits : {2, 3, 19}) {
+        run_fold(g_q2, 40, 4, bits, true);
+        run_fold(g_q3, 300, 4, bits, true);
+        run_fold(g_mx, 33, 4, bits, true);
     }
 }

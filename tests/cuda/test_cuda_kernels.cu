@@ -681,7 +681,8 @@ static void test_norm()
 
 /* ---- q/k/v post-processing and paged attention --------------------------------------- */
 
-static const char *g_attn_tag = ""; /* which attention kernel the labels name */
+static const char *g_attn_tag = ""; /* the prefill tiles' kernel the labels name */
+static bool g_dmma_case = false;     /* test_attn_dmma: decode asked on the tensor cores */
 
 static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const vector<int> &len,
                      int force_split)
@@ -896,10 +897,31 @@ static void run_attn(int nq, int nkv, int hd, const vector<int> &prior, const ve
         ao = host((const uint16_t *)out, (size_t)T * nq * hd);
         for (size_t i = 0; i < ao.size(); i++)
             agot[i] = h2f(ao[i]);
+        /* the tensor-core kernel takes decode with the merge kernel at hd 64
+         * and 128, G <= 16; with counters (own merge) k_attn does */
+        const bool dm = g_dmma_case && !own && (hd == 64 || hd == 128) && G <= 16;
         snprintf(what, sizeof what, "attention+qkv post%s nq=%d nkv=%d hd=%d T=%d split=%d %s%s",
-                 g_attn_tag, nq, nkv, hd, T, force_split, own ? "own merge" : "merge kernel",
-                 early ? ", early loads" : "");
+                 dm ? " (dmma)" : g_dmma_case ? " (dmma asked: k_attn)" : "", nq, nkv, hd, T,
+                 force_split, own ? "own merge" : "merge kernel", early ? ", early loads" : "");
         compare(what, agot.data(), aref.data(), T * nq, hd, 3e-3);
+        if (g_dmma_case && !own) { /* which kernel ran: k_attn's output differs in its bits */
+            uint16_t *dk3 = dev(kc1), *dv3 = dev(vc1);
+            __half *out3;
+            CK(cudaMalloc(&out3, (size_t)T * nq * hd * 2));
+            const int was = cu_attn_set_dmma(0);
+            OK(cu_attn_qkv(&sh, dqkv, &qp, (__half *)dk3, (__half *)dv3, &b2, part, out3, 0, ERRP));
+            cu_attn_set_dmma(was);
+            const vector<uint16_t> a3 = host((const uint16_t *)out3, (size_t)T * nq * hd);
+            const bool differs = memcmp(a3.data(), ao.data(), a3.size() * 2) != 0;
+            printf("%-4s attention+qkv post nq=%d nkv=%d hd=%d split=%d: %s k_attn's bits\n",
+                   differs == dm ? "ok" : "FAIL", nq, nkv, hd, force_split,
+                   differs ? "differs from" : "the same as");
+            if (differs != dm)
+                g_fail = 1;
+            cudaFree(dk3);
+            cudaFree(dv3);
+            cudaFree(out3);
+        }
         vector<uint16_t> k2 = host(dk2, kc.size()), v2 = host(dv2, vc.size());
         size_t bad2 = 0;
         for (size_t i = 0; i < kc.size(); i++)
@@ -960,7 +982,7 @@ static void test_attn()
 static void test_attn_dmma()
 {
     const int was = cu_attn_set_dmma(1);
-    g_attn_tag = " (dmma)";
+    g_dmma_case = true;
     for (int split : {1, 8, 32}) {
         run_attn(32, 4, 128, {1000, 2500, 0, 63}, {1, 1, 1, 1}, split);
         run_attn(16, 16, 128, {1000, 31}, {1, 1}, split);
@@ -973,7 +995,7 @@ static void test_attn_dmma()
     run_attn(32, 2, 64, {150, 64}, {1, 1}, 2);                /* G 16 at hd 64 */
     run_attn(16, 2, 256, {900, 5}, {1, 1}, 3);                /* not taken: k_attn */
     run_attn(32, 4, 128, {100, 0, 31, 32, 33, 500, 7, 64, 200}, vector<int>(9, 1), 9);
-    g_attn_tag = "";
+    g_dmma_case = false;
     cu_attn_set_dmma(was);
 }
 
