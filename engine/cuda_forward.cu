@@ -1,6 +1,8 @@
 /*
  * cuda_forward.cu: the forward pass of a cu_model on one GPU (see
  * cuda_model.h): state allocation, batch upload, the layer loop, logits.
+ * The state's fields are in cuda_state.cuh; the one-token persistent
+ * kernel's setup is in cuda_state_mega.cu.
  *
  * Everything a step touches is allocated in cu_state_create / kv_init for
  * max_tokens; a step validates the batch on the host, uploads its small
@@ -23,6 +25,7 @@
 #include "engine/cuda_moe.cuh"
 #include "engine/cuda_norm.cuh"
 #include "engine/cuda_rope.cuh"
+#include "engine/cuda_state.cuh"
 #include "engine/cuda_tp.cuh"
 
 /* rows from which the automatic path runs dense INT4 layers as
@@ -37,87 +40,8 @@ static const char *const prof_names[] = {"embed+norm", "qkv", "rope+kv", "attent
 enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_ROUTER, P_GROUP, P_GATEUP, P_DOWN, P_SHARED,
        P_COMBINE, P_DENSE, P_HEAD, P_COMM, P_NCAT };
 
-struct cu_state {
-    const cu_model *m;
-    cu_options o;
-    cudaStream_t st;
-    cublasHandle_t blas;
-    int sms;
-    int Tm;                 /* max tokens per step */
-    int split_budget;       /* max T * nsplit */
-    int attn_max_split;     /* most context splits (LIGHTMOE_CUDA_ATTN_SPLITS) */
-    int attn_steps;         /* decode: most 32-position steps a split (..._ATTN_STEPS) */
-    /* activations [Tm][...] */
-    float *x, *xnf, *qkv, *q, *part, *rlog, *topk_w, *sg, *y, *ys, *tmp, *logits, *inv_freq;
-    __half *xn, *att, *h, *hs, *xg, *hg, *fn;
-    int32_t *topk_ids;
-    cu_moe_plan plan;
-    int32_t *d_active;      /* benchmark counter of routed (layer, expert) pairs, or NULL */
-    /* batch description: device and pinned host copies */
-    int32_t *d_tok, *d_seq, *d_pos, *d_rows, *d_bt;
-    int2 *d_tiles;
-    int32_t *h_tok, *h_seq, *h_pos, *h_rows, *h_bt, *h_off;
-    int2 *h_tiles;
-    int bt_cap, bt_stride;   /* block table rows on the device: fixed stride per step */
-    /* CUDA graphs of decode steps, keyed by (tokens, logit rows, table stride) */
-    struct graph_entry {
-        int T, n_logits, stride;
-        cudaGraphExec_t exec;
-    } graphs[32];
-    int n_graphs;
-    int graph_ok;           /* every MoE layer INT4: a step needs no host round trip */
-    void *blas_ws;
-    /* prefill of dense INT4 layers through cuBLAS: the layer dequantised to
-     * fp16 (wdq, the largest dense INT4 matrix), fused-SiLU outputs in fp32
-     * chunks of silu_rows rows (dq_tmp); NULL when that path is off */
-    __half *wdq;
-    size_t wdq_elems;
-    float *dq_tmp;
-    int silu_rows;
-    int32_t *attn_cnt;      /* [Tm * nkv] split counters of the attention's own merge */
-    int qkv_fused;          /* decode: q/k/v post-processing inside the attention kernel */
-    int fold;               /* one-token steps: the MoE combine in the down product, the
-                             * attention norm in the qkv product (LIGHTMOE_CUDA_FOLD) */
-    long n_folds;           /* folded products launched (tests) */
-    int fold_route;         /* with fold: the experts' products route the token themselves */
-    long n_routed;          /* MoE blocks launched so (tests) */
-    int down_pf;            /* the experts' gate_up blocks send their down weights to L2 */
-    int merge_o;            /* one-token steps: attention merge and o_proj in one launch */
-    /* one-token steps: the router through o_proj (cu_route_o): no router
-     * launch; route_m[l] (or NULL: not for layer l), o_acc (o_proj's sums),
-     * u_acc (route_nc copies of the router's sums), both zero between steps */
-    int route_o;
-    float **route_m;
-    float *o_acc, *u_acc;
-    int route_nc;
-    long n_route_o;         /* MoE blocks routed so (tests) */
-    char skip[16];          /* measurement only (LIGHTMOE_CUDA_SKIP): launches left out of
-                             * one-token steps, to time what each costs; wrong results */
-    int step_decode;        /* the step being launched has one token per piece */
-    /* per-operation timing (benchmarks): events around each launch group */
-    int prof_on, prof_n;
-    cudaEvent_t *prof_ev;   /* [2 * PROF_MAX] */
-    int *prof_cat;          /* [PROF_MAX] */
-    double prof_ms[16];
-    /* KV cache */
-    int bs, n_blocks, bt_stride_max;
-    __half *kv;
-    size_t kv_layer_elems;  /* elements of one layer's K (= V) */
-    cu_tp *tp;              /* tensor parallelism (cu_options.comm), or NULL */
-    /* one-token steps as one persistent kernel (cuda_mega.cuh): wanted at
-     * creation, set up at kv_init; mega_grid > 0 once it is ready */
-    int mega_want, mega_grid, mega_step;
-    size_t mega_smem;
-    cu_mega_args mega;
-    cu_mega_layer *d_mega_layers;
-    __half *mega_h;
-    uint32_t *mega_bar;
-    int32_t *mega_fail, *mega_cnt, *h_mega_fail;
-    long long *mega_prof;   /* LIGHTMOE_CUDA_MEGA_PROF=1: phase clocks of block 0 */
-    char mega_why[96];      /* why it is off, if it is */
-};
 
-static int state_alloc(void **p, size_t bytes, lm_err *err, const char *what)
+int cu_state_dev_alloc(void **p, size_t bytes, lm_err *err, const char *what)
 {
     if (bytes == 0)
         bytes = 16;
@@ -129,7 +53,7 @@ static int state_alloc(void **p, size_t bytes, lm_err *err, const char *what)
 }
 #define ALLOC(ptr, n, what) \
     do { \
-        int rc_ = state_alloc((void **)&(ptr), (size_t)(n) * sizeof(*(ptr)), err, what); \
+        int rc_ = cu_state_dev_alloc((void **)&(ptr), (size_t)(n) * sizeof(*(ptr)), err, what); \
         if (rc_) { \
             cu_state_destroy(s); \
             return rc_; \
@@ -201,7 +125,7 @@ static int env_not_0(const char *name)
     return !(v && v[0] == '0');
 }
 
-static int host_alloc(void **p, size_t bytes, lm_err *err)
+int cu_state_host_alloc(void **p, size_t bytes, lm_err *err)
 {
     cudaError_t e = cudaMallocHost(p, bytes ? bytes : 16);
     return e == cudaSuccess ? 0 : cuda_err(err, e, "pinned host allocation");
@@ -405,10 +329,12 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
         /* the host communicator synchronises on the host: nothing to capture */
         s->graph_ok &= cu_tp_graphable(s->tp);
     }
-    if ((rc = host_alloc((void **)&s->h_tok, Tm * 4, err)) || (rc = host_alloc((void **)&s->h_seq, Tm * 4, err)) ||
-        (rc = host_alloc((void **)&s->h_pos, Tm * 4, err)) || (rc = host_alloc((void **)&s->h_rows, Tm * 4, err)) ||
-        (rc = host_alloc((void **)&s->h_tiles, Tm * 8, err)) ||
-        (rc = host_alloc((void **)&s->h_off, (E + 1) * 4, err))) {
+    if ((rc = cu_state_host_alloc((void **)&s->h_tok, Tm * 4, err)) ||
+        (rc = cu_state_host_alloc((void **)&s->h_seq, Tm * 4, err)) ||
+        (rc = cu_state_host_alloc((void **)&s->h_pos, Tm * 4, err)) ||
+        (rc = cu_state_host_alloc((void **)&s->h_rows, Tm * 4, err)) ||
+        (rc = cu_state_host_alloc((void **)&s->h_tiles, Tm * 8, err)) ||
+        (rc = cu_state_host_alloc((void **)&s->h_off, (E + 1) * 4, err))) {
         cu_state_destroy(s);
         return rc;
     }
@@ -444,99 +370,6 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
     return 0;
 }
 
-static cu_int4_weights int4_of(const cu_linear *L, int e);
-
-/* The one-token kernel's layer table (it needs the KV cache's address)
- * and its buffers. A model or card it cannot run on leaves it off, with
- * the reason in mega_why; allocation failures are errors. */
-static int mega_init(cu_state *s, lm_err *err)
-{
-    const cu_model *m = s->m;
-    const int nL = m->n_layers;
-    cu_mega_layer *t = (cu_mega_layer *)calloc((size_t)nL, sizeof(*t));
-    if (!t)
-        return lm_err_set(err, -ENOMEM, "cuda: out of host memory");
-    for (int l = 0; l < nL; l++) {
-        const cu_layer *L = &m->layers[l];
-        cu_mega_layer *d = &t[l];
-        d->attn_norm = L->attn_norm;
-        d->mlp_norm = L->mlp_norm;
-        d->router = L->router;
-        d->qkv_bias = L->qkv_bias;
-        d->q_norm = L->q_norm;
-        d->k_norm = L->k_norm;
-        d->qkv = int4_of(&L->qkv, 0);
-        d->o = int4_of(&L->o, 0);
-        d->gate_up = int4_of(&L->gate_up, 0);
-        d->down = int4_of(&L->down, 0);
-        if (L->sh_gate_up.kind != CU_W_NONE) {
-            d->sh_gate_up = int4_of(&L->sh_gate_up, 0);
-            d->sh_down = int4_of(&L->sh_down, 0);
-        }
-        d->kc = s->kv + (size_t)(2 * l) * s->kv_layer_elems;
-        d->vc = s->kv + (size_t)(2 * l + 1) * s->kv_layer_elems;
-    }
-    const int I = m->layers[0].down.k, sI = m->has_shared ? m->layers[0].sh_down.k : 0;
-    int rc = state_alloc((void **)&s->d_mega_layers, (size_t)nL * sizeof(*t), err, "layer table");
-    if (!rc) {
-        cudaError_t e = cudaMemcpy(s->d_mega_layers, t, (size_t)nL * sizeof(*t),
-                                   cudaMemcpyHostToDevice);
-        rc = cuda_err(err, e, "layer table upload");
-    }
-    free(t);
-    if (rc || (rc = state_alloc((void **)&s->mega_h, ((size_t)m->top_k * I + sI) * 2, err,
-                                "one-token hidden")) ||
-        (rc = state_alloc((void **)&s->mega_bar, 4, err, "grid barrier")) ||
-        (rc = state_alloc((void **)&s->mega_fail, 4, err, "grid barrier")) ||
-        (rc = state_alloc((void **)&s->mega_cnt, (size_t)m->nkv * 4, err, "attention counters")) ||
-        (rc = host_alloc((void **)&s->h_mega_fail, 4, err)))
-        return rc;
-    CUDA_TRY(err, cudaMemset(s->mega_fail, 0, 4));
-    CUDA_TRY(err, cudaMemset(s->mega_cnt, 0, (size_t)m->nkv * 4));
-    *s->h_mega_fail = 0;
-    cu_mega_args *a = &s->mega;
-    a->layers = s->d_mega_layers;
-    a->n_layers = nL;
-    a->H = m->hidden;
-    a->nq = m->nq;
-    a->nkv = m->nkv;
-    a->hd = m->head_dim;
-    a->E = m->n_experts;
-    a->k = m->top_k;
-    a->renorm = m->renorm;
-    a->has_shared = m->has_shared;
-    a->I = I;
-    a->sI = sI;
-    a->eps = m->eps;
-    a->inv_freq = s->inv_freq;
-    a->embed = (const __half *)m->embed;
-    a->tok = s->d_tok;
-    a->pos = s->d_pos;
-    a->block_table = s->d_bt;
-    a->block_size = s->bs;
-    a->x = s->x;
-    a->qkv = s->qkv;
-    a->part = s->part;
-    a->rlog = s->rlog;
-    a->att = s->att;
-    a->h = s->mega_h;
-    a->attn_cnt = s->mega_cnt;
-    a->bar = s->mega_bar;
-    a->fail = s->mega_fail;
-    a->active = NULL;
-    a->max_units = s->split_budget;
-    if (env_is_1("LIGHTMOE_CUDA_MEGA_PROF") &&
-        (rc = state_alloc((void **)&s->mega_prof, (size_t)nL * 12 * 8, err, "phase clocks")))
-        return rc;
-    a->prof = s->mega_prof;
-    lm_err e2;
-    if (cu_mega_setup(a, s->sms, &s->mega_grid, &s->mega_smem, &e2)) {
-        s->mega_grid = 0;
-        snprintf(s->mega_why, sizeof s->mega_why, "%.95s", e2.msg);
-    }
-    return 0;
-}
-
 extern "C" int cu_state_kv_init(cu_state *s, int32_t block_size, int32_t n_blocks, lm_err *err)
 {
     const cu_model *m = s->m;
@@ -561,10 +394,10 @@ extern "C" int cu_state_kv_init(cu_state *s, int32_t block_size, int32_t n_block
     const int seqs = s->Tm < 1024 ? s->Tm : 1024;
     s->bt_cap = seqs * max_blocks;
     s->bt_stride_max = max_blocks;
-    int rc = state_alloc((void **)&s->d_bt, (size_t)s->bt_cap * 4, err, "block tables");
-    if (rc || (rc = host_alloc((void **)&s->h_bt, (size_t)s->bt_cap * 4, err)))
+    int rc = cu_state_dev_alloc((void **)&s->d_bt, (size_t)s->bt_cap * 4, err, "block tables");
+    if (rc || (rc = cu_state_host_alloc((void **)&s->h_bt, (size_t)s->bt_cap * 4, err)))
         return rc;
-    return s->mega_want ? mega_init(s, err) : 0;
+    return s->mega_want ? cu_state_mega_init(s, err) : 0;
 }
 
 extern "C" int cu_state_kv_copy(cu_state *s, int32_t src, int32_t dst, lm_err *err)
@@ -608,55 +441,6 @@ extern "C" long cu_state_routed_o(const cu_state *s)
     return s ? s->n_route_o : 0;
 }
 
-extern "C" int cu_state_mega(const cu_state *s, const char **why)
-{
-    if (why)
-        *why = s->mega_grid > 0 ? "" : s->mega_why[0] ? s->mega_why : "no KV cache yet";
-    return s->mega_grid > 0;
-}
-
-extern "C" int cu_state_mega_report(cu_state *s, char *buf, size_t size)
-{
-    static const char *const names[] = {"qkv", "att", "o", "router", "gate_up", "down"};
-    const int nL = s->m->n_layers;
-    if (!s->mega_prof || size == 0)
-        return 0;
-    long long *t = (long long *)malloc((size_t)nL * 12 * 8);
-    if (!t || cudaStreamSynchronize(s->st) != cudaSuccess ||
-        cudaMemcpy(t, s->mega_prof, (size_t)nL * 12 * 8, cudaMemcpyDeviceToHost) != cudaSuccess) {
-        free(t);
-        return 0;
-    }
-    int khz = 0, dev = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, dev);
-    const double us = khz > 0 ? 1e3 / khz : 0;
-    size_t n = 0;
-    buf[0] = 0;
-    for (int p = 0; p < 6 && n < size; p++) {
-        /* work: edge 2p -> 2p+1; wait: 2p+1 -> the next phase's start */
-        double w = 0, b = 0;
-        int nb = 0;
-        for (int l = 0; l < nL; l++) {
-            w += (double)(t[l * 12 + 2 * p + 1] - t[l * 12 + 2 * p]);
-            if (p < 5) {
-                b += (double)(t[l * 12 + 2 * p + 2] - t[l * 12 + 2 * p + 1]);
-                nb++;
-            } else if (l + 1 < nL) {
-                b += (double)(t[(l + 1) * 12] - t[l * 12 + 11]);
-                nb++;
-            }
-        }
-        n += (size_t)snprintf(buf + n, size - n, "%s%s %.2f +wait %.2f", p ? " | " : "", names[p],
-                              w / nL * us, nb ? b / nb * us : 0.0);
-    }
-    if (n < size)
-        snprintf(buf + n, size - n, " (us a layer, block 0; whole: %.1f us)",
-                 (double)(t[(nL - 1) * 12 + 11] - t[0]) * us);
-    free(t);
-    return 1;
-}
-
 extern "C" size_t cu_state_free_bytes(const cu_state *s)
 {
     size_t fr = 0, tot = 0;
@@ -681,7 +465,7 @@ __global__ void k_silu_pairs(const float *__restrict__ t, int n2, int rows, __ha
     h[r * ldh + j] = __float2half(cu_silu(g) * u);
 }
 
-static cu_int4_weights int4_of(const cu_linear *L, int e)
+cu_int4_weights cu_linear_int4(const cu_linear *L, int e)
 {
     cu_int4_weights w;
     w.n = L->n;
@@ -740,7 +524,7 @@ static int use_dequant(const cu_state *s, const cu_linear *L, int T, cu_out_mode
 static int linear_dequant(cu_state *s, const cu_linear *L, int T, const __half *a, int lda,
                           void *out, int ldo, cu_out_mode mode, lm_err *err)
 {
-    cu_int4_weights w = int4_of(L, 0);
+    cu_int4_weights w = cu_linear_int4(L, 0);
     int rc = cu_int4_dequant(&w, s->wdq, s->st, err);
     if (rc)
         return rc;
@@ -843,7 +627,7 @@ static int linear_rows(cu_state *s, const cu_linear *L, int T, const __half *a, 
     }
     if (use_dequant(s, L, T, mode))
         return linear_dequant(s, L, T, a, lda, out, ldo, mode, err);
-    cu_int4_weights w = int4_of(L, 0);
+    cu_int4_weights w = cu_linear_int4(L, 0);
     cu_gemm_rows r;
     if (r_in)
         r = *r_in;
@@ -933,21 +717,22 @@ static int route_o_setup(cu_state *s, lm_err *err)
         return 0;
     }
     s->route_nc = 4;
-    if ((rc = state_alloc((void **)&s->o_acc, (size_t)H * 4, err, "o_proj sums")) ||
-        (rc = state_alloc((void **)&s->u_acc, (size_t)s->route_nc * er * 4, err, "router sums")))
+    if ((rc = cu_state_dev_alloc((void **)&s->o_acc, (size_t)H * 4, err, "o_proj sums")) ||
+        (rc = cu_state_dev_alloc((void **)&s->u_acc, (size_t)s->route_nc * er * 4, err,
+                                 "router sums")))
         return rc;
     s->route_m = (float **)calloc((size_t)m->n_layers, sizeof(float *));
     if (!s->route_m)
         return lm_err_set(err, -ENOMEM, "cuda: out of host memory");
     __half *tmp = NULL;
-    if ((rc = state_alloc((void **)&tmp, (size_t)H * K * 2, err, "dequantised o_proj")))
+    if ((rc = cu_state_dev_alloc((void **)&tmp, (size_t)H * K * 2, err, "dequantised o_proj")))
         return rc;
     for (int l = 0; l < m->n_layers && !rc; l++) {
         const cu_layer *L = &m->layers[l];
         if (!route_o_layer(s, L))
             continue;
-        cu_int4_weights wo = int4_of(&L->o, 0);
-        if (!(rc = state_alloc((void **)&s->route_m[l], (size_t)er * K * 4, err,
+        cu_int4_weights wo = cu_linear_int4(&L->o, 0);
+        if (!(rc = cu_state_dev_alloc((void **)&s->route_m[l], (size_t)er * K * 4, err,
                                "router through o_proj")))
             rc = cu_route_o_matrix(&wo, L->router, L->mlp_norm, er, s->route_m[l], tmp, s->st,
                                    err);
@@ -1060,9 +845,9 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
             a = s->xg;
             r.a_rows = NULL;
         }
-        cu_int4_weights w = int4_of(&L->gate_up, 0);
+        cu_int4_weights w = cu_linear_int4(&L->gate_up, 0);
         if (s->down_pf && L->down.kind == CU_W_INT4)
-            r.pf = int4_of(&L->down, 0);
+            r.pf = cu_linear_int4(&L->down, 0);
         if (!skipped(s, T, 'u') &&
             (rc = cu_int4_matmul(&w, &r, a, lda, s->h, I, CU_OUT_SILU_F16, kpath(s), s->st, err)))
             return rc;
@@ -1079,7 +864,7 @@ static int moe_block(cu_state *s, const cu_layer *L, int T, const float *next_no
         /* the plan is two launches back (route+group, gate_up): the one-token
          * down product loads its experts' weights before waiting */
         r.plan_ready = cu_early_loads();
-        w = int4_of(&L->down, 0);
+        w = cu_linear_int4(&L->down, 0);
         if (routed) { /* the logits are two launches back too: route before the wait;
                        * every entry adds weight * down(h) into x's one row (ldo 0) */
             r.route_sg = NULL;
@@ -1415,7 +1200,7 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
         const int merge_o = fold_merge_o(s, L, T), ro = route_o(s, l, L, T);
         if (skipped(s, T, 'a')) {
         } else if (ro) { /* o = o_proj(attention) and the router's sums (cu_route_o) */
-            cu_int4_weights wo = int4_of(&L->o, 0);
+            cu_int4_weights wo = cu_linear_int4(&L->o, 0);
             const cu_route_o r = {s->route_m[l], L->router, L->mlp_norm, s->x, s->u_acc,
                                   m->n_experts + (m->has_shared ? 1 : 0), s->route_nc,
                                   cu_early_loads()};
@@ -1424,7 +1209,7 @@ static int launch_layers(cu_state *s, const cu_attn_batch *ab, int T, int n_logi
                                           s->o_acc, &r, s->st, err)))
                 return rc;
         } else if (merge_o) { /* x += o_proj(attention), the merge launch doing the product */
-            cu_int4_weights wo = int4_of(&L->o, 0);
+            cu_int4_weights wo = cu_linear_int4(&L->o, 0);
             s->n_folds++;
             if ((rc = cu_attn_qkv_o(&shape, s->qkv, &qp, kc, vc, ab, s->part,
                                     skipped(s, T, 'm') ? NULL : &wo, s->x, H, s->st, err)))
@@ -1535,21 +1320,6 @@ static int forward_layers(cu_state *s, const backend_batch *bt, lm_err *err)
  * all resident: another process's kernels on the card?). The step's
  * results are void; later steps take the ordinary path (graphs captured
  * with the kernel are dropped). */
-static int mega_failed(cu_state *s, lm_err *err)
-{
-    for (int i = 0; i < s->n_graphs; i++)
-        cudaGraphExecDestroy(s->graphs[i].exec);
-    s->n_graphs = 0;
-    s->mega_grid = 0;
-    *s->h_mega_fail = 0;
-    snprintf(s->mega_why, sizeof s->mega_why, "a grid barrier timed out");
-    cudaMemset(s->mega_fail, 0, 4);
-    cudaMemset(s->mega_cnt, 0, (size_t)s->m->nkv * 4);
-    return lm_err_set(err, -EIO, "cuda: the one-token step kernel timed out at a grid barrier "
-                      "(were all its blocks resident? LIGHTMOE_CUDA_MEGA_TIMEOUT sets the wait); "
-                      "this step failed, later ones use the ordinary kernels");
-}
-
 extern "C" int cu_forward_device(cu_state *s, const backend_batch *bt, lm_err *err)
 {
     return forward_layers(s, bt, err);
@@ -1574,6 +1344,6 @@ extern "C" int cu_forward(cu_state *s, const backend_batch *bt, lm_err *err)
                                       s->st));
     CUDA_TRY(err, cudaStreamSynchronize(s->st));
     if (s->mega_step && *s->h_mega_fail)
-        return mega_failed(s, err);
+        return cu_state_mega_failed(s, err);
     return 0;
 }
