@@ -612,6 +612,72 @@ __device__ __forceinline__ uint32_t pack_half2(float a, float b)
     return *reinterpret_cast<const uint32_t *>(&h);
 }
 
+/* One step's online softmax in an m16 tile (k_attn_mma, k_attn_dec_mma):
+ * a lane holds rows a = g and b = g + 8 of NJ n8 tiles of scores sc (-inf
+ * where masked), and mx_a, mx_b its own maxima of them. The quad's maxima
+ * are taken, sc becomes exp(sc - new max) (a row with no position yet
+ * subtracts 0: every p is 0), the running maxima m, the lane's parts of the
+ * sums l and the NT accumulator tiles o are rescaled. */
+template <int NJ, int NT>
+__device__ __forceinline__ void mma_softmax_step(float (&sc)[NJ][4], float mx_a, float mx_b,
+                                                 float &m_a, float &m_b, float &l_a, float &l_b,
+                                                 float (&o)[NT][4])
+{
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+    const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+    const float ua = mn_a == -INFINITY ? 0.f : mn_a, ub = mn_b == -INFINITY ? 0.f : mn_b;
+    const float al_a = __expf(m_a - ua), al_b = __expf(m_b - ub); /* 0 from -inf */
+    m_a = mn_a;
+    m_b = mn_b;
+    float sa = 0.f, sb = 0.f;
+#pragma unroll
+    for (int j = 0; j < NJ; j++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            sc[j][e] = __expf(sc[j][e] - ua);
+            sc[j][2 + e] = __expf(sc[j][2 + e] - ub);
+            sa += sc[j][e];
+            sb += sc[j][2 + e];
+        }
+    l_a = l_a * al_a + sa; /* this lane's part; the quad's sum at the end */
+    l_b = l_b * al_b + sb;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        o[n][0] *= al_a;
+        o[n][1] *= al_a;
+        o[n][2] *= al_b;
+        o[n][3] *= al_b;
+    }
+}
+
+/* O += P V for one step: P (the NJ score tiles of mma_softmax_step, in the
+ * accumulator layout) as the A operand in fp16, V (positions x HD, rows ST
+ * halves apart) from shared memory through ldmatrix.trans. */
+template <int NJ, int HD, int ST>
+__device__ __forceinline__ void mma_pv_step(const float (&sc)[NJ][4], float (&o)[HD / 8][4],
+                                            const __half *vb, int mi, int mr)
+{
+#pragma unroll
+    for (int k2 = 0; k2 < NJ / 2; k2++) {
+        uint32_t pf[4]; /* P as the A operand: the accumulator layout, in fp16 */
+        pf[0] = pack_half2(sc[2 * k2][0], sc[2 * k2][1]);
+        pf[1] = pack_half2(sc[2 * k2][2], sc[2 * k2][3]);
+        pf[2] = pack_half2(sc[2 * k2 + 1][0], sc[2 * k2 + 1][1]);
+        pf[3] = pack_half2(sc[2 * k2 + 1][2], sc[2 * k2 + 1][3]);
+#pragma unroll
+        for (int dj = 0; dj < HD / 16; dj++) {
+            /* positions 16 k2 + (0..7 | 8..15), dims 16 dj + (0..7 | 8..15) */
+            uint32_t vf[4];
+            ldsm_x4_t(vf, vb + (16 * k2 + 8 * (mi & 1) + mr) * ST + 16 * dj + 8 * (mi >> 1));
+            mma_16816(o[2 * dj], pf, vf[0], vf[1]);
+            mma_16816(o[2 * dj + 1], pf, vf[2], vf[3]);
+        }
+    }
+}
+
 template <int HD>
 __global__ void __launch_bounds__(128)
     k_attn_mma(cu_attn_shape s, const float *__restrict__ q, const __half *kc, const __half *vc,
@@ -715,52 +781,8 @@ __global__ void __launch_bounds__(128)
                     mx_a = fmaxf(mx_a, sc[j][e]);
                     mx_b = fmaxf(mx_b, sc[j][2 + e]);
                 }
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-            const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-            /* a row with no position yet: max -inf; subtract 0 (every p is 0) */
-            const float ua = mn_a == -INFINITY ? 0.f : mn_a, ub = mn_b == -INFINITY ? 0.f : mn_b;
-            const float al_a = __expf(m_a - ua), al_b = __expf(m_b - ub); /* 0 from -inf */
-            m_a = mn_a;
-            m_b = mn_b;
-            float sa = 0.f, sb = 0.f;
-#pragma unroll
-            for (int j = 0; j < MP / 8; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    sc[j][e] = __expf(sc[j][e] - ua);
-                    sc[j][2 + e] = __expf(sc[j][2 + e] - ub);
-                    sa += sc[j][e];
-                    sb += sc[j][2 + e];
-                }
-            l_a = l_a * al_a + sa; /* this lane's part; the quad's sum at the end */
-            l_b = l_b * al_b + sb;
-#pragma unroll
-            for (int n = 0; n < NT; n++) {
-                o[n][0] *= al_a;
-                o[n][1] *= al_a;
-                o[n][2] *= al_b;
-                o[n][3] *= al_b;
-            }
-#pragma unroll
-            for (int k2 = 0; k2 < MP / 16; k2++) {
-                uint32_t pf[4]; /* P as the A operand: the accumulator layout, in fp16 */
-                pf[0] = pack_half2(sc[2 * k2][0], sc[2 * k2][1]);
-                pf[1] = pack_half2(sc[2 * k2][2], sc[2 * k2][3]);
-                pf[2] = pack_half2(sc[2 * k2 + 1][0], sc[2 * k2 + 1][1]);
-                pf[3] = pack_half2(sc[2 * k2 + 1][2], sc[2 * k2 + 1][3]);
-#pragma unroll
-                for (int dj = 0; dj < HD / 16; dj++) {
-                    /* positions 16 k2 + (0..7 | 8..15), dims 16 dj + (0..7 | 8..15) */
-                    uint32_t vf[4];
-                    ldsm_x4_t(vf, vb + (16 * k2 + 8 * (mi & 1) + mr) * ST + 16 * dj +
-                                      8 * (mi >> 1));
-                    mma_16816(o[2 * dj], pf, vf[0], vf[1]);
-                    mma_16816(o[2 * dj + 1], pf, vf[2], vf[3]);
-                }
-            }
+            mma_softmax_step(sc, mx_a, mx_b, m_a, m_b, l_a, l_b, o);
+            mma_pv_step<MP / 8, HD, ST>(sc, o, vb, mi, mr);
         }
         __syncthreads(); /* this buffer read before the next step's copies into it */
     }
@@ -967,50 +989,9 @@ __global__ void __launch_bounds__(128)
                 mx_a = fmaxf(mx_a, sc[j][e]);
                 mx_b = fmaxf(mx_b, sc[j][2 + e]);
             }
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-        /* a step holds at least one position: the new maxima are finite */
-        const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-        const float al_a = __expf(m_a - mn_a), al_b = __expf(m_b - mn_b); /* 0 from -inf */
-        m_a = mn_a;
-        m_b = mn_b;
-        float sa = 0.f, sb = 0.f;
-#pragma unroll
-        for (int j = 0; j < DP / 8; j++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                sc[j][e] = __expf(sc[j][e] - mn_a);
-                sc[j][2 + e] = __expf(sc[j][2 + e] - mn_b);
-                sa += sc[j][e];
-                sb += sc[j][2 + e];
-            }
-        l_a = l_a * al_a + sa; /* this lane's part; the quad's sum at the end */
-        l_b = l_b * al_b + sb;
-#pragma unroll
-        for (int n = 0; n < NT; n++) {
-            o[n][0] *= al_a;
-            o[n][1] *= al_a;
-            o[n][2] *= al_b;
-            o[n][3] *= al_b;
-        }
+        mma_softmax_step(sc, mx_a, mx_b, m_a, m_b, l_a, l_b, o); /* a step has a position */
         if (step == warp) cu_trace_mark(2);
-#pragma unroll
-        for (int k2 = 0; k2 < DP / 16; k2++) {
-            uint32_t pf[4]; /* P as the A operand: the accumulator layout, in fp16 */
-            pf[0] = pack_half2(sc[2 * k2][0], sc[2 * k2][1]);
-            pf[1] = pack_half2(sc[2 * k2][2], sc[2 * k2][3]);
-            pf[2] = pack_half2(sc[2 * k2 + 1][0], sc[2 * k2 + 1][1]);
-            pf[3] = pack_half2(sc[2 * k2 + 1][2], sc[2 * k2 + 1][3]);
-#pragma unroll
-            for (int dj = 0; dj < HD / 16; dj++) {
-                uint32_t vf[4];
-                ldsm_x4_t(vf, v_w + (16 * k2 + 8 * (mi & 1) + mr) * ST + 16 * dj + 8 * (mi >> 1));
-                mma_16816(o[2 * dj], pf, vf[0], vf[1]);
-                mma_16816(o[2 * dj + 1], pf, vf[2], vf[3]);
-            }
-        }
+        mma_pv_step<DP / 8, HD, ST>(sc, o, v_w, mi, mr);
         __syncwarp(); /* the tiles read before the next step's copies into them */
         if (step == warp) cu_trace_mark(3);
     }
@@ -1132,13 +1113,7 @@ static int attn_mma(void)
 static int g_dmma = -1;
 static int attn_dmma(void)
 {
-    int v = __atomic_load_n(&g_dmma, __ATOMIC_RELAXED);
-    if (v < 0) {
-        const char *e = getenv("LIGHTMOE_CUDA_ATTN_DMMA");
-        v = e && e[0] == '1';
-        __atomic_store_n(&g_dmma, v, __ATOMIC_RELAXED);
-    }
-    return v;
+    return cu_env_switch_off(&g_dmma, "LIGHTMOE_CUDA_ATTN_DMMA");
 }
 
 template <int HD>
@@ -1225,9 +1200,7 @@ extern "C" int cu_attn_set_pipe(int on)
 
 extern "C" int cu_attn_set_dmma(int on)
 {
-    const int was = attn_dmma();
-    __atomic_store_n(&g_dmma, on ? 1 : 0, __ATOMIC_RELAXED);
-    return was;
+    return cu_env_switch_off_set(&g_dmma, "LIGHTMOE_CUDA_ATTN_DMMA", on);
 }
 
 extern "C" int cu_attn_set_w8(int on)

@@ -75,6 +75,9 @@ int cu_set_early_loads(int on);
  * _set replaces it (tests) and returns the setting it replaces. */
 int cu_env_switch(int *slot, const char *name);
 int cu_env_switch_set(int *slot, const char *name, int on);
+/* The same, off unless the variable starts with '1'. */
+int cu_env_switch_off(int *slot, const char *name);
+int cu_env_switch_off_set(int *slot, const char *name, int on);
 /* The kernel timeline (see CU_TRACE_KERNEL; builds with
  * -DLIGHTMOE_CUDA_TRACE=ON, else both return -ENOTSUP). cu_trace_begin
  * clears the buffer and starts recording; cu_trace_end waits for the

@@ -40,22 +40,44 @@ extern "C" void cu_pdl_allow(int on)
     g_allow = on ? 1 : 0;
 }
 
-extern "C" int cu_env_switch(int *slot, const char *name)
+/* on: the setting unless the variable starts with '0' (on by default) or
+ * '1' (off by default) */
+static int env_switch(int *slot, const char *name, int def)
 {
     int v = __atomic_load_n(slot, __ATOMIC_RELAXED);
     if (v < 0) {
         const char *e = getenv(name);
-        v = !(e && e[0] == '0');
+        v = e && e[0] == (def ? '0' : '1') ? !def : def;
         __atomic_store_n(slot, v, __ATOMIC_RELAXED);
     }
     return v;
 }
 
-extern "C" int cu_env_switch_set(int *slot, const char *name, int on)
+static int env_switch_set(int *slot, const char *name, int def, int on)
 {
-    const int was = cu_env_switch(slot, name);
+    const int was = env_switch(slot, name, def);
     __atomic_store_n(slot, on ? 1 : 0, __ATOMIC_RELAXED);
     return was;
+}
+
+extern "C" int cu_env_switch(int *slot, const char *name)
+{
+    return env_switch(slot, name, 1);
+}
+
+extern "C" int cu_env_switch_set(int *slot, const char *name, int on)
+{
+    return env_switch_set(slot, name, 1, on);
+}
+
+extern "C" int cu_env_switch_off(int *slot, const char *name)
+{
+    return env_switch(slot, name, 0);
+}
+
+extern "C" int cu_env_switch_off_set(int *slot, const char *name, int on)
+{
+    return env_switch_set(slot, name, 0, on);
 }
 
 /* LIGHTMOE_CUDA_EARLY=0 turns the loads before the dependency wait off

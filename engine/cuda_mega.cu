@@ -925,20 +925,12 @@ int g_mega = -1;
  * ordinary kernels). */
 extern "C" int cu_mega_enabled(void)
 {
-    int v = __atomic_load_n(&g_mega, __ATOMIC_RELAXED);
-    if (v < 0) {
-        const char *e = getenv("LIGHTMOE_CUDA_MEGA");
-        v = e && e[0] == '1';
-        __atomic_store_n(&g_mega, v, __ATOMIC_RELAXED);
-    }
-    return v;
+    return cu_env_switch_off(&g_mega, "LIGHTMOE_CUDA_MEGA");
 }
 
 extern "C" int cu_mega_set(int on)
 {
-    const int was = cu_mega_enabled();
-    __atomic_store_n(&g_mega, on ? 1 : 0, __ATOMIC_RELAXED);
-    return was;
+    return cu_env_switch_off_set(&g_mega, "LIGHTMOE_CUDA_MEGA", on);
 }
 
 static int int4_plain(const cu_linear *w)

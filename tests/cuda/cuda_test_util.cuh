@@ -227,6 +227,35 @@ inline void ref_route(const float *l, int E, int k, int renorm, vector<int> &ids
             v /= ksum;
 }
 
+/* A grouping plan for T tokens of k choices over E experts on the device
+ * (ids, w: unused by the helpers, for the callers). */
+struct plan_dev {
+    cu_moe_plan p;
+    int32_t *ids;
+    float *w;
+};
+inline plan_dev make_plan(int T, int k, int E)
+{
+    plan_dev d;
+    CK(cudaMalloc(&d.p.offsets, (E + 1) * 4));
+    CK(cudaMalloc(&d.p.ent_token, T * k * 4));
+    CK(cudaMalloc(&d.p.ent_expert, T * k * 4));
+    CK(cudaMalloc(&d.p.ent_weight, T * k * 4));
+    CK(cudaMalloc(&d.p.pos, T * k * 4));
+    CK(cudaMalloc(&d.p.items, (T * k + E) * 8));
+    CK(cudaMalloc(&d.p.n_items, 4));
+    d.p.topk_ids = nullptr;
+    d.p.topk_w = nullptr;
+    return d;
+}
+inline void free_plan(plan_dev &d)
+{
+    void *p[] = {d.p.offsets, d.p.ent_token, d.p.ent_expert, d.p.ent_weight,
+                 d.p.pos,     d.p.items,     d.p.n_items};
+    for (void *x : p)
+        cudaFree(x);
+}
+
 inline vector<float> rand_act(size_t n, float amp)
 {
     vector<float> x(n);

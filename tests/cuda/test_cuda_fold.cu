@@ -243,24 +243,16 @@ static void run_route_o(int nq, int hd, int nsplit, int H, int g, int E, int k, 
                  nc);
         compare(what, us.data(), ur.data(), 1, er, 2e-3);
     }
-    int32_t *ids, *n_items;
+    int32_t *ids;
     float *wts, *sg, *lg;
     __half *xn;
-    cu_moe_plan p;
-    memset(&p, 0, sizeof(p));
     CK(cudaMalloc(&ids, k * 4));
     CK(cudaMalloc(&wts, k * 4));
     CK(cudaMalloc(&sg, 4));
     CK(cudaMalloc(&lg, er * 4));
     CK(cudaMalloc(&xn, (size_t)H * 2));
-    CK(cudaMalloc(&p.offsets, (E + 1) * 4));
-    CK(cudaMalloc(&p.ent_token, k * 4));
-    CK(cudaMalloc(&p.ent_expert, k * 4));
-    CK(cudaMalloc(&p.ent_weight, k * 4));
-    CK(cudaMalloc(&p.pos, k * 4));
-    CK(cudaMalloc(&p.items, (size_t)(k + E) * 8));
-    CK(cudaMalloc(&n_items, 4));
-    p.n_items = n_items;
+    plan_dev pd = make_plan(1, k, E);
+    const cu_moe_plan &p = pd.p;
     OK(cu_moe_norm_route(dx, dout, H, dnw, eps, du, nc, er, lg, xn, E, k, renorm, shared, 1, ids,
                          wts, sg, &p, 0, ERRP));
     vector<float> xg = host(dx, (size_t)H), lgg = host(lg, (size_t)er), xnf(H);
@@ -291,7 +283,7 @@ static void run_route_o(int nq, int hd, int nsplit, int H, int g, int E, int k, 
     }
     for (int j = 1; j < k; j++)
         bad += ee[j - 1] > ee[j];
-    bad += host(n_items, 1)[0] != k; /* tile 1: an item an entry */
+    bad += host(p.n_items, 1)[0] != k; /* tile 1: an item an entry */
     if (shared)
         bad += fabs(host(sg, 1)[0] - 1 / (1 + exp(-(double)lgg[E]))) > 1e-5;
     vector<float> o_after = host(dout, (size_t)H), u_after = host(du, (size_t)nc * er);
@@ -315,10 +307,10 @@ static void run_route_o(int nq, int hd, int nsplit, int H, int g, int E, int k, 
                   cu_moe_norm_route(dx, dout, H, dnw, eps, du, nc, er + 1, lg, xn, E, k, renorm,
                                     shared, 1, ids, wts, sg, &p, 0, &e2), e2);
 
-    void *fr[] = {dwr, dnw, dx, dpart, dm, tmp, dout, du, ids, wts, sg, lg, xn, p.offsets,
-                  p.ent_token, p.ent_expert, p.ent_weight, p.pos, p.items, n_items};
+    void *fr[] = {dwr, dnw, dx, dpart, dm, tmp, dout, du, ids, wts, sg, lg, xn};
     for (void *q : fr)
         cudaFree(q);
+    free_plan(pd);
     release(d);
 }
 

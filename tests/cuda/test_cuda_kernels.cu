@@ -69,32 +69,6 @@ static void run_dense(int n, int k, int g, int T, bool perm, cu_gemm_path path, 
     release(d);
 }
 
-struct plan_dev {
-    cu_moe_plan p;
-    int32_t *ids;
-    float *w;
-};
-static plan_dev make_plan(int T, int k, int E)
-{
-    plan_dev d;
-    CK(cudaMalloc(&d.p.offsets, (E + 1) * 4));
-    CK(cudaMalloc(&d.p.ent_token, T * k * 4));
-    CK(cudaMalloc(&d.p.ent_expert, T * k * 4));
-    CK(cudaMalloc(&d.p.ent_weight, T * k * 4));
-    CK(cudaMalloc(&d.p.pos, T * k * 4));
-    CK(cudaMalloc(&d.p.items, (T * k + E) * 8));
-    CK(cudaMalloc(&d.p.n_items, 4));
-    d.p.topk_ids = nullptr;
-    d.p.topk_w = nullptr;
-    return d;
-}
-static void free_plan(plan_dev &d)
-{
-    void *p[] = {d.p.offsets, d.p.ent_token, d.p.ent_expert, d.p.ent_weight, d.p.pos, d.p.items, d.p.n_items};
-    for (void *x : p)
-        cudaFree(x);
-}
-
 /* Grouped gate_up (SiLU) then down, then combine, against the CPU. */
 static void run_grouped(int H, int I, int g, int E, int k, int T, cu_gemm_path path)
 {
