@@ -8,7 +8,8 @@
  *            bandwidth (bytes read + written) and the cuBLAS fp16 matrix rate
  *   kernels  each INT4 kernel against cuBLAS fp16 at the model's shapes and
  *            1..512 rows; the prefill alternative "dequantise to fp16 then
- *            cuBLAS" measured beside the mma kernel
+ *            cuBLAS" measured beside the mma kernel; one token's routed
+ *            experts in one grouped launch against cuBLAS's batched product
  *   decode   one decode step of the whole model (random weights of the real
  *            shape, made on the GPU) at batch 1..128, context 512 per
  *            sequence (--ctx: each context given); the roofline floor
@@ -266,6 +267,140 @@ static void bench_shape(cublasHandle_t h, const char *name, int n, int k, int g)
     cudaFree(wdq);
 }
 
+/* One token's routed experts in one launch, as a decode step runs them:
+ * the grouped INT4 product (work list of k items, the one-token kernel,
+ * gate_up with SiLU(gate) * up fused, down into fp32 rows) against cuBLAS
+ * fp16's batched product of the same k experts (one launch, k pointers, no
+ * SiLU). Every call takes k experts not used by the call before it; all E
+ * experts (INT4: 200 MB for qwen3's gate_up) are larger than L2. */
+static void bench_grouped(cublasHandle_t h, const char *name, int E, int topk, int n, int k,
+                          int g, cu_out_mode mode)
+{
+    const size_t qb = (size_t)n * k / 2, gc = (size_t)n * (k / g);
+    uint8_t *qs, *z;
+    __half *sc, *w16, *x;
+    CK(cudaMalloc(&qs, qb * E));
+    CK(cudaMalloc(&sc, gc * 2 * E));
+    CK(cudaMalloc(&z, gc * E));
+    CK(cudaMalloc(&w16, (size_t)n * k * 2 * E));
+    CK(cudaMalloc(&x, (size_t)k * 2));
+    k_fill<<<1024, 256>>>((uint32_t *)qs, qb * E / 4, 3);
+    k_fill_h<<<1024, 256>>>(sc, gc * E, 5);
+    CK(cudaMemset(z, 8, gc * E));
+    k_fill_h<<<1024, 256>>>(w16, (size_t)n * k * E, 9);
+    k_fill_h<<<64, 256>>>(x, (size_t)k, 11);
+    const cu_int4_weights w = {n, k, g, E, qs, sc, z};
+    /* sets of topk distinct experts, consecutive sets disjoint */
+    const int nsets = E / topk;
+    std::vector<int> perm(E);
+    for (int i = 0; i < E; i++)
+        perm[i] = i;
+    uint32_t rng = 12345;
+    for (int i = E - 1; i > 0; i--) {
+        rng = rng * 1664525u + 1013904223u;
+        std::swap(perm[i], perm[(rng >> 8) % (uint32_t)(i + 1)]);
+    }
+    /* per set: offsets[E+1], items[topk], n_items, a_rows[topk] (all 0) */
+    std::vector<int32_t> h_off((size_t)nsets * (E + 1));
+    std::vector<int2> h_items((size_t)nsets * topk);
+    std::vector<const void *> h_ptr((size_t)nsets * 3 * topk);
+    float *yf;
+    void *y;
+    CK(cudaMalloc(&y, (size_t)topk * n * 4));
+    CK(cudaMalloc(&yf, (size_t)topk * n * 4));
+    for (int s = 0; s < nsets; s++) {
+        std::vector<int> ex(perm.begin() + s * topk, perm.begin() + (s + 1) * topk);
+        std::sort(ex.begin(), ex.end());
+        int32_t *off = &h_off[(size_t)s * (E + 1)];
+        for (int e = 0, i = 0; e <= E; e++) {
+            off[e] = i;
+            if (i < topk && e == ex[i])
+                i++;
+        }
+        for (int i = 0; i < topk; i++) {
+            h_items[(size_t)s * topk + i] = make_int2(ex[i], i);
+            h_ptr[((size_t)s * 3 + 0) * topk + i] = w16 + (size_t)ex[i] * n * k;
+            h_ptr[((size_t)s * 3 + 1) * topk + i] = x;
+            h_ptr[((size_t)s * 3 + 2) * topk + i] = yf + (size_t)i * n;
+        }
+    }
+    int32_t *d_off, *d_nit, *d_arows;
+    int2 *d_items;
+    const void **d_ptr;
+    CK(cudaMalloc(&d_off, h_off.size() * 4));
+    CK(cudaMalloc(&d_items, h_items.size() * sizeof(int2)));
+    CK(cudaMalloc(&d_nit, 4));
+    CK(cudaMalloc(&d_arows, topk * 4));
+    CK(cudaMalloc(&d_ptr, h_ptr.size() * sizeof(void *)));
+    CK(cudaMemcpy(d_off, h_off.data(), h_off.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_items, h_items.data(), h_items.size() * sizeof(int2), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_nit, &topk, 4, cudaMemcpyHostToDevice));
+    CK(cudaMemset(d_arows, 0, topk * 4));
+    CK(cudaMemcpy(d_ptr, h_ptr.data(), h_ptr.size() * sizeof(void *), cudaMemcpyHostToDevice));
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    auto time_it = [&](auto fn) { /* as bench_shape's */
+        std::vector<double> t;
+        int it = 0;
+        for (int rep = 0; rep < 10; rep++) {
+            k_spin<<<1, 1>>>(200000);
+            cudaEventRecord(e0);
+            for (int i = 0; i < 10; i++)
+                fn(it++);
+            cudaEventRecord(e1);
+            cudaEventSynchronize(e1);
+            float ms;
+            cudaEventElapsedTime(&ms, e0, e1);
+            if (rep >= 1)
+                t.push_back(ms * 1e-3 / 10);
+        }
+        CK(cudaGetLastError());
+        return median(t);
+    };
+    int bad = 0;
+    const double ti = time_it([&](int i) {
+        const int s = i % nsets;
+        cu_gemm_rows r;
+        memset(&r, 0, sizeof(r));
+        r.n_rows = topk;
+        r.offsets = d_off + (size_t)s * (E + 1);
+        r.items = d_items + (size_t)s * topk;
+        r.n_items = d_nit;
+        r.max_items = topk;
+        r.tile = 1;
+        r.a_rows = d_arows;
+        lm_err e;
+        const int ldo = mode == CU_OUT_SILU_F16 ? n / 2 : n;
+        bad |= cu_int4_matmul(&w, &r, x, k, y, ldo, mode, CU_GEMM_GEMV, 0, &e);
+    });
+    const float one = 1, zero = 0;
+    const double tc = time_it([&](int i) {
+        const int s = i % nsets;
+        const void *const *p = d_ptr + (size_t)s * 3 * topk;
+        bad |= (int)cublasGemmBatchedEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, 1, k, &one, p, CUDA_R_16F, k,
+                                        p + topk, CUDA_R_16F, k, &zero, (void *const *)(p + 2 * topk),
+                                        CUDA_R_32F, n, topk, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    });
+    const double b4 = (double)topk * (qb + 3 * gc), b16 = (double)topk * n * k * 2;
+    printf("grouped %-14s %d of %3d experts, n=%5d k=%5d | int4 %6.1f us (%5.0f GB/s, %3.0f%% bw) | "
+           "cublas fp16 batched %6.1f us (%5.0f GB/s) | speed-up %.2fx%s\n",
+           name, topk, E, n, k, ti * 1e6, b4 / ti / 1e9, 100 * b4 / ti / g_bw, tc * 1e6,
+           b16 / tc / 1e9, tc / ti, bad ? " (A CALL FAILED)" : "");
+    cudaFree(qs);
+    cudaFree(sc);
+    cudaFree(z);
+    cudaFree(w16);
+    cudaFree(x);
+    cudaFree(y);
+    cudaFree(yf);
+    cudaFree(d_off);
+    cudaFree(d_items);
+    cudaFree(d_nit);
+    cudaFree(d_arows);
+    cudaFree((void *)d_ptr);
+}
+
 static void bench_kernels(const cu_synth_config *c)
 {
     cublasHandle_t h;
@@ -278,6 +413,9 @@ static void bench_kernels(const cu_synth_config *c)
     bench_shape(h, "expert down", H, c->moe_inter, c->group);
     if (c->shared_inter)
         bench_shape(h, "shared gate_up", 2 * c->shared_inter, H, c->group);
+    bench_grouped(h, "expert gate_up", c->n_experts, c->top_k, 2 * c->moe_inter, H, c->group,
+                  CU_OUT_SILU_F16);
+    bench_grouped(h, "expert down", c->n_experts, c->top_k, H, c->moe_inter, c->group, CU_OUT_F32);
     cublasDestroy(h);
 }
 
