@@ -151,6 +151,14 @@ int cu_int4_dequant(const cu_int4_weights *w, __half *out, cudaStream_t stream, 
  * step, 2 or 4 (4 for every product), 5 (4 for grouped products only);
  * the default is LIGHTMOE_CUDA_GEMV_ILP or the build's choice. */
 void cu_int4_gemv_set_ilp(int chunks);
+/* Tests and measurements: grouped one-token products (work list, no
+ * routing in the product, at most two chunks a lane and row) stage their
+ * weights through shared memory (1, the default unless
+ * LIGHTMOE_CUDA_GEMV_STAGE=0) or hold them in registers (0); the same bits
+ * either way. Returns the setting it replaces. */
+int cu_int4_gemv_set_stage(int on);
+/* Tests: how many launches took the staged kernel so far (all threads). */
+long cu_int4_gemv_staged_launches(void);
 /* Tests and measurements: teams of 64 lanes for one-token products with K
  * >= 4096 (1, the default unless LIGHTMOE_CUDA_GEMV_T64=0) or of 32 (0).
  * Returns the setting it replaces. */

@@ -28,8 +28,15 @@ namespace {
  * made by each block in dynamic shared memory (K halves, then the K norm
  * weights, then 32 floats of scratch: 6K + 128 bytes) right after the
  * dependency wait, while the first chunks' weight loads are in flight. */
-template <int MT, int TPR, int MODE, int NCH, bool NORM = false>
-__global__ void __launch_bounds__(128)
+/* STAGE (MT 1, NCH 2, one step a lane: K <= 2 * 32 * TPR, no NORM): the
+ * weight chunks go to dynamic shared memory by cp.async ([rows of the
+ * block][K/32] x 16 bytes; a lane reads back only what it copied) instead
+ * of registers: 64 registers instead of 111, so 8 blocks fit an SM instead
+ * of 4 (a qwen3 token's 768 gate_up blocks in one wave; the next launch's
+ * blocks beside the down product's). Same loads, same arithmetic in the
+ * same order: the same bits. */
+template <int MT, int TPR, int MODE, int NCH, bool NORM = false, bool STAGE = false>
+__global__ void __launch_bounds__(128, STAGE ? 6 : 1)
     k_int4_gemv(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
                 void *__restrict__ out, int ldo)
 {
@@ -184,7 +191,53 @@ __global__ void __launch_bounds__(128)
     /* NCH chunks per step, every chunk's loads issued before any is used:
      * 4 * NCH independent 16-byte weight loads in flight per lane. NCH 2
      * keeps the loop as it was measured (docs/PERF.md). */
-    if constexpr (NCH == 2) {
+    if constexpr (STAGE) { /* one step: c = tl and tl + TPR (launcher: C <= 2 * TPR) */
+        static_assert(MT == 1 && NCH == 2 && !NORM, "staged gemv: one token, two chunks a lane");
+        uint4 *s_w = s_dyn + (size_t)(team * 4) * C; /* the team's 4 rows */
+        const int c = tl;
+        half2 sa[4], za[4], sb[4], zb[4];
+        const bool one = c < C, two = c + TPR < C;
+        auto stage = [&](int cc, half2 s2[4], half2 z2[4]) {
+            const int grp = (cc * 32) / w.group;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                cp_async16(s_w + (size_t)j * C + cc,
+                           reinterpret_cast<const uint4 *>(qs + (size_t)rr[j] * rowbytes) + cc, true);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                s2[j] = __half2half2(sc[(size_t)rr[j] * G + grp]);
+                z2[j] = int4_zero2(zp[(size_t)rr[j] * G + grp]);
+            }
+        };
+        if (one)
+            stage(c, sa, za);
+        if (two)
+            stage(c + TPR, sb, zb);
+        cp_async_commit();
+        if (one)
+            l2_prefetch();
+        if (!waited) {
+            cu_pdl_wait();
+            cu_pdl_trigger();
+            waited = true;
+            cu_trace_mark(0);
+        }
+        cp_async_wait<0>(); /* the lane's own copies: no barrier needed */
+        if (one) {
+            uint4 wv[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                wv[j] = s_w[(size_t)j * C + c];
+            compute(c, wv, sa, za);
+        }
+        if (two) {
+            uint4 wv[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                wv[j] = s_w[(size_t)j * C + c + TPR];
+            compute(c + TPR, wv, sb, zb);
+        }
+    } else if constexpr (NCH == 2) {
         for (int c = tl; c < C; c += 2 * TPR) {
             uint4 wa[4], wb[4];
             half2 sa[4], za[4], sb[4], zb[4];
@@ -297,6 +350,21 @@ __global__ void __launch_bounds__(128)
     }
 }
 
+/* Grouped one-token products whose lanes copy at most two chunks a row
+ * (K <= 64 * TPR) stage their weights through shared memory (the STAGE
+ * kernel above). On unless LIGHTMOE_CUDA_GEMV_STAGE=0 (read once; tests
+ * switch it with cu_int4_gemv_set_stage). Measured on the H100
+ * (docs/PERF.md, round 15): a qwen3-30b-a3b step at batch 1 and 512
+ * positions 3.5% faster, mostly because the next layer's qkv blocks (111
+ * registers) find room beside the down product's (64) and load early;
+ * qwen1.5-moe-a2.7b and 4096 positions within +-1%. */
+static int g_stage = -1;
+static long g_staged; /* launches of the staged kernel (tests) */
+static int gemv_stage(void)
+{
+    return cu_env_switch(&g_stage, "LIGHTMOE_CUDA_GEMV_STAGE");
+}
+
 template <int MT, int TPR, int NCH>
 int launch_gemv_mode(const cu_int4_weights *w, const cu_gemm_rows *r, const __half *a, int lda,
                      void *out, int ldo, cu_out_mode mode, cudaStream_t st)
@@ -318,6 +386,22 @@ int launch_gemv_mode(const cu_int4_weights *w, const cu_gemm_rows *r, const __ha
                               *r, a, lda, out, ldo);
             if (e != cudaSuccess)
                 cudaGetLastError();
+            return e == cudaSuccess ? 0 : (int)e;
+        }
+    }
+    if constexpr (MT == 1 && NCH == 2) {
+        if (gemv_stage() && r->items && !r->route && w->k / 32 <= 2 * TPR) {
+            const size_t smem = (size_t)rows_per_block * (w->k / 32) * 16; /* <= 16 KB */
+            switch (mode) {
+            case CU_OUT_F32: e = cu_launch(k_int4_gemv<1, TPR, CU_OUT_F32, 2, false, true>, grid, 128, smem, st, *w, *r, a, lda, out, ldo); break;
+            case CU_OUT_F32_ACC: e = cu_launch(k_int4_gemv<1, TPR, CU_OUT_F32_ACC, 2, false, true>, grid, 128, smem, st, *w, *r, a, lda, out, ldo); break;
+            case CU_OUT_SILU_F16: e = cu_launch(k_int4_gemv<1, TPR, CU_OUT_SILU_F16, 2, false, true>, grid, 128, smem, st, *w, *r, a, lda, out, ldo); break;
+            case CU_OUT_F32_ADD: e = cu_launch(k_int4_gemv<1, TPR, CU_OUT_F32_ADD, 2, false, true>, grid, 128, smem, st, *w, *r, a, lda, out, ldo); break;
+            }
+            if (e != cudaSuccess)
+                cudaGetLastError();
+            else
+                __atomic_add_fetch(&g_staged, 1, __ATOMIC_RELAXED);
             return e == cudaSuccess ? 0 : (int)e;
         }
     }
@@ -433,6 +517,16 @@ __global__ void k_int4_dequant(cu_int4_weights w, __half *__restrict__ out)
 extern "C" void cu_int4_gemv_set_ilp(int chunks)
 {
     __atomic_store_n(&g_ilp, chunks, __ATOMIC_RELAXED);
+}
+
+extern "C" int cu_int4_gemv_set_stage(int on)
+{
+    return cu_env_switch_set(&g_stage, "LIGHTMOE_CUDA_GEMV_STAGE", on);
+}
+
+extern "C" long cu_int4_gemv_staged_launches(void)
+{
+    return __atomic_load_n(&g_staged, __ATOMIC_RELAXED);
 }
 
 extern "C" int cu_int4_gemv_set_t64(int on)

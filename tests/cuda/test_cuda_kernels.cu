@@ -270,6 +270,104 @@ static void test_int4_mma8()
     cu_int4_set_mma8(was);
 }
 
+/* The one-token grouped gemv with its weights staged through shared memory
+ * (LIGHTMOE_CUDA_GEMV_STAGE): against the CPU through run_grouped (gate_up,
+ * down, down before its wait, down adding into the residual), the launch
+ * counter showing the staged kernel ran, and the same bits as the kernel
+ * holding its weights in registers (gate_up + SiLU and down). */
+static void gemv_stage_bits(int H, int I, int g, int E, int k)
+{
+    qmat gu = make_qmat(2 * I, H, g, E, false), dn = make_qmat(H, I, g, E, false);
+    dq dgu = upload(gu), ddn = upload(dn);
+    vector<float> x = rand_act((size_t)H, 2.0f);
+    __half *dx = dev_half(x);
+    vector<int32_t> ids(k);
+    vector<float> wts(k, 1.f);
+    vector<int> p(E);
+    for (int e = 0; e < E; e++)
+        p[e] = e;
+    for (int j = 0; j < k; j++) {
+        std::swap(p[j], p[j + rnd() % (E - j)]);
+        ids[j] = p[j];
+    }
+    plan_dev pd = make_plan(1, k, E);
+    int32_t *dids = dev(ids);
+    float *dw = dev(wts);
+    OK(cu_moe_group(dids, dw, 1, k, E, 1, &pd.p, 0, ERRP));
+    cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
+    r.n_rows = k;
+    r.offsets = pd.p.offsets;
+    r.items = pd.p.items;
+    r.n_items = pd.p.n_items;
+    r.max_items = cu_moe_max_items(k, E, 1);
+    r.tile = 1;
+    __half *h[2];
+    float *y[2];
+    for (int st = 0; st < 2; st++) {
+        CK(cudaMalloc(&h[st], (size_t)k * I * 2));
+        CK(cudaMalloc(&y[st], (size_t)k * H * 4));
+        CK(cudaMemset(y[st], 0xff, (size_t)k * H * 4));
+        const int was = cu_int4_gemv_set_stage(st);
+        r.a_rows = pd.p.ent_token;
+        OK(cu_int4_matmul(&dgu.w, &r, dx, H, h[st], I, CU_OUT_SILU_F16, CU_GEMM_GEMV, 0, ERRP));
+        r.a_rows = nullptr;
+        OK(cu_int4_matmul(&ddn.w, &r, h[0], I, y[st], H, CU_OUT_F32, CU_GEMM_GEMV, 0, ERRP));
+        cu_int4_gemv_set_stage(was);
+    }
+    vector<uint16_t> h0 = host((const uint16_t *)h[0], (size_t)k * I),
+                     h1 = host((const uint16_t *)h[1], (size_t)k * I);
+    vector<float> y0 = host(y[0], (size_t)k * H), y1 = host(y[1], (size_t)k * H);
+    const bool same = h0 == h1 && !memcmp(y0.data(), y1.data(), y0.size() * 4);
+    printf("%-4s staged gemv H=%d I=%d E=%d k=%d: gate_up and down bit-identical to the "
+           "register kernel\n", same ? "ok" : "FAIL", H, I, E, k);
+    if (!same)
+        g_fail = 1;
+    for (int st = 0; st < 2; st++) {
+        cudaFree(h[st]);
+        cudaFree(y[st]);
+    }
+    cudaFree(dx);
+    cudaFree(dids);
+    cudaFree(dw);
+    free_plan(pd);
+    release(dgu);
+    release(ddn);
+}
+
+static void test_gemv_stage()
+{
+    printf("     one-token grouped gemv, weights staged through shared memory\n");
+    const int was = cu_int4_gemv_set_stage(1);
+    const long n0 = cu_int4_gemv_staged_launches();
+    run_grouped(2048, 768, 128, 16, 8, 1, CU_GEMM_GEMV);  /* qwen3's matrices: K 2048 and 768 */
+    run_grouped(2048, 1408, 128, 8, 4, 1, CU_GEMM_GEMV);  /* qwen1.5's: down K 1408 */
+    run_grouped(224, 96, 32, 7, 3, 1, CU_GEMM_GEMV);       /* 7 and 3 chunks, 224 rows */
+    run_grouped(256, 160, 32, 6, 2, 1, CU_GEMM_AUTO);
+    const long n1 = cu_int4_gemv_staged_launches();
+    /* down K 4096 (128 chunks): staged with teams of 64 lanes (two chunks a
+     * lane); with teams of 32 (four a lane), in registers */
+    int t64 = cu_int4_gemv_set_t64(1);
+    run_grouped(256, 4096, 128, 6, 2, 1, CU_GEMM_GEMV);
+    const long n2 = cu_int4_gemv_staged_launches();
+    cu_int4_gemv_set_t64(0);
+    run_grouped(256, 4096, 128, 6, 2, 1, CU_GEMM_GEMV);
+    const long n3 = cu_int4_gemv_staged_launches();
+    cu_int4_gemv_set_t64(t64);
+    /* 4 runs x (gate_up, down, gate_up and down again, down adding) */
+    const bool ran = n1 - n0 == 20 && n2 - n1 == 5 && n3 - n2 == 2;
+    printf("%-4s staged gemv taken by the launches it serves (%ld of 20; K 4096's down in teams of "
+           "64: %ld of 5), not by K 4096's down in teams of 32 (%ld: its two gate_up launches)\n",
+           ran ? "ok" : "FAIL", n1 - n0, n2 - n1, n3 - n2);
+    if (!ran)
+        g_fail = 1;
+    cu_int4_gemv_set_stage(was);
+    gemv_stage_bits(2048, 768, 128, 16, 8);
+    gemv_stage_bits(2048, 1408, 128, 8, 4);
+    gemv_stage_bits(224, 96, 32, 7, 3);
+    gemv_stage_bits(256, 4096, 128, 6, 2); /* down in teams of 64 (the default) */
+}
+
 static void test_int4()
 {
     for (auto s : {std::array<int, 3>{300, 288, 96}, {1000, 2080, 32}, {17, 4096, 128}, {1, 32, 32}})
@@ -331,6 +429,7 @@ static void test_int4()
     run_grouped(512, 192, 64, 16, 4, 64, CU_GEMM_AUTO);
     run_grouped(512, 192, 64, 16, 4, 8, CU_GEMM_AUTO);
     test_int4_mma8();
+    test_gemv_stage();
 }
 
 /* ---- MoE routing ------------------------------------------------------------------ */
@@ -1227,6 +1326,8 @@ int main(int argc, char **argv)
     const bool all = !strcmp(what, "all");
     if (all) test_paths();
     if (all || !strcmp(what, "int4")) test_int4();
+    if (!strcmp(what, "stage")) /* the staged one-token gemv alone */
+        test_gemv_stage();
     if (!strcmp(what, "mma8")) /* the few-token kernel alone (sanitizers' time) */
         test_int4_mma8();
     if (all || !strcmp(what, "moe")) {
