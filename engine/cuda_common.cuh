@@ -340,9 +340,12 @@ __device__ __forceinline__ void cp_async_commit()
 {
     asm volatile("cp.async.commit_group;\n" ::);
 }
+/* The "memory" clobber keeps the compiler from moving shared-memory reads
+ * of the copied data above the wait (a block barrier usually follows it,
+ * but a lane reading back only its own copies needs none). */
 template <int N> __device__ __forceinline__ void cp_async_wait()
 {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 /* Four 8x8 fp16 matrices from shared memory (ldmatrix .x4): lane i gives

@@ -28,20 +28,25 @@ namespace {
  * made by each block in dynamic shared memory (K halves, then the K norm
  * weights, then 32 floats of scratch: 6K + 128 bytes) right after the
  * dependency wait, while the first chunks' weight loads are in flight. */
-/* STAGE (MT 1, NCH 2, one step a lane: K <= 2 * 32 * TPR, no NORM): the
- * weight chunks go to dynamic shared memory by cp.async ([rows of the
- * block][K/32] x 16 bytes; a lane reads back only what it copied) instead
- * of registers: 64 registers instead of 111, so 8 blocks fit an SM instead
- * of 4 (a qwen3 token's 768 gate_up blocks in one wave; the next launch's
- * blocks beside the down product's). Same loads, same arithmetic in the
- * same order: the same bits. */
+/* STAGE (MT 1, NCH 2, one step a lane: K <= 2 * 32 * TPR, no NORM; the
+ * launcher checks K): the weight chunks go to dynamic shared memory by
+ * cp.async ([rows of the block][K/32] x 16 bytes; a lane reads back only
+ * what it copied) instead of registers: 64 registers instead of 111, so 8
+ * blocks fit an SM instead of 4 (a qwen3 token's 768 gate_up blocks in one
+ * wave; the next launch's blocks beside the down product's). The same
+ * weights, scales and zeros (cp.async.cg bypasses L1 where __ldg goes
+ * through it), the same arithmetic in the same order: the same bits. The
+ * launch bound's 6 blocks an SM is what gave the 64 registers that were
+ * measured (with none, ptxas takes 56); the register kernels have none
+ * (0: their code is as before STAGE existed). */
 template <int MT, int TPR, int MODE, int NCH, bool NORM = false, bool STAGE = false>
-__global__ void __launch_bounds__(128, STAGE ? 6 : 1)
+__global__ void __launch_bounds__(128, STAGE ? 6 : 0)
     k_int4_gemv(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
                 void *__restrict__ out, int ldo)
 {
     CU_TRACE_KERNEL();
-    extern __shared__ uint4 s_dyn[]; /* NORM: A row, norm weights, block_sum's scratch */
+    /* NORM: A row, norm weights, block_sum's scratch; STAGE: the weight chunks */
+    extern __shared__ uint4 s_dyn[];
     /* Dense products read only weights before the previous kernel is done
      * (programmatic dependent launch): the first chunks' loads are issued,
      * then the wait. Grouped ones need the work list first, unless it was
@@ -188,9 +193,6 @@ __global__ void __launch_bounds__(128, STAGE ? 6 : 1)
             }
         }
     };
-    /* NCH chunks per step, every chunk's loads issued before any is used:
-     * 4 * NCH independent 16-byte weight loads in flight per lane. NCH 2
-     * keeps the loop as it was measured (docs/PERF.md). */
     if constexpr (STAGE) { /* one step: c = tl and tl + TPR (launcher: C <= 2 * TPR) */
         static_assert(MT == 1 && NCH == 2 && !NORM, "staged gemv: one token, two chunks a lane");
         uint4 *s_w = s_dyn + (size_t)(team * 4) * C; /* the team's 4 rows */
@@ -238,6 +240,9 @@ __global__ void __launch_bounds__(128, STAGE ? 6 : 1)
             compute(c + TPR, wv, sb, zb);
         }
     } else if constexpr (NCH == 2) {
+        /* NCH chunks per step, every chunk's loads issued before any is
+         * used: 4 * NCH independent 16-byte weight loads in flight per
+         * lane. NCH 2 keeps the loop as it was measured (docs/PERF.md). */
         for (int c = tl; c < C; c += 2 * TPR) {
             uint4 wa[4], wb[4];
             half2 sa[4], za[4], sb[4], zb[4];
@@ -355,14 +360,37 @@ __global__ void __launch_bounds__(128, STAGE ? 6 : 1)
  * kernel above). On unless LIGHTMOE_CUDA_GEMV_STAGE=0 (read once; tests
  * switch it with cu_int4_gemv_set_stage). Measured on the H100
  * (docs/PERF.md, round 15): a qwen3-30b-a3b step at batch 1 and 512
- * positions 3.5% faster, mostly because the next layer's qkv blocks (111
- * registers) find room beside the down product's (64) and load early;
+ * positions 3.5% faster, mostly because the next layer's qkv blocks find
+ * room beside the down product's (64 registers) and load early;
  * qwen1.5-moe-a2.7b and 4096 positions within +-1%. */
 static int g_stage = -1;
 static long g_staged; /* launches of the staged kernel (tests) */
 static int gemv_stage(void)
 {
     return cu_env_switch(&g_stage, "LIGHTMOE_CUDA_GEMV_STAGE");
+}
+
+/* One launch of k_int4_gemv<MT, TPR, mode, NCH, no NORM, STAGE>. */
+template <int MT, int TPR, int NCH, bool STAGE>
+cudaError_t launch_modes(dim3 grid, size_t smem, const cu_int4_weights *w, const cu_gemm_rows *r,
+                         const __half *a, int lda, void *out, int ldo, cu_out_mode mode,
+                         cudaStream_t st)
+{
+    switch (mode) {
+    case CU_OUT_F32:
+        return cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32, NCH, false, STAGE>, grid, 128, smem, st,
+                         *w, *r, a, lda, out, ldo);
+    case CU_OUT_F32_ACC:
+        return cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32_ACC, NCH, false, STAGE>, grid, 128, smem,
+                         st, *w, *r, a, lda, out, ldo);
+    case CU_OUT_SILU_F16:
+        return cu_launch(k_int4_gemv<MT, TPR, CU_OUT_SILU_F16, NCH, false, STAGE>, grid, 128, smem,
+                         st, *w, *r, a, lda, out, ldo);
+    case CU_OUT_F32_ADD:
+        return cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32_ADD, NCH, false, STAGE>, grid, 128, smem,
+                         st, *w, *r, a, lda, out, ldo);
+    }
+    return cudaErrorInvalidValue;
 }
 
 template <int MT, int TPR, int NCH>
@@ -389,28 +417,18 @@ int launch_gemv_mode(const cu_int4_weights *w, const cu_gemm_rows *r, const __ha
             return e == cudaSuccess ? 0 : (int)e;
         }
     }
+    const bool stage = MT == 1 && NCH == 2 && gemv_stage() && r->items && !r->route &&
+                       w->k / 32 <= 2 * TPR;
     if constexpr (MT == 1 && NCH == 2) {
-        if (gemv_stage() && r->items && !r->route && w->k / 32 <= 2 * TPR) {
+        if (stage) {
             const size_t smem = (size_t)rows_per_block * (w->k / 32) * 16; /* <= 16 KB */
-            switch (mode) {
-            case CU_OUT_F32: e = cu_launch(k_int4_gemv<1, TPR, CU_OUT_F32, 2, false, true>, grid, 128, smem, st, *w, *r, a, lda, out, ldo); break;
-            case CU_OUT_F32_ACC: e = cu_launch(k_int4_gemv<1, TPR, CU_OUT_F32_ACC, 2, false, true>, grid, 128, smem, st, *w, *r, a, lda, out, ldo); break;
-            case CU_OUT_SILU_F16: e = cu_launch(k_int4_gemv<1, TPR, CU_OUT_SILU_F16, 2, false, true>, grid, 128, smem, st, *w, *r, a, lda, out, ldo); break;
-            case CU_OUT_F32_ADD: e = cu_launch(k_int4_gemv<1, TPR, CU_OUT_F32_ADD, 2, false, true>, grid, 128, smem, st, *w, *r, a, lda, out, ldo); break;
-            }
-            if (e != cudaSuccess)
-                cudaGetLastError();
-            else
+            e = launch_modes<1, TPR, 2, true>(grid, smem, w, r, a, lda, out, ldo, mode, st);
+            if (e == cudaSuccess)
                 __atomic_add_fetch(&g_staged, 1, __ATOMIC_RELAXED);
-            return e == cudaSuccess ? 0 : (int)e;
         }
     }
-    switch (mode) {
-    case CU_OUT_F32: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32, NCH>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
-    case CU_OUT_F32_ACC: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32_ACC, NCH>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
-    case CU_OUT_SILU_F16: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_SILU_F16, NCH>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
-    case CU_OUT_F32_ADD: e = cu_launch(k_int4_gemv<MT, TPR, CU_OUT_F32_ADD, NCH>, grid, 128, 0, st, *w, *r, a, lda, out, ldo); break;
-    }
+    if (!stage)
+        e = launch_modes<MT, TPR, NCH, false>(grid, 0, w, r, a, lda, out, ldo, mode, st);
     if (e != cudaSuccess)
         cudaGetLastError(); /* e is reported by the caller; clear it here */
     return e == cudaSuccess ? 0 : (int)e;

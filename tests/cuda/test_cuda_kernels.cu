@@ -2,7 +2,7 @@
  * test_cuda_kernels.cu: every CUDA kernel of the engine against a plain CPU
  * twin (double accumulation), on random inputs of awkward sizes.
  *
- *   test_cuda_kernels int4|moe|norm|attn|attn1|attnmma|attndmma|forward|mega|fold|foldk
+ *   test_cuda_kernels int4|stage|mma8|moe|norm|attn|attn1|attnmma|attndmma|forward|mega|fold|foldk
  *
  * Each check prints its observed error and bound; any failure exits 1. With
  * no usable GPU the program prints why and exits 77 (ctest SKIP).
@@ -302,30 +302,52 @@ static void gemv_stage_bits(int H, int I, int g, int E, int k)
     r.n_items = pd.p.n_items;
     r.max_items = cu_moe_max_items(k, E, 1);
     r.tile = 1;
+    /* per setting: gate_up + SiLU; down plain, reading its list before its
+     * wait, and accumulating into rows of ones (all from the register
+     * kernel's h, so that each product is compared alone) */
     __half *h[2];
-    float *y[2];
+    float *y[2][3];
+    long staged[2];
+    const vector<float> ones((size_t)k * H, 1.f);
     for (int st = 0; st < 2; st++) {
         CK(cudaMalloc(&h[st], (size_t)k * I * 2));
-        CK(cudaMalloc(&y[st], (size_t)k * H * 4));
-        CK(cudaMemset(y[st], 0xff, (size_t)k * H * 4));
+        for (int v = 0; v < 3; v++) {
+            CK(cudaMalloc(&y[st][v], (size_t)k * H * 4));
+            CK(cudaMemset(y[st][v], 0xff, (size_t)k * H * 4));
+        }
+        CK(cudaMemcpy(y[st][2], ones.data(), ones.size() * 4, cudaMemcpyHostToDevice));
         const int was = cu_int4_gemv_set_stage(st);
+        const long n0 = cu_int4_gemv_staged_launches();
         r.a_rows = pd.p.ent_token;
         OK(cu_int4_matmul(&dgu.w, &r, dx, H, h[st], I, CU_OUT_SILU_F16, CU_GEMM_GEMV, 0, ERRP));
         r.a_rows = nullptr;
-        OK(cu_int4_matmul(&ddn.w, &r, h[0], I, y[st], H, CU_OUT_F32, CU_GEMM_GEMV, 0, ERRP));
+        OK(cu_int4_matmul(&ddn.w, &r, h[0], I, y[st][0], H, CU_OUT_F32, CU_GEMM_GEMV, 0, ERRP));
+        r.plan_ready = 1;
+        OK(cu_int4_matmul(&ddn.w, &r, h[0], I, y[st][1], H, CU_OUT_F32, CU_GEMM_GEMV, 0, ERRP));
+        r.plan_ready = 0;
+        OK(cu_int4_matmul(&ddn.w, &r, h[0], I, y[st][2], H, CU_OUT_F32_ACC, CU_GEMM_GEMV, 0,
+                          ERRP));
+        staged[st] = cu_int4_gemv_staged_launches() - n0;
         cu_int4_gemv_set_stage(was);
     }
     vector<uint16_t> h0 = host((const uint16_t *)h[0], (size_t)k * I),
                      h1 = host((const uint16_t *)h[1], (size_t)k * I);
-    vector<float> y0 = host(y[0], (size_t)k * H), y1 = host(y[1], (size_t)k * H);
-    const bool same = h0 == h1 && !memcmp(y0.data(), y1.data(), y0.size() * 4);
-    printf("%-4s staged gemv H=%d I=%d E=%d k=%d: gate_up and down bit-identical to the "
-           "register kernel\n", same ? "ok" : "FAIL", H, I, E, k);
-    if (!same)
+    bool same = h0 == h1;
+    for (int v = 0; v < 3; v++) {
+        vector<float> y0 = host(y[0][v], (size_t)k * H), y1 = host(y[1][v], (size_t)k * H);
+        same &= !memcmp(y0.data(), y1.data(), y0.size() * 4);
+    }
+    const bool ran = staged[0] == 0 && staged[1] == 4;
+    printf("%-4s staged gemv H=%d I=%d E=%d k=%d: gate_up, down, down before its wait and down "
+           "accumulating bit-identical to the register kernel (%s; %ld and %ld launches staged, "
+           "0 and 4 expected)\n", same && ran ? "ok" : "FAIL", H, I, E, k,
+           same ? "same bits" : "BITS DIFFER", staged[0], staged[1]);
+    if (!same || !ran)
         g_fail = 1;
     for (int st = 0; st < 2; st++) {
         cudaFree(h[st]);
-        cudaFree(y[st]);
+        for (int v = 0; v < 3; v++)
+            cudaFree(y[st][v]);
     }
     cudaFree(dx);
     cudaFree(dids);
@@ -338,6 +360,10 @@ static void gemv_stage_bits(int H, int I, int g, int E, int k)
 static void test_gemv_stage()
 {
     printf("     one-token grouped gemv, weights staged through shared memory\n");
+    /* the staged kernel serves two chunks a lane: teams as the defaults make
+     * them, whatever the environment says (LIGHTMOE_CUDA_GEMV_ILP / _T64) */
+    cu_int4_gemv_set_ilp(2);
+    const int t64_was = cu_int4_gemv_set_t64(1);
     const int was = cu_int4_gemv_set_stage(1);
     const long n0 = cu_int4_gemv_staged_launches();
     run_grouped(2048, 768, 128, 16, 8, 1, CU_GEMM_GEMV);  /* qwen3's matrices: K 2048 and 768 */
@@ -347,13 +373,12 @@ static void test_gemv_stage()
     const long n1 = cu_int4_gemv_staged_launches();
     /* down K 4096 (128 chunks): staged with teams of 64 lanes (two chunks a
      * lane); with teams of 32 (four a lane), in registers */
-    int t64 = cu_int4_gemv_set_t64(1);
     run_grouped(256, 4096, 128, 6, 2, 1, CU_GEMM_GEMV);
     const long n2 = cu_int4_gemv_staged_launches();
     cu_int4_gemv_set_t64(0);
     run_grouped(256, 4096, 128, 6, 2, 1, CU_GEMM_GEMV);
     const long n3 = cu_int4_gemv_staged_launches();
-    cu_int4_gemv_set_t64(t64);
+    cu_int4_gemv_set_t64(1);
     /* 4 runs x (gate_up, down, gate_up and down again, down adding) */
     const bool ran = n1 - n0 == 20 && n2 - n1 == 5 && n3 - n2 == 2;
     printf("%-4s staged gemv taken by the launches it serves (%ld of 20; K 4096's down in teams of "
@@ -365,7 +390,9 @@ static void test_gemv_stage()
     gemv_stage_bits(2048, 768, 128, 16, 8);
     gemv_stage_bits(2048, 1408, 128, 8, 4);
     gemv_stage_bits(224, 96, 32, 7, 3);
-    gemv_stage_bits(256, 4096, 128, 6, 2); /* down in teams of 64 (the default) */
+    gemv_stage_bits(256, 4096, 128, 6, 2); /* down in teams of 64 */
+    cu_int4_gemv_set_t64(t64_was);
+    cu_int4_gemv_set_ilp(-1); /* back to the environment's or the build's default */
 }
 
 static void test_int4()
