@@ -107,6 +107,16 @@ int redis_start(redis_proc *r, int port, const char *password)
             return -1;
         if (pid == 0) {
             prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive a killed test */
+            /* A session (and so a process group) of its own: the tests stop
+             * the server with SIGSTOP and expect it to stay stopped until
+             * they send SIGCONT. In the test's process group it would not:
+             * when that group becomes orphaned (the process linking it to
+             * the rest of the session exits: a shell that started the tests
+             * in the background, a runner's wrapper) while the server is
+             * stopped, the kernel sends SIGHUP and SIGCONT to every member,
+             * and the server answers in the middle of a "stopped" check
+             * (test_get_stream saw hits from a stopped Redis that way). */
+            setsid();
             int dn = open("/dev/null", 1);
             if (dn >= 0) {
                 dup2(dn, 1);
@@ -164,6 +174,41 @@ void redis_kill(redis_proc *r)
         track(r->pid, 0);
         r->pid = 0;
     }
+}
+
+/* Main thread's state letter from /proc/<pid>/stat ('T' stopped), or 0. */
+static char proc_state(pid_t pid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *p = strrchr(buf, ')'); /* the name may hold spaces and ')' */
+    return p && p[1] == ' ' ? p[2] : 0;
+}
+
+int redis_pause(redis_proc *r)
+{
+    if (r->pid <= 0 || kill(r->pid, SIGSTOP))
+        return -1;
+    for (int i = 0; i < 2000; i++) { /* up to 2 s */
+        if (proc_state(r->pid) == 'T')
+            return 0;
+        sleep_ms(1);
+    }
+    return -1;
+}
+
+int redis_resume(redis_proc *r)
+{
+    int rc = r->pid > 0 && proc_state(r->pid) == 'T' ? 0 : -1;
+    if (r->pid > 0)
+        kill(r->pid, SIGCONT);
+    return rc;
 }
 
 void redis_cleanup(redis_proc *r)

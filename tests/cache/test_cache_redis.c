@@ -243,7 +243,7 @@ static void test_get_many(void)
      * then timeout_ms = 400 ms), in that order, none a full second late. */
     cache *c2 = make_ex(url, 400, 0);
     CHECK(serve(c2, &m->t[0], 0) == 1); /* pool warm */
-    kill(R.pid, SIGSTOP);
+    CHECK(redis_pause(&R) == 0);
     int64_t t0 = cache_now_ns();
     int64_t dl[3] = {t0 + 150 * 1000000LL, 0, t0 + 40 * 1000000LL};
     for (int i = 0; i < 3; i++)
@@ -251,7 +251,7 @@ static void test_get_many(void)
     cache_get_stats(c2, &s0);
     many_run(c2, m, 3);
     int64_t took = cache_now_ns() - t0;
-    kill(R.pid, SIGCONT);
+    CHECK_MSG(redis_resume(&R) == 0, "redis-server was resumed while the test had it stopped");
     CHECK_MSG(m->order[0] == 2 && m->order[1] == 0 && m->order[2] == 1,
               "answered in the order %d %d %d", m->order[0], m->order[1], m->order[2]);
     CHECK(!m->hit[0] && !m->hit[1] && !m->hit[2]);
@@ -388,9 +388,9 @@ static void test_get_stream(void)
      * before op 0 (400 ms), so it joined the pipeline in flight. */
     src.delay_ms = 50;
     m->op[0].deadline_ns = 0;
-    kill(R.pid, SIGSTOP);
+    CHECK(redis_pause(&R) == 0);
     stream_run(c, m, &src);
-    kill(R.pid, SIGCONT);
+    CHECK_MSG(redis_resume(&R) == 0, "redis-server was resumed while the test had it stopped");
     CHECK(!m->hit[0] && !m->hit[1] && !m->hit[2]);
     CHECK_MSG(m->order[0] == 1, "answered in the order %d %d %d", m->order[0], m->order[1],
               m->order[2]);
@@ -619,12 +619,12 @@ static void test_slow(void)
     treq t;
     treq_init(&t, "slow", 0, 5);
     CHECK(serve(c, &t, 0) == 0 && serve(c, &t, 0) == 1); /* pool warm */
-    kill(R.pid, SIGSTOP);
+    CHECK(redis_pause(&R) == 0);
     check_bounded(url, c, "SIGSTOP");
     cache_stats s;
     cache_get_stats(c, &s);
     CHECK(s.timeouts >= 1 && s.state == CACHE_STATE_DOWN);
-    kill(R.pid, SIGCONT);
+    CHECK_MSG(redis_resume(&R) == 0, "redis-server was resumed while the test had it stopped");
     wait_ok(c);
     /* Stores sent while Redis was stopped ran when it resumed: start empty. */
     CHECK(redis_admin(&R, NULL, 0, "FLUSHALL") == 0);

@@ -97,7 +97,10 @@ class Redis:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
              "--save", "", "--appendonly", "no", "--daemonize", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent)
+            # A session of its own: when the test's process group becomes
+            # orphaned while Redis is SIGSTOPped, the kernel sends it SIGCONT
+            # (see tests/cache/redis_harness.c).
+            start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.time() + 10
         while time.time() < deadline:
             try:
