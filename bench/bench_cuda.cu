@@ -168,6 +168,29 @@ static void bench_ceilings()
     cudaFree(C);
 }
 
+/* GPU time per call of fn(i) (i counts calls): 10 back-to-back calls
+ * queued behind a spinning kernel, median over 9 such groups after one
+ * warm-up group. */
+template <typename F> static double time_calls(F fn, cudaEvent_t e0, cudaEvent_t e1)
+{
+    std::vector<double> t;
+    int it = 0;
+    for (int rep = 0; rep < 10; rep++) {
+        k_spin<<<1, 1>>>(200000);
+        cudaEventRecord(e0);
+        for (int i = 0; i < 10; i++)
+            fn(it++);
+        cudaEventRecord(e1);
+        cudaEventSynchronize(e1);
+        float ms;
+        cudaEventElapsedTime(&ms, e0, e1);
+        if (rep >= 1)
+            t.push_back(ms * 1e-3 / 10);
+    }
+    CK(cudaGetLastError());
+    return median(t);
+}
+
 /* One dense shape: INT4 (auto/gemv/mma) vs cuBLAS fp16 vs dequant + cuBLAS. */
 static void bench_shape(cublasHandle_t h, const char *name, int n, int k, int g)
 {
@@ -203,26 +226,7 @@ static void bench_shape(cublasHandle_t h, const char *name, int n, int k, int g)
     cudaEventCreate(&e0);
     cudaEventCreate(&e1);
     const float one = 1, zero = 0;
-    /* GPU time per call: 10 back-to-back calls queued behind a spinning
-     * kernel, median over 9 such groups after one warm-up group */
-    auto time_it = [&](auto fn) {
-        std::vector<double> t;
-        int it = 0;
-        for (int rep = 0; rep < 10; rep++) {
-            k_spin<<<1, 1>>>(200000);
-            cudaEventRecord(e0);
-            for (int i = 0; i < 10; i++)
-                fn(it++);
-            cudaEventRecord(e1);
-            cudaEventSynchronize(e1);
-            float ms;
-            cudaEventElapsedTime(&ms, e0, e1);
-            if (rep >= 1)
-                t.push_back(ms * 1e-3 / 10);
-        }
-        CK(cudaGetLastError());
-        return median(t);
-    };
+    auto time_it = [&](auto fn) { return time_calls(fn, e0, e1); };
     const double bytes4 = (double)(qb + 3 * gc);
     for (int M : {1, 8, 32, 128, 512, 2048}) {
         cu_gemm_rows r;
@@ -340,24 +344,7 @@ static void bench_grouped(cublasHandle_t h, const char *name, int E, int topk, i
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0);
     cudaEventCreate(&e1);
-    auto time_it = [&](auto fn) { /* as bench_shape's */
-        std::vector<double> t;
-        int it = 0;
-        for (int rep = 0; rep < 10; rep++) {
-            k_spin<<<1, 1>>>(200000);
-            cudaEventRecord(e0);
-            for (int i = 0; i < 10; i++)
-                fn(it++);
-            cudaEventRecord(e1);
-            cudaEventSynchronize(e1);
-            float ms;
-            cudaEventElapsedTime(&ms, e0, e1);
-            if (rep >= 1)
-                t.push_back(ms * 1e-3 / 10);
-        }
-        CK(cudaGetLastError());
-        return median(t);
-    };
+    auto time_it = [&](auto fn) { return time_calls(fn, e0, e1); };
     int bad = 0;
     const double ti = time_it([&](int i) {
         const int s = i % nsets;
