@@ -10,6 +10,7 @@
  *            1..512 rows; the prefill alternative "dequantise to fp16 then
  *            cuBLAS" measured beside the mma kernel; one token's routed
  *            experts in one grouped launch against cuBLAS's batched product
+ *            and against reading their weight bytes alone (read floors)
  *   decode   one decode step of the whole model (random weights of the real
  *            shape, made on the GPU) at batch 1..128, context 512 per
  *            sequence (--ctx: each context given); the roofline floor
@@ -271,6 +272,63 @@ static void bench_shape(cublasHandle_t h, const char *name, int n, int k, int g)
     cudaFree(wdq);
 }
 
+/* Read floors for one token's routed experts (bench_grouped): the same
+ * bytes as the grouped product's weights (not its scales and zeros), read
+ * and thrown away. k_read_gemv has the gemv's launch shape and addresses
+ * (blocks of 16 rows x an item; a warp's 4 rows, lane tl loads chunks tl,
+ * tl + 32, ... of each; the expert read from the item list first); k_read_flat
+ * spreads the items' bytes evenly over gridDim.x blocks (16-byte loads, U in
+ * flight a thread; no item list). The sums are stored only if they equal a
+ * value they never take, so that the loads are not removed. */
+__global__ void k_read_gemv(const uint8_t *__restrict__ qs, const int2 *__restrict__ items, int n,
+                            int K, uint32_t *sink)
+{
+    const int e = items[blockIdx.y].x;
+    const int rowbytes = K / 2, C = K / 32;
+    const int row0 = (blockIdx.x * 4 + threadIdx.x / 32) * 4, tl = threadIdx.x % 32;
+    const uint8_t *base = qs + (size_t)e * n * rowbytes;
+    uint32_t acc = 0;
+    for (int c = tl; c < C; c += 64) {
+        uint4 v[8];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int row = min(row0 + j, n - 1);
+            v[j] = __ldg(reinterpret_cast<const uint4 *>(base + (size_t)row * rowbytes) + c);
+            v[4 + j] = c + 32 < C ? __ldg(reinterpret_cast<const uint4 *>(base + (size_t)row * rowbytes) + c + 32)
+                                  : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+    }
+    if (acc == 0x9e3779b9u)
+        *sink = acc;
+}
+template <int U>
+__global__ void k_read_flat(const uint8_t *__restrict__ qs, const int2 *__restrict__ items, int nit,
+                            size_t ebytes, uint32_t *sink)
+{
+    const size_t per = ebytes / 16, total = per * nit; /* 16-byte words */
+    const size_t share = (total + gridDim.x - 1) / gridDim.x;
+    const size_t lo = blockIdx.x * share, hi = min(total, lo + share);
+    uint32_t acc = 0;
+    for (size_t i = lo + threadIdx.x; i < hi; i += (size_t)U * blockDim.x) {
+        uint4 v[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const size_t w = i + (size_t)u * blockDim.x;
+            const size_t it = w / per;
+            v[u] = w < hi ? __ldg(reinterpret_cast<const uint4 *>(qs + (size_t)items[it].x * ebytes) + (w - it * per))
+                          : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    }
+    if (acc == 0x9e3779b9u)
+        *sink = acc;
+}
+
 /* One token's routed experts in one launch, as a decode step runs them:
  * the grouped INT4 product (work list of k items, the one-token kernel,
  * gate_up with SiLU(gate) * up fused, down into fp32 rows) against cuBLAS
@@ -369,6 +427,32 @@ static void bench_grouped(cublasHandle_t h, const char *name, int E, int topk, i
                                         p + topk, CUDA_R_16F, k, &zero, (void *const *)(p + 2 * topk),
                                         CUDA_R_32F, n, topk, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     });
+    /* the read floors: the same experts' weight bytes, read and thrown away */
+    uint32_t *sink;
+    CK(cudaMalloc(&sink, 4));
+    const double tr = time_it([&](int i) {
+        k_read_gemv<<<dim3((n + 15) / 16, topk), 128>>>(qs, d_items + (size_t)(i % nsets) * topk, n, k,
+                                                        sink);
+    });
+    int sms = 0;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    double tf[3];
+    for (int v = 0; v < 3; v++)
+        tf[v] = time_it([&](int i) {
+            const int2 *it = d_items + (size_t)(i % nsets) * topk;
+            if (v == 0)
+                k_read_flat<4><<<sms, 512>>>(qs, it, topk, qb, sink);
+            else if (v == 1)
+                k_read_flat<4><<<2 * sms, 512>>>(qs, it, topk, qb, sink);
+            else
+                k_read_flat<8><<<4 * sms, 256>>>(qs, it, topk, qb, sink);
+        });
+    const double bq = (double)topk * qb;
+    printf("grouped %-14s read floor of the %.1f MB of weights: gemv's shape %6.1f us (%4.0f%% bw) | "
+           "flat %d x 512 %6.1f us (%4.0f%%), %d x 512 %6.1f us (%4.0f%%), %d x 256 x 8 %6.1f us (%4.0f%%)\n",
+           name, bq / 1e6, tr * 1e6, 100 * bq / tr / g_bw, sms, tf[0] * 1e6, 100 * bq / tf[0] / g_bw,
+           2 * sms, tf[1] * 1e6, 100 * bq / tf[1] / g_bw, 4 * sms, tf[2] * 1e6, 100 * bq / tf[2] / g_bw);
+    cudaFree(sink);
     const double b4 = (double)topk * (qb + 3 * gc), b16 = (double)topk * n * k * 2;
     printf("grouped %-14s %d of %3d experts, n=%5d k=%5d | int4 %6.1f us (%5.0f GB/s, %3.0f%% bw) | "
            "cublas fp16 batched %6.1f us (%5.0f GB/s) | speed-up %.2fx%s\n",
