@@ -56,9 +56,10 @@ typedef struct cu_gemm_rows {
     int32_t tile;            /* entries per item the list was built for */
     const int32_t *a_rows;   /* [entries] row of A for entry i, NULL = i */
     const float *row_scale;  /* [entries] multiplier of Y row i, or NULL */
-    int32_t plan_ready;      /* grouped: items, n_items were written two or more launches
-                              * before this product, so the one-token kernel may read them
-                              * (and load the weights they name) before its dependency wait */
+    int32_t plan_ready;      /* grouped: items, n_items and offsets (one grouping kernel
+                              * writes all three) were written two or more launches before
+                              * this product, so the one-token kernel may read them (and
+                              * load the weights they name) before its dependency wait */
     const int32_t *out_rows; /* [entries] row of Y for entry i (CU_OUT_F32_ADD), NULL = i */
     /* One-token gemv only (tile 1, dense, CU_OUT_F32): when x_f32 is set, A
      * is not read; every block computes A = fp16(rmsnorm(x_f32[i]) * x_norm)
