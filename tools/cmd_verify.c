@@ -22,7 +22,9 @@
  * greedy decode must match up to the first position whose reference margin
  * is within twice the observed error there (an honest tie for that
  * precision, reported as such); --batch compares batched with alone by the
- * same row criterion instead of bit equality.
+ * same row criterion instead of bit equality. Either way a prompt's line
+ * says how far batched is from alone where they differ (the row with the
+ * largest relative L2 difference: prompt rows first, then decode rows).
  */
 #include <errno.h>
 #include <jansson.h>
@@ -393,6 +395,7 @@ static int verify_main(int argc, char **argv)
     for (int i = 0; i < np; i++) {
         prompt *p = &P[i];
         double mx = 0, rel = 0, rel2 = 0, rel2b = 0;
+        size_t row_b = 0; /* the row of rel2b: where batched and alone differ most */
         int top1_bad = 0, same_rows = 1, shown = 0;
         size_t rows = (size_t)(p->T + p->N);
         double *row_err = calloc(rows, sizeof(double)), *margin = calloc(rows, sizeof(double));
@@ -422,7 +425,10 @@ static int verify_main(int argc, char **argv)
             double r2 = rn > 0 ? sqrt(dn / rn) : sqrt(dn);
             rel2 = r2 > rel2 || isnan(r2) ? r2 : rel2;
             double r2b = rn > 0 ? sqrt(bn / rn) : sqrt(bn);
-            rel2b = r2b > rel2b || isnan(r2b) ? r2b : rel2b;
+            if (r2b > rel2b || (isnan(r2b) && !isnan(rel2b))) {
+                rel2b = r2b;
+                row_b = r;
+            }
             if (row_err)
                 row_err[r] = rmx;
             if (margin)
@@ -450,6 +456,12 @@ static int verify_main(int argc, char **argv)
             same = same_rows = rel2b <= row_tol;
         else if (batch)
             same = !memcmp(p->got, p->alone, rows * (size_t)V * sizeof(float));
+        /* how far batched is from alone, and where (rows: prompt, then decode) */
+        char bdiff[96] = "";
+        if (batch && rel2b == 0 && row_tol >= 0)
+            snprintf(bdiff, sizeof bdiff, " (the same bits)");
+        else if (batch && (!same || row_tol >= 0))
+            snprintf(bdiff, sizeof bdiff, " (row %zu rel-L2 %.3g)", row_b, rel2b);
         int ok_l = row_tol >= 0 ? (rel2 <= row_tol && !top1_bad)
                    : rel_tol >= 0 ? rel <= rel_tol : mx <= tol;
         int ok = ok_l && (match == p->N || tie) && same;
@@ -457,15 +469,15 @@ static int verify_main(int argc, char **argv)
         if (!quiet || !ok) {
             if (row_tol >= 0)
                 printf("%s p%d: %d+%d tokens  max|dlogit| %.3g  row rel-L2 %.3g  top1 miss %d  "
-                       "greedy %d/%d%s%s  %s\n",
+                       "greedy %d/%d%s%s%s  %s\n",
                        info.name, i, p->T, p->N, mx, rel2, top1_bad, match, p->N,
                        tie ? " (then a reference near-tie)" : "",
-                       batch ? (same_rows ? "  batched~alone" : "  BATCHED != ALONE") : "",
+                       batch ? (same_rows ? "  batched~alone" : "  BATCHED != ALONE") : "", bdiff,
                        ok ? "OK" : "FAIL");
             else
-                printf("%s p%d: %d+%d tokens  max|dlogit| %.3g  rel %.3g  greedy %d/%d%s  %s\n",
+                printf("%s p%d: %d+%d tokens  max|dlogit| %.3g  rel %.3g  greedy %d/%d%s%s  %s\n",
                        info.name, i, p->T, p->N, mx, rel, match, p->N,
-                       batch ? (same ? "  batched==alone" : "  BATCHED != ALONE") : "",
+                       batch ? (same ? "  batched==alone" : "  BATCHED != ALONE") : "", bdiff,
                        ok ? "OK" : "FAIL");
         }
     }
