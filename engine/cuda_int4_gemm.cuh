@@ -187,9 +187,11 @@ __device__ __forceinline__ bool cu_item_lookup(const cu_gemm_rows &r, int y, int
         *end = min(r.n_rows, *start + tile);
         return *start < r.n_rows;
     }
+    /* both loads at once: y < max_items (the grid) is inside the list;
+     * an entry past n_items is stale and not used */
+    const int2 it = r.items[y];
     if (y >= *r.n_items)
         return false;
-    int2 it = r.items[y];
     *e = it.x;
     *start = it.y;
     *end = min(r.offsets[it.x + 1], it.y + tile);
