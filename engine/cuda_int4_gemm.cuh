@@ -21,7 +21,8 @@
  *
  * Numerics: a weight is dequantised as (q - zero) * scale in fp16 (one
  * rounding, relative 2^-11), products accumulate in fp32 (mma) or in fp16
- * over 8 inputs then fp32 (gemv). Expected relative error of a row against
+ * over 8 inputs then fp32 (gemv). The staged one-token gemv keeps
+ * (q - zero) / 64 exact and applies 64 x scale once a chunk, in fp32. Expected relative error of a row against
  * an fp64 reference: ~1e-3 (tests/cuda bound it at 1e-2 of the row norm).
  *
  * Work lists (grouped case, built on the GPU by cuda_moe): offsets[E+1]

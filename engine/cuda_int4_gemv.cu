@@ -31,14 +31,15 @@ namespace {
 /* STAGE (MT 1, NCH 2, one step a lane: K <= 2 * 32 * TPR, no NORM; the
  * launcher checks K): the weight chunks go to dynamic shared memory by
  * cp.async ([rows of the block][K/32] x 16 bytes; a lane reads back only
- * what it copied) instead of registers: 64 registers instead of 114-123,
+ * what it copied) instead of registers: 64 registers instead of 111-113,
  * so 8 blocks fit an SM instead of 4 (a qwen3 token's 768 gate_up blocks in
  * one wave; the next launch's blocks beside the down product's). Two copy
  * groups: the first chunk is computed while the second's copies fly. The
  * same weights, scales and zeros (cp.async.cg bypasses L1 where __ldg goes
- * through it), the same arithmetic in the same order: the same bits. The
- * launch bound of 8 blocks an SM holds it at 64 registers (with 6 ptxas
- * took 80); the register kernels have none. */
+ * through it), in fewer instructions (compute_x: the scale once a chunk),
+ * so not the register kernel's bits. The launch bound of 8 blocks an SM
+ * holds it at 64 registers (with 6 ptxas took 80); the register kernels
+ * have none. */
 template <int MT, int TPR, int MODE, int NCH, bool NORM = false, bool STAGE = false>
 __global__ void __launch_bounds__(128, STAGE ? 8 : 0)
     k_int4_gemv(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
@@ -170,23 +171,49 @@ __global__ void __launch_bounds__(128, STAGE ? 8 : 0)
             z2[j] = int4_zero2(zp[(size_t)rr[j] * G + grp]);
         }
     };
-    /* A's 32 inputs of chunk c (one token): four 16-byte loads at once
-     * (arow is a valid row for every m, so they need no condition) */
-    auto load_x = [&](int c, int m, uint4 xv[4]) {
+    /* The staged kernel's A for chunk c: four 16-byte loads at once. A is
+     * read with ordinary loads (__ldca), not __ldg: ptxas takes
+     * ld.global.nc for data that cannot change while the kernel runs, and
+     * moved such loads of A above griddepcontrol.wait, where the previous
+     * kernel may still be writing A (seen in the SASS). */
+    auto load_x = [&](int c, uint4 xv[4]) {
 #pragma unroll
         for (int q = 0; q < 4; q++)
-            xv[q] = NORM ? *reinterpret_cast<const uint4 *>(s_a + c * 32 + q * 8)
-                         : __ldg(reinterpret_cast<const uint4 *>(arow[m] + c * 32 + q * 8));
+            xv[q] = __ldca(reinterpret_cast<const uint4 *>(arow[0] + c * 32 + q * 8));
     };
-    /* chunk c: the 32 weights of each row as (q - zero) / 64 (exact in
-     * fp16), each word's 8 products with A summed 4 a half in fp16, then
-     * into the fp32 sum times 64 x the row's scale (a chunk is in one
-     * group). 8-token tiles keep the scaled weights (int4_dequant8): the
-     * 4 x 8 fp32 sums need all their registers (168; 255 with the
-     * unscaled ones). xg: MT == 1's inputs, loaded ahead. */
+    /* Register kernels: chunk c's weights dequantised as (q - zero) *
+     * scale in fp16 (int4_dequant8), A's 8 inputs loaded right before their
+     * use, products summed 4 a half in fp16, then in fp32. */
+    auto compute = [&](int c, const uint4 wv[4], const half2 s2[4], const half2 z2[4]) {
+#pragma unroll
+        for (int q = 0; q < 4; q++) { /* 8 inputs k = c*32 + 8q .. +7 */
+            half2 wd[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const uint32_t word = (q == 0) ? wv[j].x : (q == 1) ? wv[j].y : (q == 2) ? wv[j].z : wv[j].w;
+                int4_dequant8(word, z2[j], s2[j], wd[j]);
+            }
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                if (m < cnt) {
+                    uint4 xv = NORM ? *reinterpret_cast<const uint4 *>(s_a + c * 32 + q * 8)
+                                    : __ldg(reinterpret_cast<const uint4 *>(arow[m] + c * 32 + q * 8));
+                    uint32_t xp[4];
+                    int4_xpairs(xv, xp);
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+                        acc[j][m] += int4_dot8(wd[j], xp);
+                }
+            }
+        }
+    };
+    /* The staged kernel (one token): chunk c's weights as (q - zero) / 64
+     * (int4_unpack8, exact in fp16), each word's 8 products with A summed 4
+     * a half in fp16, then into the fp32 sum times 64 x the row's scale (a
+     * chunk is in one group): fewer instructions a weight. xv: the chunk's
+     * A, loaded ahead (load_x). */
     auto compute_x = [&](int c, const uint4 wv[4], const half2 s2[4], const half2 z2[4],
-                         const uint4 *xg) {
-        constexpr bool SCALED = MT > 4;
+                         const uint4 xv[4]) {
         half2 zlo[4], zhi[4];
         float sj[4];
 #pragma unroll
@@ -195,41 +222,17 @@ __global__ void __launch_bounds__(128, STAGE ? 8 : 0)
             sj[j] = 64.f * __low2float(s2[j]); /* int4_unpack8's 1/64 */
         }
 #pragma unroll
-        for (int q = 0; q < 4; q++) { /* 8 inputs k = c*32 + 8q .. +7 */
-            half2 wd[4][4];
+        for (int q = 0; q < 4; q++) {
+            uint32_t xp[4];
+            int4_xpairs(xv[q], xp);
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const uint32_t word = (q == 0) ? wv[j].x : (q == 1) ? wv[j].y : (q == 2) ? wv[j].z : wv[j].w;
-                if constexpr (SCALED)
-                    int4_dequant8(word, z2[j], s2[j], wd[j]);
-                else
-                    int4_unpack8(word, zlo[j], zhi[j], wd[j]);
-            }
-#pragma unroll
-            for (int m = 0; m < MT; m++) {
-                if (m < cnt) {
-                    uint4 xv;
-                    if (MT == 1)
-                        xv = xg[q];
-                    else
-                        xv = NORM ? *reinterpret_cast<const uint4 *>(s_a + c * 32 + q * 8)
-                                  : __ldg(reinterpret_cast<const uint4 *>(arow[m] + c * 32 + q * 8));
-                    uint32_t xp[4];
-                    int4_xpairs(xv, xp);
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        const float d = int4_dot8(wd[j], xp);
-                        acc[j][m] = SCALED ? acc[j][m] + d : fmaf(d, sj[j], acc[j][m]);
-                    }
-                }
+                half2 wd[4];
+                int4_unpack8(word, zlo[j], zhi[j], wd);
+                acc[j][0] = fmaf(int4_dot8(wd, xp), sj[j], acc[j][0]);
             }
         }
-    };
-    auto compute = [&](int c, const uint4 wv[4], const half2 s2[4], const half2 z2[4]) {
-        uint4 xg[4];
-        if (MT == 1)
-            load_x(c, 0, xg);
-        compute_x(c, wv, s2, z2, xg);
     };
     if constexpr (STAGE) { /* one step: c = tl and tl + TPR (launcher: C <= 2 * TPR) */
         static_assert(MT == 1 && NCH == 2 && !NORM, "staged gemv: one token, two chunks a lane");
@@ -270,7 +273,7 @@ __global__ void __launch_bounds__(128, STAGE ? 8 : 0)
          * output), the second's after the first is computed (registers) */
         uint4 xa[4], xb[4];
         if (one)
-            load_x(c, 0, xa);
+            load_x(c, xa);
         cp_async_wait<1>(); /* the lane's own copies: no barrier needed */
         if (one) {
             uint4 wv[4];
@@ -280,7 +283,7 @@ __global__ void __launch_bounds__(128, STAGE ? 8 : 0)
             compute_x(c, wv, sa, za, xa);
         }
         if (two)
-            load_x(c + TPR, 0, xb);
+            load_x(c + TPR, xb);
         cp_async_wait<0>();
         if (two) {
             uint4 wv[4];
@@ -553,7 +556,7 @@ __global__ void k_gather_rows(const __half *__restrict__ x, int ldx, const int32
 }
 
 /* One thread per 8 weights (one 32-bit word of nibbles k0..k7, k0 in the
- * low bits): the same (q - zero) * scale in fp16 as the products, written
+ * low bits): the same (q - zero) * scale in fp16 as the register products, written
  * as 8 consecutive halves. Waits first: the workspace it overwrites may
  * still be read by the previous product. */
 __global__ void k_int4_dequant(cu_int4_weights w, __half *__restrict__ out)

@@ -273,7 +273,7 @@ static void test_int4_mma8()
 /* The one-token grouped gemv with its weights staged through shared memory
  * (LIGHTMOE_CUDA_GEMV_STAGE): against the CPU through run_grouped (gate_up,
  * down, down before its wait, down adding into the residual), the launch
- * counter showing the staged kernel ran, and the same bits as the kernel
+ * counter showing the staged kernel ran, and agreement with the kernel
  * holding its weights in registers (gate_up + SiLU and down). */
 static void gemv_stage_bits(int H, int I, int g, int E, int k)
 {
@@ -330,19 +330,32 @@ static void gemv_stage_bits(int H, int I, int g, int E, int k)
         staged[st] = cu_int4_gemv_staged_launches() - n0;
         cu_int4_gemv_set_stage(was);
     }
+    /* the staged kernel computes (q - zero) / 64 times the scale once a
+     * chunk (int4_unpack8), the register kernel (q - zero) * scale a
+     * weight: not the same bits, so each against the other within the
+     * bound both hold against the CPU (run_grouped) */
+    char what[160];
     vector<uint16_t> h0 = host((const uint16_t *)h[0], (size_t)k * I),
                      h1 = host((const uint16_t *)h[1], (size_t)k * I);
-    bool same = h0 == h1;
+    vector<float> g1(h1.size());
+    vector<double> g0(h0.size());
+    for (size_t i = 0; i < h0.size(); i++) {
+        g0[i] = h2f(h0[i]);
+        g1[i] = h2f(h1[i]);
+    }
+    snprintf(what, sizeof what, "staged gemv H=%d I=%d E=%d k=%d: gate_up+silu vs registers", H, I, E, k);
+    compare(what, g1.data(), g0.data(), k, I, 5e-3);
+    const char *vn[3] = {"down", "down before its wait", "down accumulating"};
     for (int v = 0; v < 3; v++) {
         vector<float> y0 = host(y[0][v], (size_t)k * H), y1 = host(y[1][v], (size_t)k * H);
-        same &= !memcmp(y0.data(), y1.data(), y0.size() * 4);
+        vector<double> r0(y0.begin(), y0.end());
+        snprintf(what, sizeof what, "staged gemv H=%d I=%d E=%d k=%d: %s vs registers", H, I, E, k, vn[v]);
+        compare(what, y1.data(), r0.data(), k, H, 5e-3);
     }
     const bool ran = staged[0] == 0 && staged[1] == 4;
-    printf("%-4s staged gemv H=%d I=%d E=%d k=%d: gate_up, down, down before its wait and down "
-           "accumulating bit-identical to the register kernel (%s; %ld and %ld launches staged, "
-           "0 and 4 expected)\n", same && ran ? "ok" : "FAIL", H, I, E, k,
-           same ? "same bits" : "BITS DIFFER", staged[0], staged[1]);
-    if (!same || !ran)
+    printf("%-4s staged gemv H=%d I=%d E=%d k=%d: %ld and %ld launches staged, 0 and 4 expected\n",
+           ran ? "ok" : "FAIL", H, I, E, k, staged[0], staged[1]);
+    if (!ran)
         g_fail = 1;
     for (int st = 0; st < 2; st++) {
         cudaFree(h[st]);
