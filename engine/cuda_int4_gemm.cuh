@@ -19,10 +19,11 @@
  * Act-order (perm) is applied by the caller (cu_gather_rows) before the
  * product: the kernels read A in packed-column order.
  *
- * Numerics: a weight is dequantised as (q - zero) * scale in fp16 (one
- * rounding, relative 2^-11), products accumulate in fp32 (mma) or in fp16
- * over 8 inputs then fp32 (gemv). The staged one-token gemv keeps
- * (q - zero) / 64 exact and applies 64 x scale once a chunk, in fp32. Expected relative error of a row against
+ * Numerics: the mma kernels dequantise a weight as (q - zero) * scale in
+ * fp16 (one rounding, relative 2^-11) and accumulate in fp32; the gemv
+ * kernels (1-4 tokens, and the attention's fused output projection) keep
+ * (q - zero) / 64 exact in fp16, sum 8 products with A in fp16 and add
+ * them into fp32 times 64 x scale. Expected relative error of a row against
  * an fp64 reference: ~1e-3 (tests/cuda bound it at 1e-2 of the row norm).
  *
  * Work lists (grouped case, built on the GPU by cuda_moe): offsets[E+1]

@@ -36,8 +36,8 @@ namespace {
  * one wave; the next launch's blocks beside the down product's). Two copy
  * groups: the first chunk is computed while the second's copies fly. The
  * same weights, scales and zeros (cp.async.cg bypasses L1 where __ldg goes
- * through it), in fewer instructions (compute_x: the scale once a chunk),
- * so not the register kernel's bits. The launch bound of 8 blocks an SM
+ * through it), the same arithmetic in the same order (compute_x is
+ * compute with A loaded ahead): the same bits. The launch bound of 8 blocks an SM
  * holds it at 64 registers (with 6 ptxas took 80); the register kernels
  * have none. */
 template <int MT, int TPR, int MODE, int NCH, bool NORM = false, bool STAGE = false>
@@ -181,17 +181,27 @@ __global__ void __launch_bounds__(128, STAGE ? 8 : 0)
         for (int q = 0; q < 4; q++)
             xv[q] = __ldca(reinterpret_cast<const uint4 *>(arow[0] + c * 32 + q * 8));
     };
-    /* Register kernels: chunk c's weights dequantised as (q - zero) *
-     * scale in fp16 (int4_dequant8), A's 8 inputs loaded right before their
-     * use, products summed 4 a half in fp16, then in fp32. */
+    /* Register kernels: chunk c's weights as (q - zero) / 64 (int4_unpack8,
+     * exact in fp16), A's 8 inputs loaded right before their use, each
+     * word's 8 products summed 4 a half in fp16, then into the fp32 sum
+     * times 64 x the row's scale (a chunk is in one group): for every token
+     * the staged kernel's arithmetic in its order, so a token's rows have
+     * the same bits at every tile (a request alone and batched). */
     auto compute = [&](int c, const uint4 wv[4], const half2 s2[4], const half2 z2[4]) {
+        half2 zlo[4], zhi[4];
+        float sj[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int4_zoff(z2[j], &zlo[j], &zhi[j]);
+            sj[j] = 64.f * __low2float(s2[j]); /* int4_unpack8's 1/64 */
+        }
 #pragma unroll
         for (int q = 0; q < 4; q++) { /* 8 inputs k = c*32 + 8q .. +7 */
             half2 wd[4][4];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const uint32_t word = (q == 0) ? wv[j].x : (q == 1) ? wv[j].y : (q == 2) ? wv[j].z : wv[j].w;
-                int4_dequant8(word, z2[j], s2[j], wd[j]);
+                int4_unpack8(word, zlo[j], zhi[j], wd[j]);
             }
 #pragma unroll
             for (int m = 0; m < MT; m++) {
@@ -202,16 +212,13 @@ __global__ void __launch_bounds__(128, STAGE ? 8 : 0)
                     int4_xpairs(xv, xp);
 #pragma unroll
                     for (int j = 0; j < 4; j++)
-                        acc[j][m] += int4_dot8(wd[j], xp);
+                        acc[j][m] = fmaf(int4_dot8(wd[j], xp), sj[j], acc[j][m]);
                 }
             }
         }
     };
-    /* The staged kernel (one token): chunk c's weights as (q - zero) / 64
-     * (int4_unpack8, exact in fp16), each word's 8 products with A summed 4
-     * a half in fp16, then into the fp32 sum times 64 x the row's scale (a
-     * chunk is in one group): fewer instructions a weight. xv: the chunk's
-     * A, loaded ahead (load_x). */
+    /* The staged kernel (one token): compute's arithmetic in its order (the
+     * same bits), with the chunk's A loaded ahead (xv, load_x). */
     auto compute_x = [&](int c, const uint4 wv[4], const half2 s2[4], const half2 z2[4],
                          const uint4 xv[4]) {
         half2 zlo[4], zhi[4];
