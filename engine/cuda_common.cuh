@@ -316,7 +316,7 @@ __device__ __forceinline__ void int4_unpack8(uint32_t w, half2 zlo, half2 zhi, h
     out[3] = __hfma2(*reinterpret_cast<half2 *>(&t[3]), hi, zhi);
 }
 
-/* 1024 + zero in both halves, for int4_dequant8. */
+/* 1024 + zero in both halves, for int4_dequant8 and int4_zoff. */
 __device__ __forceinline__ half2 int4_zero2(int z)
 {
     return __half2half2(__int2half_rn(1024 + z));

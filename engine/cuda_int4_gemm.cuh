@@ -145,7 +145,8 @@ int cu_int4_mma8(const cu_int4_weights *w, const cu_gemm_rows *rows, const __hal
 int cu_int4_set_mma8(int on);
 
 /* out[n][k] (fp16, row-major) = the weights of expert 0 of w dequantised
- * exactly as the kernels do ((q - zero) * scale, one fp16 rounding); for
+ * exactly as the mma kernels do ((q - zero) * scale, one fp16 rounding;
+ * the gemv kernels keep (q - zero) / 64 exact and scale their sums); for
  * prefill through cuBLAS (cuda_forward.cu). Waits for the previous kernel
  * before writing (dependent launch). */
 int cu_int4_dequant(const cu_int4_weights *w, __half *out, cudaStream_t stream, lm_err *err);

@@ -38,8 +38,9 @@ namespace {
  * same weights, scales and zeros (cp.async.cg bypasses L1 where __ldg goes
  * through it), the same arithmetic in the same order (compute_x is
  * compute with A loaded ahead): the same bits. The launch bound of 8 blocks an SM
- * holds it at 64 registers (with 6 ptxas took 80); the register kernels
- * have none. */
+ * holds it at 63 registers (with 6 ptxas took 80; on sm_90a the SiLU
+ * variants spill 4 bytes, none on sm_80); the register kernels have
+ * none. */
 template <int MT, int TPR, int MODE, int NCH, bool NORM = false, bool STAGE = false>
 __global__ void __launch_bounds__(128, STAGE ? 8 : 0)
     k_int4_gemv(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
@@ -186,7 +187,10 @@ __global__ void __launch_bounds__(128, STAGE ? 8 : 0)
      * word's 8 products summed 4 a half in fp16, then into the fp32 sum
      * times 64 x the row's scale (a chunk is in one group): for every token
      * the staged kernel's arithmetic in its order, so a token's rows have
-     * the same bits at every tile (a request alone and batched). */
+     * the same bits at every tile of the same lanes a row (a request alone
+     * and in a batch of 2-4; not at K >= 4096, where one token takes teams
+     * of 64 (LIGHTMOE_CUDA_GEMV_T64) and more take 32, nor with
+     * LIGHTMOE_CUDA_GEMV_ILP=4; there the fp32 sums' order differs). */
     auto compute = [&](int c, const uint4 wv[4], const half2 s2[4], const half2 z2[4]) {
         half2 zlo[4], zhi[4];
         float sj[4];
@@ -563,7 +567,7 @@ __global__ void k_gather_rows(const __half *__restrict__ x, int ldx, const int32
 }
 
 /* One thread per 8 weights (one 32-bit word of nibbles k0..k7, k0 in the
- * low bits): the same (q - zero) * scale in fp16 as the register products, written
+ * low bits): the same (q - zero) * scale in fp16 as the mma kernels use, written
  * as 8 consecutive halves. Waits first: the workspace it overwrites may
  * still be read by the previous product. */
 __global__ void k_int4_dequant(cu_int4_weights w, __half *__restrict__ out)
