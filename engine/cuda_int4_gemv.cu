@@ -182,6 +182,15 @@ __global__ void __launch_bounds__(128, STAGE ? 8 : 0)
         for (int q = 0; q < 4; q++)
             xv[q] = __ldca(reinterpret_cast<const uint4 *>(arow[0] + c * 32 + q * 8));
     };
+    /* a chunk's int4_unpack8 offsets and 64 x scale, for each of the 4 rows */
+    auto unpack_consts = [](const half2 s2[4], const half2 z2[4], half2 zlo[4], half2 zhi[4],
+                            float sj[4]) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int4_zoff(z2[j], &zlo[j], &zhi[j]);
+            sj[j] = 64.f * __low2float(s2[j]); /* int4_unpack8's 1/64 */
+        }
+    };
     /* Register kernels: chunk c's weights as (q - zero) / 64 (int4_unpack8,
      * exact in fp16), A's 8 inputs loaded right before their use, each
      * word's 8 products summed 4 a half in fp16, then into the fp32 sum
@@ -194,11 +203,7 @@ __global__ void __launch_bounds__(128, STAGE ? 8 : 0)
     auto compute = [&](int c, const uint4 wv[4], const half2 s2[4], const half2 z2[4]) {
         half2 zlo[4], zhi[4];
         float sj[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            int4_zoff(z2[j], &zlo[j], &zhi[j]);
-            sj[j] = 64.f * __low2float(s2[j]); /* int4_unpack8's 1/64 */
-        }
+        unpack_consts(s2, z2, zlo, zhi, sj);
 #pragma unroll
         for (int q = 0; q < 4; q++) { /* 8 inputs k = c*32 + 8q .. +7 */
             half2 wd[4][4];
@@ -227,11 +232,7 @@ __global__ void __launch_bounds__(128, STAGE ? 8 : 0)
                          const uint4 xv[4]) {
         half2 zlo[4], zhi[4];
         float sj[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            int4_zoff(z2[j], &zlo[j], &zhi[j]);
-            sj[j] = 64.f * __low2float(s2[j]); /* int4_unpack8's 1/64 */
-        }
+        unpack_consts(s2, z2, zlo, zhi, sj);
 #pragma unroll
         for (int q = 0; q < 4; q++) {
             uint32_t xp[4];
