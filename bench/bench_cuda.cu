@@ -329,6 +329,32 @@ __global__ void k_read_flat(const uint8_t *__restrict__ qs, const int2 *__restri
         *sink = acc;
 }
 
+/* What one launch for a token's whole MoE block (gate_up, SiLU and down
+ * together) would add: if each block made a slice of an expert's h and
+ * multiplied it by its share of down's columns (K split over the blocks),
+ * it would add n floats into the token's output row. B blocks, each adding
+ * n floats of v into one row y of n (fp32 atomics in L2): V4 as 16-byte
+ * vector atomics (sm_90; scalar below), else four scalar ones. k_empty,
+ * launched with the same grid, gives such a launch's fixed cost. */
+__device__ __forceinline__ void red4_scalar(float *y, float v)
+{
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        atomicAdd(y + j, v);
+}
+template <bool V4> __global__ void k_red_row(float *y, int n, float v)
+{
+    for (int i = threadIdx.x; i < n / 4; i += blockDim.x) {
+#if __CUDA_ARCH__ >= 900
+        if constexpr (V4)
+            atomicAdd(reinterpret_cast<float4 *>(y) + i, make_float4(v, v, v, v));
+        else
+#endif
+            red4_scalar(y + 4 * i, v);
+    }
+}
+__global__ void k_empty() {}
+
 /* One token's routed experts in one launch, as a decode step runs them:
  * the grouped INT4 product (work list of k items, the one-token kernel,
  * gate_up with SiLU(gate) * up fused, down into fp32 rows) against cuBLAS
@@ -453,6 +479,27 @@ static void bench_grouped(cublasHandle_t h, const char *name, int E, int topk, i
            name, bq / 1e6, tr * 1e6, 100 * bq / tr / g_bw, sms, tf[0] * 1e6, 100 * bq / tf[0] / g_bw,
            2 * sms, tf[1] * 1e6, 100 * bq / tf[1] / g_bw, 4 * sms, tf[2] * 1e6, 100 * bq / tf[2] / g_bw);
     cudaFree(sink);
+    if (mode == CU_OUT_F32) { /* down: n = the hidden size, k = the expert's width */
+        float *row;
+        CK(cudaMalloc(&row, (size_t)n * 4));
+        CK(cudaMemset(row, 0, (size_t)n * 4));
+        double ta[3][2]; /* slices of 32, 16 and 64 of h; empty, scalar, v4 */
+        double te[3];
+        const int wd[3] = {32, 16, 64};
+        for (int s = 0; s < 3; s++) {
+            const int B = topk * (k / wd[s]);
+            te[s] = time_it([&](int) { k_empty<<<B, 128>>>(); });
+            ta[s][0] = time_it([&](int) { k_red_row<false><<<B, 128>>>(row, n, 1e-3f); });
+            ta[s][1] = time_it([&](int) { k_red_row<true><<<B, 128>>>(row, n, 1e-3f); });
+        }
+        printf("grouped %-14s one launch for the MoE block would add %d floats a block: ", name, n);
+        for (int s = 0; s < 3; s++)
+            printf("%s%d blocks (h slices of %d): empty %5.1f us, scalar adds %6.1f us, v4 %6.1f us",
+                   s ? " | " : "", topk * (k / wd[s]), wd[s], te[s] * 1e6, ta[s][0] * 1e6,
+                   ta[s][1] * 1e6);
+        printf("\n");
+        cudaFree(row);
+    }
     const double b4 = (double)topk * (qb + 3 * gc), b16 = (double)topk * n * k * 2;
     printf("grouped %-14s %d of %3d experts, n=%5d k=%5d | int4 %6.1f us (%5.0f GB/s, %3.0f%% bw) | "
            "cublas fp16 batched %6.1f us (%5.0f GB/s) | speed-up %.2fx%s\n",
