@@ -278,8 +278,11 @@ static void bench_shape(cublasHandle_t h, const char *name, int n, int k, int g)
  * (blocks of 16 rows x an item; a warp's 4 rows, lane tl loads chunks tl,
  * tl + 32, ... of each; the expert read from the item list first); k_read_flat
  * spreads the items' bytes evenly over gridDim.x blocks (16-byte loads, U in
- * flight a thread; no item list). The sums are stored only if they equal a
- * value they never take, so that the loads are not removed. */
+ * flight a thread); each block puts the items' base addresses in shared
+ * memory first and finds a word's item by a 32-bit division (round 16's
+ * version did a 64-bit division and read the item list for every load).
+ * The sums are stored only if they equal a value they never take, so that
+ * the loads are not removed. */
 __global__ void k_read_gemv(const uint8_t *__restrict__ qs, const int2 *__restrict__ items, int n,
                             int K, uint32_t *sink)
 {
@@ -308,18 +311,22 @@ template <int U>
 __global__ void k_read_flat(const uint8_t *__restrict__ qs, const int2 *__restrict__ items, int nit,
                             size_t ebytes, uint32_t *sink)
 {
-    const size_t per = ebytes / 16, total = per * nit; /* 16-byte words */
-    const size_t share = (total + gridDim.x - 1) / gridDim.x;
-    const size_t lo = blockIdx.x * share, hi = min(total, lo + share);
+    /* 16-byte words: every caller's total is below 2^32 (the bench's
+     * largest is 786,432) */
+    const uint32_t per = (uint32_t)(ebytes / 16), total = per * (uint32_t)nit;
+    const uint32_t share = (total + gridDim.x - 1) / gridDim.x;
+    const uint32_t lo = blockIdx.x * share, hi = min(total, lo + share);
+    __shared__ const uint4 *s_base[64]; /* nit <= 64: the callers pass a top-k of 4 or 8 */
+    for (int it = threadIdx.x; it < nit && it < 64; it += blockDim.x)
+        s_base[it] = reinterpret_cast<const uint4 *>(qs + (size_t)items[it].x * ebytes);
+    __syncthreads();
     uint32_t acc = 0;
-    for (size_t i = lo + threadIdx.x; i < hi; i += (size_t)U * blockDim.x) {
+    for (uint32_t i = lo + threadIdx.x; i < hi; i += U * blockDim.x) {
         uint4 v[U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const size_t w = i + (size_t)u * blockDim.x;
-            const size_t it = w / per;
-            v[u] = w < hi ? __ldg(reinterpret_cast<const uint4 *>(qs + (size_t)items[it].x * ebytes) + (w - it * per))
-                          : make_uint4(0, 0, 0, 0);
+            const uint32_t w = i + u * blockDim.x, it = w / per;
+            v[u] = w < hi ? __ldg(s_base[it] + (w - it * per)) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < U; u++)
