@@ -316,8 +316,8 @@ __global__ void k_read_flat(const uint8_t *__restrict__ qs, const int2 *__restri
     const uint32_t per = (uint32_t)(ebytes / 16), total = per * (uint32_t)nit;
     const uint32_t share = (total + gridDim.x - 1) / gridDim.x;
     const uint32_t lo = blockIdx.x * share, hi = min(total, lo + share);
-    __shared__ const uint4 *s_base[64]; /* nit <= 64: the callers pass a top-k of 4 or 8 */
-    for (int it = threadIdx.x; it < nit && it < 64; it += blockDim.x)
+    __shared__ const uint4 *s_base[64]; /* nit <= 64: bench_grouped checks */
+    for (int it = threadIdx.x; it < nit; it += blockDim.x)
         s_base[it] = reinterpret_cast<const uint4 *>(qs + (size_t)items[it].x * ebytes);
     __syncthreads();
     uint32_t acc = 0;
@@ -469,6 +469,10 @@ static void bench_grouped(cublasHandle_t h, const char *name, int E, int topk, i
     });
     int sms = 0;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    if (topk > 64) { /* k_read_flat's table of item addresses */
+        fprintf(stderr, "bench_cuda: top-k %d above the read floor's 64\n", topk);
+        exit(2);
+    }
     double tf[3];
     for (int v = 0; v < 3; v++)
         tf[v] = time_it([&](int i) {
