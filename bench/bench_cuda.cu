@@ -278,8 +278,11 @@ static void bench_shape(cublasHandle_t h, const char *name, int n, int k, int g)
  * (blocks of 16 rows x an item; a warp's 4 rows, lane tl loads chunks tl,
  * tl + 32, ... of each; the expert read from the item list first); k_read_flat
  * spreads the items' bytes evenly over gridDim.x blocks (16-byte loads, U in
- * flight a thread; no item list). The sums are stored only if they equal a
- * value they never take, so that the loads are not removed. */
+ * flight a thread); each block puts the items' base addresses in shared
+ * memory first and finds a word's item by a 32-bit division (round 16's
+ * version did a 64-bit division and read the item list for every load).
+ * The sums are stored only if they equal a value they never take, so that
+ * the loads are not removed. */
 __global__ void k_read_gemv(const uint8_t *__restrict__ qs, const int2 *__restrict__ items, int n,
                             int K, uint32_t *sink)
 {
@@ -308,18 +311,22 @@ template <int U>
 __global__ void k_read_flat(const uint8_t *__restrict__ qs, const int2 *__restrict__ items, int nit,
                             size_t ebytes, uint32_t *sink)
 {
-    const size_t per = ebytes / 16, total = per * nit; /* 16-byte words */
-    const size_t share = (total + gridDim.x - 1) / gridDim.x;
-    const size_t lo = blockIdx.x * share, hi = min(total, lo + share);
+    /* 16-byte words: every caller's total is below 2^32 (the bench's
+     * largest is 786,432) */
+    const uint32_t per = (uint32_t)(ebytes / 16), total = per * (uint32_t)nit;
+    const uint32_t share = (total + gridDim.x - 1) / gridDim.x;
+    const uint32_t lo = blockIdx.x * share, hi = min(total, lo + share);
+    __shared__ const uint4 *s_base[64]; /* nit <= 64: bench_grouped checks */
+    for (int it = threadIdx.x; it < nit; it += blockDim.x)
+        s_base[it] = reinterpret_cast<const uint4 *>(qs + (size_t)items[it].x * ebytes);
+    __syncthreads();
     uint32_t acc = 0;
-    for (size_t i = lo + threadIdx.x; i < hi; i += (size_t)U * blockDim.x) {
+    for (uint32_t i = lo + threadIdx.x; i < hi; i += U * blockDim.x) {
         uint4 v[U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const size_t w = i + (size_t)u * blockDim.x;
-            const size_t it = w / per;
-            v[u] = w < hi ? __ldg(reinterpret_cast<const uint4 *>(qs + (size_t)items[it].x * ebytes) + (w - it * per))
-                          : make_uint4(0, 0, 0, 0);
+            const uint32_t w = i + u * blockDim.x, it = w / per;
+            v[u] = w < hi ? __ldg(s_base[it] + (w - it * per)) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < U; u++)
@@ -328,6 +335,32 @@ __global__ void k_read_flat(const uint8_t *__restrict__ qs, const int2 *__restri
     if (acc == 0x9e3779b9u)
         *sink = acc;
 }
+
+/* What one launch for a token's whole MoE block (gate_up, SiLU and down
+ * together) would add: if each block made a slice of an expert's h and
+ * multiplied it by its share of down's columns (K split over the blocks),
+ * it would add n floats into the token's output row. B blocks, each adding
+ * n floats of v into one row y of n (fp32 atomics in L2): V4 as 16-byte
+ * vector atomics (sm_90; scalar below), else four scalar ones. k_empty,
+ * launched with the same grid, gives such a launch's fixed cost. */
+__device__ __forceinline__ void red4_scalar(float *y, float v)
+{
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        atomicAdd(y + j, v);
+}
+template <bool V4> __global__ void k_red_row(float *y, int n, float v)
+{
+    for (int i = threadIdx.x; i < n / 4; i += blockDim.x) {
+#if __CUDA_ARCH__ >= 900
+        if constexpr (V4)
+            atomicAdd(reinterpret_cast<float4 *>(y) + i, make_float4(v, v, v, v));
+        else
+#endif
+            red4_scalar(y + 4 * i, v);
+    }
+}
+__global__ void k_empty() {}
 
 /* One token's routed experts in one launch, as a decode step runs them:
  * the grouped INT4 product (work list of k items, the one-token kernel,
@@ -436,6 +469,10 @@ static void bench_grouped(cublasHandle_t h, const char *name, int E, int topk, i
     });
     int sms = 0;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    if (topk > 64) { /* k_read_flat's table of item addresses */
+        fprintf(stderr, "bench_cuda: top-k %d above the read floor's 64\n", topk);
+        exit(2);
+    }
     double tf[3];
     for (int v = 0; v < 3; v++)
         tf[v] = time_it([&](int i) {
@@ -453,6 +490,27 @@ static void bench_grouped(cublasHandle_t h, const char *name, int E, int topk, i
            name, bq / 1e6, tr * 1e6, 100 * bq / tr / g_bw, sms, tf[0] * 1e6, 100 * bq / tf[0] / g_bw,
            2 * sms, tf[1] * 1e6, 100 * bq / tf[1] / g_bw, 4 * sms, tf[2] * 1e6, 100 * bq / tf[2] / g_bw);
     cudaFree(sink);
+    if (mode == CU_OUT_F32) { /* down: n = the hidden size, k = the expert's width */
+        float *row;
+        CK(cudaMalloc(&row, (size_t)n * 4));
+        CK(cudaMemset(row, 0, (size_t)n * 4));
+        double ta[3][2]; /* slices of 32, 16 and 64 of h; empty, scalar, v4 */
+        double te[3];
+        const int wd[3] = {32, 16, 64};
+        for (int s = 0; s < 3; s++) {
+            const int B = topk * (k / wd[s]);
+            te[s] = time_it([&](int) { k_empty<<<B, 128>>>(); });
+            ta[s][0] = time_it([&](int) { k_red_row<false><<<B, 128>>>(row, n, 1e-3f); });
+            ta[s][1] = time_it([&](int) { k_red_row<true><<<B, 128>>>(row, n, 1e-3f); });
+        }
+        printf("grouped %-14s one launch for the MoE block would add %d floats a block: ", name, n);
+        for (int s = 0; s < 3; s++)
+            printf("%s%d blocks (h slices of %d): empty %5.1f us, scalar adds %6.1f us, v4 %6.1f us",
+                   s ? " | " : "", topk * (k / wd[s]), wd[s], te[s] * 1e6, ta[s][0] * 1e6,
+                   ta[s][1] * 1e6);
+        printf("\n");
+        cudaFree(row);
+    }
     const double b4 = (double)topk * (qb + 3 * gc), b16 = (double)topk * n * k * 2;
     printf("grouped %-14s %d of %3d experts, n=%5d k=%5d | int4 %6.1f us (%5.0f GB/s, %3.0f%% bw) | "
            "cublas fp16 batched %6.1f us (%5.0f GB/s) | speed-up %.2fx%s\n",

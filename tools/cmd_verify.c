@@ -458,10 +458,12 @@ static int verify_main(int argc, char **argv)
             same = !memcmp(p->got, p->alone, rows * (size_t)V * sizeof(float));
         /* how far batched is from alone, and where (rows: prompt, then decode) */
         char bdiff[96] = "";
-        if (batch && rel2b == 0 && row_tol >= 0)
-            snprintf(bdiff, sizeof bdiff, " (the same bits)");
-        else if (batch && (!same || row_tol >= 0))
-            snprintf(bdiff, sizeof bdiff, " (row %zu rel-L2 %.3g)", row_b, rel2b);
+        if (batch && (row_tol >= 0 || !same)) {
+            if (rel2b == 0) /* equal values (bit mode: differing only as -0 and +0) */
+                snprintf(bdiff, sizeof bdiff, " (equal values)");
+            else
+                snprintf(bdiff, sizeof bdiff, " (row %zu rel-L2 %.3g)", row_b, rel2b);
+        }
         int ok_l = row_tol >= 0 ? (rel2 <= row_tol && !top1_bad)
                    : rel_tol >= 0 ? rel <= rel_tol : mx <= tol;
         int ok = ok_l && (match == p->N || tie) && same;
