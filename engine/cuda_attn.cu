@@ -557,13 +557,18 @@ __global__ void __launch_bounds__(128)
         int4_xpairs(*reinterpret_cast<const uint4 *>(s_o + ch * 32 + q * 8), xp[q]);
 #pragma unroll
     for (int ps = 0; ps < LPR; ps++) {
+        /* the gemv's arithmetic (k_int4_gemv's compute): (q - zero) / 64,
+         * 64 x the scale once a word into the fp32 sum */
         float acc = 0.f;
+        half2 zlo, zhi;
+        int4_zoff(z2[ps], &zlo, &zhi);
+        const float sj = 64.f * __low2float(s2[ps]);
 #pragma unroll
         for (int q = 0; q < 4; q++) {
             const uint32_t word = q == 0 ? wv[ps].x : q == 1 ? wv[ps].y : q == 2 ? wv[ps].z : wv[ps].w;
             half2 wd[4];
-            int4_dequant8(word, z2[ps], s2[ps], wd);
-            acc += int4_dot8(wd, xp[q]);
+            int4_unpack8(word, zlo, zhi, wd);
+            acc = fmaf(int4_dot8(wd, xp[q]), sj, acc);
         }
 #pragma unroll
         for (int o = LPR / 2; o > 0; o >>= 1)

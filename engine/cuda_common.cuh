@@ -269,6 +269,16 @@ __device__ __forceinline__ float warp_max(float v)
     return v;
 }
 
+/* (w & M) | 0x64006400 (1024's exponent in both halves) in one instruction;
+ * the compiler makes two of it (an and and an or, one immediate each).
+ * int4_dequant8 keeps its two: the kernels using it were measured so. */
+template <uint32_t M> __device__ __forceinline__ uint32_t int4_and_1024(uint32_t w)
+{
+    uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(w), "n"(M), "r"(0x64006400u));
+    return r;
+}
+
 /* Four pairs of fp16 values from 8 packed nibbles w (k0 in bits 0..3, k1
  * in 4..7, ...): pair i holds (k_i, k_{i+4}) as (q - zero) * scale. The
  * 0x6400 trick makes 1024 + q exactly in fp16; subtracting 1024 + zero
@@ -283,10 +293,42 @@ __device__ __forceinline__ void int4_dequant8(uint32_t w, half2 zz, half2 ss, ha
     }
 }
 
-/* 1024 + zero in both halves, for int4_dequant8. */
+/* int4_dequant8's pairs without the scale, as (q - zero) / 64: exact in
+ * fp16 (|q - zero| <= 16, zeros being 0..16; four products of at most
+ * 16/64 x 65504 sum to at most 65504: no fp16 input overflows int4_dot8's
+ * chain), in fewer instructions than int4_dequant8 (one
+ * shift, four and-ors, four fmas). The low nibble of each byte is made
+ * 1024 + q and scaled by 1/64, the high nibble 1024 + 16 q scaled by
+ * 1/1024 (powers of two: exact); the fma takes 16 + zero/64, respectively
+ * 1 + zero/64 from it, exactly (int4_zoff). */
+__device__ __forceinline__ void int4_unpack8(uint32_t w, half2 zlo, half2 zhi, half2 out[4])
+{
+    const half2 lo = __float2half2_rn(1.f / 64), hi = __float2half2_rn(1.f / 1024);
+    uint32_t t[4];
+    t[0] = int4_and_1024<0x000F000Fu>(w); /* k0, k4: 1024 + q */
+    t[1] = int4_and_1024<0x00F000F0u>(w); /* k1, k5: 1024 + 16 q */
+    w >>= 8;
+    t[2] = int4_and_1024<0x000F000Fu>(w); /* k2, k6 */
+    t[3] = int4_and_1024<0x00F000F0u>(w); /* k3, k7 */
+    out[0] = __hfma2(*reinterpret_cast<half2 *>(&t[0]), lo, zlo);
+    out[1] = __hfma2(*reinterpret_cast<half2 *>(&t[1]), hi, zhi);
+    out[2] = __hfma2(*reinterpret_cast<half2 *>(&t[2]), lo, zlo);
+    out[3] = __hfma2(*reinterpret_cast<half2 *>(&t[3]), hi, zhi);
+}
+
+/* 1024 + zero in both halves, for int4_dequant8 and int4_zoff. */
 __device__ __forceinline__ half2 int4_zero2(int z)
 {
     return __half2half2(__int2half_rn(1024 + z));
+}
+
+/* int4_unpack8's offsets from int4_zero2's 1024 + zero (exact):
+ * zlo = -(16 + zero/64), zhi = -(1 + zero/64). */
+__device__ __forceinline__ void int4_zoff(half2 z1024, half2 *zlo, half2 *zhi)
+{
+    const half2 m = __float2half2_rn(-1.f / 64);
+    *zlo = __hmul2(z1024, m);
+    *zhi = __hfma2(z1024, m, __float2half2_rn(15.f));
 }
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel)

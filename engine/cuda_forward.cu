@@ -215,6 +215,13 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
     ALLOC(s->plan.ent_weight, (size_t)Tm * k, "entries");
     ALLOC(s->plan.pos, (size_t)Tm * k, "entries");
     ALLOC(s->plan.items, (size_t)Tm * k + E, "work items");
+    /* the one-token gemv reads its item before it checks the item count
+     * (cu_item_lookup): entries past the count are read, never used, and
+     * should hold something written */
+    if (cudaMemset(s->plan.items, 0, ((size_t)Tm * k + E) * sizeof(*s->plan.items)) != cudaSuccess) {
+        cu_state_destroy(s);
+        return lm_err_set(err, -EIO, "cuda: clearing the work items failed");
+    }
     ALLOC(s->plan.n_items, 1, "work items");
     ALLOC(s->h, (size_t)Tm * k * I, "expert hidden");
     ALLOC(s->hg, (size_t)Tm * k * I, "expert hidden (gathered)");

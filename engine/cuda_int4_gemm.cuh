@@ -19,9 +19,11 @@
  * Act-order (perm) is applied by the caller (cu_gather_rows) before the
  * product: the kernels read A in packed-column order.
  *
- * Numerics: a weight is dequantised as (q - zero) * scale in fp16 (one
- * rounding, relative 2^-11), products accumulate in fp32 (mma) or in fp16
- * over 8 inputs then fp32 (gemv). Expected relative error of a row against
+ * Numerics: the mma kernels dequantise a weight as (q - zero) * scale in
+ * fp16 (one rounding, relative 2^-11) and accumulate in fp32; the gemv
+ * kernels (1-4 tokens, and the attention's fused output projection) keep
+ * (q - zero) / 64 exact in fp16, sum 8 products with A in fp16 and add
+ * them into fp32 times 64 x scale. Expected relative error of a row against
  * an fp64 reference: ~1e-3 (tests/cuda bound it at 1e-2 of the row norm).
  *
  * Work lists (grouped case, built on the GPU by cuda_moe): offsets[E+1]
@@ -143,7 +145,8 @@ int cu_int4_mma8(const cu_int4_weights *w, const cu_gemm_rows *rows, const __hal
 int cu_int4_set_mma8(int on);
 
 /* out[n][k] (fp16, row-major) = the weights of expert 0 of w dequantised
- * exactly as the kernels do ((q - zero) * scale, one fp16 rounding); for
+ * exactly as the mma kernels do ((q - zero) * scale, one fp16 rounding;
+ * the gemv kernels keep (q - zero) / 64 exact and scale their sums); for
  * prefill through cuBLAS (cuda_forward.cu). Waits for the previous kernel
  * before writing (dependent launch). */
 int cu_int4_dequant(const cu_int4_weights *w, __half *out, cudaStream_t stream, lm_err *err);
@@ -187,9 +190,11 @@ __device__ __forceinline__ bool cu_item_lookup(const cu_gemm_rows &r, int y, int
         *end = min(r.n_rows, *start + tile);
         return *start < r.n_rows;
     }
+    /* both loads at once: y < max_items (the grid) is inside the list;
+     * an entry past n_items is stale and not used */
+    const int2 it = r.items[y];
     if (y >= *r.n_items)
         return false;
-    int2 it = r.items[y];
     *e = it.x;
     *start = it.y;
     *end = min(r.offsets[it.x + 1], it.y + tile);

@@ -31,16 +31,18 @@ namespace {
 /* STAGE (MT 1, NCH 2, one step a lane: K <= 2 * 32 * TPR, no NORM; the
  * launcher checks K): the weight chunks go to dynamic shared memory by
  * cp.async ([rows of the block][K/32] x 16 bytes; a lane reads back only
- * what it copied) instead of registers: 64 registers instead of 111, so 8
- * blocks fit an SM instead of 4 (a qwen3 token's 768 gate_up blocks in one
- * wave; the next launch's blocks beside the down product's). The same
- * weights, scales and zeros (cp.async.cg bypasses L1 where __ldg goes
- * through it), the same arithmetic in the same order: the same bits. The
- * launch bound's 6 blocks an SM is what gave the 64 registers that were
- * measured (with none, ptxas takes 56); the register kernels have none
- * (0: their code is as before STAGE existed). */
+ * what it copied) instead of registers: 64 registers instead of 111-113,
+ * so 8 blocks fit an SM instead of 4 (a qwen3 token's 768 gate_up blocks in
+ * one wave; the next launch's blocks beside the down product's). Two copy
+ * groups: the first chunk is computed while the second's copies fly. The
+ * same weights, scales and zeros (cp.async.cg bypasses L1 where __ldg goes
+ * through it), the same arithmetic in the same order (compute_x is
+ * compute with A loaded ahead): the same bits. The launch bound of 8 blocks an SM
+ * holds it at 63 registers (with 6 ptxas took 80; on sm_90a the SiLU
+ * variants spill 4 bytes, none on sm_80); the register kernels have
+ * none. */
 template <int MT, int TPR, int MODE, int NCH, bool NORM = false, bool STAGE = false>
-__global__ void __launch_bounds__(128, STAGE ? 6 : 0)
+__global__ void __launch_bounds__(128, STAGE ? 8 : 0)
     k_int4_gemv(cu_int4_weights w, cu_gemm_rows r, const __half *__restrict__ a, int lda,
                 void *__restrict__ out, int ldo)
 {
@@ -170,14 +172,45 @@ __global__ void __launch_bounds__(128, STAGE ? 6 : 0)
             z2[j] = int4_zero2(zp[(size_t)rr[j] * G + grp]);
         }
     };
+    /* The staged kernel's A for chunk c: four 16-byte loads at once. A is
+     * read with ordinary loads (__ldca), not __ldg: ptxas takes
+     * ld.global.nc for data that cannot change while the kernel runs, and
+     * moved such loads of A above griddepcontrol.wait, where the previous
+     * kernel may still be writing A (seen in the SASS). */
+    auto load_x = [&](int c, uint4 xv[4]) {
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+            xv[q] = __ldca(reinterpret_cast<const uint4 *>(arow[0] + c * 32 + q * 8));
+    };
+    /* a chunk's int4_unpack8 offsets and 64 x scale, for each of the 4 rows */
+    auto unpack_consts = [](const half2 s2[4], const half2 z2[4], half2 zlo[4], half2 zhi[4],
+                            float sj[4]) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int4_zoff(z2[j], &zlo[j], &zhi[j]);
+            sj[j] = 64.f * __low2float(s2[j]); /* int4_unpack8's 1/64 */
+        }
+    };
+    /* Register kernels: chunk c's weights as (q - zero) / 64 (int4_unpack8,
+     * exact in fp16), A's 8 inputs loaded right before their use, each
+     * word's 8 products summed 4 a half in fp16, then into the fp32 sum
+     * times 64 x the row's scale (a chunk is in one group): for every token
+     * the staged kernel's arithmetic in its order, so a token's rows have
+     * the same bits at every tile of the same lanes a row (a request alone
+     * and in a batch of 2-4; not at K >= 4096, where one token takes teams
+     * of 64 (LIGHTMOE_CUDA_GEMV_T64) and more take 32, nor with
+     * LIGHTMOE_CUDA_GEMV_ILP=4; there the fp32 sums' order differs). */
     auto compute = [&](int c, const uint4 wv[4], const half2 s2[4], const half2 z2[4]) {
+        half2 zlo[4], zhi[4];
+        float sj[4];
+        unpack_consts(s2, z2, zlo, zhi, sj);
 #pragma unroll
         for (int q = 0; q < 4; q++) { /* 8 inputs k = c*32 + 8q .. +7 */
             half2 wd[4][4];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const uint32_t word = (q == 0) ? wv[j].x : (q == 1) ? wv[j].y : (q == 2) ? wv[j].z : wv[j].w;
-                int4_dequant8(word, z2[j], s2[j], wd[j]);
+                int4_unpack8(word, zlo[j], zhi[j], wd[j]);
             }
 #pragma unroll
             for (int m = 0; m < MT; m++) {
@@ -188,8 +221,28 @@ __global__ void __launch_bounds__(128, STAGE ? 6 : 0)
                     int4_xpairs(xv, xp);
 #pragma unroll
                     for (int j = 0; j < 4; j++)
-                        acc[j][m] += int4_dot8(wd[j], xp);
+                        acc[j][m] = fmaf(int4_dot8(wd[j], xp), sj[j], acc[j][m]);
                 }
+            }
+        }
+    };
+    /* The staged kernel (one token): compute's arithmetic in its order (the
+     * same bits), with the chunk's A loaded ahead (xv, load_x). */
+    auto compute_x = [&](int c, const uint4 wv[4], const half2 s2[4], const half2 z2[4],
+                         const uint4 xv[4]) {
+        half2 zlo[4], zhi[4];
+        float sj[4];
+        unpack_consts(s2, z2, zlo, zhi, sj);
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            uint32_t xp[4];
+            int4_xpairs(xv[q], xp);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const uint32_t word = (q == 0) ? wv[j].x : (q == 1) ? wv[j].y : (q == 2) ? wv[j].z : wv[j].w;
+                half2 wd[4];
+                int4_unpack8(word, zlo[j], zhi[j], wd);
+                acc[j][0] = fmaf(int4_dot8(wd, xp), sj[j], acc[j][0]);
             }
         }
     };
@@ -211,8 +264,11 @@ __global__ void __launch_bounds__(128, STAGE ? 6 : 0)
                 z2[j] = int4_zero2(zp[(size_t)rr[j] * G + grp]);
             }
         };
+        /* two copy groups, so that the first chunk is computed while the
+         * second's copies are still coming (an empty group is complete) */
         if (one)
             stage(c, sa, za);
+        cp_async_commit();
         if (two)
             stage(c + TPR, sb, zb);
         cp_async_commit();
@@ -224,20 +280,29 @@ __global__ void __launch_bounds__(128, STAGE ? 6 : 0)
             waited = true;
             cu_trace_mark(0);
         }
-        cp_async_wait<0>(); /* the lane's own copies: no barrier needed */
+        /* A's inputs for a chunk before its weights are in: the first's
+         * after the dependency wait (A may be the previous kernel's
+         * output), the second's after the first is computed (registers) */
+        uint4 xa[4], xb[4];
+        if (one)
+            load_x(c, xa);
+        cp_async_wait<1>(); /* the lane's own copies: no barrier needed */
         if (one) {
             uint4 wv[4];
 #pragma unroll
             for (int j = 0; j < 4; j++)
                 wv[j] = s_w[(size_t)j * C + c];
-            compute(c, wv, sa, za);
+            compute_x(c, wv, sa, za, xa);
         }
+        if (two)
+            load_x(c + TPR, xb);
+        cp_async_wait<0>();
         if (two) {
             uint4 wv[4];
 #pragma unroll
             for (int j = 0; j < 4; j++)
                 wv[j] = s_w[(size_t)j * C + c + TPR];
-            compute(c + TPR, wv, sb, zb);
+            compute_x(c + TPR, wv, sb, zb, xb);
         }
     } else if constexpr (NCH == 2) {
         /* NCH chunks per step, every chunk's loads issued before any is
@@ -503,7 +568,7 @@ __global__ void k_gather_rows(const __half *__restrict__ x, int ldx, const int32
 }
 
 /* One thread per 8 weights (one 32-bit word of nibbles k0..k7, k0 in the
- * low bits): the same (q - zero) * scale in fp16 as the products, written
+ * low bits): the same (q - zero) * scale in fp16 as the mma kernels use, written
  * as 8 consecutive halves. Waits first: the workspace it overwrites may
  * still be read by the previous product. */
 __global__ void k_int4_dequant(cu_int4_weights w, __half *__restrict__ out)

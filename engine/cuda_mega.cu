@@ -262,7 +262,8 @@ __device__ void phase_prefetch(const Phase &P)
     }
 }
 
-/* The chunk's 32 products, as k_int4_gemv computes them. V2 (measurement):
+/* The chunk's 32 products, dequantised as (q - zero) * scale (the gemv
+ * kernels scale once a word instead: not their bits). V2 (measurement):
  * x is stored pair-permuted ((x0, x4), (x1, x5), ... a group of 8: see
  * xs_perm) and the nibbles are unpacked with one shift a word (nibbles
  * 4 apart from the mask 0x00f0 as 16 (1024 + q), scaled back exactly). */

@@ -24,8 +24,8 @@
  *          block's rows of each expert's product, summed in expert order
  * A product's rows are split evenly over the blocks; inside a block a
  * team of TS lanes owns a row, each lane up to CB 32-weight chunks a
- * round (16-byte loads, dequantised in registers exactly as the gemv
- * kernel does; sums over 8 inputs in fp16, then fp32), in one small
+ * round (16-byte loads, dequantised in registers as (q - zero) * scale;
+ * sums over 8 inputs in fp16, then fp32), in one small
  * non-inlined loop for every phase. Results are deterministic: every sum
  * has a fixed order.
  *

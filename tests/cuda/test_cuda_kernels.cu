@@ -270,6 +270,134 @@ static void test_int4_mma8()
     cu_int4_set_mma8(was);
 }
 
+/* A token's rows from the one-token grouped gemv (staged and with its
+ * weights in registers) against the same rows from the gemv of T tokens
+ * (tile 2-4): the same arithmetic in the same order where both take the
+ * same lanes a row (exact: the same bits), else differing only in the
+ * order of fp32 additions (bounds far below the CPU's 5e-3). A kernel that
+ * rounds otherwise (as the staged kernel once did, ~1e-3) fails here
+ * before `lightmoe verify --batch` meets a near-tie that the difference
+ * flips between a request alone and batched. */
+static void gemv_tile_agree(int H, int I, int g, int E, int k, int T, bool exact)
+{
+    qmat gu = make_qmat(2 * I, H, g, E, false), dn = make_qmat(H, I, g, E, false);
+    dq dgu = upload(gu), ddn = upload(dn);
+    vector<float> x = rand_act((size_t)T * H, 2.0f);
+    __half *dx = dev_half(x);
+    vector<int32_t> ids((size_t)T * k);
+    for (int t = 0; t < T; t++) {
+        vector<int> p(E);
+        for (int e = 0; e < E; e++)
+            p[e] = e;
+        for (int j = 0; j < k; j++) {
+            std::swap(p[j], p[j + rnd() % (E - j)]);
+            ids[(size_t)t * k + j] = p[j];
+        }
+    }
+    const vector<float> ones((size_t)T * k, 1.f);
+    plan_dev pd = make_plan(T, k, E);
+    int32_t *dids = dev(ids);
+    float *dw = dev(ones);
+    const int tile = cu_int4_tile_for(T, (T * k + E - 1) / E, CU_GEMM_GEMV);
+    OK(cu_moe_group(dids, dw, T, k, E, tile, &pd.p, 0, ERRP));
+    cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
+    r.n_rows = T * k;
+    r.offsets = pd.p.offsets;
+    r.items = pd.p.items;
+    r.n_items = pd.p.n_items;
+    r.max_items = cu_moe_max_items(T * k, E, tile);
+    r.tile = tile;
+    r.a_rows = pd.p.ent_token;
+    __half *hb;
+    float *yb;
+    CK(cudaMalloc(&hb, (size_t)T * k * I * 2));
+    CK(cudaMalloc(&yb, (size_t)T * k * H * 4));
+    OK(cu_int4_matmul(&dgu.w, &r, dx, H, hb, I, CU_OUT_SILU_F16, CU_GEMM_GEMV, 0, ERRP));
+    r.a_rows = nullptr;
+    OK(cu_int4_matmul(&ddn.w, &r, hb, I, yb, H, CU_OUT_F32, CU_GEMM_GEMV, 0, ERRP));
+    const vector<int32_t> pos = host(pd.p.pos, (size_t)T * k);
+    const vector<uint16_t> hbh = host((const uint16_t *)hb, (size_t)T * k * I);
+    const vector<float> ybh = host(yb, (size_t)T * k * H);
+    /* the batched rows in token order, as the references */
+    vector<double> href((size_t)T * k * I), yref((size_t)T * k * H);
+    for (int i = 0; i < T * k; i++) {
+        for (int c = 0; c < I; c++)
+            href[(size_t)i * I + c] = h2f(hbh[(size_t)pos[i] * I + c]);
+        for (int c = 0; c < H; c++)
+            yref[(size_t)i * H + c] = ybh[(size_t)pos[i] * H + c];
+    }
+    for (int st = 1; st >= 0; st--) {
+        const int was = cu_int4_gemv_set_stage(st);
+        const long n0 = cu_int4_gemv_staged_launches();
+        vector<float> hg((size_t)T * k * I), yg((size_t)T * k * H);
+        for (int t = 0; t < T; t++) {
+            plan_dev p1 = make_plan(1, k, E);
+            int32_t *ids1 = dev(vector<int32_t>(ids.begin() + t * k, ids.begin() + (t + 1) * k));
+            OK(cu_moe_group(ids1, dw, 1, k, E, 1, &p1.p, 0, ERRP));
+            cu_gemm_rows r1;
+            memset(&r1, 0, sizeof(r1));
+            r1.n_rows = k;
+            r1.offsets = p1.p.offsets;
+            r1.items = p1.p.items;
+            r1.n_items = p1.p.n_items;
+            r1.max_items = cu_moe_max_items(k, E, 1);
+            r1.tile = 1;
+            r1.a_rows = p1.p.ent_token;
+            __half *h1, *hin;
+            float *y1;
+            CK(cudaMalloc(&h1, (size_t)k * I * 2));
+            CK(cudaMalloc(&y1, (size_t)k * H * 4));
+            OK(cu_int4_matmul(&dgu.w, &r1, dx + (size_t)t * H, H, h1, I, CU_OUT_SILU_F16,
+                              CU_GEMM_GEMV, 0, ERRP));
+            /* down from the batched run's h rows of this token (each
+             * product compared alone), in this plan's order */
+            const vector<int32_t> pos1 = host(p1.p.pos, (size_t)k);
+            vector<uint16_t> hin_h((size_t)k * I);
+            for (int j = 0; j < k; j++)
+                memcpy(&hin_h[(size_t)pos1[j] * I], &hbh[(size_t)pos[t * k + j] * I], (size_t)I * 2);
+            hin = (__half *)dev(hin_h);
+            r1.a_rows = nullptr;
+            OK(cu_int4_matmul(&ddn.w, &r1, hin, I, y1, H, CU_OUT_F32, CU_GEMM_GEMV, 0, ERRP));
+            const vector<uint16_t> h1h = host((const uint16_t *)h1, (size_t)k * I);
+            const vector<float> y1h = host(y1, (size_t)k * H);
+            for (int j = 0; j < k; j++) {
+                const size_t i = (size_t)t * k + j;
+                for (int c = 0; c < I; c++)
+                    hg[i * I + c] = h2f(h1h[(size_t)pos1[j] * I + c]);
+                memcpy(&yg[i * H], &y1h[(size_t)pos1[j] * H], (size_t)H * 4);
+            }
+            cudaFree(h1);
+            cudaFree(hin);
+            cudaFree(y1);
+            cudaFree(ids1);
+            free_plan(p1);
+        }
+        const long staged = cu_int4_gemv_staged_launches() - n0;
+        cu_int4_gemv_set_stage(was);
+        char what[160];
+        snprintf(what, sizeof what, "gemv H=%d I=%d T=%d gate_up+silu, 1 token (%s) vs tile %d",
+                 H, I, T, st ? "staged" : "registers", tile);
+        compare(what, hg.data(), href.data(), T * k, I, exact ? 0 : 1e-4);
+        snprintf(what, sizeof what, "gemv H=%d I=%d T=%d down, 1 token (%s) vs tile %d", H, I, T,
+                 st ? "staged" : "registers", tile);
+        compare(what, yg.data(), yref.data(), T * k, H, exact ? 0 : 1e-5);
+        const bool ran = staged == (st ? 2 * T : 0);
+        printf("%-4s gemv H=%d I=%d T=%d: %ld one-token launches staged, %d expected\n",
+               ran ? "ok" : "FAIL", H, I, T, staged, st ? 2 * T : 0);
+        if (!ran)
+            g_fail = 1;
+    }
+    cudaFree(hb);
+    cudaFree(yb);
+    cudaFree(dids);
+    cudaFree(dw);
+    cudaFree(dx);
+    free_plan(pd);
+    release(dgu);
+    release(ddn);
+}
+
 /* The one-token grouped gemv with its weights staged through shared memory
  * (LIGHTMOE_CUDA_GEMV_STAGE): against the CPU through run_grouped (gate_up,
  * down, down before its wait, down adding into the residual), the launch
@@ -391,6 +519,12 @@ static void test_gemv_stage()
     gemv_stage_bits(2048, 1408, 128, 8, 4);
     gemv_stage_bits(224, 96, 32, 7, 3);
     gemv_stage_bits(256, 4096, 128, 6, 2); /* down in teams of 64 */
+    /* one token's rows as in a batch of 2-4 (a request alone and batched) */
+    gemv_tile_agree(2048, 768, 128, 16, 8, 3, true);
+    gemv_tile_agree(2048, 1408, 128, 8, 4, 2, true);
+    gemv_tile_agree(256, 160, 32, 8, 2, 3, true); /* the tiny fixtures' experts */
+    gemv_tile_agree(224, 96, 32, 7, 3, 4, true);
+    gemv_tile_agree(256, 4096, 128, 6, 2, 4, false); /* down: teams of 64 alone, of 32 batched */
     cu_int4_gemv_set_t64(t64_was);
     cu_int4_gemv_set_ilp(-1); /* back to the environment's or the build's default */
 }
