@@ -362,11 +362,13 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
     }
     /* one-token steps: the MoE router's dot products made by the merge +
      * o_proj launch, the norm, routing and grouping in one launch after it
-     * (one launch a layer fewer). Off unless LIGHTMOE_CUDA_ROUTE_O=1: 3-6%
-     * faster a step at batch 1 on the H100 (qwen3-30b-a3b), but the logits
-     * take o_proj's part through (router W_o) in fp32, not o_proj's fp16
-     * sums as every other step does, which moves the gptq fixture's router
-     * near-tie between batched and alone (docs/PERF.md, round 14). */
+     * (one launch a layer fewer). Off unless LIGHTMOE_CUDA_ROUTE_O=1: 3-4%
+     * faster a step at batch 1 on the H100 (both models, docs/PERF.md round
+     * 18), but the logits take o_proj's part through (router W_o) in fp32,
+     * not o_proj's sums as every other step does, which moves the gptq
+     * fixture's router near-tie between batched and alone (round 14); with
+     * that arithmetic in steps of 2-4 tokens as well, the near-tie falls
+     * against the reference's side alone and batched (round 19). */
     s->route_o = env_is_1("LIGHTMOE_CUDA_ROUTE_O") && s->merge_o && s->qkv_fused &&
                  !s->o.comm && !s->attn_cnt && !(s->fold && s->fold_route) && !s->mega_want;
     if (s->route_o && (rc = route_o_setup(s, err))) {
