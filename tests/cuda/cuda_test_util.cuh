@@ -248,6 +248,36 @@ inline plan_dev make_plan(int T, int k, int E)
     d.p.topk_w = nullptr;
     return d;
 }
+/* k distinct experts of E for each of T tokens, at random (partial
+ * Fisher-Yates a token) */
+inline vector<int32_t> rand_choices(int T, int k, int E)
+{
+    vector<int32_t> ids((size_t)T * k);
+    for (int t = 0; t < T; t++) {
+        vector<int> p(E);
+        for (int e = 0; e < E; e++)
+            p[e] = e;
+        for (int j = 0; j < k; j++) {
+            std::swap(p[j], p[j + rnd() % (E - j)]);
+            ids[(size_t)t * k + j] = p[j];
+        }
+    }
+    return ids;
+}
+/* A grouped product's rows from a plan of n entries over E experts built
+ * for tile (everything else zero: A's rows in entry order, no scales) */
+inline cu_gemm_rows grouped_rows(const cu_moe_plan &p, int n, int E, int tile)
+{
+    cu_gemm_rows r;
+    memset(&r, 0, sizeof(r));
+    r.n_rows = n;
+    r.offsets = p.offsets;
+    r.items = p.items;
+    r.n_items = p.n_items;
+    r.max_items = cu_moe_max_items(n, E, tile);
+    r.tile = tile;
+    return r;
+}
 inline void free_plan(plan_dev &d)
 {
     void *p[] = {d.p.offsets, d.p.ent_token, d.p.ent_expert, d.p.ent_weight,
@@ -330,5 +360,8 @@ inline const cu_synth_config g_mx = {"mixtral-like", 2, 384, 8, 2, 128, 700, 204
 /* test_cuda_fold.cu */
 void test_fold_kernels();
 void test_fold();
+/* test_cuda_forward.cu */
+void test_forward();
+void test_mega();
 
 #endif
