@@ -150,19 +150,6 @@ __global__ void k_barriers(unsigned *count, int *val, int n)
     }
 }
 
-static cudaError_t launch(bool pdl, void (*k)(), dim3 g, dim3 b, cudaStream_t st)
-{
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = g;
-    cfg.blockDim = b;
-    cfg.stream = st;
-    cfg.attrs = at;
-    cfg.numAttrs = pdl ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, k);
-}
 template <typename... A>
 static cudaError_t launch(bool pdl, void (*k)(A...), dim3 g, dim3 b, cudaStream_t st, A... args)
 {
