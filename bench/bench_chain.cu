@@ -338,6 +338,7 @@ int main(int argc, char **argv)
     /* the persistent kernel's barriers */
     unsigned *cnt;
     CK(cudaMalloc(&cnt, 4));
+    CK(cudaMemset(c.val + 1024, 0, 4)); /* the order flag (the chains above may have written it) */
     int bmax = 0;
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bmax, k_barriers, 128, 0));
     for (int B : {pr.multiProcessorCount, 2 * pr.multiProcessorCount}) {
