@@ -208,6 +208,115 @@ __global__ void __launch_bounds__(1024)
     plan_warp(s_e, s_w, n, k, E, tile, p);
 }
 
+/* One token's routing and plan with the block in parallel (decode at batch
+ * 1, LIGHTMOE_CUDA_ROUTE_RANK): the same choices, weights and plan as
+ * k_moe_route_group_warp, bit for bit, without its k dependent arg-max
+ * rounds and its serial plan loops.
+ * - The logits go to shared memory. Each expert's rank is a count of the
+ *   experts that precede it in the warp kernel's order of choice: numbers
+ *   by value, larger first (-0 equal to +0), the lower id first among
+ *   equal values; then NaNs by id. P = blockDim / E32 threads share an
+ *   expert's count, their partial counts summed with shuffles.
+ * - Warp 0 forms the softmax's maximum and sum exactly as
+ *   cu_moe_route_warp does (lane l over l, l + 32, ..., then the same
+ *   shuffle trees), so the sums are the same bits; the expert of rank j
+ *   goes to lane j, with weight expf(v - max) / sum (v as the warp kernel
+ *   decodes it: +0 for -0, -inf for a NaN), renormalised over the same
+ *   shuffle tree.
+ * - The plan: one token's k experts are distinct, so an entry's slot is the
+ *   number of chosen experts of lower id, an expert's one item starts
+ *   there, and offsets[e] counts the chosen ids below e: what plan_warp
+ *   computes for n = k distinct experts. */
+__device__ __forceinline__ bool route_precedes(float vj, int j, float ve, int e)
+{
+    const bool nj = vj != vj, ne = ve != ve;
+    if (nj != ne) return ne; /* numbers before NaNs */
+    if (nj) return j < e;
+    return vj > ve || (vj == ve && j < e);
+}
+
+__global__ void __launch_bounds__(1024)
+    k_moe_route_group_rank(const float *__restrict__ logits, int E, int k, int renorm,
+                           int has_shared, int32_t *__restrict__ ids, float *__restrict__ wts,
+                           float *__restrict__ sg, cu_moe_plan p)
+{
+    CU_TRACE_KERNEL();
+    extern __shared__ float s_l[]; /* [E] */
+    __shared__ int s_id[MAX_K];
+    __shared__ float s_v[MAX_K];
+    cu_pdl_wait();
+    cu_pdl_trigger();
+    const int tid = threadIdx.x, lane = tid & 31;
+    for (int e = tid; e < E; e += blockDim.x)
+        s_l[e] = logits[e];
+    __syncthreads();
+    /* ranks: P threads an expert (P a power of two <= 32, consecutive lanes) */
+    const int E32 = (E + 31) & ~31;
+    int P = 1;
+    while (P < 32 && P * 2 * E32 <= (int)blockDim.x)
+        P *= 2;
+    for (int e0 = 0; e0 < E32; e0 += blockDim.x / P) {
+        const int e = e0 + tid / P, part = tid % P;
+        const float ve = e < E ? s_l[e] : 0.f;
+        int c = 0;
+        if (e < E)
+            for (int j = part; j < E; j += P)
+                c += route_precedes(s_l[j], j, ve, e);
+        for (int o = P / 2; o > 0; o >>= 1)
+            c += __shfl_xor_sync(0xffffffffu, c, o, P);
+        if (e < E && part == 0 && c < k) {
+            s_id[c] = e;
+            s_v[c] = ve != ve ? -INFINITY : ve + 0.f;
+        }
+    }
+    cu_trace_mark(0);
+    float mx = -INFINITY, sum = 0.f;
+    if (tid < 32) { /* cu_moe_route_warp's maximum and sum, the same trees */
+        const int nper = (E + 31) / 32;
+        for (int i = 0; i < nper; i++) {
+            const int e = lane + 32 * i;
+            if (e < E) mx = fmaxf(mx, s_l[e]);
+        }
+        mx = warp_max(mx);
+        for (int i = 0; i < nper; i++) {
+            const int e = lane + 32 * i;
+            if (e < E) sum += expf(s_l[e] - mx);
+        }
+        sum = warp_sum(sum);
+    }
+    __syncthreads(); /* s_id, s_v */
+    if (tid < 32) {
+        const int my_id = lane < k ? s_id[lane] : 0;
+        const float my_w = lane < k ? expf(s_v[lane] - mx) / sum : 0.f;
+        const float wsum = warp_sum(lane < k ? my_w : 0.f);
+        const float w = renorm ? my_w / wsum : my_w;
+        if (lane < k) {
+            ids[lane] = my_id;
+            wts[lane] = w;
+            /* the plan: slot = chosen experts of lower id */
+            int at = 0;
+            for (int j = 0; j < k; j++)
+                at += s_id[j] < my_id;
+            p.pos[lane] = at;
+            p.ent_token[at] = 0;
+            p.ent_expert[at] = my_id;
+            p.ent_weight[at] = w;
+            p.items[at] = make_int2(my_id, at);
+        }
+        if (lane == 0) {
+            *p.n_items = k;
+            if (has_shared) sg[0] = 1.f / (1.f + expf(-logits[E]));
+        }
+    }
+    cu_trace_mark(1);
+    for (int e = tid; e <= E; e += blockDim.x) {
+        int c = 0;
+        for (int j = 0; j < k; j++)
+            c += s_id[j] < e;
+        p.offsets[e] = c;
+    }
+}
+
 __global__ void __launch_bounds__(1024)
     k_moe_combine(float *__restrict__ resid, int H, int k, const float *__restrict__ y,
                   const int32_t *__restrict__ pos, const float *__restrict__ ew,
@@ -550,6 +659,18 @@ extern "C" int cu_moe_set_route_warp(int on)
     return cu_env_switch_set(&g_route_warp, "LIGHTMOE_CUDA_ROUTE_WARP", on);
 }
 
+/* LIGHTMOE_CUDA_ROUTE_RANK=1: one-token decode steps route and plan with
+ * k_moe_route_group_rank (measurements; off by default) */
+static int g_route_rank = -1;
+static int route_rank(void)
+{
+    return cu_env_switch_off(&g_route_rank, "LIGHTMOE_CUDA_ROUTE_RANK");
+}
+extern "C" int cu_moe_set_route_rank(int on)
+{
+    return cu_env_switch_off_set(&g_route_rank, "LIGHTMOE_CUDA_ROUTE_RANK", on);
+}
+
 extern "C" int cu_moe_route_group(const float *logits, int ldl, int T, int E, int k, int renorm,
                                   int has_shared, int tile, int32_t *ids, float *wts, float *sg,
                                   const cu_moe_plan *plan, cudaStream_t st, lm_err *err)
@@ -557,6 +678,13 @@ extern "C" int cu_moe_route_group(const float *logits, int ldl, int T, int E, in
     if (k < 1 || k > MAX_K || k > E || E > 1024)
         return lm_err_set(err, -EINVAL, "moe route: unsupported experts %d top-k %d", E, k);
     if (T <= 0) return 0;
+    if (T == 1 && route_warp() && route_rank()) { /* the block, in parallel */
+        int nt = ((E + 31) & ~31) * 8; /* 8 threads an expert, up to 128 experts */
+        nt = nt > 1024 ? 1024 : nt;
+        CU_LAUNCH(err, "moe route+group launch", k_moe_route_group_rank, 1, nt, E * sizeof(float),
+                  st, logits, E, k, renorm, has_shared, ids, wts, sg, *plan);
+        return 0;
+    }
     if (T * k <= 32 && route_warp()) { /* a warp a token, the plan by warp 0 */
         const int nper = (E + 31) / 32;
         const int np = nper <= 1 ? 1 : nper <= 2 ? 2 : nper <= 4 ? 4 : nper <= 8 ? 8 : nper <= 16 ? 16 : 32;

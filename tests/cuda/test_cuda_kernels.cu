@@ -700,6 +700,11 @@ static void run_route_group(int T, int E, int k, int renorm)
  * says (the block kernel may order an expert's entries otherwise). Logits
  * of `kind` 0: random; 1: few levels (ties, -0 and +0); 2: with -inf and
  * NaN (a token of all NaN at t = 1). */
+static const char *kind_name(int kind)
+{
+    return kind == 0 ? "random" : kind == 1 ? "tied, +-0" : kind == 2 ? "with -inf, NaN"
+           : kind == 3 ? "NaN but 2" : "all NaN";
+}
 static void run_route_group_same(int T, int E, int k, int renorm, int kind, int tile)
 {
     const int ld = E + 1, n = T * k;
@@ -714,6 +719,8 @@ static void run_route_group_same(int T, int E, int k, int renorm, int kind, int 
         if (kind == 1) v = (rnd() & 7) == 0 ? ((rnd() & 1) ? 0.0f : -0.0f) : floorf(v * 2.0f) * 0.5f;
         if (kind == 2 && (rnd() & 3) == 0) v = (rnd() & 1) ? -INFINITY : NAN;
         if (kind == 2 && i / ld == 1 && (int)(i % ld) < E) v = NAN;
+        if (kind == 3 && (int)(i % ld) >= 2 && (int)(i % ld) < E) v = NAN; /* 2 numbers a token */
+        if (kind == 4 && (int)(i % ld) < E) v = NAN;                        /* no number */
         lg[i] = v;
     }
     float *dl = dev(lg);
@@ -722,9 +729,12 @@ static void run_route_group_same(int T, int E, int k, int renorm, int kind, int 
         vector<float> w, sg, ew;
         vector<int2> items;
         int ni;
-    } o[2];
-    for (int warp = 0; warp <= 1; warp++) {
-        const int was = cu_moe_set_route_warp(warp);
+    } o[3];
+    /* v 0: the block kernel; 1: the warp kernel; 2 (one token): the rank kernel */
+    const int nv = T == 1 ? 3 : 2;
+    for (int v = 0; v < nv; v++) {
+        const int warp = v > 0;
+        const int was = cu_moe_set_route_warp(warp), rank_was = cu_moe_set_route_rank(v == 2);
         plan_dev pd = make_plan(T, k, E);
         float *dw, *dsg;
         int32_t *di;
@@ -734,7 +744,8 @@ static void run_route_group_same(int T, int E, int k, int renorm, int kind, int 
         CK(cudaMemset(pd.p.items, 0xff, (n + E) * 8));
         OK(cu_moe_route_group(dl, ld, T, E, k, renorm, 1, tile, di, dw, dsg, &pd.p, 0, ERRP));
         cu_moe_set_route_warp(was);
-        out &r = o[warp];
+        cu_moe_set_route_rank(rank_was);
+        out &r = o[v];
         r.ids = host(di, n);
         r.w = host(dw, n);
         r.sg = host(dsg, T);
@@ -766,9 +777,23 @@ static void run_route_group_same(int T, int E, int k, int renorm, int kind, int 
              (o[1].ee[i - 1] == o[1].ee[i] && o[1].et[i - 1] <= o[1].et[i]);
     printf("%-4s moe route+group, warp kernel = block kernel bit for bit: T=%d E=%d k=%d tile=%d "
            "renorm=%d logits %s (%d items)\n", ok ? "ok" : "FAIL", T, E, k, tile, renorm,
-           kind == 0 ? "random" : kind == 1 ? "tied, +-0" : "with -inf, NaN", o[1].ni);
+           kind_name(kind), o[1].ni);
     if (!ok)
         g_fail = 1;
+    if (nv == 3) { /* the rank kernel = the warp kernel, every output to the bit */
+        const out &a = o[1], &b = o[2];
+        bool same = a.ids == b.ids && !memcmp(a.w.data(), b.w.data(), n * 4) &&
+                    !memcmp(a.sg.data(), b.sg.data(), T * 4) && a.off == b.off && a.et == b.et &&
+                    a.ee == b.ee && !memcmp(a.ew.data(), b.ew.data(), n * 4) && a.pos == b.pos &&
+                    a.ni == b.ni;
+        for (int i = 0; same && i < a.ni; i++)
+            same = a.items[i].x == b.items[i].x && a.items[i].y == b.items[i].y;
+        printf("%-4s moe route+group, rank kernel = warp kernel bit for bit: E=%d k=%d tile=%d "
+               "renorm=%d logits %s\n", same ? "ok" : "FAIL", E, k, tile, renorm,
+               kind_name(kind));
+        if (!same)
+            g_fail = 1;
+    }
     cudaFree(dl);
 }
 
@@ -789,8 +814,8 @@ static void test_router()
         run_route_group(T, 60, 4, 1);
     }
     run_route_group(5, 1000, 8, 1);
-    for (int warp = 0; warp <= 1; warp++) { /* both kernels against the CPU */
-        const int was = cu_moe_set_route_warp(warp);
+    for (int warp = 0; warp <= 2; warp++) { /* all three kernels against the CPU (2: rank) */
+        const int was = cu_moe_set_route_warp(warp > 0), rank_was = cu_moe_set_route_rank(warp == 2);
         for (int T : {1, 2, 4}) {
             run_route_group(T, 128, 8, 0);
             run_route_group(T, 8, 2, 1);
@@ -798,6 +823,7 @@ static void test_router()
         run_route_group(1, 1000, 8, 1);
         run_route_group(32, 60, 1, 1);
         cu_moe_set_route_warp(was);
+        cu_moe_set_route_rank(rank_was);
     }
     for (int kind = 0; kind < 3; kind++) {
         run_route_group_same(1, 128, 8, 0, kind, 8);
@@ -808,6 +834,17 @@ static void test_router()
         run_route_group_same(2, 1000, 8, 0, kind, 8);
         run_route_group_same(1, 33, 4, 1, kind, 16);
         run_route_group_same(8, 300, 4, 1, kind, 4);
+        /* one token: the rank kernel too */
+        run_route_group_same(1, 60, 4, 1, kind, 1);
+        run_route_group_same(1, 1000, 8, 1, kind, 8);
+        run_route_group_same(1, 8, 2, 0, kind, 2);
+        run_route_group_same(1, 300, 6, 0, kind, 3);
+        run_route_group_same(1, 32, 32, 1, kind, 1);
+        run_route_group_same(1, 2, 1, 0, kind, 1);
+    }
+    for (int kind = 3; kind <= 4; kind++) { /* fewer numbers than choices */
+        run_route_group_same(1, 128, 8, 1, kind, 8);
+        run_route_group_same(1, 60, 4, 0, kind, 1);
     }
 }
 
