@@ -77,10 +77,10 @@ int cu_router_norm(const float *x, int T, int H, const float *norm_w, float eps,
  * expert's entries in slot order, unless LIGHTMOE_CUDA_ROUTE_WARP=0 or
  * cu_moe_set_route_warp(0) (tests; returns the setting it replaces). */
 int cu_moe_set_route_warp(int on);
-/* LIGHTMOE_CUDA_ROUTE_RANK=1 (measurements; off by default): one-token
- * steps route and plan with every thread of a block (ranks by counting)
- * instead of one warp's k rounds: the same choices, weights and plan, bit
- * for bit. cu_moe_set_route_rank (tests) returns the setting it replaces. */
+/* One-token steps route and plan with every thread of a block (ranks by
+ * counting) instead of one warp's k rounds: the same choices, weights and
+ * plan, bit for bit. LIGHTMOE_CUDA_ROUTE_RANK=0 takes the warp kernel;
+ * cu_moe_set_route_rank (tests) returns the setting it replaces. */
 int cu_moe_set_route_rank(int on);
 int cu_moe_route_group(const float *logits, int ldl, int T, int E, int k, int renorm,
                        int has_shared, int tile, int32_t *topk_ids, float *topk_w,
