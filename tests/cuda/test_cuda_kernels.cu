@@ -694,17 +694,20 @@ static void run_route_group(int T, int E, int k, int renorm)
     free_plan(pd);
 }
 
-/* The warp kernel of route+group (at most 32 entries) against the block
- * kernel, bit for bit: the same ids, weights, shared gates, offsets and
- * work items, and every slot's entry (token, expert, weight) where pos
- * says (the block kernel may order an expert's entries otherwise). Logits
- * of `kind` 0: random; 1: few levels (ties, -0 and +0); 2: with -inf and
- * NaN (a token of all NaN at t = 1). */
 static const char *kind_name(int kind)
 {
     return kind == 0 ? "random" : kind == 1 ? "tied, +-0" : kind == 2 ? "with -inf, NaN"
            : kind == 3 ? "NaN but 2" : "all NaN";
 }
+
+/* The warp kernel of route+group (at most 32 entries) against the block
+ * kernel, bit for bit: the same ids, weights, shared gates, offsets and
+ * work items, and every slot's entry (token, expert, weight) where pos
+ * says (the block kernel may order an expert's entries otherwise). Logits
+ * of `kind` 0: random; 1: few levels (ties, -0 and +0); 2: with -inf and
+ * NaN (a token of all NaN at t = 1); 3: NaN but experts 0 and 1; 4: all
+ * NaN. One token also runs the rank kernel, which must match the warp
+ * kernel in every output bit. */
 static void run_route_group_same(int T, int E, int k, int renorm, int kind, int tile)
 {
     const int ld = E + 1, n = T * k;
