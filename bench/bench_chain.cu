@@ -1,7 +1,7 @@
 /*
  * bench_chain: what one dependent launch costs on this GPU, apart from any
  * work: the floor under a decode step that is a chain of kernels (docs/
- * PERF.md, round 20). Needs only the CUDA runtime; no model.
+ * PERF.md, round 20). Needs no model; built with the engine for its launcher.
  *
  * Each case is a CUDA graph of N launches (default 336: 48 layers x 7, a
  * qwen3-30b-a3b step's chain at batch 1), replayed R times; the figure is
@@ -26,6 +26,8 @@
  * last block end to this launch's first release, and the time from a
  * block's release to its dependent value.
  *
+ * Launches go through the engine's cu_launch (engine/cuda_common.cuh).
+ *
  * Usage: bench_chain [--n N] [--reps R] [--blocks B] [--mb MB]
  */
 #include <cuda_runtime.h>
@@ -36,6 +38,8 @@
 
 #include <algorithm>
 #include <vector>
+
+#include "engine/cuda_common.cuh"
 
 #define CK(x)                                                                                      \
     do {                                                                                           \
@@ -150,19 +154,13 @@ __global__ void k_barriers(unsigned *count, int *val, int n)
     }
 }
 
-template <typename... A>
-static cudaError_t launch(bool pdl, void (*k)(A...), dim3 g, dim3 b, cudaStream_t st, A... args)
+/* the engine's launcher (cu_launch), with programmatic dependent launch
+ * on or off for this thread's launches */
+template <typename... K, typename... A>
+static cudaError_t launch(bool pdl, void (*k)(K...), dim3 g, dim3 b, cudaStream_t st, A... args)
 {
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = g;
-    cfg.blockDim = b;
-    cfg.stream = st;
-    cfg.attrs = at;
-    cfg.numAttrs = pdl ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, k, args...);
+    cu_pdl_allow(pdl);
+    return cu_launch(k, g, b, 0, st, args...);
 }
 
 enum kind { EMPTY, DEP1, DEPW, STREAMW };
@@ -312,6 +310,10 @@ int main(int argc, char **argv)
     printf("device %s, %d SMs, L2 %d MB; chain of %d launches, %d replays, %d blocks, %.1f MB a "
            "streamW launch\n",
            pr.name, pr.multiProcessorCount, pr.l2CacheSize >> 20, c.n, c.reps, c.blocks, c.mb);
+    cu_pdl_allow(1);
+    if (!cu_pdl_enabled())
+        printf("programmatic dependent launch is off here (sm < 90 or LIGHTMOE_CUDA_PDL=0): "
+               "the pdl columns are plain launches\n");
     CK(cudaStreamCreateWithFlags(&c.st, cudaStreamNonBlocking));
     CK(cudaMalloc(&c.val, (size_t)(c.n + 2) * sizeof(int) + 8192));
     CK(cudaMemset(c.val, 0, (size_t)(c.n + 2) * sizeof(int) + 8192));
