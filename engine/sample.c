@@ -1,28 +1,33 @@
 /*
- * sample.c: the sampler (see sample.h for the contract and the order of
- * operations).
+ * sample.c: the sampler (see sample.h for the contract, the order of
+ * operations and the exact rule of a draw).
  *
  * Scratch layout (sample_scratch_bytes(vocab), carved in this order, each
  * piece 64-byte aligned):
- *   counts  int32 [vocab]  occurrences of each id in `output`
- *   seen    uint8 [vocab]  id occurs in prompt or output
+ *   slot    int32 [vocab]  penalty list index + 1 of each id (0: none)
+ *   flag    uint8 [vocab]  kept ids of a large filtered set (the draw's walk)
  *   e       float [vocab]  exp(logit - max logit): unnormalised probabilities
  *   cand    int32 [vocab]  candidate ids for the filters
  *   prob    float [vocab]  their e values, parallel to cand
- * counts/seen are cleared by sample_pick itself (only when a penalty is
- * on), so the caller's scratch needs no initialisation and may be shared
- * by any number of requests on one thread.
+ *   pen     sample_penalty [vocab]  sample_pick's penalty list
+ * Each piece is cleared by the step that uses it, so the caller's scratch
+ * needs no initialisation and may be shared by any number of requests on
+ * one thread.
  *
  * Cost: one pass for the maximum, one vectorisable exp pass (a Cephes-style
  * expf, ~1 ulp) for the log-sum-exp that every result's logprob needs, and
  * for sampling O(vocab) expected more: top_k is a quickselect, top_p a
  * quickselect-like partition that stops at the smallest set holding top_p
- * of the mass, min_p a compaction. Nothing is sorted: a draw walks the
- * candidates in the order the (deterministic) selection left them, so the
- * same seed and logits always give the same token.
+ * of the weight, min_p a compaction, then a walk of the kept ids in id
+ * order. Nothing is sorted but a small kept set's ids.
  *
- * Ties: candidates are ordered by probability, then by lower id, so the
- * sets top_k/top_p keep are defined exactly even among equal logits.
+ * Weights are integers (sample.h): the sets and the token do not depend on
+ * the order in which weights are added, which is what lets a device
+ * (engine/cuda_sample.cu) make the same pick with parallel sums.
+ *
+ * Floating point here must not be contracted into fused multiply-adds
+ * (engine/CMakeLists.txt compiles this file with -ffp-contract=off): the
+ * device repeats exp_le0 operation by operation.
  */
 #include "engine/sample.h"
 
@@ -128,15 +133,17 @@ size_t sample_scratch_bytes(int32_t vocab)
     if (vocab <= 0) return 0;
     size_t v = (size_t)vocab;
     return align64(v * sizeof(int32_t)) + align64(v) + align64(v * sizeof(float)) +
-           align64(v * sizeof(int32_t)) + align64(v * sizeof(float)) + 64;
+           align64(v * sizeof(int32_t)) + align64(v * sizeof(float)) +
+           align64(v * sizeof(sample_penalty)) + 64;
 }
 
 typedef struct scratch_view {
-    int32_t *counts;
-    uint8_t *seen;
+    int32_t *slot;
+    uint8_t *flag;
     float *e;
     int32_t *cand;
     float *prob;
+    sample_penalty *pen;
 } scratch_view;
 
 static scratch_view scratch_carve(void *scratch, int32_t vocab)
@@ -144,15 +151,17 @@ static scratch_view scratch_carve(void *scratch, int32_t vocab)
     size_t v = (size_t)vocab;
     uintptr_t p = ((uintptr_t)scratch + 63) & ~(uintptr_t)63;
     scratch_view sv;
-    sv.counts = (int32_t *)p;
+    sv.slot = (int32_t *)p;
     p += align64(v * sizeof(int32_t));
-    sv.seen = (uint8_t *)p;
+    sv.flag = (uint8_t *)p;
     p += align64(v);
     sv.e = (float *)p;
     p += align64(v * sizeof(float));
     sv.cand = (int32_t *)p;
     p += align64(v * sizeof(int32_t));
     sv.prob = (float *)p;
+    p += align64(v * sizeof(float));
+    sv.pen = (sample_penalty *)p;
     return sv;
 }
 
@@ -167,39 +176,75 @@ static int check_ids(const int32_t *ids, int32_t n, int32_t vocab, const char *w
     return 0;
 }
 
-static void apply_penalties(float *logits, int32_t p_vocab, const sample_params *p,
-                            const int32_t *prompt, int32_t n_prompt, const int32_t *output,
-                            int32_t n_output, scratch_view *sv)
+int sample_has_penalties(const sample_params *p)
 {
-    int rep = p->repetition_penalty != 1.0f;
-    int pres = p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f;
-    if (rep && n_prompt + n_output > 0) memset(sv->seen, 0, (size_t)p_vocab);
-    if (pres && n_output > 0) memset(sv->counts, 0, (size_t)p_vocab * sizeof(int32_t));
-    if (rep) {
-        /* each id once, even if it appears many times */
-        for (int pass = 0; pass < 2; pass++) {
-            const int32_t *ids = pass ? output : prompt;
-            int32_t n = pass ? n_output : n_prompt;
-            for (int32_t i = 0; i < n; i++) {
-                int32_t t = ids[i];
-                if (sv->seen[t]) continue;
-                sv->seen[t] = 1;
-                float l = logits[t];
-                logits[t] = l > 0.0f ? l / p->repetition_penalty : l * p->repetition_penalty;
+    return p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f ||
+           p->frequency_penalty != 0.0f;
+}
+
+int32_t sample_penalty_list(const sample_params *p, const int32_t *prompt, int32_t n_prompt,
+                            const int32_t *output, int32_t n_output, int32_t vocab, void *scratch,
+                            sample_penalty *out)
+{
+    const int rep = p->repetition_penalty != 1.0f;
+    if (!sample_has_penalties(p) || n_output + (rep ? n_prompt : 0) == 0) return 0;
+    scratch_view sv = scratch_carve(scratch, vocab);
+    memset(sv.slot, 0, (size_t)vocab * sizeof(int32_t));
+    int32_t n = 0;
+    for (int pass = rep ? 0 : 1; pass < 2; pass++) {
+        const int32_t *ids = pass ? output : prompt;
+        const int32_t m = pass ? n_output : n_prompt;
+        for (int32_t i = 0; i < m; i++) {
+            const int32_t t = ids[i];
+            if (!sv.slot[t]) {
+                out[n].id = t;
+                out[n].count = 0;
+                sv.slot[t] = ++n;
             }
+            if (pass) out[sv.slot[t] - 1].count++;
         }
     }
-    if (pres) {
-        for (int32_t i = 0; i < n_output; i++)
-            sv->counts[output[i]]++;
-        for (int32_t i = 0; i < n_output; i++) {
-            int32_t t = output[i];
-            int32_t c = sv->counts[t];
-            if (c == 0) continue; /* already applied for this id */
-            logits[t] -= p->frequency_penalty * (float)c + p->presence_penalty;
-            sv->counts[t] = 0;
-        }
+    return n;
+}
+
+void sample_apply_penalties(float *logits, const sample_params *p, const sample_penalty *pen,
+                            int32_t n)
+{
+    const int rep = p->repetition_penalty != 1.0f;
+    const int pres = p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f;
+    for (int32_t i = 0; i < n; i++) {
+        float l = logits[pen[i].id];
+        if (rep) l = l > 0.0f ? l / p->repetition_penalty : l * p->repetition_penalty;
+        if (pres && pen[i].count > 0)
+            l -= p->frequency_penalty * (float)pen[i].count + p->presence_penalty;
+        logits[pen[i].id] = l;
     }
+}
+
+int sample_fixed_shift(int32_t vocab)
+{
+    int c = 0;
+    while (c < 31 && ((int64_t)1 << c) < (int64_t)vocab)
+        c++;
+    return 62 - c;
+}
+
+/* A token's draw weight: trunc(e * 2^shift) (exact: a power of two) */
+static inline uint64_t fx_weight(float e, double scale)
+{
+    return (uint64_t)((double)e * scale);
+}
+
+/* (draw >> 11) * m / 2^53, below m: the 128-bit product from 32-bit halves */
+static inline uint64_t draw_point(uint64_t draw, uint64_t m)
+{
+    const uint64_t a = draw >> 11;
+    const uint64_t a0 = a & 0xffffffffu, a1 = a >> 32, b0 = m & 0xffffffffu, b1 = m >> 32;
+    const uint64_t p00 = a0 * b0, p01 = a0 * b1, p10 = a1 * b0, p11 = a1 * b1;
+    const uint64_t mid = (p00 >> 32) + (p01 & 0xffffffffu) + (p10 & 0xffffffffu);
+    const uint64_t lo = (mid << 32) | (p00 & 0xffffffffu);
+    const uint64_t hi = p11 + (p01 >> 32) + (p10 >> 32) + (mid >> 32);
+    return (hi << 11) | (lo >> 53);
 }
 
 /* ---- helpers ------------------------------------------------------------ */
@@ -225,6 +270,11 @@ static inline float exp_le0(float x)
     } sc;
     sc.i = ((int32_t)fi + 127) << 23;
     return x < -87.0f ? 0.0f : y * sc.f;
+}
+
+float sample_exp_le0(float x)
+{
+    return exp_le0(x);
 }
 
 /* 8-lane vectors (GCC/Clang vector extensions; AVX2 with the engine's
@@ -363,31 +413,69 @@ static void cand_select(int32_t *cand, float *prob, int32_t n, int32_t k)
 }
 
 /*
- * Nucleus: rearrange so that the smallest best-first prefix whose mass
- * reaches `target` comes first (any order within it); returns its length.
- * Expected O(n): each round keeps only the side where the boundary lies.
+ * Nucleus: rearrange so that the shortest non-empty best-first prefix whose
+ * weight reaches `target` (>= 1) comes first (any order within it);
+ * returns its length, or n when the whole list weighs less. Expected
+ * O(n): each round keeps only the side where the boundary lies. Integer
+ * weights: the answer is the prefix of sample.h's rule, exactly.
  */
-static int32_t cand_nucleus(int32_t *cand, float *prob, int32_t n, double target)
+static int32_t cand_nucleus(int32_t *cand, float *prob, int32_t n, uint64_t target, double scale)
 {
     int32_t lo = 0, hi = n;
-    double acc = 0.0; /* mass of [0, lo), all in the nucleus */
+    uint64_t acc = 0; /* weight of [0, lo), all in the nucleus; below target */
     while (hi - lo > 1) {
         int32_t m = cand_partition(cand, prob, lo, hi);
-        double upper = 0.0;
+        uint64_t upper = 0;
         for (int32_t i = lo; i < m; i++)
-            upper += prob[i];
+            upper += fx_weight(prob[i], scale);
+        const uint64_t pivot = fx_weight(prob[m], scale);
         if (acc + upper >= target) {
             hi = m; /* the boundary is before the pivot */
-        } else if (acc + upper + prob[m] >= target) {
+        } else if (acc + upper + pivot >= target) {
             return m + 1;
         } else {
-            acc += upper + prob[m];
+            acc += upper + pivot;
             lo = m + 1;
         }
     }
-    /* one item left in [lo, hi): it completes the nucleus, or the target
-     * was not reachable (rounding): keep everything */
-    return hi > lo ? lo + 1 : n;
+    /* one item left in [lo, hi): with it the prefix reaches the target, or
+     * nothing does (then keep everything) */
+    if (hi > lo && acc + fx_weight(prob[lo], scale) >= target) return lo + 1;
+    return n;
+}
+
+static int cmp_id(const void *a, const void *b)
+{
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The kept ids cand[0, n) in id order: the first whose running weight
+ * exceeds u (n >= 1, u below their total weight). Small sets are sorted;
+ * large ones are marked in `flag` and the vocabulary walked. */
+static int32_t draw_in_order(int32_t *cand, int32_t n, const float *e, int32_t vocab, uint8_t *flag,
+                             uint64_t u, double scale)
+{
+    uint64_t cum = 0;
+    if (n <= 4096) {
+        qsort(cand, (size_t)n, sizeof *cand, cmp_id);
+        for (int32_t i = 0; i < n; i++) {
+            cum += fx_weight(e[cand[i]], scale);
+            if (cum > u) return cand[i];
+        }
+        return cand[n - 1]; /* not reached: u is below the total */
+    }
+    memset(flag, 0, (size_t)vocab);
+    for (int32_t i = 0; i < n; i++)
+        flag[cand[i]] = 1;
+    int32_t last = cand[0];
+    for (int32_t t = 0; t < vocab; t++)
+        if (flag[t]) {
+            last = t;
+            cum += fx_weight(e[t], scale);
+            if (cum > u) return t;
+        }
+    return last; /* not reached */
 }
 
 /* Top-n log-probabilities over the full distribution (insertion into a
@@ -431,9 +519,21 @@ int sample_pick(float *logits, int32_t vocab, const sample_params *p, sample_rng
     if ((rc = check_ids(prompt, n_prompt, vocab, "prompt", err)) ||
         (rc = check_ids(output, n_output, vocab, "output", err)))
         return rc;
-
     scratch_view sv = scratch_carve(scratch, vocab);
-    apply_penalties(logits, vocab, p, prompt, n_prompt, output, n_output, &sv);
+    int32_t n_pen = sample_penalty_list(p, prompt, n_prompt, output, n_output, vocab, scratch, sv.pen);
+    sample_apply_penalties(logits, p, sv.pen, n_pen);
+    uint64_t draw = p->temperature > 0.0f ? sample_rng_next(rng) : 0;
+    return sample_pick_drawn(logits, vocab, p, draw, scratch, ret, err);
+}
+
+int sample_pick_drawn(float *logits, int32_t vocab, const sample_params *p, uint64_t draw,
+                      void *scratch, sample_result *ret, lm_err *err)
+{
+    if (!logits || vocab <= 0 || !p || !scratch || !ret)
+        return lm_err_set(err, -EINVAL, "sample_pick: missing logits, params, scratch or result");
+    int rc = sample_params_check(p, err);
+    if (rc) return rc;
+    scratch_view sv = scratch_carve(scratch, vocab);
 
     /* max and validity (branch-free so it vectorises); NaN or +inf is a
      * backend bug reported as an error */
@@ -462,25 +562,33 @@ int sample_pick(float *logits, int32_t vocab, const sample_params *p, sample_rng
     memset(ret, 0, sizeof *ret);
     int32_t tok = arg; /* temperature 0: first maximum, i.e. lowest id on ties */
     if (p->temperature > 0.0f) {
+        const double scale = ldexp(1.0, sample_fixed_shift(vocab));
+        uint64_t total = 0; /* every token's weight */
+        for (int32_t t = 0; t < vocab; t++)
+            total += fx_weight(sv.e[t], scale);
         int filtering = p->top_k > 0 || p->top_p < 1.0f || p->min_p > 0.0f;
         if (!filtering) {
             /* plain draw over the whole vocabulary, in id order */
-            double u = sample_rng_uniform(rng) * sum, cum = 0.0;
-            tok = -1;
-            for (int32_t t = 0; t < vocab && tok < 0; t++) {
-                cum += sv.e[t];
-                if (u < cum && sv.e[t] > 0.0f) tok = t;
+            const uint64_t u = draw_point(draw, total);
+            uint64_t cum = 0;
+            for (tok = 0; tok < vocab - 1; tok++) {
+                cum += fx_weight(sv.e[tok], scale);
+                if (cum > u) break;
             }
-            if (tok < 0) tok = arg; /* u landed in rounding slack: the mode */
         } else {
-            /* candidates; with top_p alone, tokens with p < (1 - top_p) / vocab
-             * together hold less than 1 - top_p and cannot be in the nucleus */
-            float thr = 0.0f;
-            if (p->top_k == 0 && p->top_p < 1.0f)
-                thr = (float)((1.0 - (double)p->top_p) / (double)vocab * sum);
+            /* candidates: weight > 0; with top_p alone, tokens below a weight
+             * of (total - target) / vocab together weigh less than
+             * total - target, so the nucleus lies above them */
+            uint64_t target = 0, floor_w = 1;
+            if (p->top_k == 0 && p->top_p < 1.0f) {
+                target = (uint64_t)((double)p->top_p * (double)total);
+                if (target < 1) target = 1;
+                if ((total - target) / (uint64_t)vocab > floor_w)
+                    floor_w = (total - target) / (uint64_t)vocab;
+            }
             int32_t n = 0;
             for (int32_t t = 0; t < vocab; t++)
-                if (sv.e[t] > 0.0f && sv.e[t] >= thr) {
+                if (fx_weight(sv.e[t], scale) >= floor_w) {
                     sv.cand[n] = t;
                     sv.prob[n] = sv.e[t];
                     n++;
@@ -490,11 +598,14 @@ int sample_pick(float *logits, int32_t vocab, const sample_params *p, sample_rng
                 n = p->top_k;
             }
             if (p->top_p < 1.0f) {
-                /* nucleus of the mass left after top_k (renormalised) */
-                double mass = 0.0;
-                for (int32_t i = 0; i < n; i++)
-                    mass += sv.prob[i];
-                n = cand_nucleus(sv.cand, sv.prob, n, (double)p->top_p * mass);
+                if (p->top_k > 0) { /* the nucleus of what top_k kept */
+                    uint64_t kept = 0;
+                    for (int32_t i = 0; i < n; i++)
+                        kept += fx_weight(sv.prob[i], scale);
+                    target = (uint64_t)((double)p->top_p * (double)kept);
+                    if (target < 1) target = 1;
+                }
+                n = cand_nucleus(sv.cand, sv.prob, n, target, scale);
             }
             if (p->min_p > 0.0f) {
                 /* p >= min_p * p_max, i.e. e >= min_p (e of the mode is 1) */
@@ -507,18 +618,11 @@ int sample_pick(float *logits, int32_t vocab, const sample_params *p, sample_rng
                     }
                 n = k;
             }
-            double mass = 0.0;
+            uint64_t kept = 0;
             for (int32_t i = 0; i < n; i++)
-                mass += sv.prob[i];
-            double u = sample_rng_uniform(rng) * mass, cum = 0.0;
-            tok = n > 0 ? sv.cand[n - 1] : arg;
-            for (int32_t i = 0; i < n; i++) {
-                cum += sv.prob[i];
-                if (u < cum) {
-                    tok = sv.cand[i];
-                    break;
-                }
-            }
+                kept += fx_weight(sv.prob[i], scale);
+            /* n >= 1: the mode (weight 2^S) survives every filter */
+            tok = draw_in_order(sv.cand, n, sv.e, vocab, sv.flag, draw_point(draw, kept), scale);
         }
     }
     ret->token = tok;

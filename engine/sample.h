@@ -65,6 +65,71 @@ double sample_rng_uniform(sample_rng *rng);
 size_t sample_scratch_bytes(int32_t vocab);
 
 /*
+ * The pieces of sample_pick, for a device that picks from logits it holds
+ * (engine/cuda_sample.cuh follows them step for step and gives the same
+ * token). sample_pick(logits, ...) is exactly:
+ *   n = sample_penalty_list(p, prompt, .., output, .., vocab, scratch, list);
+ *   sample_apply_penalties(logits, p, list, n);
+ *   draw = temperature > 0 ? sample_rng_next(rng) : 0;
+ *   sample_pick_drawn(logits, vocab, p, draw, scratch, ret, err);
+ *
+ * Draws, exactly (so that any device can repeat them bit for bit): every
+ * token's weight is the integer fx(e) = trunc(e * 2^S), e = the float
+ * exp(logit - max) (exp_le0 below, no fused multiply-add), S =
+ * sample_fixed_shift(vocab), so that the weights of the whole vocabulary
+ * sum below 2^62. Tokens of weight 0 (e < 2^-S) are never drawn. Tokens
+ * are ranked by e descending, then id ascending.
+ *   - top_k keeps the first top_k of the ranking; M1 = their weight;
+ *   - top_p keeps the shortest non-empty prefix of that whose weight
+ *     reaches max(1, trunc(top_p * M1)) (double product);
+ *   - min_p keeps e >= min_p (e of the mode is 1);
+ *   - the draw: U = (draw >> 11) * M / 2^53 (integer, M = the kept
+ *     weight), the token = the first kept id, in id order, whose running
+ *     weight exceeds U.
+ * Integer sums do not depend on their order, so a parallel device gets the
+ * same sets and the same token.
+ */
+typedef struct sample_penalty {
+    int32_t id;     /* a distinct id of the prompt or output */
+    int32_t count;  /* its occurrences in the output */
+} sample_penalty;
+
+/* exp(x) for x <= 0 as the sampler computes it (Cephes expf, ~1 ulp; 0
+ * below -87): the e of sample.h's rule is sample_exp_le0(logit - max). */
+float sample_exp_le0(float x);
+
+/* Whether p asks for any penalty (else the list is always empty). */
+int sample_has_penalties(const sample_params *p);
+
+/* 62 - ceil(log2(vocab)): the shift of the draw weights (above). */
+int sample_fixed_shift(int32_t vocab);
+
+/*
+ * The ids a pick's penalties touch, each once, with its count in the
+ * output: the prompt's and output's ids with a repetition penalty, the
+ * output's with presence/frequency penalties alone; none without
+ * penalties. `out` has room for min(vocab, n_prompt + n_output) entries.
+ * Ids must lie in [0, vocab) (sample_pick checks them). Returns the count.
+ */
+int32_t sample_penalty_list(const sample_params *p, const int32_t *prompt, int32_t n_prompt,
+                            const int32_t *output, int32_t n_output, int32_t vocab, void *scratch,
+                            sample_penalty *out);
+
+/* The penalties of sample.h's order on each listed id (repetition: divide
+ * a positive logit, multiply a negative one; then subtract frequency *
+ * count + presence where count > 0). */
+void sample_apply_penalties(float *logits, const sample_params *p, const sample_penalty *pen,
+                            int32_t n);
+
+/*
+ * sample_pick after the penalties: `draw` is the pick's sample_rng_next()
+ * output (ignored at temperature 0). Checks the parameters and the logits
+ * (NaN, +inf, all -inf: -EINVAL naming the token).
+ */
+int sample_pick_drawn(float *logits, int32_t vocab, const sample_params *p, uint64_t draw,
+                      void *scratch, sample_result *ret, lm_err *err);
+
+/*
  * Pick a token. `logits` [vocab] is modified in place (penalties and
  * temperature applied). `prompt`/`output` are the ids seen so far (for the
  * penalties). `scratch` is sample_scratch_bytes(vocab) bytes.

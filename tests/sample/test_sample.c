@@ -529,6 +529,205 @@ static void test_logprobs(void)
     free(scratch);
 }
 
+/* ---- the exact rule of sample.h, written the slow, obvious way ---------- */
+
+static const float *g_rank_e; /* qsort's context */
+
+static int rank_cmp(const void *a, const void *b)
+{
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    if (g_rank_e[x] != g_rank_e[y]) return g_rank_e[x] > g_rank_e[y] ? -1 : 1;
+    return (x > y) - (x < y);
+}
+
+static int id_cmp(const void *a, const void *b)
+{
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* sample.h's rule on logits after the penalties: sort everything, cut the
+ * prefixes, draw with a 128-bit product */
+static int32_t rule_pick(const float *in, int32_t V, const sample_params *p, uint64_t draw)
+{
+    float *l = malloc(sizeof(float) * (size_t)V), *e = malloc(sizeof(float) * (size_t)V);
+    int32_t *ord = malloc(sizeof(int32_t) * (size_t)V);
+    uint64_t *w = malloc(sizeof(uint64_t) * (size_t)V);
+    memcpy(l, in, sizeof(float) * (size_t)V);
+    int32_t arg = 0;
+    for (int32_t t = 1; t < V; t++)
+        if (l[t] > l[arg]) arg = t;
+    int32_t tok = arg;
+    if (p->temperature > 0.0f) {
+        if (p->temperature != 1.0f) {
+            const float inv = 1.0f / p->temperature;
+            for (int32_t t = 0; t < V; t++)
+                l[t] *= inv;
+        }
+        const float mx = l[arg];
+        const double scale = ldexp(1.0, sample_fixed_shift(V));
+        int32_t n = 0;
+        for (int32_t t = 0; t < V; t++) {
+            e[t] = sample_exp_le0(l[t] - mx);
+            w[t] = (uint64_t)((double)e[t] * scale);
+            if (w[t] > 0) ord[n++] = t;
+        }
+        g_rank_e = e;
+        qsort(ord, (size_t)n, sizeof *ord, rank_cmp);
+        if (p->top_k > 0 && p->top_k < n) n = p->top_k;
+        if (p->top_p < 1.0f) {
+            uint64_t m1 = 0, acc = 0;
+            for (int32_t i = 0; i < n; i++)
+                m1 += w[ord[i]];
+            uint64_t target = (uint64_t)((double)p->top_p * (double)m1);
+            if (target < 1) target = 1;
+            int32_t j = 0;
+            while (j < n) {
+                acc += w[ord[j++]];
+                if (acc >= target) break;
+            }
+            n = j;
+        }
+        int32_t k = 0;
+        for (int32_t i = 0; i < n; i++)
+            if (!(p->min_p > 0.0f) || e[ord[i]] >= p->min_p) ord[k++] = ord[i];
+        n = k;
+        qsort(ord, (size_t)n, sizeof *ord, id_cmp);
+        uint64_t m = 0, cum = 0;
+        for (int32_t i = 0; i < n; i++)
+            m += w[ord[i]];
+        const uint64_t u = (uint64_t)(((unsigned __int128)(draw >> 11) * m) >> 53);
+        tok = -1;
+        for (int32_t i = 0; i < n && tok < 0; i++)
+            if ((cum += w[ord[i]]) > u) tok = ord[i];
+    }
+    free(l);
+    free(e);
+    free(ord);
+    free(w);
+    return tok;
+}
+
+/* sample_pick against the rule above, and against its own pieces
+ * (penalty list, penalties, sample_pick_drawn), on random logits of
+ * several shapes: ties, -inf, a flat and a peaked row; every filter
+ * alone and together; near-boundary draws (all-ones and zero bits). */
+static void test_exact_rule(void)
+{
+    const int32_t vocabs[] = {1, 2, 7, 100, 5000, 70001};
+    sample_rng g;
+    sample_rng_seed(&g, 2026);
+    int cases = 0, mismatches = 0, piece_mismatches = 0;
+    for (size_t vi = 0; vi < sizeof vocabs / sizeof vocabs[0]; vi++) {
+        const int32_t V = vocabs[vi];
+        float *logits = malloc(sizeof(float) * (size_t)V), *a = malloc(sizeof(float) * (size_t)V),
+              *b = malloc(sizeof(float) * (size_t)V);
+        void *scratch = scratch_for(V);
+        sample_penalty *pen = malloc(sizeof(sample_penalty) * (size_t)V);
+        for (int rep = 0; rep < 40; rep++) {
+            const int shape = rep % 4;
+            for (int32_t t = 0; t < V; t++) {
+                const double u = sample_rng_uniform(&g);
+                if (shape == 0) logits[t] = (float)(u * 20 - 10);
+                else if (shape == 1) logits[t] = (float)(int)(u * 6); /* many ties */
+                else if (shape == 2) logits[t] = (float)(u * 0.01); /* flat */
+                else logits[t] = u < 0.1 && t != V / 2 ? -INFINITY : (float)(30 * u * u * u); /* peaked, -inf */
+            }
+            sample_params p;
+            sample_params_default(&p);
+            const float temps[] = {0.0f, 0.7f, 1.0f, 1.6f};
+            p.temperature = temps[rep % 4 == 3 ? 1 : (rep / 4) % 4];
+            p.top_k = (rep / 2) % 3 == 0 ? 0 : (int32_t)(1 + sample_rng_next(&g) % 50);
+            p.top_p = (rep / 3) % 2 ? (float)(0.05 + 0.9 * sample_rng_uniform(&g)) : 1.0f;
+            p.min_p = (rep / 5) % 3 == 1 ? (float)(0.3 * sample_rng_uniform(&g)) : 0.0f;
+            if (rep % 7 == 3) p.top_p = 1e-30f; /* target below one weight unit */
+            uint64_t draw = sample_rng_next(&g);
+            if (rep % 11 == 5) draw = ~(uint64_t)0;
+            if (rep % 11 == 6) draw = 0;
+            /* whole pick (through an rng whose next output is `draw`: replay) */
+            int32_t prompt[6], out[5];
+            for (int i = 0; i < 6; i++)
+                prompt[i] = (int32_t)(sample_rng_next(&g) % (uint64_t)V);
+            for (int i = 0; i < 5; i++)
+                out[i] = (int32_t)(sample_rng_next(&g) % (uint64_t)V);
+            if (rep % 3 == 1) {
+                p.repetition_penalty = 1.3f;
+                p.frequency_penalty = 0.4f;
+                p.presence_penalty = -0.2f;
+            }
+            sample_rng r1, r2;
+            sample_rng_seed(&r1, (uint64_t)rep);
+            r2 = r1;
+            const uint64_t d = sample_rng_next(&r2);
+            memcpy(a, logits, sizeof(float) * (size_t)V);
+            memcpy(b, logits, sizeof(float) * (size_t)V);
+            sample_result ra, rb;
+            lm_err err = {0};
+            CHECK(sample_pick(a, V, &p, &r1, prompt, 6, out, 5, scratch, &ra, &err) == 0,
+                  "pick: %s", err.msg);
+            const int32_t n = sample_penalty_list(&p, prompt, 6, out, 5, V, scratch, pen);
+            sample_apply_penalties(b, &p, pen, n);
+            float *after = malloc(sizeof(float) * (size_t)V);
+            memcpy(after, b, sizeof(float) * (size_t)V);
+            CHECK(sample_pick_drawn(b, V, &p, p.temperature > 0 ? d : 0, scratch, &rb, &err) == 0,
+                  "pick_drawn: %s", err.msg);
+            piece_mismatches += ra.token != rb.token || memcmp(a, b, sizeof(float) * (size_t)V);
+            /* the rule, with the test's own draw */
+            memcpy(b, after, sizeof(float) * (size_t)V);
+            CHECK(sample_pick_drawn(b, V, &p, draw, scratch, &rb, &err) == 0, "drawn: %s", err.msg);
+            const int32_t want = rule_pick(after, V, &p, draw);
+            if (rb.token != want) {
+                if (mismatches < 5)
+                    fprintf(stderr,
+                            "V %d case %d: T %g top_k %d top_p %g min_p %g draw %016llx: "
+                            "sampler %d, rule %d\n",
+                            V, rep, (double)p.temperature, p.top_k, (double)p.top_p,
+                            (double)p.min_p, (unsigned long long)draw, rb.token, want);
+                mismatches++;
+            }
+            free(after);
+            cases++;
+        }
+        free(logits);
+        free(a);
+        free(b);
+        free(pen);
+        free(scratch);
+    }
+    CHECK(mismatches == 0, "%d of %d picks differ from sample.h's rule", mismatches, cases);
+    CHECK(piece_mismatches == 0, "%d of %d picks differ from their pieces", piece_mismatches,
+          cases);
+}
+
+/* The penalty list: each id once, output counts; prompt ids only with a
+ * repetition penalty; empty without penalties. */
+static void test_penalty_list(void)
+{
+    void *scratch = scratch_for(10);
+    sample_penalty pen[10];
+    sample_params p;
+    sample_params_default(&p);
+    const int32_t prompt[4] = {3, 5, 3, 9}, out[5] = {5, 1, 5, 5, 7};
+    CHECK(sample_penalty_list(&p, prompt, 4, out, 5, 10, scratch, pen) == 0, "no penalties");
+    p.repetition_penalty = 1.5f;
+    int32_t n = sample_penalty_list(&p, prompt, 4, out, 5, 10, scratch, pen);
+    CHECK(n == 5, "repetition: %d entries, want 5", n);
+    const int32_t want_id[5] = {3, 5, 9, 1, 7}, want_c[5] = {0, 3, 0, 1, 1};
+    for (int i = 0; i < n && i < 5; i++)
+        CHECK(pen[i].id == want_id[i] && pen[i].count == want_c[i], "entry %d: id %d count %d", i,
+              pen[i].id, pen[i].count);
+    sample_params_default(&p);
+    p.presence_penalty = 0.5f;
+    n = sample_penalty_list(&p, prompt, 4, out, 5, 10, scratch, pen);
+    CHECK(n == 3 && pen[0].id == 5 && pen[0].count == 3 && pen[1].id == 1 && pen[2].id == 7,
+          "presence: %d entries (first id %d count %d)", n, pen[0].id, pen[0].count);
+    CHECK(sample_fixed_shift(1) == 62 && sample_fixed_shift(2) == 61 &&
+              sample_fixed_shift(151936) == 44 && sample_fixed_shift(131072) == 45,
+          "fixed shift: %d %d %d %d", sample_fixed_shift(1), sample_fixed_shift(2),
+          sample_fixed_shift(151936), sample_fixed_shift(131072));
+    free(scratch);
+}
+
 int main(void)
 {
     test_params();
@@ -541,6 +740,8 @@ int main(void)
     test_large_vocab_top_p();
     test_penalties();
     test_logprobs();
+    test_penalty_list();
+    test_exact_rule();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
