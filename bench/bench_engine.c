@@ -176,7 +176,7 @@ int main(int argc, char **argv)
         tokens[i] = (int32_t)((i * 7919) % (V - 3));
     /* prefill: one piece of `prefill` tokens, logits of the last row */
     int32_t ss[9] = {0, prefill}, sp[8] = {0}, row = prefill - 1;
-    backend_batch b = {1, prefill, tokens, ss, sp, table, per, 1, &row, logits};
+    backend_batch b = {1, prefill, tokens, ss, sp, table, per, 1, &row, logits, NULL, NULL, 0, NULL};
     t0 = now();
     double c0 = cpu_now();
     if (backend_forward(be, &b, &err)) {
@@ -192,7 +192,7 @@ int main(int argc, char **argv)
     double c1 = cpu_now(), w1 = now();
     for (int s = 0; s < steps; s++) {
         int32_t ss1[2] = {0, 1}, sp1[1] = {prefill + s};
-        backend_batch d = {1, 1, &tok, ss1, sp1, table, per, 1, &r0, logits};
+        backend_batch d = {1, 1, &tok, ss1, sp1, table, per, 1, &r0, logits, NULL, NULL, 0, NULL};
         t0 = now();
         if (backend_forward(be, &d, &err)) {
             fprintf(stderr, "bench_engine: %s\n", err.msg);
@@ -218,7 +218,7 @@ int main(int argc, char **argv)
         sp8[i] = 0;
         rows8[i] = ss8[i + 1] - 1;
     }
-    b = (backend_batch){8, 128, toks8, ss8, sp8, table + per, per, 8, rows8, logits};
+    b = (backend_batch){8, 128, toks8, ss8, sp8, table + per, per, 8, rows8, logits, NULL, NULL, 0, NULL};
     if (backend_forward(be, &b, &err)) {
         fprintf(stderr, "bench_engine: %s\n", err.msg);
         return 1;
@@ -232,7 +232,7 @@ int main(int argc, char **argv)
             r8[i] = i;
         }
         s8[8] = 8;
-        backend_batch d = {8, 8, t8, s8, p8, table + per, per, 8, r8, logits};
+        backend_batch d = {8, 8, t8, s8, p8, table + per, per, 8, r8, logits, NULL, NULL, 0, NULL};
         t0 = now();
         if (backend_forward(be, &d, &err)) {
             fprintf(stderr, "bench_engine: %s\n", err.msg);

@@ -21,8 +21,10 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "engine/err.h"
+#include "engine/sample.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -40,6 +42,27 @@ extern "C" {
  * into `tokens`); row i of `logits` belongs to logit_rows[i]. Typically the
  * last token of each piece; every row for teacher-forced verification.
  */
+/*
+ * Sampling on the device (backend_info.device_sampling): row i of the
+ * logits is picked where it was made, and only the pick comes back. The
+ * pick is the one sample_pick makes on the same logits:
+ * sample_apply_penalties with the row's entries of the batch's penalty
+ * list, then sample_pick_drawn with `draw` (the request's next
+ * sample_rng_next() output, taken only at temperature > 0).
+ */
+typedef struct backend_pick {
+    const sample_params *p;     /* checked by the caller (sample_params_check) */
+    uint64_t draw;
+    int32_t pen_begin, n_pen;   /* its entries in backend_batch.penalties */
+} backend_pick;
+
+typedef struct backend_pick_out {
+    sample_result r;
+    int32_t status;             /* 0, or -EINVAL: the row's logits cannot be sampled */
+    int32_t bad_token;          /* status: the lowest NaN / +inf token, -1 if every logit is -inf */
+    float bad_value;            /* that logit */
+} backend_pick_out;
+
 typedef struct backend_batch {
     int32_t n_seqs;
     int32_t n_tokens;
@@ -50,7 +73,14 @@ typedef struct backend_batch {
     int32_t max_blocks;         /* row stride of block_table */
     int32_t n_logits;
     const int32_t *logit_rows;  /* [n_logits] */
-    float *logits;              /* out, host memory [n_logits][vocab] */
+    float *logits;              /* out, host memory [n_logits][vocab]; NULL with picks */
+    /* Device sampling (NULL unless backend_info.device_sampling): with
+     * picks set, picks_out[i] receives row i's pick and `logits` is not
+     * written. n_penalties <= backend_info.max_penalties. */
+    const backend_pick *picks;          /* [n_logits] */
+    const sample_penalty *penalties;    /* [n_penalties] */
+    int32_t n_penalties;
+    backend_pick_out *picks_out;        /* out, host memory [n_logits] */
 } backend_batch;
 
 /* What a backend reports about itself and the model it holds. */
@@ -61,6 +91,8 @@ typedef struct backend_info {
     int32_t tensor_parallel;    /* 1 unless sharded */
     size_t kv_bytes_per_token;  /* all layers, K and V, all ranks together */
     size_t device_memory_free;  /* bytes free for the KV cache after weights; 0 if unknown */
+    int32_t device_sampling;    /* forward takes backend_batch.picks */
+    int32_t max_penalties;      /* room for penalty entries a step (device_sampling) */
 } backend_info;
 
 typedef struct backend backend;
@@ -99,6 +131,7 @@ static inline int backend_forward(backend *b, const backend_batch *batch, lm_err
 }
 static inline void backend_get_info(const backend *b, backend_info *ret_info)
 {
+    memset(ret_info, 0, sizeof(*ret_info)); /* fields a backend does not know stay 0 */
     b->ops->info(b, ret_info);
 }
 static inline void backend_destroy(backend *b)

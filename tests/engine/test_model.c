@@ -256,7 +256,7 @@ static void test_forward(const char *arch, int gptq)
             bt[8] = {3, 1, 4, 0, 2, 5, 6, 7}, rows[6] = {0, 1, 2, 3, 4, 5};
     int32_t V = m->cfg.vocab;
     float *lg = malloc(sizeof(float) * 6 * (size_t)V);
-    backend_batch b = {1, 6, toks, ss, sp, bt, 8, 6, rows, lg};
+    backend_batch b = {1, 6, toks, ss, sp, bt, 8, 6, rows, lg, NULL, NULL, 0, NULL};
     CHECK(backend_forward(be, &b, &err) == 0);
     for (int r = 0; r < 6; r++) { /* peaked: top-1 probability well above uniform */
         double mx = -1e30, z = 0;

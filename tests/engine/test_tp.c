@@ -86,11 +86,11 @@ static int run(const model *m, int tp, float *out, lm_err *err)
     int32_t toks[9] = {3, 260, 7, 99, 1, 256, 300, 12, 44}, ss[3] = {0, 6, 9}, sp[2] = {0, 0};
     int32_t bt[2][8] = {{5, 2, 9, 0, 1, 3, 4, 6}, {7, 8, 10, 11, 12, 13, 14, 15}};
     int32_t rows[9] = {0, 1, 2, 3, 4, 5, 6, 7, 8};
-    backend_batch b = {2, 9, toks, ss, sp, &bt[0][0], 8, 9, rows, out};
+    backend_batch b = {2, 9, toks, ss, sp, &bt[0][0], 8, 9, rows, out, NULL, NULL, 0, NULL};
     if (!rc)
         rc = backend_forward(be, &b, err);
     int32_t t2[2] = {17, 18}, ss2[3] = {0, 1, 2}, sp2[2] = {6, 3}, r2[2] = {0, 1};
-    backend_batch d = {2, 2, t2, ss2, sp2, &bt[0][0], 8, 2, r2, out + 9 * (size_t)V};
+    backend_batch d = {2, 2, t2, ss2, sp2, &bt[0][0], 8, 2, r2, out + 9 * (size_t)V, NULL, NULL, 0, NULL};
     if (!rc)
         rc = backend_forward(be, &d, err);
     if (!rc) {

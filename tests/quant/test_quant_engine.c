@@ -38,7 +38,7 @@ static float *engine_logits(const char *dir, const int32_t *tok, int32_t len, in
     for (int32_t i = 0; i < len; i++)
         rows[i] = i;
     int32_t ss[2] = {0, len}, sp = 0;
-    backend_batch bt = {1, len, tok, ss, &sp, blocks, nb, len, rows, lg};
+    backend_batch bt = {1, len, tok, ss, &sp, blocks, nb, len, rows, lg, NULL, NULL, 0, NULL};
     if (!rc)
         rc = backend_forward(b, &bt, &err);
     if (rc) {
