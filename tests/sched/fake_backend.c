@@ -3,6 +3,7 @@
  */
 #include "tests/sched/fake_backend.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +33,62 @@ static void fill_logits(uint64_t h, int32_t vocab, float *row)
 {
     for (int32_t v = 0; v < vocab; v++)
         row[v] = (float)(mix(h, (uint64_t)v) >> 40) / (float)(1 << 24) * 8.0f;
+}
+
+static void poison(const fake_backend *fb, int32_t pos, float *row)
+{
+    if (fb->poison_pos < 0 || pos != fb->poison_pos)
+        return;
+    if (fb->poison_token >= 0)
+        row[fb->poison_token] = NAN;
+    else
+        for (int32_t v = 0; v < fb->vocab; v++)
+            row[v] = -INFINITY;
+}
+
+/* The pick a device makes of the row at position pos (backend.h): the
+ * sampler's pieces, and on failure what the device reports instead of a
+ * message (the lowest NaN / +inf token, or -1 when every logit is -inf). */
+static void fake_pick(fake_backend *fb, const backend_batch *bt, int32_t i, uint64_t h,
+                      int32_t pos)
+{
+    const backend_pick *pk = &bt->picks[i];
+    backend_pick_out *o = &bt->picks_out[i];
+    float *row = fb->pick_row;
+    fill_logits(h, fb->vocab, row);
+    poison(fb, pos, row);
+    sample_apply_penalties(row, pk->p, bt->penalties + pk->pen_begin, pk->n_pen);
+    memset(o, 0, sizeof *o);
+    o->bad_token = -1;
+    o->bad_value = -INFINITY;
+    for (int32_t v = 0; v < fb->vocab; v++)
+        if (isnan(row[v]) || row[v] == INFINITY) {
+            o->bad_token = v;
+            o->bad_value = row[v];
+            break;
+        }
+    o->status = sample_pick_drawn(row, fb->vocab, pk->p, pk->draw, fb->pick_scratch, &o->r, NULL);
+}
+
+/* Check a batch's picks against what the backend reported (backend.h). */
+static int check_picks(fake_backend *fb, const backend_batch *bt)
+{
+    if (!fb->device_sampling)
+        return -1;
+    if (!bt->picks_out || bt->n_penalties < 0 || bt->n_penalties > fb->max_penalties ||
+        (bt->n_penalties > 0 && !bt->penalties))
+        return -1;
+    for (int32_t i = 0; i < bt->n_logits; i++) {
+        const backend_pick *pk = &bt->picks[i];
+        if (!pk->p || pk->n_pen < 0 || pk->pen_begin < 0 ||
+            pk->pen_begin + pk->n_pen > bt->n_penalties)
+            return -1;
+    }
+    for (int32_t k = 0; k < bt->n_penalties; k++)
+        if (bt->penalties[k].id < 0 || bt->penalties[k].id >= fb->vocab ||
+            bt->penalties[k].count < 0)
+            return -1;
+    return 0;
 }
 
 static int fail(fake_backend *fb, lm_err *err, const char *msg, int a, int b)
@@ -83,6 +140,12 @@ static int fake_forward(backend *b, const backend_batch *bt, lm_err *err)
         return fail(fb, err, "forward before kv_init (%d %d)", 0, 0);
     if (bt->n_seqs < 1 || bt->seq_start[0] != 0 || bt->seq_start[bt->n_seqs] != bt->n_tokens)
         return fail(fb, err, "bad batch shape: %d seqs, %d tokens", bt->n_seqs, bt->n_tokens);
+    if (bt->picks && check_picks(fb, bt) < 0)
+        return fail(fb, err, "bad picks: %d penalty entries (device sampling %d)",
+                    bt->n_penalties, fb->device_sampling);
+    if (!bt->picks && bt->n_logits > 0 && !bt->logits)
+        return fail(fb, err, "no logits buffer and no picks for %d rows of %d seqs", bt->n_logits,
+                    bt->n_seqs);
     int32_t bs = fb->block_size, r = 0;
     for (int32_t s = 0; s < bt->n_seqs; s++) {
         const int32_t *table = bt->block_table + (size_t)s * bt->max_blocks;
@@ -114,14 +177,27 @@ static int fake_forward(backend *b, const backend_batch *bt, lm_err *err)
             h = next_hash(h, tok, p);
             fb->slot_hash[(size_t)blk * bs + p % bs] = h;
             fb->slot_pos[(size_t)blk * bs + p % bs] = p;
-            if (r < bt->n_logits && bt->logit_rows[r] == row)
-                fill_logits(h, fb->vocab, bt->logits + (size_t)r++ * fb->vocab);
+            if (r < bt->n_logits && bt->logit_rows[r] == row) {
+                if (bt->picks) {
+                    fake_pick(fb, bt, r++, h, p);
+                } else {
+                    float *out = bt->logits + (size_t)r++ * fb->vocab;
+                    fill_logits(h, fb->vocab, out);
+                    poison(fb, p, out);
+                }
+            }
         }
     }
     if (r != bt->n_logits)
         return fail(fb, err, "logit rows not in token order (%d of %d filled)", r, bt->n_logits);
     fb->forwards++;
     fb->tokens += bt->n_tokens;
+    if (bt->n_logits > 0 && bt->picks)
+        fb->pick_forwards++;
+    else if (bt->n_logits > 0)
+        fb->logit_forwards++;
+    if (bt->n_penalties > fb->max_penalties_seen)
+        fb->max_penalties_seen = bt->n_penalties;
     if (bt->n_tokens > fb->max_step_tokens_seen)
         fb->max_step_tokens_seen = bt->n_tokens;
     if (bt->n_seqs > fb->max_step_seqs_seen)
@@ -144,6 +220,8 @@ static void fake_info(const backend *b, backend_info *ret)
         .tensor_parallel = 1,
         .kv_bytes_per_token = fb->kv_bytes_per_token,
         .device_memory_free = fb->device_memory_free,
+        .device_sampling = fb->device_sampling,
+        .max_penalties = fb->max_penalties,
     };
 }
 
@@ -152,6 +230,8 @@ static void fake_destroy(backend *b)
     fake_backend *fb = (fake_backend *)b;
     free(fb->slot_hash);
     free(fb->slot_pos);
+    free(fb->pick_row);
+    free(fb->pick_scratch);
     free(fb);
 }
 
@@ -174,6 +254,13 @@ fake_backend *fake_backend_create(int32_t vocab, int32_t max_context, double a_u
     fb->kv_bytes_per_token = 1024;
     fb->a_us = a_us;
     fb->b_us = b_us;
+    fb->poison_pos = -1;
+    fb->pick_row = malloc((size_t)vocab * sizeof *fb->pick_row);
+    fb->pick_scratch = malloc(sample_scratch_bytes(vocab));
+    if (!fb->pick_row || !fb->pick_scratch) {
+        fake_destroy(&fb->base);
+        return NULL;
+    }
     return fb;
 }
 
