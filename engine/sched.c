@@ -22,6 +22,15 @@
  * each sequence at the end of its known tokens, sample, deliver the token,
  * check the stops; (6) feed the step time to the controller.
  *
+ * Sampling on the device (backend_info.device_sampling): before the
+ * forward, each logits row gets a backend_pick: its penalty list (built
+ * here, rows one after another in `penalties`) and its draw from the
+ * request's rng; the backend returns only the picks. The draws are taken
+ * after every list is known to fit max_penalties; if they do not fit, the
+ * step samples on the host as without device sampling (logits copied back,
+ * sample_pick), no draw having been taken. Either way a pick is exactly
+ * sample_pick's, so a request's output does not depend on the path.
+ *
  * Sequence state is (tokens[0..n_tokens), n_computed): positions whose KV
  * is in the cache. n_computed == n_tokens - 1 is "decoding"; less is
  * "prefilling" (which is how a preempted sequence resumes: its output so
@@ -107,8 +116,13 @@ struct sched {
     int32_t *b_block_table;     /* [max_running][max_blocks] */
     int32_t *b_logit_rows;      /* [max_running] */
     int32_t *b_logit_seq;       /* [max_running] plan index of each logit row */
-    float *logits;              /* [max_running][vocab] */
+    float *logits;              /* [max_running][vocab] (also device sampling's fallback) */
     void *sample_scratch;
+    /* Device sampling only (info.device_sampling), sized at create. */
+    backend_pick *picks;        /* [max_running] one per logits row */
+    backend_pick_out *picks_out; /* [max_running] */
+    sample_penalty *penalties;  /* [info.max_penalties] the step's lists, row after row */
+    sample_penalty *pen_row;    /* [vocab] one row's list when its bound exceeds the room left */
 };
 
 static int64_t now_ns(void)
@@ -597,6 +611,68 @@ static void reap_cancelled(sched *s)
         }
 }
 
+/*
+ * Device sampling: fill picks[0, n_logits) for the rows of this step and
+ * their penalty lists. Returns the number of penalty entries, or -1 when
+ * the lists do not fit info.max_penalties: the step then samples on the
+ * host, and no rng has been drawn (the draws are taken only once every
+ * list fits, one per pick at temperature > 0, as sample_pick takes it).
+ */
+static int32_t plan_picks(sched *s, int32_t n_logits)
+{
+    const int32_t vocab = s->info.vocab, room = s->info.max_penalties;
+    int32_t used = 0;
+    for (int32_t r = 0; r < n_logits; r++) {
+        seq *q = s->plan[s->b_logit_seq[r]];
+        const int32_t n_out = q->n_tokens - q->n_prompt;
+        int32_t n = 0;
+        if (sample_has_penalties(&q->sp)) {
+            /* sample_penalty_list writes up to min(vocab, n_prompt + n_output)
+             * entries: straight into the step's list when that much room is
+             * left, else into pen_row, kept if the actual list fits. */
+            int64_t bound = (int64_t)q->n_tokens < vocab ? q->n_tokens : vocab;
+            if (bound <= room - used) {
+                n = sample_penalty_list(&q->sp, q->tokens, q->n_prompt, q->tokens + q->n_prompt,
+                                        n_out, vocab, s->sample_scratch, s->penalties + used);
+            } else {
+                n = sample_penalty_list(&q->sp, q->tokens, q->n_prompt, q->tokens + q->n_prompt,
+                                        n_out, vocab, s->sample_scratch, s->pen_row);
+                if (n > room - used)
+                    return -1;
+                if (n)
+                    memcpy(s->penalties + used, s->pen_row, (size_t)n * sizeof *s->pen_row);
+            }
+        }
+        s->picks[r] = (backend_pick){.p = &q->sp, .draw = 0, .pen_begin = used, .n_pen = n};
+        used += n;
+    }
+    for (int32_t r = 0; r < n_logits; r++) {
+        seq *q = s->plan[s->b_logit_seq[r]];
+        if (q->sp.temperature > 0.0f)
+            s->picks[r].draw = sample_rng_next(&q->rng);
+    }
+    return used;
+}
+
+/* A device pick as sample_pick would have returned it: the result, or the
+ * host sampler's message for logits that cannot be sampled. */
+static int pick_take(const sched *s, const backend_pick_out *o, sample_result *ret, lm_err *err)
+{
+    if (o->status) {
+        int code = o->status < 0 ? o->status : -EINVAL;
+        if (o->bad_token >= 0)
+            return lm_err_set(err, code, "sample_pick: logit of token %d is %g", o->bad_token,
+                              (double)o->bad_value);
+        return lm_err_set(err, code, "sample_pick: every logit is -inf");
+    }
+    if (o->r.token < 0 || o->r.token >= s->info.vocab)
+        return lm_err_set(err, -EPROTO,
+                          "backend '%s': picked token %d outside the vocabulary [0, %d)",
+                          s->info.name ? s->info.name : "?", o->r.token, s->info.vocab);
+    *ret = o->r;
+    return 0;
+}
+
 /* Run one step over the planned pieces. Returns the tokens forwarded. */
 static int32_t run_step(sched *s, int *ret_decoding)
 {
@@ -625,6 +701,9 @@ static int32_t run_step(sched *s, int *ret_decoding)
         if (prompt_part > 0)
             s->st.prompt_tokens_computed += (uint64_t)(prompt_part < len ? prompt_part : len);
     }
+    /* n_pen >= 0: the backend picks (this many penalty entries) */
+    const int32_t n_pen = s->info.device_sampling ? plan_picks(s, n_logits) : -1;
+    const int device = n_pen >= 0;
     backend_batch batch = {
         .n_seqs = n_plan,
         .n_tokens = pos,
@@ -635,7 +714,11 @@ static int32_t run_step(sched *s, int *ret_decoding)
         .max_blocks = mb,
         .n_logits = n_logits,
         .logit_rows = s->b_logit_rows,
-        .logits = s->logits,
+        .logits = device ? NULL : s->logits,
+        .picks = device ? s->picks : NULL,
+        .penalties = device ? s->penalties : NULL,
+        .n_penalties = device ? n_pen : 0,
+        .picks_out = device ? s->picks_out : NULL,
     };
     lm_err err = {0};
     int rc = backend_forward(s->be, &batch, &err);
@@ -666,10 +749,14 @@ static int32_t run_step(sched *s, int *ret_decoding)
     for (int32_t r = 0; r < n_logits; r++) {
         seq *q = s->plan[s->b_logit_seq[r]];
         sched_event ev = {.type = SCHED_EVENT_TOKEN, .id = q->id};
-        float *row = s->logits + (size_t)r * s->info.vocab;
-        rc = sample_pick(row, s->info.vocab, &q->sp, &q->rng, q->tokens, q->n_prompt,
-                         q->tokens + q->n_prompt, q->n_tokens - q->n_prompt, s->sample_scratch,
-                         &ev.tok, &err);
+        if (device) {
+            rc = pick_take(s, &s->picks_out[r], &ev.tok, &err);
+        } else {
+            float *row = s->logits + (size_t)r * s->info.vocab;
+            rc = sample_pick(row, s->info.vocab, &q->sp, &q->rng, q->tokens, q->n_prompt,
+                             q->tokens + q->n_prompt, q->n_tokens - q->n_prompt,
+                             s->sample_scratch, &ev.tok, &err);
+        }
         if (rc < 0) {
             list_remove(&s->running, q);
             seq_finish(s, q, SCHED_FINISH_ERROR, err.msg);
@@ -767,6 +854,10 @@ static void sched_free(sched *s)
     free(s->b_logit_seq);
     free(s->logits);
     free(s->sample_scratch);
+    free(s->picks);
+    free(s->picks_out);
+    free(s->penalties);
+    free(s->pen_row);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     free(s);
@@ -846,6 +937,23 @@ int sched_create(backend *be, const sched_config *cfg, sched **ret, lm_err *err)
         !s->b_logit_seq || !s->logits || !s->sample_scratch) {
         sched_free(s);
         return lm_err_set(err, -ENOMEM, "sched_create: out of memory for step buffers");
+    }
+    if (info.device_sampling) {
+        if (info.max_penalties < 0)
+            s->info.max_penalties = 0;
+        s->picks = calloc(mr, sizeof *s->picks);
+        s->picks_out = calloc(mr, sizeof *s->picks_out);
+        s->pen_row = calloc((size_t)info.vocab, sizeof *s->pen_row);
+        if (s->info.max_penalties)
+            s->penalties = calloc((size_t)s->info.max_penalties, sizeof *s->penalties);
+        if (!s->picks || !s->picks_out || !s->pen_row ||
+            (s->info.max_penalties && !s->penalties)) {
+            sched_free(s);
+            return lm_err_set(err, -ENOMEM,
+                              "sched_create: out of memory for device sampling (%d penalty "
+                              "entries)",
+                              info.max_penalties);
+        }
     }
     s->cfg.eos_ids = s->eos_ids;
     rc = kvcache_create(n_blocks, cfg->block_size, &s->kv, err);
