@@ -1,7 +1,8 @@
 /*
  * fake_harness.h: what the tests over the fake backend share: the
  * vocabulary and context of their fake model, a small scheduler config,
- * the end-of-test idle checks (no KV block used, no protocol error) and
+ * the end-of-test idle checks (no KV block used, no protocol error, the
+ * device's sampling used where the backend offers it) and
  * the comparison of a request's output with fake_reference().
  */
 #ifndef TESTS_SCHED_FAKE_HARNESS_H
@@ -52,6 +53,8 @@ static inline void check_idle(sched *s, fake_backend *fb, const char *where)
     CHECK(st.kv_blocks_cached <= st.kv_blocks_total, "%s: cached %d of %d", where,
           st.kv_blocks_cached, st.kv_blocks_total);
     CHECK(fb->protocol_errors == 0, "%s: backend: %s", where, fb->first_error);
+    CHECK(!fb->device_sampling || fb->pick_forwards > 0, "%s: no step sampled on the device",
+          where);
 }
 
 static inline void fill_prompt(int32_t *p, int32_t n, uint64_t seed)

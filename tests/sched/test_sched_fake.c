@@ -11,6 +11,20 @@
 
 #include "tests/sched/fake_harness.h"
 
+/* >= 0 (the *_device tests): the fake backends of prefix, preempt and trace
+ * sample on the device with room for this many penalty entries a step. */
+static int32_t device_room = -1;
+
+static fake_backend *fake_new(int32_t ctx, double a_us, double b_us)
+{
+    fake_backend *fb = fake_backend_create(VOCAB, ctx, a_us, b_us);
+    if (fb && device_room >= 0) {
+        fb->device_sampling = 1;
+        fb->max_penalties = device_room;
+    }
+    return fb;
+}
+
 /* ---- basic: one request, greedy and sampled ------------------------------ */
 
 static void test_basic(void)
@@ -166,7 +180,7 @@ static void test_invalid(void)
 
 static void test_prefix(void)
 {
-    fake_backend *fb = fake_backend_create(VOCAB, CTX, 0, 0);
+    fake_backend *fb = fake_new(CTX, 0, 0);
     sched_config cfg;
     base_config(&cfg);
     sched *s = start(fb, &cfg);
@@ -205,7 +219,7 @@ static void test_prefix(void)
     sched_destroy(s);
 
     /* prefix_cache off: nothing reused, same outputs. */
-    fake_backend *fb2 = fake_backend_create(VOCAB, CTX, 0, 0);
+    fake_backend *fb2 = fake_new(CTX, 0, 0);
     cfg.prefix_cache = 0;
     s = start(fb2, &cfg);
     h_n_finished = 0;
@@ -234,7 +248,7 @@ static void test_preempt(void)
     /* 24 blocks of 4 = 96 tokens; three requests of 20 + 40 = 60 tokens each:
      * at most one fits fully, so decoding preempts the newer ones. */
     for (int pc = 0; pc < 2; pc++) {
-        fake_backend *fb = fake_backend_create(VOCAB, CTX, 0, 0);
+        fake_backend *fb = fake_new(CTX, 0, 0);
         sched_config cfg;
         base_config(&cfg);
         cfg.kv_bytes = (size_t)24 * 4 * 1024;
@@ -499,7 +513,7 @@ static void test_starvation(void)
  */
 static void test_trace(void)
 {
-    fake_backend *fb = fake_backend_create(VOCAB, CTX, 150, 8);
+    fake_backend *fb = fake_new(CTX, 150, 8);
     sched_config cfg;
     base_config(&cfg);
     cfg.kv_bytes = (size_t)50 * 4 * 1024; /* 50 blocks = 200 tokens */
@@ -711,6 +725,31 @@ static void test_shutdown(void)
     backend_destroy(&fb->base);
 }
 
+/* ---- the same over a backend that samples on the device ----------------------- */
+
+static void test_prefix_device(void)
+{
+    device_room = 4096;
+    test_prefix();
+    device_room = -1;
+}
+
+/* Request 2's repetition penalty lists never fit 8 entries: the steps it
+ * has a row in sample on the host, the others on the device. */
+static void test_preempt_device(void)
+{
+    device_room = 8;
+    test_preempt();
+    device_room = -1;
+}
+
+static void test_trace_device(void)
+{
+    device_room = 0;
+    test_trace();
+    device_room = -1;
+}
+
 static const struct {
     const char *name;
     void (*fn)(void);
@@ -719,6 +758,8 @@ static const struct {
     {"preempt", test_preempt},   {"cancel", test_cancel},     {"deadline", test_deadline},
     {"overload", test_overload}, {"starvation", test_starvation}, {"trace", test_trace},
     {"tick", test_tick},         {"error", test_error},       {"shutdown", test_shutdown},
+    {"prefix_device", test_prefix_device}, {"preempt_device", test_preempt_device},
+    {"trace_device", test_trace_device},
 };
 
 int main(int argc, char **argv)
