@@ -18,6 +18,9 @@
  *            on the GPU), shared experts, router, lm_head and the KV read
  *   prefill  one prompt of 512, 2048, 8192 tokens -> first logits (TTFT of
  *            the forward pass: host upload + all layers + logits back)
+ *   sample   picking tokens from B rows of qwen's 151936 logits: on the GPU
+ *            (cu_sample: picks up, kernel, results down) against the host
+ *            path it replaces (rows copied down, sample_pick on each)
  *
  * Timing: warm-up, then the median of repeated runs; weights of kernel
  * benchmarks rotate over copies larger than L2 so that no run reads cache.
@@ -37,7 +40,9 @@
 #include "engine/cuda_common.cuh"
 #include "engine/cuda_int4_gemm.cuh"
 #include "engine/cuda_model.h"
+#include "engine/cuda_sample.cuh"
 #include "engine/cuda_synth.h"
+#include "engine/sample.h"
 
 #define CK(x) \
     do { \
@@ -530,6 +535,107 @@ static void bench_grouped(cublasHandle_t h, const char *name, int E, int topk, i
     cudaFree((void *)d_ptr);
 }
 
+/* sampling: cu_sample against the copy + sample_pick it replaces */
+static void bench_sample()
+{
+    const int V = 151936, Bmax = 128;
+    printf("== sampling, vocabulary %d (GPU: picks up + cu_sample + results down, wall clock; "
+           "host: rows copied down + sample_pick per row, one thread)\n", V);
+    std::vector<float> rows((size_t)Bmax * V);
+    uint32_t x = 12345;
+    for (auto &v : rows) { /* roughly a language model's: a few large logits over a broad body */
+        x = x * 1664525u + 1013904223u;
+        const float u = (float)(x >> 8) / 16777216.0f;
+        v = 6.0f * u - 3.0f + ((x & 1023) == 7 ? 14.0f : 0.0f);
+    }
+    float *d_src, *d_rows, *d_e, *h_rows;
+    cu_pick *d_picks, *h_picks;
+    backend_pick_out *d_out, *h_out;
+    sample_penalty *d_pen, *h_pen;
+    CK(cudaMalloc(&d_src, rows.size() * 4));
+    CK(cudaMalloc(&d_rows, rows.size() * 4));
+    CK(cudaMalloc(&d_e, (size_t)CU_SAMPLE_BLOCKS * V * 4));
+    CK(cudaMalloc(&d_picks, Bmax * sizeof(cu_pick)));
+    CK(cudaMalloc(&d_out, Bmax * sizeof(backend_pick_out)));
+    CK(cudaMalloc(&d_pen, (size_t)Bmax * 256 * sizeof(sample_penalty)));
+    CK(cudaMallocHost(&h_rows, rows.size() * 4));
+    CK(cudaMallocHost(&h_picks, Bmax * sizeof(cu_pick)));
+    CK(cudaMallocHost(&h_out, Bmax * sizeof(backend_pick_out)));
+    CK(cudaMallocHost(&h_pen, (size_t)Bmax * 256 * sizeof(sample_penalty)));
+    CK(cudaMemcpy(d_src, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice));
+    std::vector<char> scratch(sample_scratch_bytes(V));
+    struct cfg { const char *name; float t, top_p, min_p, rep; int top_k, lp; };
+    const cfg cfgs[] = {{"greedy", 0.f, 1.f, 0.f, 1.f, 0, 0},
+                        {"T 1, no filter", 1.f, 1.f, 0.f, 1.f, 0, 0},
+                        {"T 0.7, top_p 0.9", 0.7f, 0.9f, 0.f, 1.f, 0, 0},
+                        {"T 0.7, top_k 50, top_p 0.9", 0.7f, 0.9f, 0.f, 1.f, 50, 0},
+                        {"T 0.7, top_p 0.9, min_p 0.05, rep 1.1 (256 ids), 5 logprobs", 0.7f, 0.9f,
+                         0.05f, 1.1f, 0, 5}};
+    for (const cfg &c : cfgs) {
+        sample_params sp;
+        sample_params_default(&sp);
+        sp.temperature = c.t;
+        sp.top_p = c.top_p;
+        sp.min_p = c.min_p;
+        sp.repetition_penalty = c.rep;
+        sp.top_k = c.top_k;
+        sp.logprobs = c.lp;
+        const int npen = c.rep != 1.f ? 256 : 0;
+        for (int B : {1, 8, 32, 128}) {
+            std::vector<double> tg, th;
+            int agree = 0;
+            for (int rep = 0; rep < 7; rep++) {
+                CK(cudaMemcpy(d_rows, d_src, (size_t)B * V * 4, cudaMemcpyDeviceToDevice));
+                for (int r = 0; r < B; r++) {
+                    backend_pick bp = {&sp, 0x9e3779b97f4a7c15ull * (uint64_t)(r + 7 * rep + 1),
+                                       r * npen, npen};
+                    cu_pick_from(&bp, &h_picks[r]);
+                    for (int j = 0; j < npen; j++)
+                        h_pen[r * npen + j] = {(int32_t)((j * 7919 + r) % V), j % 3};
+                }
+                CK(cudaDeviceSynchronize());
+                double t0 = now_s();
+                if (npen)
+                    CK(cudaMemcpyAsync(d_pen, h_pen, (size_t)B * npen * sizeof(sample_penalty),
+                                       cudaMemcpyHostToDevice, 0));
+                CK(cudaMemcpyAsync(d_picks, h_picks, B * sizeof(cu_pick), cudaMemcpyHostToDevice, 0));
+                OK(cu_sample(d_rows, V, V, B, d_picks, d_pen, d_e, d_out, 0, ERRP));
+                CK(cudaMemcpyAsync(h_out, d_out, B * sizeof(backend_pick_out), cudaMemcpyDeviceToHost, 0));
+                CK(cudaStreamSynchronize(0));
+                tg.push_back(now_s() - t0);
+                /* the host path on the same rows */
+                CK(cudaMemcpy(d_rows, d_src, (size_t)B * V * 4, cudaMemcpyDeviceToDevice));
+                CK(cudaDeviceSynchronize());
+                t0 = now_s();
+                CK(cudaMemcpy(h_rows, d_rows, (size_t)B * V * 4, cudaMemcpyDeviceToHost));
+                for (int r = 0; r < B; r++) {
+                    sample_result res;
+                    lm_err e = {0, ""};
+                    sample_apply_penalties(h_rows + (size_t)r * V, &sp, h_pen + r * npen, npen);
+                    sample_pick_drawn(h_rows + (size_t)r * V, V, &sp, h_picks[r].draw, scratch.data(),
+                                      &res, &e);
+                    agree += res.token == h_out[r].r.token;
+                }
+                th.push_back(now_s() - t0);
+            }
+            std::sort(tg.begin(), tg.end());
+            std::sort(th.begin(), th.end());
+            printf("sample %-62s B %3d | GPU %8.1f us | host %8.1f us | %.1fx | picks equal %d/%d\n",
+                   c.name, B, tg[3] * 1e6, th[3] * 1e6, th[3] / tg[3], agree, 7 * B);
+        }
+    }
+    cudaFree(d_src);
+    cudaFree(d_rows);
+    cudaFree(d_e);
+    cudaFree(d_picks);
+    cudaFree(d_out);
+    cudaFree(d_pen);
+    cudaFreeHost(h_rows);
+    cudaFreeHost(h_picks);
+    cudaFreeHost(h_out);
+    cudaFreeHost(h_pen);
+}
+
 static void bench_kernels(const cu_synth_config *c)
 {
     cublasHandle_t h;
@@ -793,7 +899,7 @@ int main(int argc, char **argv)
     cudaGetDeviceProperties(&p, 0);
     printf("device: %s, %d SMs, %.0f MB L2, %.1f GB\n", p.name, p.multiProcessorCount,
            p.l2CacheSize / 1e6, p.totalGlobalMem / 1e9);
-    bool ceil_ = false, kern = false, dec = false, pre = false;
+    bool ceil_ = false, kern = false, dec = false, pre = false, samp = false;
     int which = 3, path = 0;
     const char *dir = nullptr;
     for (int i = 1; i < argc; i++) {
@@ -801,6 +907,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "kernels")) kern = true;
         else if (!strcmp(argv[i], "decode")) dec = true;
         else if (!strcmp(argv[i], "prefill")) pre = true;
+        else if (!strcmp(argv[i], "sample")) samp = true;
         else if (!strcmp(argv[i], "--path") && i + 1 < argc) path = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) g_batch_only = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) {
@@ -816,10 +923,14 @@ int main(int argc, char **argv)
             which = !strcmp(argv[i], "qwen3") ? 1 : !strcmp(argv[i], "qwen15") ? 2 : 3;
         }
     }
-    if (!ceil_ && !kern && !dec && !pre)
-        ceil_ = kern = dec = pre = true;
+    if (!ceil_ && !kern && !dec && !pre && !samp)
+        ceil_ = kern = dec = pre = samp = true;
     bench_ceilings(); /* always: every figure is relative to this run's ceiling */
     (void)ceil_;
+    if (samp)
+        bench_sample();
+    if (samp && !kern && !dec && !pre)
+        return 0;
     if (dir) { /* a checkpoint (e.g. from `lightmoe synth`) through model_load + backend_cuda */
         double t0 = now_s();
         model *mm = nullptr;

@@ -346,6 +346,8 @@ void cb_info(const backend *bb, backend_info *r)
     r->tensor_parallel = 1;
     r->kv_bytes_per_token = cu_state_kv_bytes_per_token(b->s);
     r->device_memory_free = cu_state_free_bytes(b->s);
+    r->max_penalties = cu_state_sample_cap(b->s);
+    r->device_sampling = r->max_penalties > 0;
 }
 void cb_destroy(backend *bb)
 {

@@ -79,12 +79,12 @@ extern "C" void cu_state_destroy(cu_state *s)
                    s->plan.ent_weight, s->plan.pos, s->plan.items, s->plan.n_items, s->wdq, s->dq_tmp, s->attn_cnt, s->d_tok,
                    s->d_seq, s->d_pos, s->d_rows, s->d_bt, s->d_tiles, s->kv, s->d_active,
                    s->d_mega_layers, s->mega_h, s->mega_bar, s->mega_fail, s->mega_cnt,
-                   s->mega_prof, s->o_acc, s->u_acc};
+                   s->mega_prof, s->o_acc, s->u_acc, s->d_picks, s->d_pout, s->d_pen, s->d_se};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
         if (dev[i])
             cudaFree(dev[i]);
     void *host[] = {s->h_tok, s->h_seq, s->h_pos, s->h_rows, s->h_bt, s->h_off, s->h_tiles,
-                    s->h_mega_fail};
+                    s->h_mega_fail, s->h_picks, s->h_pout, s->h_pen};
     for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
         if (host[i])
             cudaFreeHost(host[i]);
@@ -345,6 +345,24 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
         cu_state_destroy(s);
         return rc;
     }
+    /* sampling on the device: only picks cross to the host (off with
+     * tensor parallelism, and with LIGHTMOE_CUDA_SAMPLE=0: logits to the host) */
+    if (!s->tp && env_not_0("LIGHTMOE_CUDA_SAMPLE")) {
+        const int nl = s->o.max_logits, ns = nl < CU_SAMPLE_BLOCKS ? nl : CU_SAMPLE_BLOCKS;
+        s->pen_cap = CU_SAMPLE_MAX_PENALTIES;
+        ALLOC(s->d_picks, nl, "sampling parameters");
+        ALLOC(s->d_pout, nl, "sampling results");
+        ALLOC(s->d_pen, s->pen_cap, "sampling penalty entries");
+        ALLOC(s->d_se, (size_t)ns * m->vocab, "sampling scratch");
+        if ((rc = cu_state_host_alloc((void **)&s->h_picks, (size_t)nl * sizeof(cu_pick), err)) ||
+            (rc = cu_state_host_alloc((void **)&s->h_pout, (size_t)nl * sizeof(backend_pick_out),
+                                      err)) ||
+            (rc = cu_state_host_alloc((void **)&s->h_pen,
+                                      (size_t)s->pen_cap * sizeof(sample_penalty), err))) {
+            cu_state_destroy(s);
+            return rc;
+        }
+    }
     float *f = (float *)malloc(sizeof(float) * (hd / 2));
     if (!f) {
         cu_state_destroy(s);
@@ -448,6 +466,11 @@ extern "C" long cu_state_routed(const cu_state *s)
 extern "C" long cu_state_routed_o(const cu_state *s)
 {
     return s ? s->n_route_o : 0;
+}
+
+extern "C" int cu_state_sample_cap(const cu_state *s)
+{
+    return s->pen_cap;
 }
 
 extern "C" size_t cu_state_free_bytes(const cu_state *s)
@@ -1325,6 +1348,55 @@ static int forward_layers(cu_state *s, const backend_batch *bt, lm_err *err)
     return 0;
 }
 
+/* The step's logits rows picked on the device (backend.h's picks): the
+ * picks and penalty entries up, the kernel, the results down (into h_pout;
+ * cu_forward copies them out after its synchronisation). */
+static int sample_rows(cu_state *s, const backend_batch *bt, lm_err *err)
+{
+    const int n = bt->n_logits;
+    if (!s->pen_cap)
+        return lm_err_set(err, -EINVAL, "cuda: sampling on the device is off for this state "
+                                        "(tensor parallelism)");
+    if (!bt->picks_out || bt->n_penalties < 0 || bt->n_penalties > s->pen_cap ||
+        (bt->n_penalties && !bt->penalties))
+        return lm_err_set(err, -EINVAL, "cuda: sampling: %d penalty entries (room for %d), "
+                                        "results %s", bt->n_penalties, s->pen_cap,
+                          bt->picks_out ? "given" : "missing");
+    for (int i = 0; i < n; i++) {
+        const backend_pick *bp = &bt->picks[i];
+        if (!bp->p || bp->n_pen < 0 || bp->pen_begin < 0 ||
+            bp->pen_begin + bp->n_pen > bt->n_penalties)
+            return lm_err_set(err, -EINVAL, "cuda: sampling: row %d's penalty entries [%d, +%d) "
+                                            "outside the %d given", i, bp->pen_begin, bp->n_pen,
+                              bt->n_penalties);
+        int rc = sample_params_check(bp->p, err);
+        if (rc)
+            return lm_err_prefix(err, "cuda: sampling row %d", i);
+        for (int j = 0; j < bp->n_pen; j++) {
+            const int id = bt->penalties[bp->pen_begin + j].id;
+            if (id < 0 || id >= s->m->vocab)
+                return lm_err_set(err, -EINVAL, "cuda: sampling: row %d's penalty id %d outside "
+                                                "the vocabulary [0, %d)", i, id, s->m->vocab);
+        }
+        cu_pick_from(bp, &s->h_picks[i]);
+    }
+    if (bt->n_penalties > 0) {
+        memcpy(s->h_pen, bt->penalties, (size_t)bt->n_penalties * sizeof(sample_penalty));
+        CUDA_TRY(err, cudaMemcpyAsync(s->d_pen, s->h_pen,
+                                      (size_t)bt->n_penalties * sizeof(sample_penalty),
+                                      cudaMemcpyHostToDevice, s->st));
+    }
+    CUDA_TRY(err, cudaMemcpyAsync(s->d_picks, s->h_picks, (size_t)n * sizeof(cu_pick),
+                                  cudaMemcpyHostToDevice, s->st));
+    int rc = cu_sample(s->logits, s->m->vocab, s->m->vocab, n, s->d_picks, s->d_pen, s->d_se,
+                       s->d_pout, s->st, err);
+    if (rc)
+        return rc;
+    CUDA_TRY(err, cudaMemcpyAsync(s->h_pout, s->d_pout, (size_t)n * sizeof(backend_pick_out),
+                                  cudaMemcpyDeviceToHost, s->st));
+    return 0;
+}
+
 /* A grid barrier of the one-token kernel timed out (its blocks were not
  * all resident: another process's kernels on the card?). The step's
  * results are void; later steps take the ordinary path (graphs captured
@@ -1344,15 +1416,23 @@ extern "C" int cu_forward(cu_state *s, const backend_batch *bt, lm_err *err)
     if (s->tp) /* every rank takes part; rank 0 writes the rows */
         return cu_tp_gather_logits(s->tp, s->logits, bt->n_logits, s->o.vocab_stride,
                                    s->m->vocab, bt->logits, s->st, err);
-    if (bt->n_logits > 0)
+    if (bt->picks && bt->n_logits > 0) {
+        if ((rc = sample_rows(s, bt, err))) {
+            cudaStreamSynchronize(s->st);
+            return rc;
+        }
+    } else if (bt->n_logits > 0) {
         CUDA_TRY(err, cudaMemcpyAsync(bt->logits, s->logits,
                                       (size_t)bt->n_logits * s->m->vocab * sizeof(float),
                                       cudaMemcpyDeviceToHost, s->st));
+    }
     if (s->mega_step)
         CUDA_TRY(err, cudaMemcpyAsync(s->h_mega_fail, s->mega_fail, 4, cudaMemcpyDeviceToHost,
                                       s->st));
     CUDA_TRY(err, cudaStreamSynchronize(s->st));
     if (s->mega_step && *s->h_mega_fail)
         return cu_state_mega_failed(s, err);
+    if (bt->picks && bt->n_logits > 0)
+        memcpy(bt->picks_out, s->h_pout, (size_t)bt->n_logits * sizeof(backend_pick_out));
     return 0;
 }

@@ -116,6 +116,9 @@ long cu_state_read_experts(cu_state *s);
 int cu_state_profile(cu_state *s, int on, lm_err *err);
 int cu_state_profile_report(cu_state *s, char *buf, size_t size);
 size_t cu_state_free_bytes(const cu_state *s);
+/* penalty entries a step when this state samples on the device
+ * (backend_batch.picks; cuda_sample.cuh), 0 when it does not */
+int cu_state_sample_cap(const cu_state *s);
 /* Tests: decode-step CUDA graphs captured so far (0 when graphs are off
  * or s is NULL). */
 int cu_state_graph_count(const cu_state *s);

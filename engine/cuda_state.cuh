@@ -13,6 +13,7 @@
 #include "engine/cuda_mega.cuh"
 #include "engine/cuda_model.h"
 #include "engine/cuda_moe.cuh"
+#include "engine/cuda_sample.cuh"
 #include "engine/cuda_tp.cuh"
 
 struct cu_state {
@@ -93,6 +94,14 @@ struct cu_state {
     int32_t *mega_fail, *mega_cnt, *h_mega_fail;
     long long *mega_prof;   /* LIGHTMOE_CUDA_MEGA_PROF=1: phase clocks of block 0 */
     char mega_why[96];      /* why it is off, if it is */
+    /* sampling on the device (cuda_sample.cuh; not with tensor parallelism):
+     * the picks, penalty entries and results (device and pinned host), the
+     * e scratch of CU_SAMPLE_BLOCKS rows */
+    cu_pick *d_picks, *h_picks;
+    sample_penalty *d_pen, *h_pen;
+    backend_pick_out *d_pout, *h_pout;
+    float *d_se;
+    int pen_cap;            /* penalty entries a step (0: no device sampling) */
 };
 
 /* cudaMalloc of bytes (16 if 0) into *p; -ENOMEM naming what on failure */

@@ -25,6 +25,10 @@
 
 #include "engine/err.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define SAMPLE_MAX_LOGPROBS 20
 
 typedef struct sample_params {
@@ -138,4 +142,7 @@ int sample_pick(float *logits, int32_t vocab, const sample_params *p, sample_rng
                 const int32_t *prompt, int32_t n_prompt, const int32_t *output,
                 int32_t n_output, void *scratch, sample_result *ret, lm_err *err);
 
+#ifdef __cplusplus
+}
+#endif
 #endif

@@ -363,5 +363,7 @@ void test_fold();
 /* test_cuda_forward.cu */
 void test_forward();
 void test_mega();
+/* test_cuda_sample.cu */
+void test_sample(bool full); /* false: small rows only (sanitizers) */
 
 #endif

@@ -1354,6 +1354,9 @@ int main(int argc, char **argv)
     if (all || !strcmp(what, "forward")) test_forward();
     if (all || !strcmp(what, "mega")) test_mega();
     if (all || !strcmp(what, "fold")) test_fold();
+    if (all || !strcmp(what, "sample")) test_sample(true);
+    if (!strcmp(what, "samplek")) /* small rows only (the sanitizers' time) */
+        test_sample(false);
     if (!strcmp(what, "foldk")) /* the kernels alone (racecheck's time) */
         test_fold_kernels();
     printf("%s\n", g_fail ? "FAILED" : "all passed");
