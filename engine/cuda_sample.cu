@@ -385,18 +385,19 @@ __global__ void __launch_bounds__(SN)
             __syncthreads();
             continue;
         }
-        const bool hot = pk.temperature > 0.0f;
-        if (hot && pk.temperature != 1.0f) {
-            const float inv = pk.inv_t;
-            for (int t = tid; t < V; t += SN)
-                l[t] = __fmul_rn(l[t], inv);
-            __syncthreads();
-            mx = __ldcg(l + arg);
-        }
-        /* e, the log-sum-exp's sum, the total weight */
+        /* the temperature (in place, as sample_pick: the maximum scaled is
+         * logits[arg] scaled), e, the log-sum-exp's sum, the total weight */
+        const bool hot = pk.temperature > 0.0f, tempered = hot && pk.temperature != 1.0f;
+        const float inv = pk.inv_t;
+        if (tempered)
+            mx = __fmul_rn(mx, inv);
         double sum = 0.0;
         u64 tot = 0, c0 = 0;
         s_pass<VEC>(l, V, [&](int t, float x) {
+            if (tempered) {
+                x = __fmul_rn(x, inv);
+                l[t] = x;
+            }
             const float ev = s_exp_le0(__fsub_rn(x, mx));
             e[t] = ev;
             sum += (double)ev;

@@ -134,10 +134,20 @@ size_t sample_scratch_bytes(int32_t vocab)
     size_t v = (size_t)vocab;
     return align64(v * sizeof(int32_t)) + align64(v) + align64(v * sizeof(float)) +
            align64(v * sizeof(int32_t)) + align64(v * sizeof(float)) +
-           align64(v * sizeof(sample_penalty)) + 64;
+           align64(v * sizeof(sample_penalty)) + 64 + 64;
 }
 
+/* The scratch's first 64 bytes: `slot` is all zero while magic and vocab
+ * say so (sample_penalty_list clears only the slots it set, so that a
+ * list costs O(its ids), not a pass over the vocabulary). */
+#define SLOTS_CLEAN 0x6c6d6f65736c6f74ull
+typedef struct scratch_head {
+    uint64_t magic;
+    int64_t vocab;
+} scratch_head;
+
 typedef struct scratch_view {
+    scratch_head *head;
     int32_t *slot;
     uint8_t *flag;
     float *e;
@@ -151,6 +161,8 @@ static scratch_view scratch_carve(void *scratch, int32_t vocab)
     size_t v = (size_t)vocab;
     uintptr_t p = ((uintptr_t)scratch + 63) & ~(uintptr_t)63;
     scratch_view sv;
+    sv.head = (scratch_head *)p;
+    p += 64;
     sv.slot = (int32_t *)p;
     p += align64(v * sizeof(int32_t));
     sv.flag = (uint8_t *)p;
@@ -176,6 +188,22 @@ static int check_ids(const int32_t *ids, int32_t n, int32_t vocab, const char *w
     return 0;
 }
 
+int32_t sample_penalty_list_bound(const sample_params *p, int32_t n_prompt, int32_t n_output,
+                                  int32_t vocab)
+{
+    if (!sample_has_penalties(p)) return 0;
+    const int64_t n = (int64_t)n_output + (p->repetition_penalty != 1.0f ? n_prompt : 0);
+    return (int32_t)(n < vocab ? n : vocab);
+}
+
+int sample_pick_error(lm_err *err, int32_t bad_token, float bad_value)
+{
+    if (bad_token >= 0)
+        return lm_err_set(err, -EINVAL, "sample_pick: logit of token %d is %g", bad_token,
+                          (double)bad_value);
+    return lm_err_set(err, -EINVAL, "sample_pick: every logit is -inf");
+}
+
 int sample_has_penalties(const sample_params *p)
 {
     return p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f ||
@@ -189,7 +217,11 @@ int32_t sample_penalty_list(const sample_params *p, const int32_t *prompt, int32
     const int rep = p->repetition_penalty != 1.0f;
     if (!sample_has_penalties(p) || n_output + (rep ? n_prompt : 0) == 0) return 0;
     scratch_view sv = scratch_carve(scratch, vocab);
-    memset(sv.slot, 0, (size_t)vocab * sizeof(int32_t));
+    if (sv.head->magic != SLOTS_CLEAN || sv.head->vocab != vocab) {
+        memset(sv.slot, 0, (size_t)vocab * sizeof(int32_t));
+        sv.head->magic = SLOTS_CLEAN;
+        sv.head->vocab = vocab;
+    }
     int32_t n = 0;
     for (int pass = rep ? 0 : 1; pass < 2; pass++) {
         const int32_t *ids = pass ? output : prompt;
@@ -204,6 +236,8 @@ int32_t sample_penalty_list(const sample_params *p, const int32_t *prompt, int32
             if (pass) out[sv.slot[t] - 1].count++;
         }
     }
+    for (int32_t i = 0; i < n; i++) /* clean again for the next list */
+        sv.slot[out[i].id] = 0;
     return n;
 }
 
@@ -542,9 +576,8 @@ int sample_pick_drawn(float *logits, int32_t vocab, const sample_params *p, uint
     if (bad)
         for (int32_t t = 0; t < vocab; t++)
             if (isnan(logits[t]) || logits[t] == INFINITY)
-                return lm_err_set(err, -EINVAL, "sample_pick: logit of token %d is %g", t,
-                                  (double)logits[t]);
-    if (mx == -INFINITY) return lm_err_set(err, -EINVAL, "sample_pick: every logit is -inf");
+                return sample_pick_error(err, t, logits[t]);
+    if (mx == -INFINITY) return sample_pick_error(err, -1, -INFINITY);
     int32_t arg = 0; /* first maximum: lowest id on ties */
     while (logits[arg] != mx)
         arg++;

@@ -108,12 +108,24 @@ int sample_has_penalties(const sample_params *p);
 /* 62 - ceil(log2(vocab)): the shift of the draw weights (above). */
 int sample_fixed_shift(int32_t vocab);
 
+/* The most entries sample_penalty_list can write for these counts:
+ * min(vocab, n_output + n_prompt with a repetition penalty); 0 without
+ * penalties. */
+int32_t sample_penalty_list_bound(const sample_params *p, int32_t n_prompt, int32_t n_output,
+                                  int32_t vocab);
+
+/* sample_pick's error for logits it cannot sample: the lowest NaN / +inf
+ * token (bad_token >= 0) or every logit -inf (bad_token -1); -EINVAL. */
+int sample_pick_error(lm_err *err, int32_t bad_token, float bad_value);
+
 /*
  * The ids a pick's penalties touch, each once, with its count in the
  * output: the prompt's and output's ids with a repetition penalty, the
  * output's with presence/frequency penalties alone; none without
- * penalties. `out` has room for min(vocab, n_prompt + n_output) entries.
- * Ids must lie in [0, vocab) (sample_pick checks them). Returns the count.
+ * penalties. `out` has room for sample_penalty_list_bound() entries. Ids
+ * must lie in [0, vocab) (sample_pick checks them). Returns the count.
+ * Costs O(ids), not a pass over the vocabulary: the scratch keeps its
+ * slots clear between calls (a header marks them so).
  */
 int32_t sample_penalty_list(const sample_params *p, const int32_t *prompt, int32_t n_prompt,
                             const int32_t *output, int32_t n_output, int32_t vocab, void *scratch,

@@ -627,10 +627,10 @@ static int32_t plan_picks(sched *s, int32_t n_logits)
         const int32_t n_out = q->n_tokens - q->n_prompt;
         int32_t n = 0;
         if (sample_has_penalties(&q->sp)) {
-            /* sample_penalty_list writes up to min(vocab, n_prompt + n_output)
+            /* sample_penalty_list writes up to sample_penalty_list_bound()
              * entries: straight into the step's list when that much room is
              * left, else into pen_row, kept if the actual list fits. */
-            int64_t bound = (int64_t)q->n_tokens < vocab ? q->n_tokens : vocab;
+            const int64_t bound = sample_penalty_list_bound(&q->sp, q->n_prompt, n_out, vocab);
             if (bound <= room - used) {
                 n = sample_penalty_list(&q->sp, q->tokens, q->n_prompt, q->tokens + q->n_prompt,
                                         n_out, vocab, s->sample_scratch, s->penalties + used);
@@ -658,13 +658,8 @@ static int32_t plan_picks(sched *s, int32_t n_logits)
  * host sampler's message for logits that cannot be sampled. */
 static int pick_take(const sched *s, const backend_pick_out *o, sample_result *ret, lm_err *err)
 {
-    if (o->status) {
-        int code = o->status < 0 ? o->status : -EINVAL;
-        if (o->bad_token >= 0)
-            return lm_err_set(err, code, "sample_pick: logit of token %d is %g", o->bad_token,
-                              (double)o->bad_value);
-        return lm_err_set(err, code, "sample_pick: every logit is -inf");
-    }
+    if (o->status)
+        return sample_pick_error(err, o->bad_token, o->bad_value);
     if (o->r.token < 0 || o->r.token >= s->info.vocab)
         return lm_err_set(err, -EPROTO,
                           "backend '%s': picked token %d outside the vocabulary [0, %d)",

@@ -7,6 +7,7 @@
  * the test deterministic; the bounds are the ones a correct sampler passes
  * for all but 1 seed in 1000, so a wrong renormalisation fails it.
  */
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -721,6 +722,21 @@ static void test_penalty_list(void)
     n = sample_penalty_list(&p, prompt, 4, out, 5, 10, scratch, pen);
     CHECK(n == 3 && pen[0].id == 5 && pen[0].count == 3 && pen[1].id == 1 && pen[2].id == 7,
           "presence: %d entries (first id %d count %d)", n, pen[0].id, pen[0].count);
+    /* the bound: output ids, plus the prompt's with a repetition penalty, at most the vocabulary */
+    CHECK(sample_penalty_list_bound(&p, 4, 5, 10) == 5, "presence bound %d",
+          sample_penalty_list_bound(&p, 4, 5, 10));
+    p.repetition_penalty = 1.2f;
+    CHECK(sample_penalty_list_bound(&p, 4, 5, 10) == 9 && sample_penalty_list_bound(&p, 40, 5, 10) == 10,
+          "repetition bound %d / %d", sample_penalty_list_bound(&p, 4, 5, 10),
+          sample_penalty_list_bound(&p, 40, 5, 10));
+    sample_params_default(&p);
+    CHECK(sample_penalty_list_bound(&p, 4, 5, 10) == 0, "no penalties, bound %d",
+          sample_penalty_list_bound(&p, 4, 5, 10));
+    lm_err err = {0};
+    CHECK(sample_pick_error(&err, 7, NAN) == -EINVAL && strstr(err.msg, "logit of token 7 is"),
+          "error text: %s", err.msg);
+    CHECK(sample_pick_error(&err, -1, -INFINITY) == -EINVAL && strstr(err.msg, "every logit is -inf"),
+          "error text: %s", err.msg);
     CHECK(sample_fixed_shift(1) == 62 && sample_fixed_shift(2) == 61 &&
               sample_fixed_shift(151936) == 44 && sample_fixed_shift(131072) == 45,
           "fixed shift: %d %d %d %d", sample_fixed_shift(1), sample_fixed_shift(2),
