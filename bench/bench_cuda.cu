@@ -20,7 +20,8 @@
  *            the forward pass: host upload + all layers + logits back)
  *   sample   picking tokens from B rows of qwen's 151936 logits: on the GPU
  *            (cu_sample: picks up, kernel, results down) against the host
- *            path it replaces (rows copied down, sample_pick on each)
+ *            path it replaces (rows copied down, sample_pick on each);
+ *            decode --pick times whole steps with their picks both ways
  *
  * Timing: warm-up, then the median of repeated runs; weights of kernel
  * benchmarks rotate over copies larger than L2 so that no run reads cache.
@@ -760,6 +761,9 @@ static void trace_step(cu_state *s, const backend_batch *b, const char *model, i
 
 /* m/s given: a model loaded from a checkpoint through the backend; else
  * random weights of c's shape made on the GPU. */
+/* --pick: decode also times each step with its picks (GPU against host) */
+static int g_pick = 0;
+
 static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int path,
                         const cu_model *given_m = nullptr, cu_state *given_s = nullptr)
 {
@@ -842,6 +846,43 @@ static void bench_model(const cu_synth_config *c, bool decode, bool prefill, int
                    "| bytes %.2f GB floor %.3f ms -> %.0f%% of roofline\n",
                    c->name, B, ctx, ts * 1e3, B / ts, active, bytes / 1e9, floor_s * 1e3,
                    100 * floor_s / ts);
+            if (g_pick) { /* the step and its picks: on the GPU, or logits down + sample_pick */
+                sample_params sp;
+                sample_params_default(&sp);
+                sp.temperature = 0.7f;
+                sp.top_p = 0.9f;
+                std::vector<backend_pick> picks(B);
+                std::vector<backend_pick_out> pout(B);
+                std::vector<char> scratch(sample_scratch_bytes(m->vocab));
+                std::vector<double> td, th;
+                for (int i = 0; i < reps; i++) {
+                    for (int r = 0; r < B; r++)
+                        picks[r] = {&sp, 0x9e3779b97f4a7c15ull * (uint64_t)(i * B + r + 1), 0, 0};
+                    sb.b.picks = picks.data();
+                    sb.b.picks_out = pout.data();
+                    sb.b.penalties = nullptr;
+                    sb.b.n_penalties = 0;
+                    CK(cudaDeviceSynchronize());
+                    double a = now_s();
+                    OK(cu_forward(s, &sb.b, ERRP));
+                    td.push_back(now_s() - a);
+                    sb.b.picks = nullptr;
+                    sb.b.picks_out = nullptr;
+                    CK(cudaDeviceSynchronize());
+                    a = now_s();
+                    OK(cu_forward(s, &sb.b, ERRP));
+                    for (int r = 0; r < B; r++) {
+                        sample_result res;
+                        lm_err e = {0, ""};
+                        sample_pick_drawn(sb.b.logits + (size_t)r * m->vocab, m->vocab, &sp,
+                                          picks[r].draw, scratch.data(), &res, &e);
+                    }
+                    th.push_back(now_s() - a);
+                }
+                printf("decode+pick %-13s batch %4d ctx %d (T 0.7, top_p 0.9): picked on the GPU "
+                       "%7.3f ms/step | logits down + sample_pick %7.3f ms/step\n",
+                       c->name, B, ctx, median(td) * 1e3, median(th) * 1e3);
+            }
             if (B == 1) {
                 char rep[512];
                 if (cu_state_mega_report(s, rep, sizeof rep))
@@ -908,6 +949,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "decode")) dec = true;
         else if (!strcmp(argv[i], "prefill")) pre = true;
         else if (!strcmp(argv[i], "sample")) samp = true;
+        else if (!strcmp(argv[i], "--pick")) g_pick = 1;
         else if (!strcmp(argv[i], "--path") && i + 1 < argc) path = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) g_batch_only = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) {
