@@ -263,10 +263,71 @@ int sample_fixed_shift(int32_t vocab)
     return 62 - c;
 }
 
-/* A token's draw weight: trunc(e * 2^shift) (exact: a power of two) */
+/* A token's draw weight: trunc(e * 2^shift) (exact: a power of two; below
+ * 2^62, so the signed conversion, one instruction, is exact too) */
 static inline uint64_t fx_weight(float e, double scale)
 {
-    return (uint64_t)((double)e * scale);
+    return (uint64_t)(int64_t)((double)e * scale);
+}
+
+/* The weights of e[0, n) summed (e <= 1, so a weight is at most 2^shift
+ * <= 2^44 at a vocabulary of 2^18): in doubles, four lanes, truncated as
+ * (x + 2^52) - 2^52 stepped down where that rounded up; a block of 512
+ * weighs at most 2^53, so its double sum is exact, and blocks add as
+ * integers. */
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef int64_t v4s __attribute__((vector_size(32)));
+
+static uint64_t fx_total(const float *e, int32_t n, double scale)
+{
+    uint64_t total = 0;
+    int32_t t = 0;
+    while (t + 4 <= n) {
+        const int32_t end = t + 512 <= n ? t + 512 : n - (n - t) % 4;
+        v4d acc = {0, 0, 0, 0};
+        for (; t < end; t += 4) {
+            v4f f;
+            memcpy(&f, e + t, sizeof f);
+            const v4d x = __builtin_convertvector(f, v4d) * scale;
+            v4d r = (x + 0x1p52) - 0x1p52;
+            r -= __builtin_convertvector((r > x) & 1, v4d);
+            acc += r;
+        }
+        total += (uint64_t)(int64_t)(acc[0] + acc[1] + acc[2] + acc[3]);
+    }
+    for (; t < n; t++)
+        total += fx_weight(e[t], scale);
+    return total;
+}
+
+/* The first t of [0, n) whose running weight exceeds u (u below the
+ * total): blocks of 1024 summed by fx_total, then the one holding the
+ * crossing walked */
+static int32_t fx_walk(const float *e, int32_t n, uint64_t u, double scale)
+{
+    uint64_t cum = 0;
+    int32_t t = 0;
+    for (; t + 1024 < n; t += 1024) {
+        const uint64_t s = fx_total(e + t, 1024, scale);
+        if (cum + s > u) break;
+        cum += s;
+    }
+    for (; t < n - 1; t++) {
+        cum += fx_weight(e[t], scale);
+        if (cum > u) break;
+    }
+    return t;
+}
+
+/* The least float e with fx_weight(e) >= w (w < 2^53): the candidates'
+ * weight floor as a float compare */
+static float fx_floor(uint64_t w, int shift)
+{
+    const double d = ldexp((double)w, -shift);
+    float f = (float)d;
+    if ((double)f < d) f = nextafterf(f, INFINITY);
+    return f;
 }
 
 /* (draw >> 11) * m / 2^53, below m: the 128-bit product from 32-bit halves */
@@ -595,19 +656,13 @@ int sample_pick_drawn(float *logits, int32_t vocab, const sample_params *p, uint
     memset(ret, 0, sizeof *ret);
     int32_t tok = arg; /* temperature 0: first maximum, i.e. lowest id on ties */
     if (p->temperature > 0.0f) {
-        const double scale = ldexp(1.0, sample_fixed_shift(vocab));
-        uint64_t total = 0; /* every token's weight */
-        for (int32_t t = 0; t < vocab; t++)
-            total += fx_weight(sv.e[t], scale);
+        const int shift = sample_fixed_shift(vocab);
+        const double scale = ldexp(1.0, shift);
+        const uint64_t total = fx_total(sv.e, vocab, scale); /* every token's weight */
         int filtering = p->top_k > 0 || p->top_p < 1.0f || p->min_p > 0.0f;
         if (!filtering) {
             /* plain draw over the whole vocabulary, in id order */
-            const uint64_t u = draw_point(draw, total);
-            uint64_t cum = 0;
-            for (tok = 0; tok < vocab - 1; tok++) {
-                cum += fx_weight(sv.e[tok], scale);
-                if (cum > u) break;
-            }
+            tok = fx_walk(sv.e, vocab, draw_point(draw, total), scale);
         } else {
             /* candidates: weight > 0; with top_p alone, tokens below a weight
              * of (total - target) / vocab together weigh less than
@@ -620,8 +675,9 @@ int sample_pick_drawn(float *logits, int32_t vocab, const sample_params *p, uint
                     floor_w = (total - target) / (uint64_t)vocab;
             }
             int32_t n = 0;
+            const float e_floor = fx_floor(floor_w, shift); /* weight >= floor_w */
             for (int32_t t = 0; t < vocab; t++)
-                if (fx_weight(sv.e[t], scale) >= floor_w) {
+                if (sv.e[t] >= e_floor) {
                     sv.cand[n] = t;
                     sv.prob[n] = sv.e[t];
                     n++;
