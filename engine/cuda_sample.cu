@@ -460,6 +460,8 @@ __global__ void __launch_bounds__(SN)
                 tok = s_find_first<VEC>(e, V, s_draw_point(pk.draw, m3), kept, s);
             }
         }
+        if (tok < 0) /* not reached (u is below the total; tested against the CPU): no stray read */
+            tok = arg;
         /* the top logprobs: the first n of (logit descending, id ascending) */
         const int ntop = min(pk.logprobs, V);
         if (tid == 0) s.top_n = 0;
