@@ -949,7 +949,10 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "decode")) dec = true;
         else if (!strcmp(argv[i], "prefill")) pre = true;
         else if (!strcmp(argv[i], "sample")) samp = true;
-        else if (!strcmp(argv[i], "--pick")) g_pick = 1;
+        else if (!strcmp(argv[i], "--pick")) {
+            g_pick = 1;
+            setenv("LIGHTMOE_CUDA_SAMPLE", "1", 1); /* states that sample on the GPU */
+        }
         else if (!strcmp(argv[i], "--path") && i + 1 < argc) path = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) g_batch_only = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) {

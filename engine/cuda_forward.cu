@@ -345,9 +345,11 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
         cu_state_destroy(s);
         return rc;
     }
-    /* sampling on the device: only picks cross to the host (off with
-     * tensor parallelism, and with LIGHTMOE_CUDA_SAMPLE=0: logits to the host) */
-    if (!s->tp && env_not_0("LIGHTMOE_CUDA_SAMPLE")) {
+    /* sampling on the device, only picks crossing to the host: with
+     * LIGHTMOE_CUDA_SAMPLE=1, not with tensor parallelism. Off by default
+     * until it has run on a GPU (written in a session without one; see
+     * docs/PERF.md, round 21). */
+    if (!s->tp && env_is_1("LIGHTMOE_CUDA_SAMPLE")) {
         const int nl = s->o.max_logits, ns = nl < CU_SAMPLE_BLOCKS ? nl : CU_SAMPLE_BLOCKS;
         s->pen_cap = CU_SAMPLE_MAX_PENALTIES;
         ALLOC(s->d_picks, nl, "sampling parameters");

@@ -197,6 +197,7 @@ void run_forward_picks()
 {
     cu_model *m;
     OK(cu_synth_create(&g_q2, 11, &m, ERRP));
+    setenv("LIGHTMOE_CUDA_SAMPLE", "1", 1); /* off by default (docs/OPERATIONS.md) */
     cu_options o = {64, 0, 0, 0, 1};
     cu_state *s;
     OK(cu_state_create(m, &o, &s, ERRP));
@@ -288,6 +289,19 @@ void run_forward_picks()
     b.n_penalties = CU_SAMPLE_MAX_PENALTIES + 1;
     e = {0, ""};
     expect_einval("sampling with more penalty entries than the state holds", cu_forward(s, &b, &e), e);
+    cu_state_destroy(s);
+    /* with the switch off, a state does not sample: picks are refused */
+    unsetenv("LIGHTMOE_CUDA_SAMPLE");
+    OK(cu_state_create(m, &o, &s, ERRP));
+    OK(cu_state_kv_init(s, 16, 64, ERRP));
+    b.n_penalties = (int32_t)pen.size();
+    b.penalties = pen.data();
+    picks[0].n_pen = (int32_t)cases[0].pen.size();
+    e = {0, ""};
+    const bool off = cu_state_sample_cap(s) == 0;
+    expect_einval(off ? "sampling with LIGHTMOE_CUDA_SAMPLE unset" : "SWITCH IGNORED", cu_forward(s, &b, &e), e);
+    if (!off)
+        g_fail = 1;
     cu_state_destroy(s);
     cu_synth_free(m);
 }
