@@ -281,6 +281,7 @@ typedef int64_t v4s __attribute__((vector_size(32)));
 
 static uint64_t fx_total(const float *e, int32_t n, double scale)
 {
+    const v4d one = {1.0, 1.0, 1.0, 1.0};
     uint64_t total = 0;
     int32_t t = 0;
     while (t + 4 <= n) {
@@ -291,7 +292,7 @@ static uint64_t fx_total(const float *e, int32_t n, double scale)
             memcpy(&f, e + t, sizeof f);
             const v4d x = __builtin_convertvector(f, v4d) * scale;
             v4d r = (x + 0x1p52) - 0x1p52;
-            r -= __builtin_convertvector((r > x) & 1, v4d);
+            r -= (v4d)((r > x) & (v4s)one); /* 1.0 where that rounded up (a bit mask) */
             acc += r;
         }
         total += (uint64_t)(int64_t)(acc[0] + acc[1] + acc[2] + acc[3]);
@@ -301,18 +302,30 @@ static uint64_t fx_total(const float *e, int32_t n, double scale)
     return total;
 }
 
+/* fx_total of each block of 1024 of e[0, n) into blk (n / 1024 + 1
+ * entries); returns their sum */
+#define FX_BLOCK 1024
+static uint64_t fx_blocks(const float *e, int32_t n, double scale, uint64_t *blk)
+{
+    uint64_t total = 0;
+    for (int32_t b = 0; b * FX_BLOCK < n; b++) {
+        const int32_t len = n - b * FX_BLOCK < FX_BLOCK ? n - b * FX_BLOCK : FX_BLOCK;
+        blk[b] = fx_total(e + (size_t)b * FX_BLOCK, len, scale);
+        total += blk[b];
+    }
+    return total;
+}
+
 /* The first t of [0, n) whose running weight exceeds u (u below the
- * total): blocks of 1024 summed by fx_total, then the one holding the
- * crossing walked */
-static int32_t fx_walk(const float *e, int32_t n, uint64_t u, double scale)
+ * total): the block holding the crossing from fx_blocks' sums, then its
+ * ids walked */
+static int32_t fx_walk(const float *e, int32_t n, const uint64_t *blk, uint64_t u, double scale)
 {
     uint64_t cum = 0;
-    int32_t t = 0;
-    for (; t + 1024 < n; t += 1024) {
-        const uint64_t s = fx_total(e + t, 1024, scale);
-        if (cum + s > u) break;
-        cum += s;
-    }
+    int32_t b = 0;
+    while ((b + 1) * FX_BLOCK < n && cum + blk[b] <= u)
+        cum += blk[b++];
+    int32_t t = b * FX_BLOCK;
     for (; t < n - 1; t++) {
         cum += fx_weight(e[t], scale);
         if (cum > u) break;
@@ -658,11 +671,14 @@ int sample_pick_drawn(float *logits, int32_t vocab, const sample_params *p, uint
     if (p->temperature > 0.0f) {
         const int shift = sample_fixed_shift(vocab);
         const double scale = ldexp(1.0, shift);
-        const uint64_t total = fx_total(sv.e, vocab, scale); /* every token's weight */
+        /* every token's weight; the plain draw's block sums (in `cand`, unused
+         * there) */
+        uint64_t *blk = (uint64_t *)(void *)sv.cand;
+        const uint64_t total = fx_blocks(sv.e, vocab, scale, blk);
         int filtering = p->top_k > 0 || p->top_p < 1.0f || p->min_p > 0.0f;
         if (!filtering) {
             /* plain draw over the whole vocabulary, in id order */
-            tok = fx_walk(sv.e, vocab, draw_point(draw, total), scale);
+            tok = fx_walk(sv.e, vocab, blk, draw_point(draw, total), scale);
         } else {
             /* candidates: weight > 0; with top_p alone, tokens below a weight
              * of (total - target) / vocab together weigh less than
