@@ -674,8 +674,11 @@ int sample_pick_drawn(float *logits, int32_t vocab, const sample_params *p, uint
         /* every token's weight; the plain draw's block sums (in `cand`, unused
          * there) */
         uint64_t *blk = (uint64_t *)(void *)sv.cand;
-        const uint64_t total = fx_blocks(sv.e, vocab, scale, blk);
         int filtering = p->top_k > 0 || p->top_p < 1.0f || p->min_p > 0.0f;
+        /* needed by the plain draw and by top_p alone */
+        const uint64_t total = !filtering || (p->top_k == 0 && p->top_p < 1.0f)
+                                   ? fx_blocks(sv.e, vocab, scale, blk)
+                                   : 0;
         if (!filtering) {
             /* plain draw over the whole vocabulary, in id order */
             tok = fx_walk(sv.e, vocab, blk, draw_point(draw, total), scale);
