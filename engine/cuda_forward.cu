@@ -88,6 +88,7 @@ extern "C" void cu_state_destroy(cu_state *s)
     for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
         if (host[i])
             cudaFreeHost(host[i]);
+    free(s->h_seen);
     for (int i = 0; i < s->n_graphs; i++)
         cudaGraphExecDestroy(s->graphs[i].exec);
     if (s->prof_ev) {
@@ -356,6 +357,11 @@ extern "C" int cu_state_create(const cu_model *m, const cu_options *o, cu_state 
         ALLOC(s->d_pout, nl, "sampling results");
         ALLOC(s->d_pen, s->pen_cap, "sampling penalty entries");
         ALLOC(s->d_se, (size_t)ns * m->vocab, "sampling scratch");
+        s->h_seen = (uint8_t *)calloc((size_t)m->vocab, 1);
+        if (!s->h_seen) {
+            cu_state_destroy(s);
+            return lm_err_set(err, -ENOMEM, "cuda: out of host memory (sampling id marks)");
+        }
         if ((rc = cu_state_host_alloc((void **)&s->h_picks, (size_t)nl * sizeof(cu_pick), err)) ||
             (rc = cu_state_host_alloc((void **)&s->h_pout, (size_t)nl * sizeof(backend_pick_out),
                                       err)) ||
@@ -1358,7 +1364,7 @@ static int sample_rows(cu_state *s, const backend_batch *bt, lm_err *err)
     const int n = bt->n_logits;
     if (!s->pen_cap)
         return lm_err_set(err, -EINVAL, "cuda: sampling on the device is off for this state "
-                                        "(tensor parallelism)");
+                                        "(LIGHTMOE_CUDA_SAMPLE is not 1, or tensor parallelism)");
     if (!bt->picks_out || bt->n_penalties < 0 || bt->n_penalties > s->pen_cap ||
         (bt->n_penalties && !bt->penalties))
         return lm_err_set(err, -EINVAL, "cuda: sampling: %d penalty entries (room for %d), "
@@ -1367,19 +1373,33 @@ static int sample_rows(cu_state *s, const backend_batch *bt, lm_err *err)
     for (int i = 0; i < n; i++) {
         const backend_pick *bp = &bt->picks[i];
         if (!bp->p || bp->n_pen < 0 || bp->pen_begin < 0 ||
-            bp->pen_begin + bp->n_pen > bt->n_penalties)
+            (int64_t)bp->pen_begin + bp->n_pen > bt->n_penalties)
             return lm_err_set(err, -EINVAL, "cuda: sampling: row %d's penalty entries [%d, +%d) "
                                             "outside the %d given", i, bp->pen_begin, bp->n_pen,
                               bt->n_penalties);
         int rc = sample_params_check(bp->p, err);
         if (rc)
             return lm_err_prefix(err, "cuda: sampling row %d", i);
-        for (int j = 0; j < bp->n_pen; j++) {
-            const int id = bt->penalties[bp->pen_begin + j].id;
+        /* ids in the vocabulary, each once (the kernel applies a row's
+         * entries in parallel) */
+        const sample_penalty *pen = bt->penalties + bp->pen_begin;
+        const char *why = NULL;
+        int id = 0, j = 0;
+        for (; j < bp->n_pen && !why; j++) {
+            id = pen[j].id;
             if (id < 0 || id >= s->m->vocab)
-                return lm_err_set(err, -EINVAL, "cuda: sampling: row %d's penalty id %d outside "
-                                                "the vocabulary [0, %d)", i, id, s->m->vocab);
+                why = "outside the vocabulary";
+            else if (s->h_seen[id])
+                why = "listed twice";
+            else
+                s->h_seen[id] = 1;
         }
+        for (int q = 0; q < j; q++) /* clear what this row marked */
+            if (pen[q].id >= 0 && pen[q].id < s->m->vocab)
+                s->h_seen[pen[q].id] = 0;
+        if (why)
+            return lm_err_set(err, -EINVAL, "cuda: sampling: row %d's penalty id %d %s", i, id,
+                              why);
         cu_pick_from(bp, &s->h_picks[i]);
     }
     if (bt->n_penalties > 0) {
@@ -1415,6 +1435,9 @@ extern "C" int cu_forward(cu_state *s, const backend_batch *bt, lm_err *err)
         cudaStreamSynchronize(s->st);
         return rc;
     }
+    if (s->tp && bt->picks) /* not offered (cb_info): say so rather than leave picks unwritten */
+        return lm_err_set(err, -EINVAL, "cuda: sampling on the device is not available with "
+                                        "tensor parallelism");
     if (s->tp) /* every rank takes part; rank 0 writes the rows */
         return cu_tp_gather_logits(s->tp, s->logits, bt->n_logits, s->o.vocab_stride,
                                    s->m->vocab, bt->logits, s->st, err);

@@ -269,7 +269,8 @@ template <bool VEC, class W> __device__ int s_find_first(const float *p, int V, 
  * key(p[t]) of the boundary element, where the count (MASS false) or the
  * weight wt(p[t]) (MASS true) of the elements with a larger key plus the
  * boundary's bin first reaches `need` (<= the total). Returns the key,
- * and the count and weight of the elements strictly above it.
+ * and the count and weight of the elements strictly above it (both, in
+ * either mode: top_k's weight is what top_p cuts from).
  */
 template <bool VEC, bool MASS, class In, class Key, class Wt>
 __device__ unsigned s_select(const float *p, int V, u64 need, In in, Key key, Wt wt, u64 &above_c,
@@ -289,7 +290,7 @@ __device__ unsigned s_select(const float *p, int V, u64 need, In in, Key key, Wt
             if ((k & pmask) != prefix || !in(t, x)) return;
             const unsigned b = (k >> shift) & 255u;
             atomicAdd(&s.cnt[h][b], 1u);
-            if constexpr (MASS) atomicAdd(&s.mass[h][b], wt(x));
+            atomicAdd(&s.mass[h][b], wt(x)); /* above_m is used after count selects too */
         });
         __syncthreads();
         if (threadIdx.x < 256) {
@@ -389,8 +390,23 @@ __global__ void __launch_bounds__(SN)
          * logits[arg] scaled), e, the log-sum-exp's sum, the total weight */
         const bool hot = pk.temperature > 0.0f, tempered = hot && pk.temperature != 1.0f;
         const float inv = pk.inv_t;
-        if (tempered)
+        if (tempered) {
             mx = __fmul_rn(mx, inv);
+            if (mx == INFINITY) { /* a logit near FLT_MAX (sample_pick_drawn's error); uniform */
+                for (int t = tid; t < V; t += SN)
+                    l[t] = __fmul_rn(l[t], inv);
+                if (tid == 0) {
+                    backend_pick_out r = {};
+                    r.status = -EINVAL;
+                    r.r.token = -1;
+                    r.bad_token = arg;
+                    r.bad_value = mx;
+                    *o = r;
+                }
+                __syncthreads();
+                continue;
+            }
+        }
         double sum = 0.0;
         u64 tot = 0, c0 = 0;
         s_pass<VEC>(l, V, [&](int t, float x) {
@@ -519,8 +535,9 @@ __global__ void __launch_bounds__(SN)
 extern "C" void cu_pick_from(const backend_pick *bp, cu_pick *out)
 {
     const sample_params *p = bp->p;
-    out->temperature = p->temperature;
-    out->inv_t = p->temperature > 0.0f ? 1.0f / p->temperature : 0.0f;
+    const bool hot = sample_draws(p); /* else greedy, as sample_pick_drawn */
+    out->temperature = hot ? p->temperature : 0.0f;
+    out->inv_t = hot ? 1.0f / p->temperature : 0.0f;
     out->top_p = p->top_p;
     out->min_p = p->min_p;
     out->rep = p->repetition_penalty;

@@ -101,6 +101,7 @@ struct cu_state {
     sample_penalty *d_pen, *h_pen;
     backend_pick_out *d_pout, *h_pout;
     float *d_se;
+    uint8_t *h_seen;        /* [vocab] a row's penalty ids while they are checked (all 0 between) */
     int pen_cap;            /* penalty entries a step (0: no device sampling) */
 };
 

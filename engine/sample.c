@@ -204,6 +204,11 @@ int sample_pick_error(lm_err *err, int32_t bad_token, float bad_value)
     return lm_err_set(err, -EINVAL, "sample_pick: every logit is -inf");
 }
 
+int sample_draws(const sample_params *p)
+{
+    return p->temperature >= SAMPLE_MIN_TEMPERATURE;
+}
+
 int sample_has_penalties(const sample_params *p)
 {
     return p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f ||
@@ -270,11 +275,12 @@ static inline uint64_t fx_weight(float e, double scale)
     return (uint64_t)(int64_t)((double)e * scale);
 }
 
-/* The weights of e[0, n) summed (e <= 1, so a weight is at most 2^shift
- * <= 2^44 at a vocabulary of 2^18): in doubles, four lanes, truncated as
- * (x + 2^52) - 2^52 stepped down where that rounded up; a block of 512
- * weighs at most 2^53, so its double sum is exact, and blocks add as
- * integers. */
+/* The weights of e[0, n) summed (e <= 1, so a weight is at most 2^shift):
+ * in doubles, four lanes, truncated as (x + 2^52) - 2^52 stepped down where
+ * that rounded up; a block weighs at most 2^53 (512 weights up to 2^44, a
+ * vocabulary of 2^17 or more; fewer below), so its double sum is exact, and
+ * blocks add as integers. Shifts above 51 (vocabularies up to 2^11) sum
+ * one weight at a time. */
 typedef double v4d __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 typedef int64_t v4s __attribute__((vector_size(32)));
@@ -282,10 +288,12 @@ typedef int64_t v4s __attribute__((vector_size(32)));
 static uint64_t fx_total(const float *e, int32_t n, double scale)
 {
     const v4d one = {1.0, 1.0, 1.0, 1.0};
+    /* a block weighs at most len * scale: at most 2^53 for exact sums */
+    const int32_t len = scale <= 0x1p44 ? 512 : scale <= 0x1p51 ? (int32_t)(0x1p53 / scale) : 0;
     uint64_t total = 0;
     int32_t t = 0;
-    while (t + 4 <= n) {
-        const int32_t end = t + 512 <= n ? t + 512 : n - (n - t) % 4;
+    while (len >= 4 && t + 4 <= n) {
+        const int32_t end = t + len <= n ? t + len : n - (n - t) % 4;
         v4d acc = {0, 0, 0, 0};
         for (; t < end; t += 4) {
             v4f f;
@@ -619,7 +627,7 @@ int sample_pick(float *logits, int32_t vocab, const sample_params *p, sample_rng
         return lm_err_set(err, -EINVAL, "sample_pick: missing logits, params, scratch or result");
     int rc = sample_params_check(p, err);
     if (rc) return rc;
-    if (p->temperature > 0.0f && !rng)
+    if (sample_draws(p) && !rng)
         return lm_err_set(err, -EINVAL, "sample_pick: temperature %g needs an rng",
                           (double)p->temperature);
     if (n_prompt < 0 || n_output < 0 || (n_prompt && !prompt) || (n_output && !output))
@@ -630,7 +638,7 @@ int sample_pick(float *logits, int32_t vocab, const sample_params *p, sample_rng
     scratch_view sv = scratch_carve(scratch, vocab);
     int32_t n_pen = sample_penalty_list(p, prompt, n_prompt, output, n_output, vocab, scratch, sv.pen);
     sample_apply_penalties(logits, p, sv.pen, n_pen);
-    uint64_t draw = p->temperature > 0.0f ? sample_rng_next(rng) : 0;
+    uint64_t draw = sample_draws(p) ? sample_rng_next(rng) : 0;
     return sample_pick_drawn(logits, vocab, p, draw, scratch, ret, err);
 }
 
@@ -656,19 +664,22 @@ int sample_pick_drawn(float *logits, int32_t vocab, const sample_params *p, uint
     while (logits[arg] != mx)
         arg++;
 
-    if (p->temperature > 0.0f && p->temperature != 1.0f) {
+    const int hot = sample_draws(p);
+    if (hot && p->temperature != 1.0f) {
         float inv = 1.0f / p->temperature;
         for (int32_t t = 0; t < vocab; t++)
             logits[t] *= inv;
         mx = logits[arg];
+        if (mx == INFINITY) /* a logit near FLT_MAX: nothing to draw from */
+            return sample_pick_error(err, arg, mx);
     }
     /* e = exp(logits - max) (e[arg] = 1) and the log-sum-exp */
     double sum = exp_pass(logits, mx, vocab, sv.e);
     double lse = (double)mx + log(sum);
 
     memset(ret, 0, sizeof *ret);
-    int32_t tok = arg; /* temperature 0: first maximum, i.e. lowest id on ties */
-    if (p->temperature > 0.0f) {
+    int32_t tok = arg; /* greedy: first maximum, i.e. lowest id on ties */
+    if (hot) {
         const int shift = sample_fixed_shift(vocab);
         const double scale = ldexp(1.0, shift);
         /* every token's weight; the plain draw's block sums (in `cand`, unused

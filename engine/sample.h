@@ -5,10 +5,11 @@
  * penalty (divide positive / multiply negative logits of tokens seen in the
  * prompt or output), presence and frequency penalties (subtract, counting
  * output tokens only), temperature, then top_k, top_p (nucleus) and min_p
- * filters, then a draw from the softmax. temperature == 0 is greedy (argmax,
- * lowest id on ties) and ignores the filters. Log-probabilities reported
- * are those of the distribution after penalties and temperature, before
- * the filters (as OpenAI-style APIs report them).
+ * filters, then a draw from the softmax. temperature == 0 (or below
+ * SAMPLE_MIN_TEMPERATURE) is greedy (argmax, lowest id on ties) and ignores
+ * the filters and the temperature. Log-probabilities reported are those of
+ * the distribution after penalties and temperature, before the filters (as
+ * OpenAI-style APIs report them).
  *
  * Determinism: a request's draws come from its own sample_rng seeded from
  * `seed`, so the same seed and request give the same output whatever else
@@ -32,7 +33,7 @@ extern "C" {
 #define SAMPLE_MAX_LOGPROBS 20
 
 typedef struct sample_params {
-    float temperature;          /* 0 = greedy */
+    float temperature;          /* 0 = greedy (so is anything below SAMPLE_MIN_TEMPERATURE) */
     int32_t top_k;              /* 0 = off */
     float top_p;                /* 1 = off */
     float min_p;                /* 0 = off */
@@ -101,6 +102,14 @@ typedef struct sample_penalty {
 /* exp(x) for x <= 0 as the sampler computes it (Cephes expf, ~1 ulp; 0
  * below -87): the e of sample.h's rule is sample_exp_le0(logit - max). */
 float sample_exp_le0(float x);
+
+/* Temperatures below this pick greedily, as 0 does (and take no draw):
+ * a logit times 1 / temperature must stay finite. */
+#define SAMPLE_MIN_TEMPERATURE 1e-5f
+
+/* Whether a pick with p draws (temperature >= SAMPLE_MIN_TEMPERATURE): it
+ * then takes one sample_rng_next() output; else it is greedy. */
+int sample_draws(const sample_params *p);
 
 /* Whether p asks for any penalty (else the list is always empty). */
 int sample_has_penalties(const sample_params *p);

@@ -53,7 +53,7 @@ pick_case make_case(int V, int i)
     pick_case c;
     sample_params_default(&c.p);
     const float temps[] = {0.0f, 0.7f, 1.0f, 1.6f};
-    c.p.temperature = temps[i % 4];
+    c.p.temperature = i % 23 == 9 ? 1e-6f : temps[i % 4]; /* below SAMPLE_MIN_TEMPERATURE: greedy */
     const int ks[] = {0, 1, 5, 40, 1000};
     c.p.top_k = ks[(i / 4) % 5];
     const float ps[] = {1.0f, 0.9f, 0.5f, 1.0f, 1e-30f};
@@ -89,10 +89,13 @@ void run_rows(int V, int ldl, int n, int shape0, int poison)
     for (int r = 0; r < n; r++) {
         make_row(rows.data() + (size_t)r * ldl, V, (shape0 + r) % 5);
         cases.push_back(make_case(V, r * 7 + shape0));
-        if (poison && r % 4 == 1) { /* NaN, +inf, every logit -inf */
+        if (poison && r % 4 == 1) { /* NaN, +inf, every logit -inf, a logit near FLT_MAX */
             float *l = rows.data() + (size_t)r * ldl;
-            const int kind = (r / 4) % 3;
-            if (kind == 2) {
+            const int kind = (r / 4) % 4;
+            if (kind == 3) { /* finite, but infinite after the temperature */
+                l[rnd() % V] = 3e38f;
+                cases[r].p.temperature = 0.5f;
+            } else if (kind == 2) {
                 for (int t = 0; t < V; t++)
                     l[t] = -INFINITY;
             } else {
@@ -109,10 +112,15 @@ void run_rows(int V, int ldl, int n, int shape0, int poison)
     for (int r = 0; r < n; r++) {
         float *l = after.data() + (size_t)r * ldl;
         sample_apply_penalties(l, &cases[r].p, cases[r].pen.data(), (int32_t)cases[r].pen.size());
-        int bad = -1;
+        int bad = -1, arg = 0;
         for (int t = 0; t < V && bad < 0; t++)
             if (l[t] != l[t] || l[t] == INFINITY)
                 bad = t;
+        for (int t = 1; t < V; t++)
+            if (l[t] > l[arg])
+                arg = t;
+        if (bad < 0 && l[arg] > -INFINITY) /* refused after the temperature: the maximum */
+            bad = arg;
         lm_err e = {0, ""};
         want_rc[r] = sample_pick_drawn(l, V, &cases[r].p, cases[r].draw, scratch.data(), &want[r], &e);
         if (want_rc[r])
@@ -165,18 +173,23 @@ void run_rows(int V, int ldl, int n, int shape0, int poison)
                        got[r].r.token, got[r].status);
             continue;
         }
-        lp_worst = std::max(lp_worst, fabs((double)got[r].r.logprob - want[r].logprob));
+        /* equal (also -inf), else the difference; a NaN on either side fails */
+        auto diff = [](double a, double b) { return a == b ? 0.0 : fabs(a - b); };
+        auto worst = [&](double d) {
+            if (!(d <= lp_worst))
+                lp_worst = d;
+        };
+        worst(diff(got[r].r.logprob, want[r].logprob));
         bool same = got[r].r.n_top == want[r].n_top;
         for (int i = 0; same && i < want[r].n_top; i++) {
             same = got[r].r.top_ids[i] == want[r].top_ids[i];
-            lp_worst = std::max(lp_worst, fabs((double)got[r].r.top_logprobs[i] -
-                                               want[r].top_logprobs[i]));
+            worst(diff(got[r].r.top_logprobs[i], want[r].top_logprobs[i]));
         }
         if (!same && top_bad++ < 3)
             printf("     row %d: top logprob ids differ (n %d / %d)\n", r, got[r].r.n_top,
                    want[r].n_top);
     }
-    const bool pass = !tok_bad && !top_bad && !row_bad && !err_bad && lp_worst <= 2e-5;
+    const bool pass = !tok_bad && !top_bad && !row_bad && !err_bad && lp_worst <= 2e-5; /* NaN: false */
     printf("%-4s sample V %6d stride %6d rows %3d (%3d drawn, %2d refused): tokens %s, top ids "
            "%s, rows %s, logprob diff %.1e (bound 2e-5)\n",
            pass ? "ok" : "FAIL", V, ldl, n, n_hot, n_err, tok_bad ? "DIFFER" : "equal",
@@ -286,6 +299,14 @@ void run_forward_picks()
     b.n_penalties = (int32_t)badpen.size();
     lm_err e = {0, ""};
     expect_einval("sampling with a penalty id outside the vocabulary", cu_forward(s, &b, &e), e);
+    badpen = pen;
+    badpen.push_back(badpen.empty() ? sample_penalty{3, 1} : badpen[0]);
+    badpen.push_back(badpen.back());
+    picks[0].n_pen = (int32_t)badpen.size();
+    b.penalties = badpen.data();
+    b.n_penalties = (int32_t)badpen.size();
+    e = {0, ""};
+    expect_einval("sampling with a penalty id listed twice in a row", cu_forward(s, &b, &e), e);
     b.n_penalties = CU_SAMPLE_MAX_PENALTIES + 1;
     e = {0, ""};
     expect_einval("sampling with more penalty entries than the state holds", cu_forward(s, &b, &e), e);
@@ -319,6 +340,7 @@ void test_sample(bool full)
         return;
     }
     run_rows(4096, 4096, 300, 4, 1); /* more rows than blocks */
+    run_rows(4096, 4100, 20, 1, 1);  /* 16-byte loads at a stride past the width */
     run_rows(151936, 151936, 40, 0, 1);
     run_rows(151936, 151936, 40, 3, 0);
     lm_err e = {0, ""};

@@ -615,7 +615,7 @@ static int32_t rule_pick(const float *in, int32_t V, const sample_params *p, uin
  * alone and together; near-boundary draws (all-ones and zero bits). */
 static void test_exact_rule(void)
 {
-    const int32_t vocabs[] = {1, 2, 7, 100, 5000, 70001};
+    const int32_t vocabs[] = {1, 2, 7, 100, 5000, 50000, 70001};
     sample_rng g;
     sample_rng_seed(&g, 2026);
     int cases = 0, mismatches = 0, piece_mismatches = 0;
@@ -700,6 +700,54 @@ static void test_exact_rule(void)
           cases);
 }
 
+/* Plain draws placed exactly on weight boundaries (the first draw that
+ * selects each next token), on rows whose exact total exceeds a double's
+ * 2^53 within a block: the sampler's block sums must still be exact.
+ * Vocabularies 50000 (shift 46) and 1003 (shift 52). */
+static void test_boundary_draws(void)
+{
+    const int32_t vocabs[] = {50000, 1003};
+    int checked = 0, mismatches = 0;
+    for (int vi = 0; vi < 2; vi++) {
+        const int32_t V = vocabs[vi];
+        float *l = malloc(sizeof(float) * (size_t)V), *row = malloc(sizeof(float) * (size_t)V);
+        uint64_t *w = malloc(sizeof(uint64_t) * (size_t)V);
+        for (int32_t t = 0; t < V; t++) /* e = 1 for most of the first 512, odd low bits */
+            l[t] = t >= 512 ? -30.0f : t % 5 ? 0.0f : -20.0f - 0.001f * (float)t;
+        const double scale = ldexp(1.0, sample_fixed_shift(V));
+        unsigned __int128 m = 0;
+        for (int32_t t = 0; t < V; t++) {
+            w[t] = (uint64_t)((double)sample_exp_le0(l[t]) * scale);
+            m += w[t];
+        }
+        sample_params p;
+        sample_params_default(&p);
+        p.temperature = 1.0f;
+        void *scratch = scratch_for(V);
+        unsigned __int128 cum = 0;
+        for (int32_t k = 0; k < V && checked < 400 * (vi + 1); k++) {
+            cum += w[k];
+            if (!w[k]) continue;
+            /* the least draw whose point reaches cum: the token after k */
+            const unsigned __int128 a = ((cum << 53) + m - 1) / m;
+            if (a >> 53) break;
+            const uint64_t draw = (uint64_t)a << 11;
+            memcpy(row, l, sizeof(float) * (size_t)V);
+            sample_result r;
+            lm_err err = {0};
+            CHECK(sample_pick_drawn(row, V, &p, draw, scratch, &r, &err) == 0, "%s", err.msg);
+            mismatches += r.token != rule_pick(l, V, &p, draw);
+            checked++;
+        }
+        free(l);
+        free(row);
+        free(w);
+        free(scratch);
+    }
+    CHECK(checked > 100 && mismatches == 0, "%d of %d boundary draws differ from sample.h's rule",
+          mismatches, checked);
+}
+
 /* The penalty list: each id once, output counts; prompt ids only with a
  * repetition penalty; empty without penalties. */
 static void test_penalty_list(void)
@@ -737,6 +785,28 @@ static void test_penalty_list(void)
           "error text: %s", err.msg);
     CHECK(sample_pick_error(&err, -1, -INFINITY) == -EINVAL && strstr(err.msg, "every logit is -inf"),
           "error text: %s", err.msg);
+    /* below SAMPLE_MIN_TEMPERATURE: greedy, no draw taken, logits untouched */
+    {
+        float l[4] = {1.0f, 3.0f, 3.0f, -2.0f};
+        sample_params q;
+        sample_params_default(&q);
+        q.temperature = 1e-6f;
+        sample_rng r1, r2;
+        sample_rng_seed(&r1, 9);
+        r2 = r1;
+        sample_result res;
+        void *sc = scratch_for(4);
+        CHECK(sample_pick(l, 4, &q, &r1, NULL, 0, NULL, 0, sc, &res, &err) == 0 && res.token == 1 &&
+                  l[1] == 3.0f && sample_rng_next(&r1) == sample_rng_next(&r2) && !sample_draws(&q),
+              "temperature 1e-6: token %d, logit %g", res.token, (double)l[1]);
+        /* a logit that the temperature makes infinite: refused, naming it */
+        float big[3] = {1.0f, 3e38f, 2.0f};
+        q.temperature = 0.5f;
+        CHECK(sample_pick(big, 3, &q, &r1, NULL, 0, NULL, 0, sc, &res, &err) == -EINVAL &&
+                  strstr(err.msg, "logit of token 1 is inf"),
+              "overflow after the temperature: %s", err.msg);
+        free(sc);
+    }
     CHECK(sample_fixed_shift(1) == 62 && sample_fixed_shift(2) == 61 &&
               sample_fixed_shift(151936) == 44 && sample_fixed_shift(131072) == 45,
           "fixed shift: %d %d %d %d", sample_fixed_shift(1), sample_fixed_shift(2),
@@ -758,6 +828,7 @@ int main(void)
     test_logprobs();
     test_penalty_list();
     test_exact_rule();
+    test_boundary_draws();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
