@@ -31,6 +31,16 @@
  * sample_pick), no draw having been taken. Either way a pick is exactly
  * sample_pick's, so a request's output does not depend on the path.
  *
+ * Sampling on the host with several threads (sample_threads > 1): a
+ * step's rows go to the sampling pool (sched_pool.h) once it has
+ * SCHED_SAMPLE_ROWS_PER_THREAD rows for each of at least two threads; the
+ * pool's threads, the engine thread among them, take rows from a counter
+ * and write each pick (result, rc, message) into the row's slot in
+ * `rows`. Only then does the engine thread deliver, in row order, what the
+ * serial loop delivers (TOKEN, stops, FINISHED, stats): a row's pick reads
+ * its own request's tokens and rng alone and no event can change it, so
+ * the events, their order and every output are the serial loop's.
+ *
  * Sequence state is (tokens[0..n_tokens), n_computed): positions whose KV
  * is in the cache. n_computed == n_tokens - 1 is "decoding"; less is
  * "prefilling" (which is how a preempted sequence resumes: its output so
@@ -38,8 +48,10 @@
  * sequence, a resumed sequence draws exactly what it would have drawn.
  *
  * Threads and locks: `mu` guards the inbox, `live`, the stopping flag and
- * the published stats; everything else is the engine thread's. Callbacks
- * run on the engine thread without the lock held.
+ * the published stats; everything else is the engine thread's, which
+ * lends a step's rows (their seq's rng, logits row and slot) to the
+ * sampling pool for the length of sched_pool_run. Callbacks run on the
+ * engine thread without the lock held.
  */
 #include "engine/sched.h"
 
@@ -49,8 +61,11 @@
 #include <string.h>
 #include <time.h>
 
+#include <unistd.h>
+
 #include "engine/kvcache.h"
 #include "engine/sched_ctl.h"
+#include "engine/sched_pool.h"
 
 typedef struct seq seq;
 struct seq {
@@ -83,6 +98,15 @@ typedef struct seq_list {
     seq *head, *tail;
     int32_t n;
 } seq_list;
+
+/* One logits row's host pick, made on a pool thread, delivered later by
+ * the engine thread. */
+typedef struct row_pick {
+    sample_result tok;
+    int rc;                     /* sample_pick's: 0 or negative errno */
+    int32_t thread;             /* the pool thread that picked it (0 = engine thread) */
+    lm_err err;                 /* rc < 0: why */
+} row_pick;
 
 struct sched {
     backend *be;
@@ -117,7 +141,11 @@ struct sched {
     int32_t *b_logit_rows;      /* [max_running] */
     int32_t *b_logit_seq;       /* [max_running] plan index of each logit row */
     float *logits;              /* [max_running][vocab] (also device sampling's fallback) */
-    void *sample_scratch;
+    /* Host sampling: the pool (sample_threads threads, the engine thread
+     * being thread 0) and, with more than one, a slot per row. */
+    sched_pool *pool;
+    void *sample_scratch;       /* the engine thread's scratch (the pool's thread 0) */
+    row_pick *rows;             /* [max_running] when sample_threads > 1 */
     /* Device sampling only (info.device_sampling), sized at create. */
     backend_pick *picks;        /* [max_running] one per logits row */
     backend_pick_out *picks_out; /* [max_running] */
@@ -231,7 +259,27 @@ static int check_config(const sched_config *c, lm_err *err)
         return lm_err_set(err, -EINVAL, "sched: n_eos_ids %d without eos_ids", c->n_eos_ids);
     if (c->idle_tick_ms < 0)
         return lm_err_set(err, -EINVAL, "sched: idle_tick_ms %d is negative", c->idle_tick_ms);
+    if (c->sample_threads < 0 || c->sample_threads > SCHED_MAX_SAMPLE_THREADS)
+        return lm_err_set(err, -EINVAL,
+                          "sched: sample_threads %d out of range [0, %d] (0 = automatic)",
+                          c->sample_threads, SCHED_MAX_SAMPLE_THREADS);
     return 0;
+}
+
+/* The sampling threads to start: sample_threads, or min(8, online CPUs)
+ * for 0; no more than a full batch can use (SCHED_SAMPLE_ROWS_PER_THREAD
+ * rows each). */
+static int32_t sample_threads_for(const sched_config *c)
+{
+    int32_t n = c->sample_threads;
+    if (n == 0) {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        n = cpus < 1 ? 1 : cpus > 8 ? 8 : (int32_t)cpus;
+    }
+    int32_t most = c->max_running / SCHED_SAMPLE_ROWS_PER_THREAD;
+    if (n > most)
+        n = most > 1 ? most : 1;
+    return n;
 }
 
 /* ---- finishing ----------------------------------------------------------- */
@@ -668,6 +716,61 @@ static int pick_take(const sched *s, const backend_pick_out *o, sample_result *r
     return 0;
 }
 
+/* Row r's pick on the host: sample_pick of its request, with `scratch`
+ * (sample_scratch_bytes). Touches only that request's rng and the row. */
+static int host_pick(sched *s, int32_t r, void *scratch, sample_result *ret, lm_err *err)
+{
+    seq *q = s->plan[s->b_logit_seq[r]];
+    float *row = s->logits + (size_t)r * s->info.vocab;
+    return sample_pick(row, s->info.vocab, &q->sp, &q->rng, q->tokens, q->n_prompt,
+                       q->tokens + q->n_prompt, q->n_tokens - q->n_prompt, scratch, ret, err);
+}
+
+/* sched_pool_fn: row r's host pick into its slot. */
+static void pool_pick(void *ctx, int32_t r, int32_t thread, void *scratch)
+{
+    sched *s = ctx;
+    row_pick *o = &s->rows[r];
+    o->thread = thread;
+    o->rc = host_pick(s, r, scratch, &o->tok, &o->err);
+}
+
+/* How many threads pick this step's n_rows host rows: each thread that
+ * takes part should have SCHED_SAMPLE_ROWS_PER_THREAD rows (waking one
+ * costs tens of microseconds; a row of qwen's vocabulary 0.3-3 ms). */
+static int32_t step_sample_threads(const sched *s, int32_t n_rows)
+{
+    int32_t n = n_rows / SCHED_SAMPLE_ROWS_PER_THREAD, most = sched_pool_threads(s->pool);
+    return n < most ? (n > 1 ? n : 1) : most;
+}
+
+/* Deliver row r's pick: its TOKEN event, then a stop or the length ends
+ * the request; a pick that failed (rc < 0, `message` why) fails its
+ * request alone. */
+static void deliver_row(sched *s, int32_t r, int rc, const sample_result *tok,
+                        const char *message)
+{
+    seq *q = s->plan[s->b_logit_seq[r]];
+    if (rc < 0) {
+        list_remove(&s->running, q);
+        seq_finish(s, q, SCHED_FINISH_ERROR, message);
+        return;
+    }
+    sched_event ev = {.type = SCHED_EVENT_TOKEN, .id = q->id, .tok = *tok};
+    q->tokens[q->n_tokens++] = ev.tok.token;
+    s->st.tokens_generated++;
+    q->on_event(q->user, &ev);
+    sched_finish why = SCHED_FINISH_NONE;
+    if (is_stop(s, q, ev.tok.token))
+        why = SCHED_FINISH_STOP;
+    else if (q->n_tokens == q->cap || q->n_tokens >= s->info.max_context)
+        why = SCHED_FINISH_LENGTH;
+    if (why != SCHED_FINISH_NONE) {
+        list_remove(&s->running, q);
+        seq_finish(s, q, why, NULL);
+    }
+}
+
 /* Run one step over the planned pieces. Returns the tokens forwarded. */
 static int32_t run_step(sched *s, int *ret_decoding)
 {
@@ -741,35 +844,28 @@ static int32_t run_step(sched *s, int *ret_decoding)
         }
     }
 
-    for (int32_t r = 0; r < n_logits; r++) {
-        seq *q = s->plan[s->b_logit_seq[r]];
-        sched_event ev = {.type = SCHED_EVENT_TOKEN, .id = q->id};
-        if (device) {
-            rc = pick_take(s, &s->picks_out[r], &ev.tok, &err);
-        } else {
-            float *row = s->logits + (size_t)r * s->info.vocab;
-            rc = sample_pick(row, s->info.vocab, &q->sp, &q->rng, q->tokens, q->n_prompt,
-                             q->tokens + q->n_prompt, q->n_tokens - q->n_prompt,
-                             s->sample_scratch, &ev.tok, &err);
+    int64_t t_sample = now_ns();
+    const int32_t n_threads = device ? 1 : step_sample_threads(s, n_logits);
+    if (n_threads > 1) {
+        /* every row picked on the pool first, then delivered in order */
+        sched_pool_run(s->pool, n_logits, n_threads, pool_pick, s);
+        s->st.sample_parallel_steps++;
+        for (int32_t r = 0; r < n_logits; r++) {
+            const row_pick *o = &s->rows[r];
+            s->st.sample_rows_helped += o->thread != 0;
+            deliver_row(s, r, o->rc, &o->tok, o->err.msg);
         }
-        if (rc < 0) {
-            list_remove(&s->running, q);
-            seq_finish(s, q, SCHED_FINISH_ERROR, err.msg);
-            continue;
-        }
-        q->tokens[q->n_tokens++] = ev.tok.token;
-        s->st.tokens_generated++;
-        q->on_event(q->user, &ev);
-        sched_finish why = SCHED_FINISH_NONE;
-        if (is_stop(s, q, ev.tok.token))
-            why = SCHED_FINISH_STOP;
-        else if (q->n_tokens == q->cap || q->n_tokens >= s->info.max_context)
-            why = SCHED_FINISH_LENGTH;
-        if (why != SCHED_FINISH_NONE) {
-            list_remove(&s->running, q);
-            seq_finish(s, q, why, NULL);
+    } else {
+        for (int32_t r = 0; r < n_logits; r++) {
+            sample_result tok;
+            rc = device ? pick_take(s, &s->picks_out[r], &tok, &err)
+                        : host_pick(s, r, s->sample_scratch, &tok, &err);
+            deliver_row(s, r, rc, &tok, err.msg);
         }
     }
+    double sample_ms = (double)(now_ns() - t_sample) / 1e6;
+    s->st.last_sample_ms = sample_ms;
+    s->st.sample_ms_total += sample_ms;
     return n_tok;
 }
 
@@ -848,7 +944,8 @@ static void sched_free(sched *s)
     free(s->b_logit_rows);
     free(s->b_logit_seq);
     free(s->logits);
-    free(s->sample_scratch);
+    sched_pool_destroy(s->pool); /* joins the sampling threads; owns sample_scratch */
+    free(s->rows);
     free(s->picks);
     free(s->picks_out);
     free(s->penalties);
@@ -926,13 +1023,26 @@ int sched_create(backend *be, const sched_config *cfg, sched **ret, lm_err *err)
     s->b_logit_rows = calloc(mr, sizeof *s->b_logit_rows);
     s->b_logit_seq = calloc(mr, sizeof *s->b_logit_seq);
     s->logits = calloc(mr * (size_t)info.vocab, sizeof *s->logits);
-    s->sample_scratch = malloc(sample_scratch_bytes(info.vocab));
     if ((cfg->n_eos_ids && !s->eos_ids) || !s->plan || !s->plan_len || !s->b_tokens ||
         !s->b_seq_start || !s->b_start_pos || !s->b_block_table || !s->b_logit_rows ||
-        !s->b_logit_seq || !s->logits || !s->sample_scratch) {
+        !s->b_logit_seq || !s->logits) {
         sched_free(s);
         return lm_err_set(err, -ENOMEM, "sched_create: out of memory for step buffers");
     }
+    /* The sampling threads, each with its scratch; the engine thread is
+     * thread 0 and keeps its scratch for the step's own picks. */
+    const int32_t n_sample = sample_threads_for(cfg);
+    rc = sched_pool_create(n_sample, sample_scratch_bytes(info.vocab), &s->pool, err);
+    if (rc < 0) {
+        sched_free(s);
+        return lm_err_prefix(err, "sched_create");
+    }
+    s->sample_scratch = sched_pool_scratch(s->pool, 0);
+    if (n_sample > 1 && !(s->rows = calloc(mr, sizeof *s->rows))) {
+        sched_free(s);
+        return lm_err_set(err, -ENOMEM, "sched_create: out of memory for %zu sampling slots", mr);
+    }
+    s->st.sample_threads = n_sample;
     if (info.device_sampling) {
         if (info.max_penalties < 0)
             s->info.max_penalties = 0;

@@ -87,7 +87,21 @@ typedef struct sched_config {
     void (*on_tick)(void *user);
     void *tick_user;
     int32_t idle_tick_ms;
+    /* Threads that sample a step's logits rows on the host, the engine
+     * thread included: 0 = automatic, min(8, online CPUs); 1 = the engine
+     * thread alone; at most SCHED_MAX_SAMPLE_THREADS. Never more than
+     * max_running / SCHED_SAMPLE_ROWS_PER_THREAD (at least 1) are started.
+     * A step's rows are shared out (each request's pick is independent of
+     * the others') once it has SCHED_SAMPLE_ROWS_PER_THREAD rows per
+     * thread; events, outputs and their order are those of the engine
+     * thread alone. Device sampling does not use them (its fallback does). */
+    int32_t sample_threads;
 } sched_config;
+
+#define SCHED_MAX_SAMPLE_THREADS 256
+/* A step samples on several threads from this many rows per thread on
+ * (docs/PERF.md, Scheduler: sampling threads). */
+#define SCHED_SAMPLE_ROWS_PER_THREAD 2
 
 /* Statistics for metrics and tests (a consistent snapshot). */
 typedef struct sched_stats {
@@ -97,6 +111,13 @@ typedef struct sched_stats {
     uint64_t steps, tokens_generated, prompt_tokens_computed, prefix_tokens_reused;
     uint64_t preemptions, finished, cancelled;
     double last_step_ms;
+    /* Host sampling: the threads that sample (sched_config.sample_threads
+     * resolved), steps whose rows they shared, rows of those picked by a
+     * thread other than the engine thread, and the time of the steps'
+     * sample-and-deliver phase (the last step's, and summed). */
+    int32_t sample_threads;
+    uint64_t sample_parallel_steps, sample_rows_helped;
+    double last_sample_ms, sample_ms_total;
 } sched_stats;
 
 void sched_config_default(sched_config *cfg);
