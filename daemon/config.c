@@ -46,6 +46,9 @@ static const config_key config_table[] = {
      "INT4 already)"},
     {"threads", CT_INT, OFF(threads), 0, 1024, NULL, 0, "0",
      "CPU backend threads; 0 = every core"},
+    {"sample_threads", CT_INT, OFF(sample_threads), 0, 256, NULL, 0, "0",
+     "threads that sample a step's tokens on the host, the engine thread included; "
+     "0 = min(8, CPU cores), 1 = the engine thread alone"},
     {"tensor_parallel", CT_INT, OFF(tensor_parallel), 1, 64, NULL, 0, "1",
      "tensor-parallel ranks (also --tp N): attention heads and expert widths split across "
      "them; cpu: threads of one process over a host communicator"},

@@ -32,6 +32,7 @@ typedef struct daemon_config {
     char device[16];
     int quantize_int4;
     int64_t threads;
+    int64_t sample_threads;             /* host sampling threads (sched_config) */
     int64_t tensor_parallel;            /* ranks (flag --tp N too) */
     char devices[CONFIG_STR_MAX];       /* "0,1": CUDA device of each rank; "" = 0..tp-1 */
     /* network */

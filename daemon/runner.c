@@ -155,6 +155,7 @@ int runner_load(const struct daemon_config *cfg, runner_progress_fn progress, vo
     }
     progress(puser, "starting the engine", 4, 4);
     sc.max_running = (int32_t)cfg->max_batch;
+    sc.sample_threads = (int32_t)cfg->sample_threads;
     sc.max_queue = (int32_t)cfg->max_queue;
     sc.kv_bytes = (size_t)cfg->kv_cache_mb << 20;
     if (!sc.kv_bytes && strcmp(cfg->device, "cuda"))

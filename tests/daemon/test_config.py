@@ -64,14 +64,18 @@ def test_errors_name_the_line():
     p = write("bad5.conf", "debug_hooks = maybe\n")
     rc, _, err = run("--check-config", "--config", p, "--model", A.model)
     assert rc == 1 and "debug_hooks: 'maybe' is not yes or no" in err, err
+    p = write("bad6.conf", "sample_threads = 257\n")
+    rc, _, err = run("--check-config", "--config", p, "--model", A.model)
+    assert rc == 1 and f"{p}:1: sample_threads: '257' is not an integer in [0, 256]" in err, err
 
 
 def test_flags_and_cross_checks():
     p = write("flags.conf", 'max_queue = 7\nlisten = "127.0.0.1:5"\n')
     rc, out, err = run("--check-config", "--config", p, "--model", A.model, "--max-queue", "9",
-                       "--listen=unix:/tmp/x.sock")
+                       "--listen=unix:/tmp/x.sock", "--sample-threads", "3")
     assert rc == 0, err
     assert "max_queue = 9" in out and "listen = unix:/tmp/x.sock" in out
+    assert "sample_threads = 3" in out, out
     rc, _, err = run("--check-config", "--config", p, "--model", A.model, "--bogus", "1")
     assert rc == 1 and "--bogus: unknown key 'bogus'" in err, err
     rc, _, err = run("--check-config", "--config", os.path.join(A.workdir, "missing.conf"),
