@@ -32,8 +32,8 @@
  * sample_pick's, so a request's output does not depend on the path.
  *
  * Sampling on the host with several threads (sample_threads > 1): a
- * step's rows go to the sampling pool (sched_pool.h) once it has
- * SCHED_SAMPLE_ROWS_PER_THREAD rows for each of at least two threads; the
+ * step's rows go to the sampling pool (sched_pool.h) when at least two
+ * threads would get a row and SCHED_SAMPLE_LOGITS_PER_THREAD logits; the
  * pool's threads, the engine thread among them, take rows from a counter
  * and write each pick (result, rc, message) into the row's slot in
  * `rows`. Only then does the engine thread deliver, in row order, what the
@@ -267,8 +267,7 @@ static int check_config(const sched_config *c, lm_err *err)
 }
 
 /* The sampling threads to start: sample_threads, or min(8, online CPUs)
- * for 0; no more than a full batch can use (SCHED_SAMPLE_ROWS_PER_THREAD
- * rows each). */
+ * for 0; no more than a full batch has rows. */
 static int32_t sample_threads_for(const sched_config *c)
 {
     int32_t n = c->sample_threads;
@@ -276,10 +275,7 @@ static int32_t sample_threads_for(const sched_config *c)
         long cpus = sysconf(_SC_NPROCESSORS_ONLN);
         n = cpus < 1 ? 1 : cpus > 8 ? 8 : (int32_t)cpus;
     }
-    int32_t most = c->max_running / SCHED_SAMPLE_ROWS_PER_THREAD;
-    if (n > most)
-        n = most > 1 ? most : 1;
-    return n;
+    return n < c->max_running ? n : c->max_running;
 }
 
 /* ---- finishing ----------------------------------------------------------- */
@@ -735,13 +731,17 @@ static void pool_pick(void *ctx, int32_t r, int32_t thread, void *scratch)
     o->rc = host_pick(s, r, scratch, &o->tok, &o->err);
 }
 
-/* How many threads pick this step's n_rows host rows: each thread that
- * takes part should have SCHED_SAMPLE_ROWS_PER_THREAD rows (waking one
- * costs tens of microseconds; a row of qwen's vocabulary 0.3-3 ms). */
+/* How many threads pick this step's n_rows host rows: as many as get a
+ * row and SCHED_SAMPLE_LOGITS_PER_THREAD logits each (waking a thread
+ * costs microseconds to tens of them; a row of qwen's vocabulary
+ * 0.3-3 ms, one of 384 logits 2 us), at least 1. */
 static int32_t step_sample_threads(const sched *s, int32_t n_rows)
 {
-    int32_t n = n_rows / SCHED_SAMPLE_ROWS_PER_THREAD, most = sched_pool_threads(s->pool);
-    return n < most ? (n > 1 ? n : 1) : most;
+    int64_t n = (int64_t)n_rows * s->info.vocab / SCHED_SAMPLE_LOGITS_PER_THREAD;
+    if (n > n_rows)
+        n = n_rows;
+    const int32_t most = sched_pool_threads(s->pool);
+    return n < 1 ? 1 : n < most ? (int32_t)n : most;
 }
 
 /* Deliver row r's pick: its TOKEN event, then a stop or the length ends

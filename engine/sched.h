@@ -89,19 +89,22 @@ typedef struct sched_config {
     int32_t idle_tick_ms;
     /* Threads that sample a step's logits rows on the host, the engine
      * thread included: 0 = automatic, min(8, online CPUs); 1 = the engine
-     * thread alone; at most SCHED_MAX_SAMPLE_THREADS. Never more than
-     * max_running / SCHED_SAMPLE_ROWS_PER_THREAD (at least 1) are started.
-     * A step's rows are shared out (each request's pick is independent of
-     * the others') once it has SCHED_SAMPLE_ROWS_PER_THREAD rows per
-     * thread; events, outputs and their order are those of the engine
-     * thread alone. Device sampling does not use them (its fallback does). */
+     * thread alone; at most SCHED_MAX_SAMPLE_THREADS, and no more than
+     * max_running are started. A step's rows are shared out (each
+     * request's pick is independent of the others') among as many threads
+     * as get a row and SCHED_SAMPLE_LOGITS_PER_THREAD logits each, when
+     * that is two or more; events, outputs and their order are those of
+     * the engine thread alone. Device sampling does not use them (its
+     * fallback to the host does). */
     int32_t sample_threads;
 } sched_config;
 
 #define SCHED_MAX_SAMPLE_THREADS 256
-/* A step samples on several threads from this many rows per thread on
- * (docs/PERF.md, Scheduler: sampling threads). */
-#define SCHED_SAMPLE_ROWS_PER_THREAD 2
+/* Logits (rows x vocabulary) a sampling thread must have in a step for
+ * waking it to pay: 2 rows of qwen's 151936 on 2 threads take 0.64 of the
+ * time on one, 8 rows of a 384 vocabulary 1.3x it (docs/PERF.md,
+ * Scheduler: host sampling on several threads). */
+#define SCHED_SAMPLE_LOGITS_PER_THREAD 4096
 
 /* Statistics for metrics and tests (a consistent snapshot). */
 typedef struct sched_stats {

@@ -14,8 +14,9 @@
  *              event log (ids, tokens, logprobs, finishes, in delivery
  *              order) equals the engine thread's alone; the parallel path
  *              ran (sched_stats.sample_parallel_steps) and pool threads
- *              picked rows; device sampling's fallback steps share their
- *              rows too, its device steps never;
+ *              picked rows; steps too small to share stay serial; device
+ *              sampling's fallback steps share their rows too, its device
+ *              steps never;
  *   error      a NaN or all -inf row in a shared step fails its request
  *              alone, with the message and events of the serial path;
  *   cancel     a cancel from a callback in the middle of a shared step's
@@ -38,8 +39,9 @@
 #include "tests/sched/fake_harness.h"
 
 /* The fake model's vocabulary here: a row costs microseconds to make and
- * pick (VOCAB's 61 tokens cost less than waking a thread), so that pool
- * threads do get rows. */
+ * pick, so that pool threads do get rows, and a step shares its rows from
+ * 4 rows on (SCHED_SAMPLE_LOGITS_PER_THREAD for 2 threads; VOCAB's 61
+ * tokens would need 135). */
 enum { TV = 2048 };
 
 /* ---- the event log -------------------------------------------------------- */
@@ -231,8 +233,7 @@ static int32_t auto_threads(int32_t max_running)
 {
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     int32_t n = cpus < 1 ? 1 : cpus > 8 ? 8 : (int32_t)cpus;
-    int32_t most = max_running / SCHED_SAMPLE_ROWS_PER_THREAD;
-    return n > most ? (most > 1 ? most : 1) : n;
+    return n < max_running ? n : max_running;
 }
 
 /* ---- pool: sched_pool alone ------------------------------------------------- */
@@ -457,6 +458,19 @@ static void test_same(void)
         free_run(&o, r, NREQ);
     }
     CHECK(helped > 0, "no row was ever picked by a pool thread");
+
+    /* Three requests: no step has the logits for two threads (3 x TV <
+     * 2 x SCHED_SAMPLE_LOGITS_PER_THREAD), every step stays serial. */
+    {
+        rec r[3];
+        trun o = trun_opts(4);
+        run_batch(&o, 3, q, r, "same, 3 requests, 4 threads");
+        check_outputs(r, q, 3, "same, 3 requests, 4 threads");
+        CHECK(o.st.sample_threads == 4 && o.st.sample_parallel_steps == 0,
+              "3 requests: %d threads, %llu of %llu steps shared", o.st.sample_threads,
+              (unsigned long long)o.st.sample_parallel_steps, (unsigned long long)o.st.steps);
+        free_run(&o, r, 3);
+    }
 
     /*
      * Device sampling with room for 8 penalty entries: steps with a
@@ -726,7 +740,7 @@ static void test_lifecycle(void)
     /* the count, resolved and bounded */
     static const struct {
         int32_t threads, max_running, want;
-    } counts[] = {{1, 64, 1}, {3, 64, 3}, {8, 6, 3}, {8, 1, 1}, {256, 512, 256}, {0, 2, 1}};
+    } counts[] = {{1, 64, 1}, {3, 64, 3}, {8, 6, 6}, {8, 1, 1}, {256, 512, 256}, {0, 1, 1}};
     for (size_t k = 0; k < sizeof counts / sizeof counts[0]; k++) {
         batch_config(&cfg, counts[k].threads);
         cfg.on_tick = NULL;
