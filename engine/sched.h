@@ -101,8 +101,9 @@ typedef struct sched_config {
 
 #define SCHED_MAX_SAMPLE_THREADS 256
 /* Logits (rows x vocabulary) a sampling thread must have in a step for
- * waking it to pay: 2 rows of qwen's 151936 on 2 threads take 0.64 of the
- * time on one, 8 rows of a 384 vocabulary 1.3x it (docs/PERF.md,
+ * waking it to pay: 2 rows of qwen's 151936 on 2 threads take 0.7 of the
+ * time on one, 8 rows of a 384 vocabulary 1.4-2x it; the break-even for
+ * two threads lies between 4K and 12K logits in all (docs/PERF.md,
  * Scheduler: host sampling on several threads). */
 #define SCHED_SAMPLE_LOGITS_PER_THREAD 4096
 
