@@ -660,7 +660,7 @@ static void reap_cancelled(sched *s)
  * their penalty lists. Returns the number of penalty entries, or -1 when
  * the lists do not fit info.max_penalties: the step then samples on the
  * host, and no rng has been drawn (the draws are taken only once every
- * list fits, one per pick at temperature > 0, as sample_pick takes it).
+ * list fits, one per pick that draws (sample_draws), as sample_pick takes it).
  */
 static int32_t plan_picks(sched *s, int32_t n_logits)
 {
@@ -692,7 +692,7 @@ static int32_t plan_picks(sched *s, int32_t n_logits)
     }
     for (int32_t r = 0; r < n_logits; r++) {
         seq *q = s->plan[s->b_logit_seq[r]];
-        if (q->sp.temperature > 0.0f)
+        if (sample_draws(&q->sp))
             s->picks[r].draw = sample_rng_next(&q->rng);
     }
     return used;
