@@ -238,6 +238,18 @@ static char *render(size_t *ret_len)
     put_counter(&b, "lightmoe_engine_steps_total", "Engine steps run", g.sched.steps);
     put_counter(&b, "lightmoe_sequences_cancelled_total", "Sequences cancelled in the engine",
                 g.sched.cancelled);
+    put_gauge(&b, "lightmoe_sample_threads", "Threads that pick tokens on the host",
+              g.sched.sample_threads);
+    put_counter(&b, "lightmoe_sample_shared_steps_total",
+                "Engine steps whose host picks were shared among threads",
+                g.sched.sample_parallel_steps);
+    put_counter(&b, "lightmoe_sample_rows_helped_total",
+                "Logits rows picked by a sampling thread other than the engine thread",
+                g.sched.sample_rows_helped);
+    put(&b, "# HELP lightmoe_sample_seconds_total Time engine steps spent picking and delivering "
+            "tokens\n# TYPE lightmoe_sample_seconds_total counter\n"
+            "lightmoe_sample_seconds_total %.9g\n",
+        g.sched.sample_ms_total / 1e3);
     *ret_len = b.n;
     return b.p;
 }

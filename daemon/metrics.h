@@ -15,6 +15,8 @@
  *   generated_tokens_total, prompt_tokens_total, tokens_per_second (10 s window)
  *   queue_depth, running_sequences, kv_blocks_used, kv_blocks_total,
  *   active_streams, preemptions_total, engine_steps_total
+ *   sample_threads, sample_shared_steps_total, sample_rows_helped_total,
+ *   sample_seconds_total (host sampling: engine/sched.h's sample_* stats)
  *   cache_hits_total, cache_misses_total, cache_stores_total
  *   serving (1 when health is SERVING)
  */

@@ -59,6 +59,9 @@ def test_sampling_is_seeded():
     assert a.text == b.text and list(a.token_ids) == list(b.token_ids)
     s, ids, _ = api.generate_all(**kw)
     assert ids == list(a.token_ids)
+    # host sampling: its threads and time are exported
+    assert D.metric("lightmoe_sample_threads") >= 1
+    assert D.metric("lightmoe_sample_seconds_total") > 0
 
 
 def test_chat_messages_and_tokenize():
