@@ -10,13 +10,14 @@ from lmtest import Api, Daemon
 A = lmtest.parse_args()
 
 
-def run_64_streams(name, rpc):
+def run_64_streams(name, rpc, sample_threads=None):
     # The answer cache is off: the 64 streams must run in the engine, batched.
-    with Daemon(name, ["--max-batch", "32", "--cache-url", "off"] + rpc) as d:
+    extra = ["--sample-threads", str(sample_threads)] if sample_threads else []
+    with Daemon(name, ["--max-batch", "32", "--cache-url", "off"] + rpc + extra) as d:
         prompts = [f"Client {i} says: the experts route token {i * 7 % 13}" for i in range(64)]
         max_tokens = [8 + (i % 5) * 4 for i in range(64)]
         api = Api(d.channel())
-        # Reference: each request alone, unary.
+        # Reference: each request alone, unary (one row a step: never shared).
         alone = [api.complete(prompt=p, max_tokens=m, temperature=0)
                  for p, m in zip(prompts, max_tokens)]
         channels = [d.channel() for _ in range(8)]   # 8 connections, 8 streams each
@@ -53,6 +54,10 @@ def run_64_streams(name, rpc):
         big = [l for l in m.splitlines() if l.startswith('lightmoe_batch_size_bucket{le="1"}')]
         count = [l for l in m.splitlines() if l.startswith("lightmoe_batch_size_count")]
         assert big and count and float(count[0].split()[-1]) > float(big[0].split()[-1]), m
+        if sample_threads:
+            # the batched steps' picks were shared among the sampling threads
+            assert d.metric("lightmoe_sample_threads") == sample_threads, m
+            assert d.metric("lightmoe_sample_shared_steps_total") > 0, m
 
 
 def test_64_streams():
@@ -65,4 +70,10 @@ def test_64_streams_queue_per_thread():
     run_64_streams("concq", ["--rpc-threads", "3", "--rpc-queues", "0"])
 
 
-lmtest.run_tests([test_64_streams, test_64_streams_queue_per_thread])
+def test_64_streams_sampling_threads():
+    # the batched steps' host picks on 2 threads: the same outputs as alone
+    run_64_streams("concs", ["--rpc-threads", "2"], sample_threads=2)
+
+
+lmtest.run_tests([test_64_streams, test_64_streams_queue_per_thread,
+                  test_64_streams_sampling_threads])
