@@ -15,7 +15,7 @@
  * percentile over --reps runs of --steps steps, thread counts alternating
  * run by run (a shared machine's noise falls on all of them alike).
  *
- * --crossover: sched_pool alone, picks of 1 to 32 rows (each a fresh copy
+ * --crossover: the sampling pool (ops_cpu.h's cpu_pool) alone, picks of 1 to 32 rows (each a fresh copy
  * of the row, then sample_pick) on 1 thread vs 2, at vocabularies of 384
  * to --vocab: where sharing a step starts to pay.
  */
@@ -27,7 +27,7 @@
 
 #include "engine/sample.h"
 #include "engine/sched.h"
-#include "engine/sched_pool.h"
+#include "engine/ops_cpu.h"
 
 static int64_t now_ns(void)
 {
@@ -209,15 +209,20 @@ typedef struct cross_ctx {
     float *rows;                /* [CROSS_MAX_ROWS][vocab] */
     sample_params p;
     sample_rng rng[CROSS_MAX_ROWS];
+    cpu_pool *pool;
 } cross_ctx;
 
-static void cross_row(void *ctx, int32_t r, int32_t thread, void *scratch)
+static void cross_row(void *ctx, int64_t b, int64_t e, int thread)
 {
     cross_ctx *c = ctx;
-    float *row = c->rows + (size_t)r * c->vocab;
-    memcpy(row, c->src, sizeof(float) * (size_t)c->vocab);
-    sample_result res;
-    sample_pick(row, c->vocab, &c->p, &c->rng[r], NULL, 0, NULL, 0, scratch, &res, NULL);
+    size_t floats;
+    void *scratch = cpu_pool_scratch(c->pool, thread, &floats);
+    for (int64_t r = b; r < e; r++) {
+        float *row = c->rows + (size_t)r * c->vocab;
+        memcpy(row, c->src, sizeof(float) * (size_t)c->vocab);
+        sample_result res;
+        sample_pick(row, c->vocab, &c->p, &c->rng[r], NULL, 0, NULL, 0, scratch, &res, NULL);
+    }
 }
 
 static int crossover(int32_t big_v, int reps, const char *setting)
@@ -233,9 +238,9 @@ static int crossover(int32_t big_v, int reps, const char *setting)
         set_params(&c.p, setting, 1);
         for (int i = 0; i < CROSS_MAX_ROWS; i++)
             sample_rng_seed(&c.rng[i], (uint64_t)i + 1);
-        sched_pool *p = NULL;
         lm_err err = {0};
-        if (!c.src || !c.rows || sched_pool_create(2, sample_scratch_bytes(V), &p, &err) < 0) {
+        if (!c.src || !c.rows || cpu_pool_create(2, &c.pool, &err) < 0 ||
+            cpu_pool_reserve(c.pool, (sample_scratch_bytes(V) + 3) / 4, &err) < 0) {
             fprintf(stderr, "bench_sched_sample: %s\n", err.msg[0] ? err.msg : "out of memory");
             return 1;
         }
@@ -243,9 +248,9 @@ static int crossover(int32_t big_v, int reps, const char *setting)
             const int32_t n = rows[j];
             for (int r = 0; r < reps; r++) {
                 int64_t a = now_ns();
-                sched_pool_run(p, n, 1, cross_row, &c);
+                cpu_pool_run(c.pool, cross_row, &c, n, n); /* one chunk: the caller alone */
                 int64_t b = now_ns();
-                sched_pool_run(p, n, 2, cross_row, &c);
+                cpu_pool_run(c.pool, cross_row, &c, n, 1);
                 int64_t e = now_ns();
                 t1[r] = (double)(b - a) / 1e3;
                 t2[r] = (double)(e - b) / 1e3;
@@ -255,7 +260,7 @@ static int crossover(int32_t big_v, int reps, const char *setting)
             printf("| %d | %d | %.1f | %.1f | %.2f |\n", V, n, t1[reps / 2], t2[reps / 2],
                    t2[reps / 2] / t1[reps / 2]);
         }
-        sched_pool_destroy(p);
+        cpu_pool_destroy(c.pool);
         free((void *)c.src);
         free(c.rows);
     }

@@ -61,6 +61,9 @@ cpu_isa cpu_pool_isa(const cpu_pool *p);
  * (op_linear uses 4*K per thread for INT4 with more than 2 rows; without
  * it, it dequantises in registers for every token pair: same results). */
 int cpu_pool_reserve(cpu_pool *p, size_t floats_per_thread, lm_err *err);
+/* The scratch area of `thread` (cpu_pool_reserve; 64-byte aligned) and its
+ * size in floats. A task may use its own thread's area only. */
+float *cpu_pool_scratch(const cpu_pool *p, int thread, size_t *ret_floats);
 int cpu_pool_portable(const cpu_pool *p);
 
 /* ---- elementwise / rows -------------------------------------------------- */

@@ -48,9 +48,6 @@ ops_prefetch_dense_rows(const linear *W, st_dtype dt, int32_t r0, int NR, int32_
     }
 }
 
-/* The scratch area of `thread` (cpu_pool_reserve) and its size in floats. */
-float *cpu_pool_scratch(const cpu_pool *p, int thread, size_t *ret_floats);
-
 /* ---- AVX-512 kernels (ops_cpu_avx512.c), compiled with target attributes
  * and called only when ops_avx512_supported() says the CPU and the OS
  * support AVX-512 F/BW/VL/DQ. */

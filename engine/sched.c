@@ -32,9 +32,10 @@
  * sample_pick's, so a request's output does not depend on the path.
  *
  * Sampling on the host with several threads (sample_threads > 1): a
- * step's rows go to the sampling pool (sched_pool.h) when at least two
- * threads would get a row and SCHED_SAMPLE_LOGITS_PER_THREAD logits; the
- * pool's threads, the engine thread among them, take rows from a counter
+ * step's rows go to the sampling pool (ops_cpu.h's cpu_pool, the pool the
+ * CPU backend's matmuls use) when at least two threads would get a row and
+ * SCHED_SAMPLE_LOGITS_PER_THREAD logits; the pool's threads, the engine
+ * thread among them, take rows (or even shares of them) from a counter
  * and write each pick (result, rc, message) into the row's slot in
  * `rows`. Only then does the engine thread deliver, in row order, what the
  * serial loop delivers (TOKEN, stops, FINISHED, stats): a row's pick reads
@@ -50,7 +51,7 @@
  * Threads and locks: `mu` guards the inbox, `live`, the stopping flag and
  * the published stats; everything else is the engine thread's, which
  * lends a step's rows (their seq's rng, logits row and slot) to the
- * sampling pool for the length of sched_pool_run. Callbacks run on the
+ * sampling pool for the length of cpu_pool_run. Callbacks run on the
  * engine thread without the lock held.
  */
 #include "engine/sched.h"
@@ -65,7 +66,7 @@
 
 #include "engine/kvcache.h"
 #include "engine/sched_ctl.h"
-#include "engine/sched_pool.h"
+#include "engine/ops_cpu.h"
 
 typedef struct seq seq;
 struct seq {
@@ -143,7 +144,7 @@ struct sched {
     float *logits;              /* [max_running][vocab] (also device sampling's fallback) */
     /* Host sampling: the pool (sample_threads threads, the engine thread
      * being thread 0) and, with more than one, a slot per row. */
-    sched_pool *pool;
+    cpu_pool *pool;
     void *sample_scratch;       /* the engine thread's scratch (the pool's thread 0) */
     row_pick *rows;             /* [max_running] when sample_threads > 1 */
     /* Device sampling only (info.device_sampling), sized at create. */
@@ -722,13 +723,18 @@ static int host_pick(sched *s, int32_t r, void *scratch, sample_result *ret, lm_
                        q->tokens + q->n_prompt, q->n_tokens - q->n_prompt, scratch, ret, err);
 }
 
-/* sched_pool_fn: row r's host pick into its slot. */
-static void pool_pick(void *ctx, int32_t r, int32_t thread, void *scratch)
+/* cpu_task_fn: rows [b, e)' host picks into their slots, with the
+ * thread's scratch. */
+static void pool_pick(void *ctx, int64_t b, int64_t e, int thread)
 {
     sched *s = ctx;
-    row_pick *o = &s->rows[r];
-    o->thread = thread;
-    o->rc = host_pick(s, r, scratch, &o->tok, &o->err);
+    size_t floats;
+    void *scratch = cpu_pool_scratch(s->pool, thread, &floats);
+    for (int64_t r = b; r < e; r++) {
+        row_pick *o = &s->rows[r];
+        o->thread = thread;
+        o->rc = host_pick(s, (int32_t)r, scratch, &o->tok, &o->err);
+    }
 }
 
 /* How many threads pick this step's n_rows host rows: as many as get a
@@ -740,7 +746,7 @@ static int32_t step_sample_threads(const sched *s, int32_t n_rows)
     int64_t n = (int64_t)n_rows * s->info.vocab / SCHED_SAMPLE_LOGITS_PER_THREAD;
     if (n > n_rows)
         n = n_rows;
-    const int32_t most = sched_pool_threads(s->pool);
+    const int32_t most = cpu_pool_threads(s->pool);
     return n < 1 ? 1 : n < most ? (int32_t)n : most;
 }
 
@@ -847,8 +853,12 @@ static int32_t run_step(sched *s, int *ret_decoding)
     int64_t t_sample = now_ns();
     const int32_t n_threads = device ? 1 : step_sample_threads(s, n_logits);
     if (n_threads > 1) {
-        /* every row picked on the pool first, then delivered in order */
-        sched_pool_run(s->pool, n_logits, n_threads, pool_pick, s);
+        /* every row picked on the pool first, then delivered in order: a row
+         * at a time when every thread has a place, else n_threads shares */
+        const int32_t chunk = n_threads == cpu_pool_threads(s->pool)
+                                  ? 1
+                                  : (n_logits + n_threads - 1) / n_threads;
+        cpu_pool_run(s->pool, pool_pick, s, n_logits, chunk);
         s->st.sample_parallel_steps++;
         for (int32_t r = 0; r < n_logits; r++) {
             const row_pick *o = &s->rows[r];
@@ -944,7 +954,7 @@ static void sched_free(sched *s)
     free(s->b_logit_rows);
     free(s->b_logit_seq);
     free(s->logits);
-    sched_pool_destroy(s->pool); /* joins the sampling threads; owns sample_scratch */
+    cpu_pool_destroy(s->pool); /* joins the sampling threads; owns sample_scratch */
     free(s->rows);
     free(s->picks);
     free(s->picks_out);
@@ -1032,12 +1042,13 @@ int sched_create(backend *be, const sched_config *cfg, sched **ret, lm_err *err)
     /* The sampling threads, each with its scratch; the engine thread is
      * thread 0 and keeps its scratch for the step's own picks. */
     const int32_t n_sample = sample_threads_for(cfg);
-    rc = sched_pool_create(n_sample, sample_scratch_bytes(info.vocab), &s->pool, err);
-    if (rc < 0) {
+    if ((rc = cpu_pool_create(n_sample, &s->pool, err)) < 0 ||
+        (rc = cpu_pool_reserve(s->pool, (sample_scratch_bytes(info.vocab) + 3) / 4, err)) < 0) {
         sched_free(s);
-        return lm_err_prefix(err, "sched_create");
+        return lm_err_prefix(err, "sched_create: sampling threads");
     }
-    s->sample_scratch = sched_pool_scratch(s->pool, 0);
+    size_t floats;
+    s->sample_scratch = cpu_pool_scratch(s->pool, 0, &floats);
     if (n_sample > 1 && !(s->rows = calloc(mr, sizeof *s->rows))) {
         sched_free(s);
         return lm_err_set(err, -ENOMEM, "sched_create: out of memory for %zu sampling slots", mr);

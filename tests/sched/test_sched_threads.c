@@ -1,13 +1,10 @@
 /*
  * test_sched_threads.c: host sampling on several threads
- * (sched_config.sample_threads, engine/sched_pool.h), over the fake
+ * (sched_config.sample_threads, on ops_cpu.h's cpu_pool), over the fake
  * backend.
  *
  *   test_sched_threads NAME   runs one test (ctest registers each), no NAME = all.
  *
- *   pool       sched_pool alone: every row of a run exactly once, on at most
- *              the threads asked for, each thread with its own scratch,
- *              thousands of runs back to back; bad thread counts refused;
  *   same       40 batched requests (greedy, every filter and penalty,
  *              logprobs, stop ids): with sample_threads 1, 2, 4 and 0
  *              (automatic) the outputs equal fake_reference's and the whole
@@ -35,7 +32,6 @@
 #include <stdatomic.h>
 #include <unistd.h>
 
-#include "engine/sched_pool.h"
 #include "tests/sched/fake_harness.h"
 
 /* The fake model's vocabulary here: a row costs microseconds to make and
@@ -234,121 +230,6 @@ static int32_t auto_threads(int32_t max_running)
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     int32_t n = cpus < 1 ? 1 : cpus > 8 ? 8 : (int32_t)cpus;
     return n < max_running ? n : max_running;
-}
-
-/* ---- pool: sched_pool alone ------------------------------------------------- */
-
-enum { POOL_ROWS = 40, POOL_SCRATCH = 200 };
-
-typedef struct pool_ctx {
-    sched_pool *p;
-    atomic_int hits[POOL_ROWS];
-    int32_t by[POOL_ROWS];
-    atomic_int bad_scratch;
-} pool_ctx;
-
-static void pool_row(void *ctx, int32_t row, int32_t thread, void *scratch)
-{
-    pool_ctx *c = ctx;
-    atomic_fetch_add(&c->hits[row], 1);
-    c->by[row] = thread;
-    if (scratch != sched_pool_scratch(c->p, thread))
-        atomic_fetch_add(&c->bad_scratch, 1);
-    /* the whole scratch is this thread's alone (ASan / TSan see overlap) */
-    memset(scratch, (int)(row & 0xff), POOL_SCRATCH);
-}
-
-typedef struct help_ctx {
-    int64_t deadline;
-    atomic_int rows, worker_rows;
-} help_ctx;
-
-static void help_row(void *ctx, int32_t row, int32_t thread, void *scratch)
-{
-    help_ctx *h = ctx;
-    if (thread)
-        atomic_fetch_add(&h->worker_rows, 1);
-    else
-        while (!atomic_load(&h->worker_rows) && h_now_ns() < h->deadline)
-            h_sleep_ms(0.05);
-    atomic_fetch_add(&h->rows, 1);
-}
-
-static void test_pool(void)
-{
-    static const int32_t sizes[] = {1, 2, 3, 8};
-    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
-        const int32_t n = sizes[k];
-        sched_pool *p = NULL;
-        lm_err err = {0};
-        int rc = sched_pool_create(n, POOL_SCRATCH, &p, &err);
-        CHECK(rc == 0 && p, "sched_pool_create(%d): %d %s", n, rc, err.msg);
-        if (!p)
-            continue;
-        CHECK(sched_pool_threads(p) == n, "%d threads reported, want %d", sched_pool_threads(p),
-              n);
-        for (int32_t a = 0; a < n; a++)
-            for (int32_t b = a + 1; b < n; b++)
-                CHECK(sched_pool_scratch(p, a) != sched_pool_scratch(p, b),
-                      "threads %d and %d share a scratch", a, b);
-        pool_ctx *c = calloc(1, sizeof *c);
-        c->p = p;
-        int64_t helped = 0;
-        for (int it = 0; it < 4000; it++) {
-            const int32_t rows = it % (POOL_ROWS + 1), limit = 1 + it % (n + 1);
-            for (int32_t r = 0; r < POOL_ROWS; r++) {
-                atomic_store(&c->hits[r], 0);
-                c->by[r] = -1;
-            }
-            sched_pool_run(p, rows, limit, pool_row, c);
-            int32_t threads_seen = 0;
-            uint32_t seen_mask = 0;
-            for (int32_t r = 0; r < POOL_ROWS; r++) {
-                const int hits = atomic_load(&c->hits[r]);
-                if (hits != (r < rows)) {
-                    CHECK(0, "pool %d, run %d (%d rows, %d threads): row %d done %d times", n,
-                          it, rows, limit, r, hits);
-                    break;
-                }
-                if (r < rows) {
-                    helped += c->by[r] != 0;
-                    if (c->by[r] >= 0 && c->by[r] < 32 && !(seen_mask & (1u << c->by[r]))) {
-                        seen_mask |= 1u << c->by[r];
-                        threads_seen++;
-                    }
-                }
-            }
-            const int32_t most = limit < n ? limit : n;
-            CHECK(threads_seen <= (most > 0 ? most : 1),
-                  "pool %d, run %d: %d threads took rows, at most %d asked", n, it,
-                  threads_seen, most);
-            CHECK(rows >= 2 || !(seen_mask & ~1u), "pool %d, run %d: a single row off the caller",
-                  n, it);
-        }
-        CHECK(!atomic_load(&c->bad_scratch), "%d rows got another thread's scratch",
-              atomic_load(&c->bad_scratch));
-        CHECK(n == 1 ? helped == 0 : 1, "a pool of one thread had help");
-        printf("pool of %d: %lld of the rows taken by workers\n", n, (long long)helped);
-        if (n > 1) {
-            /* The caller's rows wait until a worker has taken one: so the
-             * run ends (before the 10 s timeout) only if workers work. */
-            help_ctx h = {.deadline = h_now_ns() + 10 * (int64_t)1000000000};
-            sched_pool_run(p, 4 * n, n, help_row, &h);
-            CHECK(atomic_load(&h.worker_rows) > 0 && atomic_load(&h.rows) == 4 * n,
-                  "pool of %d: the caller waited for a worker in vain (%d of %d rows, %d by "
-                  "workers)",
-                  n, atomic_load(&h.rows), 4 * n, atomic_load(&h.worker_rows));
-        }
-        free(c);
-        sched_pool_destroy(p);
-    }
-    sched_pool_destroy(NULL);
-    sched_pool *bad = (sched_pool *)&bad;
-    lm_err err = {0};
-    CHECK(sched_pool_create(0, 16, &bad, &err) == -EINVAL && !bad && strstr(err.msg, "threads"),
-          "0 threads: '%s'", err.msg);
-    CHECK(sched_pool_create(SCHED_POOL_MAX_THREADS + 1, 16, &bad, &err) == -EINVAL,
-          "too many threads accepted");
 }
 
 /* ---- same: every thread count gives the serial path's events ------------------- */
@@ -819,8 +700,10 @@ static const struct {
     const char *name;
     void (*fn)(void);
 } tests[] = {
-    {"pool", test_pool},     {"same", test_same},           {"error", test_error},
-    {"cancel", test_cancel}, {"lifecycle", test_lifecycle},
+    {"same", test_same},
+    {"error", test_error},
+    {"cancel", test_cancel},
+    {"lifecycle", test_lifecycle},
 };
 
 int main(int argc, char **argv)
