@@ -81,27 +81,16 @@ template <class T> __device__ __forceinline__ T s_warp_sum(T v)
     return v;
 }
 
-/* block sums in a fixed order (deterministic); end with a barrier */
-__device__ u64 s_block_sum_u(u64 v, smem_t &s)
+/* A block sum in a fixed order (deterministic), through buf[SW] of shared
+ * memory; ends with a barrier. */
+template <class T> __device__ T s_block_sum(T v, T *buf)
 {
     v = s_warp_sum(v);
-    if ((threadIdx.x & 31) == 0) s.ured[threadIdx.x >> 5] = v;
+    if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = v;
     __syncthreads();
-    u64 r = 0;
+    T r = 0;
     for (int w = 0; w < SW; w++)
-        r += s.ured[w];
-    __syncthreads();
-    return r;
-}
-
-__device__ double s_block_sum_d(double v, smem_t &s)
-{
-    v = s_warp_sum(v);
-    if ((threadIdx.x & 31) == 0) s.dred[threadIdx.x >> 5] = v;
-    __syncthreads();
-    double r = 0;
-    for (int w = 0; w < SW; w++)
-        r += s.dred[w];
+        r += buf[w];
     __syncthreads();
     return r;
 }
@@ -421,9 +410,9 @@ __global__ void __launch_bounds__(SN)
             tot += w;
             c0 += w > 0;
         });
-        sum = s_block_sum_d(sum, s); /* its barriers publish e */
-        tot = s_block_sum_u(tot, s);
-        c0 = s_block_sum_u(c0, s);
+        sum = s_block_sum(sum, s.dred); /* its barriers publish e */
+        tot = s_block_sum(tot, s.ured);
+        c0 = s_block_sum(c0, s.ured);
         const double lse = (double)mx + log(sum);
         auto wt = [&](float x) { return s_weight(x, scale); };
         auto ekey = [](float x) { return s_ekey(x); };
@@ -472,7 +461,7 @@ __global__ void __launch_bounds__(SN)
                 };
                 u64 m3 = 0;
                 s_pass<VEC>(e, V, [&](int t, float x) { m3 += kept(t, x); });
-                m3 = s_block_sum_u(m3, s);
+                m3 = s_block_sum(m3, s.ured);
                 tok = s_find_first<VEC>(e, V, s_draw_point(pk.draw, m3), kept, s);
             }
         }
