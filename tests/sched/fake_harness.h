@@ -87,4 +87,31 @@ static inline void check_output(const fake_backend *fb, rec *r, const sched_requ
     CHECK(r->prompt_tokens == q->n_prompt, "%s: prompt_tokens %d", what, r->prompt_tokens);
 }
 
+/* A test program's named tests: every one, or the one argv[1] names, each
+ * with its "name: ok|FAILED" line. Returns main's status (2: no such name). */
+typedef struct h_named_test {
+    const char *name;
+    void (*fn)(void);
+} h_named_test;
+
+static inline int h_run_named(const char *prog, const h_named_test *t, size_t n, int argc,
+                              char **argv)
+{
+    int ran = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (argc > 1 && strcmp(argv[1], t[i].name))
+            continue;
+        h_n_finished = 0;
+        int before = failures;
+        t[i].fn();
+        printf("%s: %s\n", t[i].name, failures == before ? "ok" : "FAILED");
+        ran++;
+    }
+    if (!ran) {
+        fprintf(stderr, "%s: no test named '%s'\n", prog, argc > 1 ? argv[1] : "");
+        return 2;
+    }
+    return failures ? 1 : 0;
+}
+
 #endif

@@ -306,10 +306,7 @@ static void test_error(void)
     backend_destroy(&ref->base);
 }
 
-static const struct {
-    const char *name;
-    void (*fn)(void);
-} tests[] = {
+static const h_named_test tests[] = {
     {"same", test_same},
     {"fallback", test_fallback},
     {"error", test_error},
@@ -317,19 +314,5 @@ static const struct {
 
 int main(int argc, char **argv)
 {
-    int ran = 0;
-    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
-        if (argc > 1 && strcmp(argv[1], tests[i].name))
-            continue;
-        h_n_finished = 0;
-        int before = failures;
-        tests[i].fn();
-        printf("%s: %s\n", tests[i].name, failures == before ? "ok" : "FAILED");
-        ran++;
-    }
-    if (!ran) {
-        fprintf(stderr, "test_sched_device: no test named '%s'\n", argc > 1 ? argv[1] : "");
-        return 2;
-    }
-    return failures ? 1 : 0;
+    return h_run_named("test_sched_device", tests, sizeof tests / sizeof tests[0], argc, argv);
 }

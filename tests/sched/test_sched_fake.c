@@ -756,10 +756,7 @@ static void test_trace_device(void)
     device_room = -1;
 }
 
-static const struct {
-    const char *name;
-    void (*fn)(void);
-} tests[] = {
+static const h_named_test tests[] = {
     {"basic", test_basic},       {"invalid", test_invalid},   {"prefix", test_prefix},
     {"preempt", test_preempt},   {"cancel", test_cancel},     {"deadline", test_deadline},
     {"overload", test_overload}, {"starvation", test_starvation}, {"trace", test_trace},
@@ -770,19 +767,5 @@ static const struct {
 
 int main(int argc, char **argv)
 {
-    int ran = 0;
-    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
-        if (argc > 1 && strcmp(argv[1], tests[i].name))
-            continue;
-        h_n_finished = 0;
-        int before = failures;
-        tests[i].fn();
-        printf("%s: %s\n", tests[i].name, failures == before ? "ok" : "FAILED");
-        ran++;
-    }
-    if (!ran) {
-        fprintf(stderr, "test_sched_fake: no test named '%s'\n", argc > 1 ? argv[1] : "");
-        return 2;
-    }
-    return failures ? 1 : 0;
+    return h_run_named("test_sched_fake", tests, sizeof tests / sizeof tests[0], argc, argv);
 }

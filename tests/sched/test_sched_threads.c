@@ -696,10 +696,7 @@ static void test_lifecycle(void)
     printf("lifecycle: %d threads before and %d after 200 cycles\n", before, after);
 }
 
-static const struct {
-    const char *name;
-    void (*fn)(void);
-} tests[] = {
+static const h_named_test tests[] = {
     {"same", test_same},
     {"error", test_error},
     {"cancel", test_cancel},
@@ -711,20 +708,7 @@ int main(int argc, char **argv)
     g_log = calloc(LOG_CAP, sizeof *g_log);
     if (!g_log)
         return 1;
-    int ran = 0;
-    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
-        if (argc > 1 && strcmp(argv[1], tests[i].name))
-            continue;
-        h_n_finished = 0;
-        int before = failures;
-        tests[i].fn();
-        printf("%s: %s\n", tests[i].name, failures == before ? "ok" : "FAILED");
-        ran++;
-    }
+    int rc = h_run_named("test_sched_threads", tests, sizeof tests / sizeof tests[0], argc, argv);
     free(g_log);
-    if (!ran) {
-        fprintf(stderr, "test_sched_threads: no test named '%s'\n", argc > 1 ? argv[1] : "");
-        return 2;
-    }
-    return failures ? 1 : 0;
+    return rc;
 }
